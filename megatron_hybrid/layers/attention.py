@@ -1,0 +1,54 @@
+"""Causal self-attention with grouped-query attention and optional rotary embedding.
+
+`linear_qkv` packs q, k and v in Megatron's grouped layout: for each query group its
+`heads_per_group` query heads, then its key head, then its value head (shared/DESIGN.md section 5),
+so a tensor-parallel split over groups is a contiguous split of rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.layers.rotary import apply_rotary, rotary_cos_sin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_groups = config.num_query_groups
+        self.head_dim = config.kv_channels
+        self.use_rope = config.position_embedding_type == "rope"
+        self.rotary_base = config.rotary_base
+        heads_per_group = self.num_heads // self.num_groups
+        qkv_rows = self.num_groups * (heads_per_group + 2) * self.head_dim
+        self.linear_qkv = nn.Linear(config.hidden_size, qkv_rows, bias=False)
+        self.linear_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def split_qkv(self, qkv_BTX: torch.Tensor):
+        """Unpack the grouped layout into q (B, heads, T, d) and k, v (B, groups, T, d)."""
+        batch, seq, _ = qkv_BTX.shape
+        heads_per_group = self.num_heads // self.num_groups
+        qkv = qkv_BTX.view(batch, seq, self.num_groups, heads_per_group + 2, self.head_dim)
+        q, k, v = qkv.split([heads_per_group, 1, 1], dim=3)
+        q = q.reshape(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.squeeze(3).transpose(1, 2)
+        v = v.squeeze(3).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x_BTD.shape
+        q, k, v = self.split_qkv(self.linear_qkv(x_BTD))
+        if self.use_rope:
+            cos, sin = rotary_cos_sin(seq, self.head_dim, self.rotary_base, x_BTD.device,
+                                      torch.promote_types(q.dtype, torch.float32))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Query head h attends with key/value group h // heads_per_group (enable_gqa semantics).
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.num_groups != self.num_heads
+        )
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.linear_proj(out)

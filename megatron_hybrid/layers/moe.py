@@ -1,0 +1,172 @@
+"""Mixture of experts: top-k router, experts computed as batched GEMMs, optional shared expert.
+
+Routing follows Megatron-LM / Nemotron-H:
+- scores are `softmax(logits)` or `sigmoid(logits)` in float32;
+- with `moe_router_enable_expert_bias`, a per-expert bias is added to the scores *for choosing*
+  experts only (aux-loss-free balancing); the bias is a buffer nudged after every optimizer
+  step towards balanced load (`update_expert_bias`), never trained by gradient;
+- the chosen scores are renormalized to sum to one (unless softmax with pre-softmax semantics),
+  then scaled by `moe_router_topk_scaling_factor`;
+- the switch load-balancing loss (`moe_aux_loss_coeff`) reaches the router through
+  `AuxLossInjector`, which keeps `model(input_ids) -> logits` free of side outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.layers.dtypes import at_least_float32
+from megatron_hybrid.layers.mlp import MLP, activation_fn, fc1_width
+
+
+class AuxLossInjector(torch.autograd.Function):
+    """Identity on `output`; in backward, adds d(scale * aux_loss) to the graph.
+
+    Lets an auxiliary loss computed inside a layer contribute gradients without changing what
+    the layer returns (Megatron's MoEAuxLossAutoScaler does the same)."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float):
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_experts = config.num_moe_experts
+        self.topk = config.moe_router_topk
+        self.score_function = config.moe_router_score_function
+        self.pre_softmax = config.moe_router_pre_softmax
+        self.scaling_factor = config.moe_router_topk_scaling_factor
+        self.aux_loss_coeff = config.moe_aux_loss_coeff
+        self.bias_update_rate = config.moe_router_bias_update_rate
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        if config.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(self.num_experts))
+        else:
+            self.expert_bias = None
+        # Tokens routed to each expert since the last bias update (not saved: per step).
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(self.num_experts), persistent=False
+        )
+
+    def forward(self, x_NH: torch.Tensor):
+        """Returns (routing weights (N, k), expert indices (N, k), aux loss or None)."""
+        logits = at_least_float32(x_NH) @ at_least_float32(self.weight).t()
+        if self.score_function == "softmax":
+            scores = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        indices = choice.topk(self.topk, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        renormalize = self.score_function == "sigmoid" or not self.pre_softmax
+        if renormalize and self.topk > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.scaling_factor is not None:
+            weights = weights * self.scaling_factor
+        counts = torch.bincount(indices.flatten(), minlength=self.num_experts)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        aux_loss = None
+        if self.training and self.aux_loss_coeff > 0:
+            aux_loss = self.switch_load_balancing_loss(scores, counts)
+        return weights, indices, aux_loss
+
+    def switch_load_balancing_loss(self, scores_NE: torch.Tensor, counts_E: torch.Tensor):
+        """coeff * E / (k * N^2) * sum_e (tokens routed to e) * (sum of e's scores): 1*coeff when
+        perfectly balanced (Megatron's switch_load_balancing_loss_func)."""
+        if self.score_function == "sigmoid":
+            scores_NE = scores_NE / (scores_NE.sum(dim=-1, keepdim=True) + 1e-20)
+        num_tokens = scores_NE.shape[0]
+        aggregated = scores_NE.sum(dim=0)
+        scale = self.num_experts * self.aux_loss_coeff / (self.topk * num_tokens * num_tokens)
+        return (aggregated * counts_E.to(aggregated.dtype)).sum() * scale
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Nudge the bias of under-loaded experts up and over-loaded ones down by the update rate,
+        using the tokens counted since the last call; then reset the counts."""
+        if self.expert_bias is not None:
+            load = self.tokens_per_expert
+            self.expert_bias += torch.sign(load.mean() - load) * self.bias_update_rate
+        self.tokens_per_expert.zero_()
+
+
+class GroupedExperts(nn.Module):
+    """`num_experts` MLPs stored as stacked weights: linear_fc1 (E, F', H), linear_fc2 (E, H, F).
+
+    Tokens are sorted by expert and packed into an (E, capacity, H) buffer, capacity being the
+    largest expert's load in this batch, then every expert runs in one batched matmul. Padding
+    rows are zero and stay zero through both activations (relu(0)^2 = silu(0)*0 = 0)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, H, F = config.num_moe_experts, config.hidden_size, config.moe_ffn_hidden_size
+        self.num_experts = E
+        self.act = activation_fn(config.activation)
+        self.linear_fc1 = _WeightOnly(torch.empty(E, fc1_width(F, config.activation), H))
+        self.linear_fc2 = _WeightOnly(torch.empty(E, H, F))
+
+    def forward(self, x_NH: torch.Tensor, weights_NK: torch.Tensor, indices_NK: torch.Tensor):
+        num_tokens, topk = indices_NK.shape
+        flat_expert = indices_NK.flatten()
+        order = torch.argsort(flat_expert, stable=True)
+        sorted_expert = flat_expert[order]
+        token_of = order // topk
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(order.numel(), device=x_NH.device) - starts[sorted_expert]
+        capacity = int(counts.max())  # one host sync per layer; the Triton grouped GEMM avoids it
+        packed = x_NH.new_zeros(self.num_experts, capacity, x_NH.shape[-1])
+        packed[sorted_expert, slot] = x_NH[token_of]
+        hidden = self.act(torch.bmm(packed, self.linear_fc1.weight.transpose(1, 2)))
+        out = torch.bmm(hidden, self.linear_fc2.weight.transpose(1, 2))
+        routed = out[sorted_expert, slot] * weights_NK.flatten()[order].unsqueeze(-1).to(out.dtype)
+        return torch.zeros_like(x_NH).index_add_(0, token_of, routed)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.router = TopKRouter(config)
+        self.experts = GroupedExperts(config)
+        self.shared_experts = None
+        if config.moe_shared_expert_intermediate_size is not None:
+            self.shared_experts = MLP(
+                config.hidden_size, config.moe_shared_expert_intermediate_size, config.activation
+            )
+        # Set by the training loop to 1 / (micro-batches per step) so aux gradients average like
+        # the language-model loss does.
+        self.aux_loss_grad_scale = 1.0
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        shape = x_BTH.shape
+        x_NH = x_BTH.reshape(-1, shape[-1])
+        weights, indices, aux_loss = self.router(x_NH)
+        out = self.experts(x_NH, weights, indices)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_NH)
+        if aux_loss is not None:
+            self.last_aux_loss = aux_loss.detach()
+            out = AuxLossInjector.apply(out, aux_loss, self.aux_loss_grad_scale)
+        return out.view(shape)
+
+
+class _WeightOnly(nn.Module):
+    """Holds one parameter under the name `weight`, so keys read `experts.linear_fc1.weight`."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)

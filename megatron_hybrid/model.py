@@ -1,0 +1,101 @@
+"""`HybridModel`: embedding -> physical blocks from the pattern -> final norm -> output layer.
+
+The module tree matches Megatron's names (shared/DESIGN.md section 4):
+
+    embedding.word_embeddings      decoder.layers[str(p)]      decoder.final_norm
+    output_layer                   (absent when embeddings and output weights are tied)
+
+`decoder.layers` is a ModuleDict keyed by the global physical block index, so a pipeline stage
+that holds blocks 4..7 still names them `decoder.layers.4` ... `decoder.layers.7`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_hybrid.blocks import HybridBlock, check_implemented
+from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.init import initialize_parameters
+from megatron_hybrid.layers.moe import MoELayer, TopKRouter
+from megatron_hybrid.layers.norm import RMSNorm
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids_BT)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleDict(
+            {str(p): HybridBlock(block, config) for p, block in enumerate(config.pattern.blocks)}
+        )
+        self.final_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+
+    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        for block in self.layers.values():
+            x_BTH = block(x_BTH)
+        return self.final_norm(x_BTH)
+
+
+class HybridModel(nn.Module):
+    """A hybrid decoder-only language model. `model(input_ids) -> logits` (B, T, vocab).
+
+    Raises UnsupportedLayerError for pattern symbols that are not implemented yet, and
+    initializes every tensor from (seed, canonical key, shape) (megatron_hybrid/init.py)."""
+
+    def __init__(self, config: ModelConfig, seed: int = 1234):
+        super().__init__()
+        check_implemented(config)
+        self.config = config
+        self.embedding = Embedding(config)
+        self.decoder = Decoder(config)
+        if config.untie_embeddings_and_output_weights:
+            self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        else:
+            self.output_layer = None
+        self.init_weights(seed)
+
+    def init_weights(self, seed: int) -> None:
+        initialize_parameters(self, self.config, seed)
+
+    def output_weight(self) -> torch.Tensor:
+        if self.output_layer is None:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
+
+    def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (B, T, H): everything but the output projection."""
+        return self.decoder(self.embedding(input_ids_BT))
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.hidden_states(input_ids_BT), self.output_weight())
+
+    # -- MoE bookkeeping the training loop drives -----------------------------------------------
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def set_moe_aux_loss_grad_scale(self, scale: float) -> None:
+        for layer in self.moe_layers():
+            layer.aux_loss_grad_scale = scale
+
+    def moe_aux_loss(self) -> float | None:
+        """Sum of the aux losses of the last forward pass (for logging), or None."""
+        losses = [m.last_aux_loss for m in self.moe_layers() if m.last_aux_loss is not None]
+        return float(sum(losses)) if losses else None
+
+    def update_expert_biases(self) -> None:
+        """Call after each optimizer step: aux-loss-free balancing of every router."""
+        for module in self.modules():
+            if isinstance(module, TopKRouter):
+                module.update_expert_bias()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

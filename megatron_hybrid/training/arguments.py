@@ -1,0 +1,159 @@
+"""Command-line flags with Megatron-LM's names, and their translation into a ModelConfig.
+
+Every model flag has a default that, together, describe the embedded default model: running the
+script with no flags trains it on the embedded default data in a few minutes on a laptop.
+Changing one flag (say the pattern) keeps the other defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_hybrid.config import ModelConfig, pad_vocab_size
+
+DEFAULT_PATTERN = "[M-]M[*E]M[M-]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_hybrid.py",
+        description="Pretrain a hybrid Mamba2/attention/MLP/MoE language model described by "
+        "--hybrid-layer-pattern. With no flags, trains a small default model on text that "
+        "ships with Python.",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = parser.add_argument_group("model")
+    m.add_argument("--hybrid-layer-pattern", "--hybrid-override-pattern",
+                   dest="hybrid_layer_pattern", default=DEFAULT_PATTERN,
+                   help="decoder stack: M Mamba2, * attention, - MLP, E MoE, [XY] fused block, "
+                   "| pipeline stage, / MTP depth")
+    m.add_argument("--hidden-size", type=int, default=192)
+    m.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="MLP width (default 4 * hidden size)")
+    m.add_argument("--num-attention-heads", type=int, default=6)
+    m.add_argument("--num-query-groups", type=int, default=2)
+    m.add_argument("--group-query-attention", action="store_true",
+                   help="accepted for Megatron compatibility; --num-query-groups sets the groups")
+    m.add_argument("--kv-channels", type=int, default=None)
+    m.add_argument("--position-embedding-type", choices=["rope", "none"], default="none")
+    m.add_argument("--rotary-base", type=float, default=10000.0)
+    m.add_argument("--mamba-state-dim", type=int, default=32)
+    m.add_argument("--mamba-head-dim", type=int, default=32)
+    m.add_argument("--mamba-num-groups", type=int, default=2)
+    m.add_argument("--mamba-num-heads", type=int, default=None,
+                   help="default 2 * hidden size / head dim")
+    m.add_argument("--mamba-chunk-size", type=int, default=64)
+    m.add_argument("--num-experts", type=int, default=4)
+    m.add_argument("--moe-router-topk", type=int, default=2)
+    m.add_argument("--moe-ffn-hidden-size", type=int, default=None,
+                   help="per-expert width (default --ffn-hidden-size)")
+    m.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    m.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"],
+                   default="softmax")
+    m.add_argument("--moe-router-pre-softmax", action="store_true")
+    m.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+    m.add_argument("--moe-router-enable-expert-bias", action="store_true")
+    m.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    m.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
+    act = m.add_mutually_exclusive_group()
+    act.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (default squared ReLU)")
+    act.add_argument("--squared-relu", action="store_true", help="squared-ReLU MLPs (default)")
+    m.add_argument("--norm-epsilon", type=float, default=1e-5)
+    m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    t = parser.add_argument_group("training")
+    t.add_argument("--seq-length", type=int, default=256)
+    t.add_argument("--micro-batch-size", type=int, default=16)
+    t.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per optimizer step (default: micro batch size); a multiple of "
+                   "the micro batch size, the rest is gradient accumulation")
+    t.add_argument("--train-iters", type=int, default=500)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--min-lr", type=float, default=3e-4)
+    t.add_argument("--lr-warmup-iters", type=int, default=30)
+    t.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="iterations of decay after which lr stays at --min-lr "
+                   "(default --train-iters)")
+    t.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine",
+                                                  "inverse-square-root"], default="cosine")
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--adam-beta1", type=float, default=0.9)
+    t.add_argument("--adam-beta2", type=float, default=0.95)
+    t.add_argument("--adam-eps", type=float, default=1e-8)
+    t.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    lg = parser.add_argument_group("logging and evaluation")
+    lg.add_argument("--log-interval", type=int, default=10)
+    lg.add_argument("--eval-interval", type=int, default=100)
+    lg.add_argument("--eval-iters", type=int, default=10)
+    lg.add_argument("--log-dir", default=None, help="directory receiving metrics.jsonl")
+    lg.add_argument("--generate-tokens", type=int, default=200,
+                    help="length of the sample printed after training (0: none)")
+    lg.add_argument("--no-progress-bar", action="store_true",
+                    help="print log lines instead of a live progress bar")
+    return parser
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Raise ValueError for training settings that do not fit together."""
+    for name in ("seq_length", "micro_batch_size", "train_iters", "log_interval",
+                 "eval_interval"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got "
+                             f"{getattr(args, name)}")
+    if args.eval_iters < 0 or args.lr_warmup_iters < 0 or args.generate_tokens < 0:
+        raise ValueError("--eval-iters, --lr-warmup-iters and --generate-tokens must be >= 0")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size
+    if args.global_batch_size <= 0 or args.global_batch_size % args.micro_batch_size:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} must be a positive multiple of "
+            f"--micro-batch-size {args.micro_batch_size}"
+        )
+    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={args.lr}, "
+                         f"min_lr={args.min_lr}")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.bf16 and args.device == "cpu":
+        raise ValueError("--bf16 needs a CUDA device; drop it for CPU runs")
+
+
+def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    """The ModelConfig the flags describe, for a tokenizer of `vocab_size` tokens."""
+    return ModelConfig(
+        hybrid_layer_pattern=args.hybrid_layer_pattern,
+        hidden_size=args.hidden_size,
+        vocab_size=pad_vocab_size(vocab_size, args.make_vocab_size_divisible_by),
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        mamba_state_dim=args.mamba_state_dim,
+        mamba_head_dim=args.mamba_head_dim,
+        mamba_num_groups=args.mamba_num_groups,
+        mamba_num_heads=args.mamba_num_heads,
+        mamba_chunk_size=args.mamba_chunk_size,
+        activation="swiglu" if args.swiglu else "squared_relu",
+        num_moe_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        layernorm_epsilon=args.norm_epsilon,
+        init_method_std=args.init_method_std,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+    )

@@ -1,0 +1,38 @@
+"""Shared test helpers: small model configs that build in milliseconds on a laptop CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_hybrid.config import ModelConfig
+
+
+def small_config(pattern: str, **overrides) -> ModelConfig:
+    """A tiny but complete config: every implemented mixer fits it."""
+    fields = dict(
+        hybrid_layer_pattern=pattern,
+        hidden_size=32,
+        vocab_size=64,
+        ffn_hidden_size=48,
+        num_attention_heads=4,
+        num_query_groups=2,
+        mamba_state_dim=8,
+        mamba_head_dim=8,
+        mamba_num_groups=2,
+        mamba_chunk_size=8,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=24,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
