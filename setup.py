@@ -25,7 +25,10 @@ setup(
     packages=list(PACKAGES),
     package_dir=PACKAGES,
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6"], "dev": ["pytest>=8", "hypothesis>=6", "ruff"]},
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff"],
+    },
     entry_points={
         "console_scripts": [
             "megatron-hybrid-train=megatron_hybrid.training.cli:main",

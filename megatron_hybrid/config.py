@@ -55,11 +55,11 @@ class ModelConfig:
     num_moe_experts: int | None = None
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None  # per-expert width; default ffn_hidden_size
-    moe_shared_expert_intermediate_size: int | None = None  # shared expert width; None = no shared expert
+    moe_shared_expert_intermediate_size: int | None = None  # shared expert width; None: none
     moe_router_score_function: str = "softmax"  # "softmax" or "sigmoid"
-    moe_router_pre_softmax: bool = False  # softmax keeps full-distribution top-k probs (no renormalization)
-    moe_router_topk_scaling_factor: float | None = None  # multiply routing weights (Nemotron/DeepSeek)
-    moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing bias used for choice only
+    moe_router_pre_softmax: bool = False  # keep full-softmax top-k probs (no renormalization)
+    moe_router_topk_scaling_factor: float | None = None  # scales routing weights (Nemotron-H)
+    moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing bias, for choice only
     moe_router_bias_update_rate: float = 1e-3
     moe_aux_loss_coeff: float = 0.0  # switch load-balancing loss coefficient
 

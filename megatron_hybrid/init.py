@@ -63,5 +63,5 @@ def initialize_parameters(model: nn.Module, config: ModelConfig, seed: int) -> N
     """Overwrite every parameter and persistent buffer of `model` with its initial value."""
     persistent = dict(model.state_dict(keep_vars=True))
     for name, tensor in persistent.items():
-        value = initial_value(canonical_key(name, config.pattern), tuple(tensor.shape), seed, config)
-        tensor.copy_(value)
+        key = canonical_key(name, config.pattern)
+        tensor.copy_(initial_value(key, tuple(tensor.shape), seed, config))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from megatron_hybrid.kernels.conv1d_eager import causal_conv1d
 
 # Same products, summed in a different order: float64 agrees to a few ulps.

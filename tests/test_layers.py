@@ -197,7 +197,7 @@ def moe_reference(layer: MoELayer, x: torch.Tensor, config) -> torch.Tensor:
             weights = weights / weights.sum()
         if config.moe_router_topk_scaling_factor is not None:
             weights = weights * config.moe_router_topk_scaling_factor
-        for w, e in zip(weights, chosen):
+        for w, e in zip(weights, chosen, strict=True):
             h = experts.linear_fc1.weight[e] @ x[n]
             if config.activation == "swiglu":
                 gate, up = h.chunk(2)

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import small_config
 
 from megatron_hybrid.data.embedded import embedded_token_streams
 from megatron_hybrid.data.sampler import StreamSampler
 from megatron_hybrid.data.tokenizer import ByteTokenizer
-from megatron_hybrid.training.optimizer import LRSchedule, build_optimizer
 from megatron_hybrid.model import HybridModel
-from conftest import small_config
+from megatron_hybrid.training.optimizer import LRSchedule, build_optimizer
 
 
 def test_warmup_is_linear_then_cosine_reaches_min_lr():

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from megatron_hybrid.kernels.ssd_eager import ssd_chunked_scan
 
 # Chunked and sequential evaluation are the same sums of the same float64 products, only

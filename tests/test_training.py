@@ -34,7 +34,7 @@ def test_fused_and_unfused_patterns_train_to_identical_losses():
     fused = train("--hybrid-layer-pattern", "[M-][*E]M-", *common)
     unfused = train("--hybrid-layer-pattern", "M-*EM-", *common)
     assert len(fused.losses) == len(unfused.losses) == 20
-    for a, b in zip(fused.losses, unfused.losses):
+    for a, b in zip(fused.losses, unfused.losses, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     assert fused.losses[-1] < fused.losses[0]
 
@@ -46,7 +46,7 @@ def test_gradient_accumulation_matches_one_large_micro_batch():
               "--global-batch-size", "8", "--moe-aux-loss-coeff", "0")
     accumulated = train(*common, "--micro-batch-size", "4")
     single = train(*common, "--micro-batch-size", "8")
-    for a, b in zip(accumulated.losses, single.losses):
+    for a, b in zip(accumulated.losses, single.losses, strict=True):
         assert a == pytest.approx(b, rel=1e-4)
 
 

@@ -28,10 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
                    dest="hybrid_layer_pattern", default=DEFAULT_PATTERN,
                    help="decoder stack: M Mamba2, * attention, - MLP, E MoE, [XY] fused block, "
                    "| pipeline stage, / MTP depth")
-    m.add_argument("--hidden-size", type=int, default=192)
+    m.add_argument("--hidden-size", type=int, default=128)
     m.add_argument("--ffn-hidden-size", type=int, default=None,
                    help="MLP width (default 4 * hidden size)")
-    m.add_argument("--num-attention-heads", type=int, default=6)
+    m.add_argument("--num-attention-heads", type=int, default=4)
     m.add_argument("--num-query-groups", type=int, default=2)
     m.add_argument("--group-query-attention", action="store_true",
                    help="accepted for Megatron compatibility; --num-query-groups sets the groups")
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--global-batch-size", type=int, default=None,
                    help="samples per optimizer step (default: micro batch size); a multiple of "
                    "the micro batch size, the rest is gradient accumulation")
-    t.add_argument("--train-iters", type=int, default=500)
+    t.add_argument("--train-iters", type=int, default=250)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--min-lr", type=float, default=3e-4)
     t.add_argument("--lr-warmup-iters", type=int, default=30)
