@@ -101,3 +101,14 @@ def test_mtp_parses_but_fails_at_build_with_a_clear_message():
     assert config.pattern.mtp_depths == 1
     with pytest.raises(UnsupportedLayerError, match="multi-token-prediction"):
         HybridModel(config)
+
+
+def test_every_mixer_runs_forward_and_backward_under_bf16_autocast():
+    # The CPU stand-in for `--bf16` on CUDA: GEMMs in bf16, residual stream in float32.
+    model = HybridModel(small_config("[M-][*E]M-E", moe_shared_expert_intermediate_size=16))
+    tokens = torch.randint(0, 64, (2, 19))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+    logits.float().sum().backward()
+    assert torch.isfinite(logits.float()).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -133,7 +133,8 @@ class GroupedExperts(nn.Module):
         hidden = self.act(torch.bmm(packed, self.linear_fc1.weight.transpose(1, 2)))
         out = torch.bmm(hidden, self.linear_fc2.weight.transpose(1, 2))
         routed = out[sorted_expert, slot] * weights_NK.flatten()[order].unsqueeze(-1).to(out.dtype)
-        return torch.zeros_like(x_NH).index_add_(0, token_of, routed)
+        # Under autocast the GEMMs return bf16 while x (the residual stream) stays float32.
+        return torch.zeros_like(x_NH).index_add_(0, token_of, routed.to(x_NH.dtype))
 
 
 class MoELayer(nn.Module):
