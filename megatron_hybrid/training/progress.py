@@ -50,6 +50,8 @@ class ProgressReporter:
         line = (f"[{bar}] {iteration}/{self.total} loss {loss:.4f} lr {lr:.2e} "
                 f"grad {grad_norm:.3f} {tokens_per_sec / 1000:.1f}k tok/s "
                 f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
+        if "peak_memory_gib" in record:
+            line += f" mem {record['peak_memory_gib']:.1f}GiB"
         if self.live:
             self.stream.write("\r" + line + "\x1b[K")
         else:

@@ -131,9 +131,13 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
             tokens_per_sec = window_iters * tokens_per_iter / max(now - window_start, 1e-9)
             window_start, window_iters = now, 0
             result.tokens_per_sec = tokens_per_sec
-            aux = model.moe_aux_loss()
+            extra = {}
+            if (aux := model.moe_aux_loss()) is not None:
+                extra["moe_aux_loss"] = aux
+            if device.type == "cuda":
+                extra["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             reporter.log_iteration(iteration, result.losses[-1], lr, float(grad_norm),
-                                   tokens_per_sec, None if aux is None else {"moe_aux_loss": aux})
+                                   tokens_per_sec, extra)
         if args.eval_iters and (iteration % args.eval_interval == 0
                                 or iteration == args.train_iters):
             val_loss = evaluate(model, valid_data, args.eval_iters, args.micro_batch_size,
