@@ -26,11 +26,11 @@ def test_cuda_logits_match_cpu_in_float32():
     torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_training_on_cuda_reduces_the_loss():
-    args = build_parser().parse_args(
-        ["--device", "cuda", "--bf16", "--train-iters", "40", "--micro-batch-size", "8",
-         "--seq-length", "128", "--eval-iters", "2", "--eval-interval", "40",
-         "--generate-tokens", "8", "--no-progress-bar"])
+def test_default_run_in_bf16_on_cuda_reaches_the_default_target():
+    # The README's default run (250 iterations, ~10 s on an H100) with bf16 autocast: the same
+    # 2.2 nats/byte validation target as the float32 CPU run.
+    args = build_parser().parse_args(["--device", "cuda", "--bf16", "--generate-tokens", "8",
+                                      "--no-progress-bar"])
     result = run_training(args)
-    assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 1.0
-    assert result.val_losses[40] < 2.5
+    assert sum(result.losses[-10:]) / 10 < sum(result.losses[:10]) / 10 - 1.0
+    assert result.val_losses[250] < 2.2
