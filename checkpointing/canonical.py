@@ -36,12 +36,10 @@ class CanonicalKeyError(KeyError):
 
 def canonical_key(physical_name: str, pattern: HybridPattern) -> str:
     """Map a parameter/buffer name of the model to its canonical checkpoint key."""
-    parts = physical_name.split(".")
-    if tuple(parts[:2]) != _DECODER:
+    split = _split_layer_name(physical_name)
+    if split is None:
         return physical_name
-    if len(parts) < 5:
-        raise CanonicalKeyError(f"{physical_name!r} is not a parameter of a decoder block")
-    block_index, slot, rest = _int(parts[2], physical_name), parts[3], parts[4:]
+    block_index, slot, rest = split
     if not 0 <= block_index < pattern.num_blocks:
         raise CanonicalKeyError(
             f"{physical_name!r}: physical block {block_index} does not exist in pattern "
@@ -61,12 +59,10 @@ def canonical_key(physical_name: str, pattern: HybridPattern) -> str:
 
 def physical_name(key: str, pattern: HybridPattern) -> str:
     """Inverse of `canonical_key` for the model described by `pattern`."""
-    parts = key.split(".")
-    if tuple(parts[:2]) != _DECODER:
+    split = _split_layer_name(key)
+    if split is None:
         return key
-    if len(parts) < 5:
-        raise CanonicalKeyError(f"{key!r} is not a canonical decoder key")
-    layer, slot, rest = _int(parts[2], key), parts[3], parts[4:]
+    layer, slot, rest = split
     if not 0 <= layer < pattern.num_layers:
         raise CanonicalKeyError(
             f"{key!r}: canonical layer {layer} does not exist in pattern {str(pattern)!r} "
@@ -82,12 +78,23 @@ def physical_name(key: str, pattern: HybridPattern) -> str:
 
 def canonical_layer_symbol(key: str, pattern: HybridPattern) -> str | None:
     """The pattern symbol of the canonical sub-layer a key belongs to (None outside layers)."""
-    parts = key.split(".")
-    if tuple(parts[:2]) != _DECODER:
+    split = _split_layer_name(key)
+    if split is None:
         return None
-    layer = _int(parts[2], key)
+    layer = split[0]
     block_index = pattern.physical_block(layer)
     return pattern.blocks[block_index][pattern.canonical_layers(block_index).index(layer)]
+
+
+def _split_layer_name(name: str) -> tuple[int, str, list[str]] | None:
+    """(layer or block index, slot, rest) of a `decoder.layers.{i}.{slot}.{rest}` name; None for
+    names outside the decoder layers."""
+    parts = name.split(".")
+    if tuple(parts[:2]) != _DECODER:
+        return None
+    if len(parts) < 5:
+        raise CanonicalKeyError(f"{name!r} is not a tensor of a decoder layer")
+    return _int(parts[2], name), parts[3], parts[4:]
 
 
 def _int(text: str, name: str) -> int:
