@@ -85,8 +85,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam-eps", type=float, default=1e-8)
     t.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    t.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, with --save) at the first iteration divisible by N; "
+                        "the schedule still follows --train-iters, so a resumed run continues it")
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    c = parser.add_argument_group("checkpointing")
+    c.add_argument("--save", default=None, help="directory to save checkpoints to")
+    c.add_argument("--save-interval", type=int, default=None,
+                   help="save every N iterations (and at the end of training)")
+    c.add_argument("--load", default=None,
+                   help="directory (or iter_* directory) to resume from; a directory without "
+                        "checkpoints starts from scratch, so --load and --save may be the same")
+    c.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background while training continues")
+    c.add_argument("--keep-last", type=int, default=None,
+                   help="keep only the newest N complete checkpoints")
+    c.add_argument("--ckpt-step", type=int, default=None,
+                   help="load this iteration instead of the latest")
+    c.add_argument("--finetune", action="store_true",
+                   help="load model weights only; start at iteration 0 with a fresh optimizer")
+    c.add_argument("--no-load-optim", action="store_true",
+                   help="do not load the optimizer state")
+    c.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
+    c.add_argument("--no-verify-checksums", action="store_true",
+                   help="skip the CRC32 check of checkpoint files on load (sizes still checked)")
 
     lg = parser.add_argument_group("logging and evaluation")
     lg.add_argument("--log-interval", type=int, default=10)
@@ -121,6 +145,12 @@ def check_training_args(args: argparse.Namespace) -> None:
                          f"min_lr={args.min_lr}")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.exit_interval is not None and args.exit_interval <= 0:
+        raise ValueError(f"--exit-interval must be positive, got {args.exit_interval}")
+    if args.save_interval is not None and (args.save_interval <= 0 or not args.save):
+        raise ValueError("--save-interval needs --save DIR and a positive interval")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise ValueError(f"--keep-last must be at least 1, got {args.keep_last}")
     if args.bf16 and args.device == "cpu":
         raise ValueError("--bf16 needs a CUDA device; drop it for CPU runs")
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from megatron_hybrid.checkpointing.errors import CheckpointNotFoundError
+from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
+from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.data.embedded import embedded_token_streams
 from megatron_hybrid.data.sampler import StreamSampler
 from megatron_hybrid.data.tokenizer import ByteTokenizer
@@ -61,6 +66,30 @@ def evaluate(model: HybridModel, sampler: StreamSampler, iters: int, micro_batch
     return total / count
 
 
+def resume(args: argparse.Namespace, model: HybridModel, optimizer, config, progress,
+           reporter: ProgressReporter) -> TrainProgress:
+    """Load --load into model/optimizer/progress as the flags say; a directory without any
+    checkpoint means "start from scratch" (so one command both starts and restarts a run)."""
+    try:
+        loaded = load_checkpoint(
+            args.load, model, None if (args.finetune or args.no_load_optim) else optimizer,
+            config, progress=None if args.finetune else progress, iteration=args.ckpt_step,
+            verify_checksums=not args.no_verify_checksums)
+    except CheckpointNotFoundError as error:
+        if args.ckpt_step is not None or any(Path(args.load).glob("iter_*")):
+            raise
+        reporter.message(f"no checkpoint to load ({error}); training from scratch")
+        return progress
+    if loaded is None:  # model-only checkpoint (an import) or --finetune
+        reporter.message(f"loaded model weights from {args.load}; starting at iteration 0")
+        return progress
+    if not args.no_load_rng:
+        loaded.restore_rng()
+    reporter.message(f"resumed from {args.load} at iteration {loaded.iteration} "
+                     f"({loaded.consumed_train_samples} samples consumed)")
+    return loaded
+
+
 def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = None
                  ) -> TrainingResult:
     """Train as the flags say; raises ValueError (ConfigError, PatternError, ...) for bad input
@@ -98,13 +127,21 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         f"{args.seq_length} tokens ({num_micro_batches} micro-batches of {args.micro_batch_size})"
     )
 
+    progress = TrainProgress(lr_schedule=dataclasses.asdict(schedule))
+    if args.load:
+        progress = resume(args, model, optimizer, config, progress, reporter)
+    saver = None
+    if args.save:
+        saver = CheckpointSaver(args.save, keep_last=args.keep_last, async_save=args.async_save,
+                                log=reporter.message)
+
     result = TrainingResult(model=model)
     pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per log)
     tokens_per_iter = args.global_batch_size * args.seq_length
-    consumed_samples = 0
+    consumed_samples = progress.consumed_train_samples
     window_start, window_iters = reporter.elapsed(), 0
     model.train()
-    for iteration in range(1, args.train_iters + 1):
+    for iteration in range(progress.iteration + 1, args.train_iters + 1):
         lr = schedule(iteration)
         set_learning_rate(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
@@ -123,6 +160,13 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         model.update_expert_biases()
         pending.append(loss_sum / num_micro_batches)
         window_iters += 1
+        progress.iteration, progress.consumed_train_samples = iteration, consumed_samples
+        exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
+        if saver is not None:
+            saver.poll()
+            if (args.save_interval and iteration % args.save_interval == 0) or exiting or (
+                    iteration == args.train_iters):
+                saver.save(iteration, model, optimizer, progress, config)
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             result.losses.extend(float(x) for x in pending)
@@ -145,7 +189,12 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
             result.val_losses[iteration] = val_loss
             reporter.log_eval(iteration, val_loss)
             window_start = reporter.elapsed()  # evaluation time is not training throughput
+        if exiting:
+            reporter.message(f"exiting at iteration {iteration} (--exit-interval)")
+            break
 
+    if saver is not None:
+        saver.finalize()
     if args.generate_tokens:
         prompt = torch.from_numpy(tokenizer.encode(SAMPLE_PROMPT))
         new = generate(model, prompt, args.generate_tokens, args.seq_length,

@@ -1,0 +1,43 @@
+"""Checkpoint errors: all ValueErrors (the user's input), each naming the file or keys at fault."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    pass
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A file of the checkpoint is missing, truncated or altered since it was written."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's tensors do not fit the model (or optimizer) it is loaded into."""
+
+    def __init__(self, what: str, missing=(), unexpected=(), mismatched=()):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(
+            mismatched)
+        lines = [f"the checkpoint does not fit {what}:"]
+        if self.missing:
+            lines.append(f"  missing in the checkpoint ({len(self.missing)}): "
+                         + _listing(self.missing))
+        if self.unexpected:
+            lines.append(f"  in the checkpoint but not in the model ({len(self.unexpected)}): "
+                         + _listing(self.unexpected))
+        if self.mismatched:
+            lines.append(f"  different shapes ({len(self.mismatched)}): " + _listing(
+                f"{key} checkpoint {tuple(saved)} vs model {tuple(wanted)}"
+                for key, saved, wanted in self.mismatched))
+        lines.append("  nothing was loaded. Load into a model built with the checkpoint's "
+                     "pattern and sizes (see `megatron-hybrid-convert inspect DIR`).")
+        super().__init__("\n".join(lines))
+
+
+def _listing(items, limit: int = 12) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

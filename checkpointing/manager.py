@@ -1,0 +1,181 @@
+"""Saving and loading training checkpoints: canonical keys, DCP files, crash-safe commits.
+
+    saver = CheckpointSaver(save_dir, keep_last=3, async_save=True)
+    saver.save(iteration, model, optimizer, progress, config)   # returns once staged
+    saver.poll()                                                # commits finished async saves
+    saver.finalize()                                            # waits for the last one
+
+    progress = load_checkpoint(load_dir, model, optimizer, config)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from megatron_hybrid.checkpointing import files
+from megatron_hybrid.checkpointing.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+)
+from megatron_hybrid.checkpointing.state import ModelState, OptimizerState, TrainProgress
+from megatron_hybrid.config import ModelConfig
+
+# A single-process run is a supported layout, not something to warn about at every save.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                        "uninitialized, assuming the intent is to (save|load) in a single process")
+
+
+def checkpoint_state(model, optimizer, progress: TrainProgress | None, config: ModelConfig
+                     ) -> dict:
+    """The Stateful objects one checkpoint holds (optimizer and progress optional)."""
+    state = {"model": ModelState(model, config.pattern)}
+    if optimizer is not None:
+        state["optimizer"] = OptimizerState(model, optimizer, config.pattern)
+    if progress is not None:
+        state["progress"] = progress
+    return state
+
+
+class CheckpointSaver:
+    """Writes `iter_*` checkpoints under `save_dir`, at most one save in flight."""
+
+    def __init__(self, save_dir: str | os.PathLike, keep_last: int | None = None,
+                 async_save: bool = False, log=print):
+        if keep_last is not None and keep_last < 1:
+            raise CheckpointError(f"keep_last must be at least 1, got {keep_last}")
+        self.save_dir = Path(save_dir)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.log = log
+        self._pending: tuple[Future, Path, int, dict] | None = None
+
+    def save(self, iteration: int, model, optimizer, progress: TrainProgress | None,
+             config: ModelConfig, extra_metadata: dict | None = None) -> None:
+        """Save (or, with async_save, stage and start writing) checkpoint `iteration`."""
+        self.finalize()  # one save in flight: the previous one commits first
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        files.remove_stale_partials(self.save_dir)
+        partial = files.partial_dir(self.save_dir, iteration)
+        state = checkpoint_state(model, optimizer, progress, config)
+        metadata = {
+            "format": files.FORMAT,
+            "format_version": files.FORMAT_VERSION,
+            "iteration": iteration,
+            "consumed_train_samples": progress.consumed_train_samples if progress else 0,
+            "contents": sorted(state),
+            "pattern": config.hybrid_layer_pattern,
+            "model_config": config.to_dict(),
+            "torch_version": torch.__version__,
+            **(extra_metadata or {}),
+        }
+        writer = dcp.FileSystemWriter(str(partial))
+        if self.async_save:
+            future = dcp.async_save(state, storage_writer=writer)
+            self._pending = (future, partial, iteration, metadata)
+        else:
+            dcp.save(state, storage_writer=writer)
+            self._commit(partial, iteration, metadata)
+
+    def poll(self) -> None:
+        """Commit an async save whose files are written; never blocks."""
+        if self._pending is not None and self._pending[0].done():
+            self.finalize()
+
+    def finalize(self) -> None:
+        """Wait for the save in flight (if any) and commit it."""
+        if self._pending is None:
+            return
+        future, partial, iteration, metadata = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed write: the partial directory is never committed
+        self._commit(partial, iteration, metadata)
+
+    def _commit(self, partial: Path, iteration: int, metadata: dict) -> None:
+        metadata["files"] = files.file_manifest(partial)
+        metadata["saved_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        files.write_text_atomically(partial / files.METADATA_FILE,
+                                    json.dumps(metadata, indent=2) + "\n")
+        final = self.save_dir / files.iteration_dir_name(iteration)
+        if final.exists():  # saving the same iteration again replaces the old copy
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        files.write_text_atomically(self.save_dir / files.LATEST_FILE, f"{iteration}\n")
+        removed = files.prune(self.save_dir, self.keep_last) if self.keep_last else []
+        note = f" (removed {', '.join(p.name for p in removed)})" if removed else ""
+        self.log(f"saved checkpoint {final}{note}")
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer, config: ModelConfig,
+                    progress: TrainProgress | None = None, iteration: int | None = None,
+                    verify_checksums: bool = True) -> TrainProgress | None:
+    """Load a checkpoint (a save directory's latest, its `iteration`, or an `iter_*` directory)
+    into `model` and, when given (not None) and present in the checkpoint, `optimizer` and
+    `progress`.
+
+    Everything is checked before any tensor is touched: the files against their manifest
+    (CheckpointCorruptError names the file), the checkpoint's keys and shapes against the model
+    and optimizer (CheckpointMismatchError lists missing, unexpected and mis-shaped keys).
+    Returns the loaded TrainProgress (its RNG states are restored by `restore_rng()`, at the
+    caller's choice), or None when the checkpoint holds only a model."""
+    directory = files.resolve_checkpoint_dir(path, iteration)
+    meta = files.read_checkpoint_metadata(directory)
+    files.verify_manifest(directory, meta.get("files", {}), checksums=verify_checksums)
+    contents = set(meta.get("contents", ()))
+    if progress is None:
+        contents.discard("progress")
+    state = checkpoint_state(
+        model,
+        optimizer if "optimizer" in contents else None,
+        progress if "progress" in contents else None,
+        config,
+    )
+    reader = dcp.FileSystemReader(str(directory))
+    check_tensors_fit(reader, state, directory)
+    try:
+        dcp.load(state, storage_reader=reader)
+    except Exception as error:  # DCP reports I/O or decoding problems without the file name
+        raise CheckpointCorruptError(
+            f"reading checkpoint {directory} failed: {type(error).__name__}: {error}") from error
+    return progress if "progress" in contents else None
+
+
+def check_tensors_fit(reader: dcp.FileSystemReader, state: dict, directory: Path) -> None:
+    """Compare every tensor the load would fill with the checkpoint's metadata: raise
+    CheckpointMismatchError listing every difference (for the model first, it is what users
+    change), before DCP touches anything."""
+    saved = reader.read_metadata().state_dict_metadata
+    for part in state:
+        wanted = _flat_tensor_shapes(state[part].state_dict(), part)
+        have = {key: tuple(meta.size) for key, meta in saved.items()
+                if key.startswith(part + ".") and hasattr(meta, "size")}
+        missing = sorted(set(wanted) - set(have))
+        unexpected = sorted(set(have) - set(wanted))
+        mismatched = [(k, have[k], wanted[k]) for k in sorted(set(have) & set(wanted))
+                      if have[k] != wanted[k]]
+        if missing or unexpected or mismatched:
+            strip = len(part) + 1
+            raise CheckpointMismatchError(
+                f"the {part} ({directory})",
+                [k[strip:] for k in missing], [k[strip:] for k in unexpected],
+                [(k[strip:], s, w) for k, s, w in mismatched])
+
+
+def _flat_tensor_shapes(state, prefix: str) -> dict[str, tuple[int, ...]]:
+    """DCP's flattened key (dots between nested dict keys) -> shape, for tensors only."""
+    out = {}
+    if isinstance(state, dict):
+        for key, value in state.items():
+            out.update(_flat_tensor_shapes(value, f"{prefix}.{key}"))
+    elif isinstance(state, torch.Tensor):
+        out[prefix] = tuple(state.shape)
+    return out

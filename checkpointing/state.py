@@ -1,0 +1,111 @@
+"""`Stateful` wrappers (the "hooks") that present the model, optimizer and training progress to
+torch.distributed.checkpoint under canonical keys (shared/DESIGN.md section 5).
+
+The model's own module names (physical blocks, fused groups, wrapper prefixes) never reach the
+files: `ModelState` and `OptimizerState` rename to canonical keys on the way out and back on the
+way in, so any fusion of the same canonical layers loads any other's checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from megatron_hybrid.checkpointing.canonical import canonical_key, physical_name
+from megatron_hybrid.pattern import HybridPattern
+
+
+class ModelState(Stateful):
+    """The model's parameters and persistent buffers as {canonical key: tensor}."""
+
+    def __init__(self, model: torch.nn.Module, pattern: HybridPattern):
+        self.model, self.pattern = model, pattern
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {canonical_key(name, self.pattern): tensor
+                for name, tensor in self.model.state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        physical = {physical_name(key, self.pattern): t for key, t in state_dict.items()}
+        self.model.load_state_dict(physical, strict=True)
+
+
+class OptimizerState(Stateful):
+    """Optimizer state (moments, step counts, hyper-parameters) keyed by canonical parameter key.
+
+    Uses torch's `get/set_optimizer_state_dict`, which key state by parameter name (and handle
+    FSDP2 / DTensor sharding); this wrapper renames those names to canonical keys."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 pattern: HybridPattern):
+        self.model, self.optimizer, self.pattern = model, optimizer, pattern
+
+    def state_dict(self) -> dict:
+        state = get_optimizer_state_dict(self.model, self.optimizer)
+        rename = self._rename(canonical_key)
+        return {
+            "state": {rename(name): value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [rename(p) for p in group["params"]]}
+                             for group in state["param_groups"]],
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        rename = self._rename(physical_name)
+        state = {
+            "state": {rename(key): value for key, value in state_dict["state"].items()},
+            "param_groups": [{**group, "params": [rename(p) for p in group["params"]]}
+                             for group in state_dict["param_groups"]],
+        }
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+
+    def _rename(self, mapping):
+        return lambda name: mapping(name, self.pattern)
+
+
+@dataclass
+class TrainProgress(Stateful):
+    """Where training stands: iteration, samples consumed, RNG streams, schedule settings."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    lr_schedule: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        state = {
+            "iteration": self.iteration,
+            "consumed_train_samples": self.consumed_train_samples,
+            "lr_schedule": dict(self.lr_schedule),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.iteration = int(state_dict["iteration"])
+        self.consumed_train_samples = int(state_dict["consumed_train_samples"])
+        self.lr_schedule = dict(state_dict.get("lr_schedule", {}))
+        self.saved_rng = state_dict.get("rng")
+
+    def restore_rng(self) -> None:
+        """Put the RNG streams back as they were at save time (call after loading)."""
+        rng = getattr(self, "saved_rng", None)
+        if not rng:
+            return
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
