@@ -24,7 +24,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=["torch>=2.6", "numpy", "safetensors"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],
         "dev": ["pytest>=8", "hypothesis>=6", "ruff"],
@@ -32,6 +32,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-hybrid-train=megatron_hybrid.training.cli:main",
+            "megatron-hybrid-convert=megatron_hybrid.checkpointing.convert:main",
         ]
     },
 )

@@ -64,6 +64,10 @@ class HybridModel(nn.Module):
         self.init_weights(seed)
 
     def init_weights(self, seed: int) -> None:
+        """(Re)initialize every tensor; a model built on the meta device is left for
+        `to_empty` + `init_weights` (or a checkpoint load) to fill."""
+        if self.embedding.word_embeddings.weight.is_meta:
+            return
         initialize_parameters(self, self.config, seed)
 
     def output_weight(self) -> torch.Tensor:

@@ -1,0 +1,128 @@
+"""`megatron-hybrid-convert` / scripts/convert_checkpoint.py: inspect and convert checkpoints.
+
+    megatron-hybrid-convert inspect CKPT
+    megatron-hybrid-convert to-safetensors CKPT OUT.safetensors [--dtype bf16]
+    megatron-hybrid-convert from-safetensors IN.safetensors SAVE_DIR
+    megatron-hybrid-convert to-hf CKPT OUT_DIR [--dtype bf16]
+    megatron-hybrid-convert from-hf HF_DIR SAVE_DIR
+
+CKPT is a save directory (its latest checkpoint; --iteration picks another) or an iter_* dir.
+Checkpoints record their model config, so no model flags are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch.distributed.checkpoint as dcp
+
+from megatron_hybrid.checkpointing import consolidated, files
+
+
+def inspect_checkpoint(path, iteration=None, out=None) -> None:
+    out = out or sys.stdout
+    directory = files.resolve_checkpoint_dir(path, iteration)
+    meta = files.read_checkpoint_metadata(directory)
+    tensors = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    size = sum(info["size"] for info in meta.get("files", {}).values())
+    print(f"checkpoint   {directory}", file=out)
+    print(f"iteration    {meta['iteration']}  (consumed samples "
+          f"{meta.get('consumed_train_samples', 0)})", file=out)
+    print(f"pattern      {meta['pattern']}", file=out)
+    print(f"contents     {', '.join(meta.get('contents', []))}", file=out)
+    print(f"files        {len(meta.get('files', {}))}, {size / 2**20:.1f} MiB; saved "
+          f"{meta.get('saved_at', '?')} with torch {meta.get('torch_version', '?')}", file=out)
+    print("model config " + json.dumps(meta["model_config"], sort_keys=True), file=out)
+    model_keys = {k[len("model."):]: v for k, v in tensors.items()
+                  if k.startswith("model.") and hasattr(v, "size")}
+    numel = sum(_numel(v.size) for v in model_keys.values())
+    print(f"model tensors ({len(model_keys)}, {numel / 1e6:.2f}M elements):", file=out)
+    width = max(map(len, model_keys), default=0)
+    for key in sorted(model_keys, key=_natural):
+        info = model_keys[key]
+        dtype = str(info.properties.dtype).replace("torch.", "")
+        print(f"  {key:<{width}}  {str(tuple(info.size)):<18} {dtype}", file=out)
+    others = {}
+    for key in tensors:
+        part = key.split(".", 1)[0]
+        if part != "model":
+            others[part] = others.get(part, 0) + 1
+    for part, count in sorted(others.items()):
+        print(f"{part}: {count} entries", file=out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-hybrid-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="iteration, pattern, config, keys, shapes, dtypes")
+    p.add_argument("checkpoint")
+    p.add_argument("--iteration", type=int)
+    for name, what in (("to-safetensors", "one consolidated safetensors file"),
+                       ("to-hf", "a Hugging Face nemotron_h directory")):
+        p = sub.add_parser(name, help=f"checkpoint -> {what}")
+        p.add_argument("checkpoint")
+        p.add_argument("output")
+        p.add_argument("--iteration", type=int)
+        p.add_argument("--dtype", choices=sorted(consolidated.DTYPES),
+                       help="cast floating tensors (default: as saved)")
+    for name, what in (("from-safetensors", "a consolidated safetensors file"),
+                       ("from-hf", "a Hugging Face nemotron_h directory")):
+        p = sub.add_parser(name, help=f"{what} -> a model-only checkpoint (use with --load)")
+        p.add_argument("input")
+        p.add_argument("save_dir")
+        p.add_argument("--iteration", type=int, default=0,
+                       help="iteration number to file it under (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except ValueError as error:  # CheckpointError, HFExportError, ConfigError: user input
+        print(f"megatron-hybrid-convert: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "inspect":
+        inspect_checkpoint(args.checkpoint, args.iteration)
+        return
+    if args.command in ("to-safetensors", "to-hf"):
+        state, config, meta = consolidated.read_model_state(args.checkpoint, args.iteration)
+        dtype = consolidated.DTYPES.get(args.dtype)
+        if args.command == "to-safetensors":
+            consolidated.save_safetensors(args.output, state, config, dtype)
+        else:
+            from megatron_hybrid.checkpointing.hf_nemotron_h import save_hf_checkpoint
+
+            save_hf_checkpoint(args.output, state, config, dtype=dtype)
+        print(f"wrote {args.output} from iteration {meta['iteration']} ({len(state)} tensors)")
+        return
+    if args.command == "from-safetensors":
+        state, config = consolidated.load_safetensors(args.input)
+    else:
+        from megatron_hybrid.checkpointing.hf_nemotron_h import load_hf_checkpoint
+
+        state, config = load_hf_checkpoint(args.input)
+    consolidated.write_model_checkpoint(args.save_dir, state, config, args.iteration)
+
+
+def _numel(size) -> int:
+    n = 1
+    for d in size:
+        n *= d
+    return n
+
+
+def _natural(key: str):
+    return [int(part) if part.isdigit() else part for part in key.split(".")]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
