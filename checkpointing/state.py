@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
@@ -24,18 +27,21 @@ from megatron_hybrid.pattern import HybridPattern
 
 
 class ModelState(Stateful):
-    """The model's parameters and persistent buffers as {canonical key: tensor}."""
+    """The model's parameters and persistent buffers as {canonical key: tensor}.
+
+    torch's `get/set_model_state_dict` strip wrapper prefixes (activation checkpointing,
+    torch.compile) and keep FSDP2/DTensor shards as DTensors, so each rank saves its own shard."""
 
     def __init__(self, model: torch.nn.Module, pattern: HybridPattern):
         self.model, self.pattern = model, pattern
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {canonical_key(name, self.pattern): tensor
-                for name, tensor in self.model.state_dict().items()}
+                for name, tensor in get_model_state_dict(self.model).items()}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         physical = {physical_name(key, self.pattern): t for key, t in state_dict.items()}
-        self.model.load_state_dict(physical, strict=True)
+        set_model_state_dict(self.model, physical, options=StateDictOptions(strict=True))
 
 
 class OptimizerState(Stateful):
