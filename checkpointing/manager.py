@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from megatron_hybrid.checkpointing import files
@@ -29,6 +30,7 @@ from megatron_hybrid.checkpointing.errors import (
 )
 from megatron_hybrid.checkpointing.state import ModelState, OptimizerState, TrainProgress
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.parallel.distributed import all_ranks_agree
 
 # A single-process run is a supported layout, not something to warn about at every save.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
@@ -58,13 +60,19 @@ class CheckpointSaver:
         self.async_save = async_save
         self.log = log
         self._pending: tuple[Future, Path, int, dict] | None = None
+        # Saves (async ones in a background thread) coordinate over their own gloo group, so
+        # they never interleave with the training's collectives on the default group.
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._is_main = not dist.is_initialized() or dist.get_rank() == 0
 
     def save(self, iteration: int, model, optimizer, progress: TrainProgress | None,
              config: ModelConfig, extra_metadata: dict | None = None) -> None:
         """Save (or, with async_save, stage and start writing) checkpoint `iteration`."""
         self.finalize()  # one save in flight: the previous one commits first
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        files.remove_stale_partials(self.save_dir)
+        if self._is_main:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            files.remove_stale_partials(self.save_dir)
+        self._barrier()
         partial = files.partial_dir(self.save_dir, iteration)
         state = checkpoint_state(model, optimizer, progress, config)
         metadata = {
@@ -80,15 +88,16 @@ class CheckpointSaver:
         }
         writer = dcp.FileSystemWriter(str(partial))
         if self.async_save:
-            future = dcp.async_save(state, storage_writer=writer)
+            future = dcp.async_save(state, storage_writer=writer, process_group=self._group)
             self._pending = (future, partial, iteration, metadata)
         else:
-            dcp.save(state, storage_writer=writer)
+            dcp.save(state, storage_writer=writer, process_group=self._group)
             self._commit(partial, iteration, metadata)
 
     def poll(self) -> None:
-        """Commit an async save whose files are written; never blocks."""
-        if self._pending is not None and self._pending[0].done():
+        """Commit an async save once every rank has written its files; never blocks on I/O
+        (with several ranks it is a small collective: all ranks call it together)."""
+        if self._pending is not None and all_ranks_agree(self._pending[0].done()):
             self.finalize()
 
     def finalize(self) -> None:
@@ -100,7 +109,17 @@ class CheckpointSaver:
         future.result()  # re-raises a failed write: the partial directory is never committed
         self._commit(partial, iteration, metadata)
 
+    def _barrier(self) -> None:
+        if self._group is not None:
+            dist.barrier(group=self._group)
+
     def _commit(self, partial: Path, iteration: int, metadata: dict) -> None:
+        self._barrier()  # every rank's files are written
+        if self._is_main:
+            self._publish(partial, iteration, metadata)
+        self._barrier()  # no rank goes on (to load, or save again) before `latest` moved
+
+    def _publish(self, partial: Path, iteration: int, metadata: dict) -> None:
         metadata["files"] = files.file_manifest(partial)
         metadata["saved_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
         files.write_text_atomically(partial / files.METADATA_FILE,
@@ -129,7 +148,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, config: ModelConf
     caller's choice), or None when the checkpoint holds only a model."""
     directory = files.resolve_checkpoint_dir(path, iteration)
     meta = files.read_checkpoint_metadata(directory)
-    files.verify_manifest(directory, meta.get("files", {}), checksums=verify_checksums)
+    _verify_once(directory, meta, verify_checksums)
     contents = set(meta.get("contents", ()))
     if progress is None:
         contents.discard("progress")
@@ -147,6 +166,22 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, config: ModelConf
         raise CheckpointCorruptError(
             f"reading checkpoint {directory} failed: {type(error).__name__}: {error}") from error
     return progress if "progress" in contents else None
+
+
+def _verify_once(directory: Path, meta: dict, checksums: bool) -> None:
+    """Rank 0 checks the files (reading each once); every rank raises if it failed."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            files.verify_manifest(directory, meta.get("files", {}), checksums=checksums)
+        except CheckpointCorruptError as caught:
+            error = str(caught)
+    if dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise CheckpointCorruptError(error)
 
 
 def check_tensors_fit(reader: dcp.FileSystemReader, state: dict, directory: Path) -> None:

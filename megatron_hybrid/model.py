@@ -95,10 +95,14 @@ class HybridModel(nn.Module):
         losses = [m.last_aux_loss for m in self.moe_layers() if m.last_aux_loss is not None]
         return float(sum(losses)) if losses else None
 
-    def update_expert_biases(self) -> None:
-        """Call after each optimizer step: aux-loss-free balancing of every router."""
+    def update_expert_biases(self, reduce_counts=None) -> None:
+        """Call after each optimizer step: aux-loss-free balancing of every router.
+        `reduce_counts(tensor)` sums the per-expert token counts over data-parallel ranks in
+        place, so every rank applies the same update."""
         for module in self.modules():
             if isinstance(module, TopKRouter):
+                if reduce_counts is not None and module.expert_bias is not None:
+                    reduce_counts(module.tokens_per_expert)
                 module.update_expert_bias()
 
     def num_parameters(self) -> int:

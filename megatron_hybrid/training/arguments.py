@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
+    par = parser.add_argument_group("parallelism (launch with torchrun; data parallel over "
+                                    "the remaining ranks)")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--expert-model-parallel-size", type=int, default=1)
+
     c = parser.add_argument_group("checkpointing")
     c.add_argument("--save", default=None, help="directory to save checkpoints to")
     c.add_argument("--save-interval", type=int, default=None,

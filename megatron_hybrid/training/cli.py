@@ -17,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # PatternError, ConfigError, ...: the user's input, not a bug
         print(f"pretrain_hybrid.py: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -18,9 +18,11 @@ def format_duration(seconds: float) -> str:
 
 class ProgressReporter:
     def __init__(self, total_iters: int, log_dir: str | None, live: bool | None = None,
-                 stream=None):
+                 stream=None, enabled: bool = True):
         self.total = total_iters
-        self.stream = stream or sys.stdout
+        # Ranks other than 0 of a distributed run report nothing.
+        self.stream = (stream or sys.stdout) if enabled else open(os.devnull, "w")
+        log_dir = log_dir if enabled else None
         self.live = self.stream.isatty() if live is None else live
         self.start = time.perf_counter()
         self.metrics_file = None

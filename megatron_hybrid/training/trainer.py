@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from megatron_hybrid.checkpointing.errors import CheckpointNotFoundError
 from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
@@ -20,6 +21,13 @@ from megatron_hybrid.data.sampler import StreamSampler
 from megatron_hybrid.data.tokenizer import ByteTokenizer
 from megatron_hybrid.generation import generate
 from megatron_hybrid.model import HybridModel
+from megatron_hybrid.parallel.dims import ParallelDims
+from megatron_hybrid.parallel.distributed import (
+    all_reduce_mean,
+    all_reduce_sum_,
+    init_distributed,
+)
+from megatron_hybrid.parallel.fsdp import apply_fsdp
 from megatron_hybrid.training.arguments import check_training_args, model_config_from_args
 from megatron_hybrid.training.optimizer import LRSchedule, build_optimizer, set_learning_rate
 from megatron_hybrid.training.progress import ProgressReporter
@@ -36,14 +44,6 @@ class TrainingResult:
     sample: str | None = None
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def language_model_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in float32 (nats per token)."""
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten())
@@ -51,19 +51,22 @@ def language_model_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> to
 
 @torch.no_grad()
 def evaluate(model: HybridModel, sampler: StreamSampler, iters: int, micro_batch_size: int,
-             device: torch.device, autocast) -> float:
-    """Mean loss over the first `iters` validation batches (a fixed set, not shuffled)."""
+             device: torch.device, autocast, rank: int = 0, world: int = 1) -> float:
+    """Mean loss over a fixed validation set (the first samples, not shuffled): up to `iters`
+    micro-batches per rank, every rank the same number of them (FSDP runs them in lockstep)."""
     model.eval()
-    num_samples = min(iters * micro_batch_size, sampler.samples_per_epoch)
-    total, count = 0.0, 0
-    for first in range(0, num_samples, micro_batch_size):
-        batch = sampler.batch(first, min(micro_batch_size, num_samples - first)).to(device)
+    per_rank = min(iters * micro_batch_size, sampler.samples_per_epoch // world)
+    total = torch.zeros(2, dtype=torch.float64)
+    for offset in range(0, per_rank, micro_batch_size):
+        count = min(micro_batch_size, per_rank - offset)
+        batch = sampler.batch(rank * per_rank + offset, count).to(device)
         with autocast():
             logits = model(batch[:, :-1])
-        total += float(language_model_loss(logits, batch[:, 1:])) * batch.shape[0]
-        count += batch.shape[0]
+        total += torch.tensor([float(language_model_loss(logits, batch[:, 1:])) * count, count],
+                              dtype=torch.float64)
     model.train()
-    return total / count
+    total = all_reduce_mean(total)  # the ratio of means is the ratio of sums
+    return float(total[0] / total[1])
 
 
 def resume(args: argparse.Namespace, model: HybridModel, optimizer, config, progress,
@@ -95,20 +98,38 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     """Train as the flags say; raises ValueError (ConfigError, PatternError, ...) for bad input
     before any training step runs."""
     check_training_args(args)
-    device = pick_device(args.device)
+    proc = init_distributed(args.device)
+    device = proc.device
+    dims = ParallelDims(proc.world_size, args.tensor_model_parallel_size,
+                        args.pipeline_model_parallel_size, args.expert_model_parallel_size)
     tokenizer = ByteTokenizer()
     config = model_config_from_args(args, tokenizer.vocab_size)
+    dims.check_fits(config)
+    samples_per_micro_step = args.micro_batch_size * dims.dp
+    if args.global_batch_size % samples_per_micro_step:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} must be a multiple of "
+            f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dims.dp}")
+    num_micro_batches = args.global_batch_size // samples_per_micro_step
     torch.manual_seed(args.seed)
     train_tokens, valid_tokens = embedded_token_streams(tokenizer)
     train_data = StreamSampler(train_tokens, args.seq_length, args.seed)
     valid_data = StreamSampler(valid_tokens, args.seq_length, args.seed, shuffle=False)
 
+    own_reporter = reporter is None
+    if own_reporter:
+        reporter = ProgressReporter(args.train_iters, args.log_dir, enabled=proc.is_main,
+                                    live=False if args.no_progress_bar else None)
     model = HybridModel(config, seed=args.seed).to(device)
+    num_parameters = model.num_parameters()
+    mesh = dims.build_mesh(device.type)
+    if mesh is not None:
+        apply_fsdp(model, mesh, bf16=args.bf16, log=reporter.message)
     optimizer = build_optimizer(model, args.lr, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_eps)
     schedule = LRSchedule(args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
                           args.lr_decay_style)
-    num_micro_batches = args.global_batch_size // args.micro_batch_size
+    # Per rank, aux-loss gradients average over its micro-batches; FSDP averages over ranks.
     model.set_moe_aux_loss_grad_scale(1.0 / num_micro_batches)
     if args.bf16:
         def autocast():
@@ -116,15 +137,12 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     else:
         autocast = contextlib.nullcontext
 
-    own_reporter = reporter is None
-    if own_reporter:
-        reporter = ProgressReporter(args.train_iters, args.log_dir,
-                                    live=False if args.no_progress_bar else None)
     reporter.message(
         f"model: pattern {config.hybrid_layer_pattern!r}, {config.pattern.num_blocks} blocks / "
-        f"{config.pattern.num_layers} layers, {model.num_parameters() / 1e6:.2f}M parameters; "
-        f"device {device}; {args.train_iters} iterations of {args.global_batch_size} x "
-        f"{args.seq_length} tokens ({num_micro_batches} micro-batches of {args.micro_batch_size})"
+        f"{config.pattern.num_layers} layers, {num_parameters / 1e6:.2f}M parameters; "
+        f"device {device}, {dims.dp} data-parallel rank(s); {args.train_iters} iterations of "
+        f"{args.global_batch_size} x {args.seq_length} tokens ({num_micro_batches} micro-batches "
+        f"of {args.micro_batch_size} per rank)"
     )
 
     progress = TrainProgress(lr_schedule=dataclasses.asdict(schedule))
@@ -146,18 +164,23 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         set_learning_rate(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
-        for _ in range(num_micro_batches):
-            batch = train_data.batch(consumed_samples, args.micro_batch_size).to(device)
-            consumed_samples += args.micro_batch_size
+        for micro in range(num_micro_batches):
+            # Micro-step j covers global samples [j*dp*mbs, (j+1)*dp*mbs) of this iteration's
+            # batch; rank r reads only its contiguous micro-batch of them.
+            first = consumed_samples + (micro * dims.dp + proc.rank) * args.micro_batch_size
+            batch = train_data.batch(first, args.micro_batch_size).to(device)
             with autocast():
                 logits = model(batch[:, :-1])
             loss = language_model_loss(logits, batch[:, 1:])
             (loss / num_micro_batches).backward()
             loss_sum += loss.detach()
+        consumed_samples += args.global_batch_size
         max_norm = args.clip_grad if args.clip_grad > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
-        model.update_expert_biases()
+        model.update_expert_biases(all_reduce_sum_ if proc.distributed else None)
         pending.append(loss_sum / num_micro_batches)
         window_iters += 1
         progress.iteration, progress.consumed_train_samples = iteration, consumed_samples
@@ -169,7 +192,8 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
                 saver.save(iteration, model, optimizer, progress, config)
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            result.losses.extend(float(x) for x in pending)
+            # One collective per log interval: the mean of every rank's loss per iteration.
+            result.losses.extend(all_reduce_mean(torch.stack(pending).double().cpu()).tolist())
             pending.clear()
             now = reporter.elapsed()
             tokens_per_sec = window_iters * tokens_per_iter / max(now - window_start, 1e-9)
@@ -185,7 +209,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         if args.eval_iters and (iteration % args.eval_interval == 0
                                 or iteration == args.train_iters):
             val_loss = evaluate(model, valid_data, args.eval_iters, args.micro_batch_size,
-                                device, autocast)
+                                device, autocast, proc.rank, dims.dp)
             result.val_losses[iteration] = val_loss
             reporter.log_eval(iteration, val_loss)
             window_start = reporter.elapsed()  # evaluation time is not training throughput

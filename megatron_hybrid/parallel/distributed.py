@@ -1,0 +1,73 @@
+"""Process-group set-up under torchrun and the few collectives the trainer needs (all torch's)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_choice: str) -> ProcessInfo:
+    """Start the default process group when launched by torchrun with more than one process:
+    NCCL on CUDA, gloo on CPU. One process: nothing to start."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=10))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return ProcessInfo(rank, world_size, local_rank, device)
+
+
+def all_reduce_mean(value: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean over the group's ranks (identity without a process group)."""
+    if not dist.is_initialized():
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value / dist.get_world_size(group)
+
+
+def all_reduce_sum_(value: torch.Tensor, group=None) -> None:
+    """Sum over the group's ranks, in place (identity without a process group)."""
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True when `flag` is true on every rank (a collective: every rank must call it)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
