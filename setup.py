@@ -24,14 +24,16 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    install_requires=["torch>=2.6", "numpy", "safetensors"],
+    install_requires=["torch>=2.6", "numpy", "safetensors", "tokenizers"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff"],
+        "hf": ["transformers>=5"],
+        "test": ["pytest>=8", "hypothesis>=6", "transformers>=5"],
+        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=5", "ruff"],
     },
     entry_points={
         "console_scripts": [
             "megatron-hybrid-train=megatron_hybrid.training.cli:main",
+            "megatron-hybrid-preprocess=megatron_hybrid.data.preprocess:main",
             "megatron-hybrid-convert=megatron_hybrid.checkpointing.convert:main",
         ]
     },

@@ -47,6 +47,7 @@ class ModelConfig:
     mamba_dt_min: float = 0.001  # dt init range (log-uniform) and floor, as Mamba2
     mamba_dt_max: float = 0.1
     mamba_dt_init_floor: float = 1e-4
+    mamba_dt_floor: float = 0.0  # clamp dt >= this in forward (HF nemotron_h: time_step_min)
 
     # MLP (`-`) and experts
     activation: str = "squared_relu"  # "squared_relu" or "swiglu"
@@ -161,6 +162,8 @@ class ModelConfig:
                 f"mamba_num_heads={self.mamba_num_heads} is not divisible by mamba_num_groups="
                 f"{self.mamba_num_groups}; valid group counts: {_divisors(self.mamba_num_heads)}"
             )
+        if self.mamba_dt_floor < 0:
+            raise ConfigError(f"mamba_dt_floor must be >= 0, got {self.mamba_dt_floor}")
         if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
             raise ConfigError(
                 f"need 0 < mamba_dt_min <= mamba_dt_max, got {self.mamba_dt_min}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from safetensors import safe_open
 from test_checkpoint import TOKENS, save, trained_model
@@ -59,3 +60,29 @@ def test_bad_inputs_exit_2_with_a_message_naming_the_path(tmp_path, capsys):
     (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file")
     assert main(["from-safetensors", str(tmp_path / "x.safetensors"), str(tmp_path / "o")]) == 2
     assert "x.safetensors" in capsys.readouterr().err
+
+
+def test_hf_export_and_import_through_the_command_line(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, _ = trained_model("[M-]*-[ME]", moe_router_score_function="sigmoid",
+                             moe_router_enable_expert_bias=True,
+                             moe_shared_expert_intermediate_size=16)
+    save(tmp_path / "ckpt", 5, model)
+    assert main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    hf_model = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        hf_logits = hf_model(TOKENS, use_cache=False).logits
+        torch.testing.assert_close(hf_logits, model(TOKENS), atol=1e-5, rtol=0)
+    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    state, config, _ = read_model_state(tmp_path / "back")
+    fresh = HybridModel(config, seed=2)
+    load_checkpoint(tmp_path / "back", fresh, None, config)
+    torch.testing.assert_close(fresh(TOKENS), model(TOKENS), atol=0, rtol=0)
+
+
+def test_hf_export_of_an_inexpressible_model_names_the_setting(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    model, _ = trained_model("M*", position_embedding_type="rope")
+    save(tmp_path / "ckpt", 1, model)
+    assert main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2
+    assert "rope" in capsys.readouterr().err

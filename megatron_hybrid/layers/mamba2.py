@@ -30,6 +30,8 @@ class Mamba2Mixer(nn.Module):
         self.state_dim = config.mamba_state_dim
         self.chunk_size = config.mamba_chunk_size
         self.d_inner = config.mamba_d_inner
+        # Megatron does not clamp dt; Hugging Face's nemotron_h clamps it at time_step_min.
+        self.dt_limit = (config.mamba_dt_floor, float("inf"))
         conv_dim = config.mamba_conv_dim
         self.in_proj = nn.Linear(config.hidden_size, config.mamba_in_proj_dim, bias=False)
         # Holds conv1d.weight (conv_dim, 1, K) and conv1d.bias, the layout of nn.Conv1d that
@@ -63,6 +65,7 @@ class Mamba2Mixer(nn.Module):
             D=self.D,
             dt_bias=self.dt_bias,
             dt_softplus=True,
+            dt_limit=self.dt_limit,
         )
         y = self.norm(y.reshape(batch, seq, self.d_inner), z)
         return self.out_proj(y)
