@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--inspect"]:  # `--inspect DIR` reads like the other tools' flags
+        argv[0] = "inspect"
     args = build_parser().parse_args(argv)
     try:
         run(args)

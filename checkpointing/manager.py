@@ -136,7 +136,7 @@ class CheckpointSaver:
 
 def load_checkpoint(path: str | os.PathLike, model, optimizer, config: ModelConfig,
                     progress: TrainProgress | None = None, iteration: int | None = None,
-                    verify_checksums: bool = True) -> TrainProgress | None:
+                    verify_checksums: bool = True, log=None) -> TrainProgress | None:
     """Load a checkpoint (a save directory's latest, its `iteration`, or an `iter_*` directory)
     into `model` and, when given (not None) and present in the checkpoint, `optimizer` and
     `progress`.
@@ -149,6 +149,10 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, config: ModelConf
     directory = files.resolve_checkpoint_dir(path, iteration)
     meta = files.read_checkpoint_metadata(directory)
     _verify_once(directory, meta, verify_checksums)
+    differences = config_differences(meta.get("model_config", {}), config)
+    if differences and log is not None:
+        log(f"warning: {directory} was saved with another model config; loading anyway "
+            "(tensor shapes match):\n  " + "\n  ".join(differences))
     contents = set(meta.get("contents", ()))
     if progress is None:
         contents.discard("progress")
@@ -166,6 +170,24 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, config: ModelConf
         raise CheckpointCorruptError(
             f"reading checkpoint {directory} failed: {type(error).__name__}: {error}") from error
     return progress if "progress" in contents else None
+
+
+def config_differences(saved: dict, config: ModelConfig) -> list[str]:
+    """Fields of the checkpoint's model config that differ from `config`, as readable lines.
+    Fusion groups and pipeline stages are a layout, not a difference: patterns compare by their
+    canonical sub-layers. (Differences that change tensor shapes also fail the key check.)"""
+    current = config.to_dict()
+    lines = []
+    for name, value in saved.items():
+        if name == "hybrid_layer_pattern":
+            saved_layers = "".join(ch for ch in value if ch not in "[]|")
+            now_layers = "".join(ch for ch in config.hybrid_layer_pattern if ch not in "[]|")
+            if saved_layers != now_layers:
+                lines.append(f"hybrid_layer_pattern: checkpoint {value!r}, now "
+                             f"{config.hybrid_layer_pattern!r}")
+        elif name in current and current[name] != value:
+            lines.append(f"{name}: checkpoint {value!r}, now {current[name]!r}")
+    return lines
 
 
 def _verify_once(directory: Path, meta: dict, checksums: bool) -> None:

@@ -23,7 +23,7 @@ from megatron_hybrid.checkpointing.errors import (
 )
 from megatron_hybrid.checkpointing.files import LATEST_FILE
 from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
-from megatron_hybrid.checkpointing.state import TrainProgress
+from megatron_hybrid.checkpointing.state import ModelState, TrainProgress
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.training.arguments import build_parser
 from megatron_hybrid.training.optimizer import build_optimizer
@@ -62,6 +62,10 @@ def test_fused_and_unfused_checkpoints_load_each_other_with_equal_logits(tmp_pat
     other_opt = build_optimizer(other, 1e-2, 0.1, (0.9, 0.95), 1e-8)
     load_checkpoint(tmp_path, other, other_opt, other.config)
     torch.testing.assert_close(other(TOKENS), model(TOKENS), atol=0, rtol=0)
+    saved = ModelState(model, model.config.pattern).state_dict()
+    loaded = ModelState(other, other.config.pattern).state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
 def test_optimizer_state_follows_parameters_across_fusions(tmp_path):
@@ -237,3 +241,15 @@ def test_process_killed_during_save_leaves_the_previous_checkpoint_loadable(tmp_
     # The next save clears the dead partial directory.
     save(tmp_path, 3, fresh)
     assert not list(tmp_path.glob(".iter_*.partial"))
+
+
+def test_loading_a_checkpoint_of_another_config_warns_naming_the_fields(tmp_path):
+    model, _ = trained_model("[M-]*")
+    save(tmp_path, 1, model)
+    other = HybridModel(small_config("M-*", position_embedding_type="rope", mamba_chunk_size=4))
+    messages = []
+    load_checkpoint(tmp_path, other, None, other.config, log=messages.append)
+    assert len(messages) == 1
+    assert "position_embedding_type: checkpoint 'none', now 'rope'" in messages[0]
+    assert "mamba_chunk_size: checkpoint 8, now 4" in messages[0]
+    assert "hybrid_layer_pattern" not in messages[0]  # same layers, other fusion

@@ -18,7 +18,7 @@ from megatron_hybrid.model import HybridModel
 def test_inspect_lists_iteration_pattern_config_keys_shapes_and_dtypes(tmp_path, capsys):
     model, optimizer = trained_model("[M-]*E")
     save(tmp_path, 4, model, optimizer)
-    assert main(["inspect", str(tmp_path)]) == 0
+    assert main(["--inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "iteration    4" in out and "[M-]*E" in out
     assert '"hidden_size": 32' in out

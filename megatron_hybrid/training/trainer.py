@@ -77,7 +77,7 @@ def resume(args: argparse.Namespace, model: HybridModel, optimizer, config, prog
         loaded = load_checkpoint(
             args.load, model, None if (args.finetune or args.no_load_optim) else optimizer,
             config, progress=None if args.finetune else progress, iteration=args.ckpt_step,
-            verify_checksums=not args.no_verify_checksums)
+            verify_checksums=not args.no_verify_checksums, log=reporter.message)
     except CheckpointNotFoundError as error:
         if args.ckpt_step is not None or any(Path(args.load).glob("iter_*")):
             raise
