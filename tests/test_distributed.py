@@ -49,6 +49,11 @@ def test_data_parallel_fsdp2_matches_one_process(tmp_path):
     assert_close(dp2, single)
 
 
+def test_data_parallel_with_activation_checkpointing_matches_one_process(tmp_path):
+    dp2 = torchrun(2, *FLAGS, "--recompute-granularity", "selective", log_dir=tmp_path)
+    assert_close(dp2, one_process())
+
+
 def test_checkpoints_move_between_one_process_and_data_parallel(tmp_path):
     single = one_process()
     # dp2 saves at iteration 3; one process resumes and finishes like the straight run.

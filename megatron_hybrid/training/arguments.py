@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     par.add_argument("--expert-model-parallel-size", type=int, default=1)
+    par.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                     help="activation checkpointing per block: full recomputes each block, "
+                          "selective keeps GEMM/attention outputs and recomputes the rest")
 
     c = parser.add_argument_group("checkpointing")
     c.add_argument("--save", default=None, help="directory to save checkpoints to")

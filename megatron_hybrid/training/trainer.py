@@ -21,6 +21,7 @@ from megatron_hybrid.data.sampler import StreamSampler
 from megatron_hybrid.data.tokenizer import ByteTokenizer
 from megatron_hybrid.generation import generate
 from megatron_hybrid.model import HybridModel
+from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron_hybrid.parallel.dims import ParallelDims
 from megatron_hybrid.parallel.distributed import (
     all_reduce_mean,
@@ -122,6 +123,10 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
                                     live=False if args.no_progress_bar else None)
     model = HybridModel(config, seed=args.seed).to(device)
     num_parameters = model.num_parameters()
+    # Order of application (shared/DESIGN.md section 6): TP -> activation checkpointing ->
+    # compile -> FSDP.
+    if args.recompute_granularity:
+        apply_activation_checkpointing(model, args.recompute_granularity, log=reporter.message)
     mesh = dims.build_mesh(device.type)
     if mesh is not None:
         apply_fsdp(model, mesh, bf16=args.bf16, log=reporter.message)
