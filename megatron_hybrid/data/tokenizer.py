@@ -1,11 +1,58 @@
-"""Byte-level tokenizer: token i < 256 is byte i, token 256 is end-of-document (EOD)."""
+"""Tokenizers, all offline, behind one small interface:
+
+    tokenizer.vocab_size    number of token ids (the model pads it to --make-vocab-size-divisible-by)
+    tokenizer.eod           the end-of-document id that separates documents in the token stream
+    tokenizer.encode(text)  -> np.ndarray of int64 ids
+    tokenizer.decode(ids)   -> str
+
+`--tokenizer-type` picks one, with Megatron-LM's names where Megatron has the tokenizer:
+
+    ByteTokenizer           (default) token i < 256 is byte i, 256 is EOD; needs no file
+    HuggingFaceTokenizer    a Hugging Face `tokenizer.json` (--tokenizer-model FILE or a folder
+                            holding it), run with the `tokenizers` library, no network
+    GPT2BPETokenizer        GPT-2 byte-level BPE from --vocab-file vocab.json --merge-file merges.txt
+    NullTokenizer           already-tokenized text (whitespace-separated ids), --vocab-size N;
+                            as in Megatron, vocab_size is N + 1 and eod is N
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+from typing import Protocol
+
 import numpy as np
+
+TOKENIZER_TYPES = ("ByteTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+
+# End-of-document candidates, in order, for a tokenizer.json without a tokenizer_config.json.
+_KNOWN_EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>",
+                     "<|im_end|>", "[SEP]")
+
+
+class TokenizerError(ValueError):
+    """Tokenizer flags or files that cannot give a tokenizer."""
+
+
+class TokenizerFileNotFoundError(TokenizerError, FileNotFoundError):
+    """A tokenizer file named by a flag does not exist."""
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eod: int
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, tokens) -> str: ...
 
 
 class ByteTokenizer:
+    """Byte-level tokenizer: token i < 256 is byte i, token 256 is end-of-document (EOD)."""
+
+    name = "ByteTokenizer"
     vocab_size = 257
     eod = 256
 
@@ -23,3 +70,176 @@ class ByteTokenizer:
             elif t == self.eod:
                 data.extend(b"\n")
         return data.decode("utf-8", errors="replace")
+
+
+class _TokenizersLibraryTokenizer:
+    """Shared encode/decode over a `tokenizers.Tokenizer`."""
+
+    name: str
+    vocab_size: int
+    eod: int
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._backend.encode(text).ids, dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64) for e in self._backend.encode_batch(texts)]
+
+    def decode(self, tokens) -> str:
+        """Ids outside the vocabulary (padding rows a model may sample) are dropped."""
+        ids = [int(t) for t in tokens if 0 <= int(t) < self.vocab_size]
+        return self._backend.decode(ids, skip_special_tokens=False)
+
+
+def _require_file(path: str | None, flag: str, tokenizer_type: str) -> str:
+    if not path:
+        raise TokenizerError(f"--tokenizer-type {tokenizer_type} needs {flag}")
+    if not os.path.isfile(path):
+        raise TokenizerFileNotFoundError(f"{flag} {path}: no such file")
+    return path
+
+
+class HuggingFaceTokenizer(_TokenizersLibraryTokenizer):
+    """A Hugging Face fast tokenizer loaded from a local `tokenizer.json` (or a folder with one).
+
+    Encoding applies the tokenizer's post-processor (a Llama-style BOS, for instance), as
+    Megatron's HuggingFaceTokenizer does. The EOD id is the `eos_token` of a
+    `tokenizer_config.json` next to the file, else the first known end-of-text token found in the
+    vocabulary (<|endoftext|>, <|end_of_text|>, </s>, ...).
+    """
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as Backend
+
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        _require_file(path, "--tokenizer-model", "HuggingFaceTokenizer")
+        try:
+            backend = Backend.from_file(path)
+        except Exception as error:  # the library raises its own Exception type
+            raise TokenizerError(f"--tokenizer-model {path}: not a Hugging Face tokenizer.json "
+                                 f"({error})") from error
+        super().__init__(backend)
+        self.name = f"HuggingFaceTokenizer({path})"
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.eod = self._find_eod(path)
+
+    def _find_eod(self, path: str) -> int:
+        config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        candidates = list(_KNOWN_EOS_TOKENS)
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                eos = json.load(f).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if eos:
+                candidates = [eos]
+        for token in candidates:
+            if (token_id := self._backend.token_to_id(token)) is not None:
+                return token_id
+        raise TokenizerError(
+            f"--tokenizer-model {path}: cannot tell the end-of-document token: found none of "
+            f"{', '.join(candidates)} in its vocabulary; put a tokenizer_config.json with "
+            "\"eos_token\" next to it"
+        )
+
+
+class GPT2BPETokenizer(_TokenizersLibraryTokenizer):
+    """GPT-2's byte-level BPE from `vocab.json` + `merges.txt`; EOD is `<|endoftext|>`.
+
+    Same tokens as OpenAI's encoder and Megatron's GPT2BPETokenizer: GPT-2's pre-tokenization
+    regex, no prefix space, and `<|endoftext|>` inside text is plain text, not a special token.
+    """
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import decoders, models, pre_tokenizers
+
+        _require_file(vocab_file, "--vocab-file", "GPT2BPETokenizer")
+        _require_file(merge_file, "--merge-file", "GPT2BPETokenizer")
+        try:
+            backend = Backend(models.BPE.from_file(vocab_file, merge_file))
+        except Exception as error:
+            raise TokenizerError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: not a "
+                                 f"GPT-2 vocab.json and merges.txt ({error})") from error
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        super().__init__(backend)
+        self.name = f"GPT2BPETokenizer({vocab_file})"
+        self.vocab_size = backend.get_vocab_size()
+        eod = backend.token_to_id("<|endoftext|>")
+        if eod is None:
+            raise TokenizerError(f"--vocab-file {vocab_file} has no '<|endoftext|>' token, which "
+                                 "GPT2BPETokenizer uses as end of document")
+        self.eod = eod
+
+
+class NullTokenizer:
+    """Text that is already token ids, separated by whitespace (Megatron's NullTokenizer):
+    `--vocab-size N` gives ids 0..N-1 plus the EOD id N, so vocab_size is N + 1."""
+
+    def __init__(self, vocab_size: int | None):
+        if vocab_size is None or vocab_size < 1:
+            raise TokenizerError(f"--tokenizer-type NullTokenizer needs --vocab-size N >= 1, got "
+                                 f"{vocab_size}")
+        self.name = f"NullTokenizer({vocab_size})"
+        self.vocab_size = vocab_size + 1
+        self.eod = vocab_size
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            ids = np.array([int(word) for word in text.split()], dtype=np.int64)
+        except ValueError as error:
+            raise TokenizerError(f"NullTokenizer reads whitespace-separated integer ids; "
+                                 f"{error}") from error
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+            raise TokenizerError(f"NullTokenizer: id {bad} is outside 0..{self.vocab_size - 1} "
+                                 f"(--vocab-size {self.eod} plus EOD {self.eod})")
+        return ids
+
+    def decode(self, tokens) -> str:
+        return " ".join(str(int(t)) for t in tokens)
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The tokenizer flags, shared by training and preprocessing."""
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="ByteTokenizer",
+                        help="ByteTokenizer needs no file; HuggingFaceTokenizer needs "
+                        "--tokenizer-model; GPT2BPETokenizer --vocab-file and --merge-file; "
+                        "NullTokenizer --vocab-size")
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="a Hugging Face tokenizer.json, or a folder holding one")
+    parser.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
+    parser.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="NullTokenizer: ids are 0..N-1, EOD is N")
+
+
+def build_tokenizer(args: argparse.Namespace) -> Tokenizer:
+    """The tokenizer the flags describe; raises TokenizerError (a ValueError) for missing or
+    unreadable files and missing flags."""
+    kind = getattr(args, "tokenizer_type", None) or "ByteTokenizer"
+    if kind == "ByteTokenizer":
+        return ByteTokenizer()
+    if kind == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(_require_file_or_dir(getattr(args, "tokenizer_model", None)))
+    if kind == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(getattr(args, "vocab_file", None),
+                                getattr(args, "merge_file", None))
+    if kind == "NullTokenizer":
+        return NullTokenizer(getattr(args, "vocab_size", None))
+    raise TokenizerError(f"--tokenizer-type {kind!r} is unknown; expected one of "
+                         f"{', '.join(TOKENIZER_TYPES)}")
+
+
+def _require_file_or_dir(path: str | None) -> str:
+    if not path:
+        raise TokenizerError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model "
+                             "(a tokenizer.json or a folder holding one)")
+    if not os.path.exists(path):
+        raise TokenizerFileNotFoundError(f"--tokenizer-model {path}: no such file or folder")
+    return path
