@@ -5,16 +5,20 @@ subsystems) but install inside the `megatron_hybrid` namespace, so the distribut
 claims generic top-level names such as `kernels` (shared/DESIGN.md section 2).
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = {
+# Import name -> folder of the three package roots; every sub-package below them is found, so a
+# new folder (with an __init__.py) never goes missing from a wheel.
+ROOTS = {
     "megatron_hybrid": "megatron_hybrid",
-    "megatron_hybrid.layers": "megatron_hybrid/layers",
-    "megatron_hybrid.training": "megatron_hybrid/training",
-    "megatron_hybrid.data": "megatron_hybrid/data",
     "megatron_hybrid.kernels": "kernels",
     "megatron_hybrid.checkpointing": "checkpointing",
 }
+PACKAGES = [
+    f"{root}.{sub}" if sub else root
+    for root, folder in ROOTS.items()
+    for sub in ["", *find_packages(folder)]
+]
 
 setup(
     name="megatron-hybrid",
@@ -22,8 +26,8 @@ setup(
     description="Pretraining for hybrid Mamba2 / attention / MLP / MoE language models "
     "described by one layer-pattern string",
     python_requires=">=3.10",
-    packages=list(PACKAGES),
-    package_dir=PACKAGES,
+    packages=PACKAGES,
+    package_dir=ROOTS,
     install_requires=["torch>=2.6", "numpy", "safetensors", "tokenizers"],
     extras_require={
         "hf": ["transformers>=5"],
