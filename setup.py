@@ -31,7 +31,8 @@ setup(
     install_requires=["torch>=2.6", "numpy", "safetensors", "tokenizers"],
     extras_require={
         "hf": ["transformers>=5"],
-        "test": ["pytest>=8", "hypothesis>=6", "transformers>=5"],
+        # setuptools + wheel: tests/test_packaging.py builds a wheel without build isolation.
+        "test": ["pytest>=8", "hypothesis>=6", "transformers>=5", "setuptools>=70", "wheel"],
         "dev": ["pytest>=8", "hypothesis>=6", "transformers>=5", "ruff"],
     },
     entry_points={
