@@ -18,7 +18,8 @@ from megatron_hybrid.training.trainer import run_training
 REPO = Path(__file__).resolve().parents[1]
 # Fused groups and all four implemented mixers; expert bias exercises the count all-reduce.
 FLAGS = [*TINY, "--hybrid-layer-pattern", "[M-][*E]M*E", "--moe-router-enable-expert-bias",
-         "--global-batch-size", "8", "--train-iters", "6", "--log-interval", "1"]
+         "--global-batch-size", "8", "--train-iters", "6", "--log-interval", "1",
+         "--device", "cpu"]  # gloo on CPU, also on a GPU machine (tests/test_gpu_distributed.py)
 
 
 def torchrun(nproc: int, *flags: str, log_dir: Path) -> list[float]:
