@@ -44,13 +44,20 @@ def init_distributed(device_choice: str) -> ProcessInfo:
     return ProcessInfo(rank, world_size, local_rank, device)
 
 
+def _collective_device(group=None) -> torch.device:
+    """Where the group's backend wants tensors: NCCL only reduces CUDA tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_mean(value: torch.Tensor, group=None) -> torch.Tensor:
-    """Mean over the group's ranks (identity without a process group)."""
+    """Mean over the group's ranks, on value's device (identity without a process group)."""
     if not dist.is_initialized():
         return value
-    value = value.clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
-    return value / dist.get_world_size(group)
+    reduced = value.to(_collective_device(group), copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+    return (reduced / dist.get_world_size(group)).to(value.device)
 
 
 def all_reduce_sum_(value: torch.Tensor, group=None) -> None:
@@ -68,6 +75,6 @@ def all_ranks_agree(flag: bool) -> bool:
     """True when `flag` is true on every rank (a collective: every rank must call it)."""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
