@@ -27,6 +27,7 @@ class StreamSampler:
         self.shuffle = shuffle
         # One token of slack so every per-epoch offset in [0, seq_length) still fits the windows.
         self.samples_per_epoch = (len(tokens) - 1 - seq_length) // seq_length
+        self.num_samples = self.samples_per_epoch  # distinct windows (what evaluation can use)
         self._epoch_cache: tuple[int, np.ndarray, int] | None = None
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, int]:

@@ -1,6 +1,7 @@
 """Tokenizers, all offline, behind one small interface:
 
-    tokenizer.vocab_size    number of token ids (the model pads it to --make-vocab-size-divisible-by)
+    tokenizer.vocab_size    number of token ids (the model pads it to a multiple of
+                            --make-vocab-size-divisible-by)
     tokenizer.eod           the end-of-document id that separates documents in the token stream
     tokenizer.encode(text)  -> np.ndarray of int64 ids
     tokenizer.decode(ids)   -> str
@@ -10,7 +11,8 @@
     ByteTokenizer           (default) token i < 256 is byte i, 256 is EOD; needs no file
     HuggingFaceTokenizer    a Hugging Face `tokenizer.json` (--tokenizer-model FILE or a folder
                             holding it), run with the `tokenizers` library, no network
-    GPT2BPETokenizer        GPT-2 byte-level BPE from --vocab-file vocab.json --merge-file merges.txt
+    GPT2BPETokenizer        GPT-2 byte-level BPE from --vocab-file vocab.json and
+                            --merge-file merges.txt
     NullTokenizer           already-tokenized text (whitespace-separated ids), --vocab-size N;
                             as in Megatron, vocab_size is N + 1 and eod is N
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_hybrid.config import ModelConfig, pad_vocab_size
+from megatron_hybrid.data.builder import add_data_args
 
 DEFAULT_PATTERN = "[M-]M[*E]M[M-]"
 
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
     c.add_argument("--no-verify-checksums", action="store_true",
                    help="skip the CRC32 check of checkpoint files on load (sizes still checked)")
+
+    add_data_args(parser)
 
     lg = parser.add_argument_group("logging and evaluation")
     lg.add_argument("--log-interval", type=int, default=10)

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
@@ -16,9 +17,10 @@ from torch.distributed.tensor import DTensor
 from megatron_hybrid.checkpointing.errors import CheckpointNotFoundError
 from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
 from megatron_hybrid.checkpointing.state import TrainProgress
+from megatron_hybrid.data.builder import build_datasets
 from megatron_hybrid.data.embedded import embedded_token_streams
 from megatron_hybrid.data.sampler import StreamSampler
-from megatron_hybrid.data.tokenizer import ByteTokenizer
+from megatron_hybrid.data.tokenizer import ByteTokenizer, build_tokenizer
 from megatron_hybrid.generation import generate
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -56,7 +58,7 @@ def evaluate(model: HybridModel, sampler: StreamSampler, iters: int, micro_batch
     """Mean loss over a fixed validation set (the first samples, not shuffled): up to `iters`
     micro-batches per rank, every rank the same number of them (FSDP runs them in lockstep)."""
     model.eval()
-    per_rank = min(iters * micro_batch_size, sampler.samples_per_epoch // world)
+    per_rank = min(iters * micro_batch_size, sampler.num_samples // world)
     total = torch.zeros(2, dtype=torch.float64)
     for offset in range(0, per_rank, micro_batch_size):
         count = min(micro_batch_size, per_rank - offset)
@@ -68,6 +70,30 @@ def evaluate(model: HybridModel, sampler: StreamSampler, iters: int, micro_batch
     model.train()
     total = all_reduce_mean(total)  # the ratio of means is the ratio of sums
     return float(total[0] / total[1])
+
+
+def build_training_data(args: argparse.Namespace, tokenizer, dp_size: int):
+    """(train, validation or None, one-line description): the data flags' datasets, or the
+    embedded corpus when no data flag is given. Each object serves `.batch(first, size)`; the
+    training loop decides which global samples a rank reads."""
+    eval_samples = args.eval_iters * args.micro_batch_size * dp_size
+    splits = build_datasets(args, tokenizer, args.seq_length, args.seed,
+                            num_train_samples=args.train_iters * args.global_batch_size,
+                            num_eval_samples=eval_samples)
+    if splits is not None:
+        if splits.train is None:
+            raise ValueError("the data flags leave no training data: give the train split a "
+                             "share in --split, or --train-data-path")
+        return splits.train, splits.valid, splits.summary()
+    if not isinstance(tokenizer, ByteTokenizer):
+        raise ValueError(f"--tokenizer-type {tokenizer.name} without data: the embedded corpus "
+                         "is byte-level; give --data-path (or --mock-data), or drop the "
+                         "tokenizer flags")
+    train_tokens, valid_tokens = embedded_token_streams(tokenizer)
+    train = StreamSampler(train_tokens, args.seq_length, args.seed)
+    valid = StreamSampler(valid_tokens, args.seq_length, args.seed, shuffle=False)
+    return train, valid, (f"embedded corpus (Python help topics), {len(train_tokens)} train / "
+                          f"{len(valid_tokens)} validation bytes")
 
 
 def resume(args: argparse.Namespace, model: HybridModel, optimizer, config, progress,
@@ -103,7 +129,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     device = proc.device
     dims = ParallelDims(proc.world_size, args.tensor_model_parallel_size,
                         args.pipeline_model_parallel_size, args.expert_model_parallel_size)
-    tokenizer = ByteTokenizer()
+    tokenizer = build_tokenizer(args)
     config = model_config_from_args(args, tokenizer.vocab_size)
     dims.check_fits(config)
     samples_per_micro_step = args.micro_batch_size * dims.dp
@@ -113,9 +139,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
             f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dims.dp}")
     num_micro_batches = args.global_batch_size // samples_per_micro_step
     torch.manual_seed(args.seed)
-    train_tokens, valid_tokens = embedded_token_streams(tokenizer)
-    train_data = StreamSampler(train_tokens, args.seq_length, args.seed)
-    valid_data = StreamSampler(valid_tokens, args.seq_length, args.seed, shuffle=False)
+    train_data, valid_data, data_summary = build_training_data(args, tokenizer, dims.dp)
 
     own_reporter = reporter is None
     if own_reporter:
@@ -149,6 +173,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         f"{args.global_batch_size} x {args.seq_length} tokens ({num_micro_batches} micro-batches "
         f"of {args.micro_batch_size} per rank)"
     )
+    reporter.message(f"data: {data_summary}")
 
     progress = TrainProgress(lr_schedule=dataclasses.asdict(schedule))
     if args.load:
@@ -211,7 +236,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
                 extra["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             reporter.log_iteration(iteration, result.losses[-1], lr, float(grad_norm),
                                    tokens_per_sec, extra)
-        if args.eval_iters and (iteration % args.eval_interval == 0
+        if valid_data is not None and args.eval_iters and (iteration % args.eval_interval == 0
                                 or iteration == args.train_iters):
             val_loss = evaluate(model, valid_data, args.eval_iters, args.micro_batch_size,
                                 device, autocast, proc.rank, dims.dp)
@@ -225,10 +250,14 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     if saver is not None:
         saver.finalize()
     if args.generate_tokens:
-        prompt = torch.from_numpy(tokenizer.encode(SAMPLE_PROMPT))
-        new = generate(model, prompt, args.generate_tokens, args.seq_length,
-                       vocab_limit=tokenizer.vocab_size, seed=args.seed)
-        result.sample = SAMPLE_PROMPT + tokenizer.decode(new)
+        try:
+            prompt_text, prompt = SAMPLE_PROMPT, tokenizer.encode(SAMPLE_PROMPT)
+        except ValueError:  # a tokenizer of ids (NullTokenizer): start from end-of-document
+            prompt_text, prompt = "", np.array([tokenizer.eod])
+        new = generate(model, torch.from_numpy(np.asarray(prompt, dtype=np.int64)),
+                       args.generate_tokens, args.seq_length, vocab_limit=tokenizer.vocab_size,
+                       seed=args.seed)
+        result.sample = prompt_text + tokenizer.decode(new)
         reporter.message("sample:\n" + result.sample)
     if own_reporter:
         reporter.close()
