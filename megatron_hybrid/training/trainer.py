@@ -1,4 +1,5 @@
-"""The training loop, single process: one linear function from flags to a trained model."""
+"""The training loop: one linear function from flags to a trained model, on one process or
+every rank of a torchrun launch (data parallel with FSDP2)."""
 
 from __future__ import annotations
 
