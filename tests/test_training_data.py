@@ -38,6 +38,13 @@ def test_training_on_a_preprocessed_dataset_reduces_the_loss(dataset_prefix, cap
     assert "corpus_text_document" in capsys.readouterr().out  # the data summary line
 
 
+def test_test_split_is_evaluated_after_training(dataset_prefix, tmp_path):
+    result = train("--data-path", dataset_prefix, "--split", "80,10,10", "--train-iters", "3",
+                   "--eval-iters", "2", "--log-dir", str(tmp_path))
+    assert result.test_loss is not None and result.test_loss > 0
+    assert '"test_loss"' in (tmp_path / "metrics.jsonl").read_text()
+
+
 def test_resume_on_a_dataset_continues_with_the_next_samples(dataset_prefix, tmp_path):
     flags = ("--data-path", dataset_prefix, "--train-iters", "6")
     straight = train(*flags)

@@ -44,6 +44,7 @@ class TrainingResult:
     model: HybridModel
     losses: list[float] = field(default_factory=list)  # training loss of every iteration
     val_losses: dict[int, float] = field(default_factory=dict)  # iteration -> validation loss
+    test_loss: float | None = None  # on the test split after training (data flags with one)
     tokens_per_sec: float = 0.0
     sample: str | None = None
 
@@ -74,9 +75,9 @@ def evaluate(model: HybridModel, sampler: StreamSampler, iters: int, micro_batch
 
 
 def build_training_data(args: argparse.Namespace, tokenizer, dp_size: int):
-    """(train, validation or None, one-line description): the data flags' datasets, or the
-    embedded corpus when no data flag is given. Each object serves `.batch(first, size)`; the
-    training loop decides which global samples a rank reads."""
+    """(train, validation or None, test or None, one-line description): the data flags'
+    datasets, or the embedded corpus (no test split) when no data flag is given. Each object
+    serves `.batch(first, size)`; the training loop decides which global samples a rank reads."""
     eval_samples = args.eval_iters * args.micro_batch_size * dp_size
     splits = build_datasets(args, tokenizer, args.seq_length, args.seed,
                             num_train_samples=args.train_iters * args.global_batch_size,
@@ -85,7 +86,7 @@ def build_training_data(args: argparse.Namespace, tokenizer, dp_size: int):
         if splits.train is None:
             raise ValueError("the data flags leave no training data: give the train split a "
                              "share in --split, or --train-data-path")
-        return splits.train, splits.valid, splits.summary()
+        return splits.train, splits.valid, splits.test, splits.summary()
     if not isinstance(tokenizer, ByteTokenizer):
         raise ValueError(f"--tokenizer-type {tokenizer.name} without data: the embedded corpus "
                          "is byte-level; give --data-path (or --mock-data), or drop the "
@@ -93,8 +94,9 @@ def build_training_data(args: argparse.Namespace, tokenizer, dp_size: int):
     train_tokens, valid_tokens = embedded_token_streams(tokenizer)
     train = StreamSampler(train_tokens, args.seq_length, args.seed)
     valid = StreamSampler(valid_tokens, args.seq_length, args.seed, shuffle=False)
-    return train, valid, (f"embedded corpus (Python help topics), {len(train_tokens)} train / "
-                          f"{len(valid_tokens)} validation bytes")
+    summary = (f"embedded corpus (Python help topics), {len(train_tokens)} train / "
+               f"{len(valid_tokens)} validation bytes")
+    return train, valid, None, summary
 
 
 def resume(args: argparse.Namespace, model: HybridModel, optimizer, config, progress,
@@ -140,7 +142,8 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
             f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dims.dp}")
     num_micro_batches = args.global_batch_size // samples_per_micro_step
     torch.manual_seed(args.seed)
-    train_data, valid_data, data_summary = build_training_data(args, tokenizer, dims.dp)
+    train_data, valid_data, test_data, data_summary = build_training_data(args, tokenizer,
+                                                                          dims.dp)
 
     own_reporter = reporter is None
     if own_reporter:
@@ -250,6 +253,13 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
 
     if saver is not None:
         saver.finalize()
+    if test_data is not None and args.eval_iters:
+        test_loss = evaluate(model, test_data, args.eval_iters, args.micro_batch_size, device,
+                             autocast, proc.rank, dims.dp)
+        result.test_loss = test_loss
+        reporter.write_metrics({"iteration": progress.iteration, "test_loss": test_loss})
+        reporter.message(f"test split after iteration {progress.iteration}: loss "
+                         f"{test_loss:.4f}")
     if args.generate_tokens:
         try:
             prompt_text, prompt = SAMPLE_PROMPT, tokenizer.encode(SAMPLE_PROMPT)
