@@ -8,6 +8,7 @@ way in, so any fusion of the same canonical layers loads any other's checkpoint.
 
 from __future__ import annotations
 
+import pickle
 import random
 from dataclasses import dataclass, field
 
@@ -85,33 +86,39 @@ class TrainProgress(Stateful):
     lr_schedule: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        state = {
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
             "iteration": self.iteration,
             "consumed_train_samples": self.consumed_train_samples,
             "lr_schedule": dict(self.lr_schedule),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            # One opaque blob, not tensors: RNG states differ between machines (CUDA devices)
+            # and are no part of the tensor-fit check a load runs.
+            "rng": pickle.dumps(rng),
         }
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.iteration = int(state_dict["iteration"])
         self.consumed_train_samples = int(state_dict["consumed_train_samples"])
         self.lr_schedule = dict(state_dict.get("lr_schedule", {}))
-        self.saved_rng = state_dict.get("rng")
+        blob = state_dict.get("rng")
+        self.saved_rng = pickle.loads(blob) if isinstance(blob, bytes) else None
 
     def restore_rng(self) -> None:
-        """Put the RNG streams back as they were at save time (call after loading)."""
+        """Put the RNG streams back as they were at save time (call after loading). CUDA
+        streams come back only on a machine with as many CUDA devices as the saving one."""
         rng = getattr(self, "saved_rng", None)
         if not rng:
             return
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        cuda = rng.get("cuda")
+        if cuda is not None and torch.cuda.is_available() and len(cuda) == \
+                torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)

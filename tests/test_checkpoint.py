@@ -253,3 +253,15 @@ def test_loading_a_checkpoint_of_another_config_warns_naming_the_fields(tmp_path
     assert "position_embedding_type: checkpoint 'none', now 'rope'" in messages[0]
     assert "mamba_chunk_size: checkpoint 8, now 4" in messages[0]
     assert "hybrid_layer_pattern" not in messages[0]  # same layers, other fusion
+
+
+def test_rng_states_come_back_on_resume(tmp_path):
+    model, optimizer = trained_model("M-")
+    torch.manual_seed(123)
+    save(tmp_path, 1, model, optimizer, TrainProgress(iteration=1))
+    expected = torch.rand(3)
+    torch.manual_seed(999)
+    progress = TrainProgress()
+    load_checkpoint(tmp_path, model, optimizer, model.config, progress=progress)
+    progress.restore_rng()
+    assert torch.equal(torch.rand(3), expected)

@@ -50,6 +50,13 @@ def test_data_parallel_fsdp2_matches_one_process(tmp_path):
     assert_close(dp2, single)
 
 
+def test_data_parallel_gradient_accumulation_matches_one_process(tmp_path):
+    # Two micro-batches per rank: gradients sync only after the second (FSDP2 no-sync).
+    dp2 = torchrun(2, *FLAGS, "--global-batch-size", "16", "--train-iters", "4",
+                   log_dir=tmp_path)
+    assert_close(dp2, one_process("--global-batch-size", "16", "--train-iters", "4"))
+
+
 def test_data_parallel_with_activation_checkpointing_matches_one_process(tmp_path):
     dp2 = torchrun(2, *FLAGS, "--recompute-granularity", "selective", log_dir=tmp_path)
     assert_close(dp2, one_process())

@@ -203,6 +203,8 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
             # batch; rank r reads only its contiguous micro-batch of them.
             first = consumed_samples + (micro * dims.dp + proc.rank) * args.micro_batch_size
             batch = train_data.batch(first, args.micro_batch_size).to(device)
+            if mesh is not None:  # FSDP2: reduce-scatter gradients once, after the last one
+                model.set_requires_gradient_sync(micro == num_micro_batches - 1)
             with autocast():
                 logits = model(batch[:, :-1])
             loss = language_model_loss(logits, batch[:, 1:])
