@@ -32,7 +32,8 @@ setup(
     extras_require={
         "hf": ["transformers>=5"],
         # setuptools + wheel: tests/test_packaging.py builds a wheel without build isolation.
-        "test": ["pytest>=8", "hypothesis>=6", "transformers>=5", "setuptools>=70", "wheel"],
+        "test": ["pytest>=8", "hypothesis>=6", "transformers>=5", "setuptools>=70", "wheel",
+                 "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "dev": ["pytest>=8", "hypothesis>=6", "transformers>=5", "ruff"],
     },
     entry_points={

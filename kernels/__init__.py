@@ -1,0 +1,20 @@
+"""Kernels: eager reference ops, Triton kernels, and the registry that binds one implementation
+per op for each model (registry.py; shared/DESIGN.md section 7)."""
+
+from megatron_hybrid.kernels.cli import add_kernel_args, kernels_from_args
+from megatron_hybrid.kernels.registry import (
+    OPS,
+    REGISTRY,
+    BoundKernels,
+    Implementation,
+    KernelChoice,
+    KernelError,
+    KernelRegistry,
+    eager_kernels,
+    resolve_kernels,
+)
+
+__all__ = [
+    "OPS", "REGISTRY", "BoundKernels", "Implementation", "KernelChoice", "KernelError",
+    "KernelRegistry", "add_kernel_args", "eager_kernels", "kernels_from_args", "resolve_kernels",
+]

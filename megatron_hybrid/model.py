@@ -5,6 +5,9 @@ The module tree matches Megatron's names (shared/DESIGN.md section 4):
     embedding.word_embeddings      decoder.layers[str(p)]      decoder.final_norm
     output_layer                   (absent when embeddings and output weights are tied)
 
+The model's kernels (megatron_hybrid/kernels/registry.py) are bound once per instance and handed
+to every layer; the default is the eager reference everywhere.
+
 `decoder.layers` is a ModuleDict keyed by the global physical block index, so a pipeline stage
 that holds blocks 4..7 still names them `decoder.layers.4` ... `decoder.layers.7`.
 """
@@ -18,6 +21,7 @@ from torch import nn
 from megatron_hybrid.blocks import HybridBlock, check_implemented
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.init import initialize_parameters
+from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 from megatron_hybrid.layers.moe import MoELayer, TopKRouter
 from megatron_hybrid.layers.norm import RMSNorm
 
@@ -32,12 +36,13 @@ class Embedding(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
         super().__init__()
-        self.layers = nn.ModuleDict(
-            {str(p): HybridBlock(block, config) for p, block in enumerate(config.pattern.blocks)}
-        )
-        self.final_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.layers = nn.ModuleDict({
+            str(p): HybridBlock(block, config, kernels)
+            for p, block in enumerate(config.pattern.blocks)
+        })
+        self.final_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, kernels)
 
     def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
         for block in self.layers.values():
@@ -49,14 +54,17 @@ class HybridModel(nn.Module):
     """A hybrid decoder-only language model. `model(input_ids) -> logits` (B, T, vocab).
 
     Raises UnsupportedLayerError for pattern symbols that are not implemented yet, and
-    initializes every tensor from (seed, canonical key, shape) (megatron_hybrid/init.py)."""
+    initializes every tensor from (seed, canonical key, shape) (megatron_hybrid/init.py).
+    `kernels` (from `resolve_kernels`) picks the implementation of each op for this instance
+    only; None means eager everywhere."""
 
-    def __init__(self, config: ModelConfig, seed: int = 1234):
+    def __init__(self, config: ModelConfig, seed: int = 1234, kernels: BoundKernels | None = None):
         super().__init__()
         check_implemented(config)
         self.config = config
+        self.kernels = kernels or eager_kernels()
         self.embedding = Embedding(config)
-        self.decoder = Decoder(config)
+        self.decoder = Decoder(config, self.kernels)
         if config.untie_embeddings_and_output_weights:
             self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         else:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernel tests run under Triton's interpreter, which triton.jit picks as
+# each function is decorated, triton's own library included as triton is imported. Something
+# may import triton while tests are collected (transformers does), so set it here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron_hybrid.config import ModelConfig
 

@@ -15,15 +15,15 @@ import torch
 from torch import nn
 
 from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.kernels.conv1d_eager import causal_conv1d
-from megatron_hybrid.kernels.ssd_eager import ssd_chunked_scan
+from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 from megatron_hybrid.layers.dtypes import at_least_float32
 from megatron_hybrid.layers.norm import GatedRMSNorm
 
 
 class Mamba2Mixer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
         super().__init__()
+        self.kernels = kernels or eager_kernels()
         self.num_heads = config.mamba_num_heads
         self.head_dim = config.mamba_head_dim
         self.num_groups = config.mamba_num_groups
@@ -35,7 +35,7 @@ class Mamba2Mixer(nn.Module):
         conv_dim = config.mamba_conv_dim
         self.in_proj = nn.Linear(config.hidden_size, config.mamba_in_proj_dim, bias=False)
         # Holds conv1d.weight (conv_dim, 1, K) and conv1d.bias, the layout of nn.Conv1d that
-        # Megatron and Hugging Face checkpoints use; the math runs in causal_conv1d.
+        # Megatron and Hugging Face checkpoints use; the math runs in the bound causal_conv1d.
         self.conv1d = nn.Conv1d(
             conv_dim, conv_dim, config.mamba_conv_kernel, groups=conv_dim, bias=True
         )
@@ -43,7 +43,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.D = nn.Parameter(torch.empty(self.num_heads))
         self.norm = GatedRMSNorm(
-            self.d_inner, self.d_inner // self.num_groups, config.layernorm_epsilon
+            self.d_inner, self.d_inner // self.num_groups, config.layernorm_epsilon, self.kernels
         )
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
 
@@ -53,9 +53,11 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(u_BTH).split(
             [self.d_inner, self.d_inner + 2 * group_state, self.num_heads], dim=-1
         )
-        xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, activation="silu")
+        xBC = self.kernels.causal_conv1d(
+            xBC, self.conv1d.weight, self.conv1d.bias, activation="silu"
+        )
         x, B, C = xBC.split([self.d_inner, group_state, group_state], dim=-1)
-        y = ssd_chunked_scan(
+        y = self.kernels.ssd(
             x.reshape(batch, seq, self.num_heads, self.head_dim),
             dt,
             -torch.exp(at_least_float32(self.A_log)),

@@ -1,6 +1,7 @@
 """Dense MLP: squared-ReLU `fc2(relu(fc1(x))**2)` or SwiGLU `fc2(silu(gate) * up)`.
 
 For SwiGLU, `linear_fc1` packs [gate; up] row-wise, as Megatron does (first half activated).
+`activation_fn` is the eager reference; the module calls the activation its model bound.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 
 
 def activation_fn(name: str):
@@ -28,10 +31,11 @@ def fc1_width(ffn_hidden_size: int, activation: str) -> int:
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str,
+                 kernels: BoundKernels | None = None):
         super().__init__()
         self.activation = activation
-        self.act = activation_fn(activation)
+        self.act = (kernels or eager_kernels()).activation(activation)
         self.linear_fc1 = nn.Linear(hidden_size, fc1_width(ffn_hidden_size, activation), bias=False)
         self.linear_fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 from megatron_hybrid.layers.dtypes import at_least_float32
-from megatron_hybrid.layers.mlp import MLP, activation_fn, fc1_width
+from megatron_hybrid.layers.mlp import MLP, fc1_width
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -110,11 +111,11 @@ class GroupedExperts(nn.Module):
     largest expert's load in this batch, then every expert runs in one batched matmul. Padding
     rows are zero and stay zero through both activations (relu(0)^2 = silu(0)*0 = 0)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
         super().__init__()
         E, H, F = config.num_moe_experts, config.hidden_size, config.moe_ffn_hidden_size
         self.num_experts = E
-        self.act = activation_fn(config.activation)
+        self.act = (kernels or eager_kernels()).activation(config.activation)
         self.linear_fc1 = _WeightOnly(torch.empty(E, fc1_width(F, config.activation), H))
         self.linear_fc2 = _WeightOnly(torch.empty(E, H, F))
 
@@ -138,14 +139,16 @@ class GroupedExperts(nn.Module):
 
 
 class MoELayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
         super().__init__()
+        kernels = kernels or eager_kernels()
         self.router = TopKRouter(config)
-        self.experts = GroupedExperts(config)
+        self.experts = GroupedExperts(config, kernels)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
             self.shared_experts = MLP(
-                config.hidden_size, config.moe_shared_expert_intermediate_size, config.activation
+                config.hidden_size, config.moe_shared_expert_intermediate_size, config.activation,
+                kernels,
             )
         # Set by the training loop to 1 / (micro-batches per step) so aux gradients average like
         # the language-model loss does.

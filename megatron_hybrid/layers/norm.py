@@ -1,4 +1,7 @@
-"""RMSNorm and Mamba2's gated, grouped RMSNorm (statistics in float32)."""
+"""RMSNorm and Mamba2's gated, grouped RMSNorm (statistics in float32).
+
+`rms_norm` and `gated_rms_norm` are the eager references; the modules call whichever
+implementation their model bound (megatron_hybrid/kernels/registry.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 from megatron_hybrid.layers.dtypes import at_least_float32
 
 
@@ -29,22 +33,31 @@ def gated_rms_norm(
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, kernels: BoundKernels | None = None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.kernels = kernels or eager_kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(self(residual + x), residual + x)`, fused where the bound kernel fuses it."""
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, group_size: int, eps: float):
+    def __init__(self, hidden_size: int, group_size: int, eps: float,
+                 kernels: BoundKernels | None = None):
         super().__init__()
         assert hidden_size % group_size == 0
         self.eps = eps
         self.group_size = group_size
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.kernels = kernels or eager_kernels()
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return gated_rms_norm(x, gate, self.weight, self.group_size, self.eps)
+        return self.kernels.gated_rms_norm(x, gate, self.weight, self.group_size, self.eps)

@@ -11,6 +11,7 @@ import argparse
 
 from megatron_hybrid.config import ModelConfig, pad_vocab_size
 from megatron_hybrid.data.builder import add_data_args
+from megatron_hybrid.kernels.cli import add_kernel_args
 
 DEFAULT_PATTERN = "[M-]M[*E]M[M-]"
 
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the CRC32 check of checkpoint files on load (sizes still checked)")
 
     add_data_args(parser)
+    add_kernel_args(parser)
 
     lg = parser.add_argument_group("logging and evaluation")
     lg.add_argument("--log-interval", type=int, default=10)

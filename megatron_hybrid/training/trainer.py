@@ -23,6 +23,7 @@ from megatron_hybrid.data.embedded import embedded_token_streams
 from megatron_hybrid.data.sampler import StreamSampler
 from megatron_hybrid.data.tokenizer import ByteTokenizer, build_tokenizer
 from megatron_hybrid.generation import generate
+from megatron_hybrid.kernels.cli import kernels_from_args
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron_hybrid.parallel.dims import ParallelDims
@@ -149,7 +150,9 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     if own_reporter:
         reporter = ProgressReporter(args.train_iters, args.log_dir, enabled=proc.is_main,
                                     live=False if args.no_progress_bar else None)
-    model = HybridModel(config, seed=args.seed).to(device)
+    kernels = kernels_from_args(args, device)
+    reporter.message(kernels.describe())
+    model = HybridModel(config, seed=args.seed, kernels=kernels).to(device)
     num_parameters = model.num_parameters()
     # Order of application (shared/DESIGN.md section 6): TP -> activation checkpointing ->
     # compile -> FSDP.

@@ -1,0 +1,68 @@
+"""Command-line flags for the kernel registry: `--kernels auto|eager` and `--kernel OP=IMPL`.
+
+    parser = argparse.ArgumentParser()
+    add_kernel_args(parser)
+    args = parser.parse_args()
+    kernels = kernels_from_args(args, device)   # KernelError for an impossible request
+    print(kernels.describe())                   # the start-up line
+    model = HybridModel(config, seed, kernels=kernels)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from megatron_hybrid.kernels.registry import (
+    MODES,
+    OPS,
+    BoundKernels,
+    KernelError,
+    resolve_kernels,
+)
+
+
+def add_kernel_args(parser: argparse.ArgumentParser) -> None:
+    """Add `--kernels` and `--kernel` to `parser` (in an argument group of their own)."""
+    group = parser.add_argument_group("kernels")
+    group.add_argument(
+        "--kernels", choices=MODES, default="eager",
+        help="eager: plain PyTorch for every op; auto: per op the fastest implementation the "
+        "device supports (Triton on CUDA), logged at start-up (default: eager)",
+    )
+    group.add_argument(
+        "--kernel", action="append", default=[], metavar="OP=IMPL",
+        help="use implementation IMPL for op OP, or stop with an error saying why it cannot "
+        f"run; repeatable. Ops: {', '.join(OPS)}; implementations: eager, triton",
+    )
+
+
+def parse_kernel_requests(items: list[str]) -> dict[str, str]:
+    """`["rms_norm=triton", ...]` -> `{"rms_norm": "triton"}`.
+
+    Raises:
+        KernelError: an item without exactly one '=', an empty side, or one op given twice
+            with different implementations.
+    """
+    requests: dict[str, str] = {}
+    for item in items:
+        op, sep, impl = item.partition("=")
+        op, impl = op.strip(), impl.strip()
+        if not sep or not op or not impl or "=" in impl:
+            raise KernelError(f"--kernel {item!r}: expected OP=IMPL, e.g. rms_norm=triton; "
+                              f"ops: {', '.join(OPS)}")
+        if requests.get(op, impl) != impl:
+            raise KernelError(f"--kernel: op {op!r} requested as both {requests[op]!r} and "
+                              f"{impl!r}")
+        requests[op] = impl
+    return requests
+
+
+def kernels_from_args(args: argparse.Namespace, device: torch.device | str) -> BoundKernels:
+    """Bind the kernels that `args.kernels` and `args.kernel` ask for, for a model on `device`.
+
+    Raises:
+        KernelError: a malformed or impossible request (see `resolve_kernels`).
+    """
+    return resolve_kernels(parse_kernel_requests(args.kernel or []), args.kernels, device)

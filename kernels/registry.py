@@ -1,0 +1,346 @@
+"""The kernel registry: ops, their named implementations, and per-model binding.
+
+An *op* is one piece of math with a fixed calling convention (`rms_norm(x, weight, eps)`); the
+mathematical variant is part of its name (`gated_rms_norm` is not `rms_norm`,
+`activation.swiglu` is not `activation.squared_relu`). An *implementation* computes that op
+under hardware requirements (device type, minimum compute capability, modules that must import).
+`eager` (plain PyTorch, the reference) exists for every op and runs everywhere.
+
+`resolve_kernels(requests, mode, device)` binds one implementation per op into a `BoundKernels`,
+which a model receives at construction and hands to its layers; nothing is bound in module
+globals, so two models in one process may use different kernels (shared/DESIGN.md section 7).
+
+- an explicit request (`--kernel rms_norm=triton`) is honoured or is an error naming the reason
+  and the implementations that are available;
+- mode `eager` binds eager for every op not requested;
+- mode `auto` binds, per op, the preferred implementation whose requirements hold, and
+  `BoundKernels.describe()` says what it chose and what it passed over.
+
+Triton on CPU: Triton kernels run on CPU tensors only under its interpreter
+(`TRITON_INTERPRET=1`, set before triton is imported), which is slow and meant for tests. An
+explicit request for a Triton implementation on CPU is honoured under the interpreter; `auto`
+on CPU binds eager unless `MEGATRON_HYBRID_TRITON_ON_CPU=1` is also set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
+AUTO_TRITON_ON_CPU_ENV = "MEGATRON_HYBRID_TRITON_ON_CPU"
+MODES = ("auto", "eager")
+
+# op -> its calling convention. The eager implementation of each is the reference.
+OPS: dict[str, str] = {
+    "rms_norm": "rms_norm(x, weight, eps) -> y",
+    "add_rms_norm": "add_rms_norm(x, residual, weight, eps) -> (rms_norm(x + residual), "
+    "x + residual)",
+    "gated_rms_norm": "gated_rms_norm(x, gate, weight, group_size, eps) -> "
+    "rms_norm(x * silu(gate)) per group",
+    "activation.squared_relu": "squared_relu(h) -> relu(h)^2",
+    "activation.swiglu": "swiglu(h) -> silu(h[..., :F]) * h[..., F:]",
+    "causal_conv1d": "causal_conv1d(x_BLC, weight, bias, activation) -> y_BLC",
+    "ssd": "ssd(x, dt, A, B, C, chunk_size, D=, dt_bias=, dt_softplus=, dt_limit=) -> y",
+}
+
+
+class KernelError(ValueError):
+    """A kernel request that cannot be honoured: unknown op or implementation, missing hardware,
+    or an implementation whose modules do not import."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One way to compute one op.
+
+    `target` is "module:attribute", imported only when the implementation is bound, so an
+    implementation whose package is missing costs nothing until it is asked for (or, for
+    implementations registered at run time, the function itself).
+    """
+
+    op: str
+    name: str
+    target: str | Callable
+    device_types: tuple[str, ...] = ("cpu", "cuda")
+    min_compute_capability: tuple[int, int] | None = None  # CUDA only
+    requires: tuple[str, ...] = ()  # modules that must import
+    install_hint: str = ""  # how to get `requires`, quoted in errors
+    cpu_needs_triton_interpreter: bool = False
+    priority: int = 0  # auto prefers the highest available
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """Why this implementation cannot run on `device` (hardware and environment only; the
+        import is checked by `load`), or None when it can."""
+        if device.type == "cpu" and self.cpu_needs_triton_interpreter:
+            return _triton_interpreter_problem()
+        if device.type not in self.device_types:
+            return f"needs a {' or '.join(self.device_types)} device, got {device.type}"
+        if device.type == "cuda" and self.min_compute_capability is not None:
+            capability = torch.cuda.get_device_capability(device)
+            if capability < self.min_compute_capability:
+                need = ".".join(map(str, self.min_compute_capability))
+                return f"needs compute capability >= {need}, device {device} has " + ".".join(
+                    map(str, capability)
+                )
+        return None
+
+    def load(self) -> Callable:
+        """Import the required modules and the target; raise KernelError saying what failed
+        and how to install it."""
+        module_name, attribute = (None, None) if callable(self.target) else self.target.split(":")
+        modules = {}
+        for name in (*self.requires, *([module_name] if module_name else [])):
+            try:
+                modules[name] = importlib.import_module(name)
+            except Exception as error:  # an ImportError, or a kernel module failing as it loads
+                hint = f" ({self.install_hint})" if self.install_hint else ""
+                raise KernelError(
+                    f"{self.op}={self.name}: cannot import {name}: {error}{hint}"
+                ) from error
+        return self.target if module_name is None else getattr(modules[module_name], attribute)
+
+
+def _triton_interpreter_problem() -> str | None:
+    """Why Triton kernels cannot run on CPU tensors in this process, or None."""
+    if os.environ.get(TRITON_INTERPRET_ENV) != "1":
+        return (
+            f"Triton runs on CPU only under its interpreter: set {TRITON_INTERPRET_ENV}=1 "
+            "before starting (slow, meant for tests), or run on a CUDA device"
+        )
+    # triton.jit picks interpreter or compiler as each function is decorated, triton's own
+    # library (tl.sum, tl.sigmoid) included as triton is imported.
+    standard = sys.modules.get("triton.language.standard")
+    if standard is not None and type(standard.sum).__name__ != "InterpretedFunction":
+        return (
+            f"triton was imported before {TRITON_INTERPRET_ENV}=1 was set, so its library is "
+            f"compiled for a GPU: set {TRITON_INTERPRET_ENV}=1 in the environment before Python "
+            "starts (tests: tests/conftest.py does)"
+        )
+    return None
+
+
+class KernelRegistry:
+    """op -> {implementation name -> Implementation}. `REGISTRY` holds the built-in ones; a test
+    may `copy()` it and register more without touching the shared one."""
+
+    def __init__(self, ops: Mapping[str, str]):
+        self.ops = dict(ops)
+        self._impls: dict[str, dict[str, Implementation]] = {op: {} for op in self.ops}
+
+    def register(self, impl: Implementation) -> None:
+        assert impl.op in self.ops, f"register an op in OPS first: {impl.op!r}"
+        assert impl.name not in self._impls[impl.op], f"{impl.op}={impl.name} registered twice"
+        self._impls[impl.op][impl.name] = impl
+
+    def implementations(self, op: str) -> dict[str, Implementation]:
+        if op not in self.ops:
+            raise KernelError(f"unknown kernel op {op!r}; ops: {', '.join(self.ops)}")
+        return dict(self._impls[op])
+
+    def copy(self) -> KernelRegistry:
+        other = KernelRegistry(self.ops)
+        for op, impls in self._impls.items():
+            other._impls[op] = dict(impls)
+        return other
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """What one op was bound to, and why."""
+
+    op: str
+    impl: str
+    how: str  # "requested", "eager mode", or "auto"
+    passed_over: tuple[tuple[str, str], ...] = ()  # auto: (impl, reason) preferred but skipped
+
+
+class BoundKernels:
+    """One callable per op, bound for one model. `kernels.rms_norm(...)`,
+    `kernels["activation.swiglu"](...)`, `kernels.activation("swiglu")(...)`."""
+
+    def __init__(self, functions: Mapping[str, Callable], choices: Mapping[str, KernelChoice],
+                 mode: str, device: torch.device):
+        self._functions = dict(functions)
+        self.choices = dict(choices)
+        self.mode = mode
+        self.device = device
+
+    def __getitem__(self, op: str) -> Callable:
+        try:
+            return self._functions[op]
+        except KeyError:
+            raise KernelError(
+                f"unknown kernel op {op!r}; ops: {', '.join(self._functions)}"
+            ) from None
+
+    def __getattr__(self, name: str) -> Callable:
+        functions = self.__dict__.get("_functions")
+        if functions is None or name not in functions:
+            raise AttributeError(name)
+        return functions[name]
+
+    def activation(self, variant: str) -> Callable:
+        """The MLP activation `variant` ("squared_relu", "swiglu")."""
+        variants = [op.split(".", 1)[1] for op in self._functions if op.startswith("activation.")]
+        if variant not in variants:
+            raise KernelError(f"unknown activation {variant!r}; valid: {', '.join(variants)}")
+        return self._functions[f"activation.{variant}"]
+
+    def impl(self, op: str) -> str:
+        """The implementation name bound to `op`."""
+        return self.choices[op].impl
+
+    def describe(self) -> str:
+        """One start-up line: what every op resolved to, and for auto what it passed over and
+        why (ops passed over for the same reason are named together)."""
+        parts, skipped = [], {}
+        for op, choice in self.choices.items():
+            parts.append(f"{op}={choice.impl}" + (" (requested)" if choice.how == "requested"
+                                                  else ""))
+            for impl, reason in choice.passed_over:
+                skipped.setdefault((impl, reason), []).append(op)
+        line = f"kernels ({self.mode} on {self.device.type}): " + ", ".join(parts)
+        for (impl, reason), ops in skipped.items():
+            line += f"; not {impl} for {', '.join(ops)}: {reason}"
+        return line
+
+    def __repr__(self) -> str:
+        return f"BoundKernels({self.describe()})"
+
+
+def _preference(impls: Mapping[str, Implementation]) -> list[Implementation]:
+    return sorted(impls.values(), key=lambda impl: -impl.priority)
+
+
+def _available_names(registry: KernelRegistry, op: str, device: torch.device) -> list[str]:
+    return [
+        name for name, impl in registry.implementations(op).items()
+        if impl.unavailable_reason(device) is None
+    ]
+
+
+def resolve_kernels(
+    requests: Mapping[str, str] | None = None,
+    mode: str = "eager",
+    device: torch.device | str = "cpu",
+    registry: KernelRegistry | None = None,
+) -> BoundKernels:
+    """Bind one implementation per op for a model that will run on `device`.
+
+    Args:
+        requests: op -> implementation name, honoured or an error.
+        mode: "eager" (eager for every op not requested) or "auto" (the preferred available
+            implementation per op; on CPU eager unless MEGATRON_HYBRID_TRITON_ON_CPU=1).
+        device: where the model runs.
+        registry: where implementations are looked up (default: the built-in REGISTRY).
+
+    Raises:
+        KernelError: an unknown mode, op or implementation, or a requested implementation that
+            cannot run on `device` or fails to import; the message names what is available.
+    """
+    registry = REGISTRY if registry is None else registry
+    requests = dict(requests or {})
+    device = torch.device(device)
+    if mode not in MODES:
+        raise KernelError(f"unknown kernel mode {mode!r}; valid: {', '.join(MODES)}")
+    for op in requests:
+        registry.implementations(op)  # raises for an unknown op
+
+    functions, choices = {}, {}
+    for op in registry.ops:
+        impls = registry.implementations(op)
+        if op in requests:
+            functions[op] = _load_requested(registry, op, requests[op], device)
+            choices[op] = KernelChoice(op, requests[op], "requested")
+        elif mode == "eager":
+            functions[op] = impls["eager"].load()
+            choices[op] = KernelChoice(op, "eager", "eager mode")
+        else:
+            functions[op], choices[op] = _auto(op, impls, device)
+    return BoundKernels(functions, choices, mode, device)
+
+
+def _load_requested(registry: KernelRegistry, op: str, name: str,
+                    device: torch.device) -> Callable:
+    impls = registry.implementations(op)
+    if name not in impls:
+        raise KernelError(
+            f"no implementation {name!r} for kernel op {op!r}; implementations: "
+            f"{', '.join(impls)} (available on {device.type}: "
+            f"{', '.join(_available_names(registry, op, device))})"
+        )
+    reason = impls[name].unavailable_reason(device)
+    if reason is not None:
+        raise KernelError(
+            f"{op}={name} cannot run here: {reason}; available for {op} on {device.type}: "
+            f"{', '.join(_available_names(registry, op, device))}"
+        )
+    try:
+        return impls[name].load()
+    except KernelError as error:
+        others = [n for n in _available_names(registry, op, device) if n != name]
+        raise KernelError(f"{error}; other implementations of {op}: {', '.join(others)}") from error
+
+
+def _auto(op: str, impls: Mapping[str, Implementation],
+          device: torch.device) -> tuple[Callable, KernelChoice]:
+    passed_over = []
+    for impl in _preference(impls):
+        if (device.type == "cpu" and impl.cpu_needs_triton_interpreter
+                and os.environ.get(AUTO_TRITON_ON_CPU_ENV) != "1"):
+            reason = (f"auto runs Triton on CPU only with {AUTO_TRITON_ON_CPU_ENV}=1 and "
+                      f"{TRITON_INTERPRET_ENV}=1 (the interpreter is for tests)")
+        else:
+            reason = impl.unavailable_reason(device)
+        if reason is None:
+            try:
+                return impl.load(), KernelChoice(op, impl.name, "auto", tuple(passed_over))
+            except KernelError as error:
+                reason = str(error)
+        passed_over.append((impl.name, reason))
+    raise AssertionError(f"{op}: eager must always be available")
+
+
+def eager_kernels() -> BoundKernels:
+    """The reference binding: eager for every op (a model's default)."""
+    return resolve_kernels({}, "eager", "cpu")
+
+
+def _builtin_registry() -> KernelRegistry:
+    registry = KernelRegistry(OPS)
+    eager = "megatron_hybrid.kernels.eager_ops"
+    for op, attribute in (
+        ("rms_norm", "rms_norm"),
+        ("add_rms_norm", "add_rms_norm"),
+        ("gated_rms_norm", "gated_rms_norm"),
+        ("activation.squared_relu", "squared_relu"),
+        ("activation.swiglu", "swiglu"),
+        ("causal_conv1d", "causal_conv1d"),
+        ("ssd", "ssd"),
+    ):
+        registry.register(Implementation(op, "eager", f"{eager}:{attribute}"))
+    for op, target in (
+        ("rms_norm", "megatron_hybrid.kernels.triton_norms:rms_norm"),
+        ("add_rms_norm", "megatron_hybrid.kernels.triton_norms:add_rms_norm"),
+        ("gated_rms_norm", "megatron_hybrid.kernels.triton_norms:gated_rms_norm"),
+        ("activation.squared_relu", "megatron_hybrid.kernels.triton_activations:squared_relu"),
+        ("activation.swiglu", "megatron_hybrid.kernels.triton_activations:swiglu"),
+    ):
+        registry.register(Implementation(
+            op, "triton", target,
+            device_types=("cuda",),
+            requires=("triton",),
+            install_hint="pip install triton",
+            cpu_needs_triton_interpreter=True,
+            priority=10,
+        ))
+    return registry
+
+
+REGISTRY = _builtin_registry()
