@@ -331,6 +331,7 @@ def _builtin_registry() -> KernelRegistry:
         ("gated_rms_norm", "megatron_hybrid.kernels.triton_norms:gated_rms_norm"),
         ("activation.squared_relu", "megatron_hybrid.kernels.triton_activations:squared_relu"),
         ("activation.swiglu", "megatron_hybrid.kernels.triton_activations:swiglu"),
+        ("causal_conv1d", "megatron_hybrid.kernels.triton_conv1d:causal_conv1d"),
     ):
         registry.register(Implementation(
             op, "triton", target,
