@@ -83,3 +83,32 @@ def test_layout_that_does_not_fit_stops_with_a_message(tmp_path):
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
     assert "must be a multiple of --micro-batch-size x data-parallel size = 4 x 2" in proc.stderr
+
+
+TP_FLAGS = [*FLAGS, "--hybrid-layer-pattern", "[*-]*-"]
+
+
+def test_tensor_parallel_attention_and_mlp_match_one_process(tmp_path):
+    tp2 = torchrun(2, *TP_FLAGS, "--tensor-model-parallel-size", "2", log_dir=tmp_path)
+    single = run_training(build_parser().parse_args(TP_FLAGS)).losses
+    assert_close(tp2, single)
+
+
+def test_tensor_parallel_checkpoint_resumes_in_one_process(tmp_path):
+    single = run_training(build_parser().parse_args(TP_FLAGS)).losses
+    torchrun(2, *TP_FLAGS, "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "c"),
+             "--exit-interval", "3", log_dir=tmp_path / "log")
+    resumed = run_training(build_parser().parse_args(
+        [*TP_FLAGS, "--load", str(tmp_path / "c")])).losses
+    assert_close(resumed, single[3:])
+
+
+def test_tensor_parallel_refuses_mixers_without_a_plan(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(REPO / "scripts" / "pretrain_hybrid.py"), *FLAGS,
+         "--tensor-model-parallel-size", "2"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert "layer symbols E M have no tensor-parallel plan yet" in proc.stderr

@@ -40,19 +40,28 @@ class ParallelDims:
         return self.world_size // (self.tp * self.pp)
 
     def check_fits(self, config: ModelConfig) -> None:
-        """Raise ParallelConfigError for the layouts not available yet, naming the flag."""
+        """Raise ParallelConfigError naming every reason the model cannot use this layout."""
+        from megatron_hybrid.parallel.tensor_parallel import tensor_parallel_problems
+
         unavailable = [(flag, size) for flag, size in (
-            ("--tensor-model-parallel-size", self.tp),
             ("--pipeline-model-parallel-size", self.pp),
             ("--expert-model-parallel-size", self.ep)) if size > 1]
         if unavailable:
             flags = ", ".join(f"{flag} {size}" for flag, size in unavailable)
             raise ParallelConfigError(
-                f"{flags}: only data parallelism (FSDP2) is implemented so far; run with "
-                f"tensor, pipeline and expert sizes 1 ({self.world_size} data-parallel ranks)")
+                f"{flags}: pipeline and expert parallelism are not implemented yet; run with "
+                "those sizes 1 (data and tensor parallelism are available)")
+        if self.tp > 1:
+            problems = tensor_parallel_problems(config, self.tp)
+            if problems:
+                raise ParallelConfigError(
+                    f"--tensor-model-parallel-size {self.tp} does not fit pattern "
+                    f"{config.hybrid_layer_pattern!r}: " + "; ".join(problems))
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """A 1-D data-parallel mesh ("dp_shard"); None for a single process."""
+        """A ("dp_shard", "tp") mesh (rank = dp_index * tp + tp_index); None for a single
+        process."""
         if self.world_size == 1:
             return None
-        return init_device_mesh(device_type, (self.dp,), mesh_dim_names=("dp_shard",))
+        return init_device_mesh(device_type, (self.dp, self.tp),
+                                mesh_dim_names=("dp_shard", "tp"))

@@ -10,7 +10,8 @@ from torch import nn
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+    foreach: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW in which only matrices decay: norms, biases, vectors like A_log/D/dt_bias do not
     (Megatron's rule: no decay for parameters with fewer than 2 dimensions)."""
@@ -22,8 +23,11 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    # Fused needs every parameter of one kind; with tensor parallelism (DTensor weights beside
+    # plain norms) the caller asks for the per-parameter loop instead.
+    fused = next(model.parameters()).is_cuda and foreach is None
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None,
+                             foreach=foreach)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from megatron_hybrid.checkpointing.errors import CheckpointNotFoundError
 from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
@@ -33,6 +32,8 @@ from megatron_hybrid.parallel.distributed import (
     init_distributed,
 )
 from megatron_hybrid.parallel.fsdp import apply_fsdp
+from megatron_hybrid.parallel.grad_norm import clip_grad_norm
+from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
 from megatron_hybrid.training.arguments import check_training_args, model_config_from_args
 from megatron_hybrid.training.optimizer import LRSchedule, build_optimizer, set_learning_rate
 from megatron_hybrid.training.progress import ProgressReporter
@@ -156,13 +157,18 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     num_parameters = model.num_parameters()
     # Order of application (shared/DESIGN.md section 6): TP -> activation checkpointing ->
     # compile -> FSDP.
+    mesh = dims.build_mesh(device.type)
+    dp_rank = mesh["dp_shard"].get_local_rank() if mesh is not None else 0
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], log=reporter.message)
     if args.recompute_granularity:
         apply_activation_checkpointing(model, args.recompute_granularity, log=reporter.message)
-    mesh = dims.build_mesh(device.type)
-    if mesh is not None:
-        apply_fsdp(model, mesh, bf16=args.bf16, log=reporter.message)
+    use_fsdp = dims.dp > 1
+    if use_fsdp:
+        apply_fsdp(model, mesh["dp_shard"], bf16=args.bf16, log=reporter.message)
     optimizer = build_optimizer(model, args.lr, args.weight_decay,
-                                (args.adam_beta1, args.adam_beta2), args.adam_eps)
+                                (args.adam_beta1, args.adam_beta2), args.adam_eps,
+                                foreach=False if dims.tp > 1 else None)
     schedule = LRSchedule(args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
                           args.lr_decay_style)
     # Per rank, aux-loss gradients average over its micro-batches; FSDP averages over ranks.
@@ -204,9 +210,9 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         for micro in range(num_micro_batches):
             # Micro-step j covers global samples [j*dp*mbs, (j+1)*dp*mbs) of this iteration's
             # batch; rank r reads only its contiguous micro-batch of them.
-            first = consumed_samples + (micro * dims.dp + proc.rank) * args.micro_batch_size
+            first = consumed_samples + (micro * dims.dp + dp_rank) * args.micro_batch_size
             batch = train_data.batch(first, args.micro_batch_size).to(device)
-            if mesh is not None:  # FSDP2: reduce-scatter gradients once, after the last one
+            if use_fsdp:  # FSDP2: reduce-scatter gradients once, after the last one
                 model.set_requires_gradient_sync(micro == num_micro_batches - 1)
             with autocast():
                 logits = model(batch[:, :-1])
@@ -215,9 +221,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
             loss_sum += loss.detach()
         consumed_samples += args.global_batch_size
         max_norm = args.clip_grad if args.clip_grad > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm(model.parameters(), max_norm)
         optimizer.step()
         model.update_expert_biases(all_reduce_sum_ if proc.distributed else None)
         pending.append(loss_sum / num_micro_batches)
@@ -248,7 +252,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         if valid_data is not None and args.eval_iters and (iteration % args.eval_interval == 0
                                 or iteration == args.train_iters):
             val_loss = evaluate(model, valid_data, args.eval_iters, args.micro_batch_size,
-                                device, autocast, proc.rank, dims.dp)
+                                device, autocast, dp_rank, dims.dp)
             result.val_losses[iteration] = val_loss
             reporter.log_eval(iteration, val_loss)
             window_start = reporter.elapsed()  # evaluation time is not training throughput
@@ -260,7 +264,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         saver.finalize()
     if test_data is not None and args.eval_iters:
         test_loss = evaluate(model, test_data, args.eval_iters, args.micro_batch_size, device,
-                             autocast, proc.rank, dims.dp)
+                             autocast, dp_rank, dims.dp)
         result.test_loss = test_loss
         reporter.write_metrics({"iteration": progress.iteration, "test_loss": test_loss})
         reporter.message(f"test split after iteration {progress.iteration}: loss "

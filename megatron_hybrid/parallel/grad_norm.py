@@ -1,0 +1,33 @@
+"""Gradient clipping over a model whose parameters mix plain tensors and DTensors on several
+meshes (tensor-parallel weights, FSDP shards, replicated norms): one total norm from torch's
+per-group norms, each DTensor group reduced by DTensor itself."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most `max_norm`; returns that norm (before
+    clipping) as a plain tensor, the same on every rank."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p.grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float().cpu() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    if math.isfinite(max_norm):
+        coef = min(max_norm / (float(total) + 1e-6), 1.0)  # as torch's clip_grad_norm_
+        if coef < 1.0:
+            for grads in groups.values():  # one kind of tensor per foreach call
+                torch._foreach_mul_(grads, coef)
+    return total
