@@ -30,10 +30,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from megatron_hybrid.kernels.conv1d_eager import check_conv1d_args
 from megatron_hybrid.kernels.triton_launch import check_inputs
 
 MAX_WIDTH = 4  # the kernels unroll up to 4 taps
-_ACTIVATIONS = (None, "silu", "swish")
 
 
 @triton.jit
@@ -315,29 +315,12 @@ def causal_conv1d(
     Returns:
         y (batch, seqlen, channels), contiguous, in x's dtype; differentiable in x, weight, bias.
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(
-            f"causal_conv1d (triton): activation must be one of {_ACTIVATIONS}, got {activation!r}"
-        )
-    if x_BLC.dim() != 3:
-        raise ValueError(f"causal_conv1d (triton): x has shape {tuple(x_BLC.shape)}, expected "
-                         "(batch, seqlen, channels)")
-    channels = x_BLC.shape[-1]
-    if weight.dim() == 3 and weight.shape[1] == 1:
-        weight = weight.squeeze(1)
-    if weight.dim() != 2 or weight.shape[0] != channels or weight.shape[1] == 0:
-        raise ValueError(
-            f"causal_conv1d (triton): weight has shape {tuple(weight.shape)}, expected "
-            f"(channels, kernel_width) or (channels, 1, kernel_width) with channels = {channels}"
-        )
+    weight = check_conv1d_args(x_BLC, weight, bias, activation, "causal_conv1d (triton)")
     if weight.shape[1] > MAX_WIDTH:
         raise ValueError(
             f"causal_conv1d (triton): kernel width {weight.shape[1]} is not supported (1 to "
             f"{MAX_WIDTH}); use the eager kernel for wider convolutions"
         )
-    if bias is not None and bias.shape != (channels,):
-        raise ValueError(f"causal_conv1d (triton): bias has shape {tuple(bias.shape)}, expected "
-                         f"(channels,) = {(channels,)}")
     tensors = dict(x=x_BLC, weight=weight, **({"bias": bias} if bias is not None else {}))
     check_inputs("causal_conv1d", **tensors)
     return _causal_conv1d_op(x_BLC, weight, bias, activation is not None)
