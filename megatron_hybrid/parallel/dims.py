@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.parallel.tensor_parallel import tensor_parallel_problems
 
 
 class ParallelConfigError(ValueError):
@@ -41,8 +42,6 @@ class ParallelDims:
 
     def check_fits(self, config: ModelConfig) -> None:
         """Raise ParallelConfigError naming every reason the model cannot use this layout."""
-        from megatron_hybrid.parallel.tensor_parallel import tensor_parallel_problems
-
         unavailable = [(flag, size) for flag, size in (
             ("--pipeline-model-parallel-size", self.pp),
             ("--expert-model-parallel-size", self.ep)) if size > 1]
