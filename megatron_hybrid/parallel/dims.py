@@ -58,9 +58,18 @@ class ParallelDims:
                     f"{config.hybrid_layer_pattern!r}: " + "; ".join(problems))
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """A ("dp_shard", "tp") mesh (rank = dp_index * tp + tp_index); None for a single
-        process."""
+        """The world as a ("pp", "edp", "ep", "tp") mesh, tensor parallel fastest:
+
+            rank = ((pp_index * dp + dp_index) * tp + tp_index),  dp_index = edp_index * ep + ep_index
+
+        with "dp_shard" = ("edp", "ep") flattened: the data-parallel ranks, over which non-expert
+        parameters are FSDP-sharded and micro-batches differ. Expert parameters are split over
+        "ep" (each rank holds num_experts / ep experts) and FSDP-sharded over "edp". Sub-meshes
+        are looked up by name (`mesh["tp"]`, `mesh["dp_shard"]`, `mesh["pp"]`). None for a
+        single process."""
         if self.world_size == 1:
             return None
-        return init_device_mesh(device_type, (self.dp, self.tp),
-                                mesh_dim_names=("dp_shard", "tp"))
+        mesh = init_device_mesh(device_type, (self.pp, self.dp // self.ep, self.ep, self.tp),
+                                mesh_dim_names=("pp", "edp", "ep", "tp"))
+        mesh["edp", "ep"]._flatten("dp_shard")
+        return mesh
