@@ -107,38 +107,64 @@ class TopKRouter(nn.Module):
 class GroupedExperts(nn.Module):
     """`num_experts` MLPs stored as stacked weights: linear_fc1 (E, F', H), linear_fc2 (E, H, F).
 
-    Tokens are sorted by expert and packed into an (E, capacity, H) buffer, capacity being the
-    largest expert's load in this batch, then every expert runs in one batched matmul. Padding
-    rows are zero and stay zero through both activations (relu(0)^2 = silu(0)*0 = 0)."""
+    `forward(x_sorted_TH, tokens_per_expert_E)` takes token rows already grouped by expert
+    (`tokens_per_expert_E[e]` consecutive rows for expert e, in expert order) and returns their
+    MLP outputs in the same order. The MoE layer sorts and unsorts around it, so expert and
+    tensor parallelism (megatron_hybrid/parallel/expert_parallel.py) wrap just this module: its
+    hooks exchange the rows between ranks (all-to-all) and the weights become DTensor shards, of
+    which the forward computes with the local part."""
 
     def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
         super().__init__()
         E, H, F = config.num_moe_experts, config.hidden_size, config.moe_ffn_hidden_size
         self.num_experts = E
-        self.act = (kernels or eager_kernels()).activation(config.activation)
+        self.activation = config.activation
+        self.kernels = kernels or eager_kernels()
         self.linear_fc1 = _WeightOnly(torch.empty(E, fc1_width(F, config.activation), H))
         self.linear_fc2 = _WeightOnly(torch.empty(E, H, F))
 
-    def forward(self, x_NH: torch.Tensor, weights_NK: torch.Tensor, indices_NK: torch.Tensor):
-        num_tokens, topk = indices_NK.shape
-        flat_expert = indices_NK.flatten()
-        order = torch.argsort(flat_expert, stable=True)
-        sorted_expert = flat_expert[order]
-        token_of = order // topk
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(order.numel(), device=x_NH.device) - starts[sorted_expert]
-        capacity = int(counts.max())  # one host sync per layer; the Triton grouped GEMM avoids it
-        packed = x_NH.new_zeros(self.num_experts, capacity, x_NH.shape[-1])
-        packed[sorted_expert, slot] = x_NH[token_of]
-        hidden = self.act(torch.bmm(packed, self.linear_fc1.weight.transpose(1, 2)))
-        out = torch.bmm(hidden, self.linear_fc2.weight.transpose(1, 2))
-        routed = out[sorted_expert, slot] * weights_NK.flatten()[order].unsqueeze(-1).to(out.dtype)
-        # Under autocast the GEMMs return bf16 while x (the residual stream) stays float32.
-        return torch.zeros_like(x_NH).index_add_(0, token_of, routed.to(x_NH.dtype))
+    def forward(self, x_sorted_TH: torch.Tensor, tokens_per_expert_E: torch.Tensor
+                ) -> torch.Tensor:
+        return self.experts(x_sorted_TH, tokens_per_expert_E, _local(self.linear_fc1.weight),
+                            _local(self.linear_fc2.weight), self.activation)
+
+    def experts(self, x_sorted_TH: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                fc1_EFH: torch.Tensor, fc2_EHF: torch.Tensor, activation: str) -> torch.Tensor:
+        """Every expert's MLP `fc2_e(act(fc1_e(x)))` on its rows of `x_sorted_TH` (T, H), rows
+        grouped by expert in order, `tokens_per_expert_E` rows each; E is the number of experts
+        in the given weights (the local ones under expert parallelism). `activation` names the
+        MLP activation ("squared_relu", "swiglu"), computed by the model's bound kernel.
+
+        Eager body: rows are packed into an (E, capacity, H) buffer, capacity being the largest
+        expert's load, and every expert runs in one batched matmul. Padding rows are zero and
+        stay zero through both activations (relu(0)^2 = silu(0)*0 = 0)."""
+        num_experts, num_rows = fc1_EFH.shape[0], x_sorted_TH.shape[0]
+        expert_of = torch.repeat_interleave(
+            torch.arange(num_experts, device=x_sorted_TH.device), tokens_per_expert_E,
+            output_size=num_rows)
+        starts = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
+        slot = torch.arange(num_rows, device=x_sorted_TH.device) - starts[expert_of]
+        # One host sync per layer; a grouped GEMM kernel avoids it.
+        capacity = int(tokens_per_expert_E.max()) if num_experts else 0
+        packed = x_sorted_TH.new_zeros(num_experts, capacity, x_sorted_TH.shape[-1])
+        packed[expert_of, slot] = x_sorted_TH
+        hidden = self.kernels.activation(activation)(torch.bmm(packed, fc1_EFH.transpose(1, 2)))
+        out = torch.bmm(hidden, fc2_EHF.transpose(1, 2))
+        return out[expert_of, slot]
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a weight: the local shard of a DTensor (expert or tensor parallel),
+    the weight itself otherwise. (Duck-typed: the model files import nothing from
+    torch.distributed.)"""
+    to_local = getattr(weight, "to_local", None)
+    return weight if to_local is None else to_local()
 
 
 class MoELayer(nn.Module):
+    """Router -> tokens sorted by expert -> experts -> unsorted, weighted and summed per token
+    (+ shared experts)."""
+
     def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
         super().__init__()
         kernels = kernels or eager_kernels()
@@ -159,13 +185,26 @@ class MoELayer(nn.Module):
         shape = x_BTH.shape
         x_NH = x_BTH.reshape(-1, shape[-1])
         weights, indices, aux_loss = self.router(x_NH)
-        out = self.experts(x_NH, weights, indices)
+        out = self.routed_experts(x_NH, weights, indices)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_NH)
         if aux_loss is not None:
             self.last_aux_loss = aux_loss.detach()
             out = AuxLossInjector.apply(out, aux_loss, self.aux_loss_grad_scale)
         return out.view(shape)
+
+    def routed_experts(self, x_NH: torch.Tensor, weights_NK: torch.Tensor,
+                       indices_NK: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[n, k] * expert_{indices[n, k]}(x[n]) for every token n."""
+        topk = indices_NK.shape[1]
+        flat_expert = indices_NK.flatten()
+        order = torch.argsort(flat_expert, stable=True)
+        token_of = order // topk
+        tokens_per_expert = torch.bincount(flat_expert, minlength=self.experts.num_experts)
+        out = self.experts(x_NH[token_of], tokens_per_expert)
+        routed = out * weights_NK.flatten()[order].unsqueeze(-1).to(out.dtype)
+        # Under autocast the GEMMs return bf16 while x (the residual stream) stays float32.
+        return torch.zeros_like(x_NH).index_add_(0, token_of, routed.to(x_NH.dtype))
 
 
 class _WeightOnly(nn.Module):

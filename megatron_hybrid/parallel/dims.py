@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.parallel.expert_parallel import expert_parallel_problems
 from megatron_hybrid.parallel.tensor_parallel import tensor_parallel_problems
 
 
@@ -42,14 +43,15 @@ class ParallelDims:
 
     def check_fits(self, config: ModelConfig) -> None:
         """Raise ParallelConfigError naming every reason the model cannot use this layout."""
-        unavailable = [(flag, size) for flag, size in (
-            ("--pipeline-model-parallel-size", self.pp),
-            ("--expert-model-parallel-size", self.ep)) if size > 1]
-        if unavailable:
-            flags = ", ".join(f"{flag} {size}" for flag, size in unavailable)
+        problems = expert_parallel_problems(config, self.ep, self.tp)
+        if problems:
             raise ParallelConfigError(
-                f"{flags}: pipeline and expert parallelism are not implemented yet; run with "
-                "those sizes 1 (data and tensor parallelism are available)")
+                f"the MoE layers do not fit --expert-model-parallel-size {self.ep} x "
+                f"--tensor-model-parallel-size {self.tp}: " + "; ".join(problems))
+        if self.pp > 1:
+            raise ParallelConfigError(
+                f"--pipeline-model-parallel-size {self.pp}: pipeline parallelism is not "
+                "implemented yet; run with size 1")
         if self.tp > 1:
             problems = tensor_parallel_problems(config, self.tp)
             if problems:

@@ -1,25 +1,51 @@
-"""Data parallelism with FSDP2 (`fully_shard`): one unit per physical block, then the root."""
+"""Data parallelism with FSDP2 (`fully_shard`): one unit per physical block, then the root.
+
+Under expert parallelism the experts of every MoE layer are a unit of their own, nested in their
+block's: their weights are already split over mesh["ep"], so FSDP shards them over mesh["edp"]
+(the data-parallel ranks holding the same experts) while the rest of the block is sharded over
+mesh["dp_shard"] = edp x ep, as torchtitan does."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from megatron_hybrid.layers.moe import GroupedExperts
 from megatron_hybrid.model import HybridModel
 
 
 def apply_fsdp(model: HybridModel, mesh: DeviceMesh, bf16: bool, log=print) -> None:
-    """Shard every parameter over the mesh's ranks, each physical block as one unit (a fused
-    block gathers and frees its two sub-layers together). With `bf16`, compute runs on bf16
-    copies of the parameters and gradients are reduced in float32."""
+    """Shard every parameter over the data-parallel ranks of `mesh` (the trainer's whole
+    ("pp", "edp", "ep", "tp") mesh), each physical block as one unit (a fused block gathers and
+    frees its two sub-layers together), experts under expert parallelism as a nested unit over
+    "edp". With `bf16`, compute runs on bf16 copies of the parameters and gradients are reduced
+    in float32."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if bf16 else MixedPrecisionPolicy()
+    dp_mesh = mesh["dp_shard"]
+    expert_parallel = mesh["ep"].size() > 1
+    nccl = dist.get_backend(dp_mesh.get_group()) == "nccl"
     blocks = list(model.decoder.layers.values())
+    num_expert_units = 0
     for index, block in enumerate(blocks):
         # The last block's parameters are needed again right away by the root's backward.
-        fully_shard(block, mesh=mesh, mp_policy=policy,
-                    reshard_after_forward=index < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    log(f"FSDP2: {len(blocks)} blocks + root sharded over {mesh.size()} data-parallel ranks"
-        f"{' (bf16 params, fp32 reduce)' if bf16 else ''}")
+        reshard = index < len(blocks) - 1
+        if expert_parallel:
+            for experts in [m for m in block.modules() if isinstance(m, GroupedExperts)]:
+                fully_shard(experts, mesh=mesh["edp"], mp_policy=policy,
+                            reshard_after_forward=reshard)
+                # An expert's gradient already sums the tokens of every rank in its ep group
+                # (the all-to-all's backward): dividing by all data-parallel ranks, not only
+                # by edp, makes it the mean over the global batch like every other gradient.
+                experts.set_gradient_divide_factor(dp_mesh.size())
+                if not nccl:  # a divide factor other than the group size is NCCL's PREMUL_SUM
+                    experts.set_force_sum_reduction_for_comms(True)
+                num_expert_units += 1
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+    experts_note = (f", {num_expert_units} expert units over {mesh['edp'].size()} expert-data-"
+                    "parallel ranks" if num_expert_units else "")
+    log(f"FSDP2: {len(blocks)} blocks + root sharded over {dp_mesh.size()} data-parallel ranks"
+        f"{experts_note}{' (bf16 params, fp32 reduce)' if bf16 else ''}")

@@ -31,6 +31,7 @@ from megatron_hybrid.parallel.distributed import (
     all_reduce_sum_,
     init_distributed,
 )
+from megatron_hybrid.parallel.expert_parallel import apply_expert_parallel
 from megatron_hybrid.parallel.fsdp import apply_fsdp
 from megatron_hybrid.parallel.grad_norm import clip_grad_norm
 from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
@@ -161,11 +162,12 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     dp_rank = mesh["dp_shard"].get_local_rank() if mesh is not None else 0
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], log=reporter.message)
+    apply_expert_parallel(model, mesh, log=reporter.message)
     if args.recompute_granularity:
         apply_activation_checkpointing(model, args.recompute_granularity, log=reporter.message)
     use_fsdp = dims.dp > 1
     if use_fsdp:
-        apply_fsdp(model, mesh["dp_shard"], bf16=args.bf16, log=reporter.message)
+        apply_fsdp(model, mesh, bf16=args.bf16, log=reporter.message)
     optimizer = build_optimizer(model, args.lr, args.weight_decay,
                                 (args.adam_beta1, args.adam_beta2), args.adam_eps,
                                 foreach=False if dims.tp > 1 else None)
