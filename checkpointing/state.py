@@ -4,6 +4,11 @@ torch.distributed.checkpoint under canonical keys (shared/DESIGN.md section 5).
 The model's own module names (physical blocks, fused groups, wrapper prefixes) never reach the
 files: `ModelState` and `OptimizerState` rename to canonical keys on the way out and back on the
 way in, so any fusion of the same canonical layers loads any other's checkpoint.
+
+Nor does the model's tensor-parallel storage order: packed weights that tensor parallelism keeps
+rank-major (Mamba2's in_proj and conv1d, SwiGLU's fc1; megatron_hybrid/parallel/packed.py) are
+presented to DCP in the canonical row order, as sharded tensors at canonical offsets, and so are
+their optimizer moments. A checkpoint therefore loads into any tensor/data-parallel layout.
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatron_hybrid.checkpointing.canonical import canonical_key, physical_name
+from megatron_hybrid.parallel.packed import (
+    PackedRows,
+    from_canonical,
+    is_canonical_view,
+    packed_tensors,
+    to_canonical,
+)
 from megatron_hybrid.pattern import HybridPattern
 
 
@@ -37,11 +49,18 @@ class ModelState(Stateful):
         self.model, self.pattern = model, pattern
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {canonical_key(name, self.pattern): tensor
+        packed = packed_tensors(self.model)
+        return {canonical_key(name, self.pattern):
+                to_canonical(tensor, packed[name]) if name in packed else tensor
                 for name, tensor in get_model_state_dict(self.model).items()}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         physical = {physical_name(key, self.pattern): t for key, t in state_dict.items()}
+        packed = packed_tensors(self.model)
+        if packed:
+            current = get_model_state_dict(self.model)
+            for name in packed.keys() & physical.keys():
+                physical[name] = _rank_major(physical[name], current[name], packed[name])
         set_model_state_dict(self.model, physical, options=StateDictOptions(strict=True))
 
 
@@ -58,6 +77,11 @@ class OptimizerState(Stateful):
     def state_dict(self) -> dict:
         state = get_optimizer_state_dict(self.model, self.optimizer)
         rename = self._rename(canonical_key)
+        packed = packed_tensors(self.model)
+        for name in packed.keys() & state["state"].keys():
+            state["state"][name] = {
+                k: to_canonical(v, packed[name]) if _is_moment(v, packed[name]) else v
+                for k, v in state["state"][name].items()}
         return {
             "state": {rename(name): value for name, value in state["state"].items()},
             "param_groups": [{**group, "params": [rename(p) for p in group["params"]]}
@@ -71,10 +95,31 @@ class OptimizerState(Stateful):
             "param_groups": [{**group, "params": [rename(p) for p in group["params"]]}
                              for group in state_dict["param_groups"]],
         }
+        packed = packed_tensors(self.model)
+        if packed:
+            params = get_model_state_dict(self.model)
+            for name in packed.keys() & state["state"].keys():
+                state["state"][name] = {
+                    k: _rank_major(v, params[name], packed[name]) if _is_moment(v, packed[name])
+                    else v for k, v in state["state"][name].items()}
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
     def _rename(self, mapping):
         return lambda name: mapping(name, self.pattern)
+
+
+def _is_moment(value, packed: PackedRows) -> bool:
+    """An optimizer state tensor shaped like its (packed) parameter, e.g. Adam's moments."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == packed.rows
+
+
+def _rank_major(value: torch.Tensor, like: torch.Tensor, packed: PackedRows) -> torch.Tensor:
+    """A loaded canonical value of a packed tensor, in the model's rank-major storage order:
+    a canonical view made by `to_canonical` back into a DTensor like `like`, a whole canonical
+    tensor reordered."""
+    if is_canonical_view(value):
+        return from_canonical(value, like, packed)
+    return packed.to_rank_major(value)
 
 
 @dataclass

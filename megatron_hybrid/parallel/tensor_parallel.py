@@ -1,50 +1,131 @@
 """Tensor parallelism with DTensor (`parallelize_module`), applied per mixer type.
 
-Implemented: attention (`linear_qkv` column-parallel, `linear_proj` row-parallel) and the
-squared-ReLU MLP (`linear_fc1` column, `linear_fc2` row). Megatron's grouped qkv layout keeps a
-query group's q heads, k and v in consecutive rows, so a contiguous row split hands every rank
-whole groups. Norms, embedding and output layer stay replicated (no sequence parallelism yet).
-Mamba2 (packed in_proj), MoE experts and SwiGLU's packed [gate; up] need per-part sharding and
-are refused by `check_tensor_parallel` until they land.
+- Attention: `linear_qkv` column-parallel, `linear_proj` row-parallel. Megatron's grouped qkv
+  layout keeps a query group's q heads, k and v in consecutive rows, so a contiguous row split
+  hands every rank whole groups.
+- MLP: `linear_fc1` column-parallel, `linear_fc2` row-parallel. SwiGLU's packed [gate; up] fc1 is
+  split per part (each rank gets its gate rows and the matching up rows).
+- Mamba2: heads and groups over the ranks. `in_proj` is column-parallel per packed part
+  z/x/B/C/dt, the conv1d channels per packed part x/B/C; dt_bias, A_log, D and the gated norm's
+  weight are split on heads; `out_proj` is row-parallel. The mixer's forward runs unchanged on
+  its local heads and groups (its head/group counts are divided by tp).
+- MoE (`E`): parallelized by megatron_hybrid/parallel/expert_parallel.py, not here.
+
+Per-part splits store the packed weights rank-major (megatron_hybrid/parallel/packed.py); the
+checkpoint hooks map them back to the canonical layout, so checkpoints do not depend on tp.
+Norms, embedding and output layer stay replicated.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     RowwiseParallel,
     parallelize_module,
 )
 
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.layers.mamba2 import Mamba2Mixer
+from megatron_hybrid.layers.mlp import MLP
 from megatron_hybrid.model import HybridModel
+from megatron_hybrid.parallel.packed import PackedRows, mark_packed
 
-TP_SYMBOLS = frozenset("*-")
+# Symbols this module or another parallel module (E: expert_parallel.py) knows how to split.
+TP_SYMBOLS = frozenset("M*-E")
 
 
 def tensor_parallel_problems(config: ModelConfig, tp: int) -> list[str]:
-    """What keeps `config` from running with tensor-parallel size `tp` (empty: it fits)."""
+    """What keeps `config` from running with tensor-parallel size `tp` (empty: it fits). MoE
+    layers are checked by `expert_parallel_problems`."""
+    counts = config.pattern.layer_counts()
     problems = []
-    unsupported = sorted(s for s, n in config.pattern.layer_counts().items()
-                         if n and s not in TP_SYMBOLS)
+    unsupported = sorted(s for s, n in counts.items() if n and s not in TP_SYMBOLS)
     if unsupported:
         problems.append(f"layer symbols {' '.join(unsupported)} have no tensor-parallel plan yet "
-                        "(implemented: * attention, - MLP)")
-    if "-" in str(config.pattern) and config.activation != "squared_relu":
-        problems.append("SwiGLU MLPs have no tensor-parallel plan yet (use --squared-relu)")
-    if config.pattern.layer_counts()["*"]:
-        for name in ("num_attention_heads", "num_query_groups"):
-            if getattr(config, name) % tp:
-                problems.append(f"{name}={getattr(config, name)} is not divisible by tp={tp}")
-    if config.ffn_hidden_size % tp:
-        problems.append(f"ffn_hidden_size={config.ffn_hidden_size} is not divisible by tp={tp}")
+                        "(implemented: M Mamba2, * attention, - MLP, E MoE)")
+
+    def divisible(name: str, flag: str) -> None:
+        value = getattr(config, name)
+        if value % tp:
+            valid = [d for d in range(1, value + 1) if value % d == 0]
+            problems.append(f"{flag} {value} is not divisible by --tensor-model-parallel-size "
+                            f"{tp} (sizes that divide it: {', '.join(map(str, valid))})")
+
+    if counts["*"]:
+        divisible("num_attention_heads", "--num-attention-heads")
+        divisible("num_query_groups", "--num-query-groups")
+    if counts["M"]:
+        divisible("mamba_num_heads", "--mamba-num-heads")
+        divisible("mamba_num_groups", "--mamba-num-groups")
+    if counts["-"]:
+        divisible("ffn_hidden_size", "--ffn-hidden-size")
     return problems
 
 
+class PackedColwiseParallel(ColwiseParallel):
+    """`ColwiseParallel` for a linear whose output rows pack `parts` (their sizes, in order):
+    the rows are stored rank-major first, so rank r holds its slice of every part."""
+
+    def __init__(self, parts: tuple[int, ...], **kwargs):
+        super().__init__(**kwargs)
+        self.parts = tuple(parts)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _store_rank_major(module, PackedRows(self.parts, device_mesh.size()))
+        return super()._apply(module, device_mesh)
+
+
+class Mamba2Parallel(ParallelStyle):
+    """Split a `Mamba2Mixer`'s heads and groups over the mesh (see the module docstring)."""
+
+    HEAD_PARAMETERS = ("conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight")
+
+    def _apply(self, mixer: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        assert isinstance(mixer, Mamba2Mixer), type(mixer)
+        tp = device_mesh.size()
+        d_inner, heads = mixer.d_inner, mixer.num_heads
+        group_state = mixer.num_groups * mixer.state_dim
+        parallelize_module(mixer, device_mesh, {
+            "in_proj": PackedColwiseParallel((d_inner, d_inner, group_state, group_state, heads)),
+            "out_proj": RowwiseParallel(),
+        })
+        _store_rank_major(mixer.conv1d, PackedRows((d_inner, group_state, group_state), tp))
+        for name in self.HEAD_PARAMETERS:
+            owner, leaf = _owner(mixer, name)
+            param = getattr(owner, leaf)
+            owner.register_parameter(leaf, nn.Parameter(
+                distribute_tensor(param.detach(), device_mesh, [Shard(0)]),
+                requires_grad=param.requires_grad))
+        mixer.num_heads //= tp
+        mixer.num_groups //= tp
+        mixer.d_inner //= tp
+        _forward_on_local_shards(mixer, self.HEAD_PARAMETERS)
+        return mixer
+
+
+def mlp_plan(mlp: MLP) -> dict[str, ParallelStyle]:
+    """The `parallelize_module` plan of a dense MLP (also a MoE's shared experts):
+    fc1 column-parallel (per part [gate; up] for SwiGLU), fc2 row-parallel."""
+    if mlp.activation == "swiglu":
+        ffn = mlp.linear_fc2.in_features
+        fc1 = PackedColwiseParallel((ffn, ffn))
+    else:
+        fc1 = ColwiseParallel()
+    return {"linear_fc1": fc1, "linear_fc2": RowwiseParallel()}
+
+
 def apply_tensor_parallel(model: HybridModel, tp_mesh: DeviceMesh, log=print) -> None:
-    """Shard every attention and MLP of `model` over `tp_mesh` in place."""
+    """Shard every Mamba2, attention and MLP layer of `model` over `tp_mesh` in place (MoE
+    layers are left to `apply_expert_parallel`)."""
     tp = tp_mesh.size()
+    counts = {"M": 0, "*": 0, "-": 0}
     for block in model.decoder.layers.values():
         if block.sequence_symbol == "*":
             attention = block.self_attention
@@ -55,9 +136,49 @@ def apply_tensor_parallel(model: HybridModel, tp_mesh: DeviceMesh, log=print) ->
             # The local shard holds heads/tp query heads in groups/tp whole groups.
             attention.num_heads //= tp
             attention.num_groups //= tp
+        elif block.sequence_symbol == "M":
+            parallelize_module(block.self_attention, tp_mesh, Mamba2Parallel())
         if block.channel_symbol == "-":
-            parallelize_module(block.mlp, tp_mesh, {
-                "linear_fc1": ColwiseParallel(),
-                "linear_fc2": RowwiseParallel(),
-            })
-    log(f"tensor parallel: attention and MLP sharded over {tp} ranks")
+            parallelize_module(block.mlp, tp_mesh, mlp_plan(block.mlp))
+        for symbol in (block.sequence_symbol, block.channel_symbol):
+            if symbol in counts:
+                counts[symbol] += 1
+    log(f"tensor parallel over {tp} ranks: {counts['M']} Mamba2 (heads, groups), "
+        f"{counts['*']} attention (query groups), {counts['-']} MLP (ffn) layers")
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return module.get_submodule(path), leaf
+
+
+@torch.no_grad()
+def _store_rank_major(module: nn.Module, packed: PackedRows) -> None:
+    """Reorder the rows of `module`'s row-packed parameters (weight, bias) rank-major and mark
+    them for the checkpoint hooks."""
+    for name, param in module.named_parameters(recurse=False):
+        assert param.shape[0] == packed.rows, (name, tuple(param.shape), packed)
+        param.copy_(packed.to_rank_major(param))
+        mark_packed(module, name, packed)
+
+
+def _forward_on_local_shards(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Run `module.forward` with its DTensor parameters `names` replaced by their local shards
+    (plain tensors whose gradients flow back into the DTensors), so layer code written for plain
+    tensors runs unchanged on this rank's heads. The parameters are swapped back on return,
+    the way torch.func.functional_call swaps them."""
+    forward = module.forward
+    owners = [_owner(module, name) for name in names]
+
+    @functools.wraps(forward)
+    def forward_on_local_shards(*args, **kwargs):
+        originals = [owner._parameters[leaf] for owner, leaf in owners]
+        try:
+            for (owner, leaf), param in zip(owners, originals):
+                owner._parameters[leaf] = param.to_local()
+            return forward(*args, **kwargs)
+        finally:
+            for (owner, leaf), param in zip(owners, originals):
+                owner._parameters[leaf] = param
+
+    module.forward = forward_on_local_shards

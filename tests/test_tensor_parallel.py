@@ -1,0 +1,263 @@
+"""Tensor parallelism of Mamba2, attention and MLPs (torchrun, gloo, CPU, float32): the same
+losses as one process, and checkpoints that stay canonical, so they move between layouts.
+
+Run as a script under torchrun (`worker` mode) it loads a checkpoint into a tensor-parallel
+model, writes the logits of a fixed batch and can save the model back."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_training import TINY  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# Fused groups, Mamba, attention and MLP; two micro-batches per step (gradient accumulation).
+PATTERN = "[M-]M[*-]M-"
+FLAGS = [*TINY, "--hybrid-layer-pattern", PATTERN, "--global-batch-size", "8",
+         "--train-iters", "6", "--log-interval", "1", "--device", "cpu"]
+SWIGLU = [*FLAGS, "--swiglu"]
+TP2 = ["--tensor-model-parallel-size", "2"]
+
+
+def torchrun(nproc: int, *args: str, script=REPO / "scripts" / "pretrain_hybrid.py",
+             check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc-per-node={nproc}", str(script), *args],
+        capture_output=True, text=True, timeout=600, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def train_torchrun(nproc: int, *flags: str, log_dir: Path) -> list[float]:
+    torchrun(nproc, *flags, "--log-dir", str(log_dir))
+    records = [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def train_one_process(*flags: str) -> list[float]:
+    from megatron_hybrid.training.arguments import build_parser
+    from megatron_hybrid.training.trainer import run_training
+
+    return run_training(build_parser().parse_args(list(flags))).losses
+
+
+def assert_close(a, b, rtol=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, rel=rtol)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The SwiGLU run in one process, saving at iterations 3 and 6."""
+    save = tmp_path_factory.mktemp("single")
+    losses = train_one_process(*SWIGLU, "--save", str(save), "--save-interval", "3")
+    return losses, save
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory):
+    """The same run with tensor parallelism 2, saving at iterations 3 and 6."""
+    root = tmp_path_factory.mktemp("tp2")
+    losses = train_torchrun(2, *SWIGLU, *TP2, "--save", str(root / "ckpt"), "--save-interval",
+                            "3", log_dir=root / "log")
+    return losses, root / "ckpt"
+
+
+# -- loss parity -------------------------------------------------------------------------------
+
+def test_tp2_swiglu_matches_one_process(single, tp2):
+    assert_close(tp2[0], single[0])
+
+
+def test_tp2_squared_relu_matches_one_process(tmp_path):
+    assert_close(train_torchrun(2, *FLAGS, *TP2, log_dir=tmp_path), train_one_process(*FLAGS))
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {key: tuple(meta.size) for key, meta in metadata.items() if hasattr(meta, "size")}
+
+
+def test_tp2_checkpoint_has_canonical_keys_and_shapes(single, tp2):
+    from megatron_hybrid.config import ModelConfig
+
+    tp_shapes = saved_shapes(tp2[1] / "iter_0000003")
+    assert tp_shapes == saved_shapes(single[1] / "iter_0000003")  # model and optimizer
+    config = ModelConfig(**json.loads((tp2[1] / "iter_0000003" / "checkpoint.json")
+                                      .read_text())["model_config"])
+    mixer = "model.decoder.layers.0.mixer."
+    assert tp_shapes[mixer + "in_proj.weight"] == (config.mamba_in_proj_dim, 32)
+    assert tp_shapes[mixer + "conv1d.weight"] == (config.mamba_conv_dim, 1, 4)
+    assert tp_shapes[mixer + "dt_bias"] == (config.mamba_num_heads,)
+    assert tp_shapes["model.decoder.layers.1.mlp.linear_fc1.weight"] == (2 * 48, 32)
+    assert tp_shapes["optimizer.state.decoder.layers.0.mixer.in_proj.weight.exp_avg"] == \
+        tp_shapes[mixer + "in_proj.weight"]
+
+
+def test_tp2_checkpoint_values_are_canonical(single, tp2):
+    # Same training, two layouts: every tensor agrees to float32 noise (a row in the wrong
+    # place would differ by O(0.1)); optimizer moments included.
+    from megatron_hybrid.checkpointing.consolidated import read_model_state
+
+    tp_state, _, _ = read_model_state(tp2[1], iteration=3)
+    one_state, _, _ = read_model_state(single[1], iteration=3)
+    for key, value in one_state.items():
+        torch.testing.assert_close(tp_state[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_tp2_checkpoint_resumes_in_one_process(single, tp2):
+    resumed = train_one_process(*SWIGLU, "--load", str(tp2[1]), "--ckpt-step", "3")
+    assert_close(resumed, single[0][3:])
+
+
+def test_one_process_checkpoint_loads_in_tp2_with_the_same_logits(single, tmp_path):
+    # Exact both ways: tp2 loads a one-process checkpoint (same logits), saves it again, and
+    # the saved tensors are bit-identical to the originals.
+    source = single[1] / "iter_0000003"
+    torchrun(2, "worker", "--tp", "2", "--load", str(source), "--logits",
+             str(tmp_path / "logits.pt"), "--save", str(tmp_path / "resaved"), "--",
+             *SWIGLU, script=Path(__file__))
+    expected = one_process_logits(source)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected,
+                               rtol=1e-5, atol=1e-5)
+
+    from megatron_hybrid.checkpointing.consolidated import read_model_state
+
+    resaved, _, _ = read_model_state(tmp_path / "resaved")
+    original, _, _ = read_model_state(source)
+    assert resaved.keys() == original.keys()
+    for key in original:
+        assert torch.equal(resaved[key], original[key]), key
+
+
+def test_tp2_x_dp2_resumes_a_one_process_checkpoint(single, tmp_path):
+    # Four ranks: FSDP shards each tensor-parallel shard again, so a rank's rows of a packed
+    # weight start mid-part; loading and saving still go through canonical offsets.
+    losses = train_torchrun(4, *SWIGLU, *TP2, "--load", str(single[1]), "--ckpt-step", "3",
+                            "--save", str(tmp_path / "ckpt"), log_dir=tmp_path / "log")
+    assert_close(losses, single[0][3:])
+
+    from megatron_hybrid.checkpointing.consolidated import read_model_state
+
+    saved, _, _ = read_model_state(tmp_path / "ckpt", iteration=6)
+    expected, _, _ = read_model_state(single[1], iteration=6)
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+# -- layouts that do not fit -------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp, overrides, message", [
+    (2, dict(mamba_num_groups=1), "--mamba-num-groups 1 is not divisible"),
+    (4, dict(mamba_num_heads=6, mamba_num_groups=2), "--mamba-num-heads 6 is not divisible"),
+    (2, dict(num_attention_heads=3, num_query_groups=3, kv_channels=8),
+     "--num-attention-heads 3 is not divisible"),
+    (2, dict(ffn_hidden_size=49), "--ffn-hidden-size 49 is not divisible"),
+])
+def test_sizes_that_do_not_divide_are_named(tp, overrides, message):
+    from conftest import small_config
+
+    from megatron_hybrid.parallel.tensor_parallel import tensor_parallel_problems
+
+    problems = tensor_parallel_problems(small_config("M*-", **overrides), tp)
+    assert any(message in problem for problem in problems), problems
+
+
+def test_moe_layers_are_left_to_their_own_checks():
+    from conftest import small_config
+
+    from megatron_hybrid.parallel.tensor_parallel import tensor_parallel_problems
+
+    assert tensor_parallel_problems(small_config("M[*E]-"), 2) == []
+
+
+def test_a_layout_that_does_not_fit_stops_with_a_message():
+    proc = torchrun(2, *FLAGS, *TP2, "--mamba-num-groups", "1", check=False)
+    assert proc.returncode != 0
+    assert "--mamba-num-groups 1 is not divisible by --tensor-model-parallel-size 2" \
+        in proc.stderr
+
+
+# -- the worker ----------------------------------------------------------------------------
+
+def fixed_batch(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def one_process_logits(checkpoint: Path) -> torch.Tensor:
+    from megatron_hybrid.checkpointing.manager import load_checkpoint
+
+    model, config = build_model(SWIGLU)
+    load_checkpoint(checkpoint, model, None, config)
+    with torch.no_grad():
+        return model(fixed_batch(config.vocab_size))
+
+
+def build_model(flags):
+    from megatron_hybrid.data.tokenizer import build_tokenizer
+    from megatron_hybrid.model import HybridModel
+    from megatron_hybrid.training.arguments import (
+        build_parser,
+        check_training_args,
+        model_config_from_args,
+    )
+
+    args = build_parser().parse_args(list(flags))
+    check_training_args(args)
+    config = model_config_from_args(args, build_tokenizer(args).vocab_size)
+    return HybridModel(config, seed=args.seed), config
+
+
+def worker(argv: list[str]) -> None:
+    """Under torchrun: build the model of the trainer flags after `--`, shard it over all ranks
+    with tensor parallelism, load --load, write the logits of `fixed_batch` to --logits (rank
+    0) and, with --save, save the model (a model-only checkpoint, iteration 0)."""
+    import torch.distributed as dist
+
+    from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
+    from megatron_hybrid.parallel.dims import ParallelDims
+    from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
+
+    split = argv.index("--")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--load", required=True)
+    parser.add_argument("--logits", required=True)
+    parser.add_argument("--save")
+    opts = parser.parse_args(argv[:split])
+    dist.init_process_group("gloo")
+    model, config = build_model(argv[split + 1:])
+    dims = ParallelDims(dist.get_world_size(), tp=opts.tp)
+    dims.check_fits(config)
+    mesh = dims.build_mesh("cpu")
+    apply_tensor_parallel(model, mesh["tp"], log=lambda _: None)
+    load_checkpoint(opts.load, model, None, config)
+    with torch.no_grad():
+        logits = model(fixed_batch(config.vocab_size))
+    if dist.get_rank() == 0:
+        torch.save(logits, opts.logits)
+    if opts.save:
+        CheckpointSaver(opts.save, log=lambda _: None).save(0, model, None, None, config)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:
+        worker(sys.argv[2:])
