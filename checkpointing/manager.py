@@ -28,7 +28,8 @@ from megatron_hybrid.checkpointing.errors import (
     CheckpointError,
     CheckpointMismatchError,
 )
-from megatron_hybrid.checkpointing.state import ModelState, OptimizerState, TrainProgress
+from megatron_hybrid.checkpointing.parts import ModelPartsState, OptimizerPartsState, as_parts
+from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.parallel.distributed import all_ranks_agree
 
@@ -39,10 +40,12 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 def checkpoint_state(model, optimizer, progress: TrainProgress | None, config: ModelConfig
                      ) -> dict:
-    """The Stateful objects one checkpoint holds (optimizer and progress optional)."""
-    state = {"model": ModelState(model, config.pattern)}
+    """The Stateful objects one checkpoint holds (optimizer and progress optional). `model` is
+    a model or a list of this rank's pipeline stages (`optimizer` then an OptimizerParts)."""
+    parts = as_parts(model)
+    state = {"model": ModelPartsState(parts, config.pattern)}
     if optimizer is not None:
-        state["optimizer"] = OptimizerState(model, optimizer, config.pattern)
+        state["optimizer"] = OptimizerPartsState(parts, optimizer, config.pattern)
     if progress is not None:
         state["progress"] = progress
     return state
@@ -209,14 +212,20 @@ def _verify_once(directory: Path, meta: dict, checksums: bool) -> None:
 def check_tensors_fit(reader: dcp.FileSystemReader, state: dict, directory: Path) -> None:
     """Compare every tensor the load would fill with the checkpoint's metadata: raise
     CheckpointMismatchError listing every difference (for the model first, it is what users
-    change), before DCP touches anything."""
+    change), before DCP touches anything. A key is unexpected only if no rank wants it (a
+    pipeline rank loads only its stages' keys)."""
     saved = reader.read_metadata().state_dict_metadata
     for part in state:
         wanted = _flat_tensor_shapes(state[part].state_dict(), part)
         have = {key: tuple(meta.size) for key, meta in saved.items()
                 if key.startswith(part + ".") and hasattr(meta, "size")}
+        wanted_anywhere = set(wanted)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            every_rank: list = [None] * dist.get_world_size()
+            dist.all_gather_object(every_rank, sorted(wanted))
+            wanted_anywhere = set().union(*map(set, every_rank))
         missing = sorted(set(wanted) - set(have))
-        unexpected = sorted(set(have) - set(wanted))
+        unexpected = sorted(set(have) - wanted_anywhere)
         mismatched = [(k, have[k], wanted[k]) for k in sorted(set(have) & set(wanted))
                       if have[k] != wanted[k]]
         if missing or unexpected or mismatched:

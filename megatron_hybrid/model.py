@@ -10,12 +10,21 @@ to every layer; the default is the eager reference everywhere.
 
 `decoder.layers` is a ModuleDict keyed by the global physical block index, so a pipeline stage
 that holds blocks 4..7 still names them `decoder.layers.4` ... `decoder.layers.7`.
+
+A pipeline stage is a `HybridModel` built with a `StageSpec`: only its blocks, the embedding on
+the first stage, the final norm and output layer on the last. Its `forward` maps token ids (first
+stage) or hidden states (later stages) to hidden states (inner stages) or logits (last stage).
+With tied embeddings the last stage holds its own copy of `embedding.word_embeddings` for the
+output projection: same canonical key, same initial value, gradients summed with the first
+stage's copy by the pipeline (megatron_hybrid/parallel/pipeline.py).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dataclasses import dataclass
+
 from torch import nn
 
 from megatron_hybrid.blocks import HybridBlock, check_implemented
@@ -35,19 +44,32 @@ class Embedding(nn.Module):
         return self.word_embeddings(input_ids_BT)
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """What one pipeline stage of a model holds: physical blocks (global indices, in order),
+    whether it starts the model (embedding) and whether it ends it (final norm, output)."""
+
+    blocks: tuple[int, ...]
+    first: bool
+    last: bool
+
+
 class Decoder(nn.Module):
-    def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
+    def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None,
+                 blocks: tuple[int, ...] | None = None, final_norm: bool = True):
         super().__init__()
+        all_blocks = config.pattern.blocks
+        indices = range(len(all_blocks)) if blocks is None else blocks
         self.layers = nn.ModuleDict({
-            str(p): HybridBlock(block, config, kernels)
-            for p, block in enumerate(config.pattern.blocks)
+            str(p): HybridBlock(all_blocks[p], config, kernels) for p in indices
         })
-        self.final_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, kernels)
+        self.final_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, kernels) \
+            if final_norm else None
 
     def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
         for block in self.layers.values():
             x_BTH = block(x_BTH)
-        return self.final_norm(x_BTH)
+        return x_BTH if self.final_norm is None else self.final_norm(x_BTH)
 
 
 class HybridModel(nn.Module):
@@ -56,25 +78,36 @@ class HybridModel(nn.Module):
     Raises UnsupportedLayerError for pattern symbols that are not implemented yet, and
     initializes every tensor from (seed, canonical key, shape) (megatron_hybrid/init.py).
     `kernels` (from `resolve_kernels`) picks the implementation of each op for this instance
-    only; None means eager everywhere."""
+    only; None means eager everywhere. `stage` builds one pipeline stage instead of the whole
+    model (see the module docstring)."""
 
-    def __init__(self, config: ModelConfig, seed: int = 1234, kernels: BoundKernels | None = None):
+    def __init__(self, config: ModelConfig, seed: int = 1234, kernels: BoundKernels | None = None,
+                 stage: StageSpec | None = None):
         super().__init__()
         check_implemented(config)
         self.config = config
         self.kernels = kernels or eager_kernels()
-        self.embedding = Embedding(config)
-        self.decoder = Decoder(config, self.kernels)
-        if config.untie_embeddings_and_output_weights:
+        self.stage = stage or StageSpec(tuple(range(config.pattern.num_blocks)), True, True)
+        first, last = self.stage.first, self.stage.last
+        tied = not config.untie_embeddings_and_output_weights
+        # A tied last stage keeps the embedding table for its output projection.
+        self.embedding = Embedding(config) if first or (last and tied) else None
+        self.decoder = Decoder(config, self.kernels, self.stage.blocks, final_norm=last)
+        if last and not tied:
             self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         else:
             self.output_layer = None
         self.init_weights(seed)
 
+    @property
+    def holds_tied_output_copy(self) -> bool:
+        """A last stage (not also first) whose output weight is its copy of the embedding."""
+        return self.stage.last and not self.stage.first and self.output_layer is None
+
     def init_weights(self, seed: int) -> None:
         """(Re)initialize every tensor; a model built on the meta device is left for
         `to_empty` + `init_weights` (or a checkpoint load) to fill."""
-        if self.embedding.word_embeddings.weight.is_meta:
+        if next(self.parameters()).is_meta:
             return
         initialize_parameters(self, self.config, seed)
 
@@ -83,12 +116,16 @@ class HybridModel(nn.Module):
             return self.embedding.word_embeddings.weight
         return self.output_layer.weight
 
-    def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states (B, T, H): everything but the output projection."""
-        return self.decoder(self.embedding(input_ids_BT))
+    def hidden_states(self, input_BT: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (B, T, H): everything but the output projection. (For a
+        pipeline stage: its blocks' output, from token ids on the first stage, from the previous
+        stage's hidden states on the others.)"""
+        x = self.embedding(input_BT) if self.stage.first else input_BT
+        return self.decoder(x)
 
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.hidden_states(input_ids_BT), self.output_weight())
+    def forward(self, input_BT: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden_states(input_BT)
+        return F.linear(hidden, self.output_weight()) if self.stage.last else hidden
 
     # -- MoE bookkeeping the training loop drives -----------------------------------------------
     def moe_layers(self) -> list[MoELayer]:

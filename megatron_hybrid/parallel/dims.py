@@ -9,6 +9,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.parallel.expert_parallel import expert_parallel_problems
+from megatron_hybrid.parallel.pipeline import check_pipeline_fits
 from megatron_hybrid.parallel.tensor_parallel import tensor_parallel_problems
 
 
@@ -22,6 +23,7 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    pipeline_schedule: str | None = None  # None: 1f1b, interleaved-1f1b with virtual stages
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep"):
@@ -49,9 +51,11 @@ class ParallelDims:
                 f"the MoE layers do not fit --expert-model-parallel-size {self.ep} x "
                 f"--tensor-model-parallel-size {self.tp}: " + "; ".join(problems))
         if self.pp > 1:
-            raise ParallelConfigError(
-                f"--pipeline-model-parallel-size {self.pp}: pipeline parallelism is not "
-                "implemented yet; run with size 1")
+            problems = check_pipeline_fits(config, self.pp, self.pipeline_schedule)
+            if problems:
+                raise ParallelConfigError(
+                    f"--pipeline-model-parallel-size {self.pp} does not fit: "
+                    + "; ".join(problems))
         if self.tp > 1:
             problems = tensor_parallel_problems(config, self.tp)
             if problems:

@@ -7,12 +7,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, pipeline_group=None,
+                   copies=()) -> torch.Tensor:
     """Scale gradients so their global L2 norm is at most `max_norm`; returns that norm (before
-    clipping) as a plain tensor, the same on every rank."""
+    clipping) as a plain tensor, the same on every rank. With pipeline parallelism each rank
+    holds some stages' parameters: `pipeline_group` (the pp process group) sums the squares
+    over the stages. `copies` are clipped with the rest but not counted in the norm (a tied
+    embedding's copy on the last stage: its gradient is the first stage's, counted there)."""
     groups: dict[object, list[torch.Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
@@ -24,10 +29,19 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float().cpu() ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if pipeline_group is not None:
+        device = "cuda" if dist.get_backend(pipeline_group) == "nccl" else "cpu"
+        total = total.to(device)
+        dist.all_reduce(total, group=pipeline_group)
+        total = total.cpu()
+    total = total.sqrt()
     if math.isfinite(max_norm):
         coef = min(max_norm / (float(total) + 1e-6), 1.0)  # as torch's clip_grad_norm_
         if coef < 1.0:
             for grads in groups.values():  # one kind of tensor per foreach call
                 torch._foreach_mul_(grads, coef)
+            for copy in copies:
+                if copy.grad is not None:
+                    copy.grad.mul_(coef)
     return total

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     par.add_argument("--expert-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-schedule", default=None,
+                     choices=["1f1b", "gpipe", "interleaved-1f1b", "looped-bfs",
+                              "interleaved-zero-bubble"],
+                     help="pipeline schedule (default: 1f1b with one stage per rank, "
+                          "interleaved-1f1b when the pattern's '|' segments give each rank "
+                          "several virtual stages)")
     par.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                      help="activation checkpointing per block: full recomputes each block, "
                           "selective keeps GEMM/attention outputs and recomputes the rest")

@@ -1,5 +1,10 @@
 """The training loop: one linear function from flags to a trained model, on one process or
-every rank of a torchrun launch (data parallel with FSDP2)."""
+every rank of a torchrun launch (data parallel with FSDP2, tensor parallel with DTensor,
+pipeline parallel with torch.distributed.pipelining).
+
+A rank trains its model *parts*: the whole model, or with pipeline parallelism the stages it
+holds. Each part gets tensor parallelism, activation checkpointing and FSDP as a whole model
+would, and its own optimizer."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 
 from megatron_hybrid.checkpointing.errors import CheckpointNotFoundError
 from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
+from megatron_hybrid.checkpointing.parts import OptimizerParts
 from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.data.builder import build_datasets
 from megatron_hybrid.data.embedded import embedded_token_streams
@@ -23,6 +29,7 @@ from megatron_hybrid.data.sampler import StreamSampler
 from megatron_hybrid.data.tokenizer import ByteTokenizer, build_tokenizer
 from megatron_hybrid.generation import generate
 from megatron_hybrid.kernels.cli import kernels_from_args
+from megatron_hybrid.flops import parameter_count
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron_hybrid.parallel.dims import ParallelDims
@@ -34,6 +41,13 @@ from megatron_hybrid.parallel.distributed import (
 from megatron_hybrid.parallel.expert_parallel import apply_expert_parallel
 from megatron_hybrid.parallel.fsdp import apply_fsdp
 from megatron_hybrid.parallel.grad_norm import clip_grad_norm
+from megatron_hybrid.parallel.pipeline import (
+    Pipeline,
+    TiedEmbeddingSync,
+    default_schedule,
+    rank_stage_specs,
+    stage_blocks,
+)
 from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
 from megatron_hybrid.training.arguments import check_training_args, model_config_from_args
 from megatron_hybrid.training.optimizer import LRSchedule, build_optimizer, set_learning_rate
@@ -44,7 +58,8 @@ SAMPLE_PROMPT = "The "
 
 @dataclass
 class TrainingResult:
-    model: HybridModel
+    model: HybridModel  # with pipeline parallelism: this rank's first stage
+    parts: list[HybridModel] = field(default_factory=list)  # this rank's stages (or the model)
     losses: list[float] = field(default_factory=list)  # training loss of every iteration
     val_losses: dict[int, float] = field(default_factory=dict)  # iteration -> validation loss
     test_loss: float | None = None  # on the test split after training (data flags with one)
@@ -57,22 +72,39 @@ def language_model_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> to
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten())
 
 
+def model_loss(model: HybridModel):
+    """batch (B, T+1) -> mean next-token loss of `model` on it."""
+    return lambda batch: language_model_loss(model(batch[:, :-1]), batch[:, 1:])
+
+
 @torch.no_grad()
-def evaluate(model: HybridModel, sampler: StreamSampler, iters: int, micro_batch_size: int,
-             device: torch.device, autocast, rank: int = 0, world: int = 1) -> float:
+def evaluate(batch_loss, parts: list[HybridModel], sampler: StreamSampler, iters: int,
+             micro_batch_size: int, device: torch.device, autocast, rank: int = 0,
+             world: int = 1, batch_multiple: int = 1, loss_weight: float = 1.0) -> float:
     """Mean loss over a fixed validation set (the first samples, not shuffled): up to `iters`
-    micro-batches per rank, every rank the same number of them (FSDP runs them in lockstep)."""
-    model.eval()
+    micro-batches per data-parallel rank, every rank the same number of them (FSDP and the
+    pipeline run them in lockstep).
+
+    `batch_loss(batch)` is the loss of a batch, or None on ranks that do not compute it (a
+    pipeline's inner stages); a pipeline evaluates `batch_multiple` micro-batches at a time and
+    weights the loss by `loss_weight` (its size) on the ranks that hold it, so the mean over all
+    ranks is the mean over data-parallel ranks."""
+    for part in parts:
+        part.eval()
+    step = micro_batch_size * batch_multiple
     per_rank = min(iters * micro_batch_size, sampler.num_samples // world)
+    if batch_multiple > 1:
+        per_rank = max(per_rank // step, 1) * step
     total = torch.zeros(2, dtype=torch.float64)
-    for offset in range(0, per_rank, micro_batch_size):
-        count = min(micro_batch_size, per_rank - offset)
+    for offset in range(0, per_rank, step):
+        count = min(step, per_rank - offset)
         batch = sampler.batch(rank * per_rank + offset, count).to(device)
         with autocast():
-            logits = model(batch[:, :-1])
-        total += torch.tensor([float(language_model_loss(logits, batch[:, 1:])) * count, count],
-                              dtype=torch.float64)
-    model.train()
+            loss = batch_loss(batch)
+        value = 0.0 if loss is None else float(loss) * loss_weight
+        total += torch.tensor([value * count, count], dtype=torch.float64)
+    for part in parts:
+        part.train()
     total = all_reduce_mean(total)  # the ratio of means is the ratio of sums
     return float(total[0] / total[1])
 
@@ -134,7 +166,8 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     proc = init_distributed(args.device)
     device = proc.device
     dims = ParallelDims(proc.world_size, args.tensor_model_parallel_size,
-                        args.pipeline_model_parallel_size, args.expert_model_parallel_size)
+                        args.pipeline_model_parallel_size, args.expert_model_parallel_size,
+                        pipeline_schedule=args.pipeline_schedule)
     tokenizer = build_tokenizer(args)
     config = model_config_from_args(args, tokenizer.vocab_size)
     dims.check_fits(config)
@@ -154,27 +187,52 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
                                     live=False if args.no_progress_bar else None)
     kernels = kernels_from_args(args, device)
     reporter.message(kernels.describe())
-    model = HybridModel(config, seed=args.seed, kernels=kernels).to(device)
-    num_parameters = model.num_parameters()
-    # Order of application (shared/DESIGN.md section 6): TP -> activation checkpointing ->
-    # compile -> FSDP.
     mesh = dims.build_mesh(device.type)
     dp_rank = mesh["dp_shard"].get_local_rank() if mesh is not None else 0
-    if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], log=reporter.message)
-    apply_expert_parallel(model, mesh, log=reporter.message)
-    if args.recompute_granularity:
-        apply_activation_checkpointing(model, args.recompute_granularity, log=reporter.message)
+    if dims.pp > 1:
+        stage_indices, specs = rank_stage_specs(config, dims.pp, mesh["pp"].get_local_rank(),
+                                                warn=reporter.message)
+        parts = [HybridModel(config, seed=args.seed, kernels=kernels, stage=spec).to(device)
+                 for spec in specs]
+        num_parameters = parameter_count(config)
+    else:
+        parts = [HybridModel(config, seed=args.seed, kernels=kernels).to(device)]
+        num_parameters = parts[0].num_parameters()
+    # Order of application (shared/DESIGN.md section 6): TP -> activation checkpointing ->
+    # compile -> FSDP; per part, so each pipeline stage is sharded as a whole model would be.
     use_fsdp = dims.dp > 1
-    if use_fsdp:
-        apply_fsdp(model, mesh, bf16=args.bf16, log=reporter.message)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay,
-                                (args.adam_beta1, args.adam_beta2), args.adam_eps,
-                                foreach=False if dims.tp > 1 else None)
+    for index, part in enumerate(parts):
+        log = reporter.message if index == 0 else (lambda _: None)
+        if dims.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"], log=log)
+        apply_expert_parallel(part, mesh, log=log)
+        if args.recompute_granularity:
+            apply_activation_checkpointing(part, args.recompute_granularity, log=log)
+        if use_fsdp:
+            apply_fsdp(part, mesh, bf16=args.bf16, log=log)
+    optimizers = [build_optimizer(part, args.lr, args.weight_decay,
+                                  (args.adam_beta1, args.adam_beta2), args.adam_eps,
+                                  foreach=False if dims.tp > 1 else None) for part in parts]
+    optimizer = optimizers[0] if len(parts) == 1 else OptimizerParts(optimizers)
+    model = parts[0]
     schedule = LRSchedule(args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
                           args.lr_decay_style)
-    # Per rank, aux-loss gradients average over its micro-batches; FSDP averages over ranks.
-    model.set_moe_aux_loss_grad_scale(1.0 / num_micro_batches)
+    pipeline = tied_sync = None
+    if dims.pp > 1:
+        num_stages = len(stage_blocks(config.pattern, dims.pp))
+        schedule_name = args.pipeline_schedule or default_schedule(len(parts))
+        pipeline = Pipeline(parts, stage_indices, num_stages, mesh["pp"], schedule_name,
+                            num_micro_batches, language_model_loss, device)
+        if config.tie_word_embeddings:
+            tied_sync = TiedEmbeddingSync(mesh, parts)
+        reporter.message(
+            f"pipeline: {num_stages} stages over {dims.pp} ranks ({schedule_name}); this rank "
+            f"holds stages {stage_indices} = blocks "
+            f"{[list(spec.blocks) for spec in specs]}")
+    # Per rank, aux-loss gradients average over its micro-batches (the pipeline schedule
+    # divides every gradient by the micro-batch count itself); FSDP averages over ranks.
+    for part in parts:
+        part.set_moe_aux_loss_grad_scale(1.0 if pipeline else 1.0 / num_micro_batches)
     if args.bf16:
         def autocast():
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -184,7 +242,8 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     reporter.message(
         f"model: pattern {config.hybrid_layer_pattern!r}, {config.pattern.num_blocks} blocks / "
         f"{config.pattern.num_layers} layers, {num_parameters / 1e6:.2f}M parameters; "
-        f"device {device}, {dims.dp} data-parallel rank(s); {args.train_iters} iterations of "
+        f"device {device}, {dims.dp} data-parallel x {dims.tp} tensor-parallel x {dims.pp} "
+        f"pipeline rank(s); {args.train_iters} iterations of "
         f"{args.global_batch_size} x {args.seq_length} tokens ({num_micro_batches} micro-batches "
         f"of {args.micro_batch_size} per rank)"
     )
@@ -192,13 +251,32 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
 
     progress = TrainProgress(lr_schedule=dataclasses.asdict(schedule))
     if args.load:
-        progress = resume(args, model, optimizer, config, progress, reporter)
+        progress = resume(args, parts, optimizer, config, progress, reporter)
     saver = None
     if args.save:
         saver = CheckpointSaver(args.save, keep_last=args.keep_last, async_save=args.async_save,
                                 log=reporter.message)
 
-    result = TrainingResult(model=model)
+    # Expert-bias updates use token counts summed over the data-parallel ranks (each routes its
+    # own tokens; tensor-parallel ranks route the same ones, other stages hold other layers).
+    count_reduction = None
+    if use_fsdp:
+        dp_group = mesh["dp_shard"].get_group()
+        def count_reduction(counts: torch.Tensor) -> None:
+            all_reduce_sum_(counts, group=dp_group)
+    result = TrainingResult(model=model, parts=parts)
+    # The last stage's copy of a tied embedding counts once (on the first stage) in the norm.
+    tied_copies = [part.embedding.word_embeddings.weight for part in parts
+                   if part.holds_tied_output_copy]
+    counted = [p for part in parts for p in part.parameters()
+               if not any(p is copy for copy in tied_copies)]
+    if pipeline:
+        def batch_loss(batch):
+            return pipeline.eval_step(batch[:, :-1], batch[:, 1:])
+        eval_args = dict(batch_multiple=num_micro_batches,
+                         loss_weight=dims.pp if pipeline.has_last else 0.0)
+    else:
+        batch_loss, eval_args = model_loss(model), {}
     pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per log)
     tokens_per_iter = args.global_batch_size * args.seq_length
     consumed_samples = progress.consumed_train_samples
@@ -209,23 +287,37 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         set_learning_rate(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
-        for micro in range(num_micro_batches):
-            # Micro-step j covers global samples [j*dp*mbs, (j+1)*dp*mbs) of this iteration's
-            # batch; rank r reads only its contiguous micro-batch of them.
-            first = consumed_samples + (micro * dims.dp + dp_rank) * args.micro_batch_size
-            batch = train_data.batch(first, args.micro_batch_size).to(device)
-            if use_fsdp:  # FSDP2: reduce-scatter gradients once, after the last one
-                model.set_requires_gradient_sync(micro == num_micro_batches - 1)
+        # Micro-step j covers global samples [j*dp*mbs, (j+1)*dp*mbs) of this iteration's
+        # batch; rank r reads only its contiguous micro-batch of them.
+        micro_batches = [
+            train_data.batch(consumed_samples + (micro * dims.dp + dp_rank)
+                             * args.micro_batch_size, args.micro_batch_size)
+            for micro in range(num_micro_batches)]
+        if pipeline:
+            batch = torch.cat(micro_batches).to(device)
             with autocast():
-                logits = model(batch[:, :-1])
-            loss = language_model_loss(logits, batch[:, 1:])
-            (loss / num_micro_batches).backward()
-            loss_sum += loss.detach()
+                loss = pipeline.train_step(batch[:, :-1], batch[:, 1:])
+            if loss is not None:  # the last stage; x pp, so the mean over all ranks is right
+                loss_sum += loss * num_micro_batches * dims.pp
+            if tied_sync is not None:
+                tied_sync()
+        else:
+            for micro, batch in enumerate(micro_batches):
+                batch = batch.to(device)
+                if use_fsdp:  # FSDP2: reduce-scatter gradients once, after the last one
+                    model.set_requires_gradient_sync(micro == num_micro_batches - 1)
+                with autocast():
+                    logits = model(batch[:, :-1])
+                loss = language_model_loss(logits, batch[:, 1:])
+                (loss / num_micro_batches).backward()
+                loss_sum += loss.detach()
         consumed_samples += args.global_batch_size
         max_norm = args.clip_grad if args.clip_grad > 0 else math.inf
-        grad_norm = clip_grad_norm(model.parameters(), max_norm)
+        grad_norm = clip_grad_norm(counted, max_norm, copies=tied_copies,
+                                   pipeline_group=pipeline.group if pipeline else None)
         optimizer.step()
-        model.update_expert_biases(all_reduce_sum_ if proc.distributed else None)
+        for part in parts:
+            part.update_expert_biases(count_reduction)
         pending.append(loss_sum / num_micro_batches)
         window_iters += 1
         progress.iteration, progress.consumed_train_samples = iteration, consumed_samples
@@ -234,7 +326,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
             saver.poll()
             if (args.save_interval and iteration % args.save_interval == 0) or exiting or (
                     iteration == args.train_iters):
-                saver.save(iteration, model, optimizer, progress, config)
+                saver.save(iteration, parts, optimizer, progress, config)
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             # One collective per log interval: the mean of every rank's loss per iteration.
@@ -245,16 +337,18 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
             window_start, window_iters = now, 0
             result.tokens_per_sec = tokens_per_sec
             extra = {}
-            if (aux := model.moe_aux_loss()) is not None:
-                extra["moe_aux_loss"] = aux
+            aux = [a for part in parts if (a := part.moe_aux_loss()) is not None]
+            if aux:  # this rank's MoE layers (with pipelining: its stages')
+                extra["moe_aux_loss"] = sum(aux)
             if device.type == "cuda":
                 extra["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             reporter.log_iteration(iteration, result.losses[-1], lr, float(grad_norm),
                                    tokens_per_sec, extra)
         if valid_data is not None and args.eval_iters and (iteration % args.eval_interval == 0
                                 or iteration == args.train_iters):
-            val_loss = evaluate(model, valid_data, args.eval_iters, args.micro_batch_size,
-                                device, autocast, dp_rank, dims.dp)
+            val_loss = evaluate(batch_loss, parts, valid_data, args.eval_iters,
+                                args.micro_batch_size, device, autocast, dp_rank, dims.dp,
+                                **eval_args)
             result.val_losses[iteration] = val_loss
             reporter.log_eval(iteration, val_loss)
             window_start = reporter.elapsed()  # evaluation time is not training throughput
@@ -265,13 +359,17 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     if saver is not None:
         saver.finalize()
     if test_data is not None and args.eval_iters:
-        test_loss = evaluate(model, test_data, args.eval_iters, args.micro_batch_size, device,
-                             autocast, dp_rank, dims.dp)
+        test_loss = evaluate(batch_loss, parts, test_data, args.eval_iters,
+                             args.micro_batch_size, device, autocast, dp_rank, dims.dp,
+                             **eval_args)
         result.test_loss = test_loss
         reporter.write_metrics({"iteration": progress.iteration, "test_loss": test_loss})
         reporter.message(f"test split after iteration {progress.iteration}: loss "
                          f"{test_loss:.4f}")
-    if args.generate_tokens:
+    if args.generate_tokens and pipeline:
+        reporter.message("sample generation runs with pipeline size 1 only; skipped (save a "
+                         "checkpoint and generate from it in one process)")
+    elif args.generate_tokens:
         try:
             prompt_text, prompt = SAMPLE_PROMPT, tokenizer.encode(SAMPLE_PROMPT)
         except ValueError:  # a tokenizer of ids (NullTokenizer): start from end-of-document
