@@ -47,6 +47,9 @@ OPS: dict[str, str] = {
     "activation.swiglu": "swiglu(h) -> silu(h[..., :F]) * h[..., F:]",
     "causal_conv1d": "causal_conv1d(x_BLC, weight, bias, activation) -> y_BLC",
     "ssd": "ssd(x, dt, A, B, C, chunk_size, D=, dt_bias=, dt_softplus=, dt_limit=) -> y",
+    "rotary": "rotary(x, cos, sin) -> x * cos + cat(-x2, x1) * sin (rotate-half RoPE)",
+    "linear_cross_entropy": "linear_cross_entropy(hidden, weight, labels, ignore_index=-100) -> "
+    "float32 mean cross-entropy of hidden @ weight^T over tokens not ignored",
 }
 
 
@@ -323,6 +326,8 @@ def _builtin_registry() -> KernelRegistry:
         ("activation.swiglu", "swiglu"),
         ("causal_conv1d", "causal_conv1d"),
         ("ssd", "ssd"),
+        ("rotary", "rotary"),
+        ("linear_cross_entropy", "linear_cross_entropy"),
     ):
         registry.register(Implementation(op, "eager", f"{eager}:{attribute}"))
     for op, target in (
@@ -332,6 +337,9 @@ def _builtin_registry() -> KernelRegistry:
         ("activation.squared_relu", "megatron_hybrid.kernels.triton_activations:squared_relu"),
         ("activation.swiglu", "megatron_hybrid.kernels.triton_activations:swiglu"),
         ("causal_conv1d", "megatron_hybrid.kernels.triton_conv1d:causal_conv1d"),
+        ("rotary", "megatron_hybrid.kernels.triton_rotary:rotary"),
+        ("linear_cross_entropy",
+         "megatron_hybrid.kernels.triton_linear_ce:linear_cross_entropy"),
     ):
         registry.register(Implementation(
             op, "triton", target,

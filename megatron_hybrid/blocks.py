@@ -59,7 +59,7 @@ def build_sequence_mixer(symbol: str, config: ModelConfig,
     if symbol == "M":
         return Mamba2Mixer(config, kernels)
     if symbol == "*":
-        return SelfAttention(config)
+        return SelfAttention(config, kernels)
     raise UnsupportedLayerError(f"no sequence mixer for symbol {symbol!r}")
 
 

@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.layers.rotary import apply_rotary, rotary_cos_sin
+from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
+from megatron_hybrid.layers.rotary import rotary_cos_sin
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
         super().__init__()
+        self.kernels = kernels or eager_kernels()
         self.num_heads = config.num_attention_heads
         self.num_groups = config.num_query_groups
         self.head_dim = config.kv_channels
@@ -45,7 +47,7 @@ class SelfAttention(nn.Module):
         if self.use_rope:
             cos, sin = rotary_cos_sin(seq, self.head_dim, self.rotary_base, x_BTD.device,
                                       torch.promote_types(q.dtype, torch.float32))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
         # Query head h attends with key/value group h // heads_per_group (enable_gqa semantics).
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.num_groups != self.num_heads
