@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import SAC_IGNORED_OPS
 
 from megatron_hybrid.layers.moe import GroupedExperts
 from megatron_hybrid.model import HybridModel
@@ -28,6 +29,8 @@ def apply_fsdp(model: HybridModel, mesh: DeviceMesh, bf16: bool, log=print) -> N
     expert_parallel = mesh["ep"].size() > 1
     nccl = dist.get_backend(dp_mesh.get_group()) == "nccl"
     blocks = list(model.decoder.layers.values())
+    if expert_parallel:
+        _let_selective_checkpointing_ignore_profiler_ops()
     num_expert_units = 0
     for index, block in enumerate(blocks):
         # The last block's parameters are needed again right away by the root's backward.
@@ -40,7 +43,10 @@ def apply_fsdp(model: HybridModel, mesh: DeviceMesh, bf16: bool, log=print) -> N
                 # (the all-to-all's backward): dividing by all data-parallel ranks, not only
                 # by edp, makes it the mean over the global batch like every other gradient.
                 experts.set_gradient_divide_factor(dp_mesh.size())
-                if not nccl:  # a divide factor other than the group size is NCCL's PREMUL_SUM
+                if not nccl and mesh["edp"].size() > 1:
+                    # That factor makes FSDP reduce with NCCL's PREMUL_SUM, which other backends
+                    # lack: sum, then divide. (Not with one edp rank: there FSDP 2.13 skips the
+                    # reduction, divides, and with this setting would divide a second time.)
                     experts.set_force_sum_reduction_for_comms(True)
                 num_expert_units += 1
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
@@ -49,3 +55,16 @@ def apply_fsdp(model: HybridModel, mesh: DeviceMesh, bf16: bool, log=print) -> N
                     "parallel ranks" if num_expert_units else "")
     log(f"FSDP2: {len(blocks)} blocks + root sharded over {dp_mesh.size()} data-parallel ranks"
         f"{experts_note}{' (bf16 params, fp32 reduce)' if bf16 else ''}")
+
+
+def _let_selective_checkpointing_ignore_profiler_ops() -> None:
+    """FSDP2 runs its pre/post-forward hooks under `record_function`, whose profiler ops are
+    dispatched. An expert unit nested in a block under selective activation checkpointing fires
+    those hooks a different number of times when the block is recomputed than in its forward, and
+    selective checkpointing, which replays a region's ops by invocation index, then fails
+    ("profiler._record_function_enter_new ... not found in storage"). The profiler ops carry no
+    tensors, so the replay may skip them (torch's own list of such ops, SAC_IGNORED_OPS)."""
+    for name in ("_record_function_enter", "_record_function_enter_new",
+                 "_record_function_exit"):
+        packet = getattr(torch.ops.profiler, name)
+        SAC_IGNORED_OPS.update(getattr(packet, overload) for overload in packet.overloads())
