@@ -1,4 +1,5 @@
-"""Command-line flags for the kernel registry: `--kernels auto|eager` and `--kernel OP=IMPL`.
+"""Command-line flags for the kernel registry: `--kernels auto|eager`, `--kernel OP=IMPL`, and
+the options of implementations that take some (`--tiled-mlp-shards N` for `--kernel mlp=tiled`).
 
     parser = argparse.ArgumentParser()
     add_kernel_args(parser)
@@ -24,7 +25,8 @@ from megatron_hybrid.kernels.registry import (
 
 
 def add_kernel_args(parser: argparse.ArgumentParser) -> None:
-    """Add `--kernels` and `--kernel` to `parser` (in an argument group of their own)."""
+    """Add `--kernels`, `--kernel` and `--tiled-mlp-shards` to `parser` (in an argument group
+    of their own)."""
     group = parser.add_argument_group("kernels")
     group.add_argument(
         "--kernels", choices=MODES, default="eager",
@@ -34,8 +36,22 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kernel", action="append", default=[], metavar="OP=IMPL",
         help="use implementation IMPL for op OP, or stop with an error saying why it cannot "
-        f"run; repeatable. Ops: {', '.join(OPS)}; implementations: eager, triton",
+        f"run; repeatable. Ops: {', '.join(OPS)}; implementations: eager, triton, "
+        "tiled (mlp only)",
     )
+    group.add_argument(
+        "--tiled-mlp-shards", type=_positive_int, default=4, metavar="N",
+        help="with --kernel mlp=tiled: split the tokens into N shards; each shard's MLP hidden "
+        "activations exist only while it is computed, in forward and again in backward "
+        "(default: 4)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse_kernel_requests(items: list[str]) -> dict[str, str]:
@@ -65,4 +81,6 @@ def kernels_from_args(args: argparse.Namespace, device: torch.device | str) -> B
     Raises:
         KernelError: a malformed or impossible request (see `resolve_kernels`).
     """
-    return resolve_kernels(parse_kernel_requests(args.kernel or []), args.kernels, device)
+    options = {"mlp=tiled": {"shards": args.tiled_mlp_shards}}
+    return resolve_kernels(parse_kernel_requests(args.kernel or []), args.kernels, device,
+                           options=options)

@@ -24,11 +24,12 @@ on CPU binds eager unless `MEGATRON_HYBRID_TRITON_ON_CPU=1` is also set.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +48,9 @@ OPS: dict[str, str] = {
     "activation.swiglu": "swiglu(h) -> silu(h[..., :F]) * h[..., F:]",
     "causal_conv1d": "causal_conv1d(x_BLC, weight, bias, activation) -> y_BLC",
     "ssd": "ssd(x, dt, A, B, C, chunk_size, D=, dt_bias=, dt_softplus=, dt_limit=) -> y",
+    "moe.experts": "experts(x_sorted_TH, tokens_per_expert_E, fc1_EFH, fc2_EHF, activation) -> "
+    "y_sorted_TH: each expert's fc2(act(fc1 x)) on its rows of the expert-sorted tokens",
+    "mlp": "mlp(x, linear_fc1, linear_fc2, act) -> linear_fc2(act(linear_fc1(x)))",
     "rotary": "rotary(x, cos, sin) -> x * cos + cat(-x2, x1) * sin (rotate-half RoPE)",
     "linear_cross_entropy": "linear_cross_entropy(hidden, weight, labels, ignore_index=-100) -> "
     "float32 mean cross-entropy of hidden @ weight^T over tokens not ignored",
@@ -161,6 +165,7 @@ class KernelChoice:
     impl: str
     how: str  # "requested", "eager mode", or "auto"
     passed_over: tuple[tuple[str, str], ...] = ()  # auto: (impl, reason) preferred but skipped
+    options: tuple[tuple[str, object], ...] = ()  # keyword arguments bound into the impl
 
 
 class BoundKernels:
@@ -204,8 +209,9 @@ class BoundKernels:
         why (ops passed over for the same reason are named together)."""
         parts, skipped = [], {}
         for op, choice in self.choices.items():
-            parts.append(f"{op}={choice.impl}" + (" (requested)" if choice.how == "requested"
-                                                  else ""))
+            options = ", ".join(f"{key}={value}" for key, value in choice.options)
+            parts.append(f"{op}={choice.impl}" + (f"({options})" if options else "")
+                         + (" (requested)" if choice.how == "requested" else ""))
             for impl, reason in choice.passed_over:
                 skipped.setdefault((impl, reason), []).append(op)
         line = f"kernels ({self.mode} on {self.device.type}): " + ", ".join(parts)
@@ -233,6 +239,7 @@ def resolve_kernels(
     mode: str = "eager",
     device: torch.device | str = "cpu",
     registry: KernelRegistry | None = None,
+    options: Mapping[str, Mapping[str, object]] | None = None,
 ) -> BoundKernels:
     """Bind one implementation per op for a model that will run on `device`.
 
@@ -242,6 +249,8 @@ def resolve_kernels(
             implementation per op; on CPU eager unless MEGATRON_HYBRID_TRITON_ON_CPU=1).
         device: where the model runs.
         registry: where implementations are looked up (default: the built-in REGISTRY).
+        options: "op=impl" -> keyword arguments bound into that implementation when it is the
+            one bound (`{"mlp=tiled": {"shards": 8}}`); ignored for implementations not bound.
 
     Raises:
         KernelError: an unknown mode, op or implementation, or a requested implementation that
@@ -266,6 +275,10 @@ def resolve_kernels(
             choices[op] = KernelChoice(op, "eager", "eager mode")
         else:
             functions[op], choices[op] = _auto(op, impls, device)
+        kwargs = dict((options or {}).get(f"{op}={choices[op].impl}", {}))
+        if kwargs:
+            functions[op] = functools.partial(functions[op], **kwargs)
+            choices[op] = replace(choices[op], options=tuple(kwargs.items()))
     return BoundKernels(functions, choices, mode, device)
 
 
@@ -331,6 +344,7 @@ def _builtin_registry() -> KernelRegistry:
     ):
         registry.register(Implementation(op, "eager", f"{eager}:{attribute}"))
     for op, target in (
+        ("moe.experts", "megatron_hybrid.kernels.triton_grouped_gemm:experts"),
         ("rms_norm", "megatron_hybrid.kernels.triton_norms:rms_norm"),
         ("add_rms_norm", "megatron_hybrid.kernels.triton_norms:add_rms_norm"),
         ("gated_rms_norm", "megatron_hybrid.kernels.triton_norms:gated_rms_norm"),
@@ -349,6 +363,13 @@ def _builtin_registry() -> KernelRegistry:
             cpu_needs_triton_interpreter=True,
             priority=10,
         ))
+    # The MoE experts' and the MLP's eager references live beside their layers' math; tiled is
+    # opt-in only (a negative priority: auto never prefers it over eager).
+    registry.register(Implementation("moe.experts", "eager",
+                                     "megatron_hybrid.kernels.moe_eager:experts"))
+    registry.register(Implementation("mlp", "eager", "megatron_hybrid.layers.mlp:mlp"))
+    registry.register(Implementation("mlp", "tiled", "megatron_hybrid.kernels.tiled_mlp:tiled_mlp",
+                                     priority=-10))
     return registry
 
 

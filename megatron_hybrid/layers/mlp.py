@@ -1,7 +1,8 @@
 """Dense MLP: squared-ReLU `fc2(relu(fc1(x))**2)` or SwiGLU `fc2(silu(gate) * up)`.
 
 For SwiGLU, `linear_fc1` packs [gate; up] row-wise, as Megatron does (first half activated).
-`activation_fn` is the eager reference; the module calls the activation its model bound.
+`activation_fn` and `mlp` are the eager references; the module runs the `mlp` op its model bound
+(eager, or `tiled`: kernels/tiled_mlp.py) with the activation its model bound.
 """
 
 from __future__ import annotations
@@ -30,14 +31,22 @@ def fc1_width(ffn_hidden_size: int, activation: str) -> int:
     return 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
 
 
+def mlp(x: torch.Tensor, linear_fc1: nn.Module, linear_fc2: nn.Module, act) -> torch.Tensor:
+    """`linear_fc2(act(linear_fc1(x)))`: the eager `mlp` op. It calls the layers themselves, so
+    hooks on them (tensor parallelism's input and output redistribution) run."""
+    return linear_fc2(act(linear_fc1(x)))
+
+
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str,
                  kernels: BoundKernels | None = None):
         super().__init__()
+        kernels = kernels or eager_kernels()
         self.activation = activation
-        self.act = (kernels or eager_kernels()).activation(activation)
+        self.act = kernels.activation(activation)
+        self.kernel = kernels.mlp  # the bound `mlp` op: eager, or tiled over the tokens
         self.linear_fc1 = nn.Linear(hidden_size, fc1_width(ffn_hidden_size, activation), bias=False)
         self.linear_fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(self.act(self.linear_fc1(x)))
+        return self.kernel(x, self.linear_fc1, self.linear_fc2, self.act)
