@@ -1,5 +1,6 @@
-"""Tensor parallelism of Mamba2, attention and MLPs (torchrun, gloo, CPU, float32): the same
-losses as one process, and checkpoints that stay canonical, so they move between layouts.
+"""Tensor parallelism of Mamba2, attention and MLPs, with and without sequence parallelism
+(torchrun, gloo, CPU, float32): the same losses as one process, and checkpoints that stay
+canonical, so they move between layouts.
 
 Run as a script under torchrun (`worker` mode) it loads a checkpoint into a tensor-parallel
 model, writes the logits of a fixed batch and can save the model back."""
@@ -26,6 +27,7 @@ FLAGS = [*TINY, "--hybrid-layer-pattern", PATTERN, "--global-batch-size", "8",
          "--train-iters", "6", "--log-interval", "1", "--device", "cpu"]
 SWIGLU = [*FLAGS, "--swiglu"]
 TP2 = ["--tensor-model-parallel-size", "2"]
+SP = ["--sequence-parallel"]
 
 
 def torchrun(nproc: int, *args: str, script=REPO / "scripts" / "pretrain_hybrid.py",
@@ -86,6 +88,15 @@ def test_tp2_squared_relu_matches_one_process(tmp_path):
     assert_close(train_torchrun(2, *FLAGS, *TP2, log_dir=tmp_path), train_one_process(*FLAGS))
 
 
+def test_sequence_parallel_with_moe_and_recompute_matches_one_process(tmp_path):
+    # The MoE layer sees the gathered sequence; the expert bias exercises its token counts.
+    flags = [*FLAGS, "--hybrid-layer-pattern", "[M-]M[*E]M-", "--train-iters", "5",
+             "--moe-shared-expert-intermediate-size", "16", "--moe-router-enable-expert-bias",
+             "--recompute-granularity", "selective"]
+    assert_close(train_torchrun(2, *flags, *TP2, *SP, log_dir=tmp_path),
+                 train_one_process(*flags))
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -127,13 +138,15 @@ def test_tp2_checkpoint_resumes_in_one_process(single, tp2):
     assert_close(resumed, single[0][3:])
 
 
-def test_one_process_checkpoint_loads_in_tp2_with_the_same_logits(single, tmp_path):
-    # Exact both ways: tp2 loads a one-process checkpoint (same logits), saves it again, and
-    # the saved tensors are bit-identical to the originals.
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_one_process_checkpoint_loads_in_tp2_with_the_same_logits(single, tmp_path,
+                                                                  sequence_parallel):
+    # Exact both ways: tp2 loads a one-process checkpoint (same logits, on a length tp does not
+    # divide), saves it again, and the saved tensors are bit-identical to the originals.
     source = single[1] / "iter_0000003"
     torchrun(2, "worker", "--tp", "2", "--load", str(source), "--logits",
-             str(tmp_path / "logits.pt"), "--save", str(tmp_path / "resaved"), "--",
-             *SWIGLU, script=Path(__file__))
+             str(tmp_path / "logits.pt"), "--save", str(tmp_path / "resaved"),
+             *(SP if sequence_parallel else []), "--", *SWIGLU, script=Path(__file__))
     expected = one_process_logits(source)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected,
                                rtol=1e-5, atol=1e-5)
@@ -147,10 +160,10 @@ def test_one_process_checkpoint_loads_in_tp2_with_the_same_logits(single, tmp_pa
         assert torch.equal(resaved[key], original[key]), key
 
 
-def test_tp2_x_dp2_resumes_a_one_process_checkpoint(single, tmp_path):
+def test_tp2_x_dp2_with_sequence_parallel_resumes_a_one_process_checkpoint(single, tmp_path):
     # Four ranks: FSDP shards each tensor-parallel shard again, so a rank's rows of a packed
     # weight start mid-part; loading and saving still go through canonical offsets.
-    losses = train_torchrun(4, *SWIGLU, *TP2, "--load", str(single[1]), "--ckpt-step", "3",
+    losses = train_torchrun(4, *SWIGLU, *TP2, *SP, "--load", str(single[1]), "--ckpt-step", "3",
                             "--save", str(tmp_path / "ckpt"), log_dir=tmp_path / "log")
     assert_close(losses, single[0][3:])
 
@@ -160,6 +173,26 @@ def test_tp2_x_dp2_resumes_a_one_process_checkpoint(single, tmp_path):
     expected, _, _ = read_model_state(single[1], iteration=6)
     for key, value in expected.items():
         torch.testing.assert_close(saved[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+# -- the packed layout ------------------------------------------------------------------------
+
+def test_rank_major_rows_map_back_to_canonical_offsets():
+    from megatron_hybrid.parallel.packed import PackedRows
+
+    packed = PackedRows(parts=(4, 4, 2, 2, 2), tp=2)  # z, x, B, C, dt of a tiny Mamba2
+    canonical = torch.arange(14)
+    rank_major = packed.to_rank_major(canonical)
+    # Rank 0 holds the first half of every part, rank 1 the second half.
+    assert rank_major[:7].tolist() == [0, 1, 4, 5, 8, 10, 12]
+    assert rank_major[7:].tolist() == [2, 3, 6, 7, 9, 11, 13]
+    assert torch.equal(packed.to_canonical_layout(rank_major), canonical)
+    # Rows 3..8 of the rank-major layout (an FSDP shard crossing the tp boundary), as runs of
+    # (offset in the shard, canonical row, length):
+    assert packed.runs(3, 9) == [(0, 5, 1), (1, 8, 1), (2, 10, 1), (3, 12, 1), (4, 2, 2)]
+    for offset, row, length in packed.runs(3, 9):
+        assert rank_major[3 + offset:3 + offset + length].tolist() == \
+            list(range(row, row + length))
 
 
 # -- layouts that do not fit -------------------------------------------------------------------
@@ -188,17 +221,32 @@ def test_moe_layers_are_left_to_their_own_checks():
     assert tensor_parallel_problems(small_config("M[*E]-"), 2) == []
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--sequence-parallel"], "needs --tensor-model-parallel-size 2 or more"),
+    ([*TP2, *SP, "--seq-length", "25"], "--seq-length 25 must be divisible by"),
+])
+def test_sequence_parallel_flags_that_do_not_fit_are_refused(flags, message):
+    from megatron_hybrid.training.arguments import build_parser, check_training_args
+
+    with pytest.raises(ValueError, match=message):
+        check_training_args(build_parser().parse_args([*FLAGS, *flags]))
+
+
 def test_a_layout_that_does_not_fit_stops_with_a_message():
-    proc = torchrun(2, *FLAGS, *TP2, "--mamba-num-groups", "1", check=False)
-    assert proc.returncode != 0
-    assert "--mamba-num-groups 1 is not divisible by --tensor-model-parallel-size 2" \
-        in proc.stderr
+    from conftest import small_config
+
+    from megatron_hybrid.parallel.dims import ParallelConfigError, ParallelDims
+
+    with pytest.raises(ParallelConfigError, match="--mamba-num-groups 1 is not divisible by "
+                       "--tensor-model-parallel-size 2"):
+        ParallelDims(world_size=2, tp=2).check_fits(small_config(PATTERN, mamba_num_groups=1))
 
 
 # -- the worker ----------------------------------------------------------------------------
 
 def fixed_batch(vocab_size: int) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    # 23 tokens: sequence parallelism pads a length tp does not divide.
+    return torch.randint(0, vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
 
 
 def one_process_logits(checkpoint: Path) -> torch.Tensor:
@@ -227,7 +275,7 @@ def build_model(flags):
 
 def worker(argv: list[str]) -> None:
     """Under torchrun: build the model of the trainer flags after `--`, shard it over all ranks
-    with tensor parallelism, load --load, write the logits of `fixed_batch` to --logits (rank
+    with tensor parallelism (and --sequence-parallel), load --load, write the logits of `fixed_batch` to --logits (rank
     0) and, with --save, save the model (a model-only checkpoint, iteration 0)."""
     import torch.distributed as dist
 
@@ -241,13 +289,15 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--load", required=True)
     parser.add_argument("--logits", required=True)
     parser.add_argument("--save")
+    parser.add_argument("--sequence-parallel", action="store_true")
     opts = parser.parse_args(argv[:split])
     dist.init_process_group("gloo")
     model, config = build_model(argv[split + 1:])
     dims = ParallelDims(dist.get_world_size(), tp=opts.tp)
     dims.check_fits(config)
     mesh = dims.build_mesh("cpu")
-    apply_tensor_parallel(model, mesh["tp"], log=lambda _: None)
+    apply_tensor_parallel(model, mesh["tp"], sequence_parallel=opts.sequence_parallel,
+                          log=lambda _: None)
     load_checkpoint(opts.load, model, None, config)
     with torch.no_grad():
         logits = model(fixed_batch(config.vocab_size))

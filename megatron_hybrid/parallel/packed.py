@@ -166,9 +166,11 @@ def to_canonical(tensor: DTensor, packed: PackedRows) -> ShardedTensor:
     shards_metadata, local_shards = [], []
     for coordinate, (first, count) in ranges.items():
         rank = int(mesh.mesh[coordinate])
+        # Another rank's device index is unknown here (and unused by DCP): type only.
+        device = local.device if coordinate == me else local.device.type
         for offset, canonical, length in packed.runs(first, first + count):
             meta = ShardMetadata([canonical] + [0] * len(rest), [length] + rest,
-                                 f"rank:{rank}/{local.device}")
+                                 f"rank:{rank}/{device}")
             shards_metadata.append(meta)
             if coordinate == me:
                 local_shards.append(LocalShard(local.narrow(0, offset, length), meta))

@@ -13,7 +13,17 @@
 
 Per-part splits store the packed weights rank-major (megatron_hybrid/parallel/packed.py); the
 checkpoint hooks map them back to the canonical layout, so checkpoints do not depend on tp.
-Norms, embedding and output layer stay replicated.
+Embedding and output layer stay replicated.
+
+Sequence parallelism (`--sequence-parallel`, Megatron's): the residual stream inside the decoder
+is split along the sequence over the tp ranks, and the norms run on the local slice:
+
+    decoder input --scatter--> x [B, T/tp, H] -- norm -- all-gather --> mixer (column-parallel in,
+    row-parallel out) --reduce-scatter--> + x ... final norm --all-gather--> decoder output
+
+A norm's weight is a replicated DTensor whose gradient, from this rank's tokens only, is summed
+over the ranks. MoE layers see the whole sequence: it is gathered before them and split after.
+Without it, norms are replicated and every mixer's output is all-reduced.
 """
 
 from __future__ import annotations
@@ -21,12 +31,15 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     parallelize_module,
 )
@@ -83,9 +96,13 @@ class PackedColwiseParallel(ColwiseParallel):
 
 
 class Mamba2Parallel(ParallelStyle):
-    """Split a `Mamba2Mixer`'s heads and groups over the mesh (see the module docstring)."""
+    """Split a `Mamba2Mixer`'s heads and groups over the mesh (see the module docstring);
+    `output_layout` is the placement out_proj's output is redistributed to."""
 
     HEAD_PARAMETERS = ("conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight")
+
+    def __init__(self, output_layout=Replicate()):
+        self.output_layout = output_layout
 
     def _apply(self, mixer: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         assert isinstance(mixer, Mamba2Mixer), type(mixer)
@@ -94,7 +111,7 @@ class Mamba2Parallel(ParallelStyle):
         group_state = mixer.num_groups * mixer.state_dim
         parallelize_module(mixer, device_mesh, {
             "in_proj": PackedColwiseParallel((d_inner, d_inner, group_state, group_state, heads)),
-            "out_proj": RowwiseParallel(),
+            "out_proj": RowwiseParallel(output_layouts=self.output_layout),
         })
         _store_rank_major(mixer.conv1d, PackedRows((d_inner, group_state, group_state), tp))
         for name in self.HEAD_PARAMETERS:
@@ -110,41 +127,112 @@ class Mamba2Parallel(ParallelStyle):
         return mixer
 
 
-def mlp_plan(mlp: MLP) -> dict[str, ParallelStyle]:
+def mlp_plan(mlp: MLP, output_layout=Replicate()) -> dict[str, ParallelStyle]:
     """The `parallelize_module` plan of a dense MLP (also a MoE's shared experts):
-    fc1 column-parallel (per part [gate; up] for SwiGLU), fc2 row-parallel."""
+    fc1 column-parallel (per part [gate; up] for SwiGLU), fc2 row-parallel with its output
+    redistributed to `output_layout`."""
     if mlp.activation == "swiglu":
         ffn = mlp.linear_fc2.in_features
         fc1 = PackedColwiseParallel((ffn, ffn))
     else:
         fc1 = ColwiseParallel()
-    return {"linear_fc1": fc1, "linear_fc2": RowwiseParallel()}
+    return {"linear_fc1": fc1, "linear_fc2": RowwiseParallel(output_layouts=output_layout)}
 
 
-def apply_tensor_parallel(model: HybridModel, tp_mesh: DeviceMesh, log=print) -> None:
+class SequenceParallelNorm(ParallelStyle):
+    """An RMSNorm on this rank's slice of the sequence. Its weight becomes a replicated DTensor;
+    `forward` and `add_and_norm` run the bound kernel on plain local tensors (so fused and
+    Triton norms work unchanged), and the weight's gradient -- from this rank's tokens only --
+    comes back `Partial` and is summed over the ranks (by FSDP when it shards the weight, else
+    right after it is accumulated)."""
+
+    def _apply(self, norm: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        weight = norm.weight
+        replicated = nn.Parameter(
+            DTensor.from_local(weight.detach(), device_mesh, [Replicate()], run_check=False),
+            requires_grad=weight.requires_grad)
+        norm.register_parameter("weight", replicated)
+        replicated.register_post_accumulate_grad_hook(_sum_partial_gradient)
+        _forward_on_local_shards(norm, ("weight",), methods=("forward", "add_and_norm"),
+                                 grad_placements=(Partial(),))
+        return norm
+
+
+class SequenceParallelDecoder(ParallelStyle):
+    """The decoder's input (the whole sequence, the same on every rank) is split along the
+    sequence and its output gathered back (DTensor redistributions; their backward is the
+    reverse). A length that does not divide by tp (generation) is padded at the end first:
+    every layer is causal, so padding changes no earlier position's output."""
+
+    def _apply(self, decoder: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        forward, tp = decoder.forward, device_mesh.size()
+
+        @functools.wraps(forward)
+        def run_on_sequence_slices(x_BTH: torch.Tensor) -> torch.Tensor:
+            seq = x_BTH.shape[1]
+            x_BTH = F.pad(x_BTH, (0, 0, 0, -seq % tp))
+            local = DTensor.from_local(x_BTH, device_mesh, [Replicate()], run_check=False) \
+                .redistribute(device_mesh, [Shard(1)]).to_local()
+            out = DTensor.from_local(forward(local), device_mesh, [Shard(1)], run_check=False) \
+                .redistribute(device_mesh, [Replicate()]).to_local()
+            return out[:, :seq]
+
+        decoder.forward = run_on_sequence_slices
+        return decoder
+
+
+def apply_tensor_parallel(model: HybridModel, tp_mesh: DeviceMesh,
+                          sequence_parallel: bool = False, log=print) -> None:
     """Shard every Mamba2, attention and MLP layer of `model` over `tp_mesh` in place (MoE
-    layers are left to `apply_expert_parallel`)."""
+    layers are left to `apply_expert_parallel`); with `sequence_parallel`, split the residual
+    stream and the norms along the sequence too (see the module docstring)."""
     tp = tp_mesh.size()
+    # A mixer's output projection all-reduces, or reduce-scatters onto the sequence slices.
+    output_layout = Shard(1) if sequence_parallel else Replicate()
     counts = {"M": 0, "*": 0, "-": 0}
     for block in model.decoder.layers.values():
         if block.sequence_symbol == "*":
             attention = block.self_attention
             parallelize_module(attention, tp_mesh, {
                 "linear_qkv": ColwiseParallel(),
-                "linear_proj": RowwiseParallel(),
+                "linear_proj": RowwiseParallel(output_layouts=output_layout),
             })
             # The local shard holds heads/tp query heads in groups/tp whole groups.
             attention.num_heads //= tp
             attention.num_groups //= tp
         elif block.sequence_symbol == "M":
-            parallelize_module(block.self_attention, tp_mesh, Mamba2Parallel())
+            parallelize_module(block.self_attention, tp_mesh, Mamba2Parallel(output_layout))
         if block.channel_symbol == "-":
-            parallelize_module(block.mlp, tp_mesh, mlp_plan(block.mlp))
+            parallelize_module(block.mlp, tp_mesh, mlp_plan(block.mlp, output_layout))
+        if sequence_parallel:
+            _split_block_sequence(block, tp_mesh)
         for symbol in (block.sequence_symbol, block.channel_symbol):
             if symbol in counts:
                 counts[symbol] += 1
+    if sequence_parallel:
+        parallelize_module(model.decoder, tp_mesh, SequenceParallelDecoder())
+        if model.decoder.final_norm is not None:
+            parallelize_module(model.decoder.final_norm, tp_mesh, SequenceParallelNorm())
     log(f"tensor parallel over {tp} ranks: {counts['M']} Mamba2 (heads, groups), "
-        f"{counts['*']} attention (query groups), {counts['-']} MLP (ffn) layers")
+        f"{counts['*']} attention (query groups), {counts['-']} MLP (ffn) layers"
+        + ("; sequence parallel norms and residual stream" if sequence_parallel else ""))
+
+
+def _split_block_sequence(block: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Sequence parallelism in one block whose mixers are already tensor-parallel: norms on the
+    local slice, each tensor-parallel mixer gathering the sequence at its input (a DTensor, so
+    the backward reduce-scatters), a MoE gathering it and splitting its output again."""
+    gather = PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())
+    plan: dict[str, ParallelStyle] = {}
+    if block.sequence_symbol is not None:
+        plan["input_layernorm"] = SequenceParallelNorm()
+        plan["self_attention"] = gather
+    if block.channel_symbol is not None:
+        plan["pre_mlp_layernorm"] = SequenceParallelNorm()
+        plan["mlp"] = gather if block.channel_symbol != "E" else PrepareModuleInputOutput(
+            input_layouts=Shard(1), desired_input_layouts=Replicate(), use_local_input=True,
+            output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True)
+    parallelize_module(block, tp_mesh, plan)
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -162,23 +250,34 @@ def _store_rank_major(module: nn.Module, packed: PackedRows) -> None:
         mark_packed(module, name, packed)
 
 
-def _forward_on_local_shards(module: nn.Module, names: tuple[str, ...]) -> None:
-    """Run `module.forward` with its DTensor parameters `names` replaced by their local shards
-    (plain tensors whose gradients flow back into the DTensors), so layer code written for plain
-    tensors runs unchanged on this rank's heads. The parameters are swapped back on return,
-    the way torch.func.functional_call swaps them."""
-    forward = module.forward
+def _forward_on_local_shards(module: nn.Module, names: tuple[str, ...],
+                             methods: tuple[str, ...] = ("forward",),
+                             grad_placements=None) -> None:
+    """Run `module`'s `methods` with its DTensor parameters `names` replaced by their local
+    shards (plain tensors whose gradients flow back into the DTensors, with `grad_placements`
+    when given), so layer code written for plain tensors runs unchanged on this rank's part.
+    The parameters are swapped back on return, the way torch.func.functional_call swaps them."""
     owners = [_owner(module, name) for name in names]
 
-    @functools.wraps(forward)
-    def forward_on_local_shards(*args, **kwargs):
-        originals = [owner._parameters[leaf] for owner, leaf in owners]
-        try:
-            for (owner, leaf), param in zip(owners, originals):
-                owner._parameters[leaf] = param.to_local()
-            return forward(*args, **kwargs)
-        finally:
-            for (owner, leaf), param in zip(owners, originals):
-                owner._parameters[leaf] = param
+    def on_local_shards(method):
+        @functools.wraps(method)
+        def run(*args, **kwargs):
+            originals = [owner._parameters[leaf] for owner, leaf in owners]
+            try:
+                for (owner, leaf), param in zip(owners, originals):
+                    owner._parameters[leaf] = param.to_local(grad_placements=grad_placements)
+                return method(*args, **kwargs)
+            finally:
+                for (owner, leaf), param in zip(owners, originals):
+                    owner._parameters[leaf] = param
+        return run
 
-    module.forward = forward_on_local_shards
+    for name in methods:
+        setattr(module, name, on_local_shards(getattr(module, name)))
+
+
+def _sum_partial_gradient(param: nn.Parameter) -> None:
+    """Post-accumulate-grad hook: a gradient that is a per-rank partial sum becomes the total,
+    in the parameter's placements (a DTensor redistribution: one all-reduce)."""
+    if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
+        param.grad = param.grad.redistribute(param.device_mesh, param.placements)

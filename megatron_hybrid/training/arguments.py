@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     par = parser.add_argument_group("parallelism (launch with torchrun; data parallel over "
                                     "the remaining ranks)")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--sequence-parallel", action="store_true",
+                     help="with tensor parallelism: split the residual stream and the norms "
+                          "along the sequence over the tensor-parallel ranks (all-gather into "
+                          "each mixer, reduce-scatter out of it instead of an all-reduce)")
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     par.add_argument("--expert-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-schedule", default=None,
@@ -171,6 +175,15 @@ def check_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--save-interval needs --save DIR and a positive interval")
     if args.keep_last is not None and args.keep_last < 1:
         raise ValueError(f"--keep-last must be at least 1, got {args.keep_last}")
+    if args.sequence_parallel:
+        tp = args.tensor_model_parallel_size
+        if tp < 2:
+            raise ValueError("--sequence-parallel splits the sequence over the tensor-parallel "
+                             "ranks: it needs --tensor-model-parallel-size 2 or more (drop the "
+                             "flag for tensor-parallel size 1)")
+        if args.seq_length % tp:
+            raise ValueError(f"--sequence-parallel: --seq-length {args.seq_length} must be "
+                             f"divisible by --tensor-model-parallel-size {tp}")
     if args.bf16 and args.device == "cpu":
         raise ValueError("--bf16 needs a CUDA device; drop it for CPU runs")
 

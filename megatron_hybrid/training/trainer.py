@@ -204,7 +204,8 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     for index, part in enumerate(parts):
         log = reporter.message if index == 0 else (lambda _: None)
         if dims.tp > 1:
-            apply_tensor_parallel(part, mesh["tp"], log=log)
+            apply_tensor_parallel(part, mesh["tp"], sequence_parallel=args.sequence_parallel,
+                                  log=log)
         apply_expert_parallel(part, mesh, log=log)
         if args.recompute_granularity:
             apply_activation_checkpointing(part, args.recompute_granularity, log=log)
