@@ -123,9 +123,17 @@ class HybridModel(nn.Module):
         x = self.embedding(input_BT) if self.stage.first else input_BT
         return self.decoder(x)
 
-    def forward(self, input_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_BT: torch.Tensor, labels_BT: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Logits (B, T, vocab); with `labels_BT`, the mean next-token cross-entropy instead,
+        through the bound `linear_cross_entropy` kernel (the Triton one never materializes the
+        logits). A pipeline stage that is not the last returns its hidden states."""
         hidden = self.hidden_states(input_BT)
-        return F.linear(hidden, self.output_weight()) if self.stage.last else hidden
+        if not self.stage.last:
+            return hidden
+        if labels_BT is not None:
+            return self.kernels.linear_cross_entropy(hidden, self.output_weight(), labels_BT)
+        return F.linear(hidden, self.output_weight())
 
     # -- MoE bookkeeping the training loop drives -----------------------------------------------
     def moe_layers(self) -> list[MoELayer]:

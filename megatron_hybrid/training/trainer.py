@@ -74,7 +74,7 @@ def language_model_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> to
 
 def model_loss(model: HybridModel):
     """batch (B, T+1) -> mean next-token loss of `model` on it."""
-    return lambda batch: language_model_loss(model(batch[:, :-1]), batch[:, 1:])
+    return lambda batch: model(batch[:, :-1], batch[:, 1:])
 
 
 @torch.no_grad()
@@ -308,8 +308,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
                 if use_fsdp:  # FSDP2: reduce-scatter gradients once, after the last one
                     model.set_requires_gradient_sync(micro == num_micro_batches - 1)
                 with autocast():
-                    logits = model(batch[:, :-1])
-                loss = language_model_loss(logits, batch[:, 1:])
+                    loss = model(batch[:, :-1], batch[:, 1:])
                 (loss / num_micro_batches).backward()
                 loss_sum += loss.detach()
         consumed_samples += args.global_batch_size
