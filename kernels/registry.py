@@ -351,6 +351,7 @@ def _builtin_registry() -> KernelRegistry:
         ("activation.squared_relu", "megatron_hybrid.kernels.triton_activations:squared_relu"),
         ("activation.swiglu", "megatron_hybrid.kernels.triton_activations:swiglu"),
         ("causal_conv1d", "megatron_hybrid.kernels.triton_conv1d:causal_conv1d"),
+        ("ssd", "megatron_hybrid.kernels.triton_ssd:ssd_chunked_scan"),
         ("rotary", "megatron_hybrid.kernels.triton_rotary:rotary"),
         ("linear_cross_entropy",
          "megatron_hybrid.kernels.triton_linear_ce:linear_cross_entropy"),

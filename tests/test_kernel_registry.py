@@ -159,7 +159,7 @@ def test_auto_uses_triton_on_cpu_when_asked_to(monkeypatch):
         pytest.skip(reason)
     kernels = resolve_kernels({}, "auto", "cpu")
     assert kernels.impl("gated_rms_norm") == "triton"
-    assert kernels.impl("ssd") == "eager"  # no Triton SSD yet
+    assert kernels.impl("ssd") == "triton"
 
 
 # -- binding per model instance -------------------------------------------------------------------

@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""SSD chunked scan (Mamba2), forward + backward: triton vs eager vs torch.compile(eager).
+
+At the shapes of mamba_ssm's reference timings (`mamba_chunk_scan_combined`, bf16 x/B/C, float32
+dt, forward + backward median on an H100), printed next to ours as targets. Every call is the
+Mamba2 layer's: D per head, dt_bias, softplus; gradients of x, dt, A, B, C, D and dt_bias under
+fixed random output gradients (torch.autograd.grad, so nothing accumulates). Each timing is the
+median of `--reps` CUDA-event-timed passes after `--warmup` untimed ones.
+
+Also per shape: the Triton forward alone, and how far the Triton results are from the eager op's
+in float32 (max |triton - eager| / max |eager| over y and each gradient). `--sweep` times other
+launch configurations (kernels/triton_ssd.py GPU_TUNING) at the two large shapes, `--profile`
+lists the Triton kernels' times at one shape. torch.compile runs last (its compile time
+dominates), and results go to `--out` as JSON after every measurement, so a run cut short keeps
+what it measured.
+
+    python benchmarks/ssd.py --out ssd.json [--sweep] [--profile]
+    TRITON_INTERPRET=1 python benchmarks/ssd.py --small --reps 1 --warmup 0   # CPU smoke run
+
+benchmarks/kernels.py includes these rows through `results(device, args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from megatron_hybrid.kernels import triton_ssd
+from megatron_hybrid.kernels.ssd_eager import ssd_chunked_scan as eager_ssd
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    seqlen: int
+    nheads: int
+    chunk_size: int
+    target_ms: float | None  # mamba_ssm fwd+bwd median on an H100
+    headdim: int = 64
+    ngroups: int = 8
+    dstate: int = 128
+
+    @property
+    def name(self) -> str:
+        return (f"B{self.batch} L{self.seqlen} H{self.nheads} P{self.headdim} G{self.ngroups} "
+                f"N{self.dstate} c{self.chunk_size}")
+
+
+SHAPES = [
+    Shape(4, 1024, 32, 128, 4.63),
+    Shape(4, 4096, 64, 128, 4.80),
+    Shape(2, 8192, 64, 256, 4.18),
+    Shape(1, 16384, 128, 256, 6.07),
+]
+SMALL_SHAPES = [Shape(1, 40, 4, 16, None, headdim=8, ngroups=2, dstate=8)]
+SWEEP = [  # GPU_TUNING overrides tried by --sweep
+    {}, {"bwd_warps": 8}, {"bwd_tile": 64}, {"bwd_tile": 64, "bwd_warps": 8}, {"tile": 32},
+    {"chunk_scan_warps": 8}, {"chunk_state_warps": 4},
+]
+
+
+def make_inputs(shape: Shape, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """The layer's arguments (bf16 x, B, C; float32 dt, A, D, dt_bias) and an output gradient."""
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*size, dtype=torch.float32, scale=1.0):
+        return (scale * torch.randn(*size, generator=generator)).to(device=device, dtype=dtype)
+
+    b, l, h, p, g, n = (shape.batch, shape.seqlen, shape.nheads, shape.headdim, shape.ngroups,
+                        shape.dstate)
+    inputs = dict(x=randn(b, l, h, p, dtype=torch.bfloat16), dt=randn(b, l, h),
+                  A=-torch.exp(randn(h)), B=randn(b, l, g, n, dtype=torch.bfloat16),
+                  C=randn(b, l, g, n, dtype=torch.bfloat16), D=randn(h),
+                  dt_bias=randn(h, scale=0.5) - 2.0)
+    return inputs, randn(b, l, h, p, dtype=torch.bfloat16)
+
+
+def call(fn: Callable, inputs: dict, chunk_size: int) -> torch.Tensor:
+    return fn(**inputs, chunk_size=chunk_size, dt_softplus=True)
+
+
+def fwd_bwd_step(fn: Callable, inputs: dict, dy: torch.Tensor, chunk_size: int) -> Callable:
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+
+    def step():
+        y = call(fn, leaves, chunk_size)
+        torch.autograd.grad(y, list(leaves.values()), dy)
+
+    return step
+
+
+def fwd_step(fn: Callable, inputs: dict, chunk_size: int) -> Callable:
+    def step():
+        with torch.no_grad():
+            call(fn, inputs, chunk_size)
+
+    return step
+
+
+def measure(step: Callable, warmup: int, reps: int, device: torch.device) -> float:
+    """Median milliseconds of `step`."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            step()
+            times.append(1e3 * (time.perf_counter() - began))
+    return statistics.median(times)
+
+
+def deviation(inputs: dict, dy: torch.Tensor, chunk_size: int) -> dict[str, float]:
+    """max |triton - eager in float32| / max |eager| for y and each gradient."""
+    results = []
+    for fn, cast in ((triton_ssd.ssd_chunked_scan, False), (eager_ssd, True)):
+        leaves = {k: (v.float() if cast else v).detach().requires_grad_()
+                  for k, v in inputs.items()}
+        y = call(fn, leaves, chunk_size)
+        grads = torch.autograd.grad(y, list(leaves.values()), dy.to(y.dtype))
+        results.append({"y": y, **{f"d{k}": g for k, g in zip(leaves, grads, strict=True)}})
+        del leaves, y, grads
+    got, want = results
+    return {k: ((got[k].float() - want[k]).abs().max() / want[k].abs().max()).item()
+            for k in got}
+
+
+def kernel_profile(inputs: dict, dy: torch.Tensor, chunk_size: int, steps: int = 3
+                   ) -> list[tuple[str, float]]:
+    """(kernel name, microseconds per fwd+bwd step) for the Triton implementation."""
+    step = fwd_bwd_step(triton_ssd.ssd_chunked_scan, inputs, dy, chunk_size)
+    step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            us = getattr(event, "device_time_total", None) or event.cuda_time_total
+            totals[event.key] = totals.get(event.key, 0.0) + us / steps
+    return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
+def _error(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def results(device: torch.device, args: argparse.Namespace, report: dict | None = None,
+            save: Callable[[], None] = lambda: None) -> list[dict]:
+    """One row per (shape, implementation): fwd+bwd median ms (and the Triton forward alone and
+    deviation from eager), or the error that stopped it. `args` needs warmup and reps; small,
+    sweep, profile and impls are optional."""
+    small = getattr(args, "small", False) or device.type != "cuda"
+    shapes = SMALL_SHAPES if small else SHAPES
+    impls = [i for i in getattr(args, "impls", None) or ["triton", "eager", "compile"]
+             if i in ("triton", "eager", "compile")]
+    rows: list[dict] = [] if report is None else report.setdefault("rows", [])
+    warmup, reps = args.warmup, args.reps
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(format_row(row), flush=True)
+        save()
+
+    def time_shapes(phase: list[str]) -> None:
+        compiled = torch.compile(eager_ssd, dynamic=False) if "compile" in phase else None
+        for shape in shapes:
+            inputs, dy = make_inputs(shape, device)
+            for impl in phase:
+                row = dict(op="ssd", shape=shape.name, impl=impl, target_ms=shape.target_ms)
+                fn = {"triton": triton_ssd.ssd_chunked_scan, "eager": eager_ssd,
+                      "compile": compiled}[impl]
+                try:
+                    row["median_ms"] = measure(fwd_bwd_step(fn, inputs, dy, shape.chunk_size),
+                                               warmup, reps, device)
+                    if impl == "triton":
+                        row["fwd_median_ms"] = measure(fwd_step(fn, inputs, shape.chunk_size),
+                                                       warmup, reps, device)
+                        row["max_rel_deviation_from_eager"] = deviation(inputs, dy,
+                                                                        shape.chunk_size)
+                except Exception as error:  # out of memory, compile failure
+                    row["error"] = _error(error)
+                add(row)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            del inputs, dy
+
+    time_shapes([i for i in impls if i != "compile"])
+
+    if getattr(args, "profile", False) and device.type == "cuda":
+        shape = SHAPES[1]
+        inputs, dy = make_inputs(shape, device)
+        try:
+            profile = kernel_profile(inputs, dy, shape.chunk_size)
+        except Exception as error:
+            print(f"profile failed: {_error(error)}")
+            profile = []
+        print(f"\nTriton kernels at {shape.name}, us per fwd+bwd:")
+        for name, us in profile[:20]:
+            print(f"  {us:9.1f}  {name[:90]}")
+        if report is not None:
+            report["profile"] = {"shape": shape.name, "us_per_step": dict(profile)}
+            save()
+        del inputs, dy
+
+    if getattr(args, "sweep", False) and device.type == "cuda":
+        default = dict(triton_ssd.GPU_TUNING)
+        for shape in (SHAPES[1], SHAPES[2]):
+            inputs, dy = make_inputs(shape, device)
+            for override in SWEEP:
+                triton_ssd.GPU_TUNING.update(override)
+                row = dict(op="ssd", shape=shape.name, impl="triton", tuning=override)
+                try:
+                    row["median_ms"] = measure(
+                        fwd_bwd_step(triton_ssd.ssd_chunked_scan, inputs, dy, shape.chunk_size),
+                        warmup, reps, device)
+                    row["fwd_median_ms"] = measure(
+                        fwd_step(triton_ssd.ssd_chunked_scan, inputs, shape.chunk_size),
+                        warmup, reps, device)
+                    row["max_rel_deviation_from_eager"] = deviation(inputs, dy, shape.chunk_size)
+                except Exception as error:
+                    row["error"] = _error(error)
+                finally:
+                    triton_ssd.GPU_TUNING.clear()
+                    triton_ssd.GPU_TUNING.update(default)
+                add(row)
+            del inputs, dy
+
+    # torch.compile last: its compile time dominates, so a run cut short has everything else.
+    time_shapes([i for i in impls if i == "compile"])
+    return rows
+
+
+def format_row(row: dict) -> str:
+    impl = row["impl"] + (f" {row['tuning']}" if "tuning" in row else "")
+    lead = f"{row['shape']:<34} {impl:<28}"
+    if "error" in row:
+        return f"{lead} {row['error']}"
+    target = row.get("target_ms")
+    fwd = f"{row['fwd_median_ms']:8.3f}" if "fwd_median_ms" in row else f"{'-':>8}"
+    vs = f"{row['median_ms'] / target:6.2f}x" if target and row["impl"] == "triton" else ""
+    line = (f"{lead} {row['median_ms']:9.3f} {fwd} "
+            f"{(f'{target:.2f}' if target else '-'):>9} {vs:>7}")
+    if "max_rel_deviation_from_eager" in row:
+        worst = max(row["max_rel_deviation_from_eager"].items(), key=lambda kv: kv[1])
+        line += f"   max dev {worst[1]:.1e} ({worst[0]})"
+    return line
+
+
+HEADER = (f"{'shape':<34} {'impl':<28} {'fwd+bwd':>9} {'fwd':>8} {'target':>9} {'/target':>7}"
+          "   (ms; target: mamba_ssm fwd+bwd on H100)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--impls", nargs="*", default=["triton", "eager", "compile"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--small", action="store_true", help="a tiny shape (CPU smoke run)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time other launch configurations (GPU)")
+    parser.add_argument("--profile", action="store_true", help="per-kernel times (GPU)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report: dict = dict(
+        benchmark="ssd", device=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                                 else platform.processor()),
+        torch=torch.__version__, triton=_triton_version(), warmup=args.warmup, reps=args.reps,
+        tuning=dict(triton_ssd.GPU_TUNING), rows=[],
+    )
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2))
+
+    print(HEADER)
+    rows = results(device, args, report, save)
+    print("\n" + HEADER)
+    for row in rows:
+        print(format_row(row))
+    return 0
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

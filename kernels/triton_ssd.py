@@ -1,0 +1,423 @@
+"""Triton SSD chunked scan (Mamba2's selective scan), forward and backward: the registry's `triton`
+implementation of op `ssd`, with the arguments and semantics of the eager reference
+kernels/ssd_eager.py::ssd_chunked_scan (and mamba_ssm's `mamba_chunk_scan_combined`).
+
+Per batch b and head h (group g = h // (nheads // ngroups)), inside chunk c with steps l, s and
+a = cumsum of dt * A over the chunk (dt after dt_bias, softplus and the dt_limit clamp):
+
+    y_l  = exp(a_l) C_l . S_c + sum_{s <= l} (C_l . B_s) exp(a_l - a_s) dt_s x_s + D x_l
+    T_c  = sum_s exp(a_last - a_s) dt_s outer(x_s, B_s)        the chunk's own end state
+    S_{c+1} = exp(a_last) S_c + T_c,  S_0 = initial_states,  final_states = S_nchunks
+
+The forward is mamba_ssm's decomposition (kernels in triton_ssd_fwd.py): chunk cumsum (dt
+processing and a), CB = C @ B^T per chunk and group, chunk states T_c, state passing (S_c in
+place of T_c), chunk scan (y). The backward (triton_ssd_bwd.py) recomputes those four (nothing
+but the inputs is saved) and then, with dy and d final_states:
+
+    1. dS_c from the chunk's outputs: sum_l exp(a_l) outer(dy_l, C_l)   (chunk-state kernel)
+    2. state passing backwards: dT_c = dS_{c+1}, dS_c += exp(a_last) dS_{c+1}, d initial = dS_0,
+       and d a_last = exp(a_last) <S_c, dS_{c+1}>
+    3. per source tile (heads of a group looped inside): dx, the dt-as-factor part of ddt, dB,
+       dD, and the gradient of a (see below)
+    4. per target tile: dC and the state readout's part of the gradient of a
+    5. chunk cumsum backwards: d(dt A) -> ddt, dA; then clamp, softplus and dt_bias.
+
+The gradient of dt*A at step k sums terms, never differences of cumsums (which cancel when a is
+large): with W[l, s] = CB[l, s] exp(a_l - a_s) dt_s (dy_l . x_s),
+    d(dtA)_k = sum_{l >= k > s} W[l, s]  +  sum_{l >= k} dy_l . exp(a_l) S_c C_l
+             + sum_{s < k} dt_s x_s . exp(a_last - a_s) dT_c B_s  +  d a_last.
+
+Precision: every sum accumulates in float32. Matmul operands are the inputs' half dtype when x,
+B and C share one (bf16 tensor cores; float32 intermediates such as scores, states and their
+gradients are rounded to it first, as in mamba_ssm), else float32 with IEEE products. Partial
+sums across programs (dA, d dt_bias, dD, d a_last) are written per program and added in torch:
+no atomics, deterministic results. y is returned in x's dtype, final_states in float32, every
+gradient in its input's dtype.
+
+Memory beyond inputs and outputs (float32): CB (b, nchunks, g, CP, CP) and the states
+(b, nchunks, h, p, n), as mamba_ssm; the backward adds one more states-sized buffer.
+
+Each pass is a `torch.library` custom op with a fake kernel and a registered autograd formula, so
+torch.compile traces it without graph breaks. On CPU tensors the kernels run only under
+TRITON_INTERPRET=1 (the registry checks this).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from megatron_hybrid.kernels import triton_ssd_bwd as bwd
+from megatron_hybrid.kernels import triton_ssd_fwd as fwd
+from megatron_hybrid.kernels.ssd_eager import _check_args
+from megatron_hybrid.kernels.triton_launch import check_inputs
+
+_STATE_BLOCK = 1024  # state passing: elements of the p*n state per program
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# Launch configuration on CUDA (benchmarks/ssd.py --sweep tries others): tiles of chunk positions
+# for the forward scan and CB ("tile") and for the two big backward kernels ("bwd_tile"), and
+# warps per kernel. Chosen by that sweep on an H100 (triton 3.6) at headdim 64 / dstate 128,
+# chunks of 128 and 256: 4 warps in the backward kernels 20% faster end to end than 8, 32-position
+# backward tiles 25% faster than 64, 64-position forward tiles 20% faster than 32.
+GPU_TUNING: dict[str, int] = {
+    "tile": 64, "bwd_tile": 32,
+    "warps": 4, "chunk_state_warps": 8, "chunk_scan_warps": 4, "bwd_warps": 4,
+}
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Sizes and launch configuration of one call."""
+
+    batch: int
+    seqlen: int
+    nheads: int
+    headdim: int
+    ngroups: int
+    dstate: int
+    chunk_size: int
+    nchunks: int
+    padded_len: int  # nchunks * chunk_size
+    cp: int  # chunk positions, padded to a power of two >= 16
+    bt: int  # tile of chunk positions: CB, chunk states, forward scan
+    bt_bwd: int  # tile of chunk positions: backward source and target kernels
+    bp: int  # headdim, padded
+    bn: int  # dstate, padded
+    block_h: int  # heads per chunk-cumsum program
+    dot_dtype: object  # tl dtype of matmul operands
+    interpret: bool
+    cuda: bool
+
+    @property
+    def ntiles(self) -> int:
+        return self.cp // self.bt
+
+    @property
+    def ntiles_bwd(self) -> int:
+        return self.cp // self.bt_bwd
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.nheads // self.ngroups
+
+    def warps(self, kernel: str = "") -> int:
+        if not self.cuda:
+            return 1
+        return GPU_TUNING.get(f"{kernel}_warps", GPU_TUNING["warps"])
+
+
+def _shape(x: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> _Shape:
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2:]
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    cp = max(16, triton.next_power_of_2(chunk_size))
+    cuda = x.device.type == "cuda"
+    # Under the CPU interpreter small tiles, so that the tests' tiny chunks span several.
+    bt, bt_bwd = (GPU_TUNING["tile"], GPU_TUNING["bwd_tile"]) if cuda else (16, 16)
+    half = x.dtype in _TL_DTYPES and B.dtype == x.dtype and C.dtype == x.dtype
+    return _Shape(
+        batch=batch, seqlen=seqlen, nheads=nheads, headdim=headdim, ngroups=ngroups,
+        dstate=dstate, chunk_size=chunk_size, nchunks=nchunks, padded_len=nchunks * chunk_size,
+        cp=cp, bt=min(cp, bt), bt_bwd=min(cp, bt_bwd),
+        bp=max(16, triton.next_power_of_2(headdim)), bn=max(16, triton.next_power_of_2(dstate)),
+        block_h=min(8 if cuda else 16, triton.next_power_of_2(nheads)),
+        dot_dtype=_TL_DTYPES[x.dtype] if half else tl.float32,
+        interpret=not cuda and os.environ.get("TRITON_INTERPRET") == "1", cuda=cuda,
+    )
+
+
+@dataclass
+class _Recomputed:
+    """Forward intermediates, computed again by the backward."""
+
+    dt: Tensor  # (b, h, padded_len) processed dt
+    da_cs: Tensor  # (b, h, padded_len) in-chunk cumsum of dt * A
+    cb: Tensor  # (b, nchunks, g, cp, cp)
+    states: Tensor  # (b, nchunks, h, p, n) state entering each chunk
+    final: Tensor  # (b, h, p, n)
+
+
+def _has_limit(dt_min: float, dt_max: float) -> bool:
+    return not (dt_min == 0.0 and dt_max == math.inf)
+
+
+def _strides(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+def _chunk_states(sh: _Shape, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                  dt_bias: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float,
+                  initial_states: Tensor | None) -> _Recomputed:
+    """Forward steps 1-4: processed dt and its cumsum, CB, and the states entering the chunks."""
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dt_out = torch.empty(sh.batch, sh.nheads, sh.padded_len, **f32)
+    da_cs = torch.empty_like(dt_out)
+    fwd.chunk_cumsum_kernel[(sh.batch, sh.nchunks, triton.cdiv(sh.nheads, sh.block_h))](
+        dt, A, dt_bias if dt_bias is not None else A, dt_out, da_cs,
+        sh.seqlen, sh.nheads, sh.chunk_size, sh.padded_len, *_strides(dt),
+        dt_min, dt_max,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=_has_limit(dt_min, dt_max),
+        CP=sh.cp, BLOCK_H=sh.block_h, num_warps=sh.warps(),
+    )
+    cb = torch.empty(sh.batch, sh.nchunks, sh.ngroups, sh.cp, sh.cp, **f32)
+    fwd.bmm_cb_kernel[(sh.batch * sh.nchunks * sh.ngroups, sh.ntiles)](
+        B, C, cb, sh.seqlen, sh.chunk_size, sh.nchunks, sh.ngroups, sh.dstate,
+        *_strides(B), *_strides(C),
+        CP=sh.cp, BT=sh.bt, BN=sh.bn, DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret,
+        num_warps=sh.warps(),
+    )
+    states = torch.empty(sh.batch, sh.nchunks, sh.nheads, sh.headdim, sh.dstate, **f32)
+    _chunk_state(sh, x, B, dt_out, da_cs, states, to_end=True)
+    final = torch.empty(sh.batch, sh.nheads, sh.headdim, sh.dstate, **f32)
+    dim = sh.headdim * sh.dstate
+    block = min(_STATE_BLOCK, triton.next_power_of_2(dim))
+    fwd.state_passing_fwd_kernel[(sh.batch * sh.nheads, triton.cdiv(dim, block))](
+        states, da_cs, initial_states if initial_states is not None else final, final,
+        sh.nchunks, sh.nheads, sh.chunk_size, sh.padded_len, dim,
+        HAS_INIT=initial_states is not None, BLOCK=block, num_warps=sh.warps(),
+    )
+    return _Recomputed(dt_out, da_cs, cb, states, final)
+
+
+def _chunk_state(sh: _Shape, x_or_dy: Tensor, b_or_c: Tensor, dt_out: Tensor, da_cs: Tensor,
+                 out: Tensor, to_end: bool) -> None:
+    fwd.chunk_state_kernel[(sh.batch * sh.nchunks * sh.nheads,)](
+        x_or_dy, b_or_c, dt_out, da_cs, out,
+        sh.seqlen, sh.chunk_size, sh.nchunks, sh.nheads, sh.heads_per_group, sh.headdim,
+        sh.dstate, sh.padded_len, *_strides(x_or_dy), *_strides(b_or_c),
+        TO_END=to_end, CP=sh.cp, BK=sh.bt, BP=sh.bp, BN=sh.bn,
+        DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret, num_warps=sh.warps("chunk_state"),
+    )
+
+
+def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+             D: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, dt_min: float,
+             dt_max: float, initial_states: Tensor | None) -> tuple[Tensor, Tensor]:
+    sh = _shape(x, B, C, chunk_size)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if sh.seqlen == 0 or sh.batch == 0:
+        final = x.new_zeros((sh.batch, sh.nheads, sh.headdim, sh.dstate), dtype=torch.float32)
+        if initial_states is not None:
+            final.copy_(initial_states)
+        return y, final
+    r = _chunk_states(sh, x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, initial_states)
+    fwd.chunk_scan_fwd_kernel[(sh.batch * sh.nchunks * sh.nheads, sh.ntiles)](
+        x, C, r.cb, r.dt, r.da_cs, r.states, D if D is not None else A, y,
+        sh.seqlen, sh.chunk_size, sh.nchunks, sh.nheads, sh.heads_per_group, sh.ngroups,
+        sh.headdim, sh.dstate, sh.padded_len,
+        *_strides(x), *_strides(C), *_strides(y)[:3],
+        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
+        CP=sh.cp, BT=sh.bt, BP=sh.bp, BN=sh.bn, DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret,
+        num_warps=sh.warps("chunk_scan"),
+    )
+    return y, r.final
+
+
+def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+              C: Tensor, chunk_size: int, D: Tensor | None, dt_bias: Tensor | None,
+              dt_softplus: bool, dt_min: float, dt_max: float,
+              initial_states: Tensor | None) -> tuple[Tensor, ...]:
+    """(dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial); an absent optional input gets an empty
+    tensor (a new one each: custom ops return no aliases)."""
+    sh = _shape(x, B, C, chunk_size)
+    device = x.device
+    f32 = dict(dtype=torch.float32, device=device)
+
+    def absent() -> Tensor:
+        return x.new_empty(0)
+
+    dx = torch.empty(x.shape, dtype=x.dtype, device=device)
+    ddt = torch.empty(dt.shape, dtype=dt.dtype, device=device)
+    dB = torch.empty(B.shape, dtype=B.dtype, device=device)
+    dC = torch.empty(C.shape, dtype=C.dtype, device=device)
+    if sh.seqlen == 0 or sh.batch == 0:
+        grads = [dx, ddt, torch.zeros_like(A), dB, dC]
+        grads += [torch.zeros_like(t) if t is not None else absent() for t in (D, dt_bias)]
+        grads.append(dfinal.to(initial_states.dtype, copy=True)
+                     if initial_states is not None else absent())
+        return tuple(grads)
+    r = _chunk_states(sh, x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, initial_states)
+
+    # 1-2: gradients of the states.
+    dstates = torch.empty(sh.batch, sh.nchunks, sh.nheads, sh.headdim, sh.dstate, **f32)
+    _chunk_state(sh, dy, C, r.dt, r.da_cs, dstates, to_end=False)
+    dim = sh.headdim * sh.dstate
+    block = min(_STATE_BLOCK, triton.next_power_of_2(dim))
+    nblocks = triton.cdiv(dim, block)
+    dinit = torch.empty(sh.batch, sh.nheads, sh.headdim, sh.dstate, **f32)
+    dda_last = torch.empty(sh.batch, sh.nheads, sh.nchunks, nblocks, **f32)
+    bwd.state_passing_bwd_kernel[(sh.batch * sh.nheads, nblocks)](
+        dstates, r.states, r.da_cs, dfinal, dinit, dda_last,
+        sh.nchunks, sh.nheads, sh.chunk_size, sh.padded_len, dim,
+        BLOCK=block, num_warps=sh.warps(),
+    )
+    dda_last = dda_last.sum(-1).contiguous()
+
+    # 3: source side.
+    per_step = dict(size=(sh.batch, sh.nheads, sh.padded_len), **f32)
+    ddt_direct = torch.empty(**per_step)
+    dda_to_end = torch.empty(**per_step)
+    dda_readout = torch.empty(**per_step)
+    dda_intra = torch.zeros(sh.batch, sh.nheads, sh.nchunks, sh.ntiles_bwd, sh.cp, **f32)
+    dd_partial = (torch.empty(sh.batch, sh.nchunks, sh.ntiles_bwd, sh.nheads, sh.headdim, **f32)
+                  if D is not None else absent())
+    grid = (sh.batch * sh.nchunks * sh.ngroups, sh.ntiles_bwd)
+    common = (sh.seqlen, sh.chunk_size, sh.nchunks, sh.nheads, sh.heads_per_group, sh.ngroups,
+              sh.headdim, sh.dstate, sh.padded_len)
+    tiles = dict(CP=sh.cp, BT=sh.bt_bwd, BP=sh.bp, BN=sh.bn, DOT_DTYPE=sh.dot_dtype,
+                 INTERPRET=sh.interpret, num_warps=sh.warps("bwd"))
+    bwd.chunk_scan_bwd_source_kernel[grid](
+        x, B, C, r.cb, r.dt, r.da_cs, dstates, D if D is not None else A, dy,
+        dx, dB, ddt_direct, dda_to_end, dda_intra, dd_partial,
+        *common, *_strides(x), *_strides(B), *_strides(C), *_strides(dy),
+        *_strides(dx)[:3], *_strides(dB)[:3],
+        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, **tiles,
+    )
+    # 4: target side.
+    bwd.chunk_scan_bwd_target_kernel[grid](
+        x, B, C, r.states, r.dt, r.da_cs, dy, dC, dda_readout,
+        *common, *_strides(x), *_strides(B), *_strides(C), *_strides(dy), *_strides(dC)[:3],
+        **tiles,
+    )
+    # 5: dt, A, dt_bias.
+    da_partial = torch.empty(sh.batch, sh.nchunks, sh.nheads, **f32)
+    dbias_partial = torch.empty_like(da_partial) if dt_bias is not None else absent()
+    bwd.chunk_cumsum_bwd_kernel[(sh.batch, sh.nchunks, triton.cdiv(sh.nheads, sh.block_h))](
+        dt, A, dt_bias if dt_bias is not None else A, r.dt, ddt_direct, dda_to_end, dda_intra,
+        dda_readout, dda_last, ddt, da_partial, dbias_partial,
+        sh.seqlen, sh.nheads, sh.chunk_size, sh.nchunks, sh.padded_len,
+        *_strides(dt), *_strides(ddt)[:2], dt_min, dt_max,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=_has_limit(dt_min, dt_max),
+        CP=sh.cp, NT=sh.ntiles_bwd, BLOCK_H=sh.block_h, num_warps=sh.warps(),
+    )
+    dA = da_partial.sum((0, 1)).to(A.dtype)
+    dbias = dbias_partial.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else absent()
+    if D is not None:
+        dD = dd_partial.sum((0, 1, 2))
+        dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
+    else:
+        dD = absent()
+    dinit = dinit.to(initial_states.dtype) if initial_states is not None else absent()
+    return dx, ddt, dA, dB, dC, dD, dbias, dinit
+
+
+# -- custom ops -----------------------------------------------------------------------------------
+
+@torch.library.custom_op("megatron_hybrid::ssd_chunked_scan", mutates_args=())
+def _ssd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+            D: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, dt_min: float,
+            dt_max: float, initial_states: Tensor | None) -> tuple[Tensor, Tensor]:
+    return _forward(x, dt, A, B, C, chunk_size, _contiguous(D), dt_bias, dt_softplus, dt_min,
+                    dt_max, _contiguous(initial_states))
+
+
+@_ssd_op.register_fake
+def _(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max, initial_states):
+    batch, _, nheads, headdim = x.shape
+    return (x.new_empty(x.shape),
+            x.new_empty((batch, nheads, headdim, B.shape[-1]), dtype=torch.float32))
+
+
+@torch.library.custom_op("megatron_hybrid::ssd_chunked_scan_backward", mutates_args=())
+def _ssd_backward_op(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                     C: Tensor, chunk_size: int, D: Tensor | None, dt_bias: Tensor | None,
+                     dt_softplus: bool, dt_min: float, dt_max: float,
+                     initial_states: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                             Tensor, Tensor, Tensor, Tensor]:
+    return _backward(dy, dfinal.float().contiguous(), x, dt, A, B, C, chunk_size, _contiguous(D),
+                     dt_bias, dt_softplus, dt_min, dt_max, _contiguous(initial_states))
+
+
+@_ssd_backward_op.register_fake
+def _(dy, dfinal, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max,
+      initial_states):
+    return (x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty(A.shape),
+            B.new_empty(B.shape), C.new_empty(C.shape),
+            *(t.new_empty(t.shape) if t is not None else x.new_empty(0)
+              for t in (D, dt_bias, initial_states)))
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return t.contiguous() if t is not None else None
+
+
+def _setup(ctx, inputs, output):
+    (x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max,
+     initial_states) = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states)
+    ctx.options = (chunk_size, dt_softplus, dt_min, dt_max)
+
+
+def _grad(ctx, dy, dfinal):
+    x, dt, A, B, C, D, dt_bias, initial_states = ctx.saved_tensors
+    chunk_size, dt_softplus, dt_min, dt_max = ctx.options
+    if dfinal is None:
+        dfinal = x.new_zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]),
+                             dtype=torch.float32)
+    if dy is None:
+        dy = torch.zeros_like(x)
+    dx, ddt, dA, dB, dC, dD, dbias, dinit = _ssd_backward_op(
+        dy, dfinal, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max,
+        initial_states,
+    )
+    return (dx, ddt, dA, dB, dC, None, dD if D is not None else None,
+            dbias if dt_bias is not None else None, None, None, None,
+            dinit if initial_states is not None else None)
+
+
+_ssd_op.register_autograd(_grad, setup_context=_setup)
+
+
+# -- public function (the registry's `triton` implementation) -------------------------------------
+
+def ssd_chunked_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba2's chunked selective scan in Triton; the arguments, shapes, results and errors of
+    kernels/ssd_eager.py::ssd_chunked_scan (mamba_ssm's `mamba_chunk_scan_combined`).
+
+    Args:
+        x: (batch, seqlen, nheads, headdim); any strides (e.g. a view of a packed projection).
+        dt: (batch, seqlen, nheads); `dt + dt_bias`, then softplus if `dt_softplus`, then
+            clamped to `dt_limit` unless that is (0, inf).
+        A: (nheads,).
+        B, C: (batch, seqlen, ngroups, dstate); head h reads group h // (nheads // ngroups).
+        chunk_size: positive; seqlen need not be a multiple of it.
+        D: optional skip, (nheads,) or (nheads, headdim).
+        dt_bias: optional (nheads,).
+        initial_states: optional (batch, nheads, headdim, dstate).
+        return_final_states: also return the state after the last step.
+
+    Returns:
+        y (batch, seqlen, nheads, headdim) in x's dtype, and with `return_final_states` the final
+        states (batch, nheads, headdim, dstate) in float32. Differentiable in every tensor.
+
+    Raises:
+        ValueError: as the eager op for shapes, chunk_size and dt_limit; and for dtypes other than
+            float32, bfloat16 and float16, or CPU tensors outside Triton's interpreter.
+    """
+    _check_args(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, initial_states)
+    optional = dict(D=D, dt_bias=dt_bias, initial_states=initial_states)
+    check_inputs("ssd", x=x, dt=dt, A=A, B=B, C=C,
+                 **{name: t for name, t in optional.items() if t is not None})
+    y, final = _ssd_op(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus,
+                       float(dt_limit[0]), float(dt_limit[1]), initial_states)
+    return (y, final) if return_final_states else y
