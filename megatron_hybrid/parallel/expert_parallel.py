@@ -16,7 +16,10 @@ weighted. Parallelism wraps only `GroupedExperts`, with a forward pre-hook and a
   fc2 [E, H, F] on F (`Shard(2)`); each rank's outputs are partial sums, added over tp by a
   DTensor Partial -> Replicate redistribution (in expert-sorted order, so the router's weights
   multiply full outputs and its gradients stay exact and identical on every tp rank). Shared
-  experts are column/row parallel like the dense MLP; the router is replicated.
+  experts follow the dense MLP's plan (`mlp_plan`: fc1 column-, fc2 row-parallel); the router
+  is replicated. SwiGLU experts are refused under tp: their packed [gate; up] rows sit on dim 1
+  of fc1, and the rank-major storage with canonical checkpoints (parallel/packed.py) handles
+  packed rows on dim 0 only.
 - Both: the expert weights live on the 2-D ("ep", "tp") sub-mesh.
 
 FSDP2 then shards the experts over mesh["edp"] (parallel/fsdp.py). Checkpoints need nothing more:
@@ -31,15 +34,12 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    RowwiseParallel,
-    parallelize_module,
-)
+from torch.distributed.tensor.parallel import parallelize_module
 
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.layers.moe import GroupedExperts, MoELayer
 from megatron_hybrid.model import HybridModel
+from megatron_hybrid.parallel.tensor_parallel import mlp_plan
 
 
 def expert_parallel_problems(config: ModelConfig, ep: int, tp: int) -> list[str]:
@@ -96,10 +96,7 @@ def apply_expert_parallel(model: HybridModel, mesh: DeviceMesh | None, log=print
         layer.experts.register_forward_pre_hook(hooks.dispatch)
         layer.experts.register_forward_hook(hooks.combine)
         if tp > 1 and layer.shared_experts is not None:
-            parallelize_module(layer.shared_experts, mesh["tp"], {
-                "linear_fc1": ColwiseParallel(),
-                "linear_fc2": RowwiseParallel(),
-            })
+            parallelize_module(layer.shared_experts, mesh["tp"], mlp_plan(layer.shared_experts))
     parts = []
     if ep > 1:
         parts.append(f"experts split over {ep} expert-parallel ranks "
