@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pipeline schedule (default: 1f1b with one stage per rank, "
                           "interleaved-1f1b when the pattern's '|' segments give each rank "
                           "several virtual stages)")
+    par.add_argument("--compile", action="store_true",
+                     help="torch.compile every block (after tensor parallelism and activation "
+                          "checkpointing, before FSDP); the first iterations include compile "
+                          "time")
     par.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                      help="activation checkpointing per block: full recomputes each block, "
                           "selective keeps GEMM/attention outputs and recomputes the rest")

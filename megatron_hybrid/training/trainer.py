@@ -33,6 +33,7 @@ from megatron_hybrid.flops import parameter_count
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron_hybrid.parallel.dims import ParallelDims
+from megatron_hybrid.parallel.compile import apply_compile
 from megatron_hybrid.parallel.distributed import (
     all_reduce_mean,
     all_reduce_sum_,
@@ -209,6 +210,8 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         apply_expert_parallel(part, mesh, log=log)
         if args.recompute_granularity:
             apply_activation_checkpointing(part, args.recompute_granularity, log=log)
+        if args.compile:
+            apply_compile(part, log=log)
         if use_fsdp:
             apply_fsdp(part, mesh, bf16=args.bf16, log=log)
     optimizers = [build_optimizer(part, args.lr, args.weight_decay,

@@ -1,0 +1,20 @@
+"""`--compile`: torch.compile per physical block (shared/DESIGN.md section 6: after tensor
+parallelism and activation checkpointing, before FSDP).
+
+Compiling block by block rather than the whole model keeps compile time proportional to the
+number of *distinct* blocks (blocks of one kind share the compiled code) and leaves FSDP's
+per-block hooks outside the compiled regions. The Triton kernels are `torch.library` custom ops
+with fake kernels, so they trace without graph breaks."""
+
+from __future__ import annotations
+
+from megatron_hybrid.model import HybridModel
+
+
+def apply_compile(model: HybridModel, log=print) -> None:
+    """Compile every block of `model.decoder.layers` in place (`nn.Module.compile`, so module
+    names, parameters and checkpoint keys do not change)."""
+    blocks = list(model.decoder.layers.values())
+    for block in blocks:
+        block.compile()
+    log(f"torch.compile: {len(blocks)} blocks compiled (on first use)")
