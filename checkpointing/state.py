@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megatron_hybrid.checkpointing.canonical import canonical_key, physical_name
 from megatron_hybrid.parallel.packed import (
@@ -55,12 +56,19 @@ class ModelState(Stateful):
                 for name, tensor in get_model_state_dict(self.model).items()}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load canonical tensors: as DCP fills them (this rank's shards) or whole tensors,
+        which a sharded model cuts into its shards."""
         physical = {physical_name(key, self.pattern): t for key, t in state_dict.items()}
         packed = packed_tensors(self.model)
-        if packed:
-            current = get_model_state_dict(self.model)
-            for name in packed.keys() & physical.keys():
-                physical[name] = _rank_major(physical[name], current[name], packed[name])
+        current = get_model_state_dict(self.model)
+        for name, value in physical.items():
+            like = current.get(name)
+            if name in packed:
+                value = _rank_major(value, like, packed[name])
+            if isinstance(like, DTensor) and not isinstance(value, DTensor):
+                value = distribute_tensor(value.to(like.device), like.device_mesh,
+                                          like.placements, src_data_rank=None)
+            physical[name] = value
         set_model_state_dict(self.model, physical, options=StateDictOptions(strict=True))
 
 

@@ -148,8 +148,9 @@ def test_one_process_checkpoint_loads_in_tp2_with_the_same_logits(single, tmp_pa
              str(tmp_path / "logits.pt"), "--save", str(tmp_path / "resaved"),
              *(SP if sequence_parallel else []), "--", *SWIGLU, script=Path(__file__))
     expected = one_process_logits(source)
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected,
-                               rtol=1e-5, atol=1e-5)
+    loaded_by_dcp, loaded_whole = torch.load(tmp_path / "logits.pt")
+    torch.testing.assert_close(loaded_by_dcp, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded_whole, expected, rtol=1e-5, atol=1e-5)
 
     from megatron_hybrid.checkpointing.consolidated import read_model_state
 
@@ -275,11 +276,14 @@ def build_model(flags):
 
 def worker(argv: list[str]) -> None:
     """Under torchrun: build the model of the trainer flags after `--`, shard it over all ranks
-    with tensor parallelism (and --sequence-parallel), load --load, write the logits of `fixed_batch` to --logits (rank
-    0) and, with --save, save the model (a model-only checkpoint, iteration 0)."""
+    with tensor parallelism (and --sequence-parallel), load --load, and write to --logits (rank
+    0) the logits of `fixed_batch` -- loaded by DCP, and loaded as whole canonical tensors into
+    a second such model; with --save, save the first (model-only checkpoint, iteration 0)."""
     import torch.distributed as dist
 
+    from megatron_hybrid.checkpointing.consolidated import read_model_state
     from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
+    from megatron_hybrid.checkpointing.state import ModelState
     from megatron_hybrid.parallel.dims import ParallelDims
     from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -292,19 +296,23 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--sequence-parallel", action="store_true")
     opts = parser.parse_args(argv[:split])
     dist.init_process_group("gloo")
-    model, config = build_model(argv[split + 1:])
+    flags = argv[split + 1:]
+    by_dcp, config = build_model(flags)
+    whole, _ = build_model(flags)
     dims = ParallelDims(dist.get_world_size(), tp=opts.tp)
     dims.check_fits(config)
     mesh = dims.build_mesh("cpu")
-    apply_tensor_parallel(model, mesh["tp"], sequence_parallel=opts.sequence_parallel,
-                          log=lambda _: None)
-    load_checkpoint(opts.load, model, None, config)
+    for model in (by_dcp, whole):
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=opts.sequence_parallel,
+                              log=lambda _: None)
+    load_checkpoint(opts.load, by_dcp, None, config)
+    ModelState(whole, config.pattern).load_state_dict(read_model_state(opts.load)[0])
     with torch.no_grad():
-        logits = model(fixed_batch(config.vocab_size))
+        logits = [model(fixed_batch(config.vocab_size)) for model in (by_dcp, whole)]
     if dist.get_rank() == 0:
         torch.save(logits, opts.logits)
     if opts.save:
-        CheckpointSaver(opts.save, log=lambda _: None).save(0, model, None, None, config)
+        CheckpointSaver(opts.save, log=lambda _: None).save(0, by_dcp, None, None, config)
     dist.destroy_process_group()
 
 
