@@ -64,10 +64,10 @@ class PackedRows:
     def segments(self) -> list[tuple[int, int, int]]:
         """(rank-major row, canonical row, length) of each rank's slice of each part, in
         rank-major order."""
-        starts = list(itertools.accumulate(self.parts, initial=0))
+        starts = list(itertools.accumulate(self.parts, initial=0))[:-1]
         out, position = [], 0
         for rank in range(self.tp):
-            for start, size in zip(starts, self.parts):
+            for start, size in zip(starts, self.parts, strict=True):
                 length = size // self.tp
                 out.append((position, start + rank * length, length))
                 position += length

@@ -43,6 +43,7 @@ from torch.distributed.tensor.parallel import (
     RowwiseParallel,
     parallelize_module,
 )
+from torch.distributed.tensor.placement_types import Placement
 
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.layers.mamba2 import Mamba2Mixer
@@ -101,8 +102,8 @@ class Mamba2Parallel(ParallelStyle):
 
     HEAD_PARAMETERS = ("conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight")
 
-    def __init__(self, output_layout=Replicate()):
-        self.output_layout = output_layout
+    def __init__(self, output_layout: Placement | None = None):
+        self.output_layout = output_layout or Replicate()
 
     def _apply(self, mixer: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         assert isinstance(mixer, Mamba2Mixer), type(mixer)
@@ -127,7 +128,7 @@ class Mamba2Parallel(ParallelStyle):
         return mixer
 
 
-def mlp_plan(mlp: MLP, output_layout=Replicate()) -> dict[str, ParallelStyle]:
+def mlp_plan(mlp: MLP, output_layout: Placement | None = None) -> dict[str, ParallelStyle]:
     """The `parallelize_module` plan of a dense MLP (also a MoE's shared experts):
     fc1 column-parallel (per part [gate; up] for SwiGLU), fc2 row-parallel with its output
     redistributed to `output_layout`."""
@@ -136,7 +137,8 @@ def mlp_plan(mlp: MLP, output_layout=Replicate()) -> dict[str, ParallelStyle]:
         fc1 = PackedColwiseParallel((ffn, ffn))
     else:
         fc1 = ColwiseParallel()
-    return {"linear_fc1": fc1, "linear_fc2": RowwiseParallel(output_layouts=output_layout)}
+    return {"linear_fc1": fc1,
+            "linear_fc2": RowwiseParallel(output_layouts=output_layout or Replicate())}
 
 
 class SequenceParallelNorm(ParallelStyle):
@@ -264,11 +266,11 @@ def _forward_on_local_shards(module: nn.Module, names: tuple[str, ...],
         def run(*args, **kwargs):
             originals = [owner._parameters[leaf] for owner, leaf in owners]
             try:
-                for (owner, leaf), param in zip(owners, originals):
+                for (owner, leaf), param in zip(owners, originals, strict=True):
                     owner._parameters[leaf] = param.to_local(grad_placements=grad_placements)
                 return method(*args, **kwargs)
             finally:
-                for (owner, leaf), param in zip(owners, originals):
+                for (owner, leaf), param in zip(owners, originals, strict=True):
                     owner._parameters[leaf] = param
         return run
 
