@@ -35,6 +35,7 @@ import torch
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.flops import parameter_count, training_flops_per_token
 from megatron_hybrid.kernels import resolve_kernels
+from megatron_hybrid.parallel.compile import apply_compile
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.pattern import CHANNEL_MIXERS, SEQUENCE_MIXERS
 
@@ -133,7 +134,9 @@ def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.devic
     result["kernels_bound"] = kernels.describe()
     model = HybridModel(config, seed=1234, kernels=kernels).to(device)
     assert model.num_parameters() == params, (model.num_parameters(), params)
-    step_model = torch.compile(model) if args.compile else model
+    if args.compile:  # per block, as the training script's --compile
+        apply_compile(model, log=lambda _: None)
+    step_model = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                                   fused=device.type == "cuda")
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--kernels", choices=("auto", "eager"), default="auto",
                         help="kernel binding (megatron_hybrid.kernels.resolve_kernels)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="accelerator peak for MFU (default on CUDA: "
                         f"{H100_SXM_BF16_DENSE_TFLOPS}, H100 SXM bf16 dense)")

@@ -133,24 +133,13 @@ class GroupedExperts(nn.Module):
         """Every expert's MLP `fc2_e(act(fc1_e(x)))` on its rows of `x_sorted_TH` (T, H), rows
         grouped by expert in order, `tokens_per_expert_E` rows each; E is the number of experts
         in the given weights (the local ones under expert parallelism). `activation` names the
-        MLP activation ("squared_relu", "swiglu"), computed by the model's bound kernel.
+        MLP activation ("squared_relu", "swiglu").
 
-        Eager body: rows are packed into an (E, capacity, H) buffer, capacity being the largest
-        expert's load, and every expert runs in one batched matmul. Padding rows are zero and
-        stay zero through both activations (relu(0)^2 = silu(0)*0 = 0)."""
-        num_experts, num_rows = fc1_EFH.shape[0], x_sorted_TH.shape[0]
-        expert_of = torch.repeat_interleave(
-            torch.arange(num_experts, device=x_sorted_TH.device), tokens_per_expert_E,
-            output_size=num_rows)
-        starts = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
-        slot = torch.arange(num_rows, device=x_sorted_TH.device) - starts[expert_of]
-        # One host sync per layer; a grouped GEMM kernel avoids it.
-        capacity = int(tokens_per_expert_E.max()) if num_experts else 0
-        packed = x_sorted_TH.new_zeros(num_experts, capacity, x_sorted_TH.shape[-1])
-        packed[expert_of, slot] = x_sorted_TH
-        hidden = self.kernels.activation(activation)(torch.bmm(packed, fc1_EFH.transpose(1, 2)))
-        out = torch.bmm(hidden, fc2_EHF.transpose(1, 2))
-        return out[expert_of, slot]
+        Runs the model's bound `moe.experts` kernel: eager packs rows into an
+        (E, capacity, H) buffer for one batched matmul (one host sync for the capacity); the
+        Triton grouped GEMM walks the sorted rows with an on-device tile schedule, no sync."""
+        return self.kernels["moe.experts"](x_sorted_TH, tokens_per_expert_E, fc1_EFH, fc2_EHF,
+                                           activation)
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
