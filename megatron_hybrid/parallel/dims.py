@@ -48,8 +48,8 @@ class ParallelDims:
         problems = expert_parallel_problems(config, self.ep, self.tp)
         if problems:
             raise ParallelConfigError(
-                f"the MoE layers do not fit --expert-model-parallel-size {self.ep} x "
-                f"--tensor-model-parallel-size {self.tp}: " + "; ".join(problems))
+                f"expert/tensor-parallel layout (ep {self.ep}, tp {self.tp}) does not fit the MoE "
+                f"layers of pattern {config.hybrid_layer_pattern!r}: " + "; ".join(problems))
         if self.pp > 1:
             problems = check_pipeline_fits(config, self.pp, self.pipeline_schedule)
             if problems:
