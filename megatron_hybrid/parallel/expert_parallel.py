@@ -10,8 +10,9 @@ weighted. Parallelism wraps only `GroupedExperts`, with a forward pre-hook and a
 
 - Expert parallel over mesh["ep"]: each rank holds num_experts / ep whole experts (the expert
   weights are DTensors `Shard(0)`). The per-expert row counts are exchanged first (one small
-  all-to-all and one host sync), then the rows travel with torch's autograd all-to-all, whose
-  backward sends the gradients back the same way.
+  all-to-all and one host sync), then the rows travel with torch's autograd all-to-all
+  (`all_to_all_single_autograd`; torch 2.13 deprecates torch.distributed.nn.functional's in its
+  favour), whose backward sends the gradients back the same way.
 - Tensor parallel over mesh["tp"]: every expert's fc1 [E, F, H] is split on F (`Shard(1)`) and
   fc2 [E, H, F] on F (`Shard(2)`); each rank's outputs are partial sums, added over tp by a
   DTensor Partial -> Replicate redistribution (in expert-sorted order, so the router's weights
