@@ -118,7 +118,8 @@ class OptimizerState(Stateful):
 
 def _is_moment(value, packed: PackedRows) -> bool:
     """An optimizer state tensor shaped like its (packed) parameter, e.g. Adam's moments."""
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == packed.rows
+    return isinstance(value, torch.Tensor) and value.dim() > packed.dim and \
+        value.shape[packed.dim] == packed.rows
 
 
 def _rank_major(value: torch.Tensor, like: torch.Tensor, packed: PackedRows) -> torch.Tensor:

@@ -196,6 +196,16 @@ def test_rank_major_rows_map_back_to_canonical_offsets():
             list(range(row, row + length))
 
 
+def test_packed_dimension_can_be_another_than_rows():
+    from megatron_hybrid.parallel.packed import PackedRows
+
+    packed = PackedRows(parts=(2, 2), tp=2, dim=1)  # e.g. experts' fc1 [E, gate; up, H]
+    canonical = torch.arange(24).view(2, 4, 3)
+    rank_major = packed.to_rank_major(canonical)
+    assert torch.equal(rank_major[:, 1], canonical[:, 2])  # rank 0: gate row 0, up row 0
+    assert torch.equal(packed.to_canonical_layout(rank_major), canonical)
+
+
 # -- layouts that do not fit -------------------------------------------------------------------
 
 @pytest.mark.parametrize("tp, overrides, message", [

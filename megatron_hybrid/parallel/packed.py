@@ -15,16 +15,19 @@ Checkpoints never see the rank-major order (shared/DESIGN.md section 5). `to_can
 a rank-major DTensor to torch.distributed.checkpoint as a `ShardedTensor` of the canonical shape
 whose local shards are this rank's rows, cut into runs that are consecutive in the canonical
 layout and placed at their canonical offsets; `from_canonical` puts loaded values back. A rank's
-rows are one contiguous range of the rank-major layout, found from the DTensor's placements, so
-this holds when FSDP shards the tensor-parallel shard further, and for any tp/dp layout on load.
+local tensor is one box of the rank-major tensor (as DCP assumes of any DTensor), found from the
+DTensor's placements for every rank, so this holds when FSDP shards the tensor-parallel shard
+further (a rank's rows then start mid-part), and for any tp/dp layout on load.
 
-The plan marks each packed tensor on its module (`mark_packed`); the checkpoint hooks find them
-by state-dict name (`packed_tensors`).
+The packed dimension is the rows (dim 0) of a linear weight; `PackedRows(dim=...)` packs
+another, e.g. dim 1 of stacked experts' fc1 [E, 2F, H]. The plan marks each packed tensor on its
+module (`mark_packed`); the checkpoint hooks find them by state-dict name (`packed_tensors`).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +36,8 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard as LocalShard
 from torch.distributed._shard.sharded_tensor import ShardedTensor, ShardedTensorMetadata
 from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
-from torch.distributed.tensor.placement_types import _StridedShard
 
 # Module attribute holding {parameter name: PackedRows} for the packed parameters it owns.
 _MARK = "_tp_packed_rows"
@@ -45,11 +47,12 @@ _WRAPPER_NAMES = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wr
 
 @dataclass(frozen=True)
 class PackedRows:
-    """Rows that concatenate `parts` (their row counts, in canonical order), each split evenly
-    over `tp` ranks."""
+    """Rows (indices along `dim`) that concatenate `parts` (their row counts, in canonical
+    order), each split evenly over `tp` ranks."""
 
     parts: tuple[int, ...]
     tp: int
+    dim: int = 0
 
     def __post_init__(self) -> None:
         uneven = [size for size in self.parts if size % self.tp]
@@ -78,12 +81,11 @@ class PackedRows:
         return torch.cat([torch.arange(c, c + n) for _, c, n in self.segments()])
 
     def to_rank_major(self, canonical: torch.Tensor) -> torch.Tensor:
-        return canonical.index_select(0, self.canonical_rows().to(canonical.device))
+        return canonical.index_select(self.dim, self.canonical_rows().to(canonical.device))
 
     def to_canonical_layout(self, rank_major: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(rank_major)
-        out[self.canonical_rows().to(rank_major.device)] = rank_major
-        return out
+        index = self.canonical_rows().to(rank_major.device)
+        return torch.empty_like(rank_major).index_copy_(self.dim, index, rank_major)
 
     def runs(self, first: int, stop: int) -> list[tuple[int, int, int]]:
         """Rows [first, stop) of the rank-major layout as maximal runs that are consecutive in
@@ -124,72 +126,71 @@ def packed_tensors(model: nn.Module) -> dict[str, PackedRows]:
 
 # -- checkpoint views ------------------------------------------------------------------------
 
-def _row_ranges(tensor: DTensor) -> dict[tuple[int, ...], tuple[int, int]]:
-    """{mesh coordinate: (first row, row count)} of every rank's local tensor in the global
-    (rank-major) layout. Placements must shard rows only, so each local tensor is one contiguous
-    range of rows (tensor parallel's Shard(0), FSDP's Shard(0) or _StridedShard(0) of it)."""
-    for placement in tensor.placements:
-        if not (isinstance(placement, Replicate)
-                or (isinstance(placement, (Shard, _StridedShard)) and placement.dim == 0)):
-            raise ValueError(f"a packed tensor must be sharded on rows only, got placements "
-                             f"{tensor.placements}")
+def _local_boxes(tensor: DTensor) -> dict[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """{mesh coordinate: (global offsets, local shape)} of every rank's local tensor, the
+    box of the global (rank-major) tensor it holds, as DCP saves a DTensor."""
+    if any(p.is_partial() for p in tensor.placements):
+        raise ValueError(f"cannot checkpoint a partial sum: placements {tensor.placements}")
     mesh_shape = tuple(tensor.device_mesh.shape)
-    ranges = {}
+    boxes = {}
     for coordinate in itertools.product(*map(range, mesh_shape)):
-        shape, offset = _compute_local_shape_and_global_offset(
+        shape, offsets = _compute_local_shape_and_global_offset(
             tensor.shape, mesh_shape, list(coordinate), tensor.placements)
-        ranges[coordinate] = (offset[0], shape[0])
-    # Contiguity check: the distinct ranges tile the rows exactly.
-    tiles = sorted({r for r in ranges.values() if r[1]})
-    edges = [0]
-    for first, count in tiles:
-        assert first == edges[-1], f"local rows of {tensor.placements} are not contiguous"
-        edges.append(first + count)
-    assert edges[-1] == tensor.shape[0]
-    return ranges
+        boxes[coordinate] = (tuple(offsets), tuple(shape))
+    nonempty = {box for box in boxes.values() if math.prod(box[1])}
+    if len(nonempty) < sum(1 for box in boxes.values() if math.prod(box[1])):
+        # FSDP and tensor parallelism shard these tensors; a mesh dim that replicates one
+        # (HSDP) would need one writer per box.
+        raise NotImplementedError(f"packed tensor replicated over a mesh dim: "
+                                  f"{tensor.placements}")
+    assert sum(math.prod(shape) for _, shape in nonempty) == tensor.numel(), \
+        f"local tensors of placements {tensor.placements} are not boxes of the global tensor"
+    return boxes
 
 
 def to_canonical(tensor: DTensor, packed: PackedRows) -> ShardedTensor:
-    """A ShardedTensor of the canonical layout holding this rank's rows of the rank-major DTensor
-    `tensor` (local shards are views of its local tensor)."""
-    mesh = tensor.device_mesh
+    """A ShardedTensor of the canonical layout holding this rank's part of the rank-major
+    DTensor `tensor`: its box, cut along the packed dim into runs at canonical offsets."""
+    mesh, dim = tensor.device_mesh, packed.dim
     local = tensor.to_local()
-    rest = list(tensor.shape[1:])
-    ranges = _row_ranges(tensor)
     me = tuple(mesh.get_coordinate())
-    nonempty = [r for r in ranges.values() if r[1]]
-    if len(set(nonempty)) < len(nonempty):
-        # Only FSDP (sharding) and tensor parallelism touch these tensors; a replicated mesh
-        # dim (HSDP) would need one writer per range.
-        raise NotImplementedError(f"packed tensor replicated over a mesh dim: "
-                                  f"{tensor.placements}")
     shards_metadata, local_shards = [], []
-    for coordinate, (first, count) in ranges.items():
+    for coordinate, (offsets, shape) in _local_boxes(tensor).items():
+        if not math.prod(shape):
+            continue
         rank = int(mesh.mesh[coordinate])
         # Another rank's device index is unknown here (and unused by DCP): type only.
         device = local.device if coordinate == me else local.device.type
-        for offset, canonical, length in packed.runs(first, first + count):
-            meta = ShardMetadata([canonical] + [0] * len(rest), [length] + rest,
+        first = offsets[dim]
+        for offset, canonical, length in packed.runs(first, first + shape[dim]):
+            meta = ShardMetadata(_at(offsets, dim, canonical), _at(shape, dim, length),
                                  f"rank:{rank}/{device}")
             shards_metadata.append(meta)
             if coordinate == me:
-                local_shards.append(LocalShard(local.narrow(0, offset, length), meta))
+                piece = local.narrow(dim, offset, length)
+                local_shards.append(LocalShard(
+                    piece if piece.is_contiguous() else piece.contiguous(), meta))
     metadata = ShardedTensorMetadata(shards_metadata, tensor.shape,
                                      TensorProperties.create_from_tensor(local))
     return ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, metadata)
 
 
 def from_canonical(sharded: ShardedTensor, like: DTensor, packed: PackedRows) -> DTensor:
-    """The rank-major DTensor (mesh and placements of `like`) holding the canonical rows that
+    """The rank-major DTensor (mesh and placements of `like`) holding the canonical values that
     `sharded` (made by `to_canonical(like, packed)`, then filled by a load) carries."""
-    first, count = _row_ranges(like)[tuple(like.device_mesh.get_coordinate())]
+    dim = packed.dim
+    offsets, shape = _local_boxes(like)[tuple(like.device_mesh.get_coordinate())]
     local = torch.empty_like(like.to_local())
-    by_offset = {shard.metadata.shard_offsets[0]: shard.tensor
+    by_offset = {shard.metadata.shard_offsets[dim]: shard.tensor
                  for shard in sharded.local_shards()}
-    for offset, canonical, length in packed.runs(first, first + count):
-        local.narrow(0, offset, length).copy_(by_offset[canonical])
+    for offset, canonical, length in packed.runs(offsets[dim], offsets[dim] + shape[dim]):
+        local.narrow(dim, offset, length).copy_(by_offset[canonical])
     return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
                               shape=like.shape, stride=like.stride())
+
+
+def _at(values: tuple[int, ...], dim: int, value: int) -> list[int]:
+    return [value if d == dim else v for d, v in enumerate(values)]
 
 
 def is_canonical_view(value) -> bool:

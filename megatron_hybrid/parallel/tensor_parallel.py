@@ -247,7 +247,7 @@ def _store_rank_major(module: nn.Module, packed: PackedRows) -> None:
     """Reorder the rows of `module`'s row-packed parameters (weight, bias) rank-major and mark
     them for the checkpoint hooks."""
     for name, param in module.named_parameters(recurse=False):
-        assert param.shape[0] == packed.rows, (name, tuple(param.shape), packed)
+        assert param.shape[packed.dim] == packed.rows, (name, tuple(param.shape), packed)
         param.copy_(packed.to_rank_major(param))
         mark_packed(module, name, packed)
 
