@@ -35,6 +35,7 @@ import torch
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.flops import parameter_count, training_flops_per_token
 from megatron_hybrid.kernels import resolve_kernels
+from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron_hybrid.parallel.compile import apply_compile
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.pattern import CHANNEL_MIXERS, SEQUENCE_MIXERS
@@ -124,7 +125,8 @@ def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.devic
         num_blocks=config.pattern.num_blocks, num_layers=config.pattern.num_layers,
         parameters=params, seq_length=bench.seq_length, micro_batch=bench.micro_batch,
         tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
-        kernels=args.kernels, compile=args.compile,
+        kernels=args.kernels, compile=args.compile and (args.compile_mode or "default"),
+        recompute=args.recompute_granularity,
         dtype="bf16-autocast" if device.type == "cuda" else "fp32",
         steps=args.steps, warmup=args.warmup,
     )
@@ -134,8 +136,10 @@ def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.devic
     result["kernels_bound"] = kernels.describe()
     model = HybridModel(config, seed=1234, kernels=kernels).to(device)
     assert model.num_parameters() == params, (model.num_parameters(), params)
+    if args.recompute_granularity:  # before compile, as the training script orders them
+        apply_activation_checkpointing(model, args.recompute_granularity, log=lambda _: None)
     if args.compile:  # per block, as the training script's --compile
-        apply_compile(model, log=lambda _: None)
+        apply_compile(model, mode=args.compile_mode, log=lambda _: None)
     step_model = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                                   fused=device.type == "cuda")
@@ -164,6 +168,8 @@ def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.devic
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
+    if args.profile and device.type == "cuda":
+        _print_profile(step, device, bench.name)
     median = statistics.median(times)
     tokens_per_s = tokens_per_step / median
     result.update(
@@ -174,6 +180,25 @@ def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.devic
                            if device.type == "cuda" else None),
     )
     return result
+
+
+def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> None:
+    """Where the time of `steps` steps goes: the top GPU kernels by self time, and how long
+    the GPU sat idle waiting for the CPU (launch-bound steps show it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    gpu_busy = sum(e.self_device_time_total for e in events) / steps / 1e6
+    print(f"\nprofile {name}: {1e3 * wall:.1f} ms per step wall (profiled), GPU kernels "
+          f"{1e3 * gpu_busy:.1f} ms per step")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
 def _table(results: list[dict]) -> str:
@@ -203,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--kernels", choices=("auto", "eager"), default="auto",
                         help="kernel binding (megatron_hybrid.kernels.resolve_kernels)")
+    parser.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                        help="activation checkpointing per block, as the training script's")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode with --compile (e.g. reduce-overhead)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 3 steps per config and print the top GPU kernels")
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="accelerator peak for MFU (default on CUDA: "

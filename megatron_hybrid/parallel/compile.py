@@ -11,10 +11,12 @@ from __future__ import annotations
 from megatron_hybrid.model import HybridModel
 
 
-def apply_compile(model: HybridModel, log=print) -> None:
+def apply_compile(model: HybridModel, mode: str | None = None, log=print) -> None:
     """Compile every block of `model.decoder.layers` in place (`nn.Module.compile`, so module
-    names, parameters and checkpoint keys do not change)."""
+    names, parameters and checkpoint keys do not change). `mode` is torch.compile's
+    ("reduce-overhead" adds CUDA graphs, "max-autotune", ...)."""
     blocks = list(model.decoder.layers.values())
     for block in blocks:
-        block.compile()
-    log(f"torch.compile: {len(blocks)} blocks compiled (on first use)")
+        block.compile(mode=mode)
+    log(f"torch.compile{f' ({mode})' if mode else ''}: {len(blocks)} blocks compiled "
+        "(on first use)")

@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile every block (after tensor parallelism and activation "
                           "checkpointing, before FSDP); the first iterations include compile "
                           "time")
+    par.add_argument("--compile-mode", default=None,
+                     choices=["default", "reduce-overhead", "max-autotune",
+                              "max-autotune-no-cudagraphs"],
+                     help="torch.compile mode for --compile; reduce-overhead adds CUDA graphs "
+                          "per block (one GPU, no MoE host syncs: the fastest for small "
+                          "models whose steps are launch-bound)")
     par.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                      help="activation checkpointing per block: full recomputes each block, "
                           "selective keeps GEMM/attention outputs and recomputes the rest")

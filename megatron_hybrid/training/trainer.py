@@ -211,12 +211,13 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         if args.recompute_granularity:
             apply_activation_checkpointing(part, args.recompute_granularity, log=log)
         if args.compile:
-            apply_compile(part, log=log)
+            apply_compile(part, mode=args.compile_mode, log=log)
         if use_fsdp:
             apply_fsdp(part, mesh, bf16=args.bf16, log=log)
     optimizers = [build_optimizer(part, args.lr, args.weight_decay,
                                   (args.adam_beta1, args.adam_beta2), args.adam_eps,
-                                  foreach=False if dims.tp > 1 else None) for part in parts]
+                                  foreach=False if dims.tp > 1 or dims.ep > 1 else None)
+                  for part in parts]
     optimizer = optimizers[0] if len(parts) == 1 else OptimizerParts(optimizers)
     model = parts[0]
     schedule = LRSchedule(args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
