@@ -41,9 +41,12 @@ def reference():
     (2, TWO_SEGMENTS, PP2),  # one stage per rank, 1F1B
     (2, FOUR_SEGMENTS, PP2),  # two virtual stages per rank, interleaved 1F1B
     (2, FOUR_SEGMENTS, [*PP2, "--pipeline-schedule", "interleaved-zero-bubble"]),
+    # Full recompute re-runs forward in backward, also in torch's shape-inference pass.
+    (2, FOUR_SEGMENTS, [*PP2, "--recompute-granularity", "full"]),
     (2, FOUR_SEGMENTS, EP2),
     (4, FOUR_SEGMENTS, [*TP2, *PP2]),
-], ids=["dp2", "tp2", "pp2", "pp2-interleaved", "pp2-zero-bubble", "ep2", "tp2xpp2"])
+], ids=["dp2", "tp2", "pp2", "pp2-interleaved", "pp2-zero-bubble", "pp2-full-recompute",
+     "ep2", "tp2xpp2"])
 def test_layout_matches_one_process(tmp_path, reference, nproc, pattern, layout):
     assert_close(torchrun(nproc, *FLAGS, *pattern, *layout, log_dir=tmp_path), reference)
 

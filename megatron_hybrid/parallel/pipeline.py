@@ -18,6 +18,7 @@ together under canonical keys (checkpointing/parts.py).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -124,22 +125,33 @@ class _Stage(PipelineStage):
     """A PipelineStage whose metadata inference leaves the model as it found it.
 
     On its first step (and when switching between training and evaluation) torch runs each
-    stage's forward on placeholder tensors to learn the shapes it sends. Our MoE routers count
-    the tokens they route in forward (for expert-bias balancing) and keep the last aux loss, so
-    that run would count placeholder tokens: buffers and the MoE layers' last aux loss are put
-    back afterwards."""
+    stage's forward, and a backward, on placeholder tensors to learn the shapes it sends. Our MoE
+    routers count the tokens they route in forward (for expert-bias balancing; with full
+    recompute, again in backward) and keep the last aux loss, so that run would count
+    placeholder tokens: buffers and the MoE layers' last aux loss are put back afterwards."""
 
     def _forward_metadata_inference(self, *args, **kwargs):
-        buffers = {name: buffer.detach().clone() for name, buffer in self.submod.named_buffers()}
-        moe = [(m, m.last_aux_loss) for m in self.submod.modules() if hasattr(m, "last_aux_loss")]
-        try:
+        with _state_restored(self.submod):
             return super()._forward_metadata_inference(*args, **kwargs)
-        finally:
-            with torch.no_grad():
-                for name, buffer in self.submod.named_buffers():
-                    buffer.copy_(buffers[name])
-            for module, value in moe:
-                module.last_aux_loss = value
+
+    def _backward_metadata_inference(self, *args, **kwargs):
+        with _state_restored(self.submod):
+            return super()._backward_metadata_inference(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _state_restored(module: torch.nn.Module):
+    """Run the body, then put `module`'s buffers and MoE `last_aux_loss` values back."""
+    buffers = {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
+    moe = [(m, m.last_aux_loss) for m in module.modules() if hasattr(m, "last_aux_loss")]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(buffers[name])
+        for layer, value in moe:
+            layer.last_aux_loss = value
 
 
 class Pipeline:
