@@ -1,7 +1,8 @@
 """Expert parallelism (all-to-all token dispatch) and tensor parallelism of MoE layers, through
 torchrun (gloo, CPU, float32): every layout computes what one process computes, trains to the
-same losses and gradient norms, and checkpoints move between expert-parallel and single-process
-layouts. Layouts that do not fit stop with messages naming the flags.
+same losses and gradient norms, and checkpoints move between expert/tensor-parallel and
+single-process layouts (SwiGLU experts' packed fc1 included). Layouts that do not fit stop with
+messages naming the flags.
 
 Run as a script under torchrun, this file is the worker of the gradient tests (`__main__`)."""
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_config
+from test_tensor_parallel import assert_loads_exactly, assert_same_model_state
 from test_training import TINY
 
 from megatron_hybrid.data.tokenizer import build_tokenizer
@@ -32,6 +34,9 @@ FLAGS = [*TINY, "--hybrid-layer-pattern", "M[*E]M[M-]E", *MOE, "--global-batch-s
          "--train-iters", "6", "--log-interval", "1", "--device", "cpu"]
 # Tensor-parallel layouts: MoE beside the mixers whose tensor-parallel plans are older.
 TP_PATTERN = ["--hybrid-layer-pattern", "[*E]-E"]
+# SwiGLU: the experts' fc1 [E, 2F, H] packs [gate; up] on dim 1 (so do the shared experts' and
+# the MLP's fc1 on their rows).
+SWIGLU_TP = [*FLAGS, *TP_PATTERN, "--swiglu"]
 
 
 def launch(nproc: int, script: Path, *args: str) -> subprocess.CompletedProcess:
@@ -93,6 +98,8 @@ def test_expert_parallel_training_matches_one_process(tmp_path, single_process):
     pytest.param(("4", "--ep", "2"), id="edp2xep2"),
     # 4 ranks: expert weights on the 2-D (ep, tp) mesh, shared experts column/row parallel.
     pytest.param(("4", "--ep", "2", "--tp", "2", *TP_PATTERN), id="ep2xtp2"),
+    # The same with SwiGLU: fc1 rank-major on its packed dim 1, then split over (ep, tp).
+    pytest.param(("4", "--ep", "2", "--tp", "2", *TP_PATTERN, "--swiglu"), id="ep2xtp2-swiglu"),
 ])
 def test_expert_parallel_gradients_and_logits_match_one_process(layout):
     nproc, *args = layout
@@ -108,6 +115,57 @@ def test_tensor_parallel_moe_training_matches_one_process(tmp_path):
     tp2 = torchrun_metrics(2, *flags, "--tensor-model-parallel-size", "2",
                            log_dir=tmp_path / "tp2")
     assert_same_training(tp2, one_process_metrics(*flags, log_dir=tmp_path / "single"))
+
+
+@pytest.fixture(scope="module")
+def swiglu_tp(tmp_path_factory) -> dict[str, tuple[list[dict], Path]]:
+    """SWIGLU_TP trained for 6 iterations on one process and on tp2, each saving at iterations 3
+    and 6: {"single": (metrics, checkpoint directory), "tp2": (...)}."""
+    root = tmp_path_factory.mktemp("swiglu_tp")
+    save = ["--save-interval", "3", "--save"]
+    single = one_process_metrics(*SWIGLU_TP, *save, str(root / "single"),
+                                 log_dir=root / "single_log")
+    tp2 = torchrun_metrics(2, *SWIGLU_TP, "--tensor-model-parallel-size", "2", *save,
+                           str(root / "tp2"), log_dir=root / "tp2_log")
+    return {"single": (single, root / "single"), "tp2": (tp2, root / "tp2")}
+
+
+def test_tensor_parallel_swiglu_moe_training_matches_one_process(swiglu_tp):
+    assert_same_training(swiglu_tp["tp2"][0], swiglu_tp["single"][0])
+
+
+def test_tensor_parallel_swiglu_moe_checkpoint_is_canonical(swiglu_tp):
+    fc1 = assert_same_model_state(swiglu_tp["tp2"][1], swiglu_tp["single"][1], iteration=3)[
+        "decoder.layers.1.mlp.experts.linear_fc1.weight"]
+    assert tuple(fc1.shape) == (4, 2 * 24, 32)  # whole experts, [gate; up]
+
+
+def test_tensor_parallel_swiglu_moe_checkpoint_resumes_in_one_process(tmp_path, swiglu_tp):
+    resumed = one_process_metrics(*SWIGLU_TP, "--load", str(swiglu_tp["tp2"][1]),
+                                  "--ckpt-step", "3", log_dir=tmp_path)
+    assert_same_training(resumed, swiglu_tp["single"][0][3:])
+
+
+def test_tp2_x_dp2_swiglu_moe_resumes_a_one_process_checkpoint(tmp_path, swiglu_tp):
+    # Four ranks: FSDP shards the tensor-parallel expert shards again (over the experts), so a
+    # rank's box of the rank-major fc1 is cut on two dims; it loads and saves canonically.
+    single, single_dir = swiglu_tp["single"]
+    resumed = torchrun_metrics(4, *SWIGLU_TP, "--tensor-model-parallel-size", "2", "--load",
+                               str(single_dir), "--ckpt-step", "3", "--save",
+                               str(tmp_path / "ckpt"), log_dir=tmp_path / "log")
+    assert_same_training(resumed, single[3:])
+    assert_same_model_state(tmp_path / "ckpt", single_dir, iteration=6)
+
+
+@pytest.mark.parametrize("nproc, layout", [
+    pytest.param(2, ("--tp", "2"), id="tp2"),
+    # Expert weights on the 2-D (ep, tp) mesh: each rank saves and loads a box of both dims.
+    pytest.param(4, ("--tp", "2", "--ep", "2"), id="ep2xtp2"),
+])
+def test_one_process_swiglu_moe_checkpoint_loads_exactly_under_tensor_parallelism(
+        tmp_path, swiglu_tp, nproc, layout):
+    assert_loads_exactly(swiglu_tp["single"][1] / "iter_0000003", SWIGLU_TP, tmp_path, *layout,
+                         nproc=nproc)
 
 
 def test_expert_parallel_checkpoints_move_to_one_process_and_back(tmp_path, single_process):
@@ -175,14 +233,11 @@ def test_moe_widths_not_divisible_by_tensor_parallel_size_are_refused():
             "--tensor-model-parallel-size 2") in message
 
 
-def test_swiglu_experts_under_tensor_parallelism_are_refused():
-    with pytest.raises(ParallelConfigError, match="SwiGLU experts .* have no tensor-parallel "
-                       "plan yet"):
-        ParallelDims(world_size=2, tp=2).check_fits(small_config("[*E]", activation="swiglu"))
-
-
-def test_swiglu_experts_fit_expert_parallelism():
-    ParallelDims(world_size=2, ep=2).check_fits(small_config("M[*E]E", activation="swiglu"))
+@pytest.mark.parametrize("world_size, ep, tp", [(2, 2, 1), (2, 1, 2), (4, 2, 2)],
+                         ids=["ep2", "tp2", "ep2xtp2"])
+def test_swiglu_experts_fit_expert_and_tensor_parallelism(world_size, ep, tp):
+    ParallelDims(world_size=world_size, ep=ep, tp=tp).check_fits(
+        small_config("M[*E]E", activation="swiglu"))
 
 
 # -- the worker of the gradient tests ----------------------------------------------------------
@@ -198,6 +253,7 @@ def gradient_worker(argv: list[str]) -> None:
     from megatron_hybrid.parallel.distributed import init_distributed
     from megatron_hybrid.parallel.expert_parallel import apply_expert_parallel
     from megatron_hybrid.parallel.fsdp import apply_fsdp
+    from megatron_hybrid.parallel.packed import packed_tensors
     from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
     from megatron_hybrid.training.trainer import language_model_loss
 
@@ -240,9 +296,12 @@ def gradient_worker(argv: list[str]) -> None:
         language_model_loss(logits, batch[:, 1:]).div(micro_batches_per_rank).backward()
 
     expected = dict(reference.named_parameters())
+    packed = packed_tensors(model)
     for name, param in model.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "")
         grad = param.grad.full_tensor()  # every rank, same order: a collective
+        if name in packed:  # stored rank-major
+            grad = packed[name].to_canonical_layout(grad)
         torch.testing.assert_close(grad, expected[name].grad, rtol=1e-5, atol=1e-7,
                                    msg=lambda m, name=name: f"{name}: {m}")
     print(f"rank {proc.rank}: logits and gradients match one process", flush=True)

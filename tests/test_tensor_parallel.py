@@ -123,14 +123,20 @@ def test_tp2_checkpoint_has_canonical_keys_and_shapes(single, tp2):
 
 
 def test_tp2_checkpoint_values_are_canonical(single, tp2):
-    # Same training, two layouts: every tensor agrees to float32 noise (a row in the wrong
-    # place would differ by O(0.1)); optimizer moments included.
+    assert_same_model_state(tp2[1], single[1], iteration=3)
+
+
+def assert_same_model_state(got: Path, expected: Path, iteration: int) -> dict:
+    """The same training in two layouts saved the same canonical model tensors, to float32 noise
+    (a packed row saved in the wrong place would differ by O(0.1)); returns `expected`'s."""
     from megatron_hybrid.checkpointing.consolidated import read_model_state
 
-    tp_state, _, _ = read_model_state(tp2[1], iteration=3)
-    one_state, _, _ = read_model_state(single[1], iteration=3)
-    for key, value in one_state.items():
-        torch.testing.assert_close(tp_state[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    got_state, _, _ = read_model_state(got, iteration=iteration)
+    expected_state, _, _ = read_model_state(expected, iteration=iteration)
+    assert got_state.keys() == expected_state.keys()
+    for key, value in expected_state.items():
+        torch.testing.assert_close(got_state[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    return expected_state
 
 
 def test_tp2_checkpoint_resumes_in_one_process(single, tp2):
@@ -141,13 +147,19 @@ def test_tp2_checkpoint_resumes_in_one_process(single, tp2):
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
 def test_one_process_checkpoint_loads_in_tp2_with_the_same_logits(single, tmp_path,
                                                                   sequence_parallel):
-    # Exact both ways: tp2 loads a one-process checkpoint (same logits, on a length tp does not
-    # divide), saves it again, and the saved tensors are bit-identical to the originals.
-    source = single[1] / "iter_0000003"
-    torchrun(2, "worker", "--tp", "2", "--load", str(source), "--logits",
-             str(tmp_path / "logits.pt"), "--save", str(tmp_path / "resaved"),
-             *(SP if sequence_parallel else []), "--", *SWIGLU, script=Path(__file__))
-    expected = one_process_logits(source)
+    assert_loads_exactly(single[1] / "iter_0000003", SWIGLU, tmp_path, "--tp", "2",
+                         *(SP if sequence_parallel else []))
+
+
+def assert_loads_exactly(source: Path, flags: list[str], tmp_path: Path, *layout: str,
+                         nproc: int = 2) -> None:
+    """Exact both ways: the `worker` layout loads the one-process checkpoint `source` of the
+    model `flags` build (same logits, on a length tp does not divide), saves it again, and the
+    saved tensors are bit-identical to the originals."""
+    torchrun(nproc, "worker", *layout, "--load", str(source), "--logits",
+             str(tmp_path / "logits.pt"), "--save", str(tmp_path / "resaved"), "--", *flags,
+             script=Path(__file__))
+    expected = one_process_logits(source, flags)
     loaded_by_dcp, loaded_whole = torch.load(tmp_path / "logits.pt")
     torch.testing.assert_close(loaded_by_dcp, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loaded_whole, expected, rtol=1e-5, atol=1e-5)
@@ -167,13 +179,7 @@ def test_tp2_x_dp2_with_sequence_parallel_resumes_a_one_process_checkpoint(singl
     losses = train_torchrun(4, *SWIGLU, *TP2, *SP, "--load", str(single[1]), "--ckpt-step", "3",
                             "--save", str(tmp_path / "ckpt"), log_dir=tmp_path / "log")
     assert_close(losses, single[0][3:])
-
-    from megatron_hybrid.checkpointing.consolidated import read_model_state
-
-    saved, _, _ = read_model_state(tmp_path / "ckpt", iteration=6)
-    expected, _, _ = read_model_state(single[1], iteration=6)
-    for key, value in expected.items():
-        torch.testing.assert_close(saved[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    assert_same_model_state(tmp_path / "ckpt", single[1], iteration=6)
 
 
 # -- the packed layout ------------------------------------------------------------------------
@@ -260,10 +266,10 @@ def fixed_batch(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
 
 
-def one_process_logits(checkpoint: Path) -> torch.Tensor:
+def one_process_logits(checkpoint: Path, flags: list[str]) -> torch.Tensor:
     from megatron_hybrid.checkpointing.manager import load_checkpoint
 
-    model, config = build_model(SWIGLU)
+    model, config = build_model(flags)
     load_checkpoint(checkpoint, model, None, config)
     with torch.no_grad():
         return model(fixed_batch(config.vocab_size))
@@ -286,20 +292,23 @@ def build_model(flags):
 
 def worker(argv: list[str]) -> None:
     """Under torchrun: build the model of the trainer flags after `--`, shard it over all ranks
-    with tensor parallelism (and --sequence-parallel), load --load, and write to --logits (rank
-    0) the logits of `fixed_batch` -- loaded by DCP, and loaded as whole canonical tensors into
-    a second such model; with --save, save the first (model-only checkpoint, iteration 0)."""
+    with tensor parallelism (and --sequence-parallel; MoE layers over --tp and --ep), load
+    --load, and write to --logits (rank 0) the logits of `fixed_batch` -- loaded by DCP, and
+    loaded as whole canonical tensors into a second such model; with --save, save the first
+    (model-only checkpoint, iteration 0)."""
     import torch.distributed as dist
 
     from megatron_hybrid.checkpointing.consolidated import read_model_state
     from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
     from megatron_hybrid.checkpointing.state import ModelState
     from megatron_hybrid.parallel.dims import ParallelDims
+    from megatron_hybrid.parallel.expert_parallel import apply_expert_parallel
     from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
 
     split = argv.index("--")
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--load", required=True)
     parser.add_argument("--logits", required=True)
     parser.add_argument("--save")
@@ -309,12 +318,13 @@ def worker(argv: list[str]) -> None:
     flags = argv[split + 1:]
     by_dcp, config = build_model(flags)
     whole, _ = build_model(flags)
-    dims = ParallelDims(dist.get_world_size(), tp=opts.tp)
+    dims = ParallelDims(dist.get_world_size(), tp=opts.tp, ep=opts.ep)
     dims.check_fits(config)
     mesh = dims.build_mesh("cpu")
     for model in (by_dcp, whole):
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=opts.sequence_parallel,
                               log=lambda _: None)
+        apply_expert_parallel(model, mesh, log=lambda _: None)
     load_checkpoint(opts.load, by_dcp, None, config)
     ModelState(whole, config.pattern).load_state_dict(read_model_state(opts.load)[0])
     with torch.no_grad():

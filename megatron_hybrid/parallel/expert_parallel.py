@@ -18,13 +18,15 @@ weighted. Parallelism wraps only `GroupedExperts`, with a forward pre-hook and a
   DTensor Partial -> Replicate redistribution (in expert-sorted order, so the router's weights
   multiply full outputs and its gradients stay exact and identical on every tp rank). Shared
   experts follow the dense MLP's plan (`mlp_plan`: fc1 column-, fc2 row-parallel); the router
-  is replicated. SwiGLU experts are refused under tp: their packed [gate; up] rows sit on dim 1
-  of fc1, and the rank-major storage with canonical checkpoints (parallel/packed.py) handles
-  packed rows on dim 0 only.
+  is replicated. SwiGLU's fc1 [E, 2F, H] packs [gate; up] on dim 1: it is stored rank-major
+  along that dim first (parallel/packed.py, as the dense SwiGLU MLP's fc1 along its rows), so
+  each tp rank's `Shard(1)` holds its gate rows and the matching up rows, and checkpoints keep
+  the canonical order.
 - Both: the expert weights live on the 2-D ("ep", "tp") sub-mesh.
 
 FSDP2 then shards the experts over mesh["edp"] (parallel/fsdp.py). Checkpoints need nothing more:
-DTensor shards save under their canonical keys with global shapes and load into any layout.
+DTensor shards save under their canonical keys with global shapes and load into any layout (the
+checkpoint hooks present a rank-major fc1 at its canonical offsets).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from torch.distributed.tensor.parallel import parallelize_module
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.layers.moe import GroupedExperts, MoELayer
 from megatron_hybrid.model import HybridModel
-from megatron_hybrid.parallel.tensor_parallel import mlp_plan
+from megatron_hybrid.parallel.packed import PackedRows
+from megatron_hybrid.parallel.tensor_parallel import mlp_plan, store_rank_major
 
 
 def expert_parallel_problems(config: ModelConfig, ep: int, tp: int) -> list[str]:
@@ -61,11 +64,6 @@ def expert_parallel_problems(config: ModelConfig, ep: int, tp: int) -> list[str]
                 f"--expert-model-parallel-size {ep}; valid expert-parallel sizes: "
                 f"{', '.join(map(str, divisors))}")
     if tp > 1 and has_moe:
-        if config.activation == "swiglu":
-            problems.append(
-                f"--tensor-model-parallel-size {tp}: SwiGLU experts (packed [gate; up] fc1) "
-                "have no tensor-parallel plan yet; use --squared-relu, or tensor-parallel size 1 "
-                "(expert parallelism works with SwiGLU)")
         widths = [("--moe-ffn-hidden-size", config.moe_ffn_hidden_size)]
         if config.moe_shared_expert_intermediate_size is not None:
             widths.append(("--moe-shared-expert-intermediate-size",
@@ -90,7 +88,7 @@ def apply_expert_parallel(model: HybridModel, mesh: DeviceMesh | None, log=print
     names = [name for name, size in (("ep", ep), ("tp", tp)) if size > 1]
     expert_mesh = mesh[tuple(names)] if len(names) > 1 else mesh[names[0]]
     for layer in layers:
-        _shard_expert_weights(layer.experts, expert_mesh, ep > 1, tp > 1)
+        _shard_expert_weights(layer.experts, expert_mesh, ep, tp)
         hooks = ExpertParallelHooks(mesh["ep"] if ep > 1 else None,
                                     mesh["tp"] if tp > 1 else None,
                                     layer.experts.num_experts // ep)
@@ -107,11 +105,16 @@ def apply_expert_parallel(model: HybridModel, mesh: DeviceMesh | None, log=print
     log(f"MoE parallel: {len(layers)} layers, " + "; ".join(parts))
 
 
-def _shard_expert_weights(experts: GroupedExperts, mesh: DeviceMesh, ep: bool, tp: bool) -> None:
+def _shard_expert_weights(experts: GroupedExperts, mesh: DeviceMesh, ep: int, tp: int) -> None:
     """fc1 [E, F, H] -> (Shard(0) over ep, Shard(1) over tp); fc2 [E, H, F] -> (Shard(0),
-    Shard(2)). Every rank built the same full weights, so each keeps its part without a copy."""
+    Shard(2)); a mesh dim of size 1 is left out of `mesh` and of the placements. SwiGLU's fc1
+    [E, 2F, H] is stored rank-major along dim 1 first, so Shard(1) splits gate and up alike.
+    Every rank built the same full weights, so each keeps its part without a copy."""
+    if tp > 1 and experts.activation == "swiglu":
+        ffn = experts.linear_fc2.weight.shape[2]
+        store_rank_major(experts.linear_fc1, PackedRows((ffn, ffn), tp, dim=1))
     for holder, ffn_dim in ((experts.linear_fc1, 1), (experts.linear_fc2, 2)):
-        placements = [Shard(0)] * ep + [Shard(ffn_dim)] * tp
+        placements = [Shard(0)] * (ep > 1) + [Shard(ffn_dim)] * (tp > 1)
         sharded = distribute_tensor(holder.weight.detach(), mesh, placements, src_data_rank=None)
         holder.weight = nn.Parameter(sharded, requires_grad=holder.weight.requires_grad)
 

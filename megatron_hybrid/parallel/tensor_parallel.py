@@ -92,7 +92,7 @@ class PackedColwiseParallel(ColwiseParallel):
         self.parts = tuple(parts)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        _store_rank_major(module, PackedRows(self.parts, device_mesh.size()))
+        store_rank_major(module, PackedRows(self.parts, device_mesh.size()))
         return super()._apply(module, device_mesh)
 
 
@@ -114,7 +114,7 @@ class Mamba2Parallel(ParallelStyle):
             "in_proj": PackedColwiseParallel((d_inner, d_inner, group_state, group_state, heads)),
             "out_proj": RowwiseParallel(output_layouts=self.output_layout),
         })
-        _store_rank_major(mixer.conv1d, PackedRows((d_inner, group_state, group_state), tp))
+        store_rank_major(mixer.conv1d, PackedRows((d_inner, group_state, group_state), tp))
         for name in self.HEAD_PARAMETERS:
             owner, leaf = _owner(mixer, name)
             param = getattr(owner, leaf)
@@ -243,9 +243,9 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 @torch.no_grad()
-def _store_rank_major(module: nn.Module, packed: PackedRows) -> None:
-    """Reorder the rows of `module`'s row-packed parameters (weight, bias) rank-major and mark
-    them for the checkpoint hooks."""
+def store_rank_major(module: nn.Module, packed: PackedRows) -> None:
+    """Reorder `module`'s packed parameters (weight, bias) rank-major along `packed.dim` and
+    mark them for the checkpoint hooks. Call on the full tensors, before they are sharded."""
     for name, param in module.named_parameters(recurse=False):
         assert param.shape[packed.dim] == packed.rows, (name, tuple(param.shape), packed)
         param.copy_(packed.to_rank_major(param))
