@@ -113,8 +113,10 @@ def build_cases(tokens: tuple[int, int], hidden: int, small: bool) -> list[Case]
         return [_randn(batch, seq, 2 * ffn, dtype=bf16, device=device)], [0]
 
     def conv1d(device):
+        # x a slice of the packed in_proj output [z, xBC, dt], as the Mamba2 layer passes it;
         # bf16 weight and bias, as autocast hands them to F.conv1d (eager needs one dtype)
-        return [_randn(batch, seq, conv, dtype=bf16, device=device),
+        packed = _randn(batch, seq, d_inner + conv + d_inner // 64, dtype=bf16, device=device)
+        return [packed[..., d_inner:d_inner + conv],
                 _randn(conv, 1, 4, dtype=bf16, device=device, seed=1, scale=0.5),
                 _randn(conv, dtype=bf16, device=device, seed=2), "silu"], [0, 1, 2]
 

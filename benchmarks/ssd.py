@@ -9,7 +9,7 @@ median of `--reps` CUDA-event-timed passes after `--warmup` untimed ones.
 
 Also per shape: the Triton forward alone, and how far the Triton results are from the eager op's
 in float32 (max |triton - eager| / max |eager| over y and each gradient). `--sweep` times other
-launch configurations (kernels/triton_ssd.py GPU_TUNING) at the two large shapes, `--profile`
+launch configurations (kernels/triton_ssd.py GPU_TUNING) at the three large shapes, `--profile`
 lists the Triton kernels' times at one shape. torch.compile runs last (its compile time
 dominates), and results go to `--out` as JSON after every measurement, so a run cut short keeps
 what it measured.
@@ -63,7 +63,8 @@ SHAPES = [
 SMALL_SHAPES = [Shape(1, 40, 4, 16, None, headdim=8, ngroups=2, dstate=8)]
 SWEEP = [  # GPU_TUNING overrides tried by --sweep
     {}, {"bwd_warps": 8}, {"bwd_tile": 64}, {"bwd_tile": 64, "bwd_warps": 8}, {"tile": 32},
-    {"chunk_scan_warps": 8}, {"chunk_state_warps": 4},
+    {"chunk_scan_warps": 8}, {"chunk_state_warps": 4}, {"tile": 128, "chunk_scan_warps": 8},
+    {"bwd_tile": 64, "bwd_warps": 8, "chunk_state_warps": 4},
 ]
 
 
@@ -225,7 +226,7 @@ def results(device: torch.device, args: argparse.Namespace, report: dict | None 
 
     if getattr(args, "sweep", False) and device.type == "cuda":
         default = dict(triton_ssd.GPU_TUNING)
-        for shape in (SHAPES[1], SHAPES[2]):
+        for shape in SHAPES[1:]:
             inputs, dy = make_inputs(shape, device)
             for override in SWEEP:
                 triton_ssd.GPU_TUNING.update(override)

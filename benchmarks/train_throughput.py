@@ -35,9 +35,9 @@ import torch
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.flops import parameter_count, training_flops_per_token
 from megatron_hybrid.kernels import resolve_kernels
+from megatron_hybrid.model import HybridModel
 from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron_hybrid.parallel.compile import apply_compile
-from megatron_hybrid.model import HybridModel
 from megatron_hybrid.pattern import CHANNEL_MIXERS, SEQUENCE_MIXERS
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.4

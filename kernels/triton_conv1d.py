@@ -6,17 +6,21 @@ kernels/conv1d_eager.py::causal_conv1d:
 
 with act None or SiLU and K in 1..4 (Mamba uses 4).
 
-Forward: program (time block, channel block, batch) loads the K shifted (BLOCK_T, BLOCK_C) tiles
-of x it needs, sums them in float32 and rounds once into x's dtype.
+Both kernels stream time: a program owns a block of channels of one sequence for a stretch of
+time and walks it four steps per iteration, so each row of x (and dy) is loaded once into
+registers and the conv's window slides over registers, not over re-read memory. Kernels
+narrower than 4 run with zero leading taps.
+
+Forward: the three rows of x before each step stay in registers; y is rounded once into x's dtype.
 
 Backward: with dpre = dy * act'(pre) (pre recomputed from x; nothing is saved but the inputs),
     dx[t]      = sum_j weight[:, K-1-j] * dpre[t + j]      (dpre = 0 past the end)
     dweight[k] = sum_{b,t} dpre[t] * x[t - (K-1) + k]
     dbias      = sum_{b,t} dpre[t]
-Program (time chunk, channel block, batch) walks its chunk of time in BLOCK_T steps, recomputing
-dpre at the K shifts each dx tile needs (cheap: the extra loads hit cache), and accumulates its
-weight and bias gradients in float32 registers; one float32 partial per program is summed over
-programs in torch. No atomics, so results are deterministic.
+The stretch runs backwards in time, carrying the three later steps' dpre and x; a halo of four
+steps past the stretch supplies dpre for its last dx rows. Weight and bias gradients accumulate
+in float32 registers, one partial per program, summed over programs in torch. No atomics, so
+results are deterministic.
 
 Each function is a `torch.library` custom op with a fake kernel and a registered autograd formula
 whose backward is itself a custom op, as in kernels/triton_norms.py. On CPU tensors they run only
@@ -37,50 +41,38 @@ MAX_WIDTH = 4  # the kernels unroll up to 4 taps
 
 
 @triton.jit
-def _tap(X, base, t, cols, c_ok, L, stride_xt, stride_xc):
-    """x[b, t, cols] in float32, zero for t outside [0, L) (the causal zero padding)."""
-    ok = (t >= 0) & (t < L)
-    ptr = X + base + t.to(tl.int64)[:, None] * stride_xt + cols[None, :] * stride_xc
-    return tl.load(ptr, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+def _row(X, base, t, cols, c_ok, L, stride_xt, stride_xc):
+    """Row t of a (batch, time, channel) tensor at `cols`, in float32; zero outside [0, L) (the
+    causal padding before the start, nothing past the end)."""
+    return tl.load(X + base + t.to(tl.int64) * stride_xt + cols * stride_xc,
+                   mask=_both(c_ok, (t >= 0) & (t < L)), other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _pre(X, base, t, cols, c_ok, L, stride_xt, stride_xc, w0, w1, w2, w3, b,
-         K: tl.constexpr):
-    """The pre-activation at times t: b + sum_k w_k * x[t - (K-1) + k]."""
-    acc = b[None, :] + w0[None, :] * _tap(X, base, t - (K - 1), cols, c_ok, L, stride_xt,
-                                          stride_xc)
-    if K > 1:
-        acc += w1[None, :] * _tap(X, base, t - (K - 2), cols, c_ok, L, stride_xt, stride_xc)
-    if K > 2:
-        acc += w2[None, :] * _tap(X, base, t - (K - 3), cols, c_ok, L, stride_xt, stride_xc)
-    if K > 3:
-        acc += w3[None, :] * _tap(X, base, t - (K - 4), cols, c_ok, L, stride_xt, stride_xc)
-    return acc
+def _both(vector_mask, scalar_ok):
+    """vector_mask where the scalar condition holds, else all false (a where, not `&`: Triton's
+    CPU interpreter rejects `&` of a vector and a scalar mask)."""
+    return tl.where(scalar_ok, vector_mask, False)
 
 
 @triton.jit
-def _pick(w0, w1, w2, w3, I: tl.constexpr):
-    """w_I for a compile-time I."""
-    w = w0
-    if I == 1:
-        w = w1
-    if I == 2:
-        w = w2
-    if I == 3:
-        w = w3
-    return w
+def _pre(b, w0, w1, w2, w3, xm3, xm2, xm1, x0):
+    """The pre-activation at time t from x at t-3 .. t (taps right-aligned: w_j multiplies
+    x[t - 3 + j]; a kernel narrower than 4 has zero leading taps)."""
+    return b + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
 
 
 @triton.jit
-def _dpre(X, DY, base_x, base_dy, u, cols, c_ok, L, stride_xt, stride_xc, stride_dyt,
-          stride_dyc, w0, w1, w2, w3, b, K: tl.constexpr, SILU: tl.constexpr):
-    """d loss / d pre-activation at times u (zero for u >= L)."""
-    ok = (u < L)[:, None] & c_ok[None, :]
-    dy = tl.load(DY + base_dy + u.to(tl.int64)[:, None] * stride_dyt
-                 + cols[None, :] * stride_dyc, mask=ok, other=0.0).to(tl.float32)
+def _act(pre, SILU: tl.constexpr):
     if SILU:
-        pre = _pre(X, base_x, u, cols, c_ok, L, stride_xt, stride_xc, w0, w1, w2, w3, b, K)
+        pre = pre * tl.sigmoid(pre)
+    return pre
+
+
+@triton.jit
+def _dpre(pre, dy, SILU: tl.constexpr):
+    """d loss / d pre-activation from dy."""
+    if SILU:
         sig = tl.sigmoid(pre)
         dy = dy * sig * (1.0 + pre * (1.0 - sig))
     return dy
@@ -89,12 +81,13 @@ def _dpre(X, DY, base_x, base_dy, u, cols, c_ok, L, stride_xt, stride_xc, stride
 @triton.jit
 def _load_weights(W, BIAS, cols, c_ok, stride_wc, stride_wk, K: tl.constexpr,
                   HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Taps 0..3 of the weight (zero past K) and the bias (zero without one), in float32."""
-    w_ptr = W + cols * stride_wc
-    w0 = tl.load(w_ptr, mask=c_ok, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + stride_wk, mask=c_ok & (K > 1), other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + 2 * stride_wk, mask=c_ok & (K > 2), other=0.0).to(tl.float32)
-    w3 = tl.load(w_ptr + 3 * stride_wk, mask=c_ok & (K > 3), other=0.0).to(tl.float32)
+    """The four right-aligned taps (w_j = weight[:, j - (4 - K)], zero for j < 4 - K) and the
+    bias (zero without one), in float32."""
+    w_ptr = W + cols * stride_wc - (4 - K) * stride_wk
+    w0 = tl.load(w_ptr, mask=c_ok & (K > 3), other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + stride_wk, mask=c_ok & (K > 2), other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + 2 * stride_wk, mask=c_ok & (K > 1), other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + 3 * stride_wk, mask=c_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         b = tl.load(BIAS + cols, mask=c_ok, other=0.0).to(tl.float32)
     else:
@@ -105,22 +98,41 @@ def _load_weights(W, BIAS, cols, c_ok, stride_wc, stride_wk, K: tl.constexpr,
 @triton.jit
 def _conv_fwd_kernel(
     X, W, BIAS, Y,
-    L, C,
+    L, C, t_per_program,
     stride_xb, stride_xt, stride_xc, stride_wc, stride_wk, stride_yb, stride_yt,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """Program (time stretch, channel block, batch) streams its stretch forwards four steps at a
+    time, keeping the three previous rows of x in registers: each row of x is read once (the
+    three before the stretch twice) and each row of y written once."""
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     batch = tl.program_id(2).to(tl.int64)
     c_ok = cols < C
     w0, w1, w2, w3, b = _load_weights(W, BIAS, cols, c_ok, stride_wc, stride_wk, K, HAS_BIAS,
                                       BLOCK_C)
-    y = _pre(X, batch * stride_xb, t, cols, c_ok, L, stride_xt, stride_xc, w0, w1, w2, w3, b, K)
-    if SILU:
-        y = y * tl.sigmoid(y)
-    ptr = Y + batch * stride_yb + t.to(tl.int64)[:, None] * stride_yt + cols[None, :]
-    tl.store(ptr, y.to(Y.dtype.element_ty), mask=(t < L)[:, None] & c_ok[None, :])
+    base = batch * stride_xb
+    y_ptr = Y + batch * stride_yb + cols
+    t_begin = tl.program_id(0) * t_per_program
+    t_end = tl.minimum(t_begin + t_per_program, L)
+    xm3 = _row(X, base, t_begin - 3, cols, c_ok, L, stride_xt, stride_xc)
+    xm2 = _row(X, base, t_begin - 2, cols, c_ok, L, stride_xt, stride_xc)
+    xm1 = _row(X, base, t_begin - 1, cols, c_ok, L, stride_xt, stride_xc)
+    for i in range(0, tl.cdiv(t_end - t_begin, 4)):
+        t = t_begin + 4 * i
+        a0 = _row(X, base, t, cols, c_ok, L, stride_xt, stride_xc)
+        a1 = _row(X, base, t + 1, cols, c_ok, L, stride_xt, stride_xc)
+        a2 = _row(X, base, t + 2, cols, c_ok, L, stride_xt, stride_xc)
+        a3 = _row(X, base, t + 3, cols, c_ok, L, stride_xt, stride_xc)
+        y0 = _act(_pre(b, w0, w1, w2, w3, xm3, xm2, xm1, a0), SILU)
+        y1 = _act(_pre(b, w0, w1, w2, w3, xm2, xm1, a0, a1), SILU)
+        y2 = _act(_pre(b, w0, w1, w2, w3, xm1, a0, a1, a2), SILU)
+        y3 = _act(_pre(b, w0, w1, w2, w3, a0, a1, a2, a3), SILU)
+        row = y_ptr + t.to(tl.int64) * stride_yt
+        tl.store(row, y0.to(Y.dtype.element_ty), mask=_both(c_ok, t < t_end))
+        tl.store(row + stride_yt, y1.to(Y.dtype.element_ty), mask=_both(c_ok, t + 1 < t_end))
+        tl.store(row + 2 * stride_yt, y2.to(Y.dtype.element_ty), mask=_both(c_ok, t + 2 < t_end))
+        tl.store(row + 3 * stride_yt, y3.to(Y.dtype.element_ty), mask=_both(c_ok, t + 3 < t_end))
+        xm3, xm2, xm1 = a1, a2, a3
 
 
 @triton.jit
@@ -129,81 +141,113 @@ def _conv_bwd_kernel(
     L, C, t_per_program,
     stride_xb, stride_xt, stride_xc, stride_wc, stride_wk,
     stride_dyb, stride_dyt, stride_dyc, stride_dxb, stride_dxt,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
+    """Program (time stretch, channel block, batch) streams its stretch backwards four steps at
+    a time. With dp = dpre at each step (recomputed from x: the inputs are all that is saved),
+    dx[t] = sum_j w_{3-j} dp[t + j] needs the three later steps' dp, and pre[t] the three
+    earlier rows of x: both stay in registers from step to step, so each row of x and dy is read
+    once, plus a halo of four steps past the stretch (dp there, for its last dx rows) and three
+    rows of x. Weight and bias gradients of the stretch's own steps sum in float32 registers into
+    one partial per program."""
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     batch = tl.program_id(2).to(tl.int64)
     c_ok = cols < C
     w0, w1, w2, w3, b = _load_weights(W, BIAS, cols, c_ok, stride_wc, stride_wk, K, HAS_BIAS,
                                       BLOCK_C)
     base_x = batch * stride_xb
-    base_dy = batch * stride_dyb
-    dw0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    t_begin = pid_t * t_per_program
+    dx_ptr = DX + batch * stride_dxb + cols
+    t_begin = tl.program_id(0) * t_per_program
     t_end = tl.minimum(t_begin + t_per_program, L)
-    for start in range(t_begin, t_end, BLOCK_T):
-        t = start + tl.arange(0, BLOCK_T)
-        mine = (t < t_end)[:, None] & c_ok[None, :]
-        dp = _dpre(X, DY, base_x, base_dy, t, cols, c_ok, L, stride_xt, stride_xc, stride_dyt,
-                   stride_dyc, w0, w1, w2, w3, b, K, SILU)
-        dp = tl.where(mine, dp, 0.0)
-        # Weight and bias gradients from this tile's own times.
-        db += tl.sum(dp, axis=0)
-        dw0 += tl.sum(dp * _tap(X, base_x, t - (K - 1), cols, c_ok, L, stride_xt, stride_xc),
-                      axis=0)
-        if K > 1:
-            dw1 += tl.sum(dp * _tap(X, base_x, t - (K - 2), cols, c_ok, L, stride_xt,
-                                    stride_xc), axis=0)
-        if K > 2:
-            dw2 += tl.sum(dp * _tap(X, base_x, t - (K - 3), cols, c_ok, L, stride_xt,
-                                    stride_xc), axis=0)
-        if K > 3:
-            dw3 += tl.sum(dp * _tap(X, base_x, t - (K - 4), cols, c_ok, L, stride_xt,
-                                    stride_xc), axis=0)
-        # x[t] feeds pre[t + j] through tap K-1-j.
-        dx = _pick(w0, w1, w2, w3, K - 1)[None, :] * dp
-        for j in tl.static_range(1, K):
-            dpj = _dpre(X, DY, base_x, base_dy, t + j, cols, c_ok, L, stride_xt, stride_xc,
-                        stride_dyt, stride_dyc, w0, w1, w2, w3, b, K, SILU)
-            dx += _pick(w0, w1, w2, w3, K - 1 - j)[None, :] * dpj
-        ptr = DX + batch * stride_dxb + t.to(tl.int64)[:, None] * stride_dxt + cols[None, :]
-        tl.store(ptr, dx.to(DX.dtype.element_ty), mask=mine)
-    # PARTIAL is (programs, K + 1, C): rows 0..K-1 the weight taps, row K the bias.
-    row = (batch * tl.num_programs(0) + pid_t) * (K + 1)
-    tl.store(PARTIAL + row * C + cols, dw0, mask=c_ok)
-    if K > 1:
-        tl.store(PARTIAL + (row + 1) * C + cols, dw1, mask=c_ok)
-    if K > 2:
-        tl.store(PARTIAL + (row + 2) * C + cols, dw2, mask=c_ok)
+    zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw0, dw1, dw2, dw3, db = zero, zero, zero, zero, zero
+    # dp of the three steps after the current four (none after the halo), x of the three steps
+    # after the current four's first (x[t+1], x[t+2], x[t+3] for the block starting at t).
+    dq1, dq2, dq3 = zero, zero, zero
+    x1 = _row(X, base_x, t_end + 1, cols, c_ok, L, stride_xt, stride_xc)
+    x2 = _row(X, base_x, t_end + 2, cols, c_ok, L, stride_xt, stride_xc)
+    x3 = _row(X, base_x, t_end + 3, cols, c_ok, L, stride_xt, stride_xc)
+    # Blocks of four steps from the halo block at t_end down to the one holding t_begin.
+    n_blocks = tl.cdiv(t_end - t_begin, 4) + 1
+    for i in range(0, n_blocks):
+        t = t_end - 4 * i
+        xm3 = _row(X, base_x, t - 3, cols, c_ok, L, stride_xt, stride_xc)
+        xm2 = _row(X, base_x, t - 2, cols, c_ok, L, stride_xt, stride_xc)
+        xm1 = _row(X, base_x, t - 1, cols, c_ok, L, stride_xt, stride_xc)
+        x0 = _row(X, base_x, t, cols, c_ok, L, stride_xt, stride_xc)
+        dy0 = _row(DY, batch * stride_dyb, t, cols, c_ok, L, stride_dyt, stride_dyc)
+        dy1 = _row(DY, batch * stride_dyb, t + 1, cols, c_ok, L, stride_dyt, stride_dyc)
+        dy2 = _row(DY, batch * stride_dyb, t + 2, cols, c_ok, L, stride_dyt, stride_dyc)
+        dy3 = _row(DY, batch * stride_dyb, t + 3, cols, c_ok, L, stride_dyt, stride_dyc)
+        dp0 = _dpre(_pre(b, w0, w1, w2, w3, xm3, xm2, xm1, x0), dy0, SILU)
+        dp1 = _dpre(_pre(b, w0, w1, w2, w3, xm2, xm1, x0, x1), dy1, SILU)
+        dp2 = _dpre(_pre(b, w0, w1, w2, w3, xm1, x0, x1, x2), dy2, SILU)
+        dp3 = _dpre(_pre(b, w0, w1, w2, w3, x0, x1, x2, x3), dy3, SILU)
+        # The stretch's own steps only (the halo block and steps before t_begin: none).
+        own0 = (t >= t_begin) & (t < t_end)
+        own1 = (t + 1 >= t_begin) & (t + 1 < t_end)
+        own2 = (t + 2 >= t_begin) & (t + 2 < t_end)
+        own3 = (t + 3 >= t_begin) & (t + 3 < t_end)
+        o0 = tl.where(own0, dp0, 0.0)
+        o1 = tl.where(own1, dp1, 0.0)
+        o2 = tl.where(own2, dp2, 0.0)
+        o3 = tl.where(own3, dp3, 0.0)
+        db += o0 + o1 + o2 + o3
+        dw0 += o0 * xm3 + o1 * xm2 + o2 * xm1 + o3 * x0
+        dw1 += o0 * xm2 + o1 * xm1 + o2 * x0 + o3 * x1
+        dw2 += o0 * xm1 + o1 * x0 + o2 * x1 + o3 * x2
+        dw3 += o0 * x0 + o1 * x1 + o2 * x2 + o3 * x3
+        # x[t] feeds pre[t + j] through tap 3 - j.
+        dx0 = w3 * dp0 + w2 * dp1 + w1 * dp2 + w0 * dp3
+        dx1 = w3 * dp1 + w2 * dp2 + w1 * dp3 + w0 * dq1
+        dx2 = w3 * dp2 + w2 * dp3 + w1 * dq1 + w0 * dq2
+        dx3 = w3 * dp3 + w2 * dq1 + w1 * dq2 + w0 * dq3
+        out = dx_ptr + t.to(tl.int64) * stride_dxt
+        tl.store(out, dx0.to(DX.dtype.element_ty), mask=_both(c_ok, own0))
+        tl.store(out + stride_dxt, dx1.to(DX.dtype.element_ty), mask=_both(c_ok, own1))
+        tl.store(out + 2 * stride_dxt, dx2.to(DX.dtype.element_ty), mask=_both(c_ok, own2))
+        tl.store(out + 3 * stride_dxt, dx3.to(DX.dtype.element_ty), mask=_both(c_ok, own3))
+        dq1, dq2, dq3 = dp0, dp1, dp2
+        x1, x2, x3 = xm3, xm2, xm1
+    # PARTIAL is (programs, K + 1, C): rows 0..K-1 the weight taps, row K the bias; right-aligned
+    # tap j is weight tap j - (4 - K).
+    row = (batch * tl.num_programs(0) + tl.program_id(0)) * (K + 1)
     if K > 3:
-        tl.store(PARTIAL + (row + 3) * C + cols, dw3, mask=c_ok)
+        tl.store(PARTIAL + (row + K - 4) * C + cols, dw0, mask=c_ok)
+    if K > 2:
+        tl.store(PARTIAL + (row + K - 3) * C + cols, dw1, mask=c_ok)
+    if K > 1:
+        tl.store(PARTIAL + (row + K - 2) * C + cols, dw2, mask=c_ok)
+    tl.store(PARTIAL + (row + K - 1) * C + cols, dw3, mask=c_ok)
     tl.store(PARTIAL + (row + K) * C + cols, db, mask=c_ok)
 
 
 # -- launchers ------------------------------------------------------------------------------------
 
-def _blocks(device: torch.device, channels: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps). Under the CPU interpreter small tiles, so that the tests'
-    tiny shapes span several tiles in time and channels."""
-    if device.type != "cuda":
-        return 8, min(16, triton.next_power_of_2(channels)), 1
-    block_c = min(128, triton.next_power_of_2(channels))
-    return 32, block_c, 4
+# Launch configuration on CUDA (benchmarks/sweep_kernels.py tries others): channels per program,
+# warps, and time steps per program (best a multiple of 4), forward and backward. A backward program
+# writes one float32 partial of the weight and bias gradients, so its stretch of time also sets
+# the size of the partials (programs x (K + 1) x C).
+# Chosen by that sweep on an H200 (triton 3.6) at 2 x 4096 x 6144 (hybrid-1b's xBC): 201 us per
+# forward + backward, 60% of the copy bandwidth; 128-512 channels per program are within 5% of
+# each other, stretches of 32/64 steps 5% faster than 64/128 and 1.5x faster than 256/512.
+GPU_TUNING: dict[str, int] = {
+    "block_c": 256, "warps": 2, "time": 32,
+    "bwd_block_c": 256, "bwd_warps": 2, "bwd_time": 64,
+}
 
 
-def _time_programs(device: torch.device, time_blocks: int, others: int) -> int:
-    """Backward programs along time per (channel block, batch): enough to fill the GPU, few
-    enough that the float32 partials stay small."""
+def _launch(device: torch.device, channels: int, seqlen: int, pass_: str
+            ) -> tuple[int, int, int, int]:
+    """(BLOCK_C, num_warps, time steps per program, programs along time) of the forward
+    (`pass_` "") or backward ("bwd_") kernel. Under the CPU interpreter small blocks, so that the
+    tests' tiny shapes span several programs in time and channels."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(time_blocks, triton.cdiv(target, others)))
-    return max(1, min(time_blocks, 2))
+        block_c = min(GPU_TUNING[f"{pass_}block_c"], triton.next_power_of_2(channels))
+        warps, steps = GPU_TUNING[f"{pass_}warps"], GPU_TUNING[f"{pass_}time"]
+    else:
+        block_c, warps, steps = min(16, triton.next_power_of_2(channels)), 1, 8
+    return block_c, warps, steps, triton.cdiv(seqlen, steps)
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
@@ -211,15 +255,14 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tens
     y = torch.empty((batch, seqlen, channels), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block_t, block_c, num_warps = _blocks(x.device, channels)
-    grid = (triton.cdiv(seqlen, block_t), triton.cdiv(channels, block_c), batch)
-    _conv_fwd_kernel[grid](
+    block_c, num_warps, steps, programs = _launch(x.device, channels, seqlen, "")
+    _conv_fwd_kernel[(programs, triton.cdiv(channels, block_c), batch)](
         x, weight, bias if bias is not None else weight, y,
-        seqlen, channels,
+        seqlen, channels, steps,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
         y.stride(0), y.stride(1),
-        K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu,
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return y
 
@@ -233,20 +276,15 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
     if dx.numel() == 0:
         return (dx, torch.zeros(weight.shape, dtype=weight.dtype, device=x.device),
                 torch.zeros(channels, dtype=bias_dtype, device=x.device))
-    block_t, block_c, num_warps = _blocks(x.device, channels)
-    channel_blocks = triton.cdiv(channels, block_c)
-    programs = _time_programs(x.device, triton.cdiv(seqlen, block_t), channel_blocks * batch)
-    t_per_program = triton.cdiv(triton.cdiv(seqlen, programs), block_t) * block_t
-    programs = triton.cdiv(seqlen, t_per_program)
+    block_c, num_warps, steps, programs = _launch(x.device, channels, seqlen, "bwd_")
     partial = torch.empty(batch * programs, width + 1, channels, dtype=torch.float32,
                           device=x.device)
-    _conv_bwd_kernel[(programs, channel_blocks, batch)](
+    _conv_bwd_kernel[(programs, triton.cdiv(channels, block_c), batch)](
         x, weight, bias if bias is not None else weight, dy, dx, partial,
-        seqlen, channels, t_per_program,
+        seqlen, channels, steps,
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
         dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1),
-        K=width, HAS_BIAS=bias is not None, SILU=silu,
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+        K=width, HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block_c, num_warps=num_warps,
     )
     total = partial.sum(0)  # (K + 1, C) in float32, rounded once below
     # Copies, so that the two gradients do not share `total` (custom ops return no aliases).

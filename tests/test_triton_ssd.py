@@ -129,6 +129,14 @@ def test_matches_eager_with_chunks_of_two_tiles_and_per_channel_D():
     assert_matches_eager(inputs, 32, torch.float32)
 
 
+def test_matches_eager_with_chunks_of_four_tiles():
+    # chunk_size 64 = four 16-position tiles under the interpreter (the last chunk partial):
+    # the backward's source tiles see tiles below the diagonal after others, so the gradient of
+    # dt * A sums carried columns as well as the tile's own (kernels/triton_ssd_bwd.py).
+    inputs = ssd_inputs(1, 100, 2, 8, 1, 8, dt_bias=True)
+    assert_matches_eager(inputs, 64, torch.float32, dt_softplus=True)
+
+
 def test_matches_eager_with_a_chunk_size_that_is_not_a_power_of_two():
     # chunk_size 12 pads each chunk to 16 positions; one head per group; no D.
     inputs = ssd_inputs(2, 30, 2, 8, 2, 8, dt_bias=True, initial=True)
