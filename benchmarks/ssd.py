@@ -10,9 +10,9 @@ median of `--reps` CUDA-event-timed passes after `--warmup` untimed ones.
 Also per shape: the Triton forward alone, and how far the Triton results are from the eager op's
 in float32 (max |triton - eager| / max |eager| over y and each gradient). `--sweep` times other
 launch configurations (kernels/triton_ssd.py GPU_TUNING) at the three large shapes, `--profile`
-lists the Triton kernels' times at one shape. torch.compile runs last (its compile time
-dominates), and results go to `--out` as JSON after every measurement, so a run cut short keeps
-what it measured.
+lists the Triton kernels' times at the two 16384-token shapes (chunks of 128 and 256).
+torch.compile runs last (its compile time dominates), and results go to `--out` as JSON after
+every measurement, so a run cut short keeps what it measured.
 
     python benchmarks/ssd.py --out ssd.json [--sweep] [--profile]
     TRITON_INTERPRET=1 python benchmarks/ssd.py --small --reps 1 --warmup 0   # CPU smoke run
@@ -62,9 +62,8 @@ SHAPES = [
 ]
 SMALL_SHAPES = [Shape(1, 40, 4, 16, None, headdim=8, ngroups=2, dstate=8)]
 SWEEP = [  # GPU_TUNING overrides tried by --sweep
-    {}, {"bwd_warps": 8}, {"bwd_tile": 64}, {"bwd_tile": 64, "bwd_warps": 8}, {"tile": 32},
-    {"chunk_scan_warps": 8}, {"chunk_state_warps": 4}, {"tile": 128, "chunk_scan_warps": 8},
-    {"bwd_tile": 64, "bwd_warps": 8, "chunk_state_warps": 4},
+    {}, {"chunk_state_warps": 4}, {"bwd_stages": 1}, {"bwd_stages": 2}, {"bwd_stages": 4},
+    {"chunk_scan_stages": 2}, {"chunk_state_stages": 2}, {"bwd_tile": 64, "bwd_stages": 1},
 ]
 
 
@@ -209,20 +208,22 @@ def results(device: torch.device, args: argparse.Namespace, report: dict | None 
     time_shapes([i for i in impls if i != "compile"])
 
     if getattr(args, "profile", False) and device.type == "cuda":
-        shape = SHAPES[1]
-        inputs, dy = make_inputs(shape, device)
-        try:
-            profile = kernel_profile(inputs, dy, shape.chunk_size)
-        except Exception as error:
-            print(f"profile failed: {_error(error)}")
-            profile = []
-        print(f"\nTriton kernels at {shape.name}, us per fwd+bwd:")
-        for name, us in profile[:20]:
-            print(f"  {us:9.1f}  {name[:90]}")
+        profiles = {}
+        for shape in (SHAPES[1], SHAPES[2]):  # chunks of 128 and of 256
+            inputs, dy = make_inputs(shape, device)
+            try:
+                profile = kernel_profile(inputs, dy, shape.chunk_size)
+            except Exception as error:
+                print(f"profile failed: {_error(error)}")
+                profile = []
+            print(f"\nTriton kernels at {shape.name}, us per fwd+bwd:")
+            for name, us in profile[:20]:
+                print(f"  {us:9.1f}  {name[:90]}")
+            profiles[shape.name] = dict(profile)
+            del inputs, dy
         if report is not None:
-            report["profile"] = {"shape": shape.name, "us_per_step": dict(profile)}
+            report["profile"] = profiles
             save()
-        del inputs, dy
 
     if getattr(args, "sweep", False) and device.type == "cuda":
         default = dict(triton_ssd.GPU_TUNING)

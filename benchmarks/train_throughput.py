@@ -182,9 +182,34 @@ def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.devic
     return result
 
 
+# Kernel-name patterns of each category in the --profile summary, first match wins.
+_KERNEL_CATEGORIES = (
+    ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+    ("ssd", ("chunk_", "state_passing", "bmm_cb")),
+    ("conv1d", ("_conv_",)),
+    ("norms", ("_norm_",)),
+    ("cross-entropy", ("_cross_entropy",)),
+    ("attention", ("flash", "fmha", "attention")),
+    ("activations", ("_squared_relu", "_swiglu")),
+    ("rotary", ("_rotary",)),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("inductor (fused elementwise)", ("triton_",)),
+)
+
+
+def _category(kernel: str) -> str:
+    lower = kernel.lower()
+    for category, patterns in _KERNEL_CATEGORIES:
+        if any(p.lower() in lower for p in patterns):
+            return category
+    return "other"
+
+
 def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> None:
-    """Where the time of `steps` steps goes: the top GPU kernels by self time, and how long
-    the GPU sat idle waiting for the CPU (launch-bound steps show it)."""
+    """Where the time of `steps` steps goes: every GPU kernel's duration from a torch.profiler
+    trace, summed per category and per kernel (kernels inside CUDA graphs may not be traced:
+    profile without --compile-mode reduce-overhead for the full picture)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
@@ -193,12 +218,23 @@ def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> Non
         for _ in range(steps):
             step()
         _sync(device)
-    wall = (time.perf_counter() - start) / steps
-    events = prof.key_averages()
-    gpu_busy = sum(e.self_device_time_total for e in events) / steps / 1e6
-    print(f"\nprofile {name}: {1e3 * wall:.1f} ms per step wall (profiled), GPU kernels "
-          f"{1e3 * gpu_busy:.1f} ms per step")
-    print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    wall_ms = 1e3 * (time.perf_counter() - start) / steps
+    per_kernel: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            per_kernel[event.name] = (per_kernel.get(event.name, 0.0)
+                                      + event.time_range.elapsed_us() / 1e3 / steps)
+    per_category: dict[str, float] = {}
+    for kernel, ms in per_kernel.items():
+        per_category[_category(kernel)] = per_category.get(_category(kernel), 0.0) + ms
+    busy = sum(per_kernel.values())
+    print(f"\nprofile {name}: {wall_ms:.1f} ms per step wall (profiled), GPU kernels "
+          f"{busy:.1f} ms per step ({100 * busy / wall_ms:.0f}% busy)")
+    for category, ms in sorted(per_category.items(), key=lambda kv: -kv[1]):
+        print(f"  {ms:8.2f} ms  {100 * ms / busy:5.1f}%  {category}")
+    print("  top kernels (ms per step):")
+    for kernel, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"  {ms:8.2f}  {_category(kernel):<14} {kernel[:90]}")
 
 
 def _table(results: list[dict]) -> str:

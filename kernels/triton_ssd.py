@@ -11,8 +11,9 @@ a = cumsum of dt * A over the chunk (dt after dt_bias, softplus and the dt_limit
 
 The forward is mamba_ssm's decomposition (kernels in triton_ssd_fwd.py): chunk cumsum (dt
 processing and a), CB = C @ B^T per chunk and group, chunk states T_c, state passing (S_c in
-place of T_c), chunk scan (y). The backward (triton_ssd_bwd.py) recomputes those four (nothing
-but the inputs is saved) and then, with dy and d final_states:
+place of T_c), chunk scan (y). The forward's intermediates (processed dt, its cumsum, CB and
+the states entering each chunk) are saved for the backward (triton_ssd_bwd.py), which then, with
+dy and d final_states, computes:
 
     1. dS_c from the chunk's outputs: sum_l exp(a_l) outer(dy_l, C_l)   (chunk-state kernel)
     2. state passing backwards: dT_c = dS_{c+1}, dS_c += exp(a_last) dS_{c+1}, d initial = dS_0,
@@ -35,7 +36,10 @@ no atomics, deterministic results. y is returned in x's dtype, final_states in f
 gradient in its input's dtype.
 
 Memory beyond inputs and outputs (float32): CB (b, nchunks, g, CP, CP) and the states
-(b, nchunks, h, p, n), as mamba_ssm; the backward adds one more states-sized buffer.
+(b, nchunks, h, p, n), as mamba_ssm, kept from the forward until the backward (mamba_ssm frees
+them and recomputes them in its backward: at hybrid-1b's shapes 170 MB per layer buys back the
+four recomputing kernels, 8% of the forward + backward); the backward adds one more
+states-sized buffer. Under activation checkpointing the forward, and so these, run again.
 
 Each pass is a `torch.library` custom op with a fake kernel and a registered autograd formula, so
 torch.compile traces it without graph breaks. On CPU tensors the kernels run only under
@@ -62,8 +66,9 @@ _STATE_BLOCK = 1024  # state passing: elements of the p*n state per program
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # Launch configuration on CUDA (benchmarks/ssd.py --sweep tries others): tiles of chunk positions
-# for the forward scan and CB ("tile") and for the two big backward kernels ("bwd_tile"), and
-# warps per kernel. Chosen by that sweep on an H100 (triton 3.6) at headdim 64 / dstate 128,
+# for the forward scan and CB ("tile") and for the two big backward kernels ("bwd_tile"), warps
+# per kernel ("<kernel>_warps", else "warps"), and software-pipelining stages where set
+# ("<kernel>_stages", else Triton's default). Chosen by that sweep on an H100 (triton 3.6) at headdim 64 / dstate 128,
 # chunks of 128 and 256: 4 warps in the backward kernels 20% faster end to end than 8, 32-position
 # backward tiles 25% faster than 64, 64-position forward tiles 20% faster than 32.
 GPU_TUNING: dict[str, int] = {
@@ -107,10 +112,14 @@ class _Shape:
     def heads_per_group(self) -> int:
         return self.nheads // self.ngroups
 
-    def warps(self, kernel: str = "") -> int:
+    def launch(self, kernel: str = "") -> dict[str, int]:
+        """num_warps (and num_stages where GPU_TUNING names them) of `kernel`'s launch."""
         if not self.cuda:
-            return 1
-        return GPU_TUNING.get(f"{kernel}_warps", GPU_TUNING["warps"])
+            return {"num_warps": 1}
+        options = {"num_warps": GPU_TUNING.get(f"{kernel}_warps", GPU_TUNING["warps"])}
+        if f"{kernel}_stages" in GPU_TUNING:
+            options["num_stages"] = GPU_TUNING[f"{kernel}_stages"]
+        return options
 
 
 def _shape(x: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> _Shape:
@@ -164,14 +173,14 @@ def _chunk_states(sh: _Shape, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
         sh.seqlen, sh.nheads, sh.chunk_size, sh.padded_len, *_strides(dt),
         dt_min, dt_max,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=_has_limit(dt_min, dt_max),
-        CP=sh.cp, BLOCK_H=sh.block_h, num_warps=sh.warps(),
+        CP=sh.cp, BLOCK_H=sh.block_h, **sh.launch(),
     )
     cb = torch.empty(sh.batch, sh.nchunks, sh.ngroups, sh.cp, sh.cp, **f32)
     fwd.bmm_cb_kernel[(sh.batch * sh.nchunks * sh.ngroups, sh.ntiles)](
         B, C, cb, sh.seqlen, sh.chunk_size, sh.nchunks, sh.ngroups, sh.dstate,
         *_strides(B), *_strides(C),
         CP=sh.cp, BT=sh.bt, BN=sh.bn, DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret,
-        num_warps=sh.warps(),
+        **sh.launch(),
     )
     states = torch.empty(sh.batch, sh.nchunks, sh.nheads, sh.headdim, sh.dstate, **f32)
     _chunk_state(sh, x, B, dt_out, da_cs, states, to_end=True)
@@ -181,7 +190,7 @@ def _chunk_states(sh: _Shape, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     fwd.state_passing_fwd_kernel[(sh.batch * sh.nheads, triton.cdiv(dim, block))](
         states, da_cs, initial_states if initial_states is not None else final, final,
         sh.nchunks, sh.nheads, sh.chunk_size, sh.padded_len, dim,
-        HAS_INIT=initial_states is not None, BLOCK=block, num_warps=sh.warps(),
+        HAS_INIT=initial_states is not None, BLOCK=block, **sh.launch(),
     )
     return _Recomputed(dt_out, da_cs, cb, states, final)
 
@@ -193,20 +202,29 @@ def _chunk_state(sh: _Shape, x_or_dy: Tensor, b_or_c: Tensor, dt_out: Tensor, da
         sh.seqlen, sh.chunk_size, sh.nchunks, sh.nheads, sh.heads_per_group, sh.headdim,
         sh.dstate, sh.padded_len, *_strides(x_or_dy), *_strides(b_or_c),
         TO_END=to_end, CP=sh.cp, BK=sh.bt, BP=sh.bp, BN=sh.bn,
-        DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret, num_warps=sh.warps("chunk_state"),
+        DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret, **sh.launch("chunk_state"),
     )
+
+
+def _saved_shapes(sh: _Shape) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the forward intermediates the backward reuses: dt, da_cs, cb, states."""
+    per_step = (sh.batch, sh.nheads, sh.padded_len)
+    return (per_step, per_step, (sh.batch, sh.nchunks, sh.ngroups, sh.cp, sh.cp),
+            (sh.batch, sh.nchunks, sh.nheads, sh.headdim, sh.dstate))
 
 
 def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
              D: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, dt_min: float,
-             dt_max: float, initial_states: Tensor | None) -> tuple[Tensor, Tensor]:
+             dt_max: float, initial_states: Tensor | None) -> tuple[Tensor, ...]:
+    """(y, final states, and the intermediates dt, da_cs, cb, states for the backward)."""
     sh = _shape(x, B, C, chunk_size)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if sh.seqlen == 0 or sh.batch == 0:
         final = x.new_zeros((sh.batch, sh.nheads, sh.headdim, sh.dstate), dtype=torch.float32)
         if initial_states is not None:
             final.copy_(initial_states)
-        return y, final
+        return (y, final, *(x.new_empty(shape, dtype=torch.float32)
+                            for shape in _saved_shapes(sh)))
     r = _chunk_states(sh, x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, initial_states)
     fwd.chunk_scan_fwd_kernel[(sh.batch * sh.nchunks * sh.nheads, sh.ntiles)](
         x, C, r.cb, r.dt, r.da_cs, r.states, D if D is not None else A, y,
@@ -215,17 +233,17 @@ def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         *_strides(x), *_strides(C), *_strides(y)[:3],
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
         CP=sh.cp, BT=sh.bt, BP=sh.bp, BN=sh.bn, DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret,
-        num_warps=sh.warps("chunk_scan"),
+        **sh.launch("chunk_scan"),
     )
-    return y, r.final
+    return y, r.final, r.dt, r.da_cs, r.cb, r.states
 
 
 def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
               C: Tensor, chunk_size: int, D: Tensor | None, dt_bias: Tensor | None,
               dt_softplus: bool, dt_min: float, dt_max: float,
-              initial_states: Tensor | None) -> tuple[Tensor, ...]:
-    """(dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial); an absent optional input gets an empty
-    tensor (a new one each: custom ops return no aliases)."""
+              initial_states: Tensor | None, r: _Recomputed) -> tuple[Tensor, ...]:
+    """(dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial) given the forward's intermediates `r`; an
+    absent optional input gets an empty tensor (a new one each: custom ops return no aliases)."""
     sh = _shape(x, B, C, chunk_size)
     device = x.device
     f32 = dict(dtype=torch.float32, device=device)
@@ -243,7 +261,6 @@ def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         grads.append(dfinal.to(initial_states.dtype, copy=True)
                      if initial_states is not None else absent())
         return tuple(grads)
-    r = _chunk_states(sh, x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, initial_states)
 
     # 1-2: gradients of the states.
     dstates = torch.empty(sh.batch, sh.nchunks, sh.nheads, sh.headdim, sh.dstate, **f32)
@@ -256,7 +273,7 @@ def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     bwd.state_passing_bwd_kernel[(sh.batch * sh.nheads, nblocks)](
         dstates, r.states, r.da_cs, dfinal, dinit, dda_last,
         sh.nchunks, sh.nheads, sh.chunk_size, sh.padded_len, dim,
-        BLOCK=block, num_warps=sh.warps(),
+        BLOCK=block, **sh.launch(),
     )
     dda_last = dda_last.sum(-1).contiguous()
 
@@ -272,7 +289,7 @@ def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     common = (sh.seqlen, sh.chunk_size, sh.nchunks, sh.nheads, sh.heads_per_group, sh.ngroups,
               sh.headdim, sh.dstate, sh.padded_len)
     tiles = dict(CP=sh.cp, BT=sh.bt_bwd, BP=sh.bp, BN=sh.bn, DOT_DTYPE=sh.dot_dtype,
-                 INTERPRET=sh.interpret, num_warps=sh.warps("bwd"))
+                 INTERPRET=sh.interpret, **sh.launch("bwd"))
     bwd.chunk_scan_bwd_source_kernel[grid](
         x, B, C, r.cb, r.dt, r.da_cs, dstates, D if D is not None else A, dy,
         dx, dB, ddt_direct, dda_to_end, dda_intra, dd_partial,
@@ -295,7 +312,7 @@ def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         sh.seqlen, sh.nheads, sh.chunk_size, sh.nchunks, sh.padded_len,
         *_strides(dt), *_strides(ddt)[:2], dt_min, dt_max,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=_has_limit(dt_min, dt_max),
-        CP=sh.cp, NT=sh.ntiles_bwd, BLOCK_H=sh.block_h, num_warps=sh.warps(),
+        CP=sh.cp, NT=sh.ntiles_bwd, BLOCK_H=sh.block_h, **sh.launch(),
     )
     dA = da_partial.sum((0, 1)).to(A.dtype)
     dbias = dbias_partial.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else absent()
@@ -313,7 +330,8 @@ def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
 @torch.library.custom_op("megatron_hybrid::ssd_chunked_scan", mutates_args=())
 def _ssd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
             D: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, dt_min: float,
-            dt_max: float, initial_states: Tensor | None) -> tuple[Tensor, Tensor]:
+            dt_max: float, initial_states: Tensor | None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward(x, dt, A, B, C, chunk_size, _contiguous(D), dt_bias, dt_softplus, dt_min,
                     dt_max, _contiguous(initial_states))
 
@@ -321,23 +339,28 @@ def _ssd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
 @_ssd_op.register_fake
 def _(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max, initial_states):
     batch, _, nheads, headdim = x.shape
+    sh = _shape(x, B, C, chunk_size)
     return (x.new_empty(x.shape),
-            x.new_empty((batch, nheads, headdim, B.shape[-1]), dtype=torch.float32))
+            x.new_empty((batch, nheads, headdim, B.shape[-1]), dtype=torch.float32),
+            *(x.new_empty(shape, dtype=torch.float32) for shape in _saved_shapes(sh)))
 
 
 @torch.library.custom_op("megatron_hybrid::ssd_chunked_scan_backward", mutates_args=())
 def _ssd_backward_op(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
                      C: Tensor, chunk_size: int, D: Tensor | None, dt_bias: Tensor | None,
                      dt_softplus: bool, dt_min: float, dt_max: float,
-                     initial_states: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor,
-                                                             Tensor, Tensor, Tensor, Tensor]:
+                     initial_states: Tensor | None, dt_out: Tensor, da_cs: Tensor, cb: Tensor,
+                     states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                              Tensor, Tensor, Tensor, Tensor]:
+    # The final state is not needed by the backward: an empty placeholder.
+    r = _Recomputed(dt_out, da_cs, cb, states, final=dfinal.new_empty(0))
     return _backward(dy, dfinal.float().contiguous(), x, dt, A, B, C, chunk_size, _contiguous(D),
-                     dt_bias, dt_softplus, dt_min, dt_max, _contiguous(initial_states))
+                     dt_bias, dt_softplus, dt_min, dt_max, _contiguous(initial_states), r)
 
 
 @_ssd_backward_op.register_fake
 def _(dy, dfinal, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max,
-      initial_states):
+      initial_states, dt_out, da_cs, cb, states):
     return (x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty(A.shape),
             B.new_empty(B.shape), C.new_empty(C.shape),
             *(t.new_empty(t.shape) if t is not None else x.new_empty(0)
@@ -351,12 +374,14 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 def _setup(ctx, inputs, output):
     (x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max,
      initial_states) = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states)
+    intermediates = output[2:]
+    ctx.mark_non_differentiable(*intermediates)
+    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, *intermediates)
     ctx.options = (chunk_size, dt_softplus, dt_min, dt_max)
 
 
-def _grad(ctx, dy, dfinal):
-    x, dt, A, B, C, D, dt_bias, initial_states = ctx.saved_tensors
+def _grad(ctx, dy, dfinal, *_intermediates):
+    x, dt, A, B, C, D, dt_bias, initial_states, *intermediates = ctx.saved_tensors
     chunk_size, dt_softplus, dt_min, dt_max = ctx.options
     if dfinal is None:
         dfinal = x.new_zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]),
@@ -365,7 +390,7 @@ def _grad(ctx, dy, dfinal):
         dy = torch.zeros_like(x)
     dx, ddt, dA, dB, dC, dD, dbias, dinit = _ssd_backward_op(
         dy, dfinal, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max,
-        initial_states,
+        initial_states, *intermediates,
     )
     return (dx, ddt, dA, dB, dC, None, dD if D is not None else None,
             dbias if dt_bias is not None else None, None, None, None,
@@ -418,6 +443,6 @@ def ssd_chunked_scan(
     optional = dict(D=D, dt_bias=dt_bias, initial_states=initial_states)
     check_inputs("ssd", x=x, dt=dt, A=A, B=B, C=C,
                  **{name: t for name, t in optional.items() if t is not None})
-    y, final = _ssd_op(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus,
-                       float(dt_limit[0]), float(dt_limit[1]), initial_states)
+    y, final, *_ = _ssd_op(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus,
+                           float(dt_limit[0]), float(dt_limit[1]), initial_states)
     return (y, final) if return_final_states else y

@@ -192,11 +192,12 @@ def test_ssd_opcheck():
     torch.library.opcheck(triton_ssd._ssd_op, tuple(
         leaf(a) if isinstance(a, torch.Tensor) else a for a in args))
     dy, dfinal = randn(*args[0].shape, seed=9), randn(1, 2, 4, 4, seed=10)
-    torch.library.opcheck(triton_ssd._ssd_backward_op, (dy, dfinal, *args),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(triton_ssd._ssd_backward_op,
-                          (dy, dfinal, *tiny_op_args(with_optional=False)),
-                          test_utils=("test_schema", "test_faketensor"))
+    for op_args in (args, tiny_op_args(with_optional=False)):
+        # The backward takes the forward's intermediates (dt, da_cs, cb, states) as inputs.
+        intermediates = triton_ssd._ssd_op(*op_args)[2:]
+        torch.library.opcheck(triton_ssd._ssd_backward_op,
+                              (dy, dfinal, *op_args, *intermediates),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_ssd_compiles_without_graph_breaks():
