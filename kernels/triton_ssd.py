@@ -68,9 +68,10 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Launch configuration on CUDA (benchmarks/ssd.py --sweep tries others): tiles of chunk positions
 # for the forward scan and CB ("tile") and for the two big backward kernels ("bwd_tile"), warps
 # per kernel ("<kernel>_warps", else "warps"), and software-pipelining stages where set
-# ("<kernel>_stages", else Triton's default). Chosen by that sweep on an H100 (triton 3.6) at headdim 64 / dstate 128,
-# chunks of 128 and 256: 4 warps in the backward kernels 20% faster end to end than 8, 32-position
-# backward tiles 25% faster than 64, 64-position forward tiles 20% faster than 32.
+# ("<kernel>_stages", else Triton's default). Chosen by that sweep on an H100 (triton 3.6) at
+# headdim 64 / dstate 128, chunks of 128 and 256: 4 warps in the backward kernels 20% faster end
+# to end than 8, 32-position backward tiles 25% faster than 64, 64-position forward tiles 20%
+# faster than 32 (the H200 sweep of this session agreed).
 GPU_TUNING: dict[str, int] = {
     "tile": 64, "bwd_tile": 32,
     "warps": 4, "chunk_state_warps": 8, "chunk_scan_warps": 4, "bwd_warps": 4,
