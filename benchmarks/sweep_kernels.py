@@ -8,7 +8,8 @@ the packed in_proj output, as the Mamba2 layer passes it) this tries each overri
 checks that forward and gradients agree with the default configuration's (only the order of the
 float32 weight-gradient sums may differ), and reports the GPU kernel time of one forward + backward
 (every kernel's duration summed from a torch.profiler trace, weight-gradient partial sums
-included) and the achieved bandwidth against the measured device copy bandwidth.
+included) and the achieved bandwidth against the measured device copy bandwidth; for the default
+configuration also each kernel's share.
 
     python benchmarks/sweep_kernels.py --out sweep.json [--tokens 2x4096] [--ops causal_conv1d]
 """
@@ -40,11 +41,12 @@ SWEEP: dict[str, list[dict[str, int]]] = {
         {"time": 256, "bwd_time": 512}, {"bwd_block_c": 128, "bwd_warps": 1, "bwd_time": 64},
     ],
     "norms": [
-        {}, {"bwd_programs_per_sm": 8}, {"bwd_programs_per_sm": 16},
-        {"bwd_programs_per_sm": 32}, {"tile": 2048}, {"tile": 8192}, {"per_warp": 256},
-        {"per_warp": 1024}, {"bwd_tile": 2048, "bwd_programs_per_sm": 16},
-        {"bwd_tile": 8192, "bwd_per_warp": 1024, "bwd_programs_per_sm": 8},
-        {"bwd_per_warp": 256, "bwd_programs_per_sm": 16},
+        {}, {"bwd_programs_per_sm": 16}, {"tile": 2048}, {"per_warp": 1024},
+        {"bwd_tile": 4096, "bwd_programs_per_sm": 4}, {"bwd_tile": 1024},
+        {"bwd_tile": 512}, {"bwd_tile": 512, "bwd_programs_per_sm": 32},
+        {"bwd_per_warp": 1024}, {"bwd_tile": 1024, "bwd_per_warp": 1024},
+        {"bwd_tile": 1024, "bwd_per_warp": 1024, "bwd_programs_per_sm": 16},
+        {"bwd_per_warp": 2048, "bwd_programs_per_sm": 16},
     ],
 }
 _MODULES = {"causal_conv1d": triton_conv1d, "rms_norm": triton_norms,
@@ -84,6 +86,21 @@ def _max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
                for x, y in zip(a, b, strict=True))
 
 
+def kernel_breakdown(run, reps: int) -> dict[str, float]:
+    """{kernel name: microseconds per call of `run`} from a torch.profiler trace."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / reps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def sweep_case(bench, case, overrides, args, device, peak_gbps) -> list[dict]:
     module = _MODULES[case.op]
     fn = resolve_kernels({case.op: "triton"}, "eager", device)[case.op]
@@ -117,6 +134,8 @@ def sweep_case(bench, case, overrides, args, device, peak_gbps) -> list[dict]:
             ms = bench.kernel_time_ms(run, args.reps, device)
             row.update(kernel_ms=ms, gbps=case.bytes_moved / ms / 1e6,
                        fraction_of_copy=case.bytes_moved / ms / 1e6 / peak_gbps)
+            if not override:  # where the default configuration's time goes
+                row["kernels_us"] = kernel_breakdown(run, args.reps)
         except Exception as error:  # a configuration that does not compile or fit
             row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
         finally:
@@ -124,6 +143,8 @@ def sweep_case(bench, case, overrides, args, device, peak_gbps) -> list[dict]:
             module.GPU_TUNING.update(default)
         rows.append(row)
         print(format_row(row), flush=True)
+        for kernel, us in row.get("kernels_us", {}).items():
+            print(f"{'':>18}{us:8.1f} us  {kernel[:80]}")
     return rows
 
 
