@@ -42,10 +42,20 @@ MAX_WIDTH = 4  # the kernels unroll up to 4 taps
 
 @triton.jit
 def _row(X, base, t, cols, c_ok, L, stride_xt, stride_xc):
-    """Row t of a (batch, time, channel) tensor at `cols`, in float32; zero outside [0, L) (the
-    causal padding before the start, nothing past the end)."""
+    """Row t of a (batch, time, channel) tensor at `cols`, in its own dtype; zero outside [0, L)
+    (the causal padding before the start, nothing past the end)."""
     return tl.load(X + base + t.to(tl.int64) * stride_xt + cols * stride_xc,
-                   mask=_both(c_ok, (t >= 0) & (t < L)), other=0.0).to(tl.float32)
+                   mask=_both(c_ok, (t >= 0) & (t < L)), other=0.0)
+
+
+@triton.jit
+def _rows4(X, base, t, cols, c_ok, L, stride_xt, stride_xc):
+    """Rows t .. t+3 (see `_row`). Loaded one iteration ahead of their use and converted to
+    float32 only there, so they are in flight while the previous four steps compute."""
+    return (_row(X, base, t, cols, c_ok, L, stride_xt, stride_xc),
+            _row(X, base, t + 1, cols, c_ok, L, stride_xt, stride_xc),
+            _row(X, base, t + 2, cols, c_ok, L, stride_xt, stride_xc),
+            _row(X, base, t + 3, cols, c_ok, L, stride_xt, stride_xc))
 
 
 @triton.jit
@@ -114,15 +124,14 @@ def _conv_fwd_kernel(
     y_ptr = Y + batch * stride_yb + cols
     t_begin = tl.program_id(0) * t_per_program
     t_end = tl.minimum(t_begin + t_per_program, L)
-    xm3 = _row(X, base, t_begin - 3, cols, c_ok, L, stride_xt, stride_xc)
-    xm2 = _row(X, base, t_begin - 2, cols, c_ok, L, stride_xt, stride_xc)
-    xm1 = _row(X, base, t_begin - 1, cols, c_ok, L, stride_xt, stride_xc)
+    xm3 = _row(X, base, t_begin - 3, cols, c_ok, L, stride_xt, stride_xc).to(tl.float32)
+    xm2 = _row(X, base, t_begin - 2, cols, c_ok, L, stride_xt, stride_xc).to(tl.float32)
+    xm1 = _row(X, base, t_begin - 1, cols, c_ok, L, stride_xt, stride_xc).to(tl.float32)
+    n0, n1, n2, n3 = _rows4(X, base, t_begin, cols, c_ok, L, stride_xt, stride_xc)
     for i in range(0, tl.cdiv(t_end - t_begin, 4)):
         t = t_begin + 4 * i
-        a0 = _row(X, base, t, cols, c_ok, L, stride_xt, stride_xc)
-        a1 = _row(X, base, t + 1, cols, c_ok, L, stride_xt, stride_xc)
-        a2 = _row(X, base, t + 2, cols, c_ok, L, stride_xt, stride_xc)
-        a3 = _row(X, base, t + 3, cols, c_ok, L, stride_xt, stride_xc)
+        a0, a1, a2, a3 = n0.to(tl.float32), n1.to(tl.float32), n2.to(tl.float32), n3.to(tl.float32)
+        n0, n1, n2, n3 = _rows4(X, base, t + 4, cols, c_ok, L, stride_xt, stride_xc)
         y0 = _act(_pre(b, w0, w1, w2, w3, xm3, xm2, xm1, a0), SILU)
         y1 = _act(_pre(b, w0, w1, w2, w3, xm2, xm1, a0, a1), SILU)
         y2 = _act(_pre(b, w0, w1, w2, w3, xm1, a0, a1, a2), SILU)
@@ -164,21 +173,23 @@ def _conv_bwd_kernel(
     # dp of the three steps after the current four (none after the halo), x of the three steps
     # after the current four's first (x[t+1], x[t+2], x[t+3] for the block starting at t).
     dq1, dq2, dq3 = zero, zero, zero
-    x1 = _row(X, base_x, t_end + 1, cols, c_ok, L, stride_xt, stride_xc)
-    x2 = _row(X, base_x, t_end + 2, cols, c_ok, L, stride_xt, stride_xc)
-    x3 = _row(X, base_x, t_end + 3, cols, c_ok, L, stride_xt, stride_xc)
-    # Blocks of four steps from the halo block at t_end down to the one holding t_begin.
+    x1 = _row(X, base_x, t_end + 1, cols, c_ok, L, stride_xt, stride_xc).to(tl.float32)
+    x2 = _row(X, base_x, t_end + 2, cols, c_ok, L, stride_xt, stride_xc).to(tl.float32)
+    x3 = _row(X, base_x, t_end + 3, cols, c_ok, L, stride_xt, stride_xc).to(tl.float32)
+    base_dy = batch * stride_dyb
+    # Blocks of four steps from the halo block at t_end down to the one holding t_begin; each
+    # block's x[t-3 .. t] and dy[t .. t+3] are loaded during the block before.
+    nx0, nx1, nx2, nx3 = _rows4(X, base_x, t_end - 3, cols, c_ok, L, stride_xt, stride_xc)
+    nd0, nd1, nd2, nd3 = _rows4(DY, base_dy, t_end, cols, c_ok, L, stride_dyt, stride_dyc)
     n_blocks = tl.cdiv(t_end - t_begin, 4) + 1
     for i in range(0, n_blocks):
         t = t_end - 4 * i
-        xm3 = _row(X, base_x, t - 3, cols, c_ok, L, stride_xt, stride_xc)
-        xm2 = _row(X, base_x, t - 2, cols, c_ok, L, stride_xt, stride_xc)
-        xm1 = _row(X, base_x, t - 1, cols, c_ok, L, stride_xt, stride_xc)
-        x0 = _row(X, base_x, t, cols, c_ok, L, stride_xt, stride_xc)
-        dy0 = _row(DY, batch * stride_dyb, t, cols, c_ok, L, stride_dyt, stride_dyc)
-        dy1 = _row(DY, batch * stride_dyb, t + 1, cols, c_ok, L, stride_dyt, stride_dyc)
-        dy2 = _row(DY, batch * stride_dyb, t + 2, cols, c_ok, L, stride_dyt, stride_dyc)
-        dy3 = _row(DY, batch * stride_dyb, t + 3, cols, c_ok, L, stride_dyt, stride_dyc)
+        xm3, xm2, xm1 = nx0.to(tl.float32), nx1.to(tl.float32), nx2.to(tl.float32)
+        x0 = nx3.to(tl.float32)
+        dy0, dy1, dy2 = nd0.to(tl.float32), nd1.to(tl.float32), nd2.to(tl.float32)
+        dy3 = nd3.to(tl.float32)
+        nx0, nx1, nx2, nx3 = _rows4(X, base_x, t - 7, cols, c_ok, L, stride_xt, stride_xc)
+        nd0, nd1, nd2, nd3 = _rows4(DY, base_dy, t - 4, cols, c_ok, L, stride_dyt, stride_dyc)
         dp0 = _dpre(_pre(b, w0, w1, w2, w3, xm3, xm2, xm1, x0), dy0, SILU)
         dp1 = _dpre(_pre(b, w0, w1, w2, w3, xm2, xm1, x0, x1), dy1, SILU)
         dp2 = _dpre(_pre(b, w0, w1, w2, w3, xm1, x0, x1, x2), dy2, SILU)
@@ -228,9 +239,11 @@ def _conv_bwd_kernel(
 # warps, and time steps per program (best a multiple of 4), forward and backward. A backward program
 # writes one float32 partial of the weight and bias gradients, so its stretch of time also sets
 # the size of the partials (programs x (K + 1) x C).
-# Chosen by that sweep on an H200 (triton 3.6) at 2 x 4096 x 6144 (hybrid-1b's xBC): 201 us per
-# forward + backward, 60% of the copy bandwidth; 128-512 channels per program are within 5% of
-# each other, stretches of 32/64 steps 5% faster than 64/128 and 1.5x faster than 256/512.
+# Chosen by that sweep on an H200 (triton 3.6) at 2 x 4096 x 6144 (hybrid-1b's xBC): 188 us per
+# forward + backward (bwd 111, fwd 64), 63% of the copy bandwidth, with the next four rows
+# prefetched (201 us without); 128-512 channels per program are within 1% of each other,
+# stretches of 256/512 steps 1.5x slower (64/128 measured 4% faster after prefetching: untried
+# in the model).
 GPU_TUNING: dict[str, int] = {
     "block_c": 256, "warps": 2, "time": 32,
     "bwd_block_c": 256, "bwd_warps": 2, "bwd_time": 64,

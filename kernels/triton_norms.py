@@ -60,6 +60,24 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _bwd_loads(DY, X, GATE, DSUM, rows, row_end, cols, col_ok,
+               stride_dy, stride_x, stride_gate, stride_dsum,
+               HAS_GATE: tl.constexpr, HAS_DSUM: tl.constexpr):
+    """The backward's inputs at `rows` (x, gate, dy, dsum; x stands in for an absent gate or
+    dsum), in their own dtypes."""
+    mask = (rows < row_end)[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+    g = x
+    if HAS_GATE:
+        g = tl.load(GATE + rows[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0)
+    ds = x
+    if HAS_DSUM:
+        ds = tl.load(DSUM + rows[:, None] * stride_dsum + cols[None, :], mask=mask, other=0.0)
+    return x, g, dy, ds
+
+
+@triton.jit
 def _norm_bwd_kernel(
     DY, X, GATE, W, DSUM, DX, DGATE, DW_PARTIAL,
     n_rows, group_size, channels, rows_per_program,
@@ -76,21 +94,28 @@ def _norm_bwd_kernel(
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_begin = pid * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, n_rows)
+    rows = (row_begin + tl.arange(0, BLOCK_M)).to(tl.int64)
+    x_next, g_next, dy_next, ds_next = _bwd_loads(
+        DY, X, GATE, DSUM, rows, row_end, cols, col_ok,
+        stride_dy, stride_x, stride_gate, stride_dsum, HAS_GATE, HAS_DSUM)
     for start in range(row_begin, row_end, BLOCK_M):
         rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask = (rows < row_end)[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        x, g, dy, ds = x_next, g_next, dy_next, ds_next
+        # The next tile's loads are in flight while this one computes (a program walks its
+        # rows one tile after another; without this each tile would wait for its own loads).
+        x_next, g_next, dy_next, ds_next = _bwd_loads(
+            DY, X, GATE, DSUM, rows + BLOCK_M, row_end, cols, col_ok,
+            stride_dy, stride_x, stride_gate, stride_dsum, HAS_GATE, HAS_DSUM)
         x = x.to(tl.float32)
         h = x
         if HAS_GATE:
-            g = tl.load(GATE + rows[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0)
             g = g.to(tl.float32)
             sig = tl.sigmoid(g)
             silu = g * sig
             h = x * silu
         rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / group_size + eps)
         h_hat = h * rstd[:, None]
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
         dy = dy.to(tl.float32)
         dw += tl.sum(dy * h_hat, axis=0)
         dy_w = dy * w[None, :]
@@ -103,7 +128,6 @@ def _norm_bwd_kernel(
             tl.store(DGATE + rows[:, None] * stride_dgate + cols[None, :],
                      dg.to(DGATE.dtype.element_ty), mask=mask)
         if HAS_DSUM:
-            ds = tl.load(DSUM + rows[:, None] * stride_dsum + cols[None, :], mask=mask, other=0.0)
             dx += ds.to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
                  mask=mask)
@@ -115,22 +139,28 @@ def _norm_bwd_kernel(
 # Launch configuration on CUDA (benchmarks/sweep_kernels.py tries others): elements of a
 # (rows, group) tile, elements per warp, and backward programs per multiprocessor (each walks
 # a stretch of rows and writes one float32 weight-gradient partial). Forward and backward each.
-# Chosen by that sweep on an H200 (triton 3.6) at 2 x 4096 tokens: small backward programs
-# (1024-element tiles, a warp per 1024 elements) make the gated norm's backward (512-channel
-# groups) 1.8x faster than 4096-element tiles of 8 warps (398 -> 215 us fwd+bwd) and cost the
-# plain ones under 2%; 8 programs per multiprocessor are 5% faster than 4 or 16. The forward
-# kernels run at ~90% of the copy bandwidth; the backward ones at 45-60%.
+# Chosen by that sweep on an H200 (triton 3.6) at 2 x 4096 tokens, fwd + bwd: small backward
+# programs (1024-element tiles, a warp per 1024 bf16 elements, next tile prefetched) and 8
+# programs per multiprocessor give RMSNorm 57 us (69% of the copy bandwidth), add + RMSNorm
+# 80 us (79%), the gated norm (512-channel groups) 156 us (81%), against 68 / 96 / 262 us before
+# prefetching and 76 / 104 / 396 us with 4096-element tiles of 8 warps. A float32 RMSNorm (the
+# residual stream under autocast) with a warp per 512 elements: 97 us (81%).
 GPU_TUNING: dict[str, int] = {
     "tile": 4096, "per_warp": 512, "bwd_tile": 1024, "bwd_per_warp": 1024,
     "bwd_programs_per_sm": 8,
 }
 
 
-def _blocks(group_size: int, pass_: str = "", cuda: bool = True) -> tuple[int, int, int]:
+def _blocks(group_size: int, pass_: str = "", cuda: bool = True, itemsize: int = 2
+            ) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward (`pass_` "") or backward ("bwd_")
-    kernel: a whole group in BLOCK_N, as many rows as fit the tile."""
+    kernel: a whole group in BLOCK_N, as many rows as fit the tile. The backward holds the
+    next tile's inputs in registers too, so its elements per warp are for 2-byte inputs and
+    halve for 4-byte ones (float32 residual streams under autocast)."""
     tile, per_warp = ((GPU_TUNING[f"{pass_}tile"], GPU_TUNING[f"{pass_}per_warp"]) if cuda
                       else (4096, 512))
+    if pass_ == "bwd_":
+        per_warp = max(32, per_warp * 2 // itemsize)
     block_n = triton.next_power_of_2(group_size)
     block_m = max(1, min(64, tile // block_n))
     num_warps = min(16, max(1, block_m * block_n // per_warp))
@@ -185,7 +215,9 @@ def _backward(dy: Tensor, x: Tensor, gate: Tensor | None, weight: Tensor, group_
     dgate2 = dgate.view(-1, channels) if dgate is not None else dx2
     n_rows = x2.shape[0]
     ngroups = channels // group_size
-    block_m, block_n, num_warps = _blocks(group_size, "bwd_", x.device.type == "cuda")
+    itemsize = max(x.element_size(), dy.element_size(),
+                   gate.element_size() if gate is not None else 0)
+    block_m, block_n, num_warps = _blocks(group_size, "bwd_", x.device.type == "cuda", itemsize)
     programs = _num_programs(x.device, triton.cdiv(max(n_rows, 1), block_m), ngroups)
     rows_per_program = triton.cdiv(triton.cdiv(max(n_rows, 1), programs), block_m) * block_m
     # Every program writes its row of partials (zeros when it has no rows): no fill needed.
