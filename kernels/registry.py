@@ -282,15 +282,31 @@ def resolve_kernels(
     return BoundKernels(functions, choices, mode, device)
 
 
+# Backends the design names that are not registered: their torch parts cannot be built or
+# installed on the machines this project is tested on, so no implementation of theirs is
+# registered until one can be tested. A request for one says so and how to install it.
+UNREGISTERED_BACKENDS = {
+    "te": "transformer-engine: its PyTorch extension is built from source against your CUDA and "
+          "torch (pip install --no-build-isolation 'transformer_engine[pytorch]')",
+    "apex": "NVIDIA apex: not on PyPI, built from its source repository with its CUDA "
+            "extensions (--cpp_ext --cuda_ext)",
+    "liger": "Liger kernels (pip install liger-kernel)",
+}
+
+
 def _load_requested(registry: KernelRegistry, op: str, name: str,
                     device: torch.device) -> Callable:
     impls = registry.implementations(op)
     if name not in impls:
-        raise KernelError(
-            f"no implementation {name!r} for kernel op {op!r}; implementations: "
-            f"{', '.join(impls)} (available on {device.type}: "
-            f"{', '.join(_available_names(registry, op, device))})"
-        )
+        available = (f"implementations: {', '.join(impls)} (available on {device.type}: "
+                     f"{', '.join(_available_names(registry, op, device))})")
+        if name in UNREGISTERED_BACKENDS:
+            raise KernelError(
+                f"kernel op {op!r} has no {name!r} implementation: the {name} backend "
+                f"({UNREGISTERED_BACKENDS[name]}) is not registered in this version of "
+                f"megatron-hybrid, installed or not, because it could not be tested here; "
+                f"{available}")
+        raise KernelError(f"no implementation {name!r} for kernel op {op!r}; {available}")
     reason = impls[name].unavailable_reason(device)
     if reason is not None:
         raise KernelError(

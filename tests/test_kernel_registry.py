@@ -55,9 +55,19 @@ def test_unknown_op_is_an_error_listing_the_ops():
 
 def test_unknown_implementation_is_an_error_naming_the_implementations():
     with pytest.raises(KernelError) as error:
-        resolve_kernels({"rms_norm": "apex"})
-    assert "no implementation 'apex' for kernel op 'rms_norm'" in str(error.value)
+        resolve_kernels({"rms_norm": "cutlass"})
+    assert "no implementation 'cutlass' for kernel op 'rms_norm'" in str(error.value)
     assert "implementations: eager, triton" in str(error.value)
+
+
+@pytest.mark.parametrize("backend,install", [("te", "transformer_engine"), ("apex", "apex"),
+                                               ("liger", "liger-kernel")])
+def test_unregistered_backend_is_an_error_saying_how_to_install_it(backend, install):
+    with pytest.raises(KernelError, match=rf"no {backend!r} implementation") as error:
+        resolve_kernels({"rms_norm": backend}, "eager", "cpu")
+    message = str(error.value)
+    assert install in message and "not registered" in message
+    assert "implementations: eager, triton" in message
 
 
 def test_unknown_mode_is_an_error():
