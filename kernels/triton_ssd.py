@@ -377,6 +377,9 @@ def _setup(ctx, inputs, output):
      initial_states) = inputs
     intermediates = output[2:]
     ctx.mark_non_differentiable(*intermediates)
+    # Unused outputs get None, not materialized zero gradients: zero-filling the states-sized
+    # gradient of the saved states would cost a pass over them (`_grad` handles None).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, *intermediates)
     ctx.options = (chunk_size, dt_softplus, dt_min, dt_max)
 

@@ -200,6 +200,32 @@ def test_ssd_opcheck():
                               test_utils=("test_schema", "test_faketensor"))
 
 
+def test_backward_fills_no_gradient_of_the_saved_intermediates():
+    # The forward op returns the chunk states (and dt, its cumsum, CB) for the backward; they are
+    # not differentiable outputs, so autograd must not zero-fill gradients for them (a pass over
+    # the states-sized tensor per call).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inputs = ssd_inputs(1, 40, 4, 8, 2, 8, dt_bias=True)
+    leaves = {name: leaf(t) for name, t in inputs.items()}
+    y = triton_ssd.ssd_chunked_scan(**leaves, chunk_size=16, dt_softplus=True)
+    states_shape = (1, 3, 4, 8, 8)  # (batch, chunks, heads, headdim, dstate)
+    filled = []
+
+    class RecordFills(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__
+            if ("zero" in name or "fill" in name or "full" in name) and isinstance(
+                    out, torch.Tensor) and tuple(out.shape) == states_shape:
+                filled.append(name)
+            return out
+
+    with RecordFills():
+        torch.autograd.grad(y, list(leaves.values()), randn(*y.shape, seed=3))
+    assert filled == []
+
+
 def test_ssd_compiles_without_graph_breaks():
     inputs = ssd_inputs(1, 10, 2, 4, 1, 4, D="per_head", dt_bias=True)
 
