@@ -144,14 +144,13 @@ def _shape(x: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> _Shape:
 
 
 @dataclass
-class _Recomputed:
-    """Forward intermediates, computed again by the backward."""
+class _Intermediates:
+    """Forward intermediates that the backward reuses (saved from the forward)."""
 
     dt: Tensor  # (b, h, padded_len) processed dt
     da_cs: Tensor  # (b, h, padded_len) in-chunk cumsum of dt * A
     cb: Tensor  # (b, nchunks, g, cp, cp)
     states: Tensor  # (b, nchunks, h, p, n) state entering each chunk
-    final: Tensor  # (b, h, p, n)
 
 
 def _has_limit(dt_min: float, dt_max: float) -> bool:
@@ -164,8 +163,9 @@ def _strides(t: Tensor) -> tuple[int, ...]:
 
 def _chunk_states(sh: _Shape, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                   dt_bias: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float,
-                  initial_states: Tensor | None) -> _Recomputed:
-    """Forward steps 1-4: processed dt and its cumsum, CB, and the states entering the chunks."""
+                  initial_states: Tensor | None) -> tuple[_Intermediates, Tensor]:
+    """Forward steps 1-4: processed dt and its cumsum, CB, the states entering the chunks, and
+    the final states."""
     f32 = dict(dtype=torch.float32, device=x.device)
     dt_out = torch.empty(sh.batch, sh.nheads, sh.padded_len, **f32)
     da_cs = torch.empty_like(dt_out)
@@ -193,7 +193,7 @@ def _chunk_states(sh: _Shape, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
         sh.nchunks, sh.nheads, sh.chunk_size, sh.padded_len, dim,
         HAS_INIT=initial_states is not None, BLOCK=block, **sh.launch(),
     )
-    return _Recomputed(dt_out, da_cs, cb, states, final)
+    return _Intermediates(dt_out, da_cs, cb, states), final
 
 
 def _chunk_state(sh: _Shape, x_or_dy: Tensor, b_or_c: Tensor, dt_out: Tensor, da_cs: Tensor,
@@ -226,7 +226,8 @@ def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
             final.copy_(initial_states)
         return (y, final, *(x.new_empty(shape, dtype=torch.float32)
                             for shape in _saved_shapes(sh)))
-    r = _chunk_states(sh, x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, initial_states)
+    r, final = _chunk_states(sh, x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max,
+                             initial_states)
     fwd.chunk_scan_fwd_kernel[(sh.batch * sh.nchunks * sh.nheads, sh.ntiles)](
         x, C, r.cb, r.dt, r.da_cs, r.states, D if D is not None else A, y,
         sh.seqlen, sh.chunk_size, sh.nchunks, sh.nheads, sh.heads_per_group, sh.ngroups,
@@ -236,13 +237,13 @@ def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         CP=sh.cp, BT=sh.bt, BP=sh.bp, BN=sh.bn, DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret,
         **sh.launch("chunk_scan"),
     )
-    return y, r.final, r.dt, r.da_cs, r.cb, r.states
+    return y, final, r.dt, r.da_cs, r.cb, r.states
 
 
 def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
               C: Tensor, chunk_size: int, D: Tensor | None, dt_bias: Tensor | None,
               dt_softplus: bool, dt_min: float, dt_max: float,
-              initial_states: Tensor | None, r: _Recomputed) -> tuple[Tensor, ...]:
+              initial_states: Tensor | None, r: _Intermediates) -> tuple[Tensor, ...]:
     """(dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial) given the forward's intermediates `r`; an
     absent optional input gets an empty tensor (a new one each: custom ops return no aliases)."""
     sh = _shape(x, B, C, chunk_size)
@@ -353,8 +354,7 @@ def _ssd_backward_op(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tenso
                      initial_states: Tensor | None, dt_out: Tensor, da_cs: Tensor, cb: Tensor,
                      states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor,
                                               Tensor, Tensor, Tensor, Tensor]:
-    # The final state is not needed by the backward: an empty placeholder.
-    r = _Recomputed(dt_out, da_cs, cb, states, final=dfinal.new_empty(0))
+    r = _Intermediates(dt_out, da_cs, cb, states)
     return _backward(dy, dfinal.float().contiguous(), x, dt, A, B, C, chunk_size, _contiguous(D),
                      dt_bias, dt_softplus, dt_min, dt_max, _contiguous(initial_states), r)
 
