@@ -236,9 +236,9 @@ def _conv_bwd_kernel(
 # -- launchers ------------------------------------------------------------------------------------
 
 # Launch configuration on CUDA (benchmarks/sweep_kernels.py tries others): channels per program,
-# warps, and time steps per program (best a multiple of 4), forward and backward. A backward program
-# writes one float32 partial of the weight and bias gradients, so its stretch of time also sets
-# the size of the partials (programs x (K + 1) x C).
+# warps, and time steps per program (best a multiple of 4), forward and backward. A backward
+# program writes one float32 partial of the weight and bias gradients, so its stretch of time
+# also sets the size of the partials (programs x (K + 1) x C; capped by MAX_PARTIAL_BYTES).
 # Chosen by that sweep on an H200 (triton 3.6) at 2 x 4096 x 6144 (hybrid-1b's xBC): 188 us per
 # forward + backward (bwd 111, fwd 64), 63% of the copy bandwidth, with the next four rows
 # prefetched (201 us without); 128-512 channels per program are within 1% of each other,
@@ -250,16 +250,26 @@ GPU_TUNING: dict[str, int] = {
 }
 
 
-def _launch(device: torch.device, channels: int, seqlen: int, pass_: str
-            ) -> tuple[int, int, int, int]:
+# The backward's float32 weight-gradient partials stay under this: long sequences get longer
+# stretches per program rather than more partials.
+MAX_PARTIAL_BYTES = 32 * 1024 * 1024
+
+
+def _launch(device: torch.device, channels: int, seqlen: int, pass_: str, batch: int = 1,
+            width: int = MAX_WIDTH) -> tuple[int, int, int, int]:
     """(BLOCK_C, num_warps, time steps per program, programs along time) of the forward
-    (`pass_` "") or backward ("bwd_") kernel. Under the CPU interpreter small blocks, so that the
-    tests' tiny shapes span several programs in time and channels."""
+    (`pass_` "") or backward ("bwd_") kernel; the backward's partials, batch x programs x
+    (width + 1) x channels float32, are kept under MAX_PARTIAL_BYTES. Under the CPU interpreter
+    small blocks, so that the tests' tiny shapes span several programs in time and channels."""
     if device.type == "cuda":
         block_c = min(GPU_TUNING[f"{pass_}block_c"], triton.next_power_of_2(channels))
         warps, steps = GPU_TUNING[f"{pass_}warps"], GPU_TUNING[f"{pass_}time"]
     else:
         block_c, warps, steps = min(16, triton.next_power_of_2(channels)), 1, 8
+    if pass_ == "bwd_":
+        partial_per_program = batch * (width + 1) * channels * 4
+        max_programs = max(1, MAX_PARTIAL_BYTES // partial_per_program)
+        steps = max(steps, 4 * triton.cdiv(triton.cdiv(seqlen, max_programs), 4))
     return block_c, warps, steps, triton.cdiv(seqlen, steps)
 
 
@@ -289,7 +299,8 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
     if dx.numel() == 0:
         return (dx, torch.zeros(weight.shape, dtype=weight.dtype, device=x.device),
                 torch.zeros(channels, dtype=bias_dtype, device=x.device))
-    block_c, num_warps, steps, programs = _launch(x.device, channels, seqlen, "bwd_")
+    block_c, num_warps, steps, programs = _launch(x.device, channels, seqlen, "bwd_", batch,
+                                                  width)
     partial = torch.empty(batch * programs, width + 1, channels, dtype=torch.float32,
                           device=x.device)
     _conv_bwd_kernel[(programs, triton.cdiv(channels, block_c), batch)](

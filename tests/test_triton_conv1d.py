@@ -112,6 +112,18 @@ def test_causal_conv1d_opcheck():
     torch.library.opcheck(triton_conv1d._causal_conv1d_backward_op, (dy, x, w, None, False))
 
 
+def test_backward_partials_stay_bounded_for_long_sequences():
+    # The CUDA launch plan (computed without a GPU): at hybrid-1b's shape the tuned stretch is
+    # kept; a 128k-token sequence gets longer stretches instead of 250 MB of partials.
+    cuda = torch.device("cuda")
+    for batch, seqlen in ((2, 4096), (1, 131072), (8, 1_000_000)):
+        _, _, steps, programs = triton_conv1d._launch(cuda, 6144, seqlen, "bwd_", batch, 4)
+        assert programs * steps >= seqlen and steps % 4 == 0
+        assert batch * programs * 5 * 6144 * 4 <= triton_conv1d.MAX_PARTIAL_BYTES
+    assert triton_conv1d._launch(cuda, 6144, 4096, "bwd_", 2, 4)[2] == \
+        triton_conv1d.GPU_TUNING["bwd_time"]
+
+
 def test_registry_binds_triton_causal_conv1d():
     kernels = resolve_kernels({"causal_conv1d": "triton"}, "eager", DEVICE)
     assert kernels.impl("causal_conv1d") == "triton"
