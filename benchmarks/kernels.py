@@ -209,9 +209,10 @@ def measure(step: Callable[[], None], warmup: int, reps: int, device: torch.devi
     return statistics.median(times), peak
 
 
-def kernel_time_ms(step: Callable[[], None], reps: int, device: torch.device) -> float | None:
-    """GPU kernel time per call of `step`: the durations of the device events of a
-    torch.profiler trace, summed (None without device events, e.g. on CPU)."""
+def kernel_breakdown(step: Callable[[], None], reps: int, device: torch.device
+                     ) -> dict[str, float]:
+    """{kernel name: microseconds per call of `step`}, largest first: the durations of the
+    device events of a torch.profiler trace (empty without device events, e.g. on CPU)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU]
@@ -221,9 +222,20 @@ def kernel_time_ms(step: Callable[[], None], reps: int, device: torch.device) ->
         for _ in range(reps):
             step()
         _sync(device)
-    total_us = sum(event.time_range.elapsed_us() for event in prof.events()
-                   if event.device_type == DeviceType.CUDA)
-    return total_us / reps / 1e3 if total_us > 0 else None
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        # Device-side user annotations span kernels that are counted on their own.
+        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation",
+                                                                 False):
+            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / reps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_time_ms(step: Callable[[], None], reps: int, device: torch.device) -> float | None:
+    """GPU kernel time per call of `step`: every kernel's duration summed (None without device
+    events, e.g. on CPU)."""
+    total_us = sum(kernel_breakdown(step, reps, device).values())
+    return total_us / 1e3 if total_us > 0 else None
 
 
 def implementations(op: str, device: torch.device, names: list[str]

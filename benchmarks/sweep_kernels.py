@@ -78,21 +78,6 @@ def _max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
                for x, y in zip(a, b, strict=True))
 
 
-def kernel_breakdown(run, reps: int) -> dict[str, float]:
-    """{kernel name: microseconds per call of `run`} from a torch.profiler trace."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            run()
-        torch.cuda.synchronize()
-    totals: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / reps
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
-
-
 def sweep_case(bench, case, overrides, args, device, peak_gbps) -> list[dict]:
     module = _MODULES[case.op]
     fn = resolve_kernels({case.op: "triton"}, "eager", device)[case.op]
@@ -133,7 +118,7 @@ def sweep_case(bench, case, overrides, args, device, peak_gbps) -> list[dict]:
             row.update(kernel_ms=ms, gbps=bytes_moved / ms / 1e6,
                        fraction_of_copy=bytes_moved / ms / 1e6 / peak_gbps)
             if not override:  # where the default configuration's time goes
-                row["kernels_us"] = kernel_breakdown(run, args.reps)
+                row["kernels_us"] = bench.kernel_breakdown(run, args.reps, device)
         except Exception as error:  # a configuration that does not compile or fit
             row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
         finally:
