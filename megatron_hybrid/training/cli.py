@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import torch.distributed as dist
+
 from megatron_hybrid.training.arguments import build_parser
 
 
@@ -14,12 +16,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_training(args)
+        if dist.is_initialized():
+            # Every rank finishes before any tears its process group down: gloo aborts a
+            # process ("terminate called without an active exception") whose group is destroyed
+            # while a peer is still finishing (seen under load in CI).
+            dist.barrier()
     except ValueError as error:  # PatternError, ConfigError, ...: the user's input, not a bug
         print(f"pretrain_hybrid.py: error: {error}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
