@@ -101,3 +101,17 @@ def test_tensor_parallel_checkpoint_resumes_in_one_process(tmp_path):
     resumed = run_training(build_parser().parse_args(
         [*TP_FLAGS, "--load", str(tmp_path / "c")])).losses
     assert_close(resumed, single[3:])
+
+
+def test_worker_exit_flushes_its_output_and_skips_finalization():
+    # How a torchrun worker ends after destroying its process group (see
+    # exit_without_finalization): buffered output still arrives, the exit code is kept, and no
+    # finalization runs (an atexit handler stands for it).
+    code = ("import atexit, sys\n"
+            "from megatron_hybrid.parallel.distributed import exit_without_finalization\n"
+            "atexit.register(print, 'finalized')\n"
+            "sys.stdout.write('buffered, no newline')\n"
+            "exit_without_finalization(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout) == (3, "buffered, no newline"), proc.stderr

@@ -302,6 +302,8 @@ def worker(argv: list[str]) -> None:
     from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
     from megatron_hybrid.checkpointing.state import ModelState
     from megatron_hybrid.parallel.dims import ParallelDims
+    from megatron_hybrid.parallel.distributed import (exit_without_finalization,
+                                                      shutdown_distributed)
     from megatron_hybrid.parallel.expert_parallel import apply_expert_parallel
     from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -333,7 +335,8 @@ def worker(argv: list[str]) -> None:
         torch.save(logits, opts.logits)
     if opts.save:
         CheckpointSaver(opts.save, log=lambda _: None).save(0, by_dcp, None, None, config)
-    dist.destroy_process_group()
+    shutdown_distributed()
+    exit_without_finalization(0)
 
 
 if __name__ == "__main__":

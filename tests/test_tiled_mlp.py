@@ -227,6 +227,9 @@ def _data_parallel_worker() -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
+    from megatron_hybrid.parallel.distributed import (exit_without_finalization,
+                                                      shutdown_distributed)
+
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     x, dy = inputs(2 * world, 5)  # the same global batch on every rank
@@ -250,7 +253,8 @@ def _data_parallel_worker() -> None:
                                  strict=True):
             torch.testing.assert_close(got, expected, **FP32)
         print(f"rank {rank} {activation} fsdp2: gradients match", flush=True)
-    dist.destroy_process_group()
+    shutdown_distributed()
+    exit_without_finalization(0)
 
 
 if __name__ == "__main__":

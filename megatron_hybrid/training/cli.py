@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
-
+from megatron_hybrid.parallel.distributed import exit_without_finalization, shutdown_distributed
 from megatron_hybrid.training.arguments import build_parser
 
 
@@ -16,17 +15,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_training(args)
-        if dist.is_initialized():
-            # Every rank finishes before any tears its process group down: gloo aborts a
-            # process ("terminate called without an active exception") whose group is destroyed
-            # while a peer is still finishing (seen under load in CI).
-            dist.barrier()
     except ValueError as error:  # PatternError, ConfigError, ...: the user's input, not a bug
         print(f"pretrain_hybrid.py: error: {error}", file=sys.stderr)
+        shutdown_distributed(wait_for_peers=False)  # a peer may have failed: wait for none
         return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        shutdown_distributed(wait_for_peers=False)
+        raise
+    if shutdown_distributed():  # a torchrun worker; run_training closed its checkpoints and logs
+        exit_without_finalization(0)
     return 0
 
 
