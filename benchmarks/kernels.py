@@ -55,6 +55,8 @@ import torch
 
 from megatron_hybrid.kernels.registry import KernelError, resolve_kernels
 
+from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
+
 H100_COPY_GBPS = 2990.0
 H100_BF16_GEMM_TFLOPS = 784.0
 EPS = 1e-5
@@ -207,28 +209,6 @@ def measure(step: Callable[[], None], warmup: int, reps: int, device: torch.devi
             times.append(1e3 * (time.perf_counter() - began))
     peak = None if base is None else torch.cuda.max_memory_allocated(device) - base
     return statistics.median(times), peak
-
-
-def kernel_breakdown(step: Callable[[], None], reps: int, device: torch.device
-                     ) -> dict[str, float]:
-    """{kernel name: microseconds per call of `step`}, largest first: the durations of the
-    device events of a torch.profiler trace (empty without device events, e.g. on CPU)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        for _ in range(reps):
-            step()
-        _sync(device)
-    totals: dict[str, float] = {}
-    for event in prof.events():
-        # Device-side user annotations span kernels that are counted on their own.
-        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation",
-                                                                 False):
-            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / reps
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def kernel_time_ms(step: Callable[[], None], reps: int, device: torch.device) -> float | None:

@@ -36,6 +36,8 @@ import torch
 from megatron_hybrid.kernels import triton_ssd
 from megatron_hybrid.kernels.ssd_eager import ssd_chunked_scan as eager_ssd
 
+from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
+
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -146,18 +148,7 @@ def kernel_profile(inputs: dict, dy: torch.Tensor, chunk_size: int, steps: int =
     """(kernel name, microseconds per fwd+bwd step) for the Triton implementation."""
     step = fwd_bwd_step(triton_ssd.ssd_chunked_scan, inputs, dy, chunk_size)
     step()
-    torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    totals: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            us = getattr(event, "device_time_total", None) or event.cuda_time_total
-            totals[event.key] = totals.get(event.key, 0.0) + us / steps
-    return sorted(totals.items(), key=lambda kv: -kv[1])
+    return list(kernel_breakdown(step, steps, torch.device("cuda")).items())
 
 
 def _error(error: Exception) -> str:

@@ -40,6 +40,8 @@ from megatron_hybrid.parallel.activation_checkpoint import apply_activation_chec
 from megatron_hybrid.parallel.compile import apply_compile
 from megatron_hybrid.pattern import CHANNEL_MIXERS, SEQUENCE_MIXERS
 
+from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
+
 H100_SXM_BF16_DENSE_TFLOPS = 989.4
 
 
@@ -209,24 +211,10 @@ def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> Non
     """Where the time of `steps` steps goes: every GPU kernel's duration from a torch.profiler
     trace, summed per category and per kernel (kernels inside CUDA graphs may not be traced:
     profile without --compile-mode reduce-overhead for the full picture)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     _sync(device)
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        _sync(device)
+    per_kernel = {kernel: us / 1e3 for kernel, us in kernel_breakdown(step, steps, device).items()}
     wall_ms = 1e3 * (time.perf_counter() - start) / steps
-    per_kernel: dict[str, float] = {}
-    for event in prof.events():
-        # Device-side user annotations (e.g. "Optimizer.step#AdamW.step") span kernels that are
-        # counted on their own.
-        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation",
-                                                                 False):
-            per_kernel[event.name] = (per_kernel.get(event.name, 0.0)
-                                      + event.time_range.elapsed_us() / 1e3 / steps)
     per_category: dict[str, float] = {}
     for kernel, ms in per_kernel.items():
         per_category[_category(kernel)] = per_category.get(_category(kernel), 0.0) + ms
@@ -236,7 +224,7 @@ def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> Non
     for category, ms in sorted(per_category.items(), key=lambda kv: -kv[1]):
         print(f"  {ms:8.2f} ms  {100 * ms / busy:5.1f}%  {category}")
     print("  top kernels (ms per step):")
-    for kernel, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]:
+    for kernel, ms in list(per_kernel.items())[:25]:  # largest first
         print(f"  {ms:8.2f}  {_category(kernel):<14} {kernel[:90]}")
 
 

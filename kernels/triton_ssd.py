@@ -340,10 +340,9 @@ def _ssd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
 
 @_ssd_op.register_fake
 def _(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max, initial_states):
-    batch, _, nheads, headdim = x.shape
     sh = _shape(x, B, C, chunk_size)
     return (x.new_empty(x.shape),
-            x.new_empty((batch, nheads, headdim, B.shape[-1]), dtype=torch.float32),
+            x.new_empty((sh.batch, sh.nheads, sh.headdim, sh.dstate), dtype=torch.float32),
             *(x.new_empty(shape, dtype=torch.float32) for shape in _saved_shapes(sh)))
 
 

@@ -250,8 +250,7 @@ def gradient_worker(argv: list[str]) -> None:
 
     from megatron_hybrid.model import HybridModel
     from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
-    from megatron_hybrid.parallel.distributed import (exit_without_finalization, init_distributed,
-                                                      shutdown_distributed)
+    from megatron_hybrid.parallel.distributed import end_successful_run, init_distributed
     from megatron_hybrid.parallel.expert_parallel import apply_expert_parallel
     from megatron_hybrid.parallel.fsdp import apply_fsdp
     from megatron_hybrid.parallel.packed import packed_tensors
@@ -306,8 +305,7 @@ def gradient_worker(argv: list[str]) -> None:
         torch.testing.assert_close(grad, expected[name].grad, rtol=1e-5, atol=1e-7,
                                    msg=lambda m, name=name: f"{name}: {m}")
     print(f"rank {proc.rank}: logits and gradients match one process", flush=True)
-    shutdown_distributed()
-    exit_without_finalization(0)
+    end_successful_run()
 
 
 if __name__ == "__main__":

@@ -302,8 +302,7 @@ def worker(argv: list[str]) -> None:
     from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
     from megatron_hybrid.checkpointing.state import ModelState
     from megatron_hybrid.parallel.dims import ParallelDims
-    from megatron_hybrid.parallel.distributed import (exit_without_finalization,
-                                                      shutdown_distributed)
+    from megatron_hybrid.parallel.distributed import end_successful_run
     from megatron_hybrid.parallel.expert_parallel import apply_expert_parallel
     from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -335,8 +334,7 @@ def worker(argv: list[str]) -> None:
         torch.save(logits, opts.logits)
     if opts.save:
         CheckpointSaver(opts.save, log=lambda _: None).save(0, by_dcp, None, None, config)
-    shutdown_distributed()
-    exit_without_finalization(0)
+    end_successful_run()
 
 
 if __name__ == "__main__":

@@ -227,8 +227,7 @@ def _data_parallel_worker() -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from megatron_hybrid.parallel.distributed import (exit_without_finalization,
-                                                      shutdown_distributed)
+    from megatron_hybrid.parallel.distributed import end_successful_run
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -253,8 +252,7 @@ def _data_parallel_worker() -> None:
                                  strict=True):
             torch.testing.assert_close(got, expected, **FP32)
         print(f"rank {rank} {activation} fsdp2: gradients match", flush=True)
-    shutdown_distributed()
-    exit_without_finalization(0)
+    end_successful_run()
 
 
 if __name__ == "__main__":

@@ -105,6 +105,14 @@ def exit_without_finalization(code: int) -> NoReturn:
     os._exit(code)
 
 
+def end_successful_run() -> None:
+    """The end of a run that succeeded: under torchrun, every rank meets, tears the group down
+    and exits with 0 (`exit_without_finalization`); in one process, nothing happens and it
+    returns."""
+    if shutdown_distributed():
+        exit_without_finalization(0)
+
+
 def all_ranks_agree(flag: bool) -> bool:
     """True when `flag` is true on every rank (a collective: every rank must call it)."""
     if not dist.is_initialized():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from megatron_hybrid.parallel.distributed import exit_without_finalization, shutdown_distributed
+from megatron_hybrid.parallel.distributed import end_successful_run, shutdown_distributed
 from megatron_hybrid.training.arguments import build_parser
 
 
@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         shutdown_distributed(wait_for_peers=False)
         raise
-    if shutdown_distributed():  # a torchrun worker; run_training closed its checkpoints and logs
-        exit_without_finalization(0)
+    end_successful_run()  # run_training closed its checkpoints and logs
     return 0
 
 
