@@ -2,7 +2,7 @@
 
 `kernels/` and `checkpointing/` live at the top of the repository (they are the two big
 subsystems) but install inside the `megatron_hybrid` namespace, so the distribution never
-claims generic top-level names such as `kernels` (shared/DESIGN.md section 2).
+claims generic top-level names such as `kernels`.
 """
 
 from setuptools import find_packages, setup

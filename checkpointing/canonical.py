@@ -3,7 +3,7 @@
 A model's modules are grouped by *physical block* (`decoder.layers.{p}`, one per pattern block,
 a fusion group counting once); checkpoints, parameter initialization and every tool speak
 *canonical keys*: the model as if no fusion existed, indexed by canonical sub-layer
-(shared/DESIGN.md section 5):
+(the README, section "Checkpoints"):
 
     decoder.layers.{p}.input_layernorm.*    -> decoder.layers.{s}.norm.*              (M)
     decoder.layers.{p}.self_attention.*     -> decoder.layers.{s}.mixer.*             (M)

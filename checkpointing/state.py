@@ -1,5 +1,5 @@
 """`Stateful` wrappers (the "hooks") that present the model, optimizer and training progress to
-torch.distributed.checkpoint under canonical keys (shared/DESIGN.md section 5).
+torch.distributed.checkpoint under canonical keys.
 
 The model's own module names (physical blocks, fused groups, wrapper prefixes) never reach the
 files: `ModelState` and `OptimizerState` rename to canonical keys on the way out and back on the

@@ -1,5 +1,5 @@
 """Kernels: eager reference ops, Triton kernels, and the registry that binds one implementation
-per op for each model (registry.py; shared/DESIGN.md section 7)."""
+per op for each model (registry.py)."""
 
 from megatron_hybrid.kernels.cli import add_kernel_args, kernels_from_args
 from megatron_hybrid.kernels.registry import (

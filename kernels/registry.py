@@ -8,7 +8,7 @@ under hardware requirements (device type, minimum compute capability, modules th
 
 `resolve_kernels(requests, mode, device)` binds one implementation per op into a `BoundKernels`,
 which a model receives at construction and hands to its layers; nothing is bound in module
-globals, so two models in one process may use different kernels (shared/DESIGN.md section 7).
+globals, so two models in one process may use different kernels.
 
 - an explicit request (`--kernel rms_norm=triton`) is honoured or is an error naming the reason
   and the implementations that are available;

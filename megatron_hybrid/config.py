@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture of a hybrid decoder. Field names follow Megatron-LM's arguments."""
 
-    hybrid_layer_pattern: str  # e.g. "M-M-[*-]M-" (shared/DESIGN.md section 3)
+    hybrid_layer_pattern: str  # e.g. "M-M-[*-]M-"
     hidden_size: int
     vocab_size: int  # rows of the embedding (already padded, see pad_vocab_size)
     ffn_hidden_size: int | None = None  # MLP width; default 4 * hidden_size

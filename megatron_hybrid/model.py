@@ -1,6 +1,6 @@
 """`HybridModel`: embedding -> physical blocks from the pattern -> final norm -> output layer.
 
-The module tree matches Megatron's names (shared/DESIGN.md section 4):
+The module tree matches Megatron's names:
 
     embedding.word_embeddings      decoder.layers[str(p)]      decoder.final_norm
     output_layer                   (absent when embeddings and output weights are tied)

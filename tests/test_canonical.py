@@ -1,4 +1,4 @@
-"""Physical module names <-> canonical checkpoint keys (shared/DESIGN.md section 5)."""
+"""Physical module names <-> canonical checkpoint keys."""
 
 from __future__ import annotations
 

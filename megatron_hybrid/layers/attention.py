@@ -1,7 +1,7 @@
 """Causal self-attention with grouped-query attention and optional rotary embedding.
 
 `linear_qkv` packs q, k and v in Megatron's grouped layout: for each query group its
-`heads_per_group` query heads, then its key head, then its value head (shared/DESIGN.md section 5),
+`heads_per_group` query heads, then its key head, then its value head,
 so a tensor-parallel split over groups is a contiguous split of rows.
 """
 

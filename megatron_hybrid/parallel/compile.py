@@ -1,4 +1,4 @@
-"""`--compile`: torch.compile per physical block (shared/DESIGN.md section 6: after tensor
+"""`--compile`: torch.compile per physical block (after tensor
 parallelism and activation checkpointing, before FSDP).
 
 Compiling block by block rather than the whole model keeps compile time proportional to the

@@ -11,7 +11,7 @@ would get all of z and half of x). So the tensor-parallel plan stores such a ten
 and a plain `Shard(0)` then hands rank r its slice of every part, [z_r, x_r, B_r, C_r, dt_r], in
 the canonical order of parts: the layer's forward runs unchanged on local sizes.
 
-Checkpoints never see the rank-major order (shared/DESIGN.md section 5). `to_canonical` presents
+Checkpoints never see the rank-major order. `to_canonical` presents
 a rank-major DTensor to torch.distributed.checkpoint as a `ShardedTensor` of the canonical shape
 whose local shards are this rank's rows, cut into runs that are consecutive in the canonical
 layout and placed at their canonical offsets; `from_canonical` puts loaded values back. A rank's

@@ -199,7 +199,7 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     else:
         parts = [HybridModel(config, seed=args.seed, kernels=kernels).to(device)]
         num_parameters = parts[0].num_parameters()
-    # Order of application (shared/DESIGN.md section 6): TP -> activation checkpointing ->
+    # Order of application: TP -> activation checkpointing ->
     # compile -> FSDP; per part, so each pipeline stage is sharded as a whole model would be.
     use_fsdp = dims.dp > 1
     for index, part in enumerate(parts):
