@@ -52,10 +52,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
 
 from megatron_hybrid.kernels.registry import KernelError, resolve_kernels
-
-from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
 
 H100_COPY_GBPS = 2990.0
 H100_BF16_GEMM_TFLOPS = 784.0

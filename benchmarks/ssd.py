@@ -32,11 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
 
 from megatron_hybrid.kernels import triton_ssd
 from megatron_hybrid.kernels.ssd_eager import ssd_chunked_scan as eager_ssd
-
-from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
 
 
 @dataclasses.dataclass(frozen=True)

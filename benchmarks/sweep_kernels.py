@@ -24,11 +24,10 @@ import sys
 from pathlib import Path
 
 import torch
+from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
 
 from megatron_hybrid.kernels import triton_conv1d, triton_norms
 from megatron_hybrid.kernels.registry import resolve_kernels
-
-from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
 
 _HERE = Path(__file__).resolve().parent
 

@@ -31,6 +31,7 @@ import sys
 import time
 
 import torch
+from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
 
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.flops import parameter_count, training_flops_per_token
@@ -39,8 +40,6 @@ from megatron_hybrid.model import HybridModel
 from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron_hybrid.parallel.compile import apply_compile
 from megatron_hybrid.pattern import CHANNEL_MIXERS, SEQUENCE_MIXERS
-
-from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.4
 

@@ -64,7 +64,7 @@ class ModelPartsState(Stateful):
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         if not self._keys:
             self.state_dict()
-        for state, keys in zip(self.states, self._keys):
+        for state, keys in zip(self.states, self._keys, strict=True):
             state.load_state_dict({key: state_dict[key] for key in keys})
 
 
@@ -73,7 +73,8 @@ class OptimizerPartsState(Stateful):
         optimizers = as_optimizers(optimizers)
         if len(optimizers) != len(parts):
             raise ValueError(f"{len(parts)} model parts but {len(optimizers)} optimizers")
-        self.states = [OptimizerState(part, opt, pattern) for part, opt in zip(parts, optimizers)]
+        self.states = [OptimizerState(part, opt, pattern) for part, opt in
+                       zip(parts, optimizers, strict=True)]
         self._keys: list[list[str]] = []
 
     def state_dict(self) -> dict:
@@ -92,12 +93,12 @@ class OptimizerPartsState(Stateful):
         if not self._keys:
             self.state_dict()
         saved_groups = state_dict.get("param_groups", [])
-        for state, keys in zip(self.states, self._keys):
+        for state, keys in zip(self.states, self._keys, strict=True):
             current = state.state_dict()["param_groups"]
             if len(saved_groups) == len(current):
                 groups = [{**{k: v for k, v in saved.items() if k != "params"},
                            "params": group["params"]}
-                          for saved, group in zip(saved_groups, current)]
+                          for saved, group in zip(saved_groups, current, strict=True)]
             else:  # another grouping: keep this run's hyper-parameters
                 groups = current
             state.load_state_dict({"state": {key: state_dict["state"][key] for key in keys},

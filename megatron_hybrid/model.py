@@ -21,10 +21,10 @@ stage's copy by the pipeline (megatron_hybrid/parallel/pipeline.py).
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron_hybrid.blocks import HybridBlock, check_implemented

@@ -66,7 +66,8 @@ class ParallelDims:
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
         """The world as a ("pp", "edp", "ep", "tp") mesh, tensor parallel fastest:
 
-            rank = ((pp_index * dp + dp_index) * tp + tp_index),  dp_index = edp_index * ep + ep_index
+            rank = (pp_index * dp + dp_index) * tp + tp_index
+            dp_index = edp_index * ep + ep_index
 
         with "dp_shard" = ("edp", "ep") flattened: the data-parallel ranks, over which non-expert
         parameters are FSDP-sharded and micro-batches differ. Expert parameters are split over

@@ -113,7 +113,8 @@ def check_pipeline_fits(config: ModelConfig, pp: int, schedule: str | None) -> l
 
 
 def rank_stage_specs(config: ModelConfig, pp: int, pp_rank: int,
-                     warn: Callable[[str], None] | None = None) -> tuple[list[int], list[StageSpec]]:
+                     warn: Callable[[str], None] | None = None
+                     ) -> tuple[list[int], list[StageSpec]]:
     """(global stage indices, StageSpecs) of the stages pipeline rank `pp_rank` holds."""
     stages = stage_blocks(config.pattern, pp, warn)
     indices = list(range(pp_rank, len(stages), pp))
@@ -170,7 +171,7 @@ class Pipeline:
         self.group = pp_mesh.get_group()
         self.stages = [
             _Stage(part, index, num_stages, device, group=self.group)
-            for part, index in zip(self.parts, stage_indices)
+            for part, index in zip(self.parts, stage_indices, strict=True)
         ]
         self.has_first = 0 in stage_indices
         self.has_last = num_stages - 1 in stage_indices

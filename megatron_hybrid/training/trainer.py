@@ -27,13 +27,13 @@ from megatron_hybrid.data.builder import build_datasets
 from megatron_hybrid.data.embedded import embedded_token_streams
 from megatron_hybrid.data.sampler import StreamSampler
 from megatron_hybrid.data.tokenizer import ByteTokenizer, build_tokenizer
+from megatron_hybrid.flops import parameter_count
 from megatron_hybrid.generation import generate
 from megatron_hybrid.kernels.cli import kernels_from_args
-from megatron_hybrid.flops import parameter_count
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
-from megatron_hybrid.parallel.dims import ParallelDims
 from megatron_hybrid.parallel.compile import apply_compile
+from megatron_hybrid.parallel.dims import ParallelDims
 from megatron_hybrid.parallel.distributed import (
     all_reduce_mean,
     all_reduce_sum_,
