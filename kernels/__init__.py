@@ -1,20 +1,26 @@
 """Kernels: eager reference ops, Triton kernels, and the registry that binds one implementation
 per op for each model (registry.py)."""
 
-from megatron_hybrid.kernels.cli import add_kernel_args, kernels_from_args
-from megatron_hybrid.kernels.registry import (
-    OPS,
-    REGISTRY,
-    BoundKernels,
-    Implementation,
-    KernelChoice,
-    KernelError,
-    KernelRegistry,
-    eager_kernels,
-    resolve_kernels,
-)
+if __name__ != "megatron_hybrid.kernels":  # the repository root is on sys.path
+    from megatron_hybrid.shadowing import step_aside
 
-__all__ = [
-    "OPS", "REGISTRY", "BoundKernels", "Implementation", "KernelChoice", "KernelError",
-    "KernelRegistry", "add_kernel_args", "eager_kernels", "kernels_from_args", "resolve_kernels",
-]
+    step_aside(__name__, __file__)
+else:
+    from megatron_hybrid.kernels.cli import add_kernel_args, kernels_from_args
+    from megatron_hybrid.kernels.registry import (
+        OPS,
+        REGISTRY,
+        BoundKernels,
+        Implementation,
+        KernelChoice,
+        KernelError,
+        KernelRegistry,
+        eager_kernels,
+        resolve_kernels,
+    )
+
+    __all__ = [
+        "OPS", "REGISTRY", "BoundKernels", "Implementation", "KernelChoice", "KernelError",
+        "KernelRegistry", "add_kernel_args", "eager_kernels", "kernels_from_args",
+        "resolve_kernels",
+    ]
