@@ -158,5 +158,12 @@ class HybridModel(nn.Module):
                     reduce_counts(module.tokens_per_expert)
                 module.update_expert_bias()
 
+    def discard_routing_counts(self) -> None:
+        """Forget the tokens counted since the last update (an iteration whose update is
+        skipped must not steer the expert biases)."""
+        for module in self.modules():
+            if isinstance(module, TopKRouter):
+                module.tokens_per_expert.zero_()
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -34,6 +34,21 @@ def torchrun(nproc: int, *flags: str, log_dir: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+def val_losses(log_dir: Path) -> dict[int, float]:
+    """iteration -> validation loss, as a torchrun run logged them."""
+    records = [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
+def test_torchrun_with_no_batch_flags_trains(tmp_path):
+    # --global-batch-size defaults to micro batch x data-parallel size, as in Megatron-LM.
+    at = TINY.index("--micro-batch-size")
+    flags = TINY[:at] + TINY[at + 2:]
+    losses = torchrun(2, *flags, "--train-iters", "2", "--log-interval", "1", "--device", "cpu",
+                      log_dir=tmp_path)
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
+
+
 def one_process(*flags: str) -> list[float]:
     return run_training(build_parser().parse_args([*FLAGS, *flags])).losses
 

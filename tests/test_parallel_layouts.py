@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_distributed import FLAGS, assert_close, one_process, torchrun
+from test_distributed import FLAGS, assert_close, one_process, torchrun, val_losses
 
 from megatron_hybrid.checkpointing.manager import load_checkpoint
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.training.arguments import build_parser, model_config_from_args
+from megatron_hybrid.training.trainer import run_training
 
 FOUR_SEGMENTS = ["--hybrid-layer-pattern", "[M-][*E]|M*|E[M-]|*E"]
 TWO_SEGMENTS = ["--hybrid-layer-pattern", "[M-][*E]M*|E[M-]*E"]
@@ -29,10 +30,27 @@ EP2 = ["--expert-model-parallel-size", "2"]
 pytestmark = pytest.mark.slow
 
 
+# Validation after iterations 3 and 6 on eval_iters x global batch samples, under every layout.
+EVAL = ["--eval-iters", "2", "--eval-interval", "3"]
+
+
 @pytest.fixture(scope="module")
-def reference():
-    """Losses of the one-process run (identical for both cuts: one process ignores '|')."""
-    return one_process(*FOUR_SEGMENTS)
+def reference_run():
+    """The one-process run (the same for both cuts: one process ignores '|'); evaluating does
+    not change training."""
+    result = run_training(build_parser().parse_args([*FLAGS, *FOUR_SEGMENTS, *EVAL]))
+    assert sorted(result.val_losses) == [3, 6]
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return reference_run.losses
+
+
+@pytest.fixture(scope="module")
+def reference_val_losses(reference_run):
+    return reference_run.val_losses
 
 
 @pytest.mark.parametrize("nproc,pattern,layout", [
@@ -47,8 +65,12 @@ def reference():
     (4, FOUR_SEGMENTS, [*TP2, *PP2]),
 ], ids=["dp2", "tp2", "pp2", "pp2-interleaved", "pp2-zero-bubble", "pp2-full-recompute",
      "ep2", "tp2xpp2"])
-def test_layout_matches_one_process(tmp_path, reference, nproc, pattern, layout):
-    assert_close(torchrun(nproc, *FLAGS, *pattern, *layout, log_dir=tmp_path), reference)
+def test_layout_matches_one_process(tmp_path, reference, reference_val_losses, nproc, pattern,
+                                    layout):
+    assert_close(torchrun(nproc, *FLAGS, *pattern, *layout, *EVAL, log_dir=tmp_path), reference)
+    validation = val_losses(tmp_path)
+    assert validation.keys() == reference_val_losses.keys()
+    assert_close(list(validation.values()), list(reference_val_losses.values()))
 
 
 def test_pipeline_without_cuts_splits_by_blocks(tmp_path, reference):

@@ -225,6 +225,7 @@ def build_tokenizer(args: argparse.Namespace) -> Tokenizer:
     """The tokenizer the flags describe; raises TokenizerError (a ValueError) for missing or
     unreadable files and missing flags."""
     kind = getattr(args, "tokenizer_type", None) or "ByteTokenizer"
+    _refuse_other_tokenizers_flags(args, kind)
     if kind == "ByteTokenizer":
         return ByteTokenizer()
     if kind == "HuggingFaceTokenizer":
@@ -236,6 +237,27 @@ def build_tokenizer(args: argparse.Namespace) -> Tokenizer:
         return NullTokenizer(getattr(args, "vocab_size", None))
     raise TokenizerError(f"--tokenizer-type {kind!r} is unknown; expected one of "
                          f"{', '.join(TOKENIZER_TYPES)}")
+
+
+# The file and size flags each tokenizer type reads; a flag of another type would be ignored.
+TOKENIZER_FLAGS = {
+    "ByteTokenizer": (),
+    "HuggingFaceTokenizer": ("tokenizer_model",),
+    "GPT2BPETokenizer": ("vocab_file", "merge_file"),
+    "NullTokenizer": ("vocab_size",),
+}
+
+
+def _refuse_other_tokenizers_flags(args: argparse.Namespace, kind: str) -> None:
+    for other, flags in TOKENIZER_FLAGS.items():
+        for flag in flags:
+            if other != kind and getattr(args, flag, None) is not None:
+                used = ", ".join("--" + f.replace("_", "-") for f in TOKENIZER_FLAGS.get(kind, ()))
+                raise TokenizerError(
+                    f"--{flag.replace('_', '-')} belongs to --tokenizer-type {other}; "
+                    f"--tokenizer-type {kind} would ignore it "
+                    f"({'it reads ' + used if used else 'it needs no file or size flag'}): "
+                    "drop it or change --tokenizer-type")
 
 
 def _require_file_or_dir(path: str | None) -> str:

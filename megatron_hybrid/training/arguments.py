@@ -8,6 +8,8 @@ Changing one flag (say the pattern) keeps the other defaults.
 from __future__ import annotations
 
 import argparse
+import math
+from dataclasses import dataclass
 
 from megatron_hybrid.config import ModelConfig, pad_vocab_size
 from megatron_hybrid.data.builder import add_data_args
@@ -70,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-length", type=int, default=256)
     t.add_argument("--micro-batch-size", type=int, default=16)
     t.add_argument("--global-batch-size", type=int, default=None,
-                   help="samples per optimizer step (default: micro batch size); a multiple of "
-                   "the micro batch size, the rest is gradient accumulation")
+                   help="samples per optimizer step (default: micro batch size x data-parallel "
+                   "size); a multiple of it, the rest is gradient accumulation")
     t.add_argument("--train-iters", type=int, default=250)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--min-lr", type=float, default=3e-4)
@@ -87,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam-eps", type=float, default=1e-8)
     t.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    t.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="stop the run, before the optimizer step and before anything is saved, "
+                        "at the first iteration whose loss or gradient norm is NaN or infinite")
+    t.add_argument("--skip-nonfinite-iterations", type=int, default=0, metavar="N",
+                   help="with the check on: skip the update of up to N such iterations in all "
+                        "(their gradients are dropped; the iteration and its samples still "
+                        "count) and stop at the next one")
     t.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, with --save) at the first iteration divisible by N; "
                         "the schedule still follows --train-iters, so a resumed run continues it")
@@ -158,33 +168,98 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The valid values of every numeric flag, in interval notation: "[" and "]" include a bound,
+# "(" and ")" exclude it. A value must also be a number (never NaN), finite unless "inf]".
+# Flags left at their default None ("derived from other flags") are not checked here.
+FLAG_RANGES: dict[str, str] = {
+    # model
+    "hidden_size": "[1, inf)", "ffn_hidden_size": "[1, inf)", "num_attention_heads": "[1, inf)",
+    "num_query_groups": "[1, inf)", "kv_channels": "[1, inf)", "rotary_base": "(0, inf)",
+    "mamba_state_dim": "[1, inf)", "mamba_head_dim": "[1, inf)", "mamba_num_groups": "[1, inf)",
+    "mamba_num_heads": "[1, inf)", "mamba_chunk_size": "[1, inf)", "num_experts": "[0, inf)",
+    "moe_router_topk": "[1, inf)", "moe_ffn_hidden_size": "[1, inf)",
+    "moe_shared_expert_intermediate_size": "[1, inf)",
+    "moe_router_topk_scaling_factor": "(0, inf)", "moe_router_bias_update_rate": "[0, inf)",
+    "moe_aux_loss_coeff": "[0, inf)", "norm_epsilon": "(0, inf)",
+    "init_method_std": "(0, inf)", "make_vocab_size_divisible_by": "[1, inf)",
+    # training
+    "seq_length": "[1, inf)", "micro_batch_size": "[1, inf)", "global_batch_size": "[1, inf)",
+    "train_iters": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
+    "lr_warmup_iters": "[0, inf)", "lr_decay_iters": "[1, inf)", "weight_decay": "[0, inf)",
+    "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "(0, inf)",
+    "clip_grad": "[0, inf)", "exit_interval": "[1, inf)", "seed": "[0, inf)",
+    "skip_nonfinite_iterations": "[0, inf)",
+    # parallelism
+    "tensor_model_parallel_size": "[1, inf)", "pipeline_model_parallel_size": "[1, inf)",
+    "expert_model_parallel_size": "[1, inf)",
+    # checkpointing
+    "save_interval": "[1, inf)", "keep_last": "[1, inf)", "ckpt_step": "[0, inf)",
+    # data, kernels
+    "vocab_size": "[1, inf)", "tiled_mlp_shards": "[1, inf)",
+    # logging and evaluation
+    "log_interval": "[1, inf)", "eval_interval": "[1, inf)", "eval_iters": "[0, inf)",
+    "generate_tokens": "[0, inf)",
+}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A range of valid values, read from interval notation such as "(0, inf)" or "[0, 1)"."""
+
+    text: str
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        low, high = (float(bound) for bound in text[1:-1].split(","))
+        return cls(text, low, high, text[0] == "[", text[-1] == "]")
+
+    def __contains__(self, value: float) -> bool:
+        if math.isnan(value) or (math.isinf(value) and not self.high_closed):
+            return False
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+    def describe(self) -> str:
+        if (self.low, self.low_closed, self.high) == (1, True, math.inf):
+            return "a whole number of at least 1"
+        if (self.low, self.high) == (0, math.inf):
+            return "a finite number of at least 0" if self.low_closed else \
+                "a positive finite number"
+        return f"a number in {self.text}"
+
+
+def check_flag_ranges(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first flag (in FLAG_RANGES order) outside its range."""
+    for dest, text in FLAG_RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        interval = Interval.parse(text)
+        if value not in interval:
+            raise ValueError(f"--{dest.replace('_', '-')} must be {interval.describe()}, "
+                             f"got {value}")
+
+
 def check_training_args(args: argparse.Namespace) -> None:
-    """Raise ValueError for training settings that do not fit together."""
-    for name in ("seq_length", "micro_batch_size", "train_iters", "log_interval",
-                 "eval_interval"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got "
-                             f"{getattr(args, name)}")
-    if args.eval_iters < 0 or args.lr_warmup_iters < 0 or args.generate_tokens < 0:
-        raise ValueError("--eval-iters, --lr-warmup-iters and --generate-tokens must be >= 0")
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size
-    if args.global_batch_size <= 0 or args.global_batch_size % args.micro_batch_size:
+    """Raise ValueError for a flag outside its range (FLAG_RANGES) or settings that do not fit
+    together; fills in --lr-decay-iters (default --train-iters)."""
+    check_flag_ranges(args)
+    if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
         raise ValueError(
-            f"--global-batch-size {args.global_batch_size} must be a positive multiple of "
+            f"--global-batch-size {args.global_batch_size} must be a multiple of "
             f"--micro-batch-size {args.micro_batch_size}"
         )
-    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
-        raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={args.lr}, "
-                         f"min_lr={args.min_lr}")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    if args.exit_interval is not None and args.exit_interval <= 0:
-        raise ValueError(f"--exit-interval must be positive, got {args.exit_interval}")
-    if args.save_interval is not None and (args.save_interval <= 0 or not args.save):
-        raise ValueError("--save-interval needs --save DIR and a positive interval")
-    if args.keep_last is not None and args.keep_last < 1:
-        raise ValueError(f"--keep-last must be at least 1, got {args.keep_last}")
+    if args.save_interval is not None and not args.save:
+        raise ValueError("--save-interval needs --save DIR")
     if args.sequence_parallel:
         tp = args.tensor_model_parallel_size
         if tp < 2:
@@ -196,6 +271,24 @@ def check_training_args(args: argparse.Namespace) -> None:
                              f"divisible by --tensor-model-parallel-size {tp}")
     if args.bf16 and args.device == "cpu":
         raise ValueError("--bf16 needs a CUDA device; drop it for CPU runs")
+
+
+def resolve_global_batch_size(args: argparse.Namespace, dp_size: int) -> int:
+    """Micro-batches per rank and iteration; sets --global-batch-size to its default (micro
+    batch size x data-parallel size, as in Megatron-LM) when the flag was not given.
+
+    Raises ValueError naming the nearest valid values when an explicit one does not fit."""
+    per_micro_step = args.micro_batch_size * dp_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_micro_step
+    if args.global_batch_size % per_micro_step:
+        lower = args.global_batch_size // per_micro_step * per_micro_step
+        fits = " or ".join(str(n) for n in (lower, lower + per_micro_step) if n > 0)
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} must be a multiple of "
+            f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp_size} = "
+            f"{per_micro_step}: use {fits} (or leave the flag out for {per_micro_step})")
+    return args.global_batch_size // per_micro_step
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:

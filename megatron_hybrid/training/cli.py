@@ -11,6 +11,7 @@ from megatron_hybrid.training.arguments import build_parser
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # unknown flags exit here with argparse's message
+    from megatron_hybrid.training.nonfinite import TrainingDivergedError
     from megatron_hybrid.training.trainer import run_training
 
     try:
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain_hybrid.py: error: {error}", file=sys.stderr)
         shutdown_distributed(wait_for_peers=False)  # a peer may have failed: wait for none
         return 2
+    except TrainingDivergedError as error:  # every rank raises it at the same iteration
+        print(f"pretrain_hybrid.py: error: {error}", file=sys.stderr)
+        shutdown_distributed(wait_for_peers=False)
+        return 1
     except BaseException:
         shutdown_distributed(wait_for_peers=False)
         raise

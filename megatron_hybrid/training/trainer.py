@@ -50,7 +50,12 @@ from megatron_hybrid.parallel.pipeline import (
     stage_blocks,
 )
 from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
-from megatron_hybrid.training.arguments import check_training_args, model_config_from_args
+from megatron_hybrid.training.arguments import (
+    check_training_args,
+    model_config_from_args,
+    resolve_global_batch_size,
+)
+from megatron_hybrid.training.nonfinite import NonFiniteCheck, TrainingDivergedError
 from megatron_hybrid.training.optimizer import LRSchedule, build_optimizer, set_learning_rate
 from megatron_hybrid.training.progress import ProgressReporter
 
@@ -81,10 +86,13 @@ def model_loss(model: HybridModel):
 @torch.no_grad()
 def evaluate(batch_loss, parts: list[HybridModel], sampler: StreamSampler, iters: int,
              micro_batch_size: int, device: torch.device, autocast, rank: int = 0,
-             world: int = 1, batch_multiple: int = 1, loss_weight: float = 1.0) -> float:
-    """Mean loss over a fixed validation set (the first samples, not shuffled): up to `iters`
-    micro-batches per data-parallel rank, every rank the same number of them (FSDP and the
-    pipeline run them in lockstep).
+             world: int = 1, micro_batches_per_iter: int = 1, batch_multiple: int = 1,
+             loss_weight: float = 1.0) -> float:
+    """Mean loss over a fixed validation set (the first samples, not shuffled): `iters` global
+    batches as in Megatron-LM (each `micro_batches_per_iter` micro-batches on each of `world`
+    data-parallel ranks), or the whole set when it is smaller. So the loss is that of the same
+    samples under every layout. Every rank evaluates the same number of micro-batches (FSDP and
+    the pipeline run them in lockstep).
 
     `batch_loss(batch)` is the loss of a batch, or None on ranks that do not compute it (a
     pipeline's inner stages); a pipeline evaluates `batch_multiple` micro-batches at a time and
@@ -93,7 +101,8 @@ def evaluate(batch_loss, parts: list[HybridModel], sampler: StreamSampler, iters
     for part in parts:
         part.eval()
     step = micro_batch_size * batch_multiple
-    per_rank = min(iters * micro_batch_size, sampler.num_samples // world)
+    per_rank = min(iters * micro_batches_per_iter * micro_batch_size,
+                   sampler.num_samples // world)
     if batch_multiple > 1:
         per_rank = max(per_rank // step, 1) * step
     total = torch.zeros(2, dtype=torch.float64)
@@ -110,11 +119,11 @@ def evaluate(batch_loss, parts: list[HybridModel], sampler: StreamSampler, iters
     return float(total[0] / total[1])
 
 
-def build_training_data(args: argparse.Namespace, tokenizer, dp_size: int):
+def build_training_data(args: argparse.Namespace, tokenizer):
     """(train, validation or None, test or None, one-line description): the data flags'
     datasets, or the embedded corpus (no test split) when no data flag is given. Each object
     serves `.batch(first, size)`; the training loop decides which global samples a rank reads."""
-    eval_samples = args.eval_iters * args.micro_batch_size * dp_size
+    eval_samples = args.eval_iters * args.global_batch_size
     splits = build_datasets(args, tokenizer, args.seq_length, args.seed,
                             num_train_samples=args.train_iters * args.global_batch_size,
                             num_eval_samples=eval_samples)
@@ -172,15 +181,9 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
     tokenizer = build_tokenizer(args)
     config = model_config_from_args(args, tokenizer.vocab_size)
     dims.check_fits(config)
-    samples_per_micro_step = args.micro_batch_size * dims.dp
-    if args.global_batch_size % samples_per_micro_step:
-        raise ValueError(
-            f"--global-batch-size {args.global_batch_size} must be a multiple of "
-            f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dims.dp}")
-    num_micro_batches = args.global_batch_size // samples_per_micro_step
+    num_micro_batches = resolve_global_batch_size(args, dims.dp)
     torch.manual_seed(args.seed)
-    train_data, valid_data, test_data, data_summary = build_training_data(args, tokenizer,
-                                                                          dims.dp)
+    train_data, valid_data, test_data, data_summary = build_training_data(args, tokenizer)
 
     own_reporter = reporter is None
     if own_reporter:
@@ -282,6 +285,11 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
                          loss_weight=dims.pp if pipeline.has_last else 0.0)
     else:
         batch_loss, eval_args = model_loss(model), {}
+    eval_args["micro_batches_per_iter"] = num_micro_batches
+    nonfinite = NonFiniteCheck(
+        args.check_for_nan_in_loss_and_grad, args.skip_nonfinite_iterations, reporter.message,
+        advice_on_stop=lambda: (f"Checkpoints in {args.save} hold earlier, finite states "
+                                f"(resume with --load {args.save}). " if args.save else ""))
     pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per log)
     tokens_per_iter = args.global_batch_size * args.seq_length
     consumed_samples = progress.consumed_train_samples
@@ -319,9 +327,19 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
         max_norm = args.clip_grad if args.clip_grad > 0 else math.inf
         grad_norm = clip_grad_norm(counted, max_norm, copies=tied_copies,
                                    pipeline_group=pipeline.group if pipeline else None)
-        optimizer.step()
-        for part in parts:
-            part.update_expert_biases(count_reduction)
+        try:
+            update = nonfinite.update_allowed(iteration, loss_sum, grad_norm)
+        except TrainingDivergedError:
+            if saver is not None:
+                saver.finalize()  # earlier saves in flight are of finite states: complete them
+            raise
+        if update:
+            optimizer.step()
+            for part in parts:
+                part.update_expert_biases(count_reduction)
+        else:
+            for part in parts:
+                part.discard_routing_counts()
         pending.append(loss_sum / num_micro_batches)
         window_iters += 1
         progress.iteration, progress.consumed_train_samples = iteration, consumed_samples
@@ -344,6 +362,8 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
             aux = [a for part in parts if (a := part.moe_aux_loss()) is not None]
             if aux:  # this rank's MoE layers (with pipelining: its stages')
                 extra["moe_aux_loss"] = sum(aux)
+            if nonfinite.skipped:
+                extra["skipped_iterations"] = nonfinite.skipped
             if device.type == "cuda":
                 extra["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             reporter.log_iteration(iteration, result.losses[-1], lr, float(grad_norm),
