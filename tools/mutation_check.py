@@ -36,7 +36,15 @@ class Mutation:
     what: str  # the bug in a few words
 
 
-MUTATIONS: tuple[Mutation, ...] = ()  # filled in below
+LAYOUTS = "tests/test_parallel_layouts.py::test_layout_matches_one_process"
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "pipeline-eval-loss-weight", "megatron_hybrid/training/trainer.py",
+        "loss_weight=dims.pp if pipeline.has_last else 0.0",
+        "loss_weight=1.0 if pipeline.has_last else 0.0",
+        (f"{LAYOUTS}[pp2]",),
+        "validation loss under pipeline parallelism: the last stage's loss weight set to 1"),
+)
 
 
 def apply(mutation: Mutation) -> str:
