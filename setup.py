@@ -20,6 +20,11 @@ PACKAGES = [
     for sub in ["", *find_packages(folder)]
 ]
 
+# The Hugging Face nemotron_h converter reads Mamba's dt clamp as each transformers version applies
+# it (checkpointing/hf_nemotron_h.py): known from 5.15; 5.25 is the newest verified. Raise the
+# upper bound once a newer release is checked against tests/test_hf_nemotron_h.py.
+TRANSFORMERS = "transformers>=5.15,<5.26"
+
 setup(
     name="megatron-hybrid",
     version="0.1.0",
@@ -30,11 +35,11 @@ setup(
     package_dir=ROOTS,
     install_requires=["torch>=2.6", "numpy", "safetensors", "tokenizers"],
     extras_require={
-        "hf": ["transformers>=5"],
+        "hf": [TRANSFORMERS],
         # setuptools + wheel: tests/test_packaging.py builds a wheel without build isolation.
-        "test": ["pytest>=8", "hypothesis>=6", "transformers>=5", "setuptools>=70", "wheel",
+        "test": ["pytest>=8", "hypothesis>=6", TRANSFORMERS, "setuptools>=70", "wheel",
                  "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=5", "ruff"],
+        "dev": ["pytest>=8", "hypothesis>=6", TRANSFORMERS, "ruff"],
     },
     entry_points={
         "console_scripts": [

@@ -39,12 +39,21 @@ Math that HF's `nemotron_h` (transformers 5.x) cannot express makes `hf_config_f
 (and every export) raise `HFExportError` listing each setting and what would be valid: rotary
 embeddings, SwiGLU, softmax routing, MoE without a shared expert or with one expert, MTP, layer
 symbols other than M * - E. The other way, `HFImportError` lists HF settings our model does not
-implement. One difference needs care: HF 5.x clamps Mamba's dt from below at `time_step_min`
-(`NemotronHMamba2Mixer.time_step_limit = (config.time_step_min, inf)`, the `time_step_limit`
-field is ignored); Megatron (and our default, `mamba_dt_floor=0`) does not clamp. Imports carry
-HF's floor into `mamba_dt_floor`, so our forward clamps like HF's; exports write
-`time_step_min = max(mamba_dt_floor, NO_DT_FLOOR)` (the smallest normal float32 is a no-op clamp
-that still keeps HF's log-uniform dt initialization finite).
+implement.
+
+Mamba's dt clamp needs care, as transformers versions disagree on which config field sets it:
+5.15 to 5.24 clamp dt = softplus(dt + dt_bias) to (`time_step_min`, inf) and ignore
+`time_step_limit`; 5.5 to 5.10 and 5.25 clamp to `time_step_limit`, both bounds (`time_step_min`
+is then only dt_bias's initialization range). Megatron does not clamp. Ours clamps to
+(`mamba_dt_floor`, `mamba_dt_ceiling`), so:
+- exports write the clamp in both fields, `time_step_min = max(floor, NO_DT_FLOOR)` (the
+  smallest normal float32 is a no-op clamp that keeps HF's log-uniform init finite) and
+  `time_step_limit = [floor, ceiling or inf]`, which every version reads alike, except that 5.15
+  to 5.24 drop a ceiling: with one of those installed, a ceiling is an HFExportError.
+- imports read the clamp the installed transformers applies (`hf_dt_clamp_field`); where the
+  two fields agree the version does not matter. Without transformers the newest known reading
+  (`time_step_limit`) is used; a version of unknown behaviour with fields that disagree is an
+  HFImportError.
 
 config.json also carries our full `ModelConfig.to_dict()` under the key `megatron_hybrid`, so an
 import restores what HF has no field for (fusion groups and pipeline stages of the pattern,
@@ -54,7 +63,9 @@ tied embeddings, expert-bias balancing, initialization and training-only setting
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
+import math
 import os
 import re
 import warnings
@@ -74,8 +85,10 @@ __all__ = [
     "canonical_shapes",
     "canonical_to_hf",
     "export_problems",
+    "hf_dt_clamp_field",
     "hf_config_from_model_config",
     "hf_to_canonical",
+    "installed_transformers_version",
     "load_hf_checkpoint",
     "model_config_from_hf_config",
     "save_hf_checkpoint",
@@ -88,8 +101,16 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-# HF clamps dt >= time_step_min; a floor below every normal float32 is a no-op for our math.
+# A dt floor below every normal float32 is a no-op for our math (read as no floor).
 NO_DT_FLOOR = float(torch.finfo(torch.float32).tiny)
+# The config field whose clamp transformers' nemotron_h applies to Mamba's dt, by (major, minor)
+# release from `first` up to, not including, `end` (None: every later release, assumed to keep
+# the newest behaviour). Releases in no range (before 5.5, 5.11 to 5.14) are of unknown behaviour.
+_DT_CLAMP_FIELD_BY_VERSION = (
+    ((5, 5), (5, 11), "time_step_limit"),
+    ((5, 15), (5, 25), "time_step_min"),  # Zamba2's mixer: (time_step_min, inf)
+    ((5, 25), None, "time_step_limit"),
+)
 
 LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 _SYMBOL_OF_TYPE = {v: k for k, v in LAYER_TYPES.items()}
@@ -109,6 +130,98 @@ class HFImportError(HFConversionError):
     """An HF config or checkpoint that our model cannot reproduce, or a malformed one."""
 
 
+# -- Mamba's dt clamp -----------------------------------------------------------------------------
+def installed_transformers_version() -> str | None:
+    """The installed transformers' version (read without importing it), None if not installed."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def hf_dt_clamp_field(version: str | None) -> str | None:
+    """The config field, "time_step_min" or "time_step_limit", whose clamp transformers `version`
+    applies to nemotron_h's dt; None where that is not known. For no transformers (None), the
+    newest known behaviour."""
+    if version is None:
+        return _DT_CLAMP_FIELD_BY_VERSION[-1][2]
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        return None
+    release = (int(match.group(1)), int(match.group(2)))
+    for first, end, field in _DT_CLAMP_FIELD_BY_VERSION:
+        if first <= release and (end is None or release < end):
+            return field
+    return None
+
+
+def _as_floor(low: float) -> float:
+    return float(low) if low > NO_DT_FLOOR else 0.0
+
+
+def _dt_clamp_when_applying(field: str, hf: Mapping) -> tuple[float, float | None]:
+    """Our (mamba_dt_floor, mamba_dt_ceiling) for an HF config whose reader clamps with `field`
+    (NemotronHConfig's defaults where a field is missing)."""
+    if field == "time_step_min":
+        return _as_floor(hf.get("time_step_min", 0.001)), None
+    limit = hf.get("time_step_limit", (0.0, math.inf))
+    numbers = isinstance(limit, (list, tuple)) and len(limit) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
+    if not (numbers and limit[0] <= limit[1]):
+        raise HFImportError(f"HF config time_step_limit={limit!r}: expected [low, high], two "
+                            "numbers with low <= high (high may be infinite)")
+    low, high = limit
+    return _as_floor(low), None if high == math.inf else float(high)
+
+
+def _imported_dt_clamp(hf: Mapping) -> tuple[float, float | None]:
+    """(mamba_dt_floor, mamba_dt_ceiling) that computes what the installed transformers does."""
+    by_min = _dt_clamp_when_applying("time_step_min", hf)
+    by_limit = _dt_clamp_when_applying("time_step_limit", hf)
+    if by_min == by_limit:
+        return by_min
+    version = installed_transformers_version()
+    field = hf_dt_clamp_field(version)
+    if field is None:
+        raise HFImportError(
+            f"HF config time_step_min={hf.get('time_step_min', 0.001)!r} and time_step_limit="
+            f"{hf.get('time_step_limit', (0.0, math.inf))!r} clamp Mamba's dt differently "
+            f"(transformers 5.15 to 5.24 apply the first, 5.25 the second), and which one the "
+            f"installed transformers {version} applies is not known; install transformers 5.15 "
+            "to 5.25, or edit config.json so that time_step_limit is [time_step_min, inf]"
+        )
+    return by_min if field == "time_step_min" else by_limit
+
+
+def _dt_clamp_export_problem(config: ModelConfig) -> str | None:
+    if config.mamba_dt_ceiling is None:
+        return None
+    version = installed_transformers_version()
+    field = hf_dt_clamp_field(version)
+    if field == "time_step_limit":
+        return None
+    why = ("clamps dt to (time_step_min, inf) and ignores time_step_limit" if field else
+           "may ignore time_step_limit (its nemotron_h's dt clamp is not known)")
+    return (f"mamba_dt_ceiling={config.mamba_dt_ceiling}: the installed transformers {version} "
+            f"{why}, so it would not apply the ceiling; valid: no ceiling (mamba_dt_ceiling=None)"
+            ", or transformers >= 5.25, which applies time_step_limit")
+
+
+def _hf_dt_clamp_fields(config: ModelConfig) -> dict:
+    """Our clamp in both of HF's fields, so that every transformers version applies it."""
+    floor, ceiling = config.mamba_dt_limit
+    return {"time_step_min": max(floor, NO_DT_FLOOR), "time_step_limit": [floor, ceiling]}
+
+
+def _imported_dt_init_min(hf: Mapping, extra: Mapping) -> float | None:
+    """mamba_dt_min (dt_bias's init range) from HF's time_step_min, None to keep the recorded or
+    default one: our exports write the dt floor there and record mamba_dt_min in `extra`."""
+    time_step_min = hf.get("time_step_min", 0.001)
+    written_by_us = "mamba_dt_min" in extra and time_step_min == max(
+        extra.get("mamba_dt_floor", 0.0), NO_DT_FLOOR)
+    return time_step_min if time_step_min > NO_DT_FLOOR and not written_by_us else None
+
+
 # -- config ---------------------------------------------------------------------------------------
 def _symbols(config: ModelConfig) -> str:
     """The main decoder's canonical layer symbols, in order (fusion and stages dropped)."""
@@ -119,6 +232,9 @@ def export_problems(config: ModelConfig) -> list[str]:
     """Every setting of `config` that HF's nemotron_h cannot express (empty: exportable)."""
     problems = []
     symbols = _symbols(config)
+    clamp_problem = _dt_clamp_export_problem(config) if "M" in symbols else None
+    if clamp_problem:
+        problems.append(clamp_problem)
     unsupported = sorted({s for s in symbols if s not in LAYER_TYPES})
     for s in unsupported:
         problems.append(
@@ -203,7 +319,7 @@ def hf_config_from_model_config(config: ModelConfig) -> dict:
             chunk_size=config.mamba_chunk_size,
             use_conv_bias=True,
             mamba_hidden_act="silu",
-            time_step_min=max(config.mamba_dt_floor, NO_DT_FLOOR),  # HF's dt clamp
+            **_hf_dt_clamp_fields(config),
             time_step_max=config.mamba_dt_max,
             time_step_floor=config.mamba_dt_init_floor,
         )
@@ -308,7 +424,7 @@ def model_config_from_hf_config(
         raise HFImportError(
             f"HF config model_type={hf.get('model_type')!r}: expected {HF_MODEL_TYPE!r}"
         )
-    hf = _resolve_aliases(hf)
+    hf = _decode_floats(_resolve_aliases(hf))
     symbols = "".join(_SYMBOL_OF_TYPE[t] for t in _hf_layer_types(hf))
     problems = _import_problems(hf, symbols)
     if problems:
@@ -350,10 +466,10 @@ def model_config_from_hf_config(
             mamba_dt_max=hf.get("time_step_max", 0.1),
             mamba_dt_init_floor=hf.get("time_step_floor", 1e-4),
         )
-        floor = hf.get("time_step_min", 0.001)
-        if floor > NO_DT_FLOOR:  # HF clamps dt at time_step_min: keep that in our forward
-            fields["mamba_dt_min"] = floor
-            fields["mamba_dt_floor"] = floor
+        fields["mamba_dt_floor"], fields["mamba_dt_ceiling"] = _imported_dt_clamp(hf)
+        init_min = _imported_dt_init_min(hf, extra)
+        if init_min is not None:
+            fields["mamba_dt_min"] = init_min
     if "*" in symbols:
         heads = hf.get("num_attention_heads", 32)
         fields.update(
@@ -758,7 +874,7 @@ def save_hf_checkpoint(
         if stale and path.name not in written:
             path.unlink()
     _atomic_write(directory / CONFIG_FILE, lambda path: path.write_text(
-        json.dumps(hf_config, indent=2, sort_keys=True, allow_nan=False) + "\n"))
+        json.dumps(_encode_floats(hf_config), indent=2, sort_keys=True, allow_nan=False) + "\n"))
     return directory
 
 
@@ -800,6 +916,17 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise HFImportError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return _decode_floats(data)
+
+
+def _encode_floats(value):
+    """Infinities as transformers writes them ({"__float__": "Infinity"}): strict JSON."""
+    if isinstance(value, float) and math.isinf(value):
+        return {"__float__": "Infinity" if value > 0 else "-Infinity"}
+    if isinstance(value, dict):
+        return {k: _encode_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode_floats(v) for v in value]
+    return value
 
 
 def _decode_floats(value):

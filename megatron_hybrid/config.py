@@ -8,6 +8,7 @@ fields, their values and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from megatron_hybrid.pattern import HybridPattern, parse_hybrid_pattern
@@ -47,7 +48,10 @@ class ModelConfig:
     mamba_dt_min: float = 0.001  # dt init range (log-uniform) and floor, as Mamba2
     mamba_dt_max: float = 0.1
     mamba_dt_init_floor: float = 1e-4
-    mamba_dt_floor: float = 0.0  # clamp dt >= this in forward (HF nemotron_h: time_step_min)
+    # Forward clamp of dt = softplus(dt + dt_bias) to [floor, ceiling] (None: no ceiling).
+    # Megatron does not clamp (0, None); HF nemotron_h does (checkpointing/hf_nemotron_h.py).
+    mamba_dt_floor: float = 0.0
+    mamba_dt_ceiling: float | None = None
 
     # MLP (`-`) and experts
     activation: str = "squared_relu"  # "squared_relu" or "swiglu"
@@ -78,6 +82,7 @@ class ModelConfig:
         _choice(self, "activation", ACTIVATIONS)
         _choice(self, "position_embedding_type", POSITION_EMBEDDINGS)
         _choice(self, "moe_router_score_function", ROUTER_SCORE_FUNCTIONS)
+        self._check_dt_clamp()
         counts = self.pattern.layer_counts()
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
@@ -105,6 +110,12 @@ class ModelConfig:
         return 2 * self.mamba_d_inner + 2 * self.mamba_num_groups * self.mamba_state_dim + (
             self.mamba_num_heads
         )
+
+    @property
+    def mamba_dt_limit(self) -> tuple[float, float]:
+        """(low, high) that Mamba2 clamps dt = softplus(dt + dt_bias) to; (0, inf): no clamp."""
+        ceiling = math.inf if self.mamba_dt_ceiling is None else self.mamba_dt_ceiling
+        return (self.mamba_dt_floor, ceiling)
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -162,12 +173,26 @@ class ModelConfig:
                 f"mamba_num_heads={self.mamba_num_heads} is not divisible by mamba_num_groups="
                 f"{self.mamba_num_groups}; valid group counts: {_divisors(self.mamba_num_heads)}"
             )
-        if self.mamba_dt_floor < 0:
-            raise ConfigError(f"mamba_dt_floor must be >= 0, got {self.mamba_dt_floor}")
         if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
             raise ConfigError(
                 f"need 0 < mamba_dt_min <= mamba_dt_max, got {self.mamba_dt_min}, "
                 f"{self.mamba_dt_max}"
+            )
+
+    def _check_dt_clamp(self) -> None:
+        # Checked for every pattern: to_dict() must stay plain JSON (an infinite ceiling is None).
+        floor, ceiling = self.mamba_dt_floor, self.mamba_dt_ceiling
+        if not (math.isfinite(floor) and floor >= 0):
+            raise ConfigError(
+                f"mamba_dt_floor (--mamba-dt-floor) must be a finite number >= 0, got {floor!r}; "
+                "0 means no floor"
+            )
+        if ceiling == math.inf:
+            self.mamba_dt_ceiling = None
+        elif ceiling is not None and not ceiling > floor:  # also rejects nan and -inf
+            raise ConfigError(
+                f"mamba_dt_ceiling (--mamba-dt-ceiling) must be above mamba_dt_floor={floor}, "
+                f"got {ceiling!r}; valid: a larger number, or inf / None for no ceiling"
             )
 
     def _check_moe(self) -> None:

@@ -4,6 +4,7 @@ transformers' own model, conversions are exact inverses, unsupported settings fa
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -13,6 +14,7 @@ pytest.importorskip("safetensors")
 import torch  # noqa: E402
 from conftest import small_config  # noqa: E402
 
+from megatron_hybrid.checkpointing import hf_nemotron_h  # noqa: E402
 from megatron_hybrid.checkpointing.canonical import canonical_key, physical_name  # noqa: E402
 from megatron_hybrid.checkpointing.hf_nemotron_h import (  # noqa: E402
     NO_DT_FLOOR,
@@ -26,7 +28,10 @@ from megatron_hybrid.checkpointing.hf_nemotron_h import (  # noqa: E402
     model_config_from_hf_config,
     save_hf_checkpoint,
 )
+from megatron_hybrid.checkpointing.manager import config_differences  # noqa: E402
+from megatron_hybrid.layers.mamba2 import Mamba2Mixer  # noqa: E402
 from megatron_hybrid.model import HybridModel  # noqa: E402
+from megatron_hybrid.training.arguments import build_parser, model_config_from_args  # noqa: E402
 
 NemotronHConfig = transformers.NemotronHConfig
 NemotronHForCausalLM = transformers.NemotronHForCausalLM
@@ -223,6 +228,7 @@ def test_config_round_trip_and_hf_fields():
     assert hf["layers_block_type"] == ["linear_attention", "mlp", "full_attention", "moe",
                                        "linear_attention", "mlp"]
     assert hf["time_step_min"] == NO_DT_FLOOR and hf["tie_word_embeddings"] is False
+    assert hf["time_step_limit"] == [0.0, math.inf]  # no clamp, as Megatron
     assert (hf["num_key_value_heads"], hf["head_dim"], hf["routed_scaling_factor"]) == (2, 8, 2.5)
     assert model_config_from_hf_config(hf).to_dict() == config.to_dict()
     # Without our record, HF's fields alone give the unfused, untied equivalent.
@@ -274,23 +280,206 @@ def test_unsupported_hf_settings_on_import_are_all_named():
         model_config_from_hf_config({**hf, "model_type": "llama"})
 
 
+# -- Mamba's dt clamp: transformers 5.15-5.24 apply time_step_min, 5.25 time_step_limit --------
+def hf_applied_dt_limit(hf_model: NemotronHForCausalLM) -> tuple[float, float]:
+    """The dt clamp the installed transformers applies: its mixers' time_step_limit, which
+    5.15-5.24 set to (time_step_min, inf) and 5.25 to config.time_step_limit. A low end below
+    NO_DT_FLOOR reads as 0 (no floor), as the converter reads it."""
+    limits = {tuple(layer.mixer.time_step_limit) for layer in hf_model.model.layers
+              if hasattr(layer.mixer, "time_step_limit")}
+    assert len(limits) == 1, limits
+    low, high = limits.pop()
+    return (low if low > NO_DT_FLOOR else 0.0, high)
+
+
+def installed_hf_applies_time_step_limit() -> bool:
+    model = random_hf_model(["linear_attention"], time_step_min=0.001,
+                            time_step_limit=(0.05, 0.5))
+    return hf_applied_dt_limit(model) == (0.05, 0.5)
+
+
+def mamba_mixers(model: HybridModel) -> list[Mamba2Mixer]:
+    return [m for m in model.modules() if isinstance(m, Mamba2Mixer)]
+
+
+@torch.no_grad()
+def spread_dt_bias(dt_biases) -> None:
+    """dt_bias from -12 (softplus ~ 6e-6, below every floor used here) to 3 (~3, above every
+    ceiling), so that a clamp at either end decides part of the output."""
+    for dt_bias in dt_biases:
+        dt_bias.copy_(torch.linspace(-12.0, 3.0, dt_bias.numel()))
+
+
+def logits_with_dt_limit(model: HybridModel, ids: torch.Tensor, dt_limit) -> torch.Tensor:
+    """Our logits with every Mamba layer clamping dt to `dt_limit` instead of its config's."""
+    mixers = mamba_mixers(model)
+    kept = [m.dt_limit for m in mixers]
+    for m in mixers:
+        m.dt_limit = dt_limit
+    try:
+        with torch.no_grad():
+            return model(ids)
+    finally:
+        for m, limit in zip(mixers, kept, strict=True):
+            m.dt_limit = limit
+
+
+# A clamp that decides the output moves logits by far more than the 1e-5 parity tolerance.
+CLAMP_MATTERS = 10 * 1e-5
+
+
 def test_hf_dt_floor_is_imported_as_our_dt_clamp(tmp_path):
-    """HF clamps dt >= time_step_min; the import sets mamba_dt_floor so our forward clamps too.
-    dt_bias = -12 puts softplus far below the floor, where the clamp decides the output."""
+    """HF's default time_step_limit (0, inf) with time_step_min=0.001: transformers 5.15-5.24
+    clamp dt >= 0.001, 5.25 does not clamp. The import computes what the installed one does.
+    dt_bias = -12 puts softplus far below 0.001, where the two readings differ."""
     hf_model = random_hf_model(["linear_attention", "mlp"], time_step_min=0.001)
     with torch.no_grad():
         hf_model.model.layers[0].mixer.dt_bias.fill_(-12.0)
     hf_model.save_pretrained(tmp_path)
     state, config = load_hf_checkpoint(tmp_path)
-    assert config.mamba_dt_floor == 0.001
+    assert config.mamba_dt_limit == hf_applied_dt_limit(hf_model)
     model = HybridModel(config).eval()
     load_canonical(model, state)
     ids = tokens(config.vocab_size, seed=3)
     with torch.no_grad():
         expected = hf_model(ids, use_cache=False).logits
         torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=0)
-        model.decoder.layers["0"].self_attention.dt_limit = (0.0, float("inf"))  # no clamp
-        assert (model(ids) - expected).abs().max() > 10 * 1e-5  # so the clamp matters here
+    floored = logits_with_dt_limit(model, ids, (0.001, math.inf))
+    unclamped = logits_with_dt_limit(model, ids, (0.0, math.inf))
+    assert (floored - unclamped).abs().max() > CLAMP_MATTERS  # the two readings differ here
+
+
+@pytest.mark.parametrize("time_step_limit", [(0.05, math.inf), (0.0, 0.5), (0.02, 0.8)])
+def test_import_of_a_time_step_limit_gives_the_same_logits(tmp_path, time_step_limit):
+    hf_model = random_hf_model(["linear_attention", "mlp", "linear_attention"],
+                               time_step_min=0.001, time_step_limit=time_step_limit)
+    spread_dt_bias(layer.mixer.dt_bias for layer in hf_model.model.layers
+                   if hasattr(layer.mixer, "dt_bias"))
+    hf_model.save_pretrained(tmp_path)
+    state, config = load_hf_checkpoint(tmp_path)
+    assert config.mamba_dt_limit == hf_applied_dt_limit(hf_model)
+    model = HybridModel(config).eval()
+    load_canonical(model, state)
+    ids = tokens(config.vocab_size, seed=4)
+    with torch.no_grad():
+        expected = hf_model(ids, use_cache=False).logits
+        assert_logits_close(model(ids), expected)
+    unclamped = logits_with_dt_limit(model, ids, (0.0, math.inf))
+    assert (unclamped - expected).abs().max() > CLAMP_MATTERS
+
+
+@pytest.mark.parametrize("floor,ceiling", [(0.05, None), (0.0, 0.5), (0.05, 0.5)])
+def test_export_of_a_dt_clamp_gives_the_same_logits_in_transformers(tmp_path, floor, ceiling):
+    config = hf_config("M-*EM", mamba_dt_floor=floor, mamba_dt_ceiling=ceiling,
+                       untie_embeddings_and_output_weights=True)
+    model = HybridModel(config, seed=3).eval()
+    perturb(model, seed=4)
+    spread_dt_bias(m.dt_bias for m in mamba_mixers(model))
+    if ceiling is not None and not installed_hf_applies_time_step_limit():
+        with pytest.raises(HFExportError, match=f"mamba_dt_ceiling={ceiling}"):
+            save_hf_checkpoint(tmp_path, canonical_state(model), config)
+        return
+    save_hf_checkpoint(tmp_path, canonical_state(model), config)
+
+    hf_model, info = NemotronHForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    assert hf_applied_dt_limit(hf_model) == config.mamba_dt_limit
+    ids = tokens(config.vocab_size, seed=5)
+    with torch.no_grad():
+        ours = model(ids)
+        assert_logits_close(ours, hf_model.eval()(ids, use_cache=False).logits)
+    unclamped = logits_with_dt_limit(model, ids, (0.0, math.inf))
+    assert (unclamped - ours).abs().max() > CLAMP_MATTERS
+
+
+def test_dt_clamp_is_written_in_both_hf_fields_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_nemotron_h, "installed_transformers_version", lambda: "5.25.0")
+    config = hf_config("M-", mamba_dt_floor=0.05, mamba_dt_ceiling=0.5)
+    hf = hf_config_from_model_config(config)
+    assert (hf["time_step_min"], hf["time_step_limit"]) == (0.05, [0.05, 0.5])
+    assert model_config_from_hf_config(hf).to_dict() == config.to_dict()
+    bare = {k: v for k, v in hf.items() if k != "megatron_hybrid"}
+    assert model_config_from_hf_config(bare).mamba_dt_limit == (0.05, 0.5)
+
+    # An infinite ceiling goes to config.json as transformers writes it: strict JSON.
+    floor_only = hf_config("M-", mamba_dt_floor=0.05)
+    save_hf_checkpoint(tmp_path, canonical_state(HybridModel(floor_only)), floor_only)
+
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    written = json.loads((tmp_path / "config.json").read_text(), parse_constant=reject)
+    assert written["time_step_limit"] == [0.05, {"__float__": "Infinity"}]
+    assert written["time_step_min"] == 0.05
+    _, loaded = load_hf_checkpoint(tmp_path)
+    assert loaded.to_dict() == floor_only.to_dict()
+
+
+def bare_hf_config(**fields) -> dict:
+    hf = hf_config_from_model_config(hf_config("M-"))
+    hf.pop("megatron_hybrid")
+    return {**hf, **fields}
+
+
+@pytest.mark.parametrize("version,clamp", [
+    ("5.15.1", (0.001, None)), ("5.24.0", (0.001, None)),  # Zamba2's (time_step_min, inf)
+    ("5.5.0", (0.05, 0.5)), ("5.10.2", (0.05, 0.5)), ("5.25.0", (0.05, 0.5)),
+    ("5.26.0.dev0", (0.05, 0.5)),  # later: the newest known behaviour
+    (None, (0.05, 0.5)),  # transformers not installed: likewise
+])
+def test_import_reads_the_dt_clamp_that_the_transformers_version_applies(monkeypatch, version,
+                                                                         clamp):
+    monkeypatch.setattr(hf_nemotron_h, "installed_transformers_version", lambda: version)
+    config = model_config_from_hf_config(bare_hf_config(time_step_min=0.001,
+                                                        time_step_limit=[0.05, 0.5]))
+    assert (config.mamba_dt_floor, config.mamba_dt_ceiling) == clamp
+
+
+@pytest.mark.parametrize("version", ["5.12.0", "4.57.1"])
+def test_disagreeing_dt_fields_under_a_transformers_of_unknown_behaviour_fail(monkeypatch,
+                                                                             version):
+    monkeypatch.setattr(hf_nemotron_h, "installed_transformers_version", lambda: version)
+    with pytest.raises(HFImportError, match=f"installed transformers {version} applies is not"):
+        model_config_from_hf_config(bare_hf_config(time_step_min=0.001,
+                                                   time_step_limit=[0.0, math.inf]))
+    # Fields that agree read alike in every version.
+    agreed = model_config_from_hf_config(bare_hf_config(time_step_min=0.05,
+                                                        time_step_limit=[0.05, math.inf]))
+    assert agreed.mamba_dt_limit == (0.05, math.inf)
+
+
+@pytest.mark.parametrize("version", ["5.24.0", "5.12.0"])
+def test_export_of_a_dt_ceiling_that_the_transformers_would_ignore_fails(monkeypatch, version):
+    monkeypatch.setattr(hf_nemotron_h, "installed_transformers_version", lambda: version)
+    with pytest.raises(HFExportError, match=rf"mamba_dt_ceiling=0.5: the installed transformers "
+                                            rf"{version}.*valid: no ceiling"):
+        hf_config_from_model_config(hf_config("M-", mamba_dt_ceiling=0.5))
+    floor_only = hf_config_from_model_config(hf_config("M-", mamba_dt_floor=0.05))
+    assert (floor_only["time_step_min"], floor_only["time_step_limit"]) == (0.05, [0.05, math.inf])
+
+
+@pytest.mark.parametrize("limit", [[0.5, 0.1], [0.0], "0,inf", [0.0, math.nan]])
+def test_malformed_time_step_limit_is_named(limit):
+    with pytest.raises(HFImportError, match=r"time_step_limit=.*expected \[low, high\]"):
+        model_config_from_hf_config(bare_hf_config(time_step_limit=limit))
+
+
+def test_training_flags_keep_an_imported_dt_clamp():
+    """`--load` of an import warns about config fields the flags set differently and trains
+    with the flags' config: --mamba-dt-floor / --mamba-dt-ceiling keep the imported clamp."""
+    imported = model_config_from_hf_config(bare_hf_config(time_step_min=0.05,
+                                                          time_step_limit=[0.05, 0.5]))
+    base = ["--hybrid-layer-pattern", "M-"]
+    with_flags = model_config_from_args(build_parser().parse_args(
+        [*base, "--mamba-dt-floor", "0.05", "--mamba-dt-ceiling", "0.5"]), 64)
+    assert with_flags.mamba_dt_limit == imported.mamba_dt_limit == (0.05, 0.5)
+    without = config_differences(imported.to_dict(),
+                                 model_config_from_args(build_parser().parse_args(base), 64))
+    assert "mamba_dt_floor: checkpoint 0.05, now 0.0" in without
+    assert "mamba_dt_ceiling: checkpoint 0.5, now None" in without
+    # (mamba_dt_min, dt_bias's init range from HF's time_step_min, differs: no flag, no math.)
+    assert not [line for line in config_differences(imported.to_dict(), with_flags)
+                if line.startswith(("mamba_dt_floor", "mamba_dt_ceiling"))]
 
 
 def test_tied_import_requires_lm_head_equal_to_the_embedding():
@@ -321,8 +510,11 @@ def test_legacy_field_names_are_understood():
     hf["mamba_n_groups"] = hf.pop("n_groups")
     hf["mamba_chunk_size"] = hf.pop("chunk_size")
     hf["mamba_dt_min"] = hf.pop("time_step_min")
+    hf["mamba_dt_limit"] = [0.0, 0.5]
+    hf.pop("time_step_limit")
     config = model_config_from_hf_config(hf)
     assert config.hybrid_layer_pattern == "M-*"
+    assert config.mamba_dt_ceiling == 0.5  # from mamba_dt_limit (5.25 reads time_step_limit)
     assert (config.mamba_num_groups, config.mamba_chunk_size) == (2, 8)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import small_config
 
+from megatron_hybrid.config import ConfigError
 from megatron_hybrid.layers.attention import SelfAttention
 from megatron_hybrid.layers.mamba2 import Mamba2Mixer
 from megatron_hybrid.layers.mlp import MLP
@@ -55,8 +56,10 @@ def test_gated_rms_norm_normalizes_each_group_after_the_gate():
 
 
 # -- Mamba2 -----------------------------------------------------------------------------------
-def mamba2_reference(mixer: Mamba2Mixer, u: torch.Tensor) -> torch.Tensor:
-    """Sequential Mamba2: conv and SSM recurrence one time step at a time."""
+def mamba2_reference(mixer: Mamba2Mixer, u: torch.Tensor,
+                     dt_limit: tuple[float, float] = (0.0, math.inf)) -> torch.Tensor:
+    """Sequential Mamba2: conv and SSM recurrence one time step at a time, dt clamped to
+    `dt_limit` after softplus."""
     batch, seq, _ = u.shape
     nh, hp, ng, ns = mixer.num_heads, mixer.head_dim, mixer.num_groups, mixer.state_dim
     d_inner, conv_dim = nh * hp, nh * hp + 2 * ng * ns
@@ -73,7 +76,7 @@ def mamba2_reference(mixer: Mamba2Mixer, u: torch.Tensor) -> torch.Tensor:
     x = xbc[..., :d_inner].reshape(batch, seq, nh, hp)
     b = xbc[..., d_inner : d_inner + ng * ns].reshape(batch, seq, ng, ns)
     c = xbc[..., d_inner + ng * ns :].reshape(batch, seq, ng, ns)
-    dt = F.softplus(dt + mixer.dt_bias)
+    dt = F.softplus(dt + mixer.dt_bias).clamp(min=dt_limit[0], max=dt_limit[1])
     a = -torch.exp(mixer.A_log)
     y = torch.zeros(batch, seq, nh, hp, dtype=u.dtype)
     state = torch.zeros(batch, nh, hp, ns, dtype=u.dtype)
@@ -104,6 +107,40 @@ def test_mamba2_mixer_matches_sequential_recurrence(seq, groups):
         mixer.dt_bias.uniform_(-4.0, 0.5)
     u = torch.randn(2, seq, config.hidden_size, dtype=torch.float64)
     torch.testing.assert_close(mixer(u), mamba2_reference(mixer, u), **TOL)
+
+
+@pytest.mark.parametrize("floor,ceiling", [(0.05, None), (0.0, 0.6), (0.05, 0.6)])
+def test_mamba2_mixer_clamps_dt_to_the_configured_floor_and_ceiling(floor, ceiling):
+    config = small_config("M", mamba_dt_floor=floor, mamba_dt_ceiling=ceiling)
+    mixer = randomize(Mamba2Mixer(config))
+    with torch.no_grad():  # softplus(dt + dt_bias) from ~0.002 to ~3: both ends get clamped
+        mixer.A_log.uniform_(0.0, math.log(16.0))
+        mixer.dt_bias.copy_(torch.linspace(-6.0, 3.0, mixer.num_heads, dtype=torch.float64))
+    u = torch.randn(2, 19, config.hidden_size, dtype=torch.float64)
+    dt_limit = (floor, math.inf if ceiling is None else ceiling)
+    ours = mixer(u)
+    torch.testing.assert_close(ours, mamba2_reference(mixer, u, dt_limit), **TOL)
+    assert (ours - mamba2_reference(mixer, u)).abs().max() > 1e-3  # the clamp changed dt
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"mamba_dt_floor": -0.1}, r"mamba_dt_floor \(--mamba-dt-floor\) must be a finite number >= 0"),
+    ({"mamba_dt_floor": math.nan}, "mamba_dt_floor .* got nan"),
+    ({"mamba_dt_floor": math.inf}, "mamba_dt_floor .* got inf"),
+    ({"mamba_dt_floor": 0.1, "mamba_dt_ceiling": 0.1},
+     r"mamba_dt_ceiling \(--mamba-dt-ceiling\) must be above mamba_dt_floor=0.1, got 0.1"),
+    ({"mamba_dt_ceiling": -1.0}, "must be above mamba_dt_floor=0.0, got -1.0"),
+    ({"mamba_dt_ceiling": math.nan}, "got nan; valid: a larger number, or inf / None"),
+])
+def test_bad_dt_clamp_settings_are_named(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        small_config("M-", **fields)
+
+
+def test_an_infinite_dt_ceiling_is_no_ceiling():
+    config = small_config("M-", mamba_dt_ceiling=math.inf)
+    assert config.mamba_dt_ceiling is None and config.mamba_dt_limit == (0.0, math.inf)
+    assert config.to_dict() == small_config("M-").to_dict()  # plain JSON, no Infinity
 
 
 def test_mamba2_mixer_is_causal():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybrid.training.arguments import build_parser
+from megatron_hybrid.training.arguments import build_parser, model_config_from_args
 from megatron_hybrid.training.cli import main
 from megatron_hybrid.training.trainer import run_training
 
@@ -114,6 +114,22 @@ def test_unknown_flag_is_rejected_by_the_parser(capsys):
 def test_hybrid_override_pattern_is_an_alias():
     args = build_parser().parse_args(["--hybrid-override-pattern", "M*"])
     assert args.hybrid_layer_pattern == "M*"
+
+
+def test_mamba_dt_clamp_flags_set_the_model_config():
+    def limit(*flags):
+        return model_config_from_args(build_parser().parse_args([*TINY, *flags]), 64)\
+            .mamba_dt_limit
+
+    assert limit() == (0.0, math.inf)  # Megatron: no clamp
+    assert limit("--mamba-dt-floor", "0.001", "--mamba-dt-ceiling", "0.5") == (0.001, 0.5)
+    assert limit("--mamba-dt-ceiling", "inf") == (0.0, math.inf)
+
+
+def test_mamba_dt_ceiling_below_the_floor_stops_with_message(capsys):
+    code, err = run_cli(capsys, *TINY, "--mamba-dt-floor", "0.1", "--mamba-dt-ceiling", "0.01")
+    assert code == 2
+    assert "mamba_dt_ceiling (--mamba-dt-ceiling) must be above mamba_dt_floor=0.1" in err
 
 
 def test_script_runs_as_a_program(tmp_path):

@@ -2,7 +2,8 @@
 
     [z, x, B, C, dt] = in_proj(u)                      packed, in this order
     x, B, C          = silu(causal_conv1d([x, B, C]))  depthwise over the packed channels
-    y                = SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D * x
+    dt               = clamp(softplus(dt + dt_bias), config.mamba_dt_limit)  (0, inf): none
+    y                = SSD(x, dt, A = -exp(A_log), B, C) + D * x
     out              = out_proj(gated_rms_norm(y, z))  norm(y * silu(z)) per group
 
 Shapes: H hidden, h = mamba_num_heads, P = mamba_head_dim, G = mamba_num_groups,
@@ -30,8 +31,8 @@ class Mamba2Mixer(nn.Module):
         self.state_dim = config.mamba_state_dim
         self.chunk_size = config.mamba_chunk_size
         self.d_inner = config.mamba_d_inner
-        # Megatron does not clamp dt; Hugging Face's nemotron_h clamps it at time_step_min.
-        self.dt_limit = (config.mamba_dt_floor, float("inf"))
+        # Megatron does not clamp dt; Hugging Face's nemotron_h does (imports keep its clamp).
+        self.dt_limit = config.mamba_dt_limit
         conv_dim = config.mamba_conv_dim
         self.in_proj = nn.Linear(config.hidden_size, config.mamba_in_proj_dim, bias=False)
         # Holds conv1d.weight (conv_dim, 1, K) and conv1d.bias, the layout of nn.Conv1d that

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mamba-num-heads", type=int, default=None,
                    help="default 2 * hidden size / head dim")
     m.add_argument("--mamba-chunk-size", type=int, default=64)
+    m.add_argument("--mamba-dt-floor", type=float, default=0.0,
+                   help="clamp Mamba's dt = softplus(dt + dt_bias) >= this in forward (0: no "
+                   "floor, as Megatron; imports of Hugging Face nemotron_h set it)")
+    m.add_argument("--mamba-dt-ceiling", type=float, default=None,
+                   help="clamp Mamba's dt <= this in forward (default and inf: no ceiling)")
     m.add_argument("--num-experts", type=int, default=4)
     m.add_argument("--moe-router-topk", type=int, default=2)
     m.add_argument("--moe-ffn-hidden-size", type=int, default=None,
@@ -308,6 +313,8 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         mamba_num_groups=args.mamba_num_groups,
         mamba_num_heads=args.mamba_num_heads,
         mamba_chunk_size=args.mamba_chunk_size,
+        mamba_dt_floor=args.mamba_dt_floor,
+        mamba_dt_ceiling=args.mamba_dt_ceiling,
         activation="swiglu" if args.swiglu else "squared_relu",
         num_moe_experts=args.num_experts,
         moe_router_topk=args.moe_router_topk,
