@@ -181,7 +181,8 @@ FLAG_RANGES: dict[str, str] = {
     "hidden_size": "[1, inf)", "ffn_hidden_size": "[1, inf)", "num_attention_heads": "[1, inf)",
     "num_query_groups": "[1, inf)", "kv_channels": "[1, inf)", "rotary_base": "(0, inf)",
     "mamba_state_dim": "[1, inf)", "mamba_head_dim": "[1, inf)", "mamba_num_groups": "[1, inf)",
-    "mamba_num_heads": "[1, inf)", "mamba_chunk_size": "[1, inf)", "num_experts": "[0, inf)",
+    "mamba_num_heads": "[1, inf)", "mamba_chunk_size": "[1, inf)", "mamba_dt_floor": "[0, inf)",
+    "mamba_dt_ceiling": "(0, inf]", "num_experts": "[0, inf)",
     "moe_router_topk": "[1, inf)", "moe_ffn_hidden_size": "[1, inf)",
     "moe_shared_expert_intermediate_size": "[1, inf)",
     "moe_router_topk_scaling_factor": "(0, inf)", "moe_router_bias_update_rate": "[0, inf)",
@@ -232,7 +233,7 @@ class Interval:
     def describe(self) -> str:
         if (self.low, self.low_closed, self.high) == (1, True, math.inf):
             return "a whole number of at least 1"
-        if (self.low, self.high) == (0, math.inf):
+        if (self.low, self.high, self.high_closed) == (0, math.inf, False):
             return "a finite number of at least 0" if self.low_closed else \
                 "a positive finite number"
         return f"a number in {self.text}"
