@@ -11,11 +11,10 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from megatron_hybrid.checkpointing import files
 from megatron_hybrid.checkpointing.errors import CheckpointCorruptError, CheckpointError
-from megatron_hybrid.checkpointing.manager import CheckpointSaver
+from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_dcp_state
 from megatron_hybrid.config import ModelConfig
 
 SAFETENSORS_FORMAT = "megatron-hybrid/canonical-safetensors"
@@ -25,21 +24,28 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def read_model_state(path: str | os.PathLike, iteration: int | None = None,
                      verify_checksums: bool = True
                      ) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
-    """(canonical model tensors, ModelConfig, checkpoint.json) of a checkpoint, on CPU."""
+    """(canonical model tensors, ModelConfig, checkpoint.json) of a checkpoint, on CPU.
+    A damaged or incomplete checkpoint raises CheckpointCorruptError naming the file."""
     directory = files.resolve_checkpoint_dir(path, iteration)
     meta = files.read_checkpoint_metadata(directory)
-    files.verify_manifest(directory, meta.get("files", {}), checksums=verify_checksums)
-    reader = dcp.FileSystemReader(str(directory))
+    files.verify_manifest(directory, meta["files"], checksums=verify_checksums)
+    config = _model_config(directory, meta)
     template = {}
-    for key, info in reader.read_metadata().state_dict_metadata.items():
+    for key, info in files.read_tensor_index(directory).state_dict_metadata.items():
         if key.startswith("model.") and hasattr(info, "size"):
             template[key[len("model."):]] = torch.empty(tuple(info.size),
                                                         dtype=info.properties.dtype)
+    load_dcp_state({"model": template}, directory, meta, checksums_verified=verify_checksums)
+    return template, config, meta
+
+
+def _model_config(directory: Path, meta: dict) -> ModelConfig:
     try:
-        dcp.load({"model": template}, storage_reader=reader)
-    except Exception as error:
-        raise CheckpointCorruptError(f"reading {directory} failed: {error}") from error
-    return template, ModelConfig(**meta["model_config"]), meta
+        return ModelConfig(**meta["model_config"])
+    except (TypeError, ValueError) as error:  # unknown fields, or values that do not fit
+        raise CheckpointCorruptError(
+            f"{directory / files.METADATA_FILE}: its model_config does not describe a model "
+            f"this version builds: {error}") from error
 
 
 def write_model_checkpoint(save_dir: str | os.PathLike, state: dict[str, torch.Tensor],

@@ -7,7 +7,8 @@
     megatron-hybrid-convert from-hf HF_DIR SAVE_DIR
 
 CKPT is a save directory (its latest checkpoint; --iteration picks another) or an iter_* dir.
-Checkpoints record their model config, so no model flags are needed.
+Checkpoints record their model config, so no model flags are needed. to-safetensors and to-hf
+verify every file's CRC32 first; --no-verify-checksums skips that for the shards.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import argparse
 import json
 import sys
 
-import torch.distributed.checkpoint as dcp
-
 from megatron_hybrid.checkpointing import consolidated, files
 
 
@@ -25,8 +24,11 @@ def inspect_checkpoint(path, iteration=None, out=None) -> None:
     out = out or sys.stdout
     directory = files.resolve_checkpoint_dir(path, iteration)
     meta = files.read_checkpoint_metadata(directory)
-    tensors = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    size = sum(info["size"] for info in meta.get("files", {}).values())
+    index_only = {name: entry for name, entry in meta["files"].items()
+                  if name == files.TENSOR_INDEX_FILE}  # inspect reads no shard
+    files.verify_manifest(directory, index_only)
+    tensors = files.read_tensor_index(directory).state_dict_metadata
+    size = sum(info["size"] for info in meta["files"].values())
     print(f"checkpoint   {directory}", file=out)
     print(f"iteration    {meta['iteration']}  (consumed samples "
           f"{meta.get('consumed_train_samples', 0)})", file=out)
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--iteration", type=int)
         p.add_argument("--dtype", choices=sorted(consolidated.DTYPES),
                        help="cast floating tensors (default: as saved)")
+        p.add_argument("--no-verify-checksums", action="store_true",
+                       help="check the files' sizes but not their CRC32s (faster); a damaged "
+                            "file that stops the read is then checked and named")
     for name, what in (("from-safetensors", "a consolidated safetensors file"),
                        ("from-hf", "a Hugging Face nemotron_h directory")):
         p = sub.add_parser(name, help=f"{what} -> a model-only checkpoint (use with --load)")
@@ -97,7 +102,8 @@ def run(args: argparse.Namespace) -> None:
         inspect_checkpoint(args.checkpoint, args.iteration)
         return
     if args.command in ("to-safetensors", "to-hf"):
-        state, config, meta = consolidated.read_model_state(args.checkpoint, args.iteration)
+        state, config, meta = consolidated.read_model_state(
+            args.checkpoint, args.iteration, verify_checksums=not args.no_verify_checksums)
         dtype = consolidated.DTYPES.get(args.dtype)
         if args.command == "to-safetensors":
             consolidated.save_safetensors(args.output, state, config, dtype)

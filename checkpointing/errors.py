@@ -15,6 +15,10 @@ class CheckpointCorruptError(CheckpointError):
     """A file of the checkpoint is missing, truncated or altered since it was written."""
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """The state to be saved holds NaN or inf: nothing was written, `latest` did not move."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint's tensors do not fit the model (or optimizer) it is loaded into."""
 
@@ -24,12 +28,12 @@ class CheckpointMismatchError(CheckpointError):
         lines = [f"the checkpoint does not fit {what}:"]
         if self.missing:
             lines.append(f"  missing in the checkpoint ({len(self.missing)}): "
-                         + _listing(self.missing))
+                         + listing(self.missing))
         if self.unexpected:
             lines.append(f"  in the checkpoint but not in the model ({len(self.unexpected)}): "
-                         + _listing(self.unexpected))
+                         + listing(self.unexpected))
         if self.mismatched:
-            lines.append(f"  different shapes ({len(self.mismatched)}): " + _listing(
+            lines.append(f"  different shapes ({len(self.mismatched)}): " + listing(
                 f"{key} checkpoint {tuple(saved)} vs model {tuple(wanted)}"
                 for key, saved, wanted in self.mismatched))
         lines.append("  nothing was loaded. Load into a model built with the checkpoint's "
@@ -37,7 +41,13 @@ class CheckpointMismatchError(CheckpointError):
         super().__init__("\n".join(lines))
 
 
-def _listing(items, limit: int = 12) -> str:
+def describe_error(error: BaseException) -> str:
+    """`Type: first line of the message`, for an error quoted inside one of ours."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def listing(items, limit: int = 12) -> str:
     items = list(items)
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -21,13 +20,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_hybrid.checkpointing import files
 from megatron_hybrid.checkpointing.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
+    describe_error,
 )
+from megatron_hybrid.checkpointing.finite import check_finite
 from megatron_hybrid.checkpointing.parts import ModelPartsState, OptimizerPartsState, as_parts
 from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.config import ModelConfig
@@ -52,7 +54,10 @@ def checkpoint_state(model, optimizer, progress: TrainProgress | None, config: M
 
 
 class CheckpointSaver:
-    """Writes `iter_*` checkpoints under `save_dir`, at most one save in flight."""
+    """Writes `iter_*` checkpoints under `save_dir`, at most one save in flight, never from
+    non-finite state (NonFiniteCheckpointError). Starting one puts `save_dir` back in order
+    after a killed save (files.finish_interrupted_saves). Every rank constructs it and calls
+    `save`, `poll` and `finalize` together."""
 
     def __init__(self, save_dir: str | os.PathLike, keep_last: int | None = None,
                  async_save: bool = False, log=print):
@@ -67,15 +72,19 @@ class CheckpointSaver:
         # they never interleave with the training's collectives on the default group.
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._is_main = not dist.is_initialized() or dist.get_rank() == 0
+        self._finish_interrupted_saves()
 
     def save(self, iteration: int, model, optimizer, progress: TrainProgress | None,
              config: ModelConfig, extra_metadata: dict | None = None) -> None:
-        """Save (or, with async_save, stage and start writing) checkpoint `iteration`."""
+        """Save (or, with async_save, stage and start writing) checkpoint `iteration`.
+        Raises NonFiniteCheckpointError on every rank, before anything is written, when any
+        rank's parameters or optimizer state hold NaN or inf."""
         self.finalize()  # one save in flight: the previous one commits first
+        check_finite(model, optimizer, f"checkpoint iteration {iteration} to {self.save_dir}",
+                     group=self._group)
         if self._is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            files.remove_stale_partials(self.save_dir)
-        self._barrier()
+        self._finish_interrupted_saves()
         partial = files.partial_dir(self.save_dir, iteration)
         state = checkpoint_state(model, optimizer, progress, config)
         metadata = {
@@ -112,6 +121,12 @@ class CheckpointSaver:
         future.result()  # re-raises a failed write: the partial directory is never committed
         self._commit(partial, iteration, metadata)
 
+    def _finish_interrupted_saves(self) -> None:
+        if self._is_main and self.save_dir.is_dir():
+            for note in files.finish_interrupted_saves(self.save_dir):
+                self.log(f"{self.save_dir}: {note} (left by an interrupted save)")
+        self._barrier()
+
     def _barrier(self) -> None:
         if self._group is not None:
             dist.barrier(group=self._group)
@@ -127,11 +142,7 @@ class CheckpointSaver:
         metadata["saved_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
         files.write_text_atomically(partial / files.METADATA_FILE,
                                     json.dumps(metadata, indent=2) + "\n")
-        final = self.save_dir / files.iteration_dir_name(iteration)
-        if final.exists():  # saving the same iteration again replaces the old copy
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        files.write_text_atomically(self.save_dir / files.LATEST_FILE, f"{iteration}\n")
+        final = files.commit(self.save_dir, partial, iteration)
         removed = files.prune(self.save_dir, self.keep_last) if self.keep_last else []
         note = f" (removed {', '.join(p.name for p in removed)})" if removed else ""
         self.log(f"saved checkpoint {final}{note}")
@@ -145,14 +156,15 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, config: ModelConf
     `progress`.
 
     Everything is checked before any tensor is touched: the files against their manifest
-    (CheckpointCorruptError names the file), the checkpoint's keys and shapes against the model
-    and optimizer (CheckpointMismatchError lists missing, unexpected and mis-shaped keys).
+    (CheckpointCorruptError names the file; without `verify_checksums` only sizes and the
+    tensor index's checksum), the checkpoint's keys and shapes against the model and optimizer
+    (CheckpointMismatchError lists missing, unexpected and mis-shaped keys).
     Returns the loaded TrainProgress (its RNG states are restored by `restore_rng()`, at the
     caller's choice), or None when the checkpoint holds only a model."""
     directory = files.resolve_checkpoint_dir(path, iteration)
     meta = files.read_checkpoint_metadata(directory)
     _verify_once(directory, meta, verify_checksums)
-    differences = config_differences(meta.get("model_config", {}), config)
+    differences = config_differences(meta["model_config"], config)
     if differences and log is not None:
         log(f"warning: {directory} was saved with another model config; loading anyway "
             "(tensor shapes match):\n  " + "\n  ".join(differences))
@@ -165,14 +177,29 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, config: ModelConf
         progress if "progress" in contents else None,
         config,
     )
-    reader = dcp.FileSystemReader(str(directory))
-    check_tensors_fit(reader, state, directory)
-    try:
-        dcp.load(state, storage_reader=reader)
-    except Exception as error:  # DCP reports I/O or decoding problems without the file name
-        raise CheckpointCorruptError(
-            f"reading checkpoint {directory} failed: {type(error).__name__}: {error}") from error
+    check_tensors_fit(files.read_tensor_index(directory), state, directory)
+    load_dcp_state(state, directory, meta, checksums_verified=verify_checksums)
     return progress if "progress" in contents else None
+
+
+def load_dcp_state(state: dict, directory: Path, meta: dict, checksums_verified: bool) -> None:
+    """dcp.load `state` from `directory` (a collective under torch.distributed). DCP reports a
+    failure as CheckpointException (a BaseException, holding each failed rank's error, raised
+    on every rank) and names no file: it becomes a CheckpointCorruptError that names the
+    damaged file when checksums were skipped and now find one, or else quotes the error."""
+    try:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)))
+    except (Exception, CheckpointException) as error:
+        failures = error.failures if isinstance(error, CheckpointException) else {}
+        rank = min(failures, default=None)
+        cause = failures[rank][0] if failures else error
+        if not isinstance(cause, Exception):  # KeyboardInterrupt, SystemExit inside DCP
+            raise
+        if failures and not checksums_verified:  # every rank is here: _verify_once is safe
+            _verify_once(directory, meta, checksums=True)
+        where = f" on rank {rank}" if dist.is_initialized() and failures else ""
+        raise CheckpointCorruptError(
+            f"reading checkpoint {directory} failed{where}: {describe_error(cause)}") from error
 
 
 def config_differences(saved: dict, config: ModelConfig) -> list[str]:
@@ -198,7 +225,7 @@ def _verify_once(directory: Path, meta: dict, checksums: bool) -> None:
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            files.verify_manifest(directory, meta.get("files", {}), checksums=checksums)
+            files.verify_manifest(directory, meta["files"], checksums=checksums)
         except CheckpointCorruptError as caught:
             error = str(caught)
     if dist.is_initialized():
@@ -209,12 +236,12 @@ def _verify_once(directory: Path, meta: dict, checksums: bool) -> None:
         raise CheckpointCorruptError(error)
 
 
-def check_tensors_fit(reader: dcp.FileSystemReader, state: dict, directory: Path) -> None:
-    """Compare every tensor the load would fill with the checkpoint's metadata: raise
+def check_tensors_fit(index: dcp.Metadata, state: dict, directory: Path) -> None:
+    """Compare every tensor the load would fill with the checkpoint's tensor index: raise
     CheckpointMismatchError listing every difference (for the model first, it is what users
     change), before DCP touches anything. A key is unexpected only if no rank wants it (a
     pipeline rank loads only its stages' keys)."""
-    saved = reader.read_metadata().state_dict_metadata
+    saved = index.state_dict_metadata
     for part in state:
         wanted = _flat_tensor_shapes(state[part].state_dict(), part)
         have = {key: tuple(meta.size) for key, meta in saved.items()

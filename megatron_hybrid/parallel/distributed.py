@@ -113,10 +113,11 @@ def end_successful_run() -> None:
         exit_without_finalization(0)
 
 
-def all_ranks_agree(flag: bool) -> bool:
-    """True when `flag` is true on every rank (a collective: every rank must call it)."""
+def all_ranks_agree(flag: bool, group=None) -> bool:
+    """True when `flag` is true on every rank of `group` (a collective: each must call it)."""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                        device=_collective_device(group))
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
     return bool(value.item())

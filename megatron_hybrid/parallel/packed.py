@@ -118,10 +118,14 @@ def packed_tensors(model: nn.Module) -> dict[str, PackedRows]:
     out = {}
     for module_name, module in model.named_modules():
         for name, packed in getattr(module, _MARK, {}).items():
-            parts = [p for p in f"{module_name}.{name}".split(".") if p and p not in
-                     _WRAPPER_NAMES]
-            out[".".join(parts)] = packed
+            out[state_dict_name(f"{module_name}.{name}")] = packed
     return out
+
+
+def state_dict_name(name: str) -> str:
+    """A parameter's name as torch's get_model_state_dict writes it: without the names of
+    wrapper modules (activation checkpointing, torch.compile, FSDP1)."""
+    return ".".join(p for p in name.split(".") if p and p not in _WRAPPER_NAMES)
 
 
 # -- checkpoint views ------------------------------------------------------------------------
