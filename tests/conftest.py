@@ -13,7 +13,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from megatron_hybrid.checkpointing.canonical import canonical_key
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.init import tensor_generator
 
 
 def small_config(pattern: str, **overrides) -> ModelConfig:
@@ -35,6 +37,19 @@ def small_config(pattern: str, **overrides) -> ModelConfig:
     )
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+@torch.no_grad()
+def perturb_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """`model` (a HybridModel) with every parameter moved off its initial value by noise of half
+    its RMS (at least 0.01), drawn per canonical key: fused and unfused models of the same
+    sub-layers get the same noise. The structured initial values (every norm weight and D one)
+    would hide mistakes such as a block scaling by the wrong norm's weight."""
+    for name, param in model.named_parameters():
+        generator = tensor_generator(seed, canonical_key(name, model.config.pattern))
+        scale = 0.5 * param.float().pow(2).mean().sqrt().clamp(min=0.02)
+        param.add_(scale * torch.randn(param.shape, generator=generator).to(param))
+    return model
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,10 +17,15 @@ Tolerances:
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
-from megatron_hybrid.kernels.registry import KernelError, resolve_kernels
+import megatron_hybrid.kernels as kernels_package
+from megatron_hybrid.kernels.registry import REGISTRY
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -28,14 +33,36 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5),
 
 
 def require_triton_kernels() -> None:
-    """Skip the calling test module unless triton is installed and its kernels run on DEVICE
-    (on CPU: under the interpreter, which tests/conftest.py turns on)."""
-    pytest.importorskip("triton", reason="the Triton kernels need the triton package "
-                                         "(pip install triton); the eager path is tested elsewhere")
-    try:
-        resolve_kernels({"rms_norm": "triton"}, "eager", DEVICE)
-    except KernelError as error:
-        pytest.skip(f"Triton kernels cannot run here: {error}", allow_module_level=True)
+    """Skip the calling test module where Triton kernels cannot run here: triton is not
+    installed, or DEVICE cannot run it (on CPU: without the interpreter, which tests/conftest.py
+    turns on).
+
+    With triton installed, a kernel module (kernels/triton_*.py) that fails to import fails the
+    calling module, naming the broken one: as a skip it would silently hide every Triton test."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("the Triton kernels need the triton package (pip install triton); the eager "
+                    "path is tested elsewhere", allow_module_level=True)
+    reason = REGISTRY.implementations("rms_norm")["triton"].unavailable_reason(
+        torch.device(DEVICE))
+    if reason is not None:
+        pytest.skip(f"Triton kernels cannot run here: {reason}", allow_module_level=True)
+    broken = triton_kernel_import_errors()
+    if broken:
+        pytest.fail("triton is installed but Triton kernel modules fail to import:\n"
+                    + "\n".join(f"  {name}: {error}" for name, error in broken.items()),
+                    pytrace=False)
+
+
+def triton_kernel_import_errors() -> dict[str, str]:
+    """"module (file)" -> its import error, for every kernels/triton_*.py that fails to import."""
+    broken = {}
+    for path in sorted(Path(kernels_package.__file__).parent.glob("triton_*.py")):
+        name = f"{kernels_package.__name__}.{path.stem}"
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # an ImportError, or the module raising as it loads
+            broken[f"{name} ({path})"] = f"{type(error).__name__}: {error}"
+    return broken
 
 
 def round_to_bfloat16(t: torch.Tensor) -> torch.Tensor:

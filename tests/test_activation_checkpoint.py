@@ -29,7 +29,7 @@ def test_recomputed_blocks_give_the_same_gradients(granularity):
                      for n, p in wrapped.named_parameters()}
     assert grads.keys() == wrapped_grads.keys()
     for name in grads:
-        torch.testing.assert_close(wrapped_grads[name], grads[name], rtol=1e-6, atol=1e-7)
+        assert torch.equal(wrapped_grads[name], grads[name]), name  # same ops recomputed
 
 
 def test_checkpoint_keys_do_not_see_the_wrapper():
@@ -47,5 +47,4 @@ def test_training_with_recompute_matches_training_without(granularity):
     plain = run_training(build_parser().parse_args(flags))
     recomputed = run_training(build_parser().parse_args(
         [*flags, "--recompute-granularity", granularity]))
-    for a, b in zip(recomputed.losses, plain.losses, strict=True):
-        assert a == pytest.approx(b, rel=1e-6)
+    assert recomputed.losses == plain.losses  # recomputation repeats the same ops: bitwise

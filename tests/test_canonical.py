@@ -28,6 +28,33 @@ def test_fused_block_maps_sequence_and_channel_sides_to_consecutive_layers():
         "decoder.layers.4.mlp.router.weight"
 
 
+def test_attention_and_mlp_tensors_keep_megatron_names_at_their_canonical_layers():
+    # "M[*-]*-": canonical layers 0 M, 1 * and 2 - (one fused block), 3 *, 4 -. Attention and
+    # MLP sides keep Megatron's names; only their layer index changes.
+    config = small_config("M[*-]*-")
+    expected = {
+        "decoder.layers.1.input_layernorm.weight": "decoder.layers.1.input_layernorm.weight",
+        "decoder.layers.1.self_attention.linear_qkv.weight":
+            "decoder.layers.1.self_attention.linear_qkv.weight",
+        "decoder.layers.1.self_attention.linear_proj.weight":
+            "decoder.layers.1.self_attention.linear_proj.weight",
+        "decoder.layers.1.pre_mlp_layernorm.weight": "decoder.layers.2.pre_mlp_layernorm.weight",
+        "decoder.layers.1.mlp.linear_fc1.weight": "decoder.layers.2.mlp.linear_fc1.weight",
+        "decoder.layers.1.mlp.linear_fc2.weight": "decoder.layers.2.mlp.linear_fc2.weight",
+        "decoder.layers.2.input_layernorm.weight": "decoder.layers.3.input_layernorm.weight",
+        "decoder.layers.2.self_attention.linear_qkv.weight":
+            "decoder.layers.3.self_attention.linear_qkv.weight",
+        "decoder.layers.2.self_attention.linear_proj.weight":
+            "decoder.layers.3.self_attention.linear_proj.weight",
+        "decoder.layers.3.pre_mlp_layernorm.weight": "decoder.layers.4.pre_mlp_layernorm.weight",
+        "decoder.layers.3.mlp.linear_fc1.weight": "decoder.layers.4.mlp.linear_fc1.weight",
+        "decoder.layers.3.mlp.linear_fc2.weight": "decoder.layers.4.mlp.linear_fc2.weight",
+    }
+    names = [n for n in HybridModel(config).state_dict()
+             if n.startswith("decoder.layers.") and not n.startswith("decoder.layers.0.")]
+    assert {n: canonical_key(n, config.pattern) for n in names} == expected
+
+
 def test_names_outside_the_decoder_layers_are_unchanged():
     p = parse_hybrid_pattern("[M-]")
     for name in ("embedding.word_embeddings.weight", "decoder.final_norm.weight",

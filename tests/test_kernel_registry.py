@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import perturb_parameters, small_config
 
 from megatron_hybrid.kernels import (
     OPS,
@@ -200,6 +200,18 @@ def test_model_without_kernels_is_eager_everywhere():
     assert all(choice.impl == "eager" for choice in model.kernels.choices.values())
 
 
+# Logits and gradients of the Triton model against eager, per device. Both compute in float32 and
+# differ only in summation order, a few float32 ulp (1.2e-7) per op. Under the CPU interpreter
+# (numpy float32) measured: logits within 1.7e-7 (|logits| <= 0.5), every gradient within
+# 1.2e-8 (|grad| <= 2.5e-2, errors <= 1% of rtol 1e-4 + atol 1e-6): the CPU bounds leave 6-8x.
+# The CUDA bounds are the earlier, looser ones, not re-measured with these shapes.
+MODEL_TOLERANCE = {
+    "cpu": dict(logits=dict(rtol=1e-5, atol=1e-6), grads=dict(rtol=1e-5, atol=1e-7)),
+    "cuda": dict(logits=dict(rtol=1e-5, atol=1e-5), grads=dict(rtol=1e-4, atol=1e-6)),
+}
+
+
+@pytest.mark.slow  # ~20 s on 2 CPU cores: the interpreter runs the conv1d and SSD kernels
 def test_model_with_triton_kernels_matches_eager_logits_and_gradients():
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -207,16 +219,21 @@ def test_model_with_triton_kernels_matches_eager_logits_and_gradients():
     triton_ops = [op for op, impls in ((op, REGISTRY.implementations(op)) for op in OPS)
                   if "triton" in impls]
     kernels = resolve_kernels({op: "triton" for op in triton_ops}, "eager", device)
-    eager = HybridModel(config, seed=5).to(device)
-    fast = HybridModel(config, seed=5, kernels=kernels).to(device)
-    tokens = torch.randint(0, config.vocab_size, (2, 6), device=device)
-    eager(tokens).square().mean().backward()
+    # Off the initial weights (norm weights and D all one there), the same for both models.
+    eager = perturb_parameters(HybridModel(config, seed=5), seed=1).to(device)
+    fast = perturb_parameters(HybridModel(config, seed=5, kernels=kernels), seed=1).to(device)
+    # Two whole SSD chunks and a partial one: states carried between chunks and a ragged end.
+    seq = 2 * config.mamba_chunk_size + 3
+    tokens = torch.randint(0, config.vocab_size, (2, seq), device=device,
+                           generator=torch.Generator(device).manual_seed(0))
+    expected = eager(tokens)
+    expected.square().mean().backward()
     logits = fast(tokens)
     logits.square().mean().backward()
-    # float32 throughout; only summation orders differ (~1e-6 relative per op over 5 blocks).
-    torch.testing.assert_close(logits, eager(tokens), rtol=1e-5, atol=1e-5)
+    tolerance = MODEL_TOLERANCE[device]
+    torch.testing.assert_close(logits, expected, **tolerance["logits"])
     for (name, p_eager), p_fast in zip(eager.named_parameters(), fast.parameters(), strict=True):
-        torch.testing.assert_close(p_fast.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p_fast.grad, p_eager.grad, **tolerance["grads"], msg=name)
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from megatron_hybrid.config import ConfigError
 from megatron_hybrid.layers.attention import SelfAttention
 from megatron_hybrid.layers.mamba2 import Mamba2Mixer
 from megatron_hybrid.layers.mlp import MLP
-from megatron_hybrid.layers.moe import MoELayer
+from megatron_hybrid.layers.moe import MoELayer, TopKRouter
 from megatron_hybrid.layers.norm import GatedRMSNorm, RMSNorm
 from megatron_hybrid.model import HybridModel
 
@@ -291,6 +291,81 @@ def test_moe_aux_loss_reaches_router_gradients():
     (out.sum() + 0.5 * aux).backward()
     torch.testing.assert_close(with_aux, layer.router.weight.grad, **TOL)
     assert float(layer.last_aux_loss) == pytest.approx(float(aux.detach()), rel=1e-9)
+
+
+def switch_loss_reference(router: TopKRouter, x_NH: torch.Tensor) -> torch.Tensor:
+    """Megatron's switch load-balancing loss, token by token from its definition:
+    E * coeff / (k * N^2) * sum_e (tokens routed to e) * (sum over tokens of p_e), where a
+    token's p is softmax(logits), or sigmoid(logits) normalized to sum to one over the experts;
+    tokens are routed by top-k of their raw scores (softmax or sigmoid) plus the expert bias."""
+    num_experts, topk, num_tokens = router.num_experts, router.topk, x_NH.shape[0]
+    counts = [0] * num_experts
+    prob_sums = x_NH.new_zeros(num_experts)
+    for n in range(num_tokens):
+        logits = router.weight @ x_NH[n]
+        if router.score_function == "softmax":
+            scores = torch.exp(logits - logits.max())
+            scores = scores / scores.sum()
+            probs = scores
+        else:
+            scores = 1 / (1 + torch.exp(-logits))
+            probs = scores / scores.sum()
+        bias = router.expert_bias if router.expert_bias is not None else torch.zeros(num_experts)
+        choice = [float((scores[e] + bias[e]).detach()) for e in range(num_experts)]
+        for e in sorted(range(num_experts), key=lambda e: -choice[e])[:topk]:
+            counts[e] += 1
+        prob_sums = prob_sums + probs
+    loss = sum(counts[e] * prob_sums[e] for e in range(num_experts))
+    return num_experts * router.aux_loss_coeff / (topk * num_tokens**2) * loss
+
+
+AUX_LOSS_ROUTERS = {
+    "softmax": {},
+    "sigmoid": dict(moe_router_score_function="sigmoid"),
+    "pre_softmax": dict(moe_router_pre_softmax=True),
+    "softmax_top1": dict(moe_router_topk=1),
+    "sigmoid_top1": dict(moe_router_score_function="sigmoid", moe_router_topk=1),
+}
+
+
+@pytest.mark.parametrize("expert_bias", [False, True], ids=["no_bias", "expert_bias"])
+@pytest.mark.parametrize("variant", list(AUX_LOSS_ROUTERS))
+def test_moe_aux_loss_matches_per_token_switch_loss(variant, expert_bias):
+    config = small_config("E", moe_aux_loss_coeff=0.1, moe_router_enable_expert_bias=expert_bias,
+                          **AUX_LOSS_ROUTERS[variant])
+    router = randomize(TopKRouter(config)).train()
+    if expert_bias:  # large enough to change some tokens' experts (asserted below)
+        router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+    x = torch.randn(23, config.hidden_size, dtype=torch.float64)
+    _, indices, aux = router(x)
+    expected = switch_loss_reference(router, x)
+    torch.testing.assert_close(aux, expected, **TOL)
+    # The router's gradient from the aux loss: what balances the load in training.
+    grad, expected_grad = (torch.autograd.grad(loss, router.weight) for loss in (aux, expected))
+    torch.testing.assert_close(grad[0], expected_grad[0], **TOL)
+    if expert_bias:
+        unbiased = (router.weight @ x.T).T.topk(router.topk, dim=-1).indices
+        assert not torch.equal(indices.sort(-1).values, unbiased.sort(-1).values)
+
+
+def test_eval_forwards_leave_the_expert_bias_token_counts_unchanged():
+    # Only training forwards count: validation and generation must not steer the balancing.
+    config = small_config("ME", moe_router_enable_expert_bias=True)
+    model = HybridModel(config)
+    router = model.decoder.layers["1"].mlp.router
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    model(tokens)
+    with torch.no_grad():
+        model(tokens)
+    assert torch.equal(router.tokens_per_expert, torch.zeros(config.num_moe_experts))
+    model.train()
+    model(tokens)
+    counted = router.tokens_per_expert.clone()
+    model.eval()
+    with torch.no_grad():
+        model(tokens)
+    assert torch.equal(router.tokens_per_expert, counted)
 
 
 def test_expert_bias_moves_towards_balanced_load():
