@@ -113,3 +113,14 @@ def test_a_diverging_resume_keeps_latest_on_the_last_finite_checkpoint(tmp_path,
         model = HybridModel(config, seed=0)
         load_checkpoint(tmp_path / "R" / name, model, None, config)
         assert all(torch.isfinite(p).all() for p in model.parameters()), name
+
+
+def test_with_the_check_off_a_nan_state_is_still_never_saved(nan_loss_at, tmp_path):
+    from megatron_hybrid.checkpointing.errors import NonFiniteCheckpointError
+    nan_loss_at(2)
+    with pytest.raises(NonFiniteCheckpointError):
+        train(*PATTERN, "--train-iters", "3", "--no-check-for-nan-in-loss-and-grad",
+              "--save", str(tmp_path), "--save-interval", "1")
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("latest")) == [
+        "iter_0000001"]
