@@ -228,10 +228,16 @@ def moe_reference(layer: MoELayer, x: torch.Tensor, config) -> torch.Tensor:
             scores = 1 / (1 + torch.exp(-logits))
         choice = scores + (router.expert_bias if router.expert_bias is not None else 0)
         chosen = sorted(range(len(choice)), key=lambda e: -float(choice[e].detach()))[: router.topk]
-        weights = scores[chosen]
-        if router.topk > 1 and not (config.moe_router_score_function == "softmax"
-                                    and config.moe_router_pre_softmax):
+        # Megatron-Core's topk_routing_with_score_function: softmax over the chosen logits;
+        # pre-softmax: the chosen probabilities as they are; sigmoid: normalized when k > 1.
+        if config.moe_router_score_function == "softmax" and not config.moe_router_pre_softmax:
+            chosen_logits = logits[chosen]
+            weights = torch.exp(chosen_logits - chosen_logits.max())
             weights = weights / weights.sum()
+        else:
+            weights = scores[chosen]
+            if config.moe_router_score_function == "sigmoid" and router.topk > 1:
+                weights = weights / weights.sum()
         if config.moe_router_topk_scaling_factor is not None:
             weights = weights * config.moe_router_topk_scaling_factor
         for w, e in zip(weights, chosen, strict=True):
@@ -251,6 +257,7 @@ MOE_VARIANTS = {
     "softmax": {},
     "softmax_pre_softmax": dict(moe_router_pre_softmax=True),
     "softmax_top1": dict(moe_router_topk=1),
+    "sigmoid_top1": dict(moe_router_score_function="sigmoid", moe_router_topk=1),
     "sigmoid_bias_scaled_shared": dict(
         moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
         moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=20),
@@ -297,7 +304,8 @@ def switch_loss_reference(router: TopKRouter, x_NH: torch.Tensor) -> torch.Tenso
     """Megatron's switch load-balancing loss, token by token from its definition:
     E * coeff / (k * N^2) * sum_e (tokens routed to e) * (sum over tokens of p_e), where a
     token's p is softmax(logits), or sigmoid(logits) normalized to sum to one over the experts;
-    tokens are routed by top-k of their raw scores (softmax or sigmoid) plus the expert bias."""
+    tokens are counted by the top-k of p *without* the expert bias (Megatron-Core's
+    compute_routing_scores_for_aux_loss: the loss balances the router's own preference)."""
     num_experts, topk, num_tokens = router.num_experts, router.topk, x_NH.shape[0]
     counts = [0] * num_experts
     prob_sums = x_NH.new_zeros(num_experts)
@@ -310,8 +318,7 @@ def switch_loss_reference(router: TopKRouter, x_NH: torch.Tensor) -> torch.Tenso
         else:
             scores = 1 / (1 + torch.exp(-logits))
             probs = scores / scores.sum()
-        bias = router.expert_bias if router.expert_bias is not None else torch.zeros(num_experts)
-        choice = [float((scores[e] + bias[e]).detach()) for e in range(num_experts)]
+        choice = [float(probs[e].detach()) for e in range(num_experts)]
         for e in sorted(range(num_experts), key=lambda e: -choice[e])[:topk]:
             counts[e] += 1
         prob_sums = prob_sums + probs

@@ -5,10 +5,14 @@ Routing follows Megatron-LM / Nemotron-H:
 - with `moe_router_enable_expert_bias`, a per-expert bias is added to the scores *for choosing*
   experts only (aux-loss-free balancing); the bias is a buffer nudged after every optimizer
   step towards balanced load (`update_expert_bias`), never trained by gradient;
-- the chosen scores are renormalized to sum to one (unless softmax with pre-softmax semantics),
-  then scaled by `moe_router_topk_scaling_factor`;
-- the switch load-balancing loss (`moe_aux_loss_coeff`) reaches the router through
-  `AuxLossInjector`, which keeps `model(input_ids) -> logits` free of side outputs.
+- routing weights, as Megatron-Core's `topk_routing_with_score_function`: softmax over the chosen
+  experts' logits (so 1.0 at top-1); with `moe_router_pre_softmax`, the chosen entries of the
+  softmax over all experts; sigmoid scores renormalized to sum to one when k > 1; then scaled by
+  `moe_router_topk_scaling_factor`;
+- the switch load-balancing loss (`moe_aux_loss_coeff`) counts tokens by the top-k of the scores
+  *without* the expert bias (Megatron-Core's `compute_routing_scores_for_aux_loss`), and reaches
+  the router through `AuxLossInjector`, which keeps `model(input_ids) -> logits` free of side
+  outputs.
 """
 
 from __future__ import annotations
@@ -70,8 +74,9 @@ class TopKRouter(nn.Module):
         choice = scores if self.expert_bias is None else scores + self.expert_bias
         indices = choice.topk(self.topk, dim=-1).indices
         weights = scores.gather(-1, indices)
-        renormalize = self.score_function == "sigmoid" or not self.pre_softmax
-        if renormalize and self.topk > 1:
+        # softmax(all)[chosen] renormalized == softmax(logits[chosen]), Megatron's non-pre-softmax
+        if (self.score_function == "softmax" and not self.pre_softmax) or (
+                self.score_function == "sigmoid" and self.topk > 1):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         if self.scaling_factor is not None:
             weights = weights * self.scaling_factor
@@ -81,6 +86,9 @@ class TopKRouter(nn.Module):
                 self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         aux_loss = None
         if self.training and self.aux_loss_coeff > 0:
+            if self.expert_bias is not None:  # the loss balances the unbiased choice
+                counts = torch.bincount(scores.topk(self.topk, dim=-1).indices.flatten(),
+                                        minlength=self.num_experts)
             aux_loss = self.switch_load_balancing_loss(scores, counts)
         return weights, indices, aux_loss
 
