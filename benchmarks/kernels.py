@@ -21,7 +21,7 @@ inputs, and, from `kernel ms` where it was measured (else from `ms`),
   against the H100 SXM copy ceiling of 2.99 TB/s (`--peak-gbps`);
 - linear_cross_entropy: achieved TFLOP/s = the three GEMMs' 6 N V H FLOPs / time, against the
   784 TFLOP/s H100 bf16 dense GEMM ceiling (`--peak-tflops`); plus the Triton op at other logits
-  chunk budgets (triton_linear_ce.CHUNK_BYTES).
+  chunk budgets (CHUNK_BYTES of kernels/linear_cross_entropy/triton.py).
 
 Activations are bfloat16 and parameters float32 (bf16 autocast's layout); the cross-entropy
 runs as the trainer runs it, under bf16 autocast with float32 hidden states and weight.
@@ -239,7 +239,7 @@ def implementations(op: str, device: torch.device, names: list[str]
 def _chunk_budget(megabytes: int):
     """The Triton cross-entropy with logits chunks of up to `megabytes` (not capped at 1/8 of
     the float32 logits)."""
-    from megatron_hybrid.kernels import triton_linear_ce
+    from megatron_hybrid.kernels.linear_cross_entropy import triton as triton_linear_ce
     saved = triton_linear_ce.CHUNK_BYTES, triton_linear_ce._CHUNK_FRACTION
     triton_linear_ce.CHUNK_BYTES, triton_linear_ce._CHUNK_FRACTION = megabytes * 2**20, 1
     try:

@@ -9,7 +9,7 @@ median of `--reps` CUDA-event-timed passes after `--warmup` untimed ones.
 
 Also per shape: the Triton forward alone, and how far the Triton results are from the eager op's
 in float32 (max |triton - eager| / max |eager| over y and each gradient). `--sweep` times other
-launch configurations (kernels/triton_ssd.py GPU_TUNING) at the three large shapes, `--profile`
+launch configurations (kernels/ssd/triton.py GPU_TUNING) at the three large shapes, `--profile`
 lists the Triton kernels' times at the two 16384-token shapes (chunks of 128 and 256).
 torch.compile runs last (its compile time dominates), and results go to `--out` as JSON after
 every measurement, so a run cut short keeps what it measured.
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
 
-from megatron_hybrid.kernels import triton_ssd
-from megatron_hybrid.kernels.ssd_eager import ssd_chunked_scan as eager_ssd
+from megatron_hybrid.kernels.ssd import triton as triton_ssd
+from megatron_hybrid.kernels.ssd.eager import ssd_chunked_scan as eager_ssd
 
 
 @dataclasses.dataclass(frozen=True)

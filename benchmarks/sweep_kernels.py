@@ -2,7 +2,7 @@
 """Launch-configuration sweep of the memory-bound Triton kernels (norms, causal conv1d).
 
 Each kernel module keeps its CUDA launch configuration in a `GPU_TUNING` dict
-(kernels/triton_norms.py, kernels/triton_conv1d.py). For every op at the hybrid-1b training shape
+(kernels/norms/triton.py, kernels/conv1d/triton.py). For every op at the hybrid-1b training shape
 (benchmarks/kernels.py's cases, 2 x 4096 tokens by default; the conv input is a strided slice of
 the packed in_proj output, as the Mamba2 layer passes it) this tries each override in `SWEEP`,
 checks that forward and gradients agree with the default configuration's (only the order of the
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
 
-from megatron_hybrid.kernels import triton_conv1d, triton_norms
+from megatron_hybrid.kernels.conv1d import triton as triton_conv1d
+from megatron_hybrid.kernels.norms import triton as triton_norms
 from megatron_hybrid.kernels.registry import resolve_kernels
 
 _HERE = Path(__file__).resolve().parent

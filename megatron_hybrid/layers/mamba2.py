@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.kernels.dtypes import at_least_float32
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
-from megatron_hybrid.layers.dtypes import at_least_float32
 from megatron_hybrid.layers.norm import GatedRMSNorm
 
 

@@ -1,6 +1,5 @@
 """Triton RMSNorm family, forward and backward: plain, gated grouped (Mamba2), and fused
-residual-add + RMSNorm. The eager references are in megatron_hybrid/layers/norm.py and
-kernels/eager_ops.py.
+residual-add + RMSNorm. The eager references are in kernels/norms/eager.py.
 
 All three are one forward kernel and one backward kernel with compile-time switches, over a
 (rows, channels) view whose channels split into groups of `group_size` (plain RMSNorm: one group
