@@ -28,6 +28,7 @@ from megatron_hybrid.training.arguments import (
     build_parser,
     check_training_args,
     model_config_from_args,
+    resolve_global_batch_size,
 )
 from megatron_hybrid.training.optimizer import LRSchedule, build_optimizer, lr_schedule_warning
 from megatron_hybrid.training.progress import ProgressReporter
@@ -38,8 +39,10 @@ SCHEDULE_SETTINGS = [f.name for f in dataclasses.fields(LRSchedule)]
 
 
 def parse(*flags: str):
+    """FLAGS and `flags` as run_training reads them in one process."""
     args = build_parser().parse_args([*FLAGS, *flags])
     check_training_args(args)
+    resolve_global_batch_size(args, dp_size=1)
     return args
 
 
@@ -83,7 +86,7 @@ def resume(checkpoint: Path, *flags: str, seed_before: int | None = None):
 def first_iteration_batch(args) -> torch.Tensor:
     """The samples the first iteration of a run from scratch reads: global samples 0 .. global
     batch - 1 (one process, one micro-batch)."""
-    train_data = trainer.build_training_data(args, build_tokenizer(args), dp_size=1)[0]
+    train_data = trainer.build_training_data(args, build_tokenizer(args))[0]
     return train_data.batch(0, args.global_batch_size)
 
 
