@@ -45,14 +45,13 @@ import dataclasses
 import importlib.util
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
+from timing import median_ms, synchronize  # benchmarks/timing.py, beside this script
 
 from megatron_hybrid.kernels.registry import KernelError, resolve_kernels
 
@@ -154,11 +153,6 @@ def build_cases(tokens: tuple[int, int], hidden: int, small: bool) -> list[Case]
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _fwd_bwd(fn: Callable, args: list, grad_indices: list[int], autocast: bool,
              device: torch.device) -> Callable[[], None]:
     """A closure running fn forward and backward once (gradients of `grad_indices`)."""
@@ -186,28 +180,16 @@ def _fwd_bwd(fn: Callable, args: list, grad_indices: list[int], autocast: bool,
 def measure(step: Callable[[], None], warmup: int, reps: int, device: torch.device
             ) -> tuple[float, int | None]:
     """(median ms of `step`, peak bytes allocated above what was allocated before)."""
-    for _ in range(warmup):
+    for _ in range(warmup):  # here, not in the timer: the peak is that of the timed calls only
         step()
-    _sync(device)
+    synchronize(device)
     base = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            step()
-            times.append(1e3 * (time.perf_counter() - began))
+    ms = median_ms(step, warmup=0, repeat=reps, device=device)
     peak = None if base is None else torch.cuda.max_memory_allocated(device) - base
-    return statistics.median(times), peak
+    return ms, peak
 
 
 def kernel_time_ms(step: Callable[[], None], reps: int, device: torch.device) -> float | None:

@@ -23,9 +23,9 @@ from the float32 reference, relative to the reference's largest magnitude.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+from timing import median_ms  # benchmarks/timing.py, beside this script
 
 from megatron_hybrid.kernels.activations.eager import activation_fn, fc1_width
 from megatron_hybrid.kernels.moe_experts import eager as moe_eager
@@ -75,17 +75,12 @@ def routed_inputs(experts, hidden, ffn, tokens, topk, activation, seed=0):
 def time_ms(fn, inputs, activation, warmup, iters) -> float:
     x, counts, fc1, fc2 = (t.detach().requires_grad_(t.is_floating_point()) for t in inputs)
     dy = torch.randn_like(x)
-    times = []
-    for i in range(warmup + iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def step() -> None:
         y = fn(x, counts, fc1, fc2, activation)
         torch.autograd.grad(y, (x, fc1, fc2), dy.to(y.dtype))
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+    return median_ms(step, warmup=warmup, repeat=iters, device=x.device)
 
 
 def main() -> None:

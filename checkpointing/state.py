@@ -128,11 +128,16 @@ class OptimizerState(Stateful):
 
 @dataclass
 class TrainProgress(Stateful):
-    """Where training stands: iteration, samples consumed, RNG streams, schedule settings."""
+    """Where training stands: iteration, samples consumed, RNG streams, schedule settings.
+
+    `lr_schedule` holds this run's learning-rate schedule settings, which its saves record. A
+    load keeps them and puts the checkpoint's values of the same settings in
+    `saved_lr_schedule`, so the two can be compared."""
 
     iteration: int = 0
     consumed_train_samples: int = 0
     lr_schedule: dict = field(default_factory=dict)
+    saved_lr_schedule: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         rng = {
@@ -154,7 +159,7 @@ class TrainProgress(Stateful):
     def load_state_dict(self, state_dict: dict) -> None:
         self.iteration = int(state_dict["iteration"])
         self.consumed_train_samples = int(state_dict["consumed_train_samples"])
-        self.lr_schedule = dict(state_dict.get("lr_schedule", {}))
+        self.saved_lr_schedule = dict(state_dict.get("lr_schedule", {}))
         blob = state_dict.get("rng")
         self.saved_rng = pickle.loads(blob) if isinstance(blob, bytes) else None
 

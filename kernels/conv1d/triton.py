@@ -239,11 +239,9 @@ def _conv_bwd_kernel(
 # warps, and time steps per program (best a multiple of 4), forward and backward. A backward
 # program writes one float32 partial of the weight and bias gradients, so its stretch of time
 # also sets the size of the partials (programs x (K + 1) x C; capped by MAX_PARTIAL_BYTES).
-# Chosen by that sweep on an H200 (triton 3.6) at 2 x 4096 x 6144 (hybrid-1b's xBC): 188 us per
-# forward + backward (bwd 111, fwd 64), 63% of the copy bandwidth, with the next four rows
-# prefetched (201 us without); 128-512 channels per program are within 1% of each other,
-# stretches of 256/512 steps 1.5x slower (64/128 measured 4% faster after prefetching: untried
-# in the model).
+# Chosen by that sweep at hybrid-1b's xBC shape: the channels per program barely matter, short
+# stretches of time keep many programs busy, and prefetching the next rows hides their loads.
+# The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
     "block_c": 256, "warps": 2, "time": 32,
     "bwd_block_c": 256, "bwd_warps": 2, "bwd_time": 64,

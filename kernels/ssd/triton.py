@@ -37,9 +37,9 @@ gradient in its input's dtype.
 
 Memory beyond inputs and outputs (float32): CB (b, nchunks, g, CP, CP) and the states
 (b, nchunks, h, p, n), as mamba_ssm, kept from the forward until the backward (mamba_ssm frees
-them and recomputes them in its backward: at hybrid-1b's shapes 170 MB per layer buys back the
-four recomputing kernels, 8% of the forward + backward); the backward adds one more
-states-sized buffer. Under activation checkpointing the forward, and so these, run again.
+them and recomputes them in its backward: keeping them trades memory for four recomputing
+kernels, benchmarks/NOTES.md has the numbers); the backward adds one more states-sized buffer.
+Under activation checkpointing the forward, and so these, run again.
 
 Each pass is a `torch.library` custom op with a fake kernel and a registered autograd formula, so
 torch.compile traces it without graph breaks. On CPU tensors the kernels run only under
@@ -68,10 +68,10 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Launch configuration on CUDA (benchmarks/ssd.py --sweep tries others): tiles of chunk positions
 # for the forward scan and CB ("tile") and for the two big backward kernels ("bwd_tile"), warps
 # per kernel ("<kernel>_warps", else "warps"), and software-pipelining stages where set
-# ("<kernel>_stages", else Triton's default). Chosen by that sweep on an H100 (triton 3.6) at
-# headdim 64 / dstate 128, chunks of 128 and 256: 4 warps in the backward kernels 20% faster end
-# to end than 8, 32-position backward tiles 25% faster than 64, 64-position forward tiles 20%
-# faster than 32 (the H200 sweep of this session agreed).
+# ("<kernel>_stages", else Triton's default). Chosen by that sweep at headdim 64 / dstate 128,
+# chunks of 128 and 256: the backward kernels hold more per position than the forward ones, so
+# they run smaller tiles (32 positions; 64 run out of registers) and 4 warps rather than 8.
+# The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
     "tile": 64, "bwd_tile": 32,
     "warps": 4, "chunk_state_warps": 8, "chunk_scan_warps": 4, "bwd_warps": 4,
