@@ -76,7 +76,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_load_options.py::test_finetune_trains_the_checkpoint_weights_from_iteration_0",),
         "--finetune loads the weights into a copy the run never uses"),
     Mutation(
-        "norm-backward-prefetches-current-tile", "kernels/triton_norms.py",
+        "norm-backward-prefetches-current-tile", "kernels/norms/triton.py",
         "DY, X, GATE, DSUM, rows + BLOCK_M, row_end, cols, col_ok,",
         "DY, X, GATE, DSUM, rows, row_end, cols, col_ok,",
         ("tests/test_triton_norms.py::"
@@ -95,7 +95,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_model.py::test_fused_and_unfused_models_give_identical_logits",),
         "a fused block normalizes its channel side with the sequence side's norm weight"),
     Mutation(
-        "ssd-drops-carried-state", "kernels/triton_ssd_fwd.py",
+        "ssd-drops-carried-state", "kernels/ssd/triton_fwd.py",
         "acc = mm(c_l, state_t, DOT_DTYPE, INTERPRET) * tl.exp(da_l)[:, None]",
         "acc = mm(c_l, state_t, DOT_DTYPE, INTERPRET) * 0.0",
         ("tests/test_kernel_registry.py::"
