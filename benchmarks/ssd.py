@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
-"""SSD chunked scan (Mamba2), forward + backward: triton vs eager vs torch.compile(eager).
+"""SSD chunked scan (Mamba2), forward + backward: ours (triton) vs mamba_ssm's Triton SSD vs
+eager vs torch.compile(eager), all timed in the same run on the same inputs.
 
-At the shapes of mamba_ssm's reference timings (`mamba_chunk_scan_combined`, bf16 x/B/C, float32
-dt, forward + backward median on an H100), printed next to ours as targets. Every call is the
-Mamba2 layer's: D per head, dt_bias, softplus; gradients of x, dt, A, B, C, D and dt_bias under
-fixed random output gradients (torch.autograd.grad, so nothing accumulates). Each timing is the
-median of `--reps` CUDA-event-timed passes after `--warmup` untimed ones.
+The peer is mamba_ssm's `mamba_chunk_scan_combined`, imported when it is importable (it is never
+a dependency of the package: put its Triton SSD sources on PYTHONPATH for the run, as
+benchmarks/NOTES.md describes); without it the script says so and times the rest. A comparison
+with numbers from another day is not a comparison, so no peer timing is stored here.
 
-Also per shape: the Triton forward alone, and how far the Triton results are from the eager op's
-in float32 (max |triton - eager| / max |eager| over y and each gradient). `--sweep` times other
+Shapes are those at which mamba_ssm's SSD is usually quoted (bf16 x/B/C, float32 dt). Every call
+is the Mamba2 layer's: D per head, dt_bias, softplus; gradients of x, dt, A, B, C, D and dt_bias
+under fixed random output gradients (torch.autograd.grad, so nothing accumulates). Each timing
+is the median of `--reps` CUDA-event-timed passes after `--warmup` untimed ones.
+
+Also per shape: the forward alone (ours and the peer's), and how far the Triton results are from
+the eager op's in float32 (max |triton - eager| / max |eager| over y and each gradient). The
+summary table at the end gives ours / mamba_ssm per shape. `--sweep` times other
 launch configurations (kernels/ssd/triton.py GPU_TUNING) at the three large shapes, `--profile`
 lists the Triton kernels' times at the two 16384-token shapes (chunks of 128 and 256).
 torch.compile runs last (its compile time dominates), and results go to `--out` as JSON after
@@ -43,7 +49,6 @@ class Shape:
     seqlen: int
     nheads: int
     chunk_size: int
-    target_ms: float | None  # mamba_ssm fwd+bwd median on an H100
     headdim: int = 64
     ngroups: int = 8
     dstate: int = 128
@@ -55,12 +60,22 @@ class Shape:
 
 
 SHAPES = [
-    Shape(4, 1024, 32, 128, 4.63),
-    Shape(4, 4096, 64, 128, 4.80),
-    Shape(2, 8192, 64, 256, 4.18),
-    Shape(1, 16384, 128, 256, 6.07),
+    Shape(4, 1024, 32, 128),
+    Shape(4, 4096, 64, 128),
+    Shape(2, 8192, 64, 256),
+    Shape(1, 16384, 128, 256),
 ]
-SMALL_SHAPES = [Shape(1, 40, 4, 16, None, headdim=8, ngroups=2, dstate=8)]
+SMALL_SHAPES = [Shape(1, 40, 4, 16, headdim=8, ngroups=2, dstate=8)]
+IMPLS = ("triton", "mamba_ssm", "eager", "compile")
+
+
+def mamba_ssm_scan() -> Callable | str:
+    """mamba_ssm's `mamba_chunk_scan_combined` (same keyword arguments as ours), or why not."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as error:  # not on the path, or its own imports (einops) missing
+        return f"{type(error).__name__}: {error}"
+    return mamba_chunk_scan_combined
 SWEEP = [  # GPU_TUNING overrides tried by --sweep
     {}, {"chunk_state_warps": 4}, {"bwd_stages": 1}, {"bwd_stages": 2}, {"bwd_stages": 4},
     {"chunk_scan_stages": 2}, {"chunk_state_stages": 2}, {"bwd_tile": 64, "bwd_stages": 1},
@@ -140,8 +155,13 @@ def results(device: torch.device, args: argparse.Namespace, report: dict | None 
     sweep, profile and impls are optional."""
     small = getattr(args, "small", False) or device.type != "cuda"
     shapes = SMALL_SHAPES if small else SHAPES
-    impls = [i for i in getattr(args, "impls", None) or ["triton", "eager", "compile"]
-             if i in ("triton", "eager", "compile")]
+    impls = [i for i in getattr(args, "impls", None) or IMPLS if i in IMPLS]
+    peer = mamba_ssm_scan() if "mamba_ssm" in impls else None
+    if isinstance(peer, str):
+        print(f"mamba_ssm is not importable ({peer}): its rows are missing, the rest still run")
+        impls.remove("mamba_ssm")
+    if device.type != "cuda" and "mamba_ssm" in impls:
+        impls.remove("mamba_ssm")  # its kernels are CUDA-only
     rows: list[dict] = [] if report is None else report.setdefault("rows", [])
     warmup, reps = args.warmup, args.reps
 
@@ -155,17 +175,18 @@ def results(device: torch.device, args: argparse.Namespace, report: dict | None 
         for shape in shapes:
             inputs, dy = make_inputs(shape, device)
             for impl in phase:
-                row = dict(op="ssd", shape=shape.name, impl=impl, target_ms=shape.target_ms)
-                fn = {"triton": triton_ssd.ssd_chunked_scan, "eager": eager_ssd,
-                      "compile": compiled}[impl]
+                row = dict(op="ssd", shape=shape.name, impl=impl)
+                fn = {"triton": triton_ssd.ssd_chunked_scan, "mamba_ssm": peer,
+                      "eager": eager_ssd, "compile": compiled}[impl]
                 try:
                     row["median_ms"] = median_ms(
                         fwd_bwd_step(fn, inputs, dy, shape.chunk_size),
                         warmup=warmup, repeat=reps, device=device)
-                    if impl == "triton":
+                    if impl in ("triton", "mamba_ssm"):
                         row["fwd_median_ms"] = median_ms(
                             fwd_step(fn, inputs, shape.chunk_size),
                             warmup=warmup, repeat=reps, device=device)
+                    if impl == "triton":
                         row["max_rel_deviation_from_eager"] = deviation(inputs, dy,
                                                                         shape.chunk_size)
                 except Exception as error:  # out of memory, compile failure
@@ -228,25 +249,45 @@ def format_row(row: dict) -> str:
     lead = f"{row['shape']:<34} {impl:<28}"
     if "error" in row:
         return f"{lead} {row['error']}"
-    target = row.get("target_ms")
     fwd = f"{row['fwd_median_ms']:8.3f}" if "fwd_median_ms" in row else f"{'-':>8}"
-    vs = f"{row['median_ms'] / target:6.2f}x" if target and row["impl"] == "triton" else ""
-    line = (f"{lead} {row['median_ms']:9.3f} {fwd} "
-            f"{(f'{target:.2f}' if target else '-'):>9} {vs:>7}")
+    line = f"{lead} {row['median_ms']:9.3f} {fwd}"
     if "max_rel_deviation_from_eager" in row:
         worst = max(row["max_rel_deviation_from_eager"].items(), key=lambda kv: kv[1])
         line += f"   max dev {worst[1]:.1e} ({worst[0]})"
     return line
 
 
-HEADER = (f"{'shape':<34} {'impl':<28} {'fwd+bwd':>9} {'fwd':>8} {'target':>9} {'/target':>7}"
-          "   (ms; target: mamba_ssm fwd+bwd on H100)")
+HEADER = f"{'shape':<34} {'impl':<28} {'fwd+bwd':>9} {'fwd':>8}   (median ms)"
+
+
+def peer_ratios(rows: list[dict]) -> list[dict]:
+    """Per shape timed by both in this run: ours / mamba_ssm, fwd+bwd and forward alone."""
+    def timed(impl: str) -> dict[str, dict]:
+        return {r["shape"]: r for r in rows if r["impl"] == impl and "tuning" not in r
+                and "median_ms" in r}
+    ours, peer = timed("triton"), timed("mamba_ssm")
+    return [dict(shape=shape, ours_ms=ours[shape]["median_ms"],
+                 mamba_ssm_ms=peer[shape]["median_ms"],
+                 ratio=ours[shape]["median_ms"] / peer[shape]["median_ms"],
+                 ours_fwd_ms=ours[shape]["fwd_median_ms"],
+                 mamba_ssm_fwd_ms=peer[shape]["fwd_median_ms"],
+                 fwd_ratio=ours[shape]["fwd_median_ms"] / peer[shape]["fwd_median_ms"])
+            for shape in ours if shape in peer]
+
+
+def format_ratios(ratios: list[dict]) -> str:
+    lines = [f"{'shape':<34} {'ours':>8} {'mamba_ssm':>9} {'ratio':>6}   {'fwd ours':>8} "
+             f"{'mamba_ssm':>9} {'ratio':>6}   (ms; ratio = ours / mamba_ssm, same run)"]
+    lines += [f"{r['shape']:<34} {r['ours_ms']:8.3f} {r['mamba_ssm_ms']:9.3f} {r['ratio']:6.2f}"
+              f"   {r['ours_fwd_ms']:8.3f} {r['mamba_ssm_fwd_ms']:9.3f} {r['fwd_ratio']:6.2f}"
+              for r in ratios]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--impls", nargs="*", default=["triton", "eager", "compile"])
+    parser.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--small", action="store_true", help="a tiny shape (CPU smoke run)")
@@ -272,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + HEADER)
     for row in rows:
         print(format_row(row))
+    ratios = peer_ratios(rows)
+    if ratios:
+        report["ours_vs_mamba_ssm"] = ratios
+        save()
+        print("\n" + format_ratios(ratios))
     return 0
 
 
