@@ -25,6 +25,10 @@ PACKAGES = [
 # upper bound once a newer release is checked against tests/test_hf_nemotron_h.py.
 TRANSFORMERS = "transformers>=5.15,<5.26"
 
+# .ci/run lints with the ruff the `test` extra installs (a fresh machine has none). Pinned to one
+# minor release: ruff's rules change between minor releases, and CI must not turn red on its own.
+RUFF = "ruff>=0.17,<0.18"
+
 setup(
     name="megatron-hybrid",
     version="0.1.0",
@@ -37,9 +41,9 @@ setup(
     extras_require={
         "hf": [TRANSFORMERS],
         # setuptools + wheel: tests/test_packaging.py builds a wheel without build isolation.
-        "test": ["pytest>=8", "hypothesis>=6", TRANSFORMERS, "setuptools>=70", "wheel",
+        "test": ["pytest>=8", "hypothesis>=6", TRANSFORMERS, "setuptools>=70", "wheel", RUFF,
                  "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        "dev": ["pytest>=8", "hypothesis>=6", TRANSFORMERS, "ruff"],
+        "dev": ["pytest>=8", "hypothesis>=6", TRANSFORMERS, RUFF],
     },
     entry_points={
         "console_scripts": [

@@ -16,10 +16,10 @@ import json
 import os
 import platform
 import tempfile
-import time
 
 import numpy as np
 import torch
+from timing import Stopwatch  # benchmarks/timing.py, beside this script
 
 from megatron_hybrid.data.builder import add_data_args, build_datasets
 from megatron_hybrid.data.indexed_dataset import IndexedDatasetWriter
@@ -41,11 +41,11 @@ def write_dataset(prefix: str, num_tokens: int, seed: int) -> None:
 def time_batches(split, micro_batch_size: int, seconds: float) -> tuple[float, int]:
     """(tokens per second, samples read) reading consecutive micro-batches for ~`seconds`."""
     split.batch(0, micro_batch_size)  # touch the epoch index once
-    start, first = time.perf_counter(), micro_batch_size
-    while time.perf_counter() - start < seconds:
+    stopwatch, first = Stopwatch(), micro_batch_size
+    while stopwatch.elapsed_s() < seconds:
         split.batch(first, micro_batch_size)
         first += micro_batch_size
-    elapsed = time.perf_counter() - start
+    elapsed = stopwatch.elapsed_s()
     samples = first - micro_batch_size
     return samples * split.seq_length / elapsed, samples
 
@@ -67,10 +67,10 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as folder:
         prefixes = [os.path.join(folder, f"corpus{i}") for i in range(3)]
-        start = time.perf_counter()
+        stopwatch = Stopwatch()
         for i, prefix in enumerate(prefixes):
             write_dataset(prefix, options.tokens, seed=i)
-        print(f"wrote 3 x {options.tokens / 1e6:.0f}M tokens in {time.perf_counter() - start:.1f}s")
+        print(f"wrote 3 x {options.tokens / 1e6:.0f}M tokens in {stopwatch.elapsed_s():.1f}s")
         cases = {
             "one dataset": ["--data-path", prefixes[0]],
             "blend of 3 (0.5/0.3/0.2)": ["--data-path", "0.5", prefixes[0], "0.3", prefixes[1],
@@ -80,10 +80,10 @@ def main() -> None:
         for name, flags in cases.items():
             args = data_parser.parse_args(flags + ["--data-cache-path",
                                                    os.path.join(folder, "cache")])
-            start = time.perf_counter()
+            stopwatch = Stopwatch()
             splits = build_datasets(args, build_tokenizer(args), options.seq_length, seed=1234,
                                     num_train_samples=100_000, num_eval_samples=1000)
-            build_s = time.perf_counter() - start
+            build_s = stopwatch.elapsed_s()
             tokens_per_s, samples = time_batches(splits.train, options.micro_batch_size,
                                                  options.seconds)
             results.append({"case": name, "seq_length": options.seq_length,

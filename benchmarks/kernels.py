@@ -21,7 +21,7 @@ inputs, and, from `kernel ms` where it was measured (else from `ms`),
   against the H100 SXM copy ceiling of 2.99 TB/s (`--peak-gbps`);
 - linear_cross_entropy: achieved TFLOP/s = the three GEMMs' 6 N V H FLOPs / time, against the
   784 TFLOP/s H100 bf16 dense GEMM ceiling (`--peak-tflops`); plus the Triton op at other logits
-  chunk budgets (triton_linear_ce.CHUNK_BYTES).
+  chunk budgets (CHUNK_BYTES of kernels/linear_cross_entropy/triton.py).
 
 Activations are bfloat16 and parameters float32 (bf16 autocast's layout); the cross-entropy
 runs as the trainer runs it, under bf16 autocast with float32 hidden states and weight.
@@ -45,14 +45,13 @@ import dataclasses
 import importlib.util
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
+from timing import median_ms, synchronize  # benchmarks/timing.py, beside this script
 
 from megatron_hybrid.kernels.registry import KernelError, resolve_kernels
 
@@ -154,11 +153,6 @@ def build_cases(tokens: tuple[int, int], hidden: int, small: bool) -> list[Case]
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _fwd_bwd(fn: Callable, args: list, grad_indices: list[int], autocast: bool,
              device: torch.device) -> Callable[[], None]:
     """A closure running fn forward and backward once (gradients of `grad_indices`)."""
@@ -186,28 +180,16 @@ def _fwd_bwd(fn: Callable, args: list, grad_indices: list[int], autocast: bool,
 def measure(step: Callable[[], None], warmup: int, reps: int, device: torch.device
             ) -> tuple[float, int | None]:
     """(median ms of `step`, peak bytes allocated above what was allocated before)."""
-    for _ in range(warmup):
+    for _ in range(warmup):  # here, not in the timer: the peak is that of the timed calls only
         step()
-    _sync(device)
+    synchronize(device)
     base = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            step()
-            times.append(1e3 * (time.perf_counter() - began))
+    ms = median_ms(step, warmup=0, repeat=reps, device=device)
     peak = None if base is None else torch.cuda.max_memory_allocated(device) - base
-    return statistics.median(times), peak
+    return ms, peak
 
 
 def kernel_time_ms(step: Callable[[], None], reps: int, device: torch.device) -> float | None:
@@ -239,7 +221,7 @@ def implementations(op: str, device: torch.device, names: list[str]
 def _chunk_budget(megabytes: int):
     """The Triton cross-entropy with logits chunks of up to `megabytes` (not capped at 1/8 of
     the float32 logits)."""
-    from megatron_hybrid.kernels import triton_linear_ce
+    from megatron_hybrid.kernels.linear_cross_entropy import triton as triton_linear_ce
     saved = triton_linear_ce.CHUNK_BYTES, triton_linear_ce._CHUNK_FRACTION
     triton_linear_ce.CHUNK_BYTES, triton_linear_ce._CHUNK_FRACTION = megabytes * 2**20, 1
     try:

@@ -7,10 +7,10 @@ rows are routed to experts uniformly at random and sorted (counts stay on the de
 for each implementation, forward and backward of `experts(x_sorted, counts, fc1, fc2)` with
 bf16 inputs are timed between CUDA events (median of --iters after --warmup):
 
-- triton:    kernels/triton_grouped_gemm.py (no host sync);
+- triton:    kernels/moe_experts/triton.py (no host sync);
 - bmm-bf16:  the capacity-padded batched matmul in bf16 that GroupedExperts used before the op
              (one host sync for the capacity; pack, two bmm, unpack);
-- eager:     kernels/moe_eager.py, the reference: the same bmm in float32 math (slower by
+- eager:     kernels/moe_experts/eager.py, the reference: the same bmm in float32 math (slower by
              design; TF32 off, as torch defaults).
 
 TFLOP/s counts the six GEMMs (forward fc1, fc2; backward two input and two weight gradients):
@@ -23,12 +23,13 @@ from the float32 reference, relative to the reference's largest magnitude.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+from timing import median_ms  # benchmarks/timing.py, beside this script
 
-from megatron_hybrid.kernels import moe_eager, triton_grouped_gemm
-from megatron_hybrid.layers.mlp import activation_fn, fc1_width
+from megatron_hybrid.kernels.activations.eager import activation_fn, fc1_width
+from megatron_hybrid.kernels.moe_experts import eager as moe_eager
+from megatron_hybrid.kernels.moe_experts import triton as triton_grouped_gemm
 
 # (experts, hidden, ffn, tokens, topk, activation)
 CONFIGS = [
@@ -74,17 +75,12 @@ def routed_inputs(experts, hidden, ffn, tokens, topk, activation, seed=0):
 def time_ms(fn, inputs, activation, warmup, iters) -> float:
     x, counts, fc1, fc2 = (t.detach().requires_grad_(t.is_floating_point()) for t in inputs)
     dy = torch.randn_like(x)
-    times = []
-    for i in range(warmup + iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def step() -> None:
         y = fn(x, counts, fc1, fc2, activation)
         torch.autograd.grad(y, (x, fc1, fc2), dy.to(y.dtype))
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+    return median_ms(step, warmup=warmup, repeat=iters, device=x.device)
 
 
 def main() -> None:

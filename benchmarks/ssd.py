@@ -9,7 +9,7 @@ median of `--reps` CUDA-event-timed passes after `--warmup` untimed ones.
 
 Also per shape: the Triton forward alone, and how far the Triton results are from the eager op's
 in float32 (max |triton - eager| / max |eager| over y and each gradient). `--sweep` times other
-launch configurations (kernels/triton_ssd.py GPU_TUNING) at the three large shapes, `--profile`
+launch configurations (kernels/ssd/triton.py GPU_TUNING) at the three large shapes, `--profile`
 lists the Triton kernels' times at the two 16384-token shapes (chunks of 128 and 256).
 torch.compile runs last (its compile time dominates), and results go to `--out` as JSON after
 every measurement, so a run cut short keeps what it measured.
@@ -26,16 +26,15 @@ import argparse
 import dataclasses
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
+from timing import median_ms  # benchmarks/timing.py, beside this script
 
-from megatron_hybrid.kernels import triton_ssd
-from megatron_hybrid.kernels.ssd_eager import ssd_chunked_scan as eager_ssd
+from megatron_hybrid.kernels.ssd import triton as triton_ssd
+from megatron_hybrid.kernels.ssd.eager import ssd_chunked_scan as eager_ssd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,27 +105,6 @@ def fwd_step(fn: Callable, inputs: dict, chunk_size: int) -> Callable:
     return step
 
 
-def measure(step: Callable, warmup: int, reps: int, device: torch.device) -> float:
-    """Median milliseconds of `step`."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = (torch.cuda.Event(enable_timing=True),
-                          torch.cuda.Event(enable_timing=True))
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            step()
-            times.append(1e3 * (time.perf_counter() - began))
-    return statistics.median(times)
-
-
 def deviation(inputs: dict, dy: torch.Tensor, chunk_size: int) -> dict[str, float]:
     """max |triton - eager in float32| / max |eager| for y and each gradient."""
     results = []
@@ -181,11 +159,13 @@ def results(device: torch.device, args: argparse.Namespace, report: dict | None 
                 fn = {"triton": triton_ssd.ssd_chunked_scan, "eager": eager_ssd,
                       "compile": compiled}[impl]
                 try:
-                    row["median_ms"] = measure(fwd_bwd_step(fn, inputs, dy, shape.chunk_size),
-                                               warmup, reps, device)
+                    row["median_ms"] = median_ms(
+                        fwd_bwd_step(fn, inputs, dy, shape.chunk_size),
+                        warmup=warmup, repeat=reps, device=device)
                     if impl == "triton":
-                        row["fwd_median_ms"] = measure(fwd_step(fn, inputs, shape.chunk_size),
-                                                       warmup, reps, device)
+                        row["fwd_median_ms"] = median_ms(
+                            fwd_step(fn, inputs, shape.chunk_size),
+                            warmup=warmup, repeat=reps, device=device)
                         row["max_rel_deviation_from_eager"] = deviation(inputs, dy,
                                                                         shape.chunk_size)
                 except Exception as error:  # out of memory, compile failure
@@ -223,12 +203,12 @@ def results(device: torch.device, args: argparse.Namespace, report: dict | None 
                 triton_ssd.GPU_TUNING.update(override)
                 row = dict(op="ssd", shape=shape.name, impl="triton", tuning=override)
                 try:
-                    row["median_ms"] = measure(
+                    row["median_ms"] = median_ms(
                         fwd_bwd_step(triton_ssd.ssd_chunked_scan, inputs, dy, shape.chunk_size),
-                        warmup, reps, device)
-                    row["fwd_median_ms"] = measure(
+                        warmup=warmup, repeat=reps, device=device)
+                    row["fwd_median_ms"] = median_ms(
                         fwd_step(triton_ssd.ssd_chunked_scan, inputs, shape.chunk_size),
-                        warmup, reps, device)
+                        warmup=warmup, repeat=reps, device=device)
                     row["max_rel_deviation_from_eager"] = deviation(inputs, dy, shape.chunk_size)
                 except Exception as error:
                     row["error"] = _error(error)

@@ -2,7 +2,7 @@
 """Launch-configuration sweep of the memory-bound Triton kernels (norms, causal conv1d).
 
 Each kernel module keeps its CUDA launch configuration in a `GPU_TUNING` dict
-(kernels/triton_norms.py, kernels/triton_conv1d.py). For every op at the hybrid-1b training shape
+(kernels/norms/triton.py, kernels/conv1d/triton.py). For every op at the hybrid-1b training shape
 (benchmarks/kernels.py's cases, 2 x 4096 tokens by default; the conv input is a strided slice of
 the packed in_proj output, as the Mamba2 layer passes it) this tries each override in `SWEEP`,
 checks that forward and gradients agree with the default configuration's (only the order of the
@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
+from timing import median_ms  # benchmarks/timing.py, beside this script
 
-from megatron_hybrid.kernels import triton_conv1d, triton_norms
+from megatron_hybrid.kernels.conv1d import triton as triton_conv1d
+from megatron_hybrid.kernels.norms import triton as triton_norms
 from megatron_hybrid.kernels.registry import resolve_kernels
 
 _HERE = Path(__file__).resolve().parent
@@ -58,16 +59,7 @@ def copy_gbps(device: torch.device, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), median of 20."""
     a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     b = torch.empty_like(a)
-    times = []
-    for i in range(23):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end))
-    return 2 * nbytes / statistics.median(times) / 1e6
+    return 2 * nbytes / median_ms(lambda: b.copy_(a), warmup=3, repeat=20, device=device) / 1e6
 
 
 def _results(step_outputs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -3,7 +3,7 @@
 
 For every config: build HybridModel (random token data, no dataset), AdamW, bf16 autocast on
 CUDA (fp32 on CPU), run `--warmup` untimed steps then `--steps` timed ones (each step is
-forward, cross-entropy, backward, optimizer step; timed between torch.cuda.synchronize calls),
+forward, cross-entropy, backward, optimizer step; benchmarks/timing.py times each on its own),
 and report the median step time, tokens/s, MFU and peak memory (torch.cuda.max_memory_allocated,
 reset per config). A config that fails (e.g. out of memory) is reported and the rest still run.
 
@@ -28,10 +28,10 @@ import json
 import platform
 import statistics
 import sys
-import time
 
 import torch
 from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
+from timing import Stopwatch, call_times_ms, synchronize  # benchmarks/timing.py, beside this
 
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.flops import parameter_count, training_flops_per_token
@@ -110,11 +110,6 @@ CONFIGS = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.device,
                peak_flops: float | None) -> dict:
     config = bench.model_config()
@@ -160,15 +155,8 @@ def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.devic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    times = [ms / 1e3 for ms in call_times_ms(step, warmup=args.warmup, repeat=args.steps,
+                                              device=device)]
     if args.profile and device.type == "cuda":
         _print_profile(step, device, bench.name)
     median = statistics.median(times)
@@ -210,10 +198,10 @@ def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> Non
     """Where the time of `steps` steps goes: every GPU kernel's duration from a torch.profiler
     trace, summed per category and per kernel (kernels inside CUDA graphs may not be traced:
     profile without --compile-mode reduce-overhead for the full picture)."""
-    _sync(device)
-    start = time.perf_counter()
+    synchronize(device)
+    stopwatch = Stopwatch()
     per_kernel = {kernel: us / 1e3 for kernel, us in kernel_breakdown(step, steps, device).items()}
-    wall_ms = 1e3 * (time.perf_counter() - start) / steps
+    wall_ms = 1e3 * stopwatch.elapsed_s() / steps
     per_category: dict[str, float] = {}
     for kernel, ms in per_kernel.items():
         per_category[_category(kernel)] = per_category.get(_category(kernel), 0.0) + ms

@@ -101,5 +101,11 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise CheckpointError(
             f"{path} was not written by megatron-hybrid (format {metadata.get('format')!r}, "
             f"expected {SAFETENSORS_FORMAT!r}); for a Hugging Face checkpoint use from-hf")
-    return state, ModelConfig(**json.loads(metadata["model_config"]))
+    try:
+        config = ModelConfig(**json.loads(metadata["model_config"]))
+    except (KeyError, TypeError, ValueError) as error:  # missing, not JSON, or does not fit
+        raise CheckpointCorruptError(
+            f"{path}: its metadata has no model_config this version builds ({error!r}); a "
+            "megatron-hybrid safetensors export stores one") from error
+    return state, config
 

@@ -51,3 +51,22 @@ def listing(items, limit: int = 12) -> str:
     items = list(items)
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+class PackedTensorNotFoundError(CheckpointError):
+    """A tensor that tensor parallelism stores rank-major (marked packed) is not in the state
+    dict under the name the checkpoint views look it up by, so it cannot be presented in its
+    canonical order."""
+
+    def __init__(self, what: str, missing: dict[str, list[str]]):
+        self.missing = dict(missing)
+        lines = [f"{len(missing)} packed tensor(s) not found in {what}; saved as they are they "
+                 "would be written in tensor parallelism's rank-major order (or loaded values "
+                 "put in the wrong rows), so nothing was saved or loaded:"]
+        for name, similar in missing.items():
+            near = f"; {what} has {listing(similar, limit=4)}" if similar else ""
+            lines.append(f"  {name}{near}")
+        lines.append("  megatron_hybrid/parallel/packed.py names a packed parameter by its module "
+                     "path without the wrapper modules listed in _WRAPPER_NAMES; a wrapper "
+                     "whose name torch's state dict leaves out must be listed there.")
+        super().__init__("\n".join(lines))

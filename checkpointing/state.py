@@ -8,7 +8,8 @@ way in, so any fusion of the same canonical layers loads any other's checkpoint.
 Nor does the model's tensor-parallel storage order: packed weights that tensor parallelism keeps
 rank-major (Mamba2's in_proj and conv1d, SwiGLU's fc1; megatron_hybrid/parallel/packed.py) are
 presented to DCP in the canonical row order, as sharded tensors at canonical offsets, and so are
-their optimizer moments. A checkpoint therefore loads into any tensor/data-parallel layout.
+their optimizer moments (checkpointing/packed_views.py). A checkpoint therefore loads into any
+tensor/data-parallel layout; a packed tensor missing from the state dict is an error.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megatron_hybrid.canonical import canonical_key, physical_name
-from megatron_hybrid.parallel.packed import (
-    PackedRows,
-    from_canonical,
-    is_canonical_view,
-    packed_tensors,
+from megatron_hybrid.checkpointing.packed_views import (
+    frozen_names,
+    is_moment,
+    packed_views,
     to_canonical,
+    to_rank_major,
 )
 from megatron_hybrid.pattern import HybridPattern
 
@@ -50,21 +51,22 @@ class ModelState(Stateful):
         self.model, self.pattern = model, pattern
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        packed = packed_tensors(self.model)
+        state = get_model_state_dict(self.model)
+        packed = packed_views(self.model, state, "the model state dict")
         return {canonical_key(name, self.pattern):
                 to_canonical(tensor, packed[name]) if name in packed else tensor
-                for name, tensor in get_model_state_dict(self.model).items()}
+                for name, tensor in state.items()}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load canonical tensors: as DCP fills them (this rank's shards) or whole tensors,
         which a sharded model cuts into its shards."""
         physical = {physical_name(key, self.pattern): t for key, t in state_dict.items()}
-        packed = packed_tensors(self.model)
         current = get_model_state_dict(self.model)
+        packed = packed_views(self.model, current, "the model state dict")
         for name, value in physical.items():
             like = current.get(name)
             if name in packed:
-                value = _rank_major(value, like, packed[name])
+                value = to_rank_major(value, like, packed[name])
             if isinstance(like, DTensor) and not isinstance(value, DTensor):
                 value = distribute_tensor(value.to(like.device), like.device_mesh,
                                           like.placements, src_data_rank=None)
@@ -85,10 +87,10 @@ class OptimizerState(Stateful):
     def state_dict(self) -> dict:
         state = get_optimizer_state_dict(self.model, self.optimizer)
         rename = self._rename(canonical_key)
-        packed = packed_tensors(self.model)
+        packed = self._packed_views(state)
         for name in packed.keys() & state["state"].keys():
             state["state"][name] = {
-                k: to_canonical(v, packed[name]) if _is_moment(v, packed[name]) else v
+                k: to_canonical(v, packed[name]) if is_moment(v, packed[name]) else v
                 for k, v in state["state"][name].items()}
         return {
             "state": {rename(name): value for name, value in state["state"].items()},
@@ -103,41 +105,39 @@ class OptimizerState(Stateful):
             "param_groups": [{**group, "params": [rename(p) for p in group["params"]]}
                              for group in state_dict["param_groups"]],
         }
-        packed = packed_tensors(self.model)
+        packed = self._packed_views(state)
         if packed:
             params = get_model_state_dict(self.model)
             for name in packed.keys() & state["state"].keys():
                 state["state"][name] = {
-                    k: _rank_major(v, params[name], packed[name]) if _is_moment(v, packed[name])
+                    k: to_rank_major(v, params[name], packed[name]) if is_moment(v, packed[name])
                     else v for k, v in state["state"][name].items()}
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
     def _rename(self, mapping):
         return lambda name: mapping(name, self.pattern)
 
-
-def _is_moment(value, packed: PackedRows) -> bool:
-    """An optimizer state tensor shaped like its (packed) parameter, e.g. Adam's moments."""
-    return isinstance(value, torch.Tensor) and value.dim() > packed.dim and \
-        value.shape[packed.dim] == packed.rows
-
-
-def _rank_major(value: torch.Tensor, like: torch.Tensor, packed: PackedRows) -> torch.Tensor:
-    """A loaded canonical value of a packed tensor, in the model's rank-major storage order:
-    a canonical view made by `to_canonical` back into a DTensor like `like`, a whole canonical
-    tensor reordered."""
-    if is_canonical_view(value):
-        return from_canonical(value, like, packed)
-    return packed.to_rank_major(value)
+    def _packed_views(self, state: dict) -> dict:
+        """The packed tensors of the model, each checked to be named in the optimizer state
+        dict `state` (every parameter the optimizer holds is named in its param groups; frozen
+        parameters are not held, and have no moments to view)."""
+        held = {name for group in state["param_groups"] for name in group["params"]}
+        return packed_views(self.model, held | frozen_names(self.model),
+                            "the optimizer state dict")
 
 
 @dataclass
 class TrainProgress(Stateful):
-    """Where training stands: iteration, samples consumed, RNG streams, schedule settings."""
+    """Where training stands: iteration, samples consumed, RNG streams, schedule settings.
+
+    `lr_schedule` holds this run's learning-rate schedule settings, which its saves record. A
+    load keeps them and puts the checkpoint's values of the same settings in
+    `saved_lr_schedule`, so the two can be compared."""
 
     iteration: int = 0
     consumed_train_samples: int = 0
     lr_schedule: dict = field(default_factory=dict)
+    saved_lr_schedule: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         rng = {
@@ -159,7 +159,7 @@ class TrainProgress(Stateful):
     def load_state_dict(self, state_dict: dict) -> None:
         self.iteration = int(state_dict["iteration"])
         self.consumed_train_samples = int(state_dict["consumed_train_samples"])
-        self.lr_schedule = dict(state_dict.get("lr_schedule", {}))
+        self.saved_lr_schedule = dict(state_dict.get("lr_schedule", {}))
         blob = state_dict.get("rng")
         self.saved_rng = pickle.loads(blob) if isinstance(blob, bytes) else None
 

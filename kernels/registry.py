@@ -344,48 +344,51 @@ def eager_kernels() -> BoundKernels:
     return resolve_kernels({}, "eager", "cpu")
 
 
+# The built-in implementations: op -> {implementation name: "module:attribute" under
+# megatron_hybrid.kernels}. Each op's sub-package holds its eager reference beside the others.
+_EAGER = {
+    "rms_norm": "norms.eager:rms_norm",
+    "add_rms_norm": "norms.eager:add_rms_norm",
+    "gated_rms_norm": "norms.eager:gated_rms_norm",
+    "activation.squared_relu": "activations.eager:squared_relu",
+    "activation.swiglu": "activations.eager:swiglu",
+    "causal_conv1d": "conv1d.eager:causal_conv1d",
+    "ssd": "ssd.eager:ssd_chunked_scan",
+    "moe.experts": "moe_experts.eager:experts",
+    "mlp": "mlp.eager:mlp",
+    "rotary": "rotary.eager:rotary",
+    "linear_cross_entropy": "linear_cross_entropy.eager:linear_cross_entropy",
+}
+_TRITON = {
+    "moe.experts": "moe_experts.triton:experts",
+    "rms_norm": "norms.triton:rms_norm",
+    "add_rms_norm": "norms.triton:add_rms_norm",
+    "gated_rms_norm": "norms.triton:gated_rms_norm",
+    "activation.squared_relu": "activations.triton:squared_relu",
+    "activation.swiglu": "activations.triton:swiglu",
+    "causal_conv1d": "conv1d.triton:causal_conv1d",
+    "ssd": "ssd.triton:ssd_chunked_scan",
+    "rotary": "rotary.triton:rotary",
+    "linear_cross_entropy": "linear_cross_entropy.triton:linear_cross_entropy",
+}
+_PACKAGE = "megatron_hybrid.kernels"
+
+
 def _builtin_registry() -> KernelRegistry:
     registry = KernelRegistry(OPS)
-    eager = "megatron_hybrid.kernels.eager_ops"
-    for op, attribute in (
-        ("rms_norm", "rms_norm"),
-        ("add_rms_norm", "add_rms_norm"),
-        ("gated_rms_norm", "gated_rms_norm"),
-        ("activation.squared_relu", "squared_relu"),
-        ("activation.swiglu", "swiglu"),
-        ("causal_conv1d", "causal_conv1d"),
-        ("ssd", "ssd"),
-        ("rotary", "rotary"),
-        ("linear_cross_entropy", "linear_cross_entropy"),
-    ):
-        registry.register(Implementation(op, "eager", f"{eager}:{attribute}"))
-    for op, target in (
-        ("moe.experts", "megatron_hybrid.kernels.triton_grouped_gemm:experts"),
-        ("rms_norm", "megatron_hybrid.kernels.triton_norms:rms_norm"),
-        ("add_rms_norm", "megatron_hybrid.kernels.triton_norms:add_rms_norm"),
-        ("gated_rms_norm", "megatron_hybrid.kernels.triton_norms:gated_rms_norm"),
-        ("activation.squared_relu", "megatron_hybrid.kernels.triton_activations:squared_relu"),
-        ("activation.swiglu", "megatron_hybrid.kernels.triton_activations:swiglu"),
-        ("causal_conv1d", "megatron_hybrid.kernels.triton_conv1d:causal_conv1d"),
-        ("ssd", "megatron_hybrid.kernels.triton_ssd:ssd_chunked_scan"),
-        ("rotary", "megatron_hybrid.kernels.triton_rotary:rotary"),
-        ("linear_cross_entropy",
-         "megatron_hybrid.kernels.triton_linear_ce:linear_cross_entropy"),
-    ):
+    for op, target in _EAGER.items():
+        registry.register(Implementation(op, "eager", f"{_PACKAGE}.{target}"))
+    for op, target in _TRITON.items():
         registry.register(Implementation(
-            op, "triton", target,
+            op, "triton", f"{_PACKAGE}.{target}",
             device_types=("cuda",),
             requires=("triton",),
             install_hint="pip install triton",
             cpu_needs_triton_interpreter=True,
             priority=10,
         ))
-    # The MoE experts' and the MLP's eager references live beside their layers' math; tiled is
-    # opt-in only (a negative priority: auto never prefers it over eager).
-    registry.register(Implementation("moe.experts", "eager",
-                                     "megatron_hybrid.kernels.moe_eager:experts"))
-    registry.register(Implementation("mlp", "eager", "megatron_hybrid.layers.mlp:mlp"))
-    registry.register(Implementation("mlp", "tiled", "megatron_hybrid.kernels.tiled_mlp:tiled_mlp",
+    # tiled is opt-in only (a negative priority: auto never prefers it over eager).
+    registry.register(Implementation("mlp", "tiled", f"{_PACKAGE}.mlp.tiled:tiled_mlp",
                                      priority=-10))
     return registry
 

@@ -5,7 +5,7 @@ The module tree matches Megatron's names:
     embedding.word_embeddings      decoder.layers[str(p)]      decoder.final_norm
     output_layer                   (absent when embeddings and output weights are tied)
 
-The model's kernels (megatron_hybrid/kernels/registry.py) are bound once per instance and handed
+The model's kernels (kernels/registry.py) are bound once per instance and handed
 to every layer; the default is the eager reference everywhere.
 
 `decoder.layers` is a ModuleDict keyed by the global physical block index, so a pipeline stage

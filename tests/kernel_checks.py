@@ -37,7 +37,7 @@ def require_triton_kernels() -> None:
     installed, or DEVICE cannot run it (on CPU: without the interpreter, which tests/conftest.py
     turns on).
 
-    With triton installed, a kernel module (kernels/triton_*.py) that fails to import fails the
+    With triton installed, a kernel module (kernels/<op>/triton*.py) that fails to import fails the
     calling module, naming the broken one: as a skip it would silently hide every Triton test."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("the Triton kernels need the triton package (pip install triton); the eager "
@@ -53,11 +53,21 @@ def require_triton_kernels() -> None:
                     pytrace=False)
 
 
+def triton_kernel_modules() -> dict[str, Path]:
+    """{module name: file} of every Triton kernel module: kernels/<op>/triton*.py."""
+    root = Path(kernels_package.__file__).parent
+    modules = {f"{kernels_package.__name__}.{path.parent.name}.{path.stem}": path
+               for path in sorted(root.glob("*/triton*.py"))}
+    # An empty glob (the layout changed under it) would check nothing and pass.
+    assert modules, f"no Triton kernel modules found under {root}/<op>/triton*.py"
+    return modules
+
+
 def triton_kernel_import_errors() -> dict[str, str]:
-    """"module (file)" -> its import error, for every kernels/triton_*.py that fails to import."""
+    """"module (file)" -> its import error, for every Triton kernel module that fails to
+    import."""
     broken = {}
-    for path in sorted(Path(kernels_package.__file__).parent.glob("triton_*.py")):
-        name = f"{kernels_package.__name__}.{path.stem}"
+    for name, path in triton_kernel_modules().items():
         try:
             importlib.import_module(name)
         except Exception as error:  # an ImportError, or the module raising as it loads

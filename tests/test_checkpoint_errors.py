@@ -305,3 +305,17 @@ def _non_finite_shard_worker(save_dir: str) -> None:
 
 if __name__ == "__main__":
     _non_finite_shard_worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("model_config", [None, "not json", '{"hidden_size": 8}'])
+def test_a_safetensors_export_without_a_usable_model_config_is_named(tmp_path, model_config):
+    from safetensors.torch import save_file
+
+    from megatron_hybrid.checkpointing.consolidated import SAFETENSORS_FORMAT, load_safetensors
+    path = tmp_path / "model.safetensors"
+    metadata = {"format": SAFETENSORS_FORMAT}
+    if model_config is not None:
+        metadata["model_config"] = model_config
+    save_file({"embedding.word_embeddings.weight": torch.randn(4, 2)}, str(path), metadata)
+    with pytest.raises(CheckpointCorruptError, match=f"{path}: its metadata has no model_config"):
+        load_safetensors(path)

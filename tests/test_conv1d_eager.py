@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_hybrid.kernels.conv1d_eager import causal_conv1d
+from megatron_hybrid.kernels.conv1d.eager import causal_conv1d
 
 # Same products, summed in a different order: float64 agrees to a few ulps.
 TIGHT = dict(atol=1e-12, rtol=1e-12)

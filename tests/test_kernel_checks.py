@@ -13,7 +13,7 @@ import kernel_checks
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BROKEN_MODULE = "megatron_hybrid.kernels.triton_rotary"
+BROKEN_MODULE = "megatron_hybrid.kernels.rotary.triton"
 
 
 def test_without_triton_the_triton_tests_are_skipped(monkeypatch):
@@ -25,7 +25,7 @@ def test_without_triton_the_triton_tests_are_skipped(monkeypatch):
 def test_a_triton_kernel_module_that_fails_to_import_is_a_failure_naming_it(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setitem(sys.modules, BROKEN_MODULE, None)
-    with pytest.raises(pytest.fail.Exception, match=r"triton_rotary \(.*triton_rotary\.py\)"):
+    with pytest.raises(pytest.fail.Exception, match=r"rotary\.triton \(.*rotary/triton\.py\)"):
         kernel_checks.require_triton_kernels()
 
 
@@ -43,3 +43,17 @@ def test_a_broken_triton_kernel_module_fails_the_test_run(tmp_path):
     assert proc.returncode != 0, proc.stdout
     assert "1 error" in proc.stdout and "skipped" not in proc.stdout, proc.stdout
     assert f"{BROKEN_MODULE} (" in proc.stdout, proc.stdout
+
+
+def test_every_registered_triton_module_is_among_the_checked_ones():
+    # The import gate globs kernels/<op>/triton*.py; every module a Triton implementation is
+    # registered from must be among them, or its import error would go unnoticed until bound.
+    from megatron_hybrid.kernels.registry import REGISTRY
+
+    checked = kernel_checks.triton_kernel_modules()
+    registered = {impl.target.split(":")[0] for op in REGISTRY.ops
+                  for impl in REGISTRY.implementations(op).values() if impl.name == "triton"}
+    assert registered - checked.keys() == set()
+    # The SSD scan's forward and backward kernels are imported by its launcher, and checked too.
+    assert {"megatron_hybrid.kernels.ssd.triton_fwd",
+            "megatron_hybrid.kernels.ssd.triton_bwd"} <= checked.keys()

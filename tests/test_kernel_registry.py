@@ -22,7 +22,7 @@ from megatron_hybrid.kernels import (
     resolve_kernels,
 )
 from megatron_hybrid.kernels.cli import parse_kernel_requests
-from megatron_hybrid.layers.norm import rms_norm
+from megatron_hybrid.kernels.norms.eager import rms_norm
 from megatron_hybrid.model import HybridModel
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_hybrid.kernels.ssd_eager import ssd_chunked_scan
+from megatron_hybrid.kernels.ssd.eager import ssd_chunked_scan
 
 # Chunked and sequential evaluation are the same sums of the same float64 products, only
 # associated differently, so they agree to a few ulps of the largest intermediate.

@@ -212,6 +212,76 @@ def test_packed_dimension_can_be_another_than_rows():
     assert torch.equal(packed.to_canonical_layout(rank_major), canonical)
 
 
+
+@pytest.fixture
+def tp1_model():
+    """A swiglu Mamba2 + MLP model under one-rank tensor parallelism (in this process, gloo):
+    its packed weights are DTensors marked packed, as under any tp; and its AdamW after a step
+    (so the packed weights have moments). The process group is torn down afterwards."""
+    import torch.distributed as dist
+    from conftest import small_config
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from megatron_hybrid.model import HybridModel
+    from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
+    from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
+    from megatron_hybrid.training.optimizer import build_optimizer
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        config = small_config("M-", activation="swiglu")
+        model = HybridModel(config)
+        apply_tensor_parallel(model, init_device_mesh("cpu", (1,)), log=lambda _: None)
+        apply_activation_checkpointing(model, "full", log=lambda _: None)
+        optimizer = build_optimizer(model, 1e-3, 0.0, (0.9, 0.95), 1e-8, foreach=False)
+        model(torch.randint(0, config.vocab_size, (1, 8))).float().pow(2).mean().backward()
+        optimizer.step()
+        yield model, optimizer, config.pattern
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_packed_tensor_is_checkpointed_in_its_canonical_view(tp1_model):
+    from megatron_hybrid.canonical import canonical_key
+    from megatron_hybrid.checkpointing.packed_views import is_canonical_view
+    from megatron_hybrid.checkpointing.state import ModelState, OptimizerState
+    from megatron_hybrid.parallel.packed import packed_tensors
+
+    model, optimizer, pattern = tp1_model
+    packed = {canonical_key(name, pattern) for name in packed_tensors(model)}
+    assert len(packed) == 4  # in_proj, conv1d weight and bias, SwiGLU's linear_fc1
+    views = {key for key, value in ModelState(model, pattern).state_dict().items()
+             if is_canonical_view(value)}
+    assert views == packed
+    moments = OptimizerState(model, optimizer, pattern).state_dict()["state"]
+    assert {key for key, state in moments.items()
+            if is_canonical_view(state["exp_avg"])} == packed
+
+
+def test_a_packed_tensor_the_saver_cannot_find_is_an_error_naming_it(tp1_model, monkeypatch):
+    # A wrapper module that torch's state dict leaves out of names but parallel/packed.py does
+    # not know (as if torch wrapped blocks in a new one): the packed tensors are then looked up
+    # under names the state dict does not use, and would be saved rank-major.
+    from megatron_hybrid.checkpointing.errors import PackedTensorNotFoundError
+    from megatron_hybrid.checkpointing.state import ModelState, OptimizerState
+    from megatron_hybrid.parallel import packed
+
+    model, optimizer, pattern = tp1_model
+    monkeypatch.setattr(packed, "_WRAPPER_NAMES", packed._WRAPPER_NAMES - {
+        "_checkpoint_wrapped_module"})
+    unknown = "decoder.layers.0._checkpoint_wrapped_module.sequence_mixer.in_proj.weight"
+    saved_as = "decoder.layers.0.sequence_mixer.in_proj.weight"
+    for state in (ModelState(model, pattern), OptimizerState(model, optimizer, pattern)):
+        with pytest.raises(PackedTensorNotFoundError) as error:
+            state.state_dict()
+        message = str(error.value)
+        assert "4 packed tensor(s) not found" in message
+        assert f"  {unknown}; " in message and saved_as in message
+        assert "_WRAPPER_NAMES" in message
+    with pytest.raises(PackedTensorNotFoundError, match="not found in the model state dict"):
+        ModelState(model, pattern).load_state_dict({})
+
+
 # -- layouts that do not fit -------------------------------------------------------------------
 
 @pytest.mark.parametrize("tp, overrides, message", [

@@ -1,4 +1,4 @@
-"""The tiled MLP (`--kernel mlp=tiled`, kernels/tiled_mlp.py): the plain MLP's values and
+"""The tiled MLP (`--kernel mlp=tiled`, kernels/mlp/tiled.py): the plain MLP's values and
 gradients over shards of the tokens, each parameter's gradient delivered once per backward (in
 one process, under DDP and under FSDP2), the shard count taken per model from
 `--tiled-mlp-shards`.

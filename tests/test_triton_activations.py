@@ -1,5 +1,6 @@
-"""Triton squared-ReLU and SwiGLU activations against their eager references (the MLP's
-`activation_fn`): forward and gradient, float32 and bfloat16, plus torch.library.opcheck.
+"""Triton squared-ReLU and SwiGLU activations against their eager references
+(kernels/activations/eager.py): forward and gradient, float32 and bfloat16, plus
+torch.library.opcheck.
 
 On CPU the kernels run under Triton's interpreter with tiny shapes; with a GPU the same tests
 run compiled, and the `gpu` tests add real shapes. Reference and tolerances:
@@ -15,7 +16,8 @@ from kernel_checks import assert_matches, leaf, outputs_and_grads, randn, requir
 
 require_triton_kernels()  # skips this module where Triton kernels cannot run (with the reason)
 
-from megatron_hybrid.kernels import eager_ops, triton_activations  # noqa: E402
+from megatron_hybrid.kernels.activations import eager as eager_activations  # noqa: E402
+from megatron_hybrid.kernels.activations import triton as triton_activations  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 DTYPE_IDS = ["fp32", "bf16"]
@@ -27,7 +29,7 @@ ACTIVATIONS = ["squared_relu", "swiglu"]
 def test_activation_matches_eager(name, dtype):
     # 2 x 7 x 2*37: odd widths and more elements than a swiglu column block holds at width 37.
     h = randn(2, 7, 74, dtype=dtype, scale=2.0)
-    assert_matches(getattr(triton_activations, name), getattr(eager_ops, name), [h],
+    assert_matches(getattr(triton_activations, name), getattr(eager_activations, name), [h],
                    dtype=dtype)
 
 
@@ -36,7 +38,7 @@ def test_activation_reads_a_strided_input(name):
     # Rows with a stride larger than their width (a slice of a wider buffer).
     h = randn(3, 5, 30)[..., 2:22]
     assert not h.is_contiguous()
-    assert_matches(getattr(triton_activations, name), getattr(eager_ops, name), [h],
+    assert_matches(getattr(triton_activations, name), getattr(eager_activations, name), [h],
                    dtype=torch.float32)
 
 
@@ -89,5 +91,5 @@ def test_activation_matches_eager_at_real_shapes_on_gpu(name, dtype):
     width = 2 * 16384 if name == "swiglu" else 16384
     h = randn(2, 4096, width, dtype=dtype, scale=2.0)
     # Elementwise: no sums, so the small-shape tolerances hold at any size.
-    assert_matches(getattr(triton_activations, name), getattr(eager_ops, name), [h],
+    assert_matches(getattr(triton_activations, name), getattr(eager_activations, name), [h],
                    dtype=dtype)

@@ -1,4 +1,4 @@
-"""Triton depthwise causal conv1d against its eager reference (kernels/conv1d_eager.py): forward
+"""Triton depthwise causal conv1d against its eager reference (kernels/conv1d/eager.py): forward
 and the gradients of x, weight and bias, float32 and bfloat16, kernel widths 1..4, both weight
 layouts, with and without bias, SiLU and no activation, plus torch.library.opcheck.
 
@@ -22,7 +22,8 @@ from kernel_checks import DEVICE, assert_matches, leaf, randn, require_triton_ke
 
 require_triton_kernels()  # skips this module where Triton kernels cannot run (with the reason)
 
-from megatron_hybrid.kernels import eager_ops, triton_conv1d  # noqa: E402
+from megatron_hybrid.kernels.conv1d import eager as eager_conv1d  # noqa: E402
+from megatron_hybrid.kernels.conv1d import triton as triton_conv1d  # noqa: E402
 from megatron_hybrid.kernels.registry import resolve_kernels  # noqa: E402
 
 BATCH, SEQLEN, CHANNELS = 2, 13, 20
@@ -45,13 +46,13 @@ def conv_inputs(width, layout, has_bias, dtype, seqlen=SEQLEN, channels=CHANNELS
 def check(inputs, activation, dtype, **kwargs):
     """assert_matches, passing bias=None positionally when the inputs have no bias."""
     if len(inputs) == 3:
-        assert_matches(triton_conv1d.causal_conv1d, eager_ops.causal_conv1d, inputs, activation,
+        assert_matches(triton_conv1d.causal_conv1d, eager_conv1d.causal_conv1d, inputs, activation,
                        dtype=dtype, **kwargs)
     else:
         def with_no_bias(fn):
             return lambda x, w, activation: fn(x, w, None, activation)
         assert_matches(with_no_bias(triton_conv1d.causal_conv1d),
-                       with_no_bias(eager_ops.causal_conv1d), inputs, activation, dtype=dtype,
+                       with_no_bias(eager_conv1d.causal_conv1d), inputs, activation, dtype=dtype,
                        **kwargs)
 
 
@@ -77,7 +78,7 @@ def test_causal_conv1d_reads_a_strided_slice_over_several_time_blocks():
     packed = randn(BATCH, 40, 32)
     x = packed[..., 5:25]
     assert not x.is_contiguous()
-    assert_matches(triton_conv1d.causal_conv1d, eager_ops.causal_conv1d,
+    assert_matches(triton_conv1d.causal_conv1d, eager_conv1d.causal_conv1d,
                    [x, randn(20, 1, 4, seed=1), randn(20, seed=2)], "silu", dtype=torch.float32)
 
 
@@ -146,5 +147,5 @@ def test_causal_conv1d_matches_eager_at_a_real_shape_on_gpu(activation):
     x = randn(4, 1024, 4096, dtype=torch.bfloat16)
     w, b = randn(4096, 1, 4, dtype=torch.bfloat16, seed=1), randn(4096, dtype=torch.bfloat16,
                                                                    seed=2)
-    assert_matches(triton_conv1d.causal_conv1d, eager_ops.causal_conv1d, [x, w, b], activation,
+    assert_matches(triton_conv1d.causal_conv1d, eager_conv1d.causal_conv1d, [x, w, b], activation,
                    dtype=torch.bfloat16, tolerance=GPU_TOLERANCE)

@@ -1,5 +1,5 @@
-"""The `moe.experts` op: eager (kernels/moe_eager.py) and Triton grouped GEMM
-(kernels/triton_grouped_gemm.py) against a float64 loop over experts, forward and the gradients
+"""The `moe.experts` op: eager (kernels/moe_experts/eager.py) and Triton grouped GEMM
+(kernels/moe_experts/triton.py) against a float64 loop over experts, forward and the gradients
 of x and both weights, float32 and bfloat16, squared ReLU and SwiGLU, uneven groups, experts
 without tokens, rows routed to no expert; plus torch.library.opcheck and torch.compile.
 
@@ -30,9 +30,10 @@ from kernel_checks import DEVICE, TOLERANCE, leaf, randn, require_triton_kernels
 
 require_triton_kernels()  # skips this module where Triton kernels cannot run (with the reason)
 
-from megatron_hybrid.kernels import moe_eager, triton_grouped_gemm  # noqa: E402
+from megatron_hybrid.kernels.activations.eager import activation_fn, fc1_width  # noqa: E402
+from megatron_hybrid.kernels.moe_experts import eager as moe_eager  # noqa: E402
+from megatron_hybrid.kernels.moe_experts import triton as triton_grouped_gemm  # noqa: E402
 from megatron_hybrid.kernels.registry import resolve_kernels  # noqa: E402
-from megatron_hybrid.layers.mlp import activation_fn, fc1_width  # noqa: E402
 
 HIDDEN, FFN = 32, 48
 UNEVEN = [7, 0, 20, 13]  # an expert without tokens, groups that start inside row tiles

@@ -1,7 +1,7 @@
-"""Fused linear + cross-entropy (kernels/triton_linear_ce.py) against the eager reference
-(kernels/linear_ce_eager.py): the loss and the gradients of hidden and weight, float32,
-bfloat16 and bf16 autocast over float32 tensors, ignored tokens, a tied embedding weight,
-several token chunks and vocabulary blocks, plus torch.library.opcheck.
+"""Fused linear + cross-entropy (kernels/linear_cross_entropy/triton.py) against the eager
+reference (kernels/linear_cross_entropy/eager.py): the loss and the gradients of hidden and
+weight, float32, bfloat16 and bf16 autocast over float32 tensors, ignored tokens, a tied
+embedding weight, several token chunks and vocabulary blocks, plus torch.library.opcheck.
 
 The reference is the eager op in float64 on the same input values. Every test backpropagates
 GRAD_LOSS = 0.375, not 1, so the backward's scaling of the gradients stored by the forward is
@@ -37,7 +37,8 @@ from kernel_checks import DEVICE, leaf, randn, require_triton_kernels
 
 require_triton_kernels()  # skips this module where Triton kernels cannot run (with the reason)
 
-from megatron_hybrid.kernels import eager_ops, triton_linear_ce  # noqa: E402
+from megatron_hybrid.kernels.linear_cross_entropy import eager as eager_linear_ce  # noqa: E402
+from megatron_hybrid.kernels.linear_cross_entropy import triton as triton_linear_ce  # noqa: E402
 from megatron_hybrid.kernels.registry import resolve_kernels  # noqa: E402
 
 GRAD_LOSS = 0.375
@@ -69,7 +70,7 @@ def reference(hidden, weight, labels, ignore_index=IGNORE, logits_dtype=None):
     logits rounded to it as the output layer's GEMM rounds them in that dtype (gradient passed
     straight through)."""
     if logits_dtype is None:
-        return eager_ops.linear_cross_entropy(hidden, weight, labels, ignore_index)
+        return eager_linear_ce.linear_cross_entropy(hidden, weight, labels, ignore_index)
     logits = F.linear(hidden, weight)
     logits = logits + (logits.to(logits_dtype).to(logits.dtype) - logits).detach()
     return F.cross_entropy(logits.reshape(-1, weight.shape[0]), labels.reshape(-1),
@@ -163,7 +164,8 @@ def test_every_token_ignored_gives_nan_loss_and_zero_gradients_as_eager():
                                                                                     IGNORE))
     assert math.isnan(loss.item())
     assert not grad_hidden.any() and not grad_weight.any()
-    eager_loss = eager_ops.linear_cross_entropy(hidden, weight, torch.full_like(labels, IGNORE))
+    eager_loss = eager_linear_ce.linear_cross_entropy(hidden, weight,
+                                                      torch.full_like(labels, IGNORE))
     assert math.isnan(eager_loss.item())
 
 
@@ -181,7 +183,7 @@ def test_tied_embedding_weight_gets_both_gradients_once():
     w = leaf(weight)
     (model_loss(triton_linear_ce.linear_cross_entropy, w) * GRAD_LOSS).backward()
     w_ref = leaf(weight.double())
-    (model_loss(eager_ops.linear_cross_entropy, w_ref) * GRAD_LOSS).backward()
+    (model_loss(eager_linear_ce.linear_cross_entropy, w_ref) * GRAD_LOSS).backward()
     atol = 1e-5 * w_ref.grad.abs().max().item()
     torch.testing.assert_close(w.grad.double(), w_ref.grad, rtol=1e-5, atol=atol)
 
@@ -307,7 +309,7 @@ def test_loss_path_memory_is_at_most_a_quarter_of_the_float32_logits_on_gpu():
     hidden, weight, labels = gpu_inputs(tokens)
     logits_bytes = tokens * GPU_VOCAB * 4
     fused = loss_path_memory(triton_linear_ce.linear_cross_entropy, hidden, weight, labels)
-    eager = loss_path_memory(eager_ops.linear_cross_entropy, hidden, weight, labels)
+    eager = loss_path_memory(eager_linear_ce.linear_cross_entropy, hidden, weight, labels)
     print(f"loss-path memory beyond inputs and gradients: fused {fused / 2**20:.0f} MiB, eager "
           f"{eager / 2**20:.0f} MiB, float32 logits {logits_bytes / 2**20:.0f} MiB")
     assert fused <= logits_bytes // 4

@@ -25,7 +25,8 @@ from kernel_checks import (
 
 require_triton_kernels()  # skips this module where Triton kernels cannot run (with the reason)
 
-from megatron_hybrid.kernels import eager_ops, triton_norms  # noqa: E402
+from megatron_hybrid.kernels.norms import eager as eager_norms  # noqa: E402
+from megatron_hybrid.kernels.norms import triton as triton_norms  # noqa: E402
 
 EPS = 1e-5
 # (activation dtype, weight dtype): pure float32, pure bf16, bf16 activations with float32
@@ -41,13 +42,13 @@ DTYPE_IDS = ["fp32", "bf16", "bf16-fp32weight"]
 def test_rms_norm_matches_eager(dtypes):
     dtype, wdtype = dtypes
     x, w = randn(2, 5, 48, dtype=dtype, scale=3.0), randn(48, dtype=wdtype, seed=1)
-    assert_matches(triton_norms.rms_norm, eager_ops.rms_norm, [x, w], EPS, dtype=dtype)
+    assert_matches(triton_norms.rms_norm, eager_norms.rms_norm, [x, w], EPS, dtype=dtype)
 
 
 def test_rms_norm_handles_widths_that_are_not_powers_of_two_and_strided_rows():
     # 3 x 40 rows of 36 channels out of a (.., 50) buffer: masked columns, row stride 50.
     x = randn(3, 40, 50)[..., 7:43]
-    assert_matches(triton_norms.rms_norm, eager_ops.rms_norm, [x, randn(36, seed=1)], EPS,
+    assert_matches(triton_norms.rms_norm, eager_norms.rms_norm, [x, randn(36, seed=1)], EPS,
                    dtype=torch.float32)
 
 
@@ -66,7 +67,7 @@ def test_gated_rms_norm_matches_eager(dtypes, group_size):
     dtype, wdtype = dtypes
     x, z = randn(2, 5, 48, dtype=dtype, scale=2.0), randn(2, 5, 48, dtype=dtype, seed=1)
     w = randn(48, dtype=wdtype, seed=2)
-    assert_matches(triton_norms.gated_rms_norm, eager_ops.gated_rms_norm, [x, z, w],
+    assert_matches(triton_norms.gated_rms_norm, eager_norms.gated_rms_norm, [x, z, w],
                    group_size, EPS, dtype=dtype)
 
 
@@ -74,7 +75,7 @@ def test_gated_rms_norm_reads_the_gate_in_place_from_a_packed_projection():
     # As in Mamba2: z is a slice of in_proj's packed output (row stride 80, not 32).
     packed = randn(2, 6, 80)
     x, z = randn(2, 6, 32, seed=3), packed[..., :32]
-    assert_matches(triton_norms.gated_rms_norm, eager_ops.gated_rms_norm,
+    assert_matches(triton_norms.gated_rms_norm, eager_norms.gated_rms_norm,
                    [x, z, randn(32, seed=1)], 16, EPS, dtype=torch.float32)
 
 
@@ -96,7 +97,7 @@ def test_gated_rms_norm_opcheck():
 def test_add_rms_norm_matches_eager(dtypes):
     dtype, wdtype = dtypes
     x, residual = randn(2, 5, 48, dtype=dtype), randn(2, 5, 48, dtype=dtype, seed=1, scale=4.0)
-    reference = add_rms_norm_reference if dtype == torch.bfloat16 else eager_ops.add_rms_norm
+    reference = add_rms_norm_reference if dtype == torch.bfloat16 else eager_norms.add_rms_norm
     assert_matches(triton_norms.add_rms_norm, reference,
                    [x, residual, randn(48, dtype=wdtype, seed=2)], EPS, dtype=dtype)
 
@@ -108,7 +109,7 @@ def add_rms_norm_reference(x, residual, weight, eps):
     off would move the input gradient, `d(norm) + d(sum)`, by an ulp of its larger term."""
     total = residual + x
     total = total + (round_to_bfloat16(total).to(total.dtype) - total).detach()
-    return eager_ops.rms_norm(total, weight, eps), total
+    return eager_norms.rms_norm(total, weight, eps), total
 
 
 def test_add_rms_norm_keeps_a_float32_residual_stream_under_bf16_activations():
@@ -117,7 +118,7 @@ def test_add_rms_norm_keeps_a_float32_residual_stream_under_bf16_activations():
     x, residual = randn(2, 5, 48, dtype=torch.bfloat16), randn(2, 5, 48, seed=1)
     normed, total = triton_norms.add_rms_norm(x, residual, randn(48, seed=2), EPS)
     assert normed.dtype == total.dtype == torch.float32
-    assert_matches(triton_norms.add_rms_norm, eager_ops.add_rms_norm,
+    assert_matches(triton_norms.add_rms_norm, eager_norms.add_rms_norm,
                    [x, residual, randn(48, seed=2)], EPS, dtype=torch.float32)
 
 
@@ -154,12 +155,12 @@ def many_rows_case(norm: str, dtype: torch.dtype):
     x = randn(MANY_ROWS, 48, dtype=dtype, scale=2.0)
     w = randn(48, dtype=dtype, seed=1)
     if norm == "rms":
-        return triton_norms.rms_norm, eager_ops.rms_norm, [x, w], (EPS,)
+        return triton_norms.rms_norm, eager_norms.rms_norm, [x, w], (EPS,)
     if norm == "gated":
         z = randn(MANY_ROWS, 48, dtype=dtype, seed=2)
-        return triton_norms.gated_rms_norm, eager_ops.gated_rms_norm, [x, z, w], (16, EPS)
+        return triton_norms.gated_rms_norm, eager_norms.gated_rms_norm, [x, z, w], (16, EPS)
     residual = randn(MANY_ROWS, 48, dtype=dtype, seed=3, scale=4.0)
-    reference = add_rms_norm_reference if dtype == torch.bfloat16 else eager_ops.add_rms_norm
+    reference = add_rms_norm_reference if dtype == torch.bfloat16 else eager_norms.add_rms_norm
     return triton_norms.add_rms_norm, reference, [x, residual, w], (EPS,)
 
 
@@ -207,11 +208,11 @@ def test_norms_match_eager_at_real_shapes_on_gpu(dtype):
     # Nemotron-H-8B-like: hidden 4096, Mamba d_inner 8192 in 8 groups, 2 x 4096 tokens.
     x, residual = randn(2, 4096, 4096, dtype=dtype), randn(2, 4096, 4096, dtype=dtype, seed=1)
     w = randn(4096, seed=2)
-    assert_matches(triton_norms.rms_norm, eager_ops.rms_norm, [x, w], EPS,
+    assert_matches(triton_norms.rms_norm, eager_norms.rms_norm, [x, w], EPS,
                    dtype=dtype, tolerance=GPU_TOLERANCE)
-    reference = add_rms_norm_reference if dtype == torch.bfloat16 else eager_ops.add_rms_norm
+    reference = add_rms_norm_reference if dtype == torch.bfloat16 else eager_norms.add_rms_norm
     assert_matches(triton_norms.add_rms_norm, reference, [x, residual, w], EPS,
                    dtype=dtype, tolerance=GPU_TOLERANCE)
     y, z = randn(2, 4096, 8192, dtype=dtype, seed=3), randn(2, 4096, 8192, dtype=dtype, seed=4)
-    assert_matches(triton_norms.gated_rms_norm, eager_ops.gated_rms_norm,
+    assert_matches(triton_norms.gated_rms_norm, eager_norms.gated_rms_norm,
                    [y, z, randn(8192, seed=5)], 1024, EPS, dtype=dtype, tolerance=GPU_TOLERANCE)

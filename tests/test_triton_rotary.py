@@ -1,5 +1,5 @@
-"""Triton rotary embedding (kernels/triton_rotary.py) against its eager reference
-(megatron_hybrid/layers/rotary.py::apply_rotary, the registry's `rotary=eager`): output and the
+"""Triton rotary embedding (kernels/rotary/triton.py) against its eager reference
+(kernels/rotary/eager.py::rotary, the registry's `rotary=eager`): output and the
 gradients of x, cos and sin, float32 and bfloat16, on attention's strided q and k views, plus an
 attention layer bound to it, torch.library.opcheck and torch.compile.
 
@@ -29,8 +29,9 @@ from kernel_checks import (
 
 require_triton_kernels()  # skips this module where Triton kernels cannot run (with the reason)
 
-from megatron_hybrid.kernels import eager_ops, triton_rotary  # noqa: E402
 from megatron_hybrid.kernels.registry import resolve_kernels  # noqa: E402
+from megatron_hybrid.kernels.rotary import eager as eager_rotary  # noqa: E402
+from megatron_hybrid.kernels.rotary import triton as triton_rotary  # noqa: E402
 from megatron_hybrid.layers.attention import SelfAttention  # noqa: E402
 from megatron_hybrid.layers.rotary import rotary_cos_sin  # noqa: E402
 
@@ -55,14 +56,14 @@ def test_rotary_matches_eager_on_attention_layout(dtype):
     # inputs too, so their gradients are checked.
     x = randn(BATCH, SEQ, HEADS, HEAD_DIM, dtype=dtype, scale=2.0).transpose(1, 2)
     cos, sin = tables()
-    assert_matches(triton_rotary.rotary, eager_ops.rotary, [x, cos, sin], dtype=dtype)
+    assert_matches(triton_rotary.rotary, eager_rotary.rotary, [x, cos, sin], dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_rotary_matches_eager_with_tables_in_x_dtype_and_other_ranks(dtype):
     cos, sin = tables(seq=5, dim=8, dtype=dtype)
     for shape in [(5, 8), (4, 5, 8), (2, 2, 3, 5, 8)]:
-        assert_matches(triton_rotary.rotary, eager_ops.rotary,
+        assert_matches(triton_rotary.rotary, eager_rotary.rotary,
                        [randn(*shape, dtype=dtype), cos, sin], dtype=dtype)
 
 
@@ -75,7 +76,7 @@ def test_rotary_reads_strided_q_and_k_in_place_and_keeps_their_layout():
     assert y.stride() == q_view(torch.empty(BATCH, SEQ, HEADS * HEAD_DIM)).stride()
     out, (grad,) = outputs_and_grads(lambda p: triton_rotary.rotary(q_view(p), cos, sin),
                                      [packed])
-    out_ref, (grad_ref,) = outputs_and_grads(lambda p: eager_ops.rotary(q_view(p), cos, sin),
+    out_ref, (grad_ref,) = outputs_and_grads(lambda p: eager_rotary.rotary(q_view(p), cos, sin),
                                              [packed])
     torch.testing.assert_close(out[0], out_ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5)
@@ -142,6 +143,6 @@ def test_rotary_matches_eager_at_a_real_shape_on_gpu(dtype):
     # float32 reordering stays within the float32 tolerance for these O(10) sums.
     x = randn(4, 4096, 32, 128, dtype=dtype).transpose(1, 2)
     cos, sin = tables(seq=4096, dim=128)
-    assert_matches(triton_rotary.rotary, eager_ops.rotary, [x, cos, sin], dtype=dtype,
+    assert_matches(triton_rotary.rotary, eager_rotary.rotary, [x, cos, sin], dtype=dtype,
                    tolerance={torch.float32: dict(rtol=1e-5, atol=1e-4),
                               torch.bfloat16: dict(rtol=1.6e-2, atol=1e-4)})

@@ -1,5 +1,5 @@
-"""Triton SSD chunked scan (kernels/triton_ssd.py) against the eager reference
-(kernels/ssd_eager.py, itself tested against the step-by-step recurrence): y, the final states and
+"""Triton SSD chunked scan (kernels/ssd/triton.py) against the eager reference
+(kernels/ssd/eager.py, itself tested against the step-by-step recurrence): y, the final states and
 the gradients of every input (x, dt, A, B, C, D, dt_bias, initial_states), float32 and bfloat16,
 D per head and per (head, dim), dt_bias + softplus + dt_limit, initial and final states, seqlen
 not a multiple of chunk_size, ngroups < nheads, strided views; plus opcheck and torch.compile.
@@ -39,9 +39,9 @@ from kernel_checks import DEVICE, leaf, randn, require_triton_kernels
 
 require_triton_kernels()  # skips this module where Triton kernels cannot run (with the reason)
 
-from megatron_hybrid.kernels import triton_ssd  # noqa: E402
 from megatron_hybrid.kernels.registry import resolve_kernels  # noqa: E402
-from megatron_hybrid.kernels.ssd_eager import ssd_chunked_scan as eager_ssd  # noqa: E402
+from megatron_hybrid.kernels.ssd import triton as triton_ssd  # noqa: E402
+from megatron_hybrid.kernels.ssd.eager import ssd_chunked_scan as eager_ssd  # noqa: E402
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol_scale=1e-6),
              torch.bfloat16: dict(rtol=2**-6, atol_scale=5e-3)}
@@ -132,7 +132,7 @@ def test_matches_eager_with_chunks_of_two_tiles_and_per_channel_D():
 def test_matches_eager_with_chunks_of_four_tiles():
     # chunk_size 64 = four 16-position tiles under the interpreter (the last chunk partial):
     # the backward's source tiles see tiles below the diagonal after others, so the gradient of
-    # dt * A sums carried columns as well as the tile's own (kernels/triton_ssd_bwd.py).
+    # dt * A sums carried columns as well as the tile's own (kernels/ssd/triton_bwd.py).
     inputs = ssd_inputs(1, 100, 2, 8, 1, 8, dt_bias=True)
     assert_matches_eager(inputs, 64, torch.float32, dt_softplus=True)
 

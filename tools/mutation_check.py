@@ -38,14 +38,95 @@ class Mutation:
 
 LAYOUTS = "tests/test_parallel_layouts.py::test_layout_matches_one_process"
 MUTATIONS: tuple[Mutation, ...] = (
+    # The seven bugs that passed the whole suite on 2026-12-05.
+    Mutation(
+        "never-clip", "megatron_hybrid/parallel/grad_norm.py",
+        "        if coef < 1.0:", "        if coef < 0.0:",
+        ("tests/test_grad_clipping.py",),
+        "gradient clipping never scales the gradients"),
+    Mutation(
+        "trainer-never-clips", "megatron_hybrid/training/trainer.py",
+        "max_norm = args.clip_grad if args.clip_grad > 0 else math.inf", "max_norm = math.inf",
+        ("tests/test_grad_clipping.py",),
+        "the trainer asks for no clipping whatever --clip-grad says"),
     Mutation(
         "pipeline-eval-loss-weight", "megatron_hybrid/training/trainer.py",
         "loss_weight=dims.pp if pipeline.has_last else 0.0",
         "loss_weight=1.0 if pipeline.has_last else 0.0",
         (f"{LAYOUTS}[pp2]",),
         "validation loss under pipeline parallelism: the last stage's loss weight set to 1"),
+    Mutation(
+        "sigmoid-aux-loss-unnormalized", "megatron_hybrid/layers/moe.py",
+        "scores_NE = scores_NE / (scores_NE.sum(dim=-1, keepdim=True) + 1e-20)",
+        "scores_NE = scores_NE",
+        ("tests/test_layers.py::test_moe_aux_loss_matches_per_token_switch_loss",),
+        "MoE aux loss with sigmoid scores skips their per-token normalization"),
+    Mutation(
+        "eval-forwards-count-tokens", "megatron_hybrid/layers/moe.py",
+        "        if self.training:\n            with torch.no_grad():\n"
+        "                self.tokens_per_expert +=",
+        "        if True:\n            with torch.no_grad():\n"
+        "                self.tokens_per_expert +=",
+        ("tests/test_layers.py::test_eval_forwards_leave_the_expert_bias_token_counts_unchanged",),
+        "MoE routing counts include evaluation forwards"),
+    Mutation(
+        "finetune-skips-load", "megatron_hybrid/training/trainer.py",
+        "args.load, model, None if",
+        'args.load, __import__("copy").deepcopy(model) if args.finetune else model, None if',
+        ("tests/test_load_options.py::test_finetune_trains_the_checkpoint_weights_from_iteration_0",),
+        "--finetune loads the weights into a copy the run never uses"),
+    Mutation(
+        "norm-backward-prefetches-current-tile", "kernels/norms/triton.py",
+        "DY, X, GATE, DSUM, rows + BLOCK_M, row_end, cols, col_ok,",
+        "DY, X, GATE, DSUM, rows, row_end, cols, col_ok,",
+        ("tests/test_triton_norms.py::"
+         "test_norms_match_eager_with_several_row_tiles_per_backward_program",),
+        "Triton norm backward prefetches the current row tile instead of the next"),
+    Mutation(
+        "rng-not-restored", "megatron_hybrid/training/trainer.py",
+        "        loaded.restore_rng()", "        pass",
+        ("tests/test_load_options.py::test_resume_restores_the_saved_rng_streams",),
+        "resume does not restore the RNG streams"),
+    # Found by later reviews.
+    Mutation(
+        "fused-block-wrong-norm", "megatron_hybrid/blocks.py",
+        "self.channel_norm.add_and_norm(mixed_BTH, x_BTH)",
+        "self.sequence_norm.add_and_norm(mixed_BTH, x_BTH)",
+        ("tests/test_model.py::test_fused_and_unfused_models_give_identical_logits",),
+        "a fused block normalizes its channel side with the sequence side's norm weight"),
+    Mutation(
+        "ssd-drops-carried-state", "kernels/ssd/triton_fwd.py",
+        "acc = mm(c_l, state_t, DOT_DTYPE, INTERPRET) * tl.exp(da_l)[:, None]",
+        "acc = mm(c_l, state_t, DOT_DTYPE, INTERPRET) * 0.0",
+        ("tests/test_kernel_registry.py::"
+         "test_model_with_triton_kernels_matches_eager_logits_and_gradients",),
+        "the Triton SSD forgets the state carried between chunks"),
+    Mutation(
+        "lr-schedule-warning-dropped", "megatron_hybrid/training/trainer.py",
+        "        reporter.message(warning)", "        pass",
+        ("tests/test_load_options.py::test_resume_with_other_schedule_flags_warns_naming_each_change",),
+        "resume with other schedule flags says nothing"),
+    Mutation(
+        "prune-before-save", "checkpointing/manager.py",
+        "        writer = dcp.FileSystemWriter(str(partial))",
+        "        if self._is_main and self.keep_last:  # make room first\n"
+        "            files.prune(self.save_dir, self.keep_last - 1)\n"
+        "        writer = dcp.FileSystemWriter(str(partial))",
+        ("tests/test_checkpoint_pruning.py",),
+        "--keep-last prunes before the new checkpoint is complete"),
+    Mutation(
+        "nan-check-ignored", "megatron_hybrid/training/nonfinite.py",
+        "        if float(flag) == 0:", "        if True:",
+        ("tests/test_nonfinite.py",),
+        "a NaN loss or gradient norm is not noticed"),
+    Mutation(
+        "default-global-batch-ignores-dp", "megatron_hybrid/training/arguments.py",
+        "        args.global_batch_size = per_micro_step",
+        "        args.global_batch_size = args.micro_batch_size",
+        ("tests/test_flag_checks.py",
+         "tests/test_distributed.py::test_torchrun_with_no_batch_flags_trains"),
+        "--global-batch-size defaults to the micro batch, not micro batch x dp"),
 )
-
 
 def apply(mutation: Mutation) -> str:
     """Edit the file; return its original text. Raises ValueError if the edit no longer applies."""

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
+from megatron_hybrid.kernels.dtypes import at_least_float32
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
-from megatron_hybrid.layers.dtypes import at_least_float32
 from megatron_hybrid.layers.norm import GatedRMSNorm
 
 if TYPE_CHECKING:

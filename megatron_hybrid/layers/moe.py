@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from megatron_hybrid.kernels.activations.eager import fc1_width
+from megatron_hybrid.kernels.dtypes import at_least_float32
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
-from megatron_hybrid.layers.dtypes import at_least_float32
-from megatron_hybrid.layers.mlp import MLP, fc1_width
+from megatron_hybrid.layers.mlp import MLP
 
 if TYPE_CHECKING:
     from megatron_hybrid.config import ModelConfig

@@ -1,35 +1,14 @@
 """RMSNorm and Mamba2's gated, grouped RMSNorm (statistics in float32).
 
-`rms_norm` and `gated_rms_norm` are the eager references; the modules call whichever
-implementation their model bound (megatron_hybrid/kernels/registry.py)."""
+The modules call whichever implementation of the `rms_norm`, `add_rms_norm` and `gated_rms_norm`
+ops their model bound (kernels/registry.py); the eager references are in kernels/norms/eager.py."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
-from megatron_hybrid.layers.dtypes import at_least_float32
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`x / sqrt(mean(x^2) + eps) * weight` over the last dim; returns x's dtype."""
-    x_f = at_least_float32(x)
-    y = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * at_least_float32(weight)).to(x.dtype)
-
-
-def gated_rms_norm(
-    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
-) -> torch.Tensor:
-    """Mamba2's norm: `rms_norm(x * silu(gate))` with statistics per group of `group_size`
-    channels (one group per B/C group, so tensor parallelism over groups needs no reduction)."""
-    y = at_least_float32(x) * F.silu(at_least_float32(gate))
-    *lead, channels = y.shape
-    y = y.view(*lead, channels // group_size, group_size)
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    return (y.view(*lead, channels) * at_least_float32(weight)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

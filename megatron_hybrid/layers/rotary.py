@@ -1,10 +1,9 @@
-"""Rotary position embedding (rotate-half form, as Megatron and Hugging Face Llama)."""
+"""Rotary position embedding's cos and sin tables (rotate-half form, as Megatron and Hugging Face
+Llama); the rotation itself is the `rotary` op (kernels/rotary/eager.py is its reference)."""
 
 from __future__ import annotations
 
 import torch
-
-from megatron_hybrid.layers.dtypes import at_least_float32
 
 
 def rotary_cos_sin(
@@ -16,11 +15,3 @@ def rotary_cos_sin(
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float64), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of the last dim by position-dependent angles."""
-    x = at_least_float32(x_BHTD)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos_TD + rotated * sin_TD).to(x_BHTD.dtype)

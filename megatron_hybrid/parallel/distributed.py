@@ -69,11 +69,6 @@ def all_reduce_sum_(value: torch.Tensor, group=None) -> None:
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def shutdown_distributed(*, wait_for_peers: bool = True) -> bool:
     """Tear the default process group down; True when there was one.
 

@@ -1,4 +1,4 @@
-"""Packed tensors under tensor parallelism, and how they stay canonical in checkpoints.
+"""Packed tensors under tensor parallelism: their rank-major storage and the marks that name them.
 
 Some weights concatenate several parts along their rows: Mamba2's in_proj packs [z, x, B, C, dt],
 its conv1d channels [x, B, C], SwiGLU's linear_fc1 [gate; up]. Tensor parallelism splits *every
@@ -11,33 +11,19 @@ would get all of z and half of x). So the tensor-parallel plan stores such a ten
 and a plain `Shard(0)` then hands rank r its slice of every part, [z_r, x_r, B_r, C_r, dt_r], in
 the canonical order of parts: the layer's forward runs unchanged on local sizes.
 
-Checkpoints never see the rank-major order. `to_canonical` presents
-a rank-major DTensor to torch.distributed.checkpoint as a `ShardedTensor` of the canonical shape
-whose local shards are this rank's rows, cut into runs that are consecutive in the canonical
-layout and placed at their canonical offsets; `from_canonical` puts loaded values back. A rank's
-local tensor is one box of the rank-major tensor (as DCP assumes of any DTensor), found from the
-DTensor's placements for every rank, so this holds when FSDP shards the tensor-parallel shard
-further (a rank's rows then start mid-part), and for any tp/dp layout on load.
-
 The packed dimension is the rows (dim 0) of a linear weight; `PackedRows(dim=...)` packs
 another, e.g. dim 1 of stacked experts' fc1 [E, 2F, H]. The plan marks each packed tensor on its
-module (`mark_packed`); the checkpoint hooks find them by state-dict name (`packed_tensors`).
+module (`mark_packed`); `packed_tensors` lists them by state-dict name. Checkpoints never see the
+rank-major order: checkpointing/packed_views.py presents each packed tensor in canonical order.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard as LocalShard
-from torch.distributed._shard.sharded_tensor import ShardedTensor, ShardedTensorMetadata
-from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
 # Module attribute holding {parameter name: PackedRows} for the packed parameters it owns.
 _MARK = "_tp_packed_rows"
@@ -126,77 +112,3 @@ def state_dict_name(name: str) -> str:
     """A parameter's name as torch's get_model_state_dict writes it: without the names of
     wrapper modules (activation checkpointing, torch.compile, FSDP1)."""
     return ".".join(p for p in name.split(".") if p and p not in _WRAPPER_NAMES)
-
-
-# -- checkpoint views ------------------------------------------------------------------------
-
-def _local_boxes(tensor: DTensor) -> dict[tuple[int, ...], tuple[tuple[int, ...], ...]]:
-    """{mesh coordinate: (global offsets, local shape)} of every rank's local tensor, the
-    box of the global (rank-major) tensor it holds, as DCP saves a DTensor."""
-    if any(p.is_partial() for p in tensor.placements):
-        raise ValueError(f"cannot checkpoint a partial sum: placements {tensor.placements}")
-    mesh_shape = tuple(tensor.device_mesh.shape)
-    boxes = {}
-    for coordinate in itertools.product(*map(range, mesh_shape)):
-        shape, offsets = _compute_local_shape_and_global_offset(
-            tensor.shape, mesh_shape, list(coordinate), tensor.placements)
-        boxes[coordinate] = (tuple(offsets), tuple(shape))
-    nonempty = {box for box in boxes.values() if math.prod(box[1])}
-    if len(nonempty) < sum(1 for box in boxes.values() if math.prod(box[1])):
-        # FSDP and tensor parallelism shard these tensors; a mesh dim that replicates one
-        # (HSDP) would need one writer per box.
-        raise NotImplementedError(f"packed tensor replicated over a mesh dim: "
-                                  f"{tensor.placements}")
-    assert sum(math.prod(shape) for _, shape in nonempty) == tensor.numel(), \
-        f"local tensors of placements {tensor.placements} are not boxes of the global tensor"
-    return boxes
-
-
-def to_canonical(tensor: DTensor, packed: PackedRows) -> ShardedTensor:
-    """A ShardedTensor of the canonical layout holding this rank's part of the rank-major
-    DTensor `tensor`: its box, cut along the packed dim into runs at canonical offsets."""
-    mesh, dim = tensor.device_mesh, packed.dim
-    local = tensor.to_local()
-    me = tuple(mesh.get_coordinate())
-    shards_metadata, local_shards = [], []
-    for coordinate, (offsets, shape) in _local_boxes(tensor).items():
-        if not math.prod(shape):
-            continue
-        rank = int(mesh.mesh[coordinate])
-        # Another rank's device index is unknown here (and unused by DCP): type only.
-        device = local.device if coordinate == me else local.device.type
-        first = offsets[dim]
-        for offset, canonical, length in packed.runs(first, first + shape[dim]):
-            meta = ShardMetadata(_at(offsets, dim, canonical), _at(shape, dim, length),
-                                 f"rank:{rank}/{device}")
-            shards_metadata.append(meta)
-            if coordinate == me:
-                piece = local.narrow(dim, offset, length)
-                local_shards.append(LocalShard(
-                    piece if piece.is_contiguous() else piece.contiguous(), meta))
-    metadata = ShardedTensorMetadata(shards_metadata, tensor.shape,
-                                     TensorProperties.create_from_tensor(local))
-    return ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, metadata)
-
-
-def from_canonical(sharded: ShardedTensor, like: DTensor, packed: PackedRows) -> DTensor:
-    """The rank-major DTensor (mesh and placements of `like`) holding the canonical values that
-    `sharded` (made by `to_canonical(like, packed)`, then filled by a load) carries."""
-    dim = packed.dim
-    offsets, shape = _local_boxes(like)[tuple(like.device_mesh.get_coordinate())]
-    local = torch.empty_like(like.to_local())
-    by_offset = {shard.metadata.shard_offsets[dim]: shard.tensor
-                 for shard in sharded.local_shards()}
-    for offset, canonical, length in packed.runs(offsets[dim], offsets[dim] + shape[dim]):
-        local.narrow(dim, offset, length).copy_(by_offset[canonical])
-    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
-                              shape=like.shape, stride=like.stride())
-
-
-def _at(values: tuple[int, ...], dim: int, value: int) -> list[int]:
-    return [value if d == dim else v for d, v in enumerate(values)]
-
-
-def is_canonical_view(value) -> bool:
-    """Whether `value` is a checkpoint view made by `to_canonical`."""
-    return isinstance(value, ShardedTensor)

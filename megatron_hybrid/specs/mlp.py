@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from megatron_hybrid.layers.mlp import MLP, fc1_width
+from megatron_hybrid.kernels.activations.eager import fc1_width
+from megatron_hybrid.layers.mlp import MLP
 from megatron_hybrid.specs.base import (
     ColumnParallel,
     ForeignLayout,

@@ -64,6 +64,26 @@ class LRSchedule:
         return self.min_lr + (self.max_lr - self.min_lr) * coeff
 
 
+# LRSchedule field -> the flag that sets it
+LR_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "warmup_iters": "--lr-warmup-iters",
+                     "decay_iters": "--lr-decay-iters (default --train-iters)",
+                     "style": "--lr-decay-style"}
+
+
+def lr_schedule_warning(saved: dict, current: dict, source) -> str | None:
+    """A warning naming the schedule settings in which a checkpoint from `source` (`saved`, as
+    its TrainProgress.lr_schedule) differs from this run's (`current`), or None. The run follows
+    its own flags: a changed schedule may be meant (a longer --train-iters moves the end of the
+    decay), so it is reported, not refused."""
+    changes = [f"{name} ({LR_SCHEDULE_FLAGS.get(name, 'no flag')}): checkpoint {value!r}, "
+               f"now {current.get(name)!r}"
+               for name, value in saved.items() if current and current.get(name) != value]
+    if not changes:
+        return None
+    return (f"warning: {source} was saved with other learning-rate schedule settings; this run "
+            "follows its flags from here on:\n  " + "\n  ".join(changes))
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

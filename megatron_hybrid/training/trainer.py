@@ -56,7 +56,12 @@ from megatron_hybrid.training.arguments import (
     resolve_global_batch_size,
 )
 from megatron_hybrid.training.nonfinite import NonFiniteCheck, TrainingDivergedError
-from megatron_hybrid.training.optimizer import LRSchedule, build_optimizer, set_learning_rate
+from megatron_hybrid.training.optimizer import (
+    LRSchedule,
+    build_optimizer,
+    lr_schedule_warning,
+    set_learning_rate,
+)
 from megatron_hybrid.training.progress import ProgressReporter
 
 SAMPLE_PROMPT = "The "
@@ -163,6 +168,8 @@ def resume(args: argparse.Namespace, model: HybridModel, optimizer, config, prog
         return progress
     if not args.no_load_rng:
         loaded.restore_rng()
+    if warning := lr_schedule_warning(loaded.saved_lr_schedule, loaded.lr_schedule, args.load):
+        reporter.message(warning)
     reporter.message(f"resumed from {args.load} at iteration {loaded.iteration} "
                      f"({loaded.consumed_train_samples} samples consumed)")
     return loaded

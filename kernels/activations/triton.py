@@ -1,6 +1,6 @@
 """Triton MLP activations, forward and backward: squared ReLU `relu(h)^2` and SwiGLU
-`silu(h[..., :F]) * h[..., F:]` (fc1 packs [gate; up], megatron_hybrid/layers/mlp.py holds the
-eager references).
+`silu(h[..., :F]) * h[..., F:]` (fc1 packs [gate; up]; the eager references are in
+kernels/activations/eager.py).
 
 Math in float32, one rounding into the input dtype. Each function is a `torch.library` custom
 op with a fake kernel and an autograd formula whose backward is itself a custom op, so

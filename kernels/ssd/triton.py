@@ -1,6 +1,6 @@
 """Triton SSD chunked scan (Mamba2's selective scan), forward and backward: the registry's `triton`
 implementation of op `ssd`, with the arguments and semantics of the eager reference
-kernels/ssd_eager.py::ssd_chunked_scan (and mamba_ssm's `mamba_chunk_scan_combined`).
+kernels/ssd/eager.py::ssd_chunked_scan (and mamba_ssm's `mamba_chunk_scan_combined`).
 
 Per batch b and head h (group g = h // (nheads // ngroups)), inside chunk c with steps l, s and
 a = cumsum of dt * A over the chunk (dt after dt_bias, softplus and the dt_limit clamp):
@@ -9,11 +9,11 @@ a = cumsum of dt * A over the chunk (dt after dt_bias, softplus and the dt_limit
     T_c  = sum_s exp(a_last - a_s) dt_s outer(x_s, B_s)        the chunk's own end state
     S_{c+1} = exp(a_last) S_c + T_c,  S_0 = initial_states,  final_states = S_nchunks
 
-The forward is mamba_ssm's decomposition (kernels in triton_ssd_fwd.py): chunk cumsum (dt
-processing and a), CB = C @ B^T per chunk and group, chunk states T_c, state passing (S_c in
+The forward is mamba_ssm's decomposition (kernels in kernels/ssd/triton_fwd.py): chunk cumsum
+(dt processing and a), CB = C @ B^T per chunk and group, chunk states T_c, state passing (S_c in
 place of T_c), chunk scan (y). The forward's intermediates (processed dt, its cumsum, CB and
-the states entering each chunk) are saved for the backward (triton_ssd_bwd.py), which then, with
-dy and d final_states, computes:
+the states entering each chunk) are saved for the backward (kernels/ssd/triton_bwd.py), which
+then, with dy and d final_states, computes:
 
     1. dS_c from the chunk's outputs: sum_l exp(a_l) outer(dy_l, C_l)   (chunk-state kernel)
     2. state passing backwards: dT_c = dS_{c+1}, dS_c += exp(a_last) dS_{c+1}, d initial = dS_0,
@@ -37,9 +37,9 @@ gradient in its input's dtype.
 
 Memory beyond inputs and outputs (float32): CB (b, nchunks, g, CP, CP) and the states
 (b, nchunks, h, p, n), as mamba_ssm, kept from the forward until the backward (mamba_ssm frees
-them and recomputes them in its backward: at hybrid-1b's shapes 170 MB per layer buys back the
-four recomputing kernels, 8% of the forward + backward); the backward adds one more
-states-sized buffer. Under activation checkpointing the forward, and so these, run again.
+them and recomputes them in its backward: keeping them trades memory for four recomputing
+kernels, benchmarks/NOTES.md has the numbers); the backward adds one more states-sized buffer.
+Under activation checkpointing the forward, and so these, run again.
 
 Each pass is a `torch.library` custom op with a fake kernel and a registered autograd formula, so
 torch.compile traces it without graph breaks. On CPU tensors the kernels run only under
@@ -57,9 +57,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megatron_hybrid.kernels import triton_ssd_bwd as bwd
-from megatron_hybrid.kernels import triton_ssd_fwd as fwd
-from megatron_hybrid.kernels.ssd_eager import _check_args
+from megatron_hybrid.kernels.ssd import triton_bwd as bwd
+from megatron_hybrid.kernels.ssd import triton_fwd as fwd
+from megatron_hybrid.kernels.ssd.eager import _check_args
 from megatron_hybrid.kernels.triton_launch import check_inputs
 
 _STATE_BLOCK = 1024  # state passing: elements of the p*n state per program
@@ -68,10 +68,10 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Launch configuration on CUDA (benchmarks/ssd.py --sweep tries others): tiles of chunk positions
 # for the forward scan and CB ("tile") and for the two big backward kernels ("bwd_tile"), warps
 # per kernel ("<kernel>_warps", else "warps"), and software-pipelining stages where set
-# ("<kernel>_stages", else Triton's default). Chosen by that sweep on an H100 (triton 3.6) at
-# headdim 64 / dstate 128, chunks of 128 and 256: 4 warps in the backward kernels 20% faster end
-# to end than 8, 32-position backward tiles 25% faster than 64, 64-position forward tiles 20%
-# faster than 32 (the H200 sweep of this session agreed).
+# ("<kernel>_stages", else Triton's default). Chosen by that sweep at headdim 64 / dstate 128,
+# chunks of 128 and 256: the backward kernels hold more per position than the forward ones, so
+# they run smaller tiles (32 positions; 64 run out of registers) and 4 warps rather than 8.
+# The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
     "tile": 64, "bwd_tile": 32,
     "warps": 4, "chunk_state_warps": 8, "chunk_scan_warps": 4, "bwd_warps": 4,
@@ -420,7 +420,7 @@ def ssd_chunked_scan(
     return_final_states: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba2's chunked selective scan in Triton; the arguments, shapes, results and errors of
-    kernels/ssd_eager.py::ssd_chunked_scan (mamba_ssm's `mamba_chunk_scan_combined`).
+    kernels/ssd/eager.py::ssd_chunked_scan (mamba_ssm's `mamba_chunk_scan_combined`).
 
     Args:
         x: (batch, seqlen, nheads, headdim); any strides (e.g. a view of a packed projection).

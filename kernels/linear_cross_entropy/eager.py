@@ -4,9 +4,9 @@
            logsumexp(logits[n]) - logits[n, labels[n]],    logits = hidden @ weight^T
 
 This is what the model and trainer compute today (`F.linear` then `F.cross_entropy` of the
-float32 logits), in one function, so that a fused implementation (kernels/triton_linear_ce.py)
-can replace it. It materializes the whole (N, V) logits and their float32 copy; at vocabulary
-131072 that is 0.5 MiB of float32 per token.
+float32 logits), in one function, so that a fused implementation
+(kernels/linear_cross_entropy/triton.py) can replace it. It materializes the whole (N, V) logits
+and their float32 copy; at vocabulary 131072 that is 0.5 MiB of float32 per token.
 
 Why the mean and not a per-token loss: the fused implementation computes the gradients during the
 forward pass, which works only when the gradient of the loss with respect to every logit is known
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_hybrid.layers.dtypes import at_least_float32
+from megatron_hybrid.kernels.dtypes import at_least_float32
 
 
 def check_linear_cross_entropy_args(hidden: torch.Tensor, weight: torch.Tensor,

@@ -1,6 +1,6 @@
 """Triton kernels of the SSD chunked scan's backward pass. The gradient formulas, what each kernel
-writes and how the pieces are summed are in kernels/triton_ssd.py; layouts and helpers are those of
-kernels/triton_ssd_fwd.py. Notation per (batch, chunk, head): a = dA_cs (in-chunk cumsum of
+writes and how the pieces are summed are in kernels/ssd/triton.py; layouts and helpers are those of
+kernels/ssd/triton_fwd.py. Notation per (batch, chunk, head): a = dA_cs (in-chunk cumsum of
 dt * A), S the state entering the chunk, dT the gradient of the chunk's own end state,
 G[l, s] = dy_l . x_s, decay[l, s] = exp(a_l - a_s) for s <= l (else 0).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megatron_hybrid.kernels.triton_ssd_fwd import causal_decay, chunk_positions, mm, softplus
+from megatron_hybrid.kernels.ssd.triton_fwd import causal_decay, chunk_positions, mm, softplus
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """Triton rotary position embedding (rotate-half form), forward and backward. The eager
-reference, and the one statement of the math, is megatron_hybrid/layers/rotary.py::apply_rotary:
+reference, and the one statement of the math, is kernels/rotary/eager.py::rotary:
 
     y = x * cos + cat(-x2, x1) * sin        x1, x2 = the two halves of the last dim (size D)
 

@@ -1,5 +1,5 @@
 """Triton kernels of the SSD chunked scan's forward pass (Mamba2; the math and the launchers are
-in kernels/triton_ssd.py, the eager reference in kernels/ssd_eager.py).
+in kernels/ssd/triton.py, the eager reference in kernels/ssd/eager.py).
 
 Layouts. User tensors keep their own strides: x (b, l, h, p), dt (b, l, h), B and C (b, l, g, n),
 y (b, l, h, p). Intermediates are contiguous float32:

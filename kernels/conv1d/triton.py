@@ -1,6 +1,6 @@
 """Triton depthwise causal conv1d, forward and backward, channels-last (Mamba2's conv over
 [x, B, C]). The eager reference, and the one statement of the math, is
-kernels/conv1d_eager.py::causal_conv1d:
+kernels/conv1d/eager.py::causal_conv1d:
 
     y[b, t, c] = act(bias[c] + sum_{k<K} weight[c, k] * x[b, t - (K-1) + k, c]),  x = 0 before t = 0
 
@@ -23,7 +23,7 @@ in float32 registers, one partial per program, summed over programs in torch. No
 results are deterministic.
 
 Each function is a `torch.library` custom op with a fake kernel and a registered autograd formula
-whose backward is itself a custom op, as in kernels/triton_norms.py. On CPU tensors they run only
+whose backward is itself a custom op, as in kernels/norms/triton.py. On CPU tensors they run only
 under TRITON_INTERPRET=1 (the registry checks this).
 """
 
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megatron_hybrid.kernels.conv1d_eager import check_conv1d_args
+from megatron_hybrid.kernels.conv1d.eager import check_conv1d_args
 from megatron_hybrid.kernels.triton_launch import check_inputs
 
 MAX_WIDTH = 4  # the kernels unroll up to 4 taps
@@ -239,11 +239,9 @@ def _conv_bwd_kernel(
 # warps, and time steps per program (best a multiple of 4), forward and backward. A backward
 # program writes one float32 partial of the weight and bias gradients, so its stretch of time
 # also sets the size of the partials (programs x (K + 1) x C; capped by MAX_PARTIAL_BYTES).
-# Chosen by that sweep on an H200 (triton 3.6) at 2 x 4096 x 6144 (hybrid-1b's xBC): 188 us per
-# forward + backward (bwd 111, fwd 64), 63% of the copy bandwidth, with the next four rows
-# prefetched (201 us without); 128-512 channels per program are within 1% of each other,
-# stretches of 256/512 steps 1.5x slower (64/128 measured 4% faster after prefetching: untried
-# in the model).
+# Chosen by that sweep at hybrid-1b's xBC shape: the channels per program barely matter, short
+# stretches of time keep many programs busy, and prefetching the next rows hides their loads.
+# The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
     "block_c": 256, "warps": 2, "time": 32,
     "bwd_block_c": 256, "bwd_warps": 2, "bwd_time": 64,
@@ -366,7 +364,7 @@ def causal_conv1d(
     activation: str | None = None,
 ) -> Tensor:
     """Depthwise causal convolution over time, then an optional SiLU; the semantics, shapes and
-    errors of kernels/conv1d_eager.py::causal_conv1d, for kernel widths 1..4.
+    errors of kernels/conv1d/eager.py::causal_conv1d, for kernel widths 1..4.
 
     Args:
         x_BLC: (batch, seqlen, channels), any strides (e.g. a slice of a packed projection).

@@ -1,7 +1,7 @@
 """Fused output projection + cross-entropy that never materializes the (N, V) logits.
 
 The eager reference, and the one statement of the math, is
-kernels/linear_ce_eager.py::linear_cross_entropy: the mean over non-ignored tokens of
+kernels/linear_cross_entropy/eager.py::linear_cross_entropy: the mean over non-ignored tokens of
 `logsumexp(h @ W^T) - (h @ W^T)[label]`.
 
 Because the loss is a scalar mean, d(loss)/d(logits) = (softmax(logits) - onehot(label)) / count
@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megatron_hybrid.kernels.linear_ce_eager import check_linear_cross_entropy_args
+from megatron_hybrid.kernels.linear_cross_entropy.eager import check_linear_cross_entropy_args
 from megatron_hybrid.kernels.triton_launch import check_inputs
 
 CHUNK_BYTES = 256 * 1024 * 1024  # largest logits chunk (tokens x vocab in the compute dtype)
@@ -232,8 +232,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
                          ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy of `hidden @ weight^T` against `labels` over the tokens whose label is
     not `ignore_index`, a float32 scalar, without materializing the logits; the same contract as
-    kernels/linear_ce_eager.py::linear_cross_entropy (hidden (..., H), weight (V, H), labels of
-    hidden's leading shape; NaN when every token is ignored).
+    kernels/linear_cross_entropy/eager.py::linear_cross_entropy (hidden (..., H), weight (V, H),
+    labels of hidden's leading shape; NaN when every token is ignored).
 
     Gradients are computed in the forward pass when grad mode is on and the input requires
     them; with grad mode off (evaluation) only the loss is computed."""

@@ -1,5 +1,5 @@
 """MoE experts over tokens already sorted by expert, in plain PyTorch: the reference of the
-`moe.experts` op (kernels/triton_grouped_gemm.py is the fast one).
+`moe.experts` op (kernels/moe_experts/triton.py, a grouped GEMM, is the fast one).
 
 The op's boundary is the sorted token buffer, so expert parallelism (an all-to-all that
 exchanges sorted tokens and their per-expert counts) can sit between the sort and the experts:
@@ -21,7 +21,7 @@ import functools
 import torch
 from torch import Tensor
 
-from megatron_hybrid.layers.mlp import activation_fn, fc1_width
+from megatron_hybrid.kernels.activations.eager import activation_fn, fc1_width
 
 ACTIVATIONS = ("squared_relu", "swiglu")
 

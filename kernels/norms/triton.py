@@ -1,6 +1,5 @@
 """Triton RMSNorm family, forward and backward: plain, gated grouped (Mamba2), and fused
-residual-add + RMSNorm. The eager references are in megatron_hybrid/layers/norm.py and
-kernels/eager_ops.py.
+residual-add + RMSNorm. The eager references are in kernels/norms/eager.py.
 
 All three are one forward kernel and one backward kernel with compile-time switches, over a
 (rows, channels) view whose channels split into groups of `group_size` (plain RMSNorm: one group
@@ -139,12 +138,10 @@ def _norm_bwd_kernel(
 # Launch configuration on CUDA (benchmarks/sweep_kernels.py tries others): elements of a
 # (rows, group) tile, elements per warp, and backward programs per multiprocessor (each walks
 # a stretch of rows and writes one float32 weight-gradient partial). Forward and backward each.
-# Chosen by that sweep on an H200 (triton 3.6) at 2 x 4096 tokens, fwd + bwd: small backward
-# programs (1024-element tiles, a warp per 1024 bf16 elements, next tile prefetched) and 8
-# programs per multiprocessor give RMSNorm 57 us (69% of the copy bandwidth), add + RMSNorm
-# 80 us (79%), the gated norm (512-channel groups) 156 us (81%), against 68 / 96 / 262 us before
-# prefetching and 76 / 104 / 396 us with 4096-element tiles of 8 warps. A float32 RMSNorm (the
-# residual stream under autocast) with a warp per 512 elements: 97 us (81%).
+# Chosen by that sweep at hybrid-1b's shapes: the backward's loop waits on each tile's loads, so
+# it runs as many small programs (1024-element tiles, 8 per multiprocessor) that prefetch their
+# next tile; the forward, one tile per program, is near the copy bandwidth with large tiles.
+# The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
     "tile": 4096, "per_warp": 512, "bwd_tile": 1024, "bwd_per_warp": 1024,
     "bwd_programs_per_sm": 8,

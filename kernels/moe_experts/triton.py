@@ -1,5 +1,5 @@
 """MoE experts as Triton grouped GEMMs over tokens sorted by expert: the `triton` implementation
-of the `moe.experts` op (semantics, shapes and precision: kernels/moe_eager.py).
+of the `moe.experts` op (semantics, shapes and precision: kernels/moe_experts/eager.py).
 
 No host sync: the per-expert token counts stay on the device. Two kernels do all the work:
 
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megatron_hybrid.kernels.moe_eager import check_experts_args, compute_dtype
+from megatron_hybrid.kernels.moe_experts.eager import check_experts_args, compute_dtype
 from megatron_hybrid.kernels.triton_launch import check_inputs
 
 _SQUARED_RELU, _SWIGLU = 0, 1
@@ -340,8 +340,8 @@ _experts_op.register_autograd(_grad, setup_context=_setup)
 def experts(x_sorted_TH: Tensor, tokens_per_expert_E: Tensor, fc1_EFH: Tensor, fc2_EHF: Tensor,
             activation: str) -> Tensor:
     """Every expert's MLP on its rows of the sorted tokens, without a host sync; the semantics,
-    shapes, precision and errors of kernels/moe_eager.py::experts, except that counts summing
-    to more than T are not detected (that would need a sync): rows past T are never touched.
+    shapes, precision and errors of kernels/moe_experts/eager.py::experts, except that counts
+    summing to more than T are not detected (that would need a sync): rows past T are never touched.
 
     Args:
         x_sorted_TH: (T, H) tokens sorted by expert, any strides.

@@ -1,0 +1,4 @@
+"""The MLP activations: squared ReLU and SwiGLU.
+
+The eager reference (eager.py) sits beside the faster implementation; the registry
+(kernels/registry.py) binds one of them per model."""

@@ -1,0 +1,4 @@
+"""Rotary position embedding (rotate-half).
+
+The eager reference (eager.py) sits beside the faster implementation; the registry
+(kernels/registry.py) binds one of them per model."""
