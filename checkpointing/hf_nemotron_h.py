@@ -12,7 +12,9 @@ of ours; `safetensors` is needed only for the file functions).
     load_hf_checkpoint(directory, hybrid_layer_pattern=None)
         -> (state, config)
 
-Key mapping, canonical layer i = HF layer i (HF has no fusion: `[M-]` is two HF layers):
+Key mapping, canonical layer i = HF layer i (HF has no fusion: `[M-]` is two HF layers). Each
+layer's keys are its spec's `hf_nemotron_h` table (megatron_hybrid/specs/), applied in both
+directions by checkpointing/key_mapping.py; the rest is here:
 
     embedding.word_embeddings.weight               backbone.embeddings.weight
     decoder.final_norm.weight                      backbone.norm_f.weight
@@ -74,8 +76,19 @@ from pathlib import Path
 
 import torch
 
+from megatron_hybrid.canonical import canonical_key
+from megatron_hybrid.checkpointing.key_mapping import (
+    KeyMappingError,
+    PlacedKeyMap,
+    layer_key_maps,
+    to_ours,
+    to_theirs,
+)
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.model import HybridModel
 from megatron_hybrid.pattern import SYMBOL_NAMES, parse_hybrid_pattern
+from megatron_hybrid.specs import SPECS
+from megatron_hybrid.specs.base import unchanged
 
 __all__ = [
     "HFConversionError",
@@ -112,10 +125,10 @@ _DT_CLAMP_FIELD_BY_VERSION = (
     ((5, 25), None, "time_step_limit"),
 )
 
-LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+# nemotron_h's layer type of each symbol that has one (the specs' `hf_nemotron_h` layouts).
+LAYER_TYPES = {symbol: spec.hf_nemotron_h.layer_type for symbol, spec in SPECS.items()
+               if spec.hf_nemotron_h is not None}
 _SYMBOL_OF_TYPE = {v: k for k, v in LAYER_TYPES.items()}
-_MAMBA_LEAVES = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias",
-                 "norm.weight", "out_proj.weight")
 
 
 class HFConversionError(ValueError):
@@ -239,8 +252,8 @@ def export_problems(config: ModelConfig) -> list[str]:
     for s in unsupported:
         problems.append(
             f"layer symbol {s!r} ({SYMBOL_NAMES[s]}) in hybrid_layer_pattern="
-            f"{config.hybrid_layer_pattern!r}: nemotron_h has only M (Mamba2), * (attention), "
-            "- (MLP) and E (MoE) layers"
+            f"{config.hybrid_layer_pattern!r}: nemotron_h has only "
+            f"{', '.join(f'{t} ({SYMBOL_NAMES[t]})' for t in LAYER_TYPES)} layers"
         )
     if config.pattern.mtp_depths:
         problems.append(
@@ -537,108 +550,35 @@ def _same_layers(pattern, symbols: str) -> bool:
 
 
 # -- tensors --------------------------------------------------------------------------------------
+# Outside the decoder layers (lm_head, tied or not, is handled apart); each layer's tensors map
+# by its spec's `hf_nemotron_h` layout, canonical layer i to HF layer i.
+_MODEL_KEY_MAPS = (
+    PlacedKeyMap(("embedding.word_embeddings.weight",), ("backbone.embeddings.weight",),
+                 unchanged, unchanged),
+    PlacedKeyMap(("decoder.final_norm.weight",), ("backbone.norm_f.weight",),
+                 unchanged, unchanged),
+)
+_HF_LAYERS = "backbone.layers."
+
+
+def _layer_key_maps(config: ModelConfig) -> list[PlacedKeyMap]:
+    return layer_key_maps(config, lambda spec: spec.hf_nemotron_h, _HF_LAYERS)
+
+
 def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical key of an exportable `config` and its shape (no model is built)."""
+    """Every canonical key of an exportable `config` and its shape (the model is built on the
+    meta device: no memory, no initialization)."""
     _require_exportable(config)
-    H, V = config.hidden_size, config.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "embedding.word_embeddings.weight": (V, H),
-        "decoder.final_norm.weight": (H,),
-    }
-    if config.untie_embeddings_and_output_weights:
-        shapes["output_layer.weight"] = (V, H)
-    for i, s in enumerate(_symbols(config)):
-        p = f"decoder.layers.{i}."
-        if s == "M":
-            h, d_inner, conv = config.mamba_num_heads, config.mamba_d_inner, config.mamba_conv_dim
-            shapes.update({
-                p + "norm.weight": (H,),
-                p + "mixer.in_proj.weight": (config.mamba_in_proj_dim, H),
-                p + "mixer.conv1d.weight": (conv, 1, config.mamba_conv_kernel),
-                p + "mixer.conv1d.bias": (conv,),
-                p + "mixer.A_log": (h,),
-                p + "mixer.D": (h,),
-                p + "mixer.dt_bias": (h,),
-                p + "mixer.norm.weight": (d_inner,),
-                p + "mixer.out_proj.weight": (H, d_inner),
-            })
-        elif s == "*":
-            heads, groups, d = config.num_attention_heads, config.num_query_groups, \
-                config.kv_channels
-            shapes.update({
-                p + "input_layernorm.weight": (H,),
-                p + "self_attention.linear_qkv.weight": ((heads + 2 * groups) * d, H),
-                p + "self_attention.linear_proj.weight": (H, heads * d),
-            })
-        elif s == "-":
-            F = config.ffn_hidden_size
-            shapes.update({
-                p + "pre_mlp_layernorm.weight": (H,),
-                p + "mlp.linear_fc1.weight": (F, H),
-                p + "mlp.linear_fc2.weight": (H, F),
-            })
-        else:  # "E"
-            E, F = config.num_moe_experts, config.moe_ffn_hidden_size
-            S = config.moe_shared_expert_intermediate_size
-            shapes.update({
-                p + "pre_mlp_layernorm.weight": (H,),
-                p + "mlp.router.weight": (E, H),
-                p + "mlp.experts.linear_fc1.weight": (E, F, H),
-                p + "mlp.experts.linear_fc2.weight": (E, H, F),
-                p + "mlp.shared_experts.linear_fc1.weight": (S, H),
-                p + "mlp.shared_experts.linear_fc2.weight": (H, S),
-            })
-            if config.moe_router_enable_expert_bias:
-                shapes[p + "mlp.router.expert_bias"] = (E,)
-    return shapes
+    with torch.device("meta"):
+        model = HybridModel(config)
+    return {canonical_key(name, config.pattern): tuple(t.shape)
+            for name, t in model.state_dict().items()}
 
 
 def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF key (on-disk names) of an exportable `config` and its shape."""
-    shapes = canonical_shapes(config)
-    H, V = config.hidden_size, config.vocab_size
-    out = {
-        "backbone.embeddings.weight": (V, H),
-        "backbone.norm_f.weight": (H,),
-        "lm_head.weight": (V, H),
-    }
-    for i, s in enumerate(_symbols(config)):
-        c, h = f"decoder.layers.{i}.", f"backbone.layers.{i}."
-        if s == "M":
-            out[h + "norm.weight"] = shapes[c + "norm.weight"]
-            for leaf in _MAMBA_LEAVES:
-                out[h + "mixer." + leaf] = shapes[c + "mixer." + leaf]
-        elif s == "*":
-            heads, groups, d = config.num_attention_heads, config.num_query_groups, \
-                config.kv_channels
-            out.update({
-                h + "norm.weight": (H,),
-                h + "mixer.q_proj.weight": (heads * d, H),
-                h + "mixer.k_proj.weight": (groups * d, H),
-                h + "mixer.v_proj.weight": (groups * d, H),
-                h + "mixer.o_proj.weight": (H, heads * d),
-            })
-        elif s == "-":
-            out.update({
-                h + "norm.weight": (H,),
-                h + "mixer.up_proj.weight": shapes[c + "mlp.linear_fc1.weight"],
-                h + "mixer.down_proj.weight": shapes[c + "mlp.linear_fc2.weight"],
-            })
-        else:
-            E, F = config.num_moe_experts, config.moe_ffn_hidden_size
-            out.update({
-                h + "norm.weight": (H,),
-                h + "mixer.gate.weight": (E, H),
-                h + "mixer.gate.e_score_correction_bias": (E,),
-                h + "mixer.shared_experts.up_proj.weight":
-                    shapes[c + "mlp.shared_experts.linear_fc1.weight"],
-                h + "mixer.shared_experts.down_proj.weight":
-                    shapes[c + "mlp.shared_experts.linear_fc2.weight"],
-            })
-            for j in range(E):
-                out[h + f"mixer.experts.{j}.up_proj.weight"] = (F, H)
-                out[h + f"mixer.experts.{j}.down_proj.weight"] = (H, F)
-    return out
+    meta = {k: torch.empty(shape, device="meta") for k, shape in canonical_shapes(config).items()}
+    return {k: tuple(t.shape) for k, t in _to_hf(meta, config).items()}
 
 
 def _check_state(state: Mapping, expected: Mapping[str, tuple[int, ...]], what: str,
@@ -665,48 +605,15 @@ def canonical_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig
     returned as views of the inputs. Raises HFExportError for unsupported configs or a state that
     does not fit `config` (naming the keys)."""
     _check_state(state, canonical_shapes(config), "canonical state", HFExportError)
-    out = {
-        "backbone.embeddings.weight": state["embedding.word_embeddings.weight"],
-        "backbone.norm_f.weight": state["decoder.final_norm.weight"],
-        "lm_head.weight": state["output_layer.weight"]
-        if config.untie_embeddings_and_output_weights
-        else state["embedding.word_embeddings.weight"],
-    }
-    for i, s in enumerate(_symbols(config)):
-        c, h = f"decoder.layers.{i}.", f"backbone.layers.{i}."
-        if s == "M":
-            out[h + "norm.weight"] = state[c + "norm.weight"]
-            for leaf in _MAMBA_LEAVES:
-                out[h + "mixer." + leaf] = state[c + "mixer." + leaf]
-        elif s == "*":
-            out[h + "norm.weight"] = state[c + "input_layernorm.weight"]
-            q, k, v = _split_qkv(state[c + "self_attention.linear_qkv.weight"], config)
-            out[h + "mixer.q_proj.weight"] = q
-            out[h + "mixer.k_proj.weight"] = k
-            out[h + "mixer.v_proj.weight"] = v
-            out[h + "mixer.o_proj.weight"] = state[c + "self_attention.linear_proj.weight"]
-        elif s == "-":
-            out[h + "norm.weight"] = state[c + "pre_mlp_layernorm.weight"]
-            out[h + "mixer.up_proj.weight"] = state[c + "mlp.linear_fc1.weight"]
-            out[h + "mixer.down_proj.weight"] = state[c + "mlp.linear_fc2.weight"]
-        else:
-            out[h + "norm.weight"] = state[c + "pre_mlp_layernorm.weight"]
-            router = state[c + "mlp.router.weight"]
-            out[h + "mixer.gate.weight"] = router
-            bias_key = c + "mlp.router.expert_bias"
-            out[h + "mixer.gate.e_score_correction_bias"] = (
-                state[bias_key] if bias_key in state
-                else torch.zeros(config.num_moe_experts, dtype=torch.float32,
-                                 device=router.device))
-            fc1 = state[c + "mlp.experts.linear_fc1.weight"]
-            fc2 = state[c + "mlp.experts.linear_fc2.weight"]
-            for j in range(config.num_moe_experts):
-                out[h + f"mixer.experts.{j}.up_proj.weight"] = fc1[j]
-                out[h + f"mixer.experts.{j}.down_proj.weight"] = fc2[j]
-            out[h + "mixer.shared_experts.up_proj.weight"] = \
-                state[c + "mlp.shared_experts.linear_fc1.weight"]
-            out[h + "mixer.shared_experts.down_proj.weight"] = \
-                state[c + "mlp.shared_experts.linear_fc2.weight"]
+    return _to_hf(state, config)
+
+
+def _to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = to_theirs(state, _MODEL_KEY_MAPS, config)
+    out["lm_head.weight"] = state["output_layer.weight"] \
+        if config.untie_embeddings_and_output_weights \
+        else state["embedding.word_embeddings.weight"]
+    out.update(to_theirs(state, _layer_key_maps(config), config))
     return out
 
 
@@ -728,12 +635,8 @@ def _hf_to_canonical(hf_state: Mapping[str, torch.Tensor], config: ModelConfig, 
         raise HFImportError(f"{source}: the model config cannot hold a nemotron_h model: {e}"
                             ) from None
     _check_state(hf_state, expected, source, HFImportError)
-    embedding = hf_state["backbone.embeddings.weight"]
-    out = {
-        "embedding.word_embeddings.weight": embedding,
-        "decoder.final_norm.weight": hf_state["backbone.norm_f.weight"],
-    }
-    lm_head = hf_state["lm_head.weight"]
+    out = to_ours(hf_state, _MODEL_KEY_MAPS, config)
+    embedding, lm_head = hf_state["backbone.embeddings.weight"], hf_state["lm_head.weight"]
     if config.untie_embeddings_and_output_weights:
         out["output_layer.weight"] = lm_head
     elif not torch.equal(lm_head, embedding):
@@ -742,65 +645,11 @@ def _hf_to_canonical(hf_state: Mapping[str, torch.Tensor], config: ModelConfig, 
             "ties them (untie_embeddings_and_output_weights=False); import with untied "
             "embeddings"
         )
-    for i, s in enumerate(_symbols(config)):
-        c, h = f"decoder.layers.{i}.", f"backbone.layers.{i}."
-        if s == "M":
-            out[c + "norm.weight"] = hf_state[h + "norm.weight"]
-            for leaf in _MAMBA_LEAVES:
-                out[c + "mixer." + leaf] = hf_state[h + "mixer." + leaf]
-        elif s == "*":
-            out[c + "input_layernorm.weight"] = hf_state[h + "norm.weight"]
-            out[c + "self_attention.linear_qkv.weight"] = _merge_qkv(
-                hf_state[h + "mixer.q_proj.weight"], hf_state[h + "mixer.k_proj.weight"],
-                hf_state[h + "mixer.v_proj.weight"], config)
-            out[c + "self_attention.linear_proj.weight"] = hf_state[h + "mixer.o_proj.weight"]
-        elif s == "-":
-            out[c + "pre_mlp_layernorm.weight"] = hf_state[h + "norm.weight"]
-            out[c + "mlp.linear_fc1.weight"] = hf_state[h + "mixer.up_proj.weight"]
-            out[c + "mlp.linear_fc2.weight"] = hf_state[h + "mixer.down_proj.weight"]
-        else:
-            out[c + "pre_mlp_layernorm.weight"] = hf_state[h + "norm.weight"]
-            out[c + "mlp.router.weight"] = hf_state[h + "mixer.gate.weight"]
-            bias_key = h + "mixer.gate.e_score_correction_bias"
-            bias = hf_state[bias_key]
-            if config.moe_router_enable_expert_bias:
-                out[c + "mlp.router.expert_bias"] = bias
-            elif bool((bias != 0).any()):
-                raise HFImportError(
-                    f"{source}: {bias_key} is not zero but the config has "
-                    "moe_router_enable_expert_bias=False, so the expert choice would differ; "
-                    "import with moe_router_enable_expert_bias=True"
-                )
-            E = config.num_moe_experts
-            out[c + "mlp.experts.linear_fc1.weight"] = torch.stack(
-                [hf_state[h + f"mixer.experts.{j}.up_proj.weight"] for j in range(E)])
-            out[c + "mlp.experts.linear_fc2.weight"] = torch.stack(
-                [hf_state[h + f"mixer.experts.{j}.down_proj.weight"] for j in range(E)])
-            out[c + "mlp.shared_experts.linear_fc1.weight"] = \
-                hf_state[h + "mixer.shared_experts.up_proj.weight"]
-            out[c + "mlp.shared_experts.linear_fc2.weight"] = \
-                hf_state[h + "mixer.shared_experts.down_proj.weight"]
+    try:
+        out.update(to_ours(hf_state, _layer_key_maps(config), config))
+    except KeyMappingError as e:
+        raise HFImportError(f"{source}: {e}") from None
     return out
-
-
-def _split_qkv(qkv: torch.Tensor, config: ModelConfig):
-    """Megatron's grouped [q heads of group g, k_g, v_g] rows -> q, k, v (HF layout)."""
-    groups, d = config.num_query_groups, config.kv_channels
-    per_group = config.num_attention_heads // groups
-    w = qkv.reshape(groups, per_group + 2, d, qkv.shape[-1])
-    q = w[:, :per_group].reshape(groups * per_group * d, -1)
-    k = w[:, per_group].reshape(groups * d, -1)
-    v = w[:, per_group + 1].reshape(groups * d, -1)
-    return q, k, v
-
-
-def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ModelConfig):
-    groups, d = config.num_query_groups, config.kv_channels
-    per_group = config.num_attention_heads // groups
-    hidden = q.shape[-1]
-    w = torch.cat([q.reshape(groups, per_group, d, hidden), k.reshape(groups, 1, d, hidden),
-                   v.reshape(groups, 1, d, hidden)], dim=1)
-    return w.reshape(groups * (per_group + 2) * d, hidden)
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -1000,12 +849,10 @@ def _normalize_hf_keys(raw: Mapping[str, torch.Tensor], hf_config: Mapping, conf
         warnings.warn(f"{source}: {len(dropped)} multi-token-prediction tensor(s) (mtp.*) were "
                       "not imported", stacklevel=3)
     if not _resolve_aliases(hf_config).get("use_conv_bias", True):
-        for i, s in enumerate(_symbols(config)):
-            key = f"backbone.layers.{i}.mixer.conv1d.bias"
-            if s == "M" and key not in state:
-                weight = state.get(f"backbone.layers.{i}.mixer.conv1d.weight")
-                if weight is not None:
-                    state[key] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+        for key, weight in list(state.items()):
+            if key.endswith(".mixer.conv1d.weight"):
+                state.setdefault(key.removesuffix("weight") + "bias",
+                                 torch.zeros(weight.shape[0], dtype=weight.dtype))
     return state
 
 

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from megatron_hybrid.checkpointing.canonical import canonical_key, physical_name
+from megatron_hybrid.canonical import canonical_key, physical_name
 from megatron_hybrid.checkpointing.packed_views import (
     frozen_names,
     is_moment,

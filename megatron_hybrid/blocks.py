@@ -1,32 +1,37 @@
 """One physical block of the decoder: an optional sequence side and an optional channel side.
 
-    x = x + sequence_mixer(input_layernorm(x))     if the block has a sequence mixer (M, *)
-    x = x + channel_mixer(pre_mlp_layernorm(x))    if the block has a channel mixer (-, E)
+    x = x + sequence_mixer(sequence_norm(x))     if the block has a sequence mixer (M, *)
+    x = x + channel_mixer(channel_norm(x))       if the block has a channel mixer (-, E)
 
-In a block with both sides the residual add and the second norm are one op
-(`add_rms_norm`), fused where the model's kernels fuse it.
+Each mixer is what its symbol's spec builds (megatron_hybrid/specs/). In a block with both sides
+the residual add and the second norm are one op (`add_rms_norm`), fused where the model's
+kernels fuse it.
 
 A stand-alone `M` is a block with only the sequence side, a stand-alone `-` one with only the
 channel side, and a fusion group `[M-]` one block with both. Fused and unfused models therefore
 differ only in how sub-layers are grouped into blocks, which is what lets checkpoints map between
-them by renaming alone (checkpointing/canonical.py).
+them by renaming alone (megatron_hybrid/canonical.py gives every module its canonical name).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
-from megatron_hybrid.layers.attention import SelfAttention
-from megatron_hybrid.layers.mamba2 import Mamba2Mixer
-from megatron_hybrid.layers.mlp import MLP
-from megatron_hybrid.layers.moe import MoELayer
 from megatron_hybrid.layers.norm import RMSNorm
 from megatron_hybrid.pattern import SYMBOL_NAMES, channel_symbol, sequence_symbol
+from megatron_hybrid.specs import IMPLEMENTED_SYMBOLS, SPECS, implemented_listing
+from megatron_hybrid.specs.base import CHANNEL, SEQUENCE, Slots
 
-IMPLEMENTED_SYMBOLS = frozenset("M*-E")
+# The module names of each side inside a block (canonical.py maps them to each spec's slots).
+PHYSICAL_SLOTS = {
+    SEQUENCE: Slots(norm="sequence_norm", mixer="sequence_mixer"),
+    CHANNEL: Slots(norm="channel_norm", mixer="channel_mixer"),
+}
 
 
 class UnsupportedLayerError(ValueError):
@@ -43,8 +48,7 @@ def check_implemented(config: ModelConfig) -> None:
             raise UnsupportedLayerError(
                 f"layer symbol {symbol!r} ({SYMBOL_NAMES[symbol]}) at position {position} of "
                 f"pattern {config.hybrid_layer_pattern!r} is part of the pattern language but "
-                f"not implemented yet; implemented symbols: M (Mamba2), * (attention), "
-                f"- (MLP), E (MoE)"
+                f"not implemented yet; implemented symbols: {implemented_listing()}"
             )
     if pattern.mtp_depths:
         raise UnsupportedLayerError(
@@ -54,22 +58,12 @@ def check_implemented(config: ModelConfig) -> None:
         )
 
 
-def build_sequence_mixer(symbol: str, config: ModelConfig,
-                         kernels: BoundKernels | None = None) -> nn.Module:
-    if symbol == "M":
-        return Mamba2Mixer(config, kernels)
-    if symbol == "*":
-        return SelfAttention(config, kernels)
-    raise UnsupportedLayerError(f"no sequence mixer for symbol {symbol!r}")
+class Side(NamedTuple):
+    """One sub-layer of a block: its symbol, pre-norm and mixer."""
 
-
-def build_channel_mixer(symbol: str, config: ModelConfig,
-                        kernels: BoundKernels | None = None) -> nn.Module:
-    if symbol == "-":
-        return MLP(config.hidden_size, config.ffn_hidden_size, config.activation, kernels)
-    if symbol == "E":
-        return MoELayer(config, kernels)
-    raise UnsupportedLayerError(f"no channel mixer for symbol {symbol!r}")
+    symbol: str
+    norm: nn.Module
+    mixer: nn.Module
 
 
 class HybridBlock(nn.Module):
@@ -83,21 +77,30 @@ class HybridBlock(nn.Module):
         self.channel_symbol = channel_symbol(block)
         eps = config.layernorm_epsilon
         if self.sequence_symbol is not None:
-            self.input_layernorm = RMSNorm(config.hidden_size, eps, kernels)
-            self.self_attention = build_sequence_mixer(self.sequence_symbol, config, kernels)
+            self.sequence_norm = RMSNorm(config.hidden_size, eps, kernels)
+            self.sequence_mixer = SPECS[self.sequence_symbol].build(config, kernels)
         if self.channel_symbol is not None:
-            self.pre_mlp_layernorm = RMSNorm(config.hidden_size, eps, kernels)
-            self.mlp = build_channel_mixer(self.channel_symbol, config, kernels)
+            self.channel_norm = RMSNorm(config.hidden_size, eps, kernels)
+            self.channel_mixer = SPECS[self.channel_symbol].build(config, kernels)
+
+    def sides(self) -> list[Side]:
+        """The block's sub-layers in order (sequence side first)."""
+        sides = []
+        if self.sequence_symbol is not None:
+            sides.append(Side(self.sequence_symbol, self.sequence_norm, self.sequence_mixer))
+        if self.channel_symbol is not None:
+            sides.append(Side(self.channel_symbol, self.channel_norm, self.channel_mixer))
+        return sides
 
     def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
         if self.channel_symbol is None:
-            return x_BTH + self.self_attention(self.input_layernorm(x_BTH))
+            return x_BTH + self.sequence_mixer(self.sequence_norm(x_BTH))
         if self.sequence_symbol is None:
-            normed_BTH = self.pre_mlp_layernorm(x_BTH)
+            normed_BTH = self.channel_norm(x_BTH)
         else:
-            mixed_BTH = self.self_attention(self.input_layernorm(x_BTH))
-            normed_BTH, x_BTH = self.pre_mlp_layernorm.add_and_norm(mixed_BTH, x_BTH)
-        return x_BTH + self.mlp(normed_BTH)
+            mixed_BTH = self.sequence_mixer(self.sequence_norm(x_BTH))
+            normed_BTH, x_BTH = self.channel_norm.add_and_norm(mixed_BTH, x_BTH)
+        return x_BTH + self.channel_mixer(normed_BTH)
 
     def extra_repr(self) -> str:
         return f"block={self.block!r}"

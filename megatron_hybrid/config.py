@@ -1,8 +1,9 @@
 """`ModelConfig`: every architectural hyper-parameter of a hybrid model, with Megatron's names.
 
-All validation of sizes lives in `ModelConfig.__post_init__`, so a bad combination fails when
-the config is made (before any module is built or any data is read), with a message naming the
-fields, their values and what would be valid.
+All validation of sizes runs in `ModelConfig.__post_init__`: the checks every pattern needs
+here, and each mixer's own (`MixerSpec.check_config`, megatron_hybrid/specs/) for the symbols of
+the pattern. A bad combination thus fails when the config is made (before any module is built or
+any data is read), with a message naming the fields, their values and what would be valid.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from megatron_hybrid.config_checks import ConfigError, choice, positive
 from megatron_hybrid.pattern import HybridPattern, parse_hybrid_pattern
+from megatron_hybrid.specs import SPECS
 
 ACTIVATIONS = ("squared_relu", "swiglu")
 POSITION_EMBEDDINGS = ("rope", "none")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
-
-class ConfigError(ValueError):
-    """A model configuration whose sizes do not fit together."""
+__all__ = ["ConfigError", "ModelConfig", "pad_vocab_size"]
 
 
 @dataclass
@@ -78,21 +79,20 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.pattern = parse_hybrid_pattern(self.hybrid_layer_pattern)
         self.hybrid_layer_pattern = str(self.pattern)
-        _positive(self, "hidden_size", "vocab_size", "layernorm_epsilon", "init_method_std")
-        _choice(self, "activation", ACTIVATIONS)
-        _choice(self, "position_embedding_type", POSITION_EMBEDDINGS)
-        _choice(self, "moe_router_score_function", ROUTER_SCORE_FUNCTIONS)
+        positive(self, "hidden_size", "vocab_size", "layernorm_epsilon", "init_method_std")
+        choice(self, "activation", ACTIVATIONS)
+        choice(self, "position_embedding_type", POSITION_EMBEDDINGS)
+        choice(self, "moe_router_score_function", ROUTER_SCORE_FUNCTIONS)
         self._check_dt_clamp()
-        counts = self.pattern.layer_counts()
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
-        _positive(self, "ffn_hidden_size")
-        if counts["*"]:
-            self._check_attention()
-        if counts["M"]:
-            self._check_mamba()
-        if counts["E"]:
-            self._check_moe()
+        positive(self, "ffn_hidden_size")  # MLPs, and the default width of MoE experts
+        # Each mixer checks its own fields (megatron_hybrid/specs/); a symbol without a spec
+        # fails when the model is built.
+        counts = self.pattern.layer_counts()
+        for symbol, spec in SPECS.items():
+            if counts[symbol]:
+                spec.check_config(self)
 
     # -- derived sizes ---------------------------------------------------------------------
     @property
@@ -126,59 +126,6 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     # -- validation ------------------------------------------------------------------------
-    def _check_attention(self) -> None:
-        if self.num_attention_heads is None:
-            raise ConfigError(
-                f"pattern {self.hybrid_layer_pattern!r} has attention ('*') layers: "
-                "set num_attention_heads (--num-attention-heads)"
-            )
-        _positive(self, "num_attention_heads")
-        if self.num_query_groups is None:
-            self.num_query_groups = self.num_attention_heads
-        _positive(self, "num_query_groups")
-        if self.num_attention_heads % self.num_query_groups:
-            raise ConfigError(
-                f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"num_query_groups={self.num_query_groups}: every query group must hold the "
-                f"same number of heads; valid group counts: "
-                f"{_divisors(self.num_attention_heads)}"
-            )
-        if self.kv_channels is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ConfigError(
-                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                    f"{self.num_attention_heads}; set kv_channels (--kv-channels) explicitly "
-                    "or pick a head count that divides hidden_size"
-                )
-            self.kv_channels = self.hidden_size // self.num_attention_heads
-        _positive(self, "kv_channels")
-        if self.position_embedding_type == "rope" and self.kv_channels % 2:
-            raise ConfigError(
-                f"rotary embeddings need an even kv_channels, got {self.kv_channels}"
-            )
-
-    def _check_mamba(self) -> None:
-        _positive(self, "mamba_state_dim", "mamba_head_dim", "mamba_num_groups",
-                  "mamba_conv_kernel", "mamba_chunk_size")
-        if self.mamba_num_heads is None:
-            if (2 * self.hidden_size) % self.mamba_head_dim:
-                raise ConfigError(
-                    f"2 * hidden_size={2 * self.hidden_size} is not divisible by mamba_head_dim="
-                    f"{self.mamba_head_dim}; set mamba_num_heads (--mamba-num-heads) explicitly"
-                )
-            self.mamba_num_heads = 2 * self.hidden_size // self.mamba_head_dim
-        _positive(self, "mamba_num_heads")
-        if self.mamba_num_heads % self.mamba_num_groups:
-            raise ConfigError(
-                f"mamba_num_heads={self.mamba_num_heads} is not divisible by mamba_num_groups="
-                f"{self.mamba_num_groups}; valid group counts: {_divisors(self.mamba_num_heads)}"
-            )
-        if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
-            raise ConfigError(
-                f"need 0 < mamba_dt_min <= mamba_dt_max, got {self.mamba_dt_min}, "
-                f"{self.mamba_dt_max}"
-            )
-
     def _check_dt_clamp(self) -> None:
         # Checked for every pattern: to_dict() must stay plain JSON (an infinite ceiling is None).
         floor, ceiling = self.mamba_dt_floor, self.mamba_dt_ceiling
@@ -195,45 +142,9 @@ class ModelConfig:
                 f"got {ceiling!r}; valid: a larger number, or inf / None for no ceiling"
             )
 
-    def _check_moe(self) -> None:
-        if self.num_moe_experts is None:
-            raise ConfigError(
-                f"pattern {self.hybrid_layer_pattern!r} has MoE ('E') layers: set "
-                "num_moe_experts (--num-experts)"
-            )
-        _positive(self, "num_moe_experts", "moe_router_topk")
-        if self.moe_router_topk > self.num_moe_experts:
-            raise ConfigError(
-                f"moe_router_topk={self.moe_router_topk} exceeds num_moe_experts="
-                f"{self.num_moe_experts}; top-k must be between 1 and the number of experts"
-            )
-        if self.moe_ffn_hidden_size is None:
-            self.moe_ffn_hidden_size = self.ffn_hidden_size
-        _positive(self, "moe_ffn_hidden_size")
-        if self.moe_shared_expert_intermediate_size is not None:
-            _positive(self, "moe_shared_expert_intermediate_size")
-        if self.moe_aux_loss_coeff < 0:
-            raise ConfigError(f"moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
-
 
 def pad_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:
     """Round a tokenizer's vocabulary up as Megatron does (--make-vocab-size-divisible-by)."""
     if divisible_by <= 0:
         raise ConfigError(f"make_vocab_size_divisible_by must be positive, got {divisible_by}")
     return -(-vocab_size // divisible_by) * divisible_by
-
-
-def _positive(config: ModelConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value is None or value <= 0:
-            raise ConfigError(f"{name} must be a positive number, got {value!r}")
-
-
-def _choice(config: ModelConfig, name: str, valid: tuple[str, ...]) -> None:
-    if getattr(config, name) not in valid:
-        raise ConfigError(f"{name}={getattr(config, name)!r} is not one of {', '.join(valid)}")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]

@@ -5,28 +5,40 @@ so a fused and an unfused model of the same canonical layers, or a model split o
 tensor/pipeline/data-parallel layout, start from identical weights, whatever order or device
 the modules are built in.
 
-Rules (Megatron-LM / Mamba2 defaults):
-    *norm.weight, mixer.D             ones
-    mixer.A_log                       log(U(1, 16))
-    mixer.dt_bias                     softplus^-1(dt), dt log-uniform in [dt_min, dt_max], floored
-    mixer.conv1d.{weight,bias}        U(-1/sqrt(K), 1/sqrt(K))   (nn.Conv1d default, fan-in K)
-    router.expert_bias                zeros
-    linear_proj, out_proj, linear_fc2 N(0, std / sqrt(2 * num_layers))  (output projections)
-    everything else                   N(0, std)
+Which rule a tensor gets (Megatron-LM / Mamba2 defaults, megatron_hybrid/specs/init_rules.py):
+    outside the decoder layers        MODEL_RULES below
+    a sub-layer's pre-norm            ones
+    a tensor of a mixer               its symbol's spec, by the tensor's name inside the mixer
+                                      (`MixerSpec.init_rules`), e.g. Mamba2's A_log, dt_bias
+A mixer tensor without a rule in its own spec is an error: two symbols never share a rule by a
+coincidence of names.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 from torch import nn
 
-from megatron_hybrid.checkpointing.canonical import canonical_key
+from megatron_hybrid.canonical import canonical_key, locate
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.specs.base import InitRule
+from megatron_hybrid.specs.init_rules import normal, ones
 
-_OUTPUT_PROJECTIONS = ("linear_proj.weight", "out_proj.weight", "linear_fc2.weight")
+MODEL_RULES: dict[str, InitRule] = {
+    "embedding.word_embeddings.weight": normal,
+    "decoder.final_norm.weight": ones,
+    "output_layer.weight": normal,
+}
+NORM_RULES: dict[str, InitRule] = {"weight": ones}  # every sub-layer's pre-norm (RMSNorm)
+
+
+class MissingInitRuleError(KeyError):
+    """A tensor no initialization rule covers."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def tensor_generator(seed: int, key: str) -> torch.Generator:
@@ -34,28 +46,25 @@ def tensor_generator(seed: int, key: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def init_rule(key: str, config: ModelConfig) -> InitRule:
+    """The rule for the tensor under canonical `key`; MissingInitRuleError if none covers it."""
+    tensor = locate(key, config.pattern)
+    if tensor is None:
+        rules, name, where = MODEL_RULES, key, "MODEL_RULES in megatron_hybrid/init.py"
+    elif tensor.part == "norm":
+        rules, name, where = NORM_RULES, tensor.name, "NORM_RULES in megatron_hybrid/init.py"
+    else:
+        rules, name = tensor.spec.init_rules, tensor.name
+        where = f"the init_rules of the {tensor.symbol!r} ({tensor.spec.name}) spec"
+    rule = rules.get(name)
+    if rule is None:
+        raise MissingInitRuleError(f"no initialization rule for {key!r}: add {name!r} to {where}")
+    return rule
+
+
 def initial_value(key: str, shape: tuple[int, ...], seed: int, config: ModelConfig) -> torch.Tensor:
     """The float32 CPU value the tensor under canonical `key` starts from."""
-    gen = tensor_generator(seed, key)
-    leaf = key.rsplit(".", 1)[-1]
-    if key.endswith("norm.weight") or key.endswith("mixer.D"):
-        return torch.ones(shape)
-    if key.endswith("router.expert_bias"):
-        return torch.zeros(shape)
-    if leaf == "A_log":
-        return torch.empty(shape).uniform_(1.0, 16.0, generator=gen).log()
-    if leaf == "dt_bias":
-        lo, hi = math.log(config.mamba_dt_min), math.log(config.mamba_dt_max)
-        dt = torch.empty(shape).uniform_(lo, hi, generator=gen).exp()
-        dt = dt.clamp(min=config.mamba_dt_init_floor)
-        return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
-    if ".conv1d." in key:
-        bound = 1.0 / math.sqrt(config.mamba_conv_kernel)
-        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
-    std = config.init_method_std
-    if key.endswith(_OUTPUT_PROJECTIONS):
-        std = std / math.sqrt(2.0 * config.pattern.num_layers)
-    return torch.empty(shape).normal_(0.0, std, generator=gen)
+    return init_rule(key, config)(shape, tensor_generator(seed, key), config)
 
 
 @torch.no_grad()

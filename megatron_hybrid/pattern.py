@@ -15,7 +15,7 @@ The language is Megatron-LM's ``--hybrid-layer-pattern``, extended with fusion g
     /       multi-token-prediction (MTP) depth: ``main/mtp/mtp/...``, every MTP part identical;
             a single trailing ``/`` means "no MTP"
     [XY]    fusion group: one sequence mixer X then one channel mixer Y, built as ONE
-            physical block (X in its self_attention slot, Y in its mlp slot)
+            physical block (X its sequence mixer, Y its channel mixer)
 
 Two ways of counting layers, both needed downstream:
 

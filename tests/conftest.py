@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from megatron_hybrid.checkpointing.canonical import canonical_key
+from megatron_hybrid.canonical import canonical_key
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.init import tensor_generator
 

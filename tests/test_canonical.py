@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import small_config
 
-from megatron_hybrid.checkpointing.canonical import (
+from megatron_hybrid.canonical import (
     CanonicalKeyError,
     canonical_key,
     physical_name,
@@ -16,15 +16,15 @@ from megatron_hybrid.pattern import parse_hybrid_pattern
 
 def test_fused_block_maps_sequence_and_channel_sides_to_consecutive_layers():
     p = parse_hybrid_pattern("M[M-][*E]")
-    assert canonical_key("decoder.layers.1.input_layernorm.weight", p) == \
+    assert canonical_key("decoder.layers.1.sequence_norm.weight", p) == \
         "decoder.layers.1.norm.weight"
-    assert canonical_key("decoder.layers.1.self_attention.in_proj.weight", p) == \
+    assert canonical_key("decoder.layers.1.sequence_mixer.in_proj.weight", p) == \
         "decoder.layers.1.mixer.in_proj.weight"
-    assert canonical_key("decoder.layers.1.mlp.linear_fc1.weight", p) == \
+    assert canonical_key("decoder.layers.1.channel_mixer.linear_fc1.weight", p) == \
         "decoder.layers.2.mlp.linear_fc1.weight"
-    assert canonical_key("decoder.layers.2.self_attention.linear_qkv.weight", p) == \
+    assert canonical_key("decoder.layers.2.sequence_mixer.linear_qkv.weight", p) == \
         "decoder.layers.3.self_attention.linear_qkv.weight"
-    assert canonical_key("decoder.layers.2.mlp.router.weight", p) == \
+    assert canonical_key("decoder.layers.2.channel_mixer.router.weight", p) == \
         "decoder.layers.4.mlp.router.weight"
 
 
@@ -33,22 +33,26 @@ def test_attention_and_mlp_tensors_keep_megatron_names_at_their_canonical_layers
     # MLP sides keep Megatron's names; only their layer index changes.
     config = small_config("M[*-]*-")
     expected = {
-        "decoder.layers.1.input_layernorm.weight": "decoder.layers.1.input_layernorm.weight",
-        "decoder.layers.1.self_attention.linear_qkv.weight":
+        "decoder.layers.1.sequence_norm.weight": "decoder.layers.1.input_layernorm.weight",
+        "decoder.layers.1.sequence_mixer.linear_qkv.weight":
             "decoder.layers.1.self_attention.linear_qkv.weight",
-        "decoder.layers.1.self_attention.linear_proj.weight":
+        "decoder.layers.1.sequence_mixer.linear_proj.weight":
             "decoder.layers.1.self_attention.linear_proj.weight",
-        "decoder.layers.1.pre_mlp_layernorm.weight": "decoder.layers.2.pre_mlp_layernorm.weight",
-        "decoder.layers.1.mlp.linear_fc1.weight": "decoder.layers.2.mlp.linear_fc1.weight",
-        "decoder.layers.1.mlp.linear_fc2.weight": "decoder.layers.2.mlp.linear_fc2.weight",
-        "decoder.layers.2.input_layernorm.weight": "decoder.layers.3.input_layernorm.weight",
-        "decoder.layers.2.self_attention.linear_qkv.weight":
+        "decoder.layers.1.channel_norm.weight": "decoder.layers.2.pre_mlp_layernorm.weight",
+        "decoder.layers.1.channel_mixer.linear_fc1.weight":
+            "decoder.layers.2.mlp.linear_fc1.weight",
+        "decoder.layers.1.channel_mixer.linear_fc2.weight":
+            "decoder.layers.2.mlp.linear_fc2.weight",
+        "decoder.layers.2.sequence_norm.weight": "decoder.layers.3.input_layernorm.weight",
+        "decoder.layers.2.sequence_mixer.linear_qkv.weight":
             "decoder.layers.3.self_attention.linear_qkv.weight",
-        "decoder.layers.2.self_attention.linear_proj.weight":
+        "decoder.layers.2.sequence_mixer.linear_proj.weight":
             "decoder.layers.3.self_attention.linear_proj.weight",
-        "decoder.layers.3.pre_mlp_layernorm.weight": "decoder.layers.4.pre_mlp_layernorm.weight",
-        "decoder.layers.3.mlp.linear_fc1.weight": "decoder.layers.4.mlp.linear_fc1.weight",
-        "decoder.layers.3.mlp.linear_fc2.weight": "decoder.layers.4.mlp.linear_fc2.weight",
+        "decoder.layers.3.channel_norm.weight": "decoder.layers.4.pre_mlp_layernorm.weight",
+        "decoder.layers.3.channel_mixer.linear_fc1.weight":
+            "decoder.layers.4.mlp.linear_fc1.weight",
+        "decoder.layers.3.channel_mixer.linear_fc2.weight":
+            "decoder.layers.4.mlp.linear_fc2.weight",
     }
     names = [n for n in HybridModel(config).state_dict()
              if n.startswith("decoder.layers.") and not n.startswith("decoder.layers.0.")]

@@ -75,8 +75,8 @@ def test_optimizer_state_follows_parameters_across_fusions(tmp_path):
     other_opt = build_optimizer(other, 1e-2, 0.1, (0.9, 0.95), 1e-8)
     load_checkpoint(tmp_path, other, other_opt, other.config)
     # Physical block 0's MLP ([M-]) is canonical layer 1, i.e. block 1 of the unfused model.
-    src = optimizer.state[model.decoder.layers["0"].mlp.linear_fc1.weight]["exp_avg"]
-    dst = other_opt.state[other.decoder.layers["1"].mlp.linear_fc1.weight]["exp_avg"]
+    src = optimizer.state[model.decoder.layers["0"].channel_mixer.linear_fc1.weight]["exp_avg"]
+    dst = other_opt.state[other.decoder.layers["1"].channel_mixer.linear_fc1.weight]["exp_avg"]
     assert torch.equal(src, dst) and src.abs().sum() > 0
 
 

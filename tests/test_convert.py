@@ -50,7 +50,7 @@ def test_dtype_option_casts_the_export(tmp_path):
         key = "decoder.layers.0.mixer.in_proj.weight"
         tensor = f.get_tensor(key)
     assert tensor.dtype == torch.bfloat16
-    expected = model.state_dict()["decoder.layers.0.self_attention.in_proj.weight"]
+    expected = model.state_dict()["decoder.layers.0.sequence_mixer.in_proj.weight"]
     assert torch.equal(tensor, expected.to(torch.bfloat16))
 
 

@@ -14,8 +14,8 @@ pytest.importorskip("safetensors")
 import torch  # noqa: E402
 from conftest import small_config  # noqa: E402
 
+from megatron_hybrid.canonical import canonical_key, physical_name  # noqa: E402
 from megatron_hybrid.checkpointing import hf_nemotron_h  # noqa: E402
-from megatron_hybrid.checkpointing.canonical import canonical_key, physical_name  # noqa: E402
 from megatron_hybrid.checkpointing.hf_nemotron_h import (  # noqa: E402
     NO_DT_FLOOR,
     HFExportError,

@@ -192,7 +192,7 @@ def test_two_models_in_one_process_use_their_own_kernels():
     model_b(tokens)
     assert len(calls_a) == 4 and len(calls_b) == 4
     assert model_a.decoder.final_norm.kernels is kernels_a
-    assert model_b.decoder.layers["1"].pre_mlp_layernorm.kernels is kernels_b
+    assert model_b.decoder.layers["1"].channel_norm.kernels is kernels_b
 
 
 def test_model_without_kernels_is_eager_everywhere():

@@ -359,7 +359,7 @@ def test_eval_forwards_leave_the_expert_bias_token_counts_unchanged():
     # Only training forwards count: validation and generation must not steer the balancing.
     config = small_config("ME", moe_router_enable_expert_bias=True)
     model = HybridModel(config)
-    router = model.decoder.layers["1"].mlp.router
+    router = model.decoder.layers["1"].channel_mixer.router
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     model.eval()
     model(tokens)
@@ -389,7 +389,7 @@ def test_model_update_expert_biases_uses_tokens_routed_in_training():
     config = small_config("ME", moe_router_enable_expert_bias=True)
     model = HybridModel(config).train()
     model(torch.randint(0, 64, (2, 16)))
-    router = model.decoder.layers["1"].mlp.router
+    router = model.decoder.layers["1"].channel_mixer.router
     assert router.tokens_per_expert.sum() == 2 * 16 * config.moe_router_topk
     model.update_expert_biases()
     assert router.expert_bias.abs().sum() > 0

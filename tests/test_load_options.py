@@ -34,7 +34,7 @@ from megatron_hybrid.training.optimizer import LRSchedule, build_optimizer, lr_s
 from megatron_hybrid.training.progress import ProgressReporter
 
 FLAGS = [*TINY, "--hybrid-layer-pattern", "M*-", "--train-iters", "3", "--log-interval", "1"]
-MLP_WEIGHT = "decoder.layers.2.mlp.linear_fc1.weight"  # block 2 of "M*-"
+MLP_WEIGHT = "decoder.layers.2.channel_mixer.linear_fc1.weight"  # block 2 of "M*-"
 SCHEDULE_SETTINGS = [f.name for f in dataclasses.fields(LRSchedule)]
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import perturb_parameters, small_config
 
 from megatron_hybrid.blocks import UnsupportedLayerError
-from megatron_hybrid.checkpointing.canonical import canonical_key
+from megatron_hybrid.canonical import canonical_key
 from megatron_hybrid.model import HybridModel
 
 FUSED, UNFUSED = "[M-][*E]M-", "M-*EM-"
@@ -22,9 +22,9 @@ def test_one_module_per_physical_block_named_by_global_index():
     assert list(model.decoder.layers.keys()) == ["0", "1", "2", "3"]
     assert [b.block for b in model.decoder.layers.values()] == ["M", "*-", "ME", "-"]
     fused = model.decoder.layers["1"]
-    assert hasattr(fused, "self_attention") and hasattr(fused, "mlp")
-    assert not hasattr(model.decoder.layers["0"], "mlp")
-    assert not hasattr(model.decoder.layers["3"], "self_attention")
+    assert hasattr(fused, "sequence_mixer") and hasattr(fused, "channel_mixer")
+    assert not hasattr(model.decoder.layers["0"], "channel_mixer")
+    assert not hasattr(model.decoder.layers["3"], "sequence_mixer")
 
 
 def test_forward_gives_logits_over_the_vocabulary():

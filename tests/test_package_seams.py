@@ -13,8 +13,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 # Folder -> the import name it installs as (setup.py's package_dir).
 PACKAGE_ROOTS = {
@@ -25,10 +23,6 @@ PACKAGE_ROOTS = {
 # What kernels/ may import of this project: itself, and the shadowing guard of its __init__.py.
 KERNELS_MAY_IMPORT = ("megatron_hybrid.kernels", "megatron_hybrid.shadowing")
 MODEL_SIDE_MUST_NOT_IMPORT = ("megatron_hybrid.checkpointing", "megatron_hybrid.training")
-# init.py still names parameters through checkpointing/canonical.py until canonical naming moves
-# to the model side (the specs refactor of issue 13); test_init_imports_no_checkpointing below
-# states the rule for it. Once that lands, empty this set and drop that test's xfail mark.
-AWAITING_CANONICAL_MOVE = {"megatron_hybrid/init.py"}
 
 
 def module_files(folder: str) -> dict[str, Path]:
@@ -109,13 +103,12 @@ def test_layers_import_no_checkpointing():
 
 def test_the_model_side_imports_no_checkpointing_or_training():
     found = crossings("megatron_hybrid", lambda name: under(name, MODEL_SIDE_MUST_NOT_IMPORT),
-                      skip=("megatron_hybrid/training", *AWAITING_CANONICAL_MOVE))
+                      skip=("megatron_hybrid/training",))
     assert found == [], (
         "the model side (megatron_hybrid/ but training/) must not import checkpointing/ or "
         "training/ (they build on it):\n  " + "\n  ".join(found))
 
 
-@pytest.mark.xfail(strict=True, reason="moved by the specs refactor")
 def test_init_imports_no_checkpointing():
     path = REPO / "megatron_hybrid" / "init.py"
     found = sorted(name for name in imported_names("megatron_hybrid.init", path)

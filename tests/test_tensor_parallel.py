@@ -242,7 +242,7 @@ def tp1_model():
 
 
 def test_every_packed_tensor_is_checkpointed_in_its_canonical_view(tp1_model):
-    from megatron_hybrid.checkpointing.canonical import canonical_key
+    from megatron_hybrid.canonical import canonical_key
     from megatron_hybrid.checkpointing.packed_views import is_canonical_view
     from megatron_hybrid.checkpointing.state import ModelState, OptimizerState
     from megatron_hybrid.parallel.packed import packed_tensors
@@ -269,8 +269,8 @@ def test_a_packed_tensor_the_saver_cannot_find_is_an_error_naming_it(tp1_model, 
     model, optimizer, pattern = tp1_model
     monkeypatch.setattr(packed, "_WRAPPER_NAMES", packed._WRAPPER_NAMES - {
         "_checkpoint_wrapped_module"})
-    unknown = "decoder.layers.0._checkpoint_wrapped_module.self_attention.in_proj.weight"
-    saved_as = "decoder.layers.0.self_attention.in_proj.weight"
+    unknown = "decoder.layers.0._checkpoint_wrapped_module.sequence_mixer.in_proj.weight"
+    saved_as = "decoder.layers.0.sequence_mixer.in_proj.weight"
     for state in (ModelState(model, pattern), OptimizerState(model, optimizer, pattern)):
         with pytest.raises(PackedTensorNotFoundError) as error:
             state.state_dict()

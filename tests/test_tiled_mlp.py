@@ -111,7 +111,7 @@ def test_shared_experts_and_mlps_of_a_model_use_the_tiled_mlp():
     config = small_config("[*-]E", moe_shared_expert_intermediate_size=16)
     eager = HybridModel(config, seed=3)
     tiled = HybridModel(config, seed=3, kernels=tiled_kernels(2))
-    assert tiled.decoder.layers["1"].mlp.shared_experts.kernel.keywords == {"shards": 2}
+    assert tiled.decoder.layers["1"].channel_mixer.shared_experts.kernel.keywords == {"shards": 2}
     tokens = torch.randint(0, config.vocab_size, (2, 5))
     eager(tokens).square().mean().backward()
     logits = tiled(tokens)

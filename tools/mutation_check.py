@@ -90,8 +90,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     # Found by later reviews.
     Mutation(
         "fused-block-wrong-norm", "megatron_hybrid/blocks.py",
-        "self.pre_mlp_layernorm.add_and_norm(mixed_BTH, x_BTH)",
-        "self.input_layernorm.add_and_norm(mixed_BTH, x_BTH)",
+        "self.channel_norm.add_and_norm(mixed_BTH, x_BTH)",
+        "self.sequence_norm.add_and_norm(mixed_BTH, x_BTH)",
         ("tests/test_model.py::test_fused_and_unfused_models_give_identical_logits",),
         "a fused block normalizes its channel side with the sequence side's norm weight"),
     Mutation(

@@ -2,18 +2,24 @@
 
 `linear_qkv` packs q, k and v in Megatron's grouped layout: for each query group its
 `heads_per_group` query heads, then its key head, then its value head,
-so a tensor-parallel split over groups is a contiguous split of rows.
+so a tensor-parallel split over groups is a contiguous split of rows. The forward reads the
+number of groups it holds off linear_qkv's output (`view(..., -1, ...)`), so it runs unchanged
+on a tensor-parallel rank's groups; `num_heads` and `num_groups` are the sizes it was built with.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 from megatron_hybrid.layers.rotary import rotary_cos_sin
+
+if TYPE_CHECKING:
+    from megatron_hybrid.config import ModelConfig
 
 
 class SelfAttention(nn.Module):
@@ -22,21 +28,21 @@ class SelfAttention(nn.Module):
         self.kernels = kernels or eager_kernels()
         self.num_heads = config.num_attention_heads
         self.num_groups = config.num_query_groups
+        self.heads_per_group = self.num_heads // self.num_groups
         self.head_dim = config.kv_channels
         self.use_rope = config.position_embedding_type == "rope"
         self.rotary_base = config.rotary_base
-        heads_per_group = self.num_heads // self.num_groups
-        qkv_rows = self.num_groups * (heads_per_group + 2) * self.head_dim
+        qkv_rows = self.num_groups * (self.heads_per_group + 2) * self.head_dim
         self.linear_qkv = nn.Linear(config.hidden_size, qkv_rows, bias=False)
         self.linear_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def split_qkv(self, qkv_BTX: torch.Tensor):
         """Unpack the grouped layout into q (B, heads, T, d) and k, v (B, groups, T, d)."""
         batch, seq, _ = qkv_BTX.shape
-        heads_per_group = self.num_heads // self.num_groups
-        qkv = qkv_BTX.view(batch, seq, self.num_groups, heads_per_group + 2, self.head_dim)
-        q, k, v = qkv.split([heads_per_group, 1, 1], dim=3)
-        q = q.reshape(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        per_group = self.heads_per_group
+        qkv = qkv_BTX.view(batch, seq, -1, per_group + 2, self.head_dim)
+        q, k, v = qkv.split([per_group, 1, 1], dim=3)
+        q = q.reshape(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = k.squeeze(3).transpose(1, 2)
         v = v.squeeze(3).transpose(1, 2)
         return q, k, v
@@ -50,7 +56,7 @@ class SelfAttention(nn.Module):
             q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
         # Query head h attends with key/value group h // heads_per_group (enable_gqa semantics).
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_groups != self.num_heads
+            q, k, v, is_causal=True, enable_gqa=self.heads_per_group != 1
         )
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
         return self.linear_proj(out)

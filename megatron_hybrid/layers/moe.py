@@ -17,14 +17,18 @@ Routing follows Megatron-LM / Nemotron-H:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.kernels.activations.eager import fc1_width
 from megatron_hybrid.kernels.dtypes import at_least_float32
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 from megatron_hybrid.layers.mlp import MLP
+
+if TYPE_CHECKING:
+    from megatron_hybrid.config import ModelConfig
 
 
 class AuxLossInjector(torch.autograd.Function):

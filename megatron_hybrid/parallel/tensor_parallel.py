@@ -1,15 +1,18 @@
-"""Tensor parallelism with DTensor (`parallelize_module`), applied per mixer type.
+"""Tensor parallelism with DTensor (`parallelize_module`), applied per mixer from its spec.
 
-- Attention: `linear_qkv` column-parallel, `linear_proj` row-parallel. Megatron's grouped qkv
-  layout keeps a query group's q heads, k and v in consecutive rows, so a contiguous row split
-  hands every rank whole groups.
-- MLP: `linear_fc1` column-parallel, `linear_fc2` row-parallel. SwiGLU's packed [gate; up] fc1 is
-  split per part (each rank gets its gate rows and the matching up rows).
-- Mamba2: heads and groups over the ranks. `in_proj` is column-parallel per packed part
-  z/x/B/C/dt, the conv1d channels per packed part x/B/C; dt_bias, A_log, D and the gated norm's
-  weight are split on heads; `out_proj` is row-parallel. The mixer's forward runs unchanged on
-  its local heads and groups (its head/group counts are divided by tp).
-- MoE (`E`): parallelized by megatron_hybrid/parallel/expert_parallel.py, not here.
+Each mixer's spec declares how its parameters split (`MixerSpec.tensor_parallel`,
+megatron_hybrid/specs/): column-parallel linears (per packed part where one packs several),
+row-parallel linears whose output is summed over the ranks, and rows of other parameters the
+mixer reads directly, whose forward then runs on this rank's rows. The layers read their local
+head and group counts off the sharded weights' shapes, so nothing here rewrites a module's
+attributes. Today:
+
+- Attention: `linear_qkv` column-parallel, `linear_proj` row-parallel (whole query groups).
+- MLP: `linear_fc1` column-parallel (SwiGLU's [gate; up] per part), `linear_fc2` row-parallel.
+- Mamba2: heads and groups over the ranks: `in_proj` per packed part z/x/B/C/dt, the conv1d
+  channels per part x/B/C, dt_bias, A_log, D and the gated norm's weight on heads, `out_proj`
+  row-parallel.
+- MoE (`E`): split by megatron_hybrid/parallel/expert_parallel.py, not here.
 
 Per-part splits store the packed weights rank-major (megatron_hybrid/parallel/packed.py); the
 checkpoint hooks map them back to the canonical layout, so checkpoints do not depend on tp.
@@ -45,41 +48,40 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.placement_types import Placement
 
+from megatron_hybrid.blocks import HybridBlock
 from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.layers.mamba2 import Mamba2Mixer
-from megatron_hybrid.layers.mlp import MLP
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.parallel.packed import PackedRows, mark_packed
-
-# Symbols this module or another parallel module (E: expert_parallel.py) knows how to split.
-TP_SYMBOLS = frozenset("M*-E")
+from megatron_hybrid.pattern import SYMBOL_NAMES
+from megatron_hybrid.specs import SPECS, implemented_listing
+from megatron_hybrid.specs.base import (
+    ColumnParallel,
+    PackedParts,
+    RowParallel,
+    SplitRows,
+    TensorParallelPlan,
+)
 
 
 def tensor_parallel_problems(config: ModelConfig, tp: int) -> list[str]:
-    """What keeps `config` from running with tensor-parallel size `tp` (empty: it fits). MoE
-    layers are checked by `expert_parallel_problems`."""
+    """What keeps `config` from running with tensor-parallel size `tp` (empty: it fits): the
+    sizes each mixer's plan needs divisible by tp. MoE layers are checked by
+    `expert_parallel_problems`."""
     counts = config.pattern.layer_counts()
     problems = []
-    unsupported = sorted(s for s, n in counts.items() if n and s not in TP_SYMBOLS)
+    unsupported = sorted(s for s, n in counts.items() if n and s not in SPECS)
     if unsupported:
         problems.append(f"layer symbols {' '.join(unsupported)} have no tensor-parallel plan yet "
-                        "(implemented: M Mamba2, * attention, - MLP, E MoE)")
-
-    def divisible(name: str, flag: str) -> None:
-        value = getattr(config, name)
-        if value % tp:
-            valid = [d for d in range(1, value + 1) if value % d == 0]
-            problems.append(f"{flag} {value} is not divisible by --tensor-model-parallel-size "
-                            f"{tp} (sizes that divide it: {', '.join(map(str, valid))})")
-
-    if counts["*"]:
-        divisible("num_attention_heads", "--num-attention-heads")
-        divisible("num_query_groups", "--num-query-groups")
-    if counts["M"]:
-        divisible("mamba_num_heads", "--mamba-num-heads")
-        divisible("mamba_num_groups", "--mamba-num-groups")
-    if counts["-"]:
-        divisible("ffn_hidden_size", "--ffn-hidden-size")
+                        f"(implemented: {implemented_listing()})")
+    for symbol, spec in SPECS.items():
+        if not counts[symbol]:
+            continue
+        for name, flag in spec.tensor_parallel.divisible:
+            value = getattr(config, name)
+            if value % tp:
+                valid = [d for d in range(1, value + 1) if value % d == 0]
+                problems.append(f"{flag} {value} is not divisible by --tensor-model-parallel-size "
+                                f"{tp} (sizes that divide it: {', '.join(map(str, valid))})")
     return problems
 
 
@@ -96,49 +98,62 @@ class PackedColwiseParallel(ColwiseParallel):
         return super()._apply(module, device_mesh)
 
 
-class Mamba2Parallel(ParallelStyle):
-    """Split a `Mamba2Mixer`'s heads and groups over the mesh (see the module docstring);
-    `output_layout` is the placement out_proj's output is redistributed to."""
-
-    HEAD_PARAMETERS = ("conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight")
-
-    def __init__(self, output_layout: Placement | None = None):
-        self.output_layout = output_layout or Replicate()
-
-    def _apply(self, mixer: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        assert isinstance(mixer, Mamba2Mixer), type(mixer)
-        tp = device_mesh.size()
-        d_inner, heads = mixer.d_inner, mixer.num_heads
-        group_state = mixer.num_groups * mixer.state_dim
-        parallelize_module(mixer, device_mesh, {
-            "in_proj": PackedColwiseParallel((d_inner, d_inner, group_state, group_state, heads)),
-            "out_proj": RowwiseParallel(output_layouts=self.output_layout),
-        })
-        store_rank_major(mixer.conv1d, PackedRows((d_inner, group_state, group_state), tp))
-        for name in self.HEAD_PARAMETERS:
-            owner, leaf = _owner(mixer, name)
-            param = getattr(owner, leaf)
-            owner.register_parameter(leaf, nn.Parameter(
-                distribute_tensor(param.detach(), device_mesh, [Shard(0)]),
-                requires_grad=param.requires_grad))
-        mixer.num_heads //= tp
-        mixer.num_groups //= tp
-        mixer.d_inner //= tp
-        _forward_on_local_shards(mixer, self.HEAD_PARAMETERS)
-        return mixer
+def shard_mixer(mixer: nn.Module, plan: TensorParallelPlan, tp_mesh: DeviceMesh,
+                output_layout: Placement | None = None) -> None:
+    """Split `mixer`'s parameters over `tp_mesh` in place as `plan` declares; a row-parallel
+    output is summed onto `output_layout` (default: replicated). Entries of other styles
+    (replicated, split elsewhere) are left alone."""
+    styles = module_styles(mixer, plan, output_layout)
+    if styles:
+        parallelize_module(mixer, tp_mesh, styles)
+    rows = [name for name, style in plan.parameters.items() if isinstance(style, SplitRows)]
+    for name in rows:
+        _split_rows(mixer, name, plan.parameters[name].parts, tp_mesh)
+    if rows:
+        _forward_on_local_shards(mixer, tuple(rows))
 
 
-def mlp_plan(mlp: MLP, output_layout: Placement | None = None) -> dict[str, ParallelStyle]:
-    """The `parallelize_module` plan of a dense MLP (also a MoE's shared experts):
-    fc1 column-parallel (per part [gate; up] for SwiGLU), fc2 row-parallel with its output
-    redistributed to `output_layout`."""
-    if mlp.activation == "swiglu":
-        ffn = mlp.linear_fc2.in_features
-        fc1 = PackedColwiseParallel((ffn, ffn))
-    else:
-        fc1 = ColwiseParallel()
-    return {"linear_fc1": fc1,
-            "linear_fc2": RowwiseParallel(output_layouts=output_layout or Replicate())}
+def module_styles(mixer: nn.Module, plan: TensorParallelPlan,
+                  output_layout: Placement | None = None) -> dict[str, ParallelStyle]:
+    """The `parallelize_module` plan of `plan`'s linears, by submodule name: column-parallel
+    (per packed part: stored rank-major first) and row-parallel with the output redistributed
+    to `output_layout`."""
+    styles: dict[str, ParallelStyle] = {}
+    for name, style in plan.parameters.items():
+        path = name.rpartition(".")[0]
+        if isinstance(style, ColumnParallel):
+            parts = _parts(style.parts, mixer)
+            styles[path] = PackedColwiseParallel(parts) if parts else ColwiseParallel()
+        elif isinstance(style, RowParallel):
+            styles[path] = RowwiseParallel(output_layouts=output_layout or Replicate())
+        else:
+            continue
+        assert isinstance(mixer.get_submodule(path), nn.Linear), (name, mixer)
+    return styles
+
+
+def mlp_plan(mlp: nn.Module, output_layout: Placement | None = None) -> dict[str, ParallelStyle]:
+    """The `parallelize_module` plan of a dense MLP (the `-` spec's), also for a MoE's shared
+    expert."""
+    return module_styles(mlp, SPECS["-"].tensor_parallel, output_layout)
+
+
+def _parts(parts: PackedParts | None, mixer: nn.Module) -> tuple[int, ...] | None:
+    return None if parts is None else parts(mixer)
+
+
+def _split_rows(mixer: nn.Module, name: str, parts: PackedParts | None,
+                tp_mesh: DeviceMesh) -> None:
+    """Parameter `name` of `mixer` -> a DTensor split along dim 0 (rank-major first when it
+    packs parts)."""
+    owner, leaf = _owner(mixer, name)
+    packed = _parts(parts, mixer)
+    if packed:
+        _store_parameter_rank_major(owner, leaf, PackedRows(packed, tp_mesh.size()))
+    param = getattr(owner, leaf)
+    owner.register_parameter(leaf, nn.Parameter(
+        distribute_tensor(param.detach(), tp_mesh, [Shard(0)]),
+        requires_grad=param.requires_grad))
 
 
 class SequenceParallelNorm(ParallelStyle):
@@ -185,56 +200,41 @@ class SequenceParallelDecoder(ParallelStyle):
 
 def apply_tensor_parallel(model: HybridModel, tp_mesh: DeviceMesh,
                           sequence_parallel: bool = False, log=print) -> None:
-    """Shard every Mamba2, attention and MLP layer of `model` over `tp_mesh` in place (MoE
+    """Shard every mixer of `model` over `tp_mesh` in place, as its spec's plan declares (MoE
     layers are left to `apply_expert_parallel`); with `sequence_parallel`, split the residual
     stream and the norms along the sequence too (see the module docstring)."""
     tp = tp_mesh.size()
     # A mixer's output projection all-reduces, or reduce-scatters onto the sequence slices.
     output_layout = Shard(1) if sequence_parallel else Replicate()
-    counts = {"M": 0, "*": 0, "-": 0}
+    counts = dict.fromkeys(SPECS, 0)
     for block in model.decoder.layers.values():
-        if block.sequence_symbol == "*":
-            attention = block.self_attention
-            parallelize_module(attention, tp_mesh, {
-                "linear_qkv": ColwiseParallel(),
-                "linear_proj": RowwiseParallel(output_layouts=output_layout),
-            })
-            # The local shard holds heads/tp query heads in groups/tp whole groups.
-            attention.num_heads //= tp
-            attention.num_groups //= tp
-        elif block.sequence_symbol == "M":
-            parallelize_module(block.self_attention, tp_mesh, Mamba2Parallel(output_layout))
-        if block.channel_symbol == "-":
-            parallelize_module(block.mlp, tp_mesh, mlp_plan(block.mlp, output_layout))
+        for side in block.sides():
+            shard_mixer(side.mixer, SPECS[side.symbol].tensor_parallel, tp_mesh, output_layout)
+            counts[side.symbol] += 1
         if sequence_parallel:
             _split_block_sequence(block, tp_mesh)
-        for symbol in (block.sequence_symbol, block.channel_symbol):
-            if symbol in counts:
-                counts[symbol] += 1
     if sequence_parallel:
         parallelize_module(model.decoder, tp_mesh, SequenceParallelDecoder())
         if model.decoder.final_norm is not None:
             parallelize_module(model.decoder.final_norm, tp_mesh, SequenceParallelNorm())
-    log(f"tensor parallel over {tp} ranks: {counts['M']} Mamba2 (heads, groups), "
-        f"{counts['*']} attention (query groups), {counts['-']} MLP (ffn) layers"
+    sharded = ", ".join(f"{n} {SYMBOL_NAMES[s]}" for s, n in counts.items()
+                        if n and SPECS[s].tensor_parallel.reduces_output)
+    log(f"tensor parallel over {tp} ranks: {sharded or 'no'} layers"
         + ("; sequence parallel norms and residual stream" if sequence_parallel else ""))
 
 
-def _split_block_sequence(block: nn.Module, tp_mesh: DeviceMesh) -> None:
+def _split_block_sequence(block: HybridBlock, tp_mesh: DeviceMesh) -> None:
     """Sequence parallelism in one block whose mixers are already tensor-parallel: norms on the
-    local slice, each tensor-parallel mixer gathering the sequence at its input (a DTensor, so
-    the backward reduce-scatters), a MoE gathering it and splitting its output again."""
+    local slice, each mixer gathering the sequence at its input (a DTensor, so the backward
+    reduce-scatters); a mixer whose output is not reduced (MoE) splits its output again."""
     gather = PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())
-    plan: dict[str, ParallelStyle] = {}
-    if block.sequence_symbol is not None:
-        plan["input_layernorm"] = SequenceParallelNorm()
-        plan["self_attention"] = gather
-    if block.channel_symbol is not None:
-        plan["pre_mlp_layernorm"] = SequenceParallelNorm()
-        plan["mlp"] = gather if block.channel_symbol != "E" else PrepareModuleInputOutput(
-            input_layouts=Shard(1), desired_input_layouts=Replicate(), use_local_input=True,
-            output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True)
-    parallelize_module(block, tp_mesh, plan)
+    gather_and_split = PrepareModuleInputOutput(
+        input_layouts=Shard(1), desired_input_layouts=Replicate(), use_local_input=True,
+        output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True)
+    for side in block.sides():
+        parallelize_module(side.norm, tp_mesh, SequenceParallelNorm())
+        reduced = SPECS[side.symbol].tensor_parallel.reduces_output
+        parallelize_module(side.mixer, tp_mesh, gather if reduced else gather_and_split)
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -242,14 +242,19 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return module.get_submodule(path), leaf
 
 
-@torch.no_grad()
 def store_rank_major(module: nn.Module, packed: PackedRows) -> None:
     """Reorder `module`'s packed parameters (weight, bias) rank-major along `packed.dim` and
     mark them for the checkpoint hooks. Call on the full tensors, before they are sharded."""
-    for name, param in module.named_parameters(recurse=False):
-        assert param.shape[packed.dim] == packed.rows, (name, tuple(param.shape), packed)
-        param.copy_(packed.to_rank_major(param))
-        mark_packed(module, name, packed)
+    for name, _ in list(module.named_parameters(recurse=False)):
+        _store_parameter_rank_major(module, name, packed)
+
+
+@torch.no_grad()
+def _store_parameter_rank_major(module: nn.Module, name: str, packed: PackedRows) -> None:
+    param = getattr(module, name)
+    assert param.shape[packed.dim] == packed.rows, (name, tuple(param.shape), packed)
+    param.copy_(packed.to_rank_major(param))
+    mark_packed(module, name, packed)
 
 
 def _forward_on_local_shards(module: nn.Module, names: tuple[str, ...],

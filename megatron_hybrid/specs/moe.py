@@ -1,0 +1,171 @@
+"""`E`: mixture of experts with an optional shared expert (megatron_hybrid/layers/moe.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from megatron_hybrid.config_checks import ConfigError, positive
+from megatron_hybrid.layers.moe import MoELayer
+from megatron_hybrid.specs.base import (
+    ForeignLayout,
+    KeyMap,
+    KeyMappingError,
+    MixerSpec,
+    Replicated,
+    Slots,
+    SplitElsewhere,
+    TensorParallelPlan,
+    rename,
+)
+from megatron_hybrid.specs.init_rules import normal, output_projection, zeros
+from megatron_hybrid.specs.mlp import mlp_forward_flops, mlp_parameters
+
+if TYPE_CHECKING:
+    from megatron_hybrid.config import ModelConfig
+
+
+def check_config(config: ModelConfig) -> None:
+    if config.num_moe_experts is None:
+        raise ConfigError(
+            f"pattern {config.hybrid_layer_pattern!r} has MoE ('E') layers: set "
+            "num_moe_experts (--num-experts)"
+        )
+    positive(config, "num_moe_experts", "moe_router_topk")
+    if config.moe_router_topk > config.num_moe_experts:
+        raise ConfigError(
+            f"moe_router_topk={config.moe_router_topk} exceeds num_moe_experts="
+            f"{config.num_moe_experts}; top-k must be between 1 and the number of experts"
+        )
+    if config.moe_ffn_hidden_size is None:
+        config.moe_ffn_hidden_size = config.ffn_hidden_size
+    positive(config, "moe_ffn_hidden_size")
+    if config.moe_shared_expert_intermediate_size is not None:
+        positive(config, "moe_shared_expert_intermediate_size")
+    if config.moe_aux_loss_coeff < 0:
+        raise ConfigError(f"moe_aux_loss_coeff must be >= 0, got {config.moe_aux_loss_coeff}")
+
+
+def forward_flops_per_token(config: ModelConfig, seq_length: int) -> float:
+    """E = num_moe_experts, k = moe_router_topk, Fe = moe_ffn_hidden_size,
+    Fs = moe_shared_expert_intermediate_size, MLP(F) = the dense MLP's formula (specs/mlp.py):
+
+        router                     2 * H * E
+        k routed experts           k * MLP(Fe)   (only the chosen experts)
+        shared expert (if any)     MLP(Fs)
+    """
+    H = config.hidden_size
+    flops = 2 * H * config.num_moe_experts
+    flops += config.moe_router_topk * mlp_forward_flops(H, config.moe_ffn_hidden_size,
+                                                        config.activation)
+    if config.moe_shared_expert_intermediate_size is not None:
+        flops += mlp_forward_flops(H, config.moe_shared_expert_intermediate_size,
+                                   config.activation)
+    return flops
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Router E*H, E experts, the shared expert; the expert bias and token counts are
+    buffers."""
+    H, E = config.hidden_size, config.num_moe_experts
+    params = E * H + E * mlp_parameters(H, config.moe_ffn_hidden_size, config.activation)
+    if config.moe_shared_expert_intermediate_size is not None:
+        params += mlp_parameters(H, config.moe_shared_expert_intermediate_size,
+                                 config.activation)
+    return params
+
+
+# -- Hugging Face nemotron_h ----------------------------------------------------------------------
+def _router_keys(config: ModelConfig) -> tuple[str, ...]:
+    if config.moe_router_enable_expert_bias:
+        return ("mlp.router.weight", "mlp.router.expert_bias")
+    return ("mlp.router.weight",)
+
+
+def router_to_hf(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+    """HF always has an expert-score bias: ours, or zeros (no bias) in float32 as HF keeps it."""
+    weight, *bias = tensors
+    if not bias:
+        bias = [torch.zeros(config.num_moe_experts, dtype=torch.float32, device=weight.device)]
+    return [weight, *bias]
+
+
+def router_from_hf(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+    weight, bias = tensors
+    if config.moe_router_enable_expert_bias:
+        return [weight, bias]
+    if bool((bias != 0).any()):
+        raise KeyMappingError(
+            "e_score_correction_bias is not zero but the config has "
+            "moe_router_enable_expert_bias=False, so the expert choice would differ; import "
+            "with moe_router_enable_expert_bias=True")
+    return [weight]
+
+
+def _hf_expert_keys(config: ModelConfig) -> tuple[str, ...]:
+    """One up and one down projection per expert, expert by expert."""
+    return tuple(f"mixer.experts.{j}.{proj}.weight" for j in range(config.num_moe_experts)
+                 for proj in ("up_proj", "down_proj"))
+
+
+def experts_to_hf(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+    """Stacked fc1 [E, F, H] and fc2 [E, H, F] -> up_j [F, H], down_j [H, F] per expert j."""
+    fc1, fc2 = tensors
+    return [w for j in range(config.num_moe_experts) for w in (fc1[j], fc2[j])]
+
+
+def experts_from_hf(tensors: Sequence[torch.Tensor], config: ModelConfig
+                    ) -> list[torch.Tensor]:
+    return [torch.stack(list(tensors[0::2])), torch.stack(list(tensors[1::2]))]
+
+
+HF_NEMOTRON_H = ForeignLayout(
+    layer_type="moe",
+    key_maps=(
+        rename("pre_mlp_layernorm.weight", "norm.weight"),
+        KeyMap(_router_keys, ("mixer.gate.weight", "mixer.gate.e_score_correction_bias"),
+               to_theirs=router_to_hf, to_ours=router_from_hf),
+        KeyMap(("mlp.experts.linear_fc1.weight", "mlp.experts.linear_fc2.weight"),
+               _hf_expert_keys, to_theirs=experts_to_hf, to_ours=experts_from_hf),
+        rename("mlp.shared_experts.linear_fc1.weight", "mixer.shared_experts.up_proj.weight"),
+        rename("mlp.shared_experts.linear_fc2.weight", "mixer.shared_experts.down_proj.weight"),
+    ),
+)
+
+_EXPERT_PARALLEL = SplitElsewhere("megatron_hybrid/parallel/expert_parallel.py")
+
+SPEC = MixerSpec(
+    symbol="E",
+    build=MoELayer,
+    config_fields=("hidden_size", "ffn_hidden_size", "activation", "num_moe_experts",
+                   "moe_router_topk", "moe_ffn_hidden_size",
+                   "moe_shared_expert_intermediate_size", "moe_router_score_function",
+                   "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+                   "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
+                   "moe_aux_loss_coeff"),
+    check_config=check_config,
+    slots=Slots(norm="pre_mlp_layernorm", mixer="mlp"),  # Megatron's names
+    init_rules={
+        "router.weight": normal,
+        "router.expert_bias": zeros,
+        "experts.linear_fc1.weight": normal,
+        "experts.linear_fc2.weight": output_projection,
+        "shared_experts.linear_fc1.weight": normal,
+        "shared_experts.linear_fc2.weight": output_projection,
+    },
+    # Experts and the shared expert are split, over tp and ep, by expert parallelism, which
+    # also checks the sizes (expert_parallel_problems). The router stays whole, so every rank
+    # routes alike; the MoE's output is therefore replicated, not reduced.
+    tensor_parallel=TensorParallelPlan(parameters={
+        "router.weight": Replicated(),
+        "experts.linear_fc1.weight": _EXPERT_PARALLEL,
+        "experts.linear_fc2.weight": _EXPERT_PARALLEL,
+        "shared_experts.linear_fc1.weight": _EXPERT_PARALLEL,
+        "shared_experts.linear_fc2.weight": _EXPERT_PARALLEL,
+    }),
+    forward_flops_per_token=forward_flops_per_token,
+    parameter_count=parameter_count,
+    hf_nemotron_h=HF_NEMOTRON_H,
+)
