@@ -184,8 +184,8 @@ def _training_settings(bench: BenchConfig, args: argparse.Namespace,
     decay 0.1; clipping and the non-finite check as the training script's defaults."""
     return TrainingSettings(seq_length=bench.seq_length, micro_batch_size=bench.micro_batch,
                             global_batch_size=bench.micro_batch, lr=1e-4, min_lr=1e-4,
-                            lr_warmup_iters=0, lr_decay_iters=args.warmup + args.steps,
-                            lr_decay_style="constant", bf16=device.type == "cuda", seed=1234)
+                            lr_warmup_iters=0, lr_decay_style="constant",
+                            bf16=device.type == "cuda", seed=1234)
 
 
 # Kernel-name patterns of each category in the --profile summary, first match wins.

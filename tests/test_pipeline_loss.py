@@ -36,7 +36,7 @@ def worker() -> None:
     config = small_config("M*|-E")
     parallel = ParallelSettings(pipeline_model_parallel_size=2)
     dims = parallel.dims(proc.world_size)
-    trainer = Trainer(config, TrainingSettings(micro_batch_size=2, lr_decay_iters=10), parallel,
+    trainer = Trainer(config, TrainingSettings(micro_batch_size=2), parallel,
                       dims, dims.build_mesh("cpu"), proc.device, None, MICRO_BATCHES,
                       log=lambda _: None)
     pipeline = trainer.pipeline

@@ -287,7 +287,7 @@ def check_flag_ranges(args: argparse.Namespace) -> None:
 
 def check_training_args(args: argparse.Namespace) -> None:
     """Raise ValueError for a flag outside its range (FLAG_RANGES) or settings that do not fit
-    together; fills in --lr-decay-iters (default --train-iters)."""
+    together."""
     check_flag_ranges(args)
     if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
         raise ValueError(
@@ -296,8 +296,6 @@ def check_training_args(args: argparse.Namespace) -> None:
         )
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
     if args.save_interval is not None and not args.save:
         raise ValueError("--save-interval needs --save DIR")
     if args.sequence_parallel:

@@ -18,6 +18,7 @@ from megatron_hybrid.data.builder import DataSettings
 from megatron_hybrid.data.tokenizer import TokenizerSettings
 from megatron_hybrid.kernels.cli import KernelSettings
 from megatron_hybrid.parallel.parallelize import ParallelSettings
+from megatron_hybrid.training.optimizer import LRSchedule
 
 # The model a run with no flags trains: the embedded default run (the default pattern on the
 # embedded corpus, a few minutes on 2 CPU cores). ModelConfig's defaults follow Megatron-LM and
@@ -118,6 +119,13 @@ class TrainingSettings:
     """Seeds the initial weights, the data order and the sample generation."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
+
+    def lr_schedule(self) -> LRSchedule:
+        """The learning-rate schedule of these settings (the decay ends at `train_iters` unless
+        `lr_decay_iters` says otherwise)."""
+        decay_iters = self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters
+        return LRSchedule(self.lr, self.min_lr, self.lr_warmup_iters, decay_iters,
+                          self.lr_decay_style)
 
 
 @dataclass

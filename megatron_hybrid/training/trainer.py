@@ -63,7 +63,6 @@ from megatron_hybrid.training.arguments import (
 )
 from megatron_hybrid.training.nonfinite import NonFiniteCheck, TrainingDivergedError
 from megatron_hybrid.training.optimizer import (
-    LRSchedule,
     build_optimizer,
     lr_schedule_warning,
     set_learning_rate,
@@ -215,7 +214,7 @@ class Trainer:
 
     def __init__(self, config: ModelConfig, training: TrainingSettings,
                  parallel: ParallelSettings, dims: ParallelDims, mesh: DeviceMesh | None,
-                 device: torch.device, kernels: BoundKernels, num_micro_batches: int,
+                 device: torch.device, kernels: BoundKernels | None, num_micro_batches: int,
                  log: Callable[[str], None] = print, save_dir: str | None = None):
         self.config, self.dims, self.device = config, dims, device
         self.num_micro_batches = num_micro_batches
@@ -235,8 +234,7 @@ class Trainer:
                                       foreach=False if dims.tp > 1 or dims.ep > 1 else None)
                       for part in self.parts]
         self.optimizer = optimizers[0] if len(self.parts) == 1 else OptimizerParts(optimizers)
-        self.lr_schedule = LRSchedule(training.lr, training.min_lr, training.lr_warmup_iters,
-                                      training.lr_decay_iters, training.lr_decay_style)
+        self.lr_schedule = training.lr_schedule()
         self.pipeline = self.tied_sync = None
         if dims.pp > 1:
             self._build_pipeline(config, mesh, parallel, stage_indices, specs, log)
