@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from timing import Stopwatch  # benchmarks/timing.py, beside this script
 
-from megatron_hybrid.data.builder import add_data_args, build_datasets
+from megatron_hybrid.data.builder import DataSettings, add_data_args, build_datasets
 from megatron_hybrid.data.indexed_dataset import IndexedDatasetWriter
 from megatron_hybrid.data.tokenizer import ByteTokenizer, build_tokenizer
+from megatron_hybrid.training.arguments import flags_to_settings
 
 
 def write_dataset(prefix: str, num_tokens: int, seed: int) -> None:
@@ -81,7 +82,8 @@ def main() -> None:
             args = data_parser.parse_args(flags + ["--data-cache-path",
                                                    os.path.join(folder, "cache")])
             stopwatch = Stopwatch()
-            splits = build_datasets(args, build_tokenizer(args), options.seq_length, seed=1234,
+            splits = build_datasets(flags_to_settings(DataSettings, args), build_tokenizer(args),
+                                    options.seq_length, seed=1234,
                                     num_train_samples=100_000, num_eval_samples=1000)
             build_s = stopwatch.elapsed_s()
             tokens_per_s, samples = time_batches(splits.train, options.micro_batch_size,

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Training throughput of named hybrid models: tokens/s, MFU and peak memory per config.
 
-For every config: build HybridModel (random token data, no dataset), AdamW, bf16 autocast on
-CUDA (fp32 on CPU), run `--warmup` untimed steps then `--steps` timed ones (each step is
-forward, cross-entropy, backward, optimizer step; benchmarks/timing.py times each on its own),
-and report the median step time, tokens/s, MFU and peak memory (torch.cuda.max_memory_allocated,
-reset per config). A config that fails (e.g. out of memory) is reported and the rest still run.
+For every config: build the training script's Trainer on one device (random token data, no
+dataset; the model parallelized by `parallelize`, its AdamW and schedule), bf16 autocast on CUDA
+(fp32 on CPU), run `--warmup` untimed steps then `--steps` timed ones of the trainer's own
+`train_step` (forward, cross-entropy, backward, gradient clipping, the non-finite check,
+optimizer step; benchmarks/timing.py times each on its own), and report the median step time,
+tokens/s, MFU and peak memory (torch.cuda.max_memory_allocated, reset per config). A config that
+fails (e.g. out of memory) is reported and the rest still run.
 
     MFU = training_flops_per_token(config, seq) * tokens/s / peak
     peak = 989.4 TFLOP/s, the H100 SXM bf16 dense spec (override with --peak-tflops);
@@ -36,10 +38,11 @@ from timing import Stopwatch, call_times_ms, synchronize  # benchmarks/timing.py
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.flops import parameter_count, training_flops_per_token
 from megatron_hybrid.kernels import resolve_kernels
-from megatron_hybrid.model import HybridModel
-from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
-from megatron_hybrid.parallel.compile import apply_compile
+from megatron_hybrid.parallel.dims import ParallelDims
+from megatron_hybrid.parallel.parallelize import ParallelSettings
 from megatron_hybrid.pattern import CHANNEL_MIXERS, SEQUENCE_MIXERS
+from megatron_hybrid.training.settings import TrainingSettings
+from megatron_hybrid.training.trainer import Trainer
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.4
 
@@ -130,30 +133,22 @@ def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.devic
         torch.cuda.reset_peak_memory_stats(device)
     kernels = resolve_kernels({}, args.kernels, device)
     result["kernels_bound"] = kernels.describe()
-    model = HybridModel(config, seed=1234, kernels=kernels).to(device)
-    assert model.num_parameters() == params, (model.num_parameters(), params)
-    if args.recompute_granularity:  # before compile, as the training script orders them
-        apply_activation_checkpointing(model, args.recompute_granularity, log=lambda _: None)
-    if args.compile:  # per block, as the training script's --compile
-        apply_compile(model, mode=args.compile_mode, log=lambda _: None)
-    step_model = model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
-                                  fused=device.type == "cuda")
+    trainer = Trainer(config, _training_settings(bench, args, device),
+                      ParallelSettings(compile=args.compile, compile_mode=args.compile_mode,
+                                       recompute_granularity=args.recompute_granularity),
+                      ParallelDims(world_size=1), None, device, kernels, num_micro_batches=1,
+                      log=lambda _: None)
+    assert trainer.num_parameters == params, (trainer.num_parameters, params)
     generator = torch.Generator(device="cpu").manual_seed(0)
     data = torch.randint(0, config.vocab_size, (bench.micro_batch, bench.seq_length + 1),
                          generator=generator).to(device)
-    inputs, labels = data[:, :-1], data[:, 1:]
+    iteration = 0
 
     def step() -> None:
         # The loss through the model's bound linear_cross_entropy (fused under --kernels auto).
-        if device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = step_model(inputs, labels)
-        else:
-            loss = step_model(inputs, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        nonlocal iteration
+        iteration += 1
+        trainer.train_step(iteration, [data])
 
     times = [ms / 1e3 for ms in call_times_ms(step, warmup=args.warmup, repeat=args.steps,
                                               device=device)]
@@ -169,6 +164,16 @@ def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.devic
                            if device.type == "cuda" else None),
     )
     return result
+
+
+def _training_settings(bench: BenchConfig, args: argparse.Namespace,
+                       device: torch.device) -> TrainingSettings:
+    """One micro-batch per step, bf16 autocast on CUDA, AdamW at a constant 1e-4 with weight
+    decay 0.1; clipping and the non-finite check as the training script's defaults."""
+    return TrainingSettings(seq_length=bench.seq_length, micro_batch_size=bench.micro_batch,
+                            global_batch_size=bench.micro_batch, lr=1e-4, min_lr=1e-4,
+                            lr_warmup_iters=0, lr_decay_style="constant",
+                            bf16=device.type == "cuda", seed=1234)
 
 
 # Kernel-name patterns of each category in the --profile summary, first match wins.

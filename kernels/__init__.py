@@ -9,7 +9,7 @@ if __name__ != "megatron_hybrid.kernels":  # the repository root is on sys.path
 
     step_aside(__name__, __file__)
 else:
-    from megatron_hybrid.kernels.cli import add_kernel_args, kernels_from_args
+    from megatron_hybrid.kernels.cli import KernelSettings, add_kernel_args, kernels_from_settings
     from megatron_hybrid.kernels.registry import (
         OPS,
         REGISTRY,
@@ -24,6 +24,7 @@ else:
 
     __all__ = [
         "OPS", "REGISTRY", "BoundKernels", "Implementation", "KernelChoice", "KernelError",
-        "KernelRegistry", "add_kernel_args", "eager_kernels", "kernels_from_args",
+        "KernelRegistry", "KernelSettings", "add_kernel_args", "eager_kernels",
+        "kernels_from_settings",
         "resolve_kernels",
     ]

@@ -1,17 +1,16 @@
 """Command-line flags for the kernel registry: `--kernels auto|eager`, `--kernel OP=IMPL`, and
 the options of implementations that take some (`--tiled-mlp-shards N` for `--kernel mlp=tiled`).
 
-    parser = argparse.ArgumentParser()
-    add_kernel_args(parser)
-    args = parser.parse_args()
-    kernels = kernels_from_args(args, device)   # KernelError for an impossible request
-    print(kernels.describe())                   # the start-up line
+    add_kernel_args(parser)      # the flags (training/arguments.py maps them to KernelSettings)
+    kernels = kernels_from_settings(KernelSettings(kernels="auto"), device)  # or KernelError
+    print(kernels.describe())    # the start-up line
     model = HybridModel(config, seed, kernels=kernels)
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,23 +23,38 @@ from megatron_hybrid.kernels.registry import (
 )
 
 
+@dataclass
+class KernelSettings:
+    """Which implementation runs each op of a model (the "kernels" flags)."""
+
+    kernels: str = "eager"
+    """Mode, one of MODES: eager everywhere, or auto (per op the fastest the device supports)."""
+    kernel: list[str] = field(default_factory=list)
+    """Requests "OP=IMPL" that override the mode for one op each (an impossible one is an
+    error, never a silent fallback)."""
+    tiled_mlp_shards: int = 4
+    """Token shards of `mlp=tiled` (its option `shards`)."""
+
+
 def add_kernel_args(parser: argparse.ArgumentParser) -> None:
     """Add `--kernels`, `--kernel` and `--tiled-mlp-shards` to `parser` (in an argument group
-    of their own)."""
+    of their own; defaults from KernelSettings)."""
+    defaults = KernelSettings()
     group = parser.add_argument_group("kernels")
     group.add_argument(
-        "--kernels", choices=MODES, default="eager",
+        "--kernels", choices=MODES, default=defaults.kernels,
         help="eager: plain PyTorch for every op; auto: per op the fastest implementation the "
         "device supports (Triton on CUDA), logged at start-up (default: eager)",
     )
     group.add_argument(
-        "--kernel", action="append", default=[], metavar="OP=IMPL",
+        "--kernel", action="append", default=defaults.kernel, metavar="OP=IMPL",
         help="use implementation IMPL for op OP, or stop with an error saying why it cannot "
         f"run; repeatable. Ops: {', '.join(OPS)}; implementations: eager, triton, "
         "tiled (mlp only)",
     )
     group.add_argument(
-        "--tiled-mlp-shards", type=_positive_int, default=4, metavar="N",
+        "--tiled-mlp-shards", type=_positive_int, default=defaults.tiled_mlp_shards,
+        metavar="N",
         help="with --kernel mlp=tiled: split the tokens into N shards; each shard's MLP hidden "
         "activations exist only while it is computed, in forward and again in backward "
         "(default: 4)",
@@ -75,12 +89,12 @@ def parse_kernel_requests(items: list[str]) -> dict[str, str]:
     return requests
 
 
-def kernels_from_args(args: argparse.Namespace, device: torch.device | str) -> BoundKernels:
-    """Bind the kernels that `args.kernels` and `args.kernel` ask for, for a model on `device`.
+def kernels_from_settings(settings: KernelSettings, device: torch.device | str) -> BoundKernels:
+    """Bind the kernels that `settings` ask for, for a model on `device`.
 
     Raises:
         KernelError: a malformed or impossible request (see `resolve_kernels`).
     """
-    options = {"mlp=tiled": {"shards": args.tiled_mlp_shards}}
-    return resolve_kernels(parse_kernel_requests(args.kernel or []), args.kernels, device,
+    options = {"mlp=tiled": {"shards": settings.tiled_mlp_shards}}
+    return resolve_kernels(parse_kernel_requests(settings.kernel), settings.kernels, device,
                            options=options)

@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from megatron_hybrid.data.blended_dataset import BlendedDataset
-from megatron_hybrid.data.builder import DataConfigError, add_data_args, build_datasets, parse_blend
+from megatron_hybrid.data.builder import (
+    DataConfigError,
+    DataSettings,
+    add_data_args,
+    build_datasets,
+    parse_blend,
+)
 from megatron_hybrid.data.indexed_dataset import IndexedDatasetWriter
 from megatron_hybrid.data.tokenizer import NullTokenizer
+from megatron_hybrid.training.arguments import flags_to_settings
 
 SEQ = 16
 
@@ -95,8 +102,8 @@ def sources(tmp_path):
 def build(*flags, train=1000, seed=5):
     parser = argparse.ArgumentParser()
     add_data_args(parser)
-    return build_datasets(parser.parse_args(list(flags)), NullTokenizer(10_000), SEQ, seed,
-                          train, 40)
+    return build_datasets(flags_to_settings(DataSettings, parser.parse_args(list(flags))),
+                          NullTokenizer(10_000), SEQ, seed, train, 40)
 
 
 def source_fractions(batch: torch.Tensor) -> float:

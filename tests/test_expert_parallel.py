@@ -241,6 +241,11 @@ def test_swiglu_experts_fit_expert_and_tensor_parallelism(world_size, ep, tp):
 
 
 # -- the worker of the gradient tests ----------------------------------------------------------
+def language_model_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of materialized logits, in float32 (the reference)."""
+    return torch.nn.functional.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten())
+
+
 def gradient_worker(argv: list[str]) -> None:
     """Build the model in the layout the arguments give (--ep, --tp, --recompute, pattern
     flags) and one unsharded reference on every rank; run the same global batch through both
@@ -255,7 +260,6 @@ def gradient_worker(argv: list[str]) -> None:
     from megatron_hybrid.parallel.fsdp import apply_fsdp
     from megatron_hybrid.parallel.packed import packed_tensors
     from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
-    from megatron_hybrid.training.trainer import language_model_loss
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--ep", type=int, default=1)

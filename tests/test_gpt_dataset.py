@@ -11,6 +11,7 @@ import torch
 
 from megatron_hybrid.data.builder import (
     DataConfigError,
+    DataSettings,
     add_data_args,
     build_datasets,
     split_ranges,
@@ -21,7 +22,9 @@ from megatron_hybrid.data.indexed_dataset import (
     IndexedDatasetError,
     IndexedDatasetWriter,
 )
+from megatron_hybrid.data.sharding import DataParallelShare
 from megatron_hybrid.data.tokenizer import ByteTokenizer, NullTokenizer
+from megatron_hybrid.training.arguments import flags_to_settings
 
 SEQ = 16
 
@@ -45,15 +48,15 @@ def write_dataset(prefix, num_sequences=60, dtype=np.int32, seed=0, eod=None) ->
     return sequences
 
 
-def data_args(*flags: str) -> argparse.Namespace:
+def data_args(*flags: str) -> DataSettings:
     parser = argparse.ArgumentParser()
     add_data_args(parser)
-    return parser.parse_args(list(flags))
+    return flags_to_settings(DataSettings, parser.parse_args(list(flags)))
 
 
-def build(*flags, tokenizer=None, seed=3, train=200, evals=20, **kwargs):
+def build(*flags, tokenizer=None, seed=3, train=200, evals=20):
     return build_datasets(data_args(*flags), tokenizer or NullTokenizer(100_000), SEQ, seed,
-                          train, evals, **kwargs)
+                          train, evals)
 
 
 def epoch_stream(dataset: GPTDataset, sequences, epoch: int) -> np.ndarray:
@@ -162,12 +165,14 @@ def test_train_and_valid_read_disjoint_sequences(corpus):
     assert splits.test is None
 
 
-def test_data_parallel_ranks_read_interleaved_disjoint_shares(corpus):
-    flags = ("--data-path", str(corpus[0]))
-    whole = build(*flags).train.batch(8, 8)  # global samples 8..15
-    rank0 = build(*flags, dp_rank=0, dp_size=2).train.batch(8, 4)
-    rank1 = build(*flags, dp_rank=1, dp_size=2).train.batch(8, 4)
-    assert torch.equal(rank0, whole[0::2]) and torch.equal(rank1, whole[1::2])
+def test_data_parallel_ranks_read_disjoint_shares_of_the_global_batch(corpus):
+    train = build("--data-path", str(corpus[0])).train
+    whole = train.batch(8, 8)  # global samples 8..15: one iteration of 2 ranks x 2 x 2
+    shares = [torch.cat([train.batch(first, count) for first, count in
+                         DataParallelShare(rank, 2).training_reads(8, 2, 2)])
+              for rank in range(2)]
+    assert torch.equal(shares[0], torch.cat([whole[0:2], whole[4:6]]))
+    assert torch.equal(shares[1], torch.cat([whole[2:4], whole[6:8]]))
 
 
 def test_without_data_flags_there_are_no_datasets():

@@ -16,14 +16,16 @@ from megatron_hybrid.kernels import (
     REGISTRY,
     Implementation,
     KernelError,
+    KernelSettings,
     add_kernel_args,
     eager_kernels,
-    kernels_from_args,
+    kernels_from_settings,
     resolve_kernels,
 )
 from megatron_hybrid.kernels.cli import parse_kernel_requests
 from megatron_hybrid.kernels.norms.eager import rms_norm
 from megatron_hybrid.model import HybridModel
+from megatron_hybrid.training.arguments import flags_to_settings
 
 
 def registry_with(*impls: Implementation):
@@ -238,22 +240,23 @@ def test_model_with_triton_kernels_matches_eager_logits_and_gradients():
 
 # -- command line ---------------------------------------------------------------------------------
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def parse(argv: list[str]) -> KernelSettings:
     parser = argparse.ArgumentParser()
     add_kernel_args(parser)
-    return parser.parse_args(argv)
+    return flags_to_settings(KernelSettings, parser.parse_args(argv))
 
 
 def test_kernel_flags_default_to_eager_without_requests():
     args = parse([])
     assert args.kernels == "eager" and args.kernel == []
-    assert kernels_from_args(args, "cpu").describe() == eager_kernels().describe()
+    assert kernels_from_settings(args, "cpu").describe() == eager_kernels().describe()
 
 
 def test_kernel_flag_is_repeatable():
     assert parse_kernel_requests(["rms_norm=eager", "activation.swiglu = eager"]) == {
         "rms_norm": "eager", "activation.swiglu": "eager"}
-    kernels = kernels_from_args(parse(["--kernels", "auto", "--kernel", "rms_norm=eager"]), "cpu")
+    kernels = kernels_from_settings(parse(["--kernels", "auto", "--kernel", "rms_norm=eager"]),
+                                    "cpu")
     assert kernels.mode == "auto" and kernels.choices["rms_norm"].how == "requested"
 
 

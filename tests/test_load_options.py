@@ -29,6 +29,7 @@ from megatron_hybrid.training.arguments import (
     check_training_args,
     model_config_from_args,
     resolve_global_batch_size,
+    settings_from_args,
 )
 from megatron_hybrid.training.optimizer import LRSchedule, build_optimizer, lr_schedule_warning
 from megatron_hybrid.training.progress import ProgressReporter
@@ -77,7 +78,8 @@ def resume(checkpoint: Path, *flags: str, seed_before: int | None = None):
     reporter = ProgressReporter(args.train_iters, None, live=False, stream=output)
     if seed_before is not None:
         seed_all(seed_before)
-    progress = trainer.resume(args, [model], optimizer, config, TrainProgress(), reporter)
+    progress = trainer.resume(settings_from_args(args).checkpoint, [model], optimizer, config,
+                              TrainProgress(), reporter)
     return model, optimizer, progress, output.getvalue()
 
 
@@ -86,7 +88,7 @@ def resume(checkpoint: Path, *flags: str, seed_before: int | None = None):
 def first_iteration_batch(args) -> torch.Tensor:
     """The samples the first iteration of a run from scratch reads: global samples 0 .. global
     batch - 1 (one process, one micro-batch)."""
-    train_data = trainer.build_training_data(args, build_tokenizer(args))[0]
+    train_data = trainer.build_training_data(settings_from_args(args), build_tokenizer(args))[0]
     return train_data.batch(0, args.global_batch_size)
 
 

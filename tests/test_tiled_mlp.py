@@ -24,10 +24,16 @@ import pytest
 import torch
 from conftest import small_config
 
-from megatron_hybrid.kernels import add_kernel_args, kernels_from_args, resolve_kernels
+from megatron_hybrid.kernels import (
+    KernelSettings,
+    add_kernel_args,
+    kernels_from_settings,
+    resolve_kernels,
+)
 from megatron_hybrid.kernels.registry import eager_kernels
 from megatron_hybrid.layers.mlp import MLP
 from megatron_hybrid.model import HybridModel
+from megatron_hybrid.training.arguments import flags_to_settings
 
 HIDDEN, FFN = 32, 48
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -124,21 +130,21 @@ def test_shared_experts_and_mlps_of_a_model_use_the_tiled_mlp():
 
 # -- binding --------------------------------------------------------------------------------------
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def parse(argv: list[str]) -> KernelSettings:
     parser = argparse.ArgumentParser()
     add_kernel_args(parser)
-    return parser.parse_args(argv)
+    return flags_to_settings(KernelSettings, parser.parse_args(argv))
 
 
 def test_shard_count_comes_from_the_command_line_and_is_logged():
-    kernels = kernels_from_args(parse(["--kernel", "mlp=tiled", "--tiled-mlp-shards", "3"]),
-                                "cpu")
+    kernels = kernels_from_settings(parse(["--kernel", "mlp=tiled", "--tiled-mlp-shards", "3"]),
+                                    "cpu")
     assert kernels.impl("mlp") == "tiled" and kernels.choices["mlp"].options == (("shards", 3),)
     assert "mlp=tiled(shards=3) (requested)" in kernels.describe()
 
 
 def test_shard_count_is_ignored_unless_the_tiled_mlp_is_bound():
-    kernels = kernels_from_args(parse(["--tiled-mlp-shards", "3"]), "cpu")
+    kernels = kernels_from_settings(parse(["--tiled-mlp-shards", "3"]), "cpu")
     assert kernels.impl("mlp") == "eager" and kernels.choices["mlp"].options == ()
 
 

@@ -46,13 +46,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "gradient clipping never scales the gradients"),
     Mutation(
         "trainer-never-clips", "megatron_hybrid/training/trainer.py",
-        "max_norm = args.clip_grad if args.clip_grad > 0 else math.inf", "max_norm = math.inf",
+        "self.max_grad_norm = training.clip_grad if training.clip_grad > 0 else math.inf",
+        "self.max_grad_norm = math.inf",
         ("tests/test_grad_clipping.py",),
         "the trainer asks for no clipping whatever --clip-grad says"),
     Mutation(
         "pipeline-eval-loss-weight", "megatron_hybrid/training/trainer.py",
-        "loss_weight=dims.pp if pipeline.has_last else 0.0",
-        "loss_weight=1.0 if pipeline.has_last else 0.0",
+        "(self.dims.pp if pipeline.has_last else 0.0)",
+        "(1.0 if pipeline.has_last else 0.0)",
         (f"{LAYOUTS}[pp2]",),
         "validation loss under pipeline parallelism: the last stage's loss weight set to 1"),
     Mutation(
@@ -71,8 +72,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "MoE routing counts include evaluation forwards"),
     Mutation(
         "finetune-skips-load", "megatron_hybrid/training/trainer.py",
-        "args.load, model, None if",
-        'args.load, __import__("copy").deepcopy(model) if args.finetune else model, None if',
+        "            checkpoint.load, model,\n",
+        '            checkpoint.load, __import__("copy").deepcopy(model) if checkpoint.finetune '
+        'else model,\n',
         ("tests/test_load_options.py::test_finetune_trains_the_checkpoint_weights_from_iteration_0",),
         "--finetune loads the weights into a copy the run never uses"),
     Mutation(
@@ -121,8 +123,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a NaN loss or gradient norm is not noticed"),
     Mutation(
         "default-global-batch-ignores-dp", "megatron_hybrid/training/arguments.py",
-        "        args.global_batch_size = per_micro_step",
-        "        args.global_batch_size = args.micro_batch_size",
+        "        training.global_batch_size = per_micro_step",
+        "        training.global_batch_size = training.micro_batch_size",
         ("tests/test_flag_checks.py",
          "tests/test_distributed.py::test_torchrun_with_no_batch_flags_trains"),
         "--global-batch-size defaults to the micro batch, not micro batch x dp"),

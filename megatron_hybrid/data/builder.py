@@ -1,9 +1,11 @@
 """From data flags to the train / valid / test sample sources the trainer reads.
 
-    parser = build_parser(); add_data_args(parser)
-    splits = build_datasets(args, tokenizer, seq_length, seed, num_train_samples,
-                            num_eval_samples, dp_rank, dp_size)
-    splits.train.batch(consumed_samples, micro_batch_size)   # (micro_batch_size, seq_length + 1)
+    add_data_args(parser)              # the flags; training/arguments.py maps them to DataSettings
+    splits = build_datasets(data, tokenizer, seq_length, seed, num_train_samples,
+                            num_eval_samples)
+    splits.train.batch(first_sample, count)   # global samples: (count, seq_length + 1)
+
+Which global samples a data-parallel rank reads is data/sharding.py's rule, not the datasets'.
 
 Data sources, Megatron's flags:
 
@@ -50,30 +52,18 @@ class DataConfigError(ValueError):
 
 
 class DataSplit:
-    """One split (a dataset or a blend) as one data-parallel rank reads it.
+    """One split (a dataset or a blend): `batch(first, count)` reads global samples first ..
+    first + count - 1, as `StreamSampler.batch` does for the embedded corpus."""
 
-    Sharding rule: `batch(first, b)` covers the b * dp_size global samples first ..
-    first + b * dp_size - 1 and returns this rank's share, global samples
-    first + dp_rank + k * dp_size for k < b. The caller counts consumed samples globally and
-    advances them by b * dp_size per call; then within every global batch global sample g goes to
-    rank g % dp_size, and with dp_size 1 `batch(first, b)` is simply samples first .. first + b - 1.
-    A rank reads only its own samples.
-    """
-
-    def __init__(self, name: str, dataset, num_samples: int, seq_length: int,
-                 dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, name: str, dataset, num_samples: int, seq_length: int):
         self.name, self.dataset, self.num_samples = name, dataset, num_samples
-        self.seq_length, self.dp_rank, self.dp_size = seq_length, dp_rank, dp_size
-
-    def sample_ids(self, first_sample: int, batch_size: int) -> np.ndarray:
-        """The global sample indices `batch(first_sample, batch_size)` returns on this rank."""
-        return first_sample + self.dp_rank + self.dp_size * np.arange(batch_size, dtype=np.int64)
+        self.seq_length = seq_length
 
     def batch(self, first_sample: int, batch_size: int) -> torch.Tensor:
-        """This rank's samples of global samples first_sample .. first_sample + batch_size *
-        dp_size - 1, stacked: int64 (batch_size, seq_length + 1)."""
+        """Global samples first_sample .. first_sample + batch_size - 1, stacked: int64
+        (batch_size, seq_length + 1)."""
         out = np.empty((batch_size, self.seq_length + 1), dtype=np.int64)
-        self.dataset.read(self.sample_ids(first_sample, batch_size), out)
+        self.dataset.read(first_sample + np.arange(batch_size, dtype=np.int64), out)
         return torch.from_numpy(out)
 
     def __repr__(self) -> str:
@@ -104,22 +94,52 @@ class DataSplits:
         return "; ".join(lines)
 
 
+@dataclass
+class DataSettings:
+    """Where the training, validation and test samples come from (the "data" flags, tokenizer
+    aside: data/tokenizer.py's TokenizerSettings). No source at all: the embedded corpus."""
+
+    data_path: list[str] | None = None
+    """Indexed dataset prefixes, optionally weighted ('0.3 A 0.7 B'), each split by `split`."""
+    split: str = DEFAULT_SPLIT
+    """train,valid,test shares of each `data_path` dataset's sequences (Megatron's --split)."""
+    train_data_path: list[str] | None = None
+    """The training blend, datasets used whole (instead of `data_path`)."""
+    valid_data_path: list[str] | None = None
+    """The validation blend, datasets used whole (with `train_data_path`)."""
+    test_data_path: list[str] | None = None
+    """The test blend, datasets used whole (with `train_data_path`)."""
+    mock_data: bool = False
+    """Synthetic documents of the tokenizer's ids through the same pipeline."""
+    data_cache_path: str | None = None
+    """Folder for the sample index cache; None: index_cache/ next to each dataset."""
+
+    def blend_of(self, split: str) -> list[str]:
+        """The prefixes (and weights) of one split's own flag (`train_data_path`, ...), or []."""
+        return getattr(self, f"{split}_data_path") or []
+
+
+_DATA = DataSettings()
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add the argparse group "data": data paths, split, mock data, index cache, tokenizer."""
+    """Add the argparse group "data": data paths, split, mock data, index cache, tokenizer
+    (defaults from DataSettings and TokenizerSettings)."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data-path", nargs="*", default=None, metavar="[WEIGHT] PREFIX",
+    group.add_argument("--data-path", nargs="*", default=_DATA.data_path,
+                       metavar="[WEIGHT] PREFIX",
                        help="indexed datasets (PREFIX.bin/.idx), optionally weighted: "
                        "'0.3 A 0.7 B'; without weights, mixed by token count. Neither this nor "
                        "--mock-data: train on the embedded default corpus")
-    group.add_argument("--split", default=DEFAULT_SPLIT,
+    group.add_argument("--split", default=_DATA.split,
                        help="train,valid,test shares of each --data-path dataset's sequences")
     for name in SPLIT_NAMES:
-        group.add_argument(f"--{name}-data-path", nargs="*", default=None,
-                           metavar="[WEIGHT] PREFIX",
+        group.add_argument(f"--{name}-data-path", nargs="*", metavar="[WEIGHT] PREFIX",
+                           default=getattr(_DATA, f"{name}_data_path"),
                            help=f"{name} split only, datasets used whole (instead of --data-path)")
-    group.add_argument("--mock-data", action="store_true",
+    group.add_argument("--mock-data", action="store_true", default=_DATA.mock_data,
                        help="synthetic data through the same pipeline (smoke tests, benchmarks)")
-    group.add_argument("--data-cache-path", default=None,
+    group.add_argument("--data-cache-path", default=_DATA.data_cache_path,
                        help="folder for the sample index cache (None: index_cache/ next to "
                        "each dataset)")
     add_tokenizer_args(group)
@@ -227,16 +247,16 @@ def _rank_zero_first():
             dist.barrier()
 
 
-def _cache_dir(args, indexed) -> str | None:
+def _cache_dir(data: DataSettings, indexed) -> str | None:
     if isinstance(indexed, MockIndexedDataset):
         return None
-    if getattr(args, "data_cache_path", None):
-        return args.data_cache_path
+    if data.data_cache_path:
+        return data.data_cache_path
     return os.path.join(os.path.dirname(os.path.abspath(indexed.prefix)), "index_cache")
 
 
-def _build_split(name: str, parts, args, seq_length: int, seed: int, num_samples: int,
-                 dp_rank: int, dp_size: int) -> DataSplit | None:
+def _build_split(name: str, parts, data: DataSettings, seq_length: int, seed: int,
+                 num_samples: int) -> DataSplit | None:
     """`parts`: (weight or None, dataset, first sequence, end sequence) for one split."""
     datasets, weights = [], []
     for weight, indexed, begin, end in parts:
@@ -248,7 +268,7 @@ def _build_split(name: str, parts, args, seq_length: int, seed: int, num_samples
                                         f"its {len(indexed)} sequences); give it a larger share "
                                         "with --split")
             dataset = GPTDataset(indexed, begin, end, seq_length, seed, name,
-                                 _cache_dir(args, indexed))
+                                 _cache_dir(data, indexed))
         except TooFewTokensError as error:
             if name == "train":
                 raise
@@ -269,14 +289,13 @@ def _build_split(name: str, parts, args, seq_length: int, seed: int, num_samples
         needed = source.samples_needed(num_samples)
         for dataset, count in zip(datasets, needed, strict=True):
             dataset.prepare(count)
-    return DataSplit(name, source, num_samples, seq_length, dp_rank, dp_size)
+    return DataSplit(name, source, num_samples, seq_length)
 
 
-def build_datasets(args: argparse.Namespace, tokenizer: Tokenizer, seq_length: int, seed: int,
-                   num_train_samples: int, num_eval_samples: int, dp_rank: int = 0,
-                   dp_size: int = 1) -> DataSplits | None:
-    """The train / valid / test splits the data flags describe, or None when no data flag is
-    given (the trainer then uses its embedded corpus). `num_*_samples` count global samples
+def build_datasets(data: DataSettings, tokenizer: Tokenizer, seq_length: int, seed: int,
+                   num_train_samples: int, num_eval_samples: int) -> DataSplits | None:
+    """The train / valid / test splits `data` describes, or None when it names no source (the
+    trainer then uses its embedded corpus). `num_*_samples` count global samples
     (all data-parallel ranks); they decide which epoch indices are built up front, not what the
     samples are. A split with no share is None. Collective when torch.distributed is
     initialized: every rank calls it.
@@ -285,9 +304,9 @@ def build_datasets(args: argparse.Namespace, tokenizer: Tokenizer, seq_length: i
     (IndexedDatasetNotFoundError for a missing file) for unreadable data or data that does not
     match the tokenizer.
     """
-    data_path = getattr(args, "data_path", None) or []
-    per_split = {name: getattr(args, f"{name}_data_path", None) or [] for name in SPLIT_NAMES}
-    mock = getattr(args, "mock_data", False)
+    data_path = data.data_path or []
+    per_split = {name: data.blend_of(name) for name in SPLIT_NAMES}
+    mock = data.mock_data
     if not (data_path or mock or any(per_split.values())):
         return None
     if sum(map(bool, (data_path, mock, any(per_split.values())))) > 1:
@@ -295,8 +314,6 @@ def build_datasets(args: argparse.Namespace, tokenizer: Tokenizer, seq_length: i
                               "--train-data-path with --valid-data-path / --test-data-path")
     if any(per_split.values()) and not per_split["train"]:
         raise DataConfigError("--valid-data-path / --test-data-path need --train-data-path too")
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
 
     opened: dict[str, IndexedDataset] = {}
 
@@ -313,7 +330,7 @@ def build_datasets(args: argparse.Namespace, tokenizer: Tokenizer, seq_length: i
             parts[name] = [(w, d, 0, len(d)) for w, d in
                            ((w, open_dataset(p)) for w, p in blend)]
     else:
-        split = parse_split(getattr(args, "split", None) or DEFAULT_SPLIT)
+        split = parse_split(data.split or DEFAULT_SPLIT)
         if mock:
             sources = [(1.0, MockIndexedDataset(tokenizer.vocab_size, tokenizer.eod,
                                                 2 * seq_length))]
@@ -333,6 +350,5 @@ def build_datasets(args: argparse.Namespace, tokenizer: Tokenizer, seq_length: i
                                           "share")
                 splits[name] = None
                 continue
-            splits[name] = _build_split(name, parts[name], args, seq_length, seed, num_samples,
-                                        dp_rank, dp_size)
+            splits[name] = _build_split(name, parts[name], data, seq_length, seed, num_samples)
     return DataSplits(**splits)

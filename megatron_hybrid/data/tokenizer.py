@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -207,34 +208,55 @@ class NullTokenizer:
         return " ".join(str(int(t)) for t in tokens)
 
 
+@dataclass
+class TokenizerSettings:
+    """Which tokenizer, and its files (the tokenizer flags of training and preprocessing)."""
+
+    tokenizer_type: str = "ByteTokenizer"
+    """One of TOKENIZER_TYPES; each reads only its own file or size field (TOKENIZER_FLAGS)."""
+    tokenizer_model: str | None = None
+    """HuggingFaceTokenizer: a tokenizer.json, or a folder holding one."""
+    vocab_file: str | None = None
+    """GPT2BPETokenizer: GPT-2's vocab.json."""
+    merge_file: str | None = None
+    """GPT2BPETokenizer: GPT-2's merges.txt."""
+    vocab_size: int | None = None
+    """NullTokenizer: ids are 0..N-1, EOD is N."""
+
+
+_DEFAULTS = TokenizerSettings()
+
+
 def add_tokenizer_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The tokenizer flags, shared by training and preprocessing."""
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="ByteTokenizer",
+    """The tokenizer flags, shared by training and preprocessing (defaults from
+    TokenizerSettings)."""
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES,
+                        default=_DEFAULTS.tokenizer_type,
                         help="ByteTokenizer needs no file; HuggingFaceTokenizer needs "
                         "--tokenizer-model; GPT2BPETokenizer --vocab-file and --merge-file; "
                         "NullTokenizer --vocab-size")
-    parser.add_argument("--tokenizer-model", default=None,
+    parser.add_argument("--tokenizer-model", default=_DEFAULTS.tokenizer_model,
                         help="a Hugging Face tokenizer.json, or a folder holding one")
-    parser.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
-    parser.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
-    parser.add_argument("--vocab-size", type=int, default=None,
+    parser.add_argument("--vocab-file", default=_DEFAULTS.vocab_file, help="GPT-2 vocab.json")
+    parser.add_argument("--merge-file", default=_DEFAULTS.merge_file, help="GPT-2 merges.txt")
+    parser.add_argument("--vocab-size", type=int, default=_DEFAULTS.vocab_size,
                         help="NullTokenizer: ids are 0..N-1, EOD is N")
 
 
-def build_tokenizer(args: argparse.Namespace) -> Tokenizer:
-    """The tokenizer the flags describe; raises TokenizerError (a ValueError) for missing or
-    unreadable files and missing flags."""
-    kind = getattr(args, "tokenizer_type", None) or "ByteTokenizer"
-    _refuse_other_tokenizers_flags(args, kind)
+def build_tokenizer(settings: TokenizerSettings) -> Tokenizer:
+    """The tokenizer `settings` describe; raises TokenizerError (a ValueError) for missing or
+    unreadable files and missing flags. (Parsed tokenizer flags, as preprocessing passes them,
+    have the same fields.)"""
+    kind = settings.tokenizer_type
+    _refuse_other_tokenizers_flags(settings, kind)
     if kind == "ByteTokenizer":
         return ByteTokenizer()
     if kind == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(_require_file_or_dir(getattr(args, "tokenizer_model", None)))
+        return HuggingFaceTokenizer(_require_file_or_dir(settings.tokenizer_model))
     if kind == "GPT2BPETokenizer":
-        return GPT2BPETokenizer(getattr(args, "vocab_file", None),
-                                getattr(args, "merge_file", None))
+        return GPT2BPETokenizer(settings.vocab_file, settings.merge_file)
     if kind == "NullTokenizer":
-        return NullTokenizer(getattr(args, "vocab_size", None))
+        return NullTokenizer(settings.vocab_size)
     raise TokenizerError(f"--tokenizer-type {kind!r} is unknown; expected one of "
                          f"{', '.join(TOKENIZER_TYPES)}")
 
@@ -248,10 +270,10 @@ TOKENIZER_FLAGS = {
 }
 
 
-def _refuse_other_tokenizers_flags(args: argparse.Namespace, kind: str) -> None:
+def _refuse_other_tokenizers_flags(settings: TokenizerSettings, kind: str) -> None:
     for other, flags in TOKENIZER_FLAGS.items():
         for flag in flags:
-            if other != kind and getattr(args, flag, None) is not None:
+            if other != kind and getattr(settings, flag) is not None:
                 used = ", ".join("--" + f.replace("_", "-") for f in TOKENIZER_FLAGS.get(kind, ()))
                 raise TokenizerError(
                     f"--{flag.replace('_', '-')} belongs to --tokenizer-type {other}; "

@@ -9,7 +9,9 @@ split uneven in sub-layers (compute).
 Schedules (`--pipeline-schedule`): 1f1b and gpipe for one stage per rank; interleaved-1f1b,
 looped-bfs and interleaved-zero-bubble for any number (interleaved-1f1b is the default when a
 rank holds several). The embedding lives on the first stage, the final norm, output layer and
-loss on the last.
+loss on the last: its forward gets the labels and returns the loss through the model's own loss
+path (`HybridModel.forward(hidden, labels)`, the bound `linear_cross_entropy` kernel), as one
+process computes it.
 
 Each stage is its own `HybridModel` (built with a `StageSpec`), so tensor parallelism, activation
 checkpointing and FSDP apply to each as to a whole model, and a rank's stages are checkpointed
@@ -155,17 +157,22 @@ def _state_restored(module: torch.nn.Module):
             layer.last_aux_loss = value
 
 
+def _stage_output_is_the_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The schedule's loss function: the last stage's forward already returned the loss."""
+    return output
+
+
 class Pipeline:
     """This rank's stages of a pipelined model and the schedule that runs them.
 
         pipeline = Pipeline(parts, stage_indices, num_stages, mesh["pp"], schedule, n_micro,
-                            loss_fn, device)
+                            device)
         loss = pipeline.train_step(batch_inputs, batch_targets)   # mean loss, last stage only
     """
 
     def __init__(self, parts: Sequence[torch.nn.Module], stage_indices: Sequence[int],
                  num_stages: int, pp_mesh: DeviceMesh, schedule: str, n_microbatches: int,
-                 loss_fn: Callable, device: torch.device):
+                 device: torch.device):
         self.parts = list(parts)
         self.num_stages = num_stages
         self.group = pp_mesh.get_group()
@@ -179,24 +186,30 @@ class Pipeline:
         # The schedule divides gradients by the number of micro-batches (scale_grads), so each
         # micro-batch's loss is its own mean, as in the non-pipelined loop.
         self.schedule = cls(self.stages if multi else self.stages[0], n_microbatches,
-                            loss_fn=loss_fn)
+                            loss_fn=_stage_output_is_the_loss)
         self.n_microbatches = n_microbatches
+
+    def _run(self, run: Callable, inputs: torch.Tensor, targets: torch.Tensor
+             ) -> torch.Tensor | None:
+        """`run` (the schedule's step or eval) on one batch: inputs to the first stage, labels
+        to the last stage's forward (a keyword argument, split into micro-batches like the
+        inputs); the mean micro-batch loss on the rank holding the last stage, else None."""
+        losses: list[torch.Tensor] = []
+        labels = {"labels_BT": targets} if self.has_last else {}
+        run(*((inputs,) if self.has_first else ()), target=targets if self.has_last else None,
+            losses=losses, return_outputs=False, **labels)
+        return torch.stack(losses).mean() if self.has_last else None
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Forward and backward of one batch of `n_microbatches` micro-batches (split along
         dim 0); the mean micro-batch loss on the rank holding the last stage, else None."""
-        losses: list[torch.Tensor] = []
-        self.schedule.step(*((inputs,) if self.has_first else ()),
-                           target=targets if self.has_last else None, losses=losses)
-        return torch.stack(losses).mean().detach() if self.has_last else None
+        loss = self._run(self.schedule.step, inputs, targets)
+        return None if loss is None else loss.detach()
 
     @torch.no_grad()
     def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Forward only; the mean micro-batch loss on the last stage's rank, else None."""
-        losses: list[torch.Tensor] = []
-        self.schedule.eval(*((inputs,) if self.has_first else ()),
-                           target=targets if self.has_last else None, losses=losses)
-        return torch.stack(losses).mean() if self.has_last else None
+        return self._run(self.schedule.eval, inputs, targets)
 
 
 class TiedEmbeddingSync:

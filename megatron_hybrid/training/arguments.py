@@ -1,21 +1,43 @@
-"""Command-line flags with Megatron-LM's names, and their translation into a ModelConfig.
+"""Command-line flags with Megatron-LM's names, and the one mapping of parsed flags onto the
+typed settings (training/settings.py) and the ModelConfig.
 
-Every model flag has a default that, together, describe the embedded default model: running the
-script with no flags trains it on the embedded default data in a few minutes on a laptop.
-Changing one flag (say the pattern) keeps the other defaults.
+Every flag's default is its settings field's default (model flags: ModelConfig's, except
+DEFAULT_MODEL_OVERRIDES), so running the script with no flags trains the embedded default model on
+the embedded default data in a few minutes on a laptop. Changing one flag (say the pattern) keeps
+the other defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from megatron_hybrid.config import ModelConfig, pad_vocab_size
-from megatron_hybrid.data.builder import add_data_args
-from megatron_hybrid.kernels.cli import add_kernel_args
+from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.data.builder import DataSettings, add_data_args
+from megatron_hybrid.data.tokenizer import TokenizerSettings
+from megatron_hybrid.kernels.cli import KernelSettings, add_kernel_args
+from megatron_hybrid.parallel.parallelize import ParallelSettings
+from megatron_hybrid.training.settings import (
+    DEFAULT_MODEL_OVERRIDES,
+    CheckpointSettings,
+    LoggingSettings,
+    ModelSettings,
+    Settings,
+    TrainingSettings,
+    default_model_value,
+)
 
-DEFAULT_PATTERN = "[M-]M[*E]M[M-]"
+DEFAULT_PATTERN = DEFAULT_MODEL_OVERRIDES["hybrid_layer_pattern"]
+
+# Model flags whose dest is not the ModelConfig field they set. (--swiglu / --squared-relu set
+# `activation`; --group-query-attention is accepted for Megatron compatibility and ignored.)
+MODEL_FLAG_FIELDS = {"num_experts": "num_moe_experts", "norm_epsilon": "layernorm_epsilon"}
+# The ModelConfig fields a model flag may set: all but the vocabulary, which the tokenizer decides
+# (--vocab-size is the NullTokenizer's).
+_MODEL_CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"vocab_size"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,95 +51,91 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m = parser.add_argument_group("model")
     m.add_argument("--hybrid-layer-pattern", "--hybrid-override-pattern",
-                   dest="hybrid_layer_pattern", default=DEFAULT_PATTERN,
+                   dest="hybrid_layer_pattern",
                    help="decoder stack: M Mamba2, * attention, - MLP, E MoE, [XY] fused block, "
                    "| pipeline stage, / MTP depth")
-    m.add_argument("--hidden-size", type=int, default=128)
-    m.add_argument("--ffn-hidden-size", type=int, default=None,
-                   help="MLP width (default 4 * hidden size)")
-    m.add_argument("--num-attention-heads", type=int, default=4)
-    m.add_argument("--num-query-groups", type=int, default=2)
+    m.add_argument("--hidden-size", type=int)
+    m.add_argument("--ffn-hidden-size", type=int, help="MLP width (default 4 * hidden size)")
+    m.add_argument("--num-attention-heads", type=int)
+    m.add_argument("--num-query-groups", type=int)
     m.add_argument("--group-query-attention", action="store_true",
                    help="accepted for Megatron compatibility; --num-query-groups sets the groups")
-    m.add_argument("--kv-channels", type=int, default=None)
-    m.add_argument("--position-embedding-type", choices=["rope", "none"], default="none")
-    m.add_argument("--rotary-base", type=float, default=10000.0)
-    m.add_argument("--mamba-state-dim", type=int, default=32)
-    m.add_argument("--mamba-head-dim", type=int, default=32)
-    m.add_argument("--mamba-num-groups", type=int, default=2)
-    m.add_argument("--mamba-num-heads", type=int, default=None,
-                   help="default 2 * hidden size / head dim")
-    m.add_argument("--mamba-chunk-size", type=int, default=64)
-    m.add_argument("--mamba-dt-floor", type=float, default=0.0,
+    m.add_argument("--kv-channels", type=int)
+    m.add_argument("--position-embedding-type", choices=["rope", "none"])
+    m.add_argument("--rotary-base", type=float)
+    m.add_argument("--mamba-state-dim", type=int)
+    m.add_argument("--mamba-head-dim", type=int)
+    m.add_argument("--mamba-num-groups", type=int)
+    m.add_argument("--mamba-num-heads", type=int, help="default 2 * hidden size / head dim")
+    m.add_argument("--mamba-chunk-size", type=int)
+    m.add_argument("--mamba-dt-floor", type=float,
                    help="clamp Mamba's dt = softplus(dt + dt_bias) >= this in forward (0: no "
                    "floor, as Megatron; imports of Hugging Face nemotron_h set it)")
-    m.add_argument("--mamba-dt-ceiling", type=float, default=None,
+    m.add_argument("--mamba-dt-ceiling", type=float,
                    help="clamp Mamba's dt <= this in forward (default and inf: no ceiling)")
-    m.add_argument("--num-experts", type=int, default=4)
-    m.add_argument("--moe-router-topk", type=int, default=2)
-    m.add_argument("--moe-ffn-hidden-size", type=int, default=None,
+    m.add_argument("--num-experts", type=int)
+    m.add_argument("--moe-router-topk", type=int)
+    m.add_argument("--moe-ffn-hidden-size", type=int,
                    help="per-expert width (default --ffn-hidden-size)")
-    m.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
-    m.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"],
-                   default="softmax")
+    m.add_argument("--moe-shared-expert-intermediate-size", type=int)
+    m.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"])
     m.add_argument("--moe-router-pre-softmax", action="store_true")
-    m.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+    m.add_argument("--moe-router-topk-scaling-factor", type=float)
     m.add_argument("--moe-router-enable-expert-bias", action="store_true")
-    m.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
-    m.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
+    m.add_argument("--moe-router-bias-update-rate", type=float)
+    m.add_argument("--moe-aux-loss-coeff", type=float)
     act = m.add_mutually_exclusive_group()
     act.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (default squared ReLU)")
     act.add_argument("--squared-relu", action="store_true", help="squared-ReLU MLPs (default)")
-    m.add_argument("--norm-epsilon", type=float, default=1e-5)
-    m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--norm-epsilon", type=float)
+    m.add_argument("--init-method-std", type=float)
     m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    m.add_argument("--make-vocab-size-divisible-by", type=int)
 
     t = parser.add_argument_group("training")
-    t.add_argument("--seq-length", type=int, default=256)
-    t.add_argument("--micro-batch-size", type=int, default=16)
-    t.add_argument("--global-batch-size", type=int, default=None,
+    t.add_argument("--seq-length", type=int)
+    t.add_argument("--micro-batch-size", type=int)
+    t.add_argument("--global-batch-size", type=int,
                    help="samples per optimizer step (default: micro batch size x data-parallel "
                    "size); a multiple of it, the rest is gradient accumulation")
-    t.add_argument("--train-iters", type=int, default=250)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--min-lr", type=float, default=3e-4)
-    t.add_argument("--lr-warmup-iters", type=int, default=30)
-    t.add_argument("--lr-decay-iters", type=int, default=None,
+    t.add_argument("--train-iters", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--min-lr", type=float)
+    t.add_argument("--lr-warmup-iters", type=int)
+    t.add_argument("--lr-decay-iters", type=int,
                    help="iterations of decay after which lr stays at --min-lr "
                    "(default --train-iters)")
     t.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine",
-                                                  "inverse-square-root"], default="cosine")
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--adam-beta1", type=float, default=0.9)
-    t.add_argument("--adam-beta2", type=float, default=0.95)
-    t.add_argument("--adam-eps", type=float, default=1e-8)
-    t.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+                                                  "inverse-square-root"])
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--adam-beta1", type=float)
+    t.add_argument("--adam-beta2", type=float)
+    t.add_argument("--adam-eps", type=float)
+    t.add_argument("--clip-grad", type=float, help="0 disables clipping")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     t.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction,
-                   default=True,
                    help="stop the run, before the optimizer step and before anything is saved, "
                         "at the first iteration whose loss or gradient norm is NaN or infinite")
-    t.add_argument("--skip-nonfinite-iterations", type=int, default=0, metavar="N",
+    t.add_argument("--skip-nonfinite-iterations", type=int, metavar="N",
                    help="with the check on: skip the update of up to N such iterations in all "
                         "(their gradients are dropped; the iteration and its samples still "
                         "count) and stop at the next one")
-    t.add_argument("--exit-interval", type=int, default=None,
+    t.add_argument("--exit-interval", type=int,
                    help="stop (after saving, with --save) at the first iteration divisible by N; "
                         "the schedule still follows --train-iters, so a resumed run continues it")
-    t.add_argument("--seed", type=int, default=1234)
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
 
     par = parser.add_argument_group("parallelism (launch with torchrun; data parallel over "
                                     "the remaining ranks)")
-    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--tensor-model-parallel-size", type=int)
     par.add_argument("--sequence-parallel", action="store_true",
                      help="with tensor parallelism: split the residual stream and the norms "
                           "along the sequence over the tensor-parallel ranks (all-gather into "
                           "each mixer, reduce-scatter out of it instead of an all-reduce)")
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    par.add_argument("--expert-model-parallel-size", type=int, default=1)
-    par.add_argument("--pipeline-schedule", default=None,
+    par.add_argument("--pipeline-model-parallel-size", type=int)
+    par.add_argument("--expert-model-parallel-size", type=int)
+    par.add_argument("--pipeline-schedule",
                      choices=["1f1b", "gpipe", "interleaved-1f1b", "looped-bfs",
                               "interleaved-zero-bubble"],
                      help="pipeline schedule (default: 1f1b with one stage per rank, "
@@ -127,29 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile every block (after tensor parallelism and activation "
                           "checkpointing, before FSDP); the first iterations include compile "
                           "time")
-    par.add_argument("--compile-mode", default=None,
+    par.add_argument("--compile-mode",
                      choices=["default", "reduce-overhead", "max-autotune",
                               "max-autotune-no-cudagraphs"],
                      help="torch.compile mode for --compile; reduce-overhead adds CUDA graphs "
                           "per block (one GPU, no MoE host syncs: the fastest for small "
                           "models whose steps are launch-bound)")
-    par.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+    par.add_argument("--recompute-granularity", choices=["full", "selective"],
                      help="activation checkpointing per block: full recomputes each block, "
                           "selective keeps GEMM/attention outputs and recomputes the rest")
 
     c = parser.add_argument_group("checkpointing")
-    c.add_argument("--save", default=None, help="directory to save checkpoints to")
-    c.add_argument("--save-interval", type=int, default=None,
+    c.add_argument("--save", help="directory to save checkpoints to")
+    c.add_argument("--save-interval", type=int,
                    help="save every N iterations (and at the end of training)")
-    c.add_argument("--load", default=None,
+    c.add_argument("--load",
                    help="directory (or iter_* directory) to resume from; a directory without "
                         "checkpoints starts from scratch, so --load and --save may be the same")
     c.add_argument("--async-save", action="store_true",
                    help="write checkpoints in the background while training continues")
-    c.add_argument("--keep-last", type=int, default=None,
-                   help="keep only the newest N complete checkpoints")
-    c.add_argument("--ckpt-step", type=int, default=None,
-                   help="load this iteration instead of the latest")
+    c.add_argument("--keep-last", type=int, help="keep only the newest N complete checkpoints")
+    c.add_argument("--ckpt-step", type=int, help="load this iteration instead of the latest")
     c.add_argument("--finetune", action="store_true",
                    help="load model weights only; start at iteration 0 with a fresh optimizer")
     c.add_argument("--no-load-optim", action="store_true",
@@ -162,15 +178,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_kernel_args(parser)
 
     lg = parser.add_argument_group("logging and evaluation")
-    lg.add_argument("--log-interval", type=int, default=10)
-    lg.add_argument("--eval-interval", type=int, default=100)
-    lg.add_argument("--eval-iters", type=int, default=10)
-    lg.add_argument("--log-dir", default=None, help="directory receiving metrics.jsonl")
-    lg.add_argument("--generate-tokens", type=int, default=200,
+    lg.add_argument("--log-interval", type=int)
+    lg.add_argument("--eval-interval", type=int)
+    lg.add_argument("--eval-iters", type=int)
+    lg.add_argument("--log-dir", help="directory receiving metrics.jsonl")
+    lg.add_argument("--generate-tokens", type=int,
                     help="length of the sample printed after training (0: none)")
     lg.add_argument("--no-progress-bar", action="store_true",
                     help="print log lines instead of a live progress bar")
+    _set_defaults_from_settings(parser)
     return parser
+
+
+def _set_defaults_from_settings(parser: argparse.ArgumentParser) -> None:
+    """Give the model, training, parallelism, checkpointing and logging flags their settings
+    fields' defaults (model flags: `default_model_value`); the data, tokenizer and kernel flags
+    take theirs where those packages add them."""
+    dests = {action.dest for action in parser._actions}
+    defaults: dict[str, Any] = {}
+    for group in (TrainingSettings(), ParallelSettings(), CheckpointSettings(),
+                  LoggingSettings()):
+        defaults.update(dataclasses.asdict(group))
+    defaults["make_vocab_size_divisible_by"] = ModelSettings().make_vocab_size_divisible_by
+    for dest in dests:
+        if MODEL_FLAG_FIELDS.get(dest, dest) in _MODEL_CONFIG_FIELDS:
+            defaults[dest] = default_model_value(MODEL_FLAG_FIELDS.get(dest, dest))
+    assert defaults.keys() <= dests, f"settings without a flag: {defaults.keys() - dests}"
+    parser.set_defaults(**defaults)
 
 
 # The valid values of every numeric flag, in interval notation: "[" and "]" include a bound,
@@ -253,7 +287,7 @@ def check_flag_ranges(args: argparse.Namespace) -> None:
 
 def check_training_args(args: argparse.Namespace) -> None:
     """Raise ValueError for a flag outside its range (FLAG_RANGES) or settings that do not fit
-    together; fills in --lr-decay-iters (default --train-iters)."""
+    together."""
     check_flag_ranges(args)
     if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
         raise ValueError(
@@ -262,8 +296,6 @@ def check_training_args(args: argparse.Namespace) -> None:
         )
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
     if args.save_interval is not None and not args.save:
         raise ValueError("--save-interval needs --save DIR")
     if args.sequence_parallel:
@@ -279,55 +311,58 @@ def check_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--bf16 needs a CUDA device; drop it for CPU runs")
 
 
-def resolve_global_batch_size(args: argparse.Namespace, dp_size: int) -> int:
-    """Micro-batches per rank and iteration; sets --global-batch-size to its default (micro
+def resolve_global_batch_size(training: TrainingSettings | argparse.Namespace,
+                              dp_size: int) -> int:
+    """Micro-batches per rank and iteration; sets `global_batch_size` to its default (micro
     batch size x data-parallel size, as in Megatron-LM) when the flag was not given.
 
     Raises ValueError naming the nearest valid values when an explicit one does not fit."""
-    per_micro_step = args.micro_batch_size * dp_size
-    if args.global_batch_size is None:
-        args.global_batch_size = per_micro_step
-    if args.global_batch_size % per_micro_step:
-        lower = args.global_batch_size // per_micro_step * per_micro_step
+    per_micro_step = training.micro_batch_size * dp_size
+    if training.global_batch_size is None:
+        training.global_batch_size = per_micro_step
+    if training.global_batch_size % per_micro_step:
+        lower = training.global_batch_size // per_micro_step * per_micro_step
         fits = " or ".join(str(n) for n in (lower, lower + per_micro_step) if n > 0)
         raise ValueError(
-            f"--global-batch-size {args.global_batch_size} must be a multiple of "
-            f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp_size} = "
-            f"{per_micro_step}: use {fits} (or leave the flag out for {per_micro_step})")
-    return args.global_batch_size // per_micro_step
+            f"--global-batch-size {training.global_batch_size} must be a multiple of "
+            f"--micro-batch-size x data-parallel size = {training.micro_batch_size} x {dp_size} "
+            f"= {per_micro_step}: use {fits} (or leave the flag out for {per_micro_step})")
+    return training.global_batch_size // per_micro_step
+
+
+SettingsGroup = TypeVar("SettingsGroup")
+
+
+def flags_to_settings(cls: type[SettingsGroup], args: argparse.Namespace) -> SettingsGroup:
+    """The `cls` settings (a dataclass of one flag group) that parsed flags describe: each field
+    from the flag with the same dest."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
+    """The model flags as ModelSettings: each ModelConfig field from its flag (MODEL_FLAG_FIELDS
+    names those whose dest differs), the activation from --swiglu."""
+    fields = {MODEL_FLAG_FIELDS.get(dest, dest): value for dest, value in vars(args).items()
+              if MODEL_FLAG_FIELDS.get(dest, dest) in _MODEL_CONFIG_FIELDS}
+    fields["activation"] = "swiglu" if args.swiglu else "squared_relu"
+    return ModelSettings(fields, args.make_vocab_size_divisible_by)
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
     """The ModelConfig the flags describe, for a tokenizer of `vocab_size` tokens."""
-    return ModelConfig(
-        hybrid_layer_pattern=args.hybrid_layer_pattern,
-        hidden_size=args.hidden_size,
-        vocab_size=pad_vocab_size(vocab_size, args.make_vocab_size_divisible_by),
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
-        mamba_state_dim=args.mamba_state_dim,
-        mamba_head_dim=args.mamba_head_dim,
-        mamba_num_groups=args.mamba_num_groups,
-        mamba_num_heads=args.mamba_num_heads,
-        mamba_chunk_size=args.mamba_chunk_size,
-        mamba_dt_floor=args.mamba_dt_floor,
-        mamba_dt_ceiling=args.mamba_dt_ceiling,
-        activation="swiglu" if args.swiglu else "squared_relu",
-        num_moe_experts=args.num_experts,
-        moe_router_topk=args.moe_router_topk,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-        moe_router_score_function=args.moe_router_score_function,
-        moe_router_pre_softmax=args.moe_router_pre_softmax,
-        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
-        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
-        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        layernorm_epsilon=args.norm_epsilon,
-        init_method_std=args.init_method_std,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+    return model_settings_from_args(args).config(vocab_size)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Parsed flags (after `check_training_args`) as typed settings: the one place that maps
+    flags onto them."""
+    return Settings(
+        model=model_settings_from_args(args),
+        training=flags_to_settings(TrainingSettings, args),
+        parallel=flags_to_settings(ParallelSettings, args),
+        checkpoint=flags_to_settings(CheckpointSettings, args),
+        logging=flags_to_settings(LoggingSettings, args),
+        data=flags_to_settings(DataSettings, args),
+        tokenizer=flags_to_settings(TokenizerSettings, args),
+        kernels=flags_to_settings(KernelSettings, args),
     )
