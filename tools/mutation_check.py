@@ -118,7 +118,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "--keep-last prunes before the new checkpoint is complete"),
     Mutation(
         "nan-check-ignored", "megatron_hybrid/training/nonfinite.py",
-        "        if float(flag) == 0:", "        if True:",
+        "        if float(all_reduce_mean(flag)) == 0:", "        if True:",
         ("tests/test_nonfinite.py",),
         "a NaN loss or gradient norm is not noticed"),
     Mutation(

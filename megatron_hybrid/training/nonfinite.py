@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_hybrid.parallel.distributed import all_reduce_sum_
+from megatron_hybrid.parallel.distributed import all_reduce_mean
 
 
 class TrainingDivergedError(RuntimeError):
@@ -33,14 +33,14 @@ class NonFiniteCheck:
     def update_allowed(self, iteration: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """True when the optimizer may apply this iteration's gradients; False to skip them.
 
-        Every rank takes the same decision (a flag summed over all ranks: one rank's loss can be
-        NaN where another's is not). Raises TrainingDivergedError to stop."""
+        Every rank takes the same decision (a flag averaged over all ranks: one rank's loss can
+        be NaN where another's is not). Raises TrainingDivergedError to stop."""
         if not self.enabled:
             return True
-        values = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+        # On the host: clip_grad_norm returns its norm there (it synchronizes anyway).
+        values = torch.stack([loss.detach().float().cpu(), grad_norm.detach().float().cpu()])
         flag = (~torch.isfinite(values)).any().to(torch.float32).reshape(1)
-        all_reduce_sum_(flag)
-        if float(flag) == 0:
+        if float(all_reduce_mean(flag)) == 0:  # the mean over ranks is 0 iff no rank saw one
             return True
         loss_value, norm_value = (float(v) for v in values.cpu())
         where = " on this rank; not finite on at least one" if dist.is_initialized() else ""
