@@ -41,8 +41,15 @@ setup(
     extras_require={
         "hf": [TRANSFORMERS],
         # setuptools + wheel: tests/test_packaging.py builds a wheel without build isolation.
-        "test": ["pytest>=8", "hypothesis>=6", TRANSFORMERS, "setuptools>=70", "wheel", RUFF,
-                 "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6",
+            TRANSFORMERS,
+            "setuptools>=70",
+            "wheel",
+            RUFF,
+            "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        ],
         "dev": ["pytest>=8", "hypothesis>=6", TRANSFORMERS, RUFF],
     },
     entry_points={

@@ -74,32 +74,59 @@ def main() -> None:
         print(f"wrote 3 x {options.tokens / 1e6:.0f}M tokens in {stopwatch.elapsed_s():.1f}s")
         cases = {
             "one dataset": ["--data-path", prefixes[0]],
-            "blend of 3 (0.5/0.3/0.2)": ["--data-path", "0.5", prefixes[0], "0.3", prefixes[1],
-                                         "0.2", prefixes[2]],
+            "blend of 3 (0.5/0.3/0.2)": [
+                "--data-path",
+                "0.5",
+                prefixes[0],
+                "0.3",
+                prefixes[1],
+                "0.2",
+                prefixes[2],
+            ],
             "mock data": ["--mock-data"],
         }
         for name, flags in cases.items():
-            args = data_parser.parse_args(flags + ["--data-cache-path",
-                                                   os.path.join(folder, "cache")])
+            args = data_parser.parse_args(
+                flags + ["--data-cache-path", os.path.join(folder, "cache")]
+            )
             stopwatch = Stopwatch()
-            splits = build_datasets(flags_to_settings(DataSettings, args), build_tokenizer(args),
-                                    options.seq_length, seed=1234,
-                                    num_train_samples=100_000, num_eval_samples=1000)
+            splits = build_datasets(
+                flags_to_settings(DataSettings, args),
+                build_tokenizer(args),
+                options.seq_length,
+                seed=1234,
+                num_train_samples=100_000,
+                num_eval_samples=1000,
+            )
             build_s = stopwatch.elapsed_s()
-            tokens_per_s, samples = time_batches(splits.train, options.micro_batch_size,
-                                                 options.seconds)
-            results.append({"case": name, "seq_length": options.seq_length,
-                            "micro_batch_size": options.micro_batch_size,
-                            "index_build_s": round(build_s, 3), "samples": samples,
-                            "tokens_per_s": round(tokens_per_s)})
+            tokens_per_s, samples = time_batches(
+                splits.train, options.micro_batch_size, options.seconds
+            )
+            results.append(
+                {
+                    "case": name,
+                    "seq_length": options.seq_length,
+                    "micro_batch_size": options.micro_batch_size,
+                    "index_build_s": round(build_s, 3),
+                    "samples": samples,
+                    "tokens_per_s": round(tokens_per_s),
+                }
+            )
 
     print(f"\n{'case':<28} {'index build':>12} {'samples':>9} {'tokens/s (1 core)':>19}")
     for r in results:
-        print(f"{r['case']:<28} {r['index_build_s']:>11.2f}s {r['samples']:>9} "
-              f"{r['tokens_per_s'] / 1e6:>17.1f}M")
-    report = {"benchmark": "data_sampling", "threads": 1, "python": platform.python_version(),
-              "machine": platform.machine(), "processor": platform.processor(),
-              "results": results}
+        print(
+            f"{r['case']:<28} {r['index_build_s']:>11.2f}s {r['samples']:>9} "
+            f"{r['tokens_per_s'] / 1e6:>17.1f}M"
+        )
+    report = {
+        "benchmark": "data_sampling",
+        "threads": 1,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "results": results,
+    }
     with open(options.json, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {options.json}")

@@ -92,19 +92,28 @@ def build_cases(tokens: tuple[int, int], hidden: int, small: bool) -> list[Case]
     a = 2  # bytes of a bf16 activation
 
     def rms(device):
-        return [_randn(batch, seq, hidden, dtype=bf16, device=device),
-                _randn(hidden, dtype=fp32, device=device, seed=1), EPS], [0, 1]
+        return [
+            _randn(batch, seq, hidden, dtype=bf16, device=device),
+            _randn(hidden, dtype=fp32, device=device, seed=1),
+            EPS,
+        ], [0, 1]
 
     def add_rms(device):
-        return [_randn(batch, seq, hidden, dtype=bf16, device=device),
-                _randn(batch, seq, hidden, dtype=bf16, device=device, seed=1),
-                _randn(hidden, dtype=fp32, device=device, seed=2), EPS], [0, 1, 2]
+        return [
+            _randn(batch, seq, hidden, dtype=bf16, device=device),
+            _randn(batch, seq, hidden, dtype=bf16, device=device, seed=1),
+            _randn(hidden, dtype=fp32, device=device, seed=2),
+            EPS,
+        ], [0, 1, 2]
 
     def gated(device):
-        return [_randn(batch, seq, d_inner, dtype=bf16, device=device),
-                _randn(batch, seq, d_inner, dtype=bf16, device=device, seed=1),
-                _randn(d_inner, dtype=fp32, device=device, seed=2), d_inner // groups, EPS], \
-            [0, 1, 2]
+        return [
+            _randn(batch, seq, d_inner, dtype=bf16, device=device),
+            _randn(batch, seq, d_inner, dtype=bf16, device=device, seed=1),
+            _randn(d_inner, dtype=fp32, device=device, seed=2),
+            d_inner // groups,
+            EPS,
+        ], [0, 1, 2]
 
     def squared_relu(device):
         return [_randn(batch, seq, ffn, dtype=bf16, device=device)], [0]
@@ -116,12 +125,16 @@ def build_cases(tokens: tuple[int, int], hidden: int, small: bool) -> list[Case]
         # x a slice of the packed in_proj output [z, xBC, dt], as the Mamba2 layer passes it;
         # bf16 weight and bias, as autocast hands them to F.conv1d (eager needs one dtype)
         packed = _randn(batch, seq, d_inner + conv + d_inner // 64, dtype=bf16, device=device)
-        return [packed[..., d_inner:d_inner + conv],
-                _randn(conv, 1, 4, dtype=bf16, device=device, seed=1, scale=0.5),
-                _randn(conv, dtype=bf16, device=device, seed=2), "silu"], [0, 1, 2]
+        return [
+            packed[..., d_inner : d_inner + conv],
+            _randn(conv, 1, 4, dtype=bf16, device=device, seed=1, scale=0.5),
+            _randn(conv, dtype=bf16, device=device, seed=2),
+            "silu",
+        ], [0, 1, 2]
 
     def rotary(device):
         from megatron_hybrid.layers.rotary import rotary_cos_sin
+
         cos, sin = rotary_cos_sin(seq, head_dim, 10000.0, device)
         # attention's q: (B, T, heads, D) in memory, seen as (B, heads, T, D)
         q = _randn(batch, seq, heads, head_dim, dtype=bf16, device=device).transpose(1, 2)
@@ -130,38 +143,55 @@ def build_cases(tokens: tuple[int, int], hidden: int, small: bool) -> list[Case]
     def linear_ce(device):
         generator = torch.Generator(device="cpu").manual_seed(3)
         labels = torch.randint(0, vocab, (n,), generator=generator).to(device)
-        return [_randn(n, hidden, dtype=fp32, device=device),
-                _randn(vocab, hidden, dtype=fp32, device=device, seed=1, scale=0.02),
-                labels], [0, 1]
+        return [
+            _randn(n, hidden, dtype=fp32, device=device),
+            _randn(vocab, hidden, dtype=fp32, device=device, seed=1, scale=0.02),
+            labels,
+        ], [0, 1]
 
     bsh = f"{batch}x{seq}x"
     return [
         Case("rms_norm", f"{bsh}{hidden}", rms, bytes_moved=5 * n * hidden * a),
         Case("add_rms_norm", f"{bsh}{hidden}", add_rms, bytes_moved=8 * n * hidden * a),
-        Case("gated_rms_norm", f"{bsh}{d_inner} groups {groups}", gated,
-             bytes_moved=8 * n * d_inner * a),
-        Case("activation.squared_relu", f"{bsh}{ffn}", squared_relu,
-             bytes_moved=5 * n * ffn * a),
+        Case(
+            "gated_rms_norm",
+            f"{bsh}{d_inner} groups {groups}",
+            gated,
+            bytes_moved=8 * n * d_inner * a,
+        ),
+        Case("activation.squared_relu", f"{bsh}{ffn}", squared_relu, bytes_moved=5 * n * ffn * a),
         Case("activation.swiglu", f"{bsh}2x{ffn}", swiglu, bytes_moved=8 * n * ffn * a),
         Case("causal_conv1d", f"{bsh}{conv} k4 silu", conv1d, bytes_moved=5 * n * conv * a),
-        Case("rotary", f"{batch}x{heads}x{seq}x{head_dim}", rotary,
-             bytes_moved=4 * n * heads * head_dim * a + 4 * seq * head_dim * 4),
-        Case("linear_cross_entropy", f"{n} tokens x {hidden} -> {vocab}", linear_ce,
-             flops=6 * n * vocab * hidden, autocast=True),
+        Case(
+            "rotary",
+            f"{batch}x{heads}x{seq}x{head_dim}",
+            rotary,
+            bytes_moved=4 * n * heads * head_dim * a + 4 * seq * head_dim * 4,
+        ),
+        Case(
+            "linear_cross_entropy",
+            f"{n} tokens x {hidden} -> {vocab}",
+            linear_ce,
+            flops=6 * n * vocab * hidden,
+            autocast=True,
+        ),
     ]
 
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def _fwd_bwd(fn: Callable, args: list, grad_indices: list[int], autocast: bool,
-             device: torch.device) -> Callable[[], None]:
+
+def _fwd_bwd(
+    fn: Callable, args: list, grad_indices: list[int], autocast: bool, device: torch.device
+) -> Callable[[], None]:
     """A closure running fn forward and backward once (gradients of `grad_indices`)."""
     inputs = [args[i].detach().requires_grad_(True) for i in grad_indices]
     call_args = list(args)
     for i, tensor in zip(grad_indices, inputs, strict=True):
         call_args[i] = tensor
-    context = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast
-               else contextlib.nullcontext())
+    context = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    )
     with context:
         probe = fn(*call_args)
     outputs = probe if isinstance(probe, tuple) else (probe,)
@@ -177,8 +207,9 @@ def _fwd_bwd(fn: Callable, args: list, grad_indices: list[int], autocast: bool,
     return step
 
 
-def measure(step: Callable[[], None], warmup: int, reps: int, device: torch.device
-            ) -> tuple[float, int | None]:
+def measure(
+    step: Callable[[], None], warmup: int, reps: int, device: torch.device
+) -> tuple[float, int | None]:
     """(median ms of `step`, peak bytes allocated above what was allocated before)."""
     for _ in range(warmup):  # here, not in the timer: the peak is that of the timed calls only
         step()
@@ -199,8 +230,7 @@ def kernel_time_ms(step: Callable[[], None], reps: int, device: torch.device) ->
     return total_us / 1e3 if total_us > 0 else None
 
 
-def implementations(op: str, device: torch.device, names: list[str]
-                    ) -> dict[str, Callable | str]:
+def implementations(op: str, device: torch.device, names: list[str]) -> dict[str, Callable | str]:
     """impl name -> callable, or the reason it is unavailable."""
     found: dict[str, Callable | str] = {}
     eager = resolve_kernels({}, "eager", device)[op]
@@ -222,6 +252,7 @@ def _chunk_budget(megabytes: int):
     """The Triton cross-entropy with logits chunks of up to `megabytes` (not capped at 1/8 of
     the float32 logits)."""
     from megatron_hybrid.kernels.linear_cross_entropy import triton as triton_linear_ce
+
     saved = triton_linear_ce.CHUNK_BYTES, triton_linear_ce._CHUNK_FRACTION
     triton_linear_ce.CHUNK_BYTES, triton_linear_ce._CHUNK_FRACTION = megabytes * 2**20, 1
     try:
@@ -230,9 +261,16 @@ def _chunk_budget(megabytes: int):
         triton_linear_ce.CHUNK_BYTES, triton_linear_ce._CHUNK_FRACTION = saved
 
 
-def run_case(case: Case, impl: str, fn: Callable | str, args: argparse.Namespace,
-             device: torch.device, peak_gbps: float, peak_tflops: float,
-             context=contextlib.nullcontext) -> dict:
+def run_case(
+    case: Case,
+    impl: str,
+    fn: Callable | str,
+    args: argparse.Namespace,
+    device: torch.device,
+    peak_gbps: float,
+    peak_tflops: float,
+    context=contextlib.nullcontext,
+) -> dict:
     row = dict(op=case.op, shape=case.shape, impl=impl)
     if isinstance(fn, str):
         return dict(row, error=fn)
@@ -254,15 +292,22 @@ def run_case(case: Case, impl: str, fn: Callable | str, args: argparse.Namespace
         return dict(row, error=f"{type(error).__name__}: {message[0] if message else ''}"[:300])
     time_ms = row.get("kernel_ms") or ms
     if case.bytes_moved:
-        row.update(bytes_moved=case.bytes_moved, gbps=case.bytes_moved / time_ms / 1e6,
-                   fraction_of_peak=case.bytes_moved / time_ms / 1e6 / peak_gbps)
+        row.update(
+            bytes_moved=case.bytes_moved,
+            gbps=case.bytes_moved / time_ms / 1e6,
+            fraction_of_peak=case.bytes_moved / time_ms / 1e6 / peak_gbps,
+        )
     if case.flops:
-        row.update(flops=case.flops, tflops=case.flops / time_ms / 1e9,
-                   fraction_of_peak=case.flops / time_ms / 1e9 / peak_tflops)
+        row.update(
+            flops=case.flops,
+            tflops=case.flops / time_ms / 1e9,
+            fraction_of_peak=case.flops / time_ms / 1e9 / peak_tflops,
+        )
     return row
 
 
 # -- SSD hook -------------------------------------------------------------------------------------
+
 
 def ssd_results(device: torch.device, args: argparse.Namespace) -> list[dict] | str:
     """Rows from benchmarks/ssd.py's `results(device, args)`, or why there are none."""
@@ -283,17 +328,29 @@ def ssd_results(device: torch.device, args: argparse.Namespace) -> list[dict] | 
 
 # -- report ---------------------------------------------------------------------------------------
 
+
 def format_table(rows: list[dict], peak_gbps: float, peak_tflops: float) -> str:
-    header = (f"{'op':<24} {'shape':<32} {'impl':<22} {'ms':>8} {'vs eager':>8} "
-              f"{'kernel ms':>9} {'vs eager':>8} {'GB/s':>7} {'TFLOP/s':>8} {'of peak':>7} "
-              f"{'peak MiB':>9}")
-    lines = [f"fwd+bwd: median wall ms, summed GPU kernel ms; GB/s and TFLOP/s from kernel ms "
-             f"where measured; peaks {peak_gbps:.0f} GB/s copy, {peak_tflops:.0f} TFLOP/s GEMM",
-             header, "-" * len(header)]
-    eager_ms = {(r["op"], r["shape"]): r["median_ms"] for r in rows
-                if r["impl"] == "eager" and "median_ms" in r}
-    eager_kernel_ms = {(r["op"], r["shape"]): r["kernel_ms"] for r in rows
-                       if r["impl"] == "eager" and r.get("kernel_ms")}
+    header = (
+        f"{'op':<24} {'shape':<32} {'impl':<22} {'ms':>8} {'vs eager':>8} "
+        f"{'kernel ms':>9} {'vs eager':>8} {'GB/s':>7} {'TFLOP/s':>8} {'of peak':>7} "
+        f"{'peak MiB':>9}"
+    )
+    lines = [
+        f"fwd+bwd: median wall ms, summed GPU kernel ms; GB/s and TFLOP/s from kernel ms "
+        f"where measured; peaks {peak_gbps:.0f} GB/s copy, {peak_tflops:.0f} TFLOP/s GEMM",
+        header,
+        "-" * len(header),
+    ]
+    eager_ms = {
+        (r["op"], r["shape"]): r["median_ms"]
+        for r in rows
+        if r["impl"] == "eager" and "median_ms" in r
+    }
+    eager_kernel_ms = {
+        (r["op"], r["shape"]): r["kernel_ms"]
+        for r in rows
+        if r["impl"] == "eager" and r.get("kernel_ms")
+    }
     for r in rows:
         lead = f"{r['op']:<24} {r['shape']:<32} {r['impl']:<22}"
         if "error" in r:
@@ -307,46 +364,71 @@ def format_table(rows: list[dict], peak_gbps: float, peak_tflops: float) -> str:
         kernel_speedup = f"{kernel_base / kernel_ms:.2f}x" if kernel_ms and kernel_base else "-"
         gbps = f"{r['gbps']:.0f}" if "gbps" in r else "-"
         tflops = f"{r['tflops']:.0f}" if "tflops" in r else "-"
-        mem = ("-" if r["peak_memory_bytes"] is None
-               else f"{r['peak_memory_bytes'] / 2**20:.0f}")
-        lines.append(f"{lead} {r['median_ms']:>8.3f} {speedup:>8} {kernel:>9} "
-                     f"{kernel_speedup:>8} {gbps:>7} {tflops:>8} "
-                     f"{100 * r['fraction_of_peak']:>6.1f}% {mem:>9}")
+        mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"{lead} {r['median_ms']:>8.3f} {speedup:>8} {kernel:>9} "
+            f"{kernel_speedup:>8} {gbps:>7} {tflops:>8} "
+            f"{100 * r['fraction_of_peak']:>6.1f}% {mem:>9}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--tokens", default="4x1024",
-                        help="batch x sequence length (default 4x1024; e.g. 1x4096)")
+    parser.add_argument(
+        "--tokens", default="4x1024", help="batch x sequence length (default 4x1024; e.g. 1x4096)"
+    )
     parser.add_argument("--hidden", type=int, default=2048, help="hidden size (default 2048)")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run)")
     parser.add_argument("--ops", nargs="*", help="only these ops (default: all)")
-    parser.add_argument("--impls", nargs="*", default=["triton", "eager", "compile"],
-                        help="implementations to time (default: triton eager compile)")
-    parser.add_argument("--ce-chunk-mib", nargs="*", type=int, default=[128, 512],
-                        help="extra logits chunk budgets (MiB) for the Triton cross-entropy")
+    parser.add_argument(
+        "--impls",
+        nargs="*",
+        default=["triton", "eager", "compile"],
+        help="implementations to time (default: triton eager compile)",
+    )
+    parser.add_argument(
+        "--ce-chunk-mib",
+        nargs="*",
+        type=int,
+        default=[128, 512],
+        help="extra logits chunk budgets (MiB) for the Triton cross-entropy",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--peak-gbps", type=float, default=H100_COPY_GBPS)
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_GEMM_TFLOPS)
     parser.add_argument("--no-ssd", action="store_true", help="skip benchmarks/ssd.py")
-    parser.add_argument("--no-kernel-time", action="store_true",
-                        help="skip the torch.profiler pass that sums GPU kernel time")
+    parser.add_argument(
+        "--no-kernel-time",
+        action="store_true",
+        help="skip the torch.profiler pass that sums GPU kernel time",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, seq = (int(v) for v in args.tokens.lower().split("x"))
-    cases = [c for c in build_cases((batch, seq), args.hidden, args.small)
-             if not args.ops or c.op in args.ops]
+    cases = [
+        c
+        for c in build_cases((batch, seq), args.hidden, args.small)
+        if not args.ops or c.op in args.ops
+    ]
     report: dict = dict(
-        device=(torch.cuda.get_device_name(device) if device.type == "cuda"
-                else platform.processor()),
-        torch=torch.__version__, python=platform.python_version(),
-        triton=_version("triton"), tokens=args.tokens, hidden=args.hidden, small=args.small,
-        warmup=args.warmup, reps=args.reps, peak_gbps=args.peak_gbps,
-        peak_tflops=args.peak_tflops, rows=[],
+        device=(
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        ),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        triton=_version("triton"),
+        tokens=args.tokens,
+        hidden=args.hidden,
+        small=args.small,
+        warmup=args.warmup,
+        reps=args.reps,
+        peak_gbps=args.peak_gbps,
+        peak_tflops=args.peak_tflops,
+        rows=[],
     )
 
     def save() -> None:
@@ -356,23 +438,31 @@ def main(argv: list[str] | None = None) -> int:
 
     # torch.compile last: its compile time dominates a run, so a run cut short still has the
     # Triton and eager numbers of every op.
-    phases = [[impl for impl in args.impls if impl != "compile"],
-              [impl for impl in args.impls if impl == "compile"]]
+    phases = [
+        [impl for impl in args.impls if impl != "compile"],
+        [impl for impl in args.impls if impl == "compile"],
+    ]
     for phase in phases:
         for case in cases:
-            runs = [(impl, fn, contextlib.nullcontext)
-                    for impl, fn in implementations(case.op, device, phase).items()]
+            runs = [
+                (impl, fn, contextlib.nullcontext)
+                for impl, fn in implementations(case.op, device, phase).items()
+            ]
             if case.op == "linear_cross_entropy" and "triton" in phase:
                 triton_fn = dict((impl, fn) for impl, fn, _ in runs)["triton"]
                 for mib in args.ce_chunk_mib:
-                    runs.append((f"triton[chunk<={mib}MiB]", triton_fn,
-                                 lambda mib=mib: _chunk_budget(mib)))
+                    runs.append(
+                        (f"triton[chunk<={mib}MiB]", triton_fn, lambda mib=mib: _chunk_budget(mib))
+                    )
             for impl, fn, context in runs:
-                row = run_case(case, impl, fn, args, device, args.peak_gbps, args.peak_tflops,
-                               context)
+                row = run_case(
+                    case, impl, fn, args, device, args.peak_gbps, args.peak_tflops, context
+                )
                 report["rows"].append(row)
-                print(format_table([row], args.peak_gbps, args.peak_tflops).splitlines()[-1],
-                      flush=True)
+                print(
+                    format_table([row], args.peak_gbps, args.peak_tflops).splitlines()[-1],
+                    flush=True,
+                )
                 save()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

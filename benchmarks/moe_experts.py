@@ -56,8 +56,11 @@ def bmm_bf16(x, counts, fc1, fc2, activation):
     return torch.bmm(hidden, fc2.transpose(1, 2))[expert, slot]
 
 
-IMPLEMENTATIONS = {"triton": triton_grouped_gemm.experts, "bmm-bf16": bmm_bf16,
-                   "eager": moe_eager.experts}
+IMPLEMENTATIONS = {
+    "triton": triton_grouped_gemm.experts,
+    "bmm-bf16": bmm_bf16,
+    "eager": moe_eager.experts,
+}
 
 
 def routed_inputs(experts, hidden, ffn, tokens, topk, activation, seed=0):
@@ -66,9 +69,11 @@ def routed_inputs(experts, hidden, ffn, tokens, topk, activation, seed=0):
     counts = torch.bincount(choice.flatten(), minlength=experts)
     rows = tokens * topk
     x = torch.randn(rows, hidden, device="cuda", generator=generator, dtype=torch.bfloat16)
-    fc1 = torch.randn(experts, fc1_width(ffn, activation), hidden, device="cuda",
-                      generator=generator) * hidden ** -0.5
-    fc2 = torch.randn(experts, hidden, ffn, device="cuda", generator=generator) * ffn ** -0.5
+    fc1 = (
+        torch.randn(experts, fc1_width(ffn, activation), hidden, device="cuda", generator=generator)
+        * hidden**-0.5
+    )
+    fc2 = torch.randn(experts, hidden, ffn, device="cuda", generator=generator) * ffn**-0.5
     return x, counts, fc1.bfloat16(), fc2.bfloat16()
 
 
@@ -91,8 +96,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'E':>3} {'H':>5} {'F':>5} {'rows':>6} {'act':>12} | "
-          + " | ".join(f"{name:>17}" for name in IMPLEMENTATIONS) + " | err")
+    print(
+        f"{'E':>3} {'H':>5} {'F':>5} {'rows':>6} {'act':>12} | "
+        + " | ".join(f"{name:>17}" for name in IMPLEMENTATIONS)
+        + " | err"
+    )
     for experts, hidden, ffn, tokens, topk, activation in CONFIGS:
         inputs = routed_inputs(experts, hidden, ffn, tokens, topk, activation)
         rows = tokens * topk
@@ -108,11 +116,16 @@ def main() -> None:
             torch.cuda.empty_cache()
         with torch.no_grad():
             got = triton_grouped_gemm.experts(*inputs, activation).float()
-            want = moe_eager.experts(*(t.float() if t.is_floating_point() else t
-                                       for t in inputs), activation)
+            want = moe_eager.experts(
+                *(t.float() if t.is_floating_point() else t for t in inputs), activation
+            )
             err = ((got - want).abs().max() / want.abs().max()).item()
-        print(f"{experts:>3} {hidden:>5} {ffn:>5} {rows:>6} {activation:>12} | "
-              + " | ".join(cells) + f" | {err:.1e}", flush=True)
+        print(
+            f"{experts:>3} {hidden:>5} {ffn:>5} {rows:>6} {activation:>12} | "
+            + " | ".join(cells)
+            + f" | {err:.1e}",
+            flush=True,
+        )
         del inputs
         torch.cuda.empty_cache()
 

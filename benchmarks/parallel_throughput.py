@@ -25,13 +25,42 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = [
-    "--hybrid-layer-pattern", "M-M-M-M*-M-M-M-M*-M-M-M-M-",
-    "--hidden-size", "1024", "--ffn-hidden-size", "4096",
-    "--num-attention-heads", "16", "--num-query-groups", "8",
-    "--mamba-state-dim", "128", "--mamba-head-dim", "64", "--mamba-num-groups", "8",
-    "--mamba-chunk-size", "128", "--seq-length", "1024", "--micro-batch-size", "4",
-    "--lr", "6e-4", "--min-lr", "6e-5", "--lr-warmup-iters", "5", "--bf16",
-    "--eval-iters", "0", "--generate-tokens", "0", "--no-progress-bar", "--kernels", "auto",
+    "--hybrid-layer-pattern",
+    "M-M-M-M*-M-M-M-M*-M-M-M-M-",
+    "--hidden-size",
+    "1024",
+    "--ffn-hidden-size",
+    "4096",
+    "--num-attention-heads",
+    "16",
+    "--num-query-groups",
+    "8",
+    "--mamba-state-dim",
+    "128",
+    "--mamba-head-dim",
+    "64",
+    "--mamba-num-groups",
+    "8",
+    "--mamba-chunk-size",
+    "128",
+    "--seq-length",
+    "1024",
+    "--micro-batch-size",
+    "4",
+    "--lr",
+    "6e-4",
+    "--min-lr",
+    "6e-5",
+    "--lr-warmup-iters",
+    "5",
+    "--bf16",
+    "--eval-iters",
+    "0",
+    "--generate-tokens",
+    "0",
+    "--no-progress-bar",
+    "--kernels",
+    "auto",
 ]
 # name -> (processes, extra flags)
 LAYOUTS = {
@@ -47,33 +76,65 @@ LAYOUTS = {
 def run_layout(name: str, args: argparse.Namespace) -> dict:
     nproc, flags = LAYOUTS[name]
     log_dir = Path(tempfile.mkdtemp(prefix=f"throughput-{name}-"))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", str(REPO / "scripts" / "pretrain_hybrid.py"),
-               *MODEL, *flags, "--global-batch-size", str(args.global_batch_size),
-               "--train-iters", str(args.iters), "--log-interval", "1",
-               "--log-dir", str(log_dir)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "4"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(REPO / "scripts" / "pretrain_hybrid.py"),
+        *MODEL,
+        *flags,
+        "--global-batch-size",
+        str(args.global_batch_size),
+        "--train-iters",
+        str(args.iters),
+        "--log-interval",
+        "1",
+        "--log-dir",
+        str(log_dir),
+    ]
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=args.timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "4"},
+    )
     if proc.returncode != 0:
         return dict(layout=name, gpus=nproc, error=(proc.stdout + proc.stderr)[-2000:])
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in records if "tokens_per_sec" in r and r["iteration"] > args.warmup]
     tokens_per_s = statistics.median(r["tokens_per_sec"] for r in steady)
     peak = max((r.get("peak_memory_gib", 0.0) for r in steady), default=None)
-    return dict(layout=name, gpus=nproc, tokens_per_s=tokens_per_s,
-                tokens_per_s_per_gpu=tokens_per_s / nproc, peak_memory_gib=peak,
-                final_loss=steady[-1]["loss"], iterations=len(steady))
+    return dict(
+        layout=name,
+        gpus=nproc,
+        tokens_per_s=tokens_per_s,
+        tokens_per_s_per_gpu=tokens_per_s / nproc,
+        peak_memory_gib=peak,
+        final_loss=steady[-1]["loss"],
+        iterations=len(steady),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS), default=None,
-                        help="layout to run, repeatable (default: 1gpu and every layout that "
-                             "fits --gpus)")
+    parser.add_argument(
+        "--layout",
+        action="append",
+        choices=sorted(LAYOUTS),
+        default=None,
+        help="layout to run, repeatable (default: 1gpu and every layout that fits --gpus)",
+    )
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=10,
-                        help="iterations left out of the median (compilation, autotuning)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        help="iterations left out of the median (compilation, autotuning)",
+    )
     parser.add_argument("--global-batch-size", type=int, default=32)
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -86,15 +147,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     base = next((r for r in results if r["layout"] == "1gpu" and "error" not in r), None)
-    print(f"\n{'layout':<10} {'GPUs':>4} {'tokens/s':>10} {'per GPU':>10} {'vs 1 GPU':>9} "
-          f"{'peak GiB':>9}")
+    print(
+        f"\n{'layout':<10} {'GPUs':>4} {'tokens/s':>10} {'per GPU':>10} {'vs 1 GPU':>9} "
+        f"{'peak GiB':>9}"
+    )
     for r in results:
         if "error" in r:
             print(f"{r['layout']:<10} {r['gpus']:>4} failed: {r['error'][-300:]}")
             continue
-        ratio = (f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s']:.2f}x" if base else "n/a")
-        print(f"{r['layout']:<10} {r['gpus']:>4} {r['tokens_per_s']:>10.0f} "
-              f"{r['tokens_per_s_per_gpu']:>10.0f} {ratio:>9} {r['peak_memory_gib'] or 0:>9.2f}")
+        ratio = f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s']:.2f}x" if base else "n/a"
+        print(
+            f"{r['layout']:<10} {r['gpus']:>4} {r['tokens_per_s']:>10.0f} "
+            f"{r['tokens_per_s_per_gpu']:>10.0f} {ratio:>9} {r['peak_memory_gib'] or 0:>9.2f}"
+        )
     return 0 if all("error" not in r for r in results) else 1
 
 

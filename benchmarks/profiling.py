@@ -8,8 +8,7 @@ from collections.abc import Callable
 import torch
 
 
-def kernel_breakdown(step: Callable[[], None], reps: int, device: torch.device
-                     ) -> dict[str, float]:
+def kernel_breakdown(step: Callable[[], None], reps: int, device: torch.device) -> dict[str, float]:
     """{kernel name: microseconds per call of `step`}, largest first: the durations of the
     device events of a torch.profiler trace of `reps` calls (empty without device events, e.g.
     on CPU). Kernels inside CUDA graphs may not be traced."""
@@ -28,7 +27,6 @@ def kernel_breakdown(step: Callable[[], None], reps: int, device: torch.device
     for event in prof.events():
         # Device-side user annotations (e.g. "Optimizer.step#AdamW.step") span kernels that are
         # counted on their own.
-        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation",
-                                                                 False):
+        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
             totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / reps
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))

@@ -55,8 +55,10 @@ class Shape:
 
     @property
     def name(self) -> str:
-        return (f"B{self.batch} L{self.seqlen} H{self.nheads} P{self.headdim} G{self.ngroups} "
-                f"N{self.dstate} c{self.chunk_size}")
+        return (
+            f"B{self.batch} L{self.seqlen} H{self.nheads} P{self.headdim} G{self.ngroups} "
+            f"N{self.dstate} c{self.chunk_size}"
+        )
 
 
 SHAPES = [
@@ -76,9 +78,17 @@ def mamba_ssm_scan() -> Callable | str:
     except Exception as error:  # not on the path, or its own imports (einops) missing
         return f"{type(error).__name__}: {error}"
     return mamba_chunk_scan_combined
+
+
 SWEEP = [  # GPU_TUNING overrides tried by --sweep
-    {}, {"chunk_state_warps": 4}, {"bwd_stages": 1}, {"bwd_stages": 2}, {"bwd_stages": 4},
-    {"chunk_scan_stages": 2}, {"chunk_state_stages": 2}, {"bwd_tile": 64, "bwd_stages": 1},
+    {},
+    {"chunk_state_warps": 4},
+    {"bwd_stages": 1},
+    {"bwd_stages": 2},
+    {"bwd_stages": 4},
+    {"chunk_scan_stages": 2},
+    {"chunk_state_stages": 2},
+    {"bwd_tile": 64, "bwd_stages": 1},
 ]
 
 
@@ -89,12 +99,23 @@ def make_inputs(shape: Shape, device: torch.device) -> tuple[dict, torch.Tensor]
     def randn(*size, dtype=torch.float32, scale=1.0):
         return (scale * torch.randn(*size, generator=generator)).to(device=device, dtype=dtype)
 
-    b, l, h, p, g, n = (shape.batch, shape.seqlen, shape.nheads, shape.headdim, shape.ngroups,
-                        shape.dstate)
-    inputs = dict(x=randn(b, l, h, p, dtype=torch.bfloat16), dt=randn(b, l, h),
-                  A=-torch.exp(randn(h)), B=randn(b, l, g, n, dtype=torch.bfloat16),
-                  C=randn(b, l, g, n, dtype=torch.bfloat16), D=randn(h),
-                  dt_bias=randn(h, scale=0.5) - 2.0)
+    b, l, h, p, g, n = (
+        shape.batch,
+        shape.seqlen,
+        shape.nheads,
+        shape.headdim,
+        shape.ngroups,
+        shape.dstate,
+    )
+    inputs = dict(
+        x=randn(b, l, h, p, dtype=torch.bfloat16),
+        dt=randn(b, l, h),
+        A=-torch.exp(randn(h)),
+        B=randn(b, l, g, n, dtype=torch.bfloat16),
+        C=randn(b, l, g, n, dtype=torch.bfloat16),
+        D=randn(h),
+        dt_bias=randn(h, scale=0.5) - 2.0,
+    )
     return inputs, randn(b, l, h, p, dtype=torch.bfloat16)
 
 
@@ -124,19 +145,20 @@ def deviation(inputs: dict, dy: torch.Tensor, chunk_size: int) -> dict[str, floa
     """max |triton - eager in float32| / max |eager| for y and each gradient."""
     results = []
     for fn, cast in ((triton_ssd.ssd_chunked_scan, False), (eager_ssd, True)):
-        leaves = {k: (v.float() if cast else v).detach().requires_grad_()
-                  for k, v in inputs.items()}
+        leaves = {
+            k: (v.float() if cast else v).detach().requires_grad_() for k, v in inputs.items()
+        }
         y = call(fn, leaves, chunk_size)
         grads = torch.autograd.grad(y, list(leaves.values()), dy.to(y.dtype))
         results.append({"y": y, **{f"d{k}": g for k, g in zip(leaves, grads, strict=True)}})
         del leaves, y, grads
     got, want = results
-    return {k: ((got[k].float() - want[k]).abs().max() / want[k].abs().max()).item()
-            for k in got}
+    return {k: ((got[k].float() - want[k]).abs().max() / want[k].abs().max()).item() for k in got}
 
 
-def kernel_profile(inputs: dict, dy: torch.Tensor, chunk_size: int, steps: int = 3
-                   ) -> list[tuple[str, float]]:
+def kernel_profile(
+    inputs: dict, dy: torch.Tensor, chunk_size: int, steps: int = 3
+) -> list[tuple[str, float]]:
     """(kernel name, microseconds per fwd+bwd step) for the Triton implementation."""
     step = fwd_bwd_step(triton_ssd.ssd_chunked_scan, inputs, dy, chunk_size)
     step()
@@ -148,8 +170,12 @@ def _error(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def results(device: torch.device, args: argparse.Namespace, report: dict | None = None,
-            save: Callable[[], None] = lambda: None) -> list[dict]:
+def results(
+    device: torch.device,
+    args: argparse.Namespace,
+    report: dict | None = None,
+    save: Callable[[], None] = lambda: None,
+) -> list[dict]:
     """One row per (shape, implementation): fwd+bwd median ms (and the Triton forward alone and
     deviation from eager), or the error that stopped it. `args` needs warmup and reps; small,
     sweep, profile and impls are optional."""
@@ -176,19 +202,30 @@ def results(device: torch.device, args: argparse.Namespace, report: dict | None 
             inputs, dy = make_inputs(shape, device)
             for impl in phase:
                 row = dict(op="ssd", shape=shape.name, impl=impl)
-                fn = {"triton": triton_ssd.ssd_chunked_scan, "mamba_ssm": peer,
-                      "eager": eager_ssd, "compile": compiled}[impl]
+                fn = {
+                    "triton": triton_ssd.ssd_chunked_scan,
+                    "mamba_ssm": peer,
+                    "eager": eager_ssd,
+                    "compile": compiled,
+                }[impl]
                 try:
                     row["median_ms"] = median_ms(
                         fwd_bwd_step(fn, inputs, dy, shape.chunk_size),
-                        warmup=warmup, repeat=reps, device=device)
+                        warmup=warmup,
+                        repeat=reps,
+                        device=device,
+                    )
                     if impl in ("triton", "mamba_ssm"):
                         row["fwd_median_ms"] = median_ms(
                             fwd_step(fn, inputs, shape.chunk_size),
-                            warmup=warmup, repeat=reps, device=device)
+                            warmup=warmup,
+                            repeat=reps,
+                            device=device,
+                        )
                     if impl == "triton":
-                        row["max_rel_deviation_from_eager"] = deviation(inputs, dy,
-                                                                        shape.chunk_size)
+                        row["max_rel_deviation_from_eager"] = deviation(
+                            inputs, dy, shape.chunk_size
+                        )
                 except Exception as error:  # out of memory, compile failure
                     row["error"] = _error(error)
                 add(row)
@@ -226,10 +263,16 @@ def results(device: torch.device, args: argparse.Namespace, report: dict | None 
                 try:
                     row["median_ms"] = median_ms(
                         fwd_bwd_step(triton_ssd.ssd_chunked_scan, inputs, dy, shape.chunk_size),
-                        warmup=warmup, repeat=reps, device=device)
+                        warmup=warmup,
+                        repeat=reps,
+                        device=device,
+                    )
                     row["fwd_median_ms"] = median_ms(
                         fwd_step(triton_ssd.ssd_chunked_scan, inputs, shape.chunk_size),
-                        warmup=warmup, repeat=reps, device=device)
+                        warmup=warmup,
+                        repeat=reps,
+                        device=device,
+                    )
                     row["max_rel_deviation_from_eager"] = deviation(inputs, dy, shape.chunk_size)
                 except Exception as error:
                     row["error"] = _error(error)
@@ -262,25 +305,40 @@ HEADER = f"{'shape':<34} {'impl':<28} {'fwd+bwd':>9} {'fwd':>8}   (median ms)"
 
 def peer_ratios(rows: list[dict]) -> list[dict]:
     """Per shape timed by both in this run: ours / mamba_ssm, fwd+bwd and forward alone."""
+
     def timed(impl: str) -> dict[str, dict]:
-        return {r["shape"]: r for r in rows if r["impl"] == impl and "tuning" not in r
-                and "median_ms" in r}
+        return {
+            r["shape"]: r
+            for r in rows
+            if r["impl"] == impl and "tuning" not in r and "median_ms" in r
+        }
+
     ours, peer = timed("triton"), timed("mamba_ssm")
-    return [dict(shape=shape, ours_ms=ours[shape]["median_ms"],
-                 mamba_ssm_ms=peer[shape]["median_ms"],
-                 ratio=ours[shape]["median_ms"] / peer[shape]["median_ms"],
-                 ours_fwd_ms=ours[shape]["fwd_median_ms"],
-                 mamba_ssm_fwd_ms=peer[shape]["fwd_median_ms"],
-                 fwd_ratio=ours[shape]["fwd_median_ms"] / peer[shape]["fwd_median_ms"])
-            for shape in ours if shape in peer]
+    return [
+        dict(
+            shape=shape,
+            ours_ms=ours[shape]["median_ms"],
+            mamba_ssm_ms=peer[shape]["median_ms"],
+            ratio=ours[shape]["median_ms"] / peer[shape]["median_ms"],
+            ours_fwd_ms=ours[shape]["fwd_median_ms"],
+            mamba_ssm_fwd_ms=peer[shape]["fwd_median_ms"],
+            fwd_ratio=ours[shape]["fwd_median_ms"] / peer[shape]["fwd_median_ms"],
+        )
+        for shape in ours
+        if shape in peer
+    ]
 
 
 def format_ratios(ratios: list[dict]) -> str:
-    lines = [f"{'shape':<34} {'ours':>8} {'mamba_ssm':>9} {'ratio':>6}   {'fwd ours':>8} "
-             f"{'mamba_ssm':>9} {'ratio':>6}   (ms; ratio = ours / mamba_ssm, same run)"]
-    lines += [f"{r['shape']:<34} {r['ours_ms']:8.3f} {r['mamba_ssm_ms']:9.3f} {r['ratio']:6.2f}"
-              f"   {r['ours_fwd_ms']:8.3f} {r['mamba_ssm_fwd_ms']:9.3f} {r['fwd_ratio']:6.2f}"
-              for r in ratios]
+    lines = [
+        f"{'shape':<34} {'ours':>8} {'mamba_ssm':>9} {'ratio':>6}   {'fwd ours':>8} "
+        f"{'mamba_ssm':>9} {'ratio':>6}   (ms; ratio = ours / mamba_ssm, same run)"
+    ]
+    lines += [
+        f"{r['shape']:<34} {r['ours_ms']:8.3f} {r['mamba_ssm_ms']:9.3f} {r['ratio']:6.2f}"
+        f"   {r['ours_fwd_ms']:8.3f} {r['mamba_ssm_fwd_ms']:9.3f} {r['fwd_ratio']:6.2f}"
+        for r in ratios
+    ]
     return "\n".join(lines)
 
 
@@ -291,16 +349,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--small", action="store_true", help="a tiny shape (CPU smoke run)")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also time other launch configurations (GPU)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time other launch configurations (GPU)"
+    )
     parser.add_argument("--profile", action="store_true", help="per-kernel times (GPU)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report: dict = dict(
-        benchmark="ssd", device=(torch.cuda.get_device_name(device) if device.type == "cuda"
-                                 else platform.processor()),
-        torch=torch.__version__, triton=_triton_version(), warmup=args.warmup, reps=args.reps,
-        tuning=dict(triton_ssd.GPU_TUNING), rows=[],
+        benchmark="ssd",
+        device=(
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        ),
+        torch=torch.__version__,
+        triton=_triton_version(),
+        warmup=args.warmup,
+        reps=args.reps,
+        tuning=dict(triton_ssd.GPU_TUNING),
+        rows=[],
     )
 
     def save() -> None:
@@ -324,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 def _triton_version() -> str | None:
     try:
         import triton
+
         return triton.__version__
     except ImportError:
         return None

@@ -34,17 +34,25 @@ _HERE = Path(__file__).resolve().parent
 
 SWEEP: dict[str, list[dict[str, int]]] = {
     "causal_conv1d": [
-        {}, {"time": 64, "bwd_time": 128}, {"block_c": 128, "warps": 1, "bwd_block_c": 128,
-                                             "bwd_warps": 1},
+        {},
+        {"time": 64, "bwd_time": 128},
+        {"block_c": 128, "warps": 1, "bwd_block_c": 128, "bwd_warps": 1},
         {"block_c": 512, "warps": 4, "bwd_block_c": 512, "bwd_warps": 4},
     ],
     "norms": [
-        {}, {"bwd_programs_per_sm": 4}, {"bwd_programs_per_sm": 16}, {"bwd_tile": 2048},
+        {},
+        {"bwd_programs_per_sm": 4},
+        {"bwd_programs_per_sm": 16},
+        {"bwd_tile": 2048},
         {"bwd_per_warp": 512},
     ],
 }
-_MODULES = {"causal_conv1d": triton_conv1d, "rms_norm": triton_norms,
-            "add_rms_norm": triton_norms, "gated_rms_norm": triton_norms}
+_MODULES = {
+    "causal_conv1d": triton_conv1d,
+    "rms_norm": triton_norms,
+    "add_rms_norm": triton_norms,
+    "gated_rms_norm": triton_norms,
+}
 
 
 def _kernels_benchmark():
@@ -67,8 +75,10 @@ def _results(step_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
-               for x, y in zip(a, b, strict=True))
+    return max(
+        ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def sweep_case(bench, case, overrides, args, device, peak_gbps) -> list[dict]:
@@ -108,8 +118,11 @@ def sweep_case(bench, case, overrides, args, device, peak_gbps) -> list[dict]:
             for _ in range(args.warmup):
                 run()
             ms = bench.kernel_time_ms(run, args.reps, device)
-            row.update(kernel_ms=ms, gbps=bytes_moved / ms / 1e6,
-                       fraction_of_copy=bytes_moved / ms / 1e6 / peak_gbps)
+            row.update(
+                kernel_ms=ms,
+                gbps=bytes_moved / ms / 1e6,
+                fraction_of_copy=bytes_moved / ms / 1e6 / peak_gbps,
+            )
             if not override:  # where the default configuration's time goes
                 row["kernels_us"] = kernel_breakdown(run, args.reps, device)
         except Exception as error:  # a configuration that does not compile or fit
@@ -128,8 +141,10 @@ def format_row(row: dict) -> str:
     lead = f"{row['op']:<16} {row['shape']:<30} {json.dumps(row['tuning']):<62}"
     if "error" in row:
         return f"{lead} {row['error']}"
-    return (f"{lead} {1e3 * row['kernel_ms']:8.1f} us {row['gbps']:6.0f} GB/s "
-            f"{100 * row['fraction_of_copy']:5.1f}%  diff {row['max_rel_diff_vs_default']:.1e}")
+    return (
+        f"{lead} {1e3 * row['kernel_ms']:8.1f} us {row['gbps']:6.0f} GB/s "
+        f"{100 * row['fraction_of_copy']:5.1f}%  diff {row['max_rel_diff_vs_default']:.1e}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default="2x4096", help="batch x sequence (default 2x4096)")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--ops", nargs="*", default=list(_MODULES))
-    parser.add_argument("--fp32-norm-inputs", action="store_true",
-                        help="float32 inputs for rms_norm and add_rms_norm (the model's residual "
-                             "stream under autocast)")
+    parser.add_argument(
+        "--fp32-norm-inputs",
+        action="store_true",
+        help="float32 inputs for rms_norm and add_rms_norm (the model's residual "
+        "stream under autocast)",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
@@ -153,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     cases = {c.op: c for c in bench.build_cases((batch, seq), args.hidden, small=False)}
     peak = copy_gbps(device)
     print(f"{torch.cuda.get_device_name(device)}: copy {peak:.0f} GB/s (read + write)")
-    report = dict(device=torch.cuda.get_device_name(device), copy_gbps=peak,
-                  tokens=args.tokens, hidden=args.hidden, rows=[])
+    report = dict(
+        device=torch.cuda.get_device_name(device),
+        copy_gbps=peak,
+        tokens=args.tokens,
+        hidden=args.hidden,
+        rows=[],
+    )
     for op in args.ops:
         overrides = SWEEP["causal_conv1d" if op == "causal_conv1d" else "norms"]
         report["rows"] += sweep_case(bench, cases[op], overrides, args, device, peak)

@@ -23,13 +23,15 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def call_times_ms(fn: Callable[[], object], *, warmup: int, repeat: int,
-                  device: torch.device | str) -> list[float]:
+def call_times_ms(
+    fn: Callable[[], object], *, warmup: int, repeat: int, device: torch.device | str
+) -> list[float]:
     """Milliseconds of each of `repeat` calls of `fn`, after `warmup` untimed calls (compilation,
     autotuning, allocator growth)."""
     if repeat < 1 or warmup < 0:
-        raise ValueError(f"timing needs repeat >= 1 and warmup >= 0, got repeat={repeat}, "
-                         f"warmup={warmup}")
+        raise ValueError(
+            f"timing needs repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}"
+        )
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -50,8 +52,9 @@ def call_times_ms(fn: Callable[[], object], *, warmup: int, repeat: int,
     return times
 
 
-def median_ms(fn: Callable[[], object], *, warmup: int, repeat: int,
-              device: torch.device | str) -> float:
+def median_ms(
+    fn: Callable[[], object], *, warmup: int, repeat: int, device: torch.device | str
+) -> float:
     """Median milliseconds of `repeat` calls of `fn` after `warmup` untimed ones (the median:
     one slow call, a page fault or a clock change, moves it little)."""
     return statistics.median(call_times_ms(fn, warmup=warmup, repeat=repeat, device=device))

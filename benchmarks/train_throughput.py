@@ -52,9 +52,12 @@ def fuse_pattern(pattern: str) -> str:
     "[M-][M-]M[*-]M" (same canonical sub-layers, fewer physical blocks). Plain patterns only."""
     out, i = [], 0
     while i < len(pattern):
-        if (i + 1 < len(pattern) and pattern[i] in SEQUENCE_MIXERS
-                and pattern[i + 1] in CHANNEL_MIXERS):
-            out.append(f"[{pattern[i:i + 2]}]")
+        if (
+            i + 1 < len(pattern)
+            and pattern[i] in SEQUENCE_MIXERS
+            and pattern[i + 1] in CHANNEL_MIXERS
+        ):
+            out.append(f"[{pattern[i : i + 2]}]")
             i += 2
         else:
             out.append(pattern[i])
@@ -76,72 +79,123 @@ class BenchConfig:
 
 _CI_PATTERN = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
 _CI = dict(
-    hidden_size=1024, vocab_size=50304, ffn_hidden_size=4096, activation="squared_relu",
-    num_attention_heads=16, num_query_groups=8,
-    mamba_num_heads=32, mamba_head_dim=64, mamba_num_groups=8, mamba_state_dim=128,
+    hidden_size=1024,
+    vocab_size=50304,
+    ffn_hidden_size=4096,
+    activation="squared_relu",
+    num_attention_heads=16,
+    num_query_groups=8,
+    mamba_num_heads=32,
+    mamba_head_dim=64,
+    mamba_num_groups=8,
+    mamba_state_dim=128,
 )
 # Nemotron-H style (mostly Mamba2 + squared-ReLU MLP, ~1/9 attention, no position embedding),
 # Nemotron-H's 131072 vocabulary with tied embeddings (untied would add 268M parameters).
 _1B_PATTERN = "M-M-M*-M-M-M*-M-M-M*-M-M-M-"
 _1B = dict(
-    hidden_size=2048, vocab_size=131072, ffn_hidden_size=7168, activation="squared_relu",
-    num_attention_heads=16, num_query_groups=8, kv_channels=128,
-    mamba_num_heads=64, mamba_head_dim=64, mamba_num_groups=8, mamba_state_dim=128,
+    hidden_size=2048,
+    vocab_size=131072,
+    ffn_hidden_size=7168,
+    activation="squared_relu",
+    num_attention_heads=16,
+    num_query_groups=8,
+    kv_channels=128,
+    mamba_num_heads=64,
+    mamba_head_dim=64,
+    mamba_num_groups=8,
+    mamba_state_dim=128,
 )
 _SMOKE_PATTERN = "M-*-"
 _SMOKE = dict(
-    hidden_size=64, vocab_size=256, ffn_hidden_size=128, num_attention_heads=4,
-    num_query_groups=2, mamba_num_heads=4, mamba_head_dim=32, mamba_num_groups=2,
-    mamba_state_dim=16, mamba_chunk_size=16,
+    hidden_size=64,
+    vocab_size=256,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    mamba_num_heads=4,
+    mamba_head_dim=32,
+    mamba_num_groups=2,
+    mamba_state_dim=16,
+    mamba_chunk_size=16,
 )
 
 CONFIGS = {
     c.name: c
     for c in (
         BenchConfig("megatron-ci-hybrid", dict(_CI, hybrid_layer_pattern=_CI_PATTERN), 1024, 4),
-        BenchConfig("megatron-ci-hybrid-fused",
-                    dict(_CI, hybrid_layer_pattern=fuse_pattern(_CI_PATTERN)), 1024, 4),
+        BenchConfig(
+            "megatron-ci-hybrid-fused",
+            dict(_CI, hybrid_layer_pattern=fuse_pattern(_CI_PATTERN)),
+            1024,
+            4,
+        ),
         BenchConfig("hybrid-1b", dict(_1B, hybrid_layer_pattern=_1B_PATTERN), 4096, 2),
-        BenchConfig("hybrid-1b-fused",
-                    dict(_1B, hybrid_layer_pattern=fuse_pattern(_1B_PATTERN)), 4096, 2),
-        BenchConfig("cpu-smoke", dict(_SMOKE, hybrid_layer_pattern=_SMOKE_PATTERN), 64, 2,
-                    gpu=False),
-        BenchConfig("cpu-smoke-fused",
-                    dict(_SMOKE, hybrid_layer_pattern=fuse_pattern(_SMOKE_PATTERN)), 64, 2,
-                    gpu=False),
+        BenchConfig(
+            "hybrid-1b-fused", dict(_1B, hybrid_layer_pattern=fuse_pattern(_1B_PATTERN)), 4096, 2
+        ),
+        BenchConfig(
+            "cpu-smoke", dict(_SMOKE, hybrid_layer_pattern=_SMOKE_PATTERN), 64, 2, gpu=False
+        ),
+        BenchConfig(
+            "cpu-smoke-fused",
+            dict(_SMOKE, hybrid_layer_pattern=fuse_pattern(_SMOKE_PATTERN)),
+            64,
+            2,
+            gpu=False,
+        ),
     )
 }
 
 
-def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.device,
-               peak_flops: float | None) -> dict:
+def run_config(
+    bench: BenchConfig, args: argparse.Namespace, device: torch.device, peak_flops: float | None
+) -> dict:
     config = bench.model_config()
     params = parameter_count(config)
     flops_per_token = training_flops_per_token(config, bench.seq_length)
     tokens_per_step = bench.micro_batch * bench.seq_length
     result = dict(
-        config=bench.name, pattern=config.hybrid_layer_pattern,
-        num_blocks=config.pattern.num_blocks, num_layers=config.pattern.num_layers,
-        parameters=params, seq_length=bench.seq_length, micro_batch=bench.micro_batch,
-        tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
-        kernels=args.kernels, compile=args.compile and (args.compile_mode or "default"),
+        config=bench.name,
+        pattern=config.hybrid_layer_pattern,
+        num_blocks=config.pattern.num_blocks,
+        num_layers=config.pattern.num_layers,
+        parameters=params,
+        seq_length=bench.seq_length,
+        micro_batch=bench.micro_batch,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=flops_per_token,
+        kernels=args.kernels,
+        compile=args.compile and (args.compile_mode or "default"),
         recompute=args.recompute_granularity,
         dtype="bf16-autocast" if device.type == "cuda" else "fp32",
-        steps=args.steps, warmup=args.warmup,
+        steps=args.steps,
+        warmup=args.warmup,
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     kernels = resolve_kernels({}, args.kernels, device)
     result["kernels_bound"] = kernels.describe()
-    trainer = Trainer(config, _training_settings(bench, args, device),
-                      ParallelSettings(compile=args.compile, compile_mode=args.compile_mode,
-                                       recompute_granularity=args.recompute_granularity),
-                      ParallelDims(world_size=1), None, device, kernels, num_micro_batches=1,
-                      log=lambda _: None)
+    trainer = Trainer(
+        config,
+        _training_settings(bench, args, device),
+        ParallelSettings(
+            compile=args.compile,
+            compile_mode=args.compile_mode,
+            recompute_granularity=args.recompute_granularity,
+        ),
+        ParallelDims(world_size=1),
+        None,
+        device,
+        kernels,
+        num_micro_batches=1,
+        log=lambda _: None,
+    )
     assert trainer.num_parameters == params, (trainer.num_parameters, params)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    data = torch.randint(0, config.vocab_size, (bench.micro_batch, bench.seq_length + 1),
-                         generator=generator).to(device)
+    data = torch.randint(
+        0, config.vocab_size, (bench.micro_batch, bench.seq_length + 1), generator=generator
+    ).to(device)
     iteration = 0
 
     def step() -> None:
@@ -150,30 +204,42 @@ def run_config(bench: BenchConfig, args: argparse.Namespace, device: torch.devic
         iteration += 1
         trainer.train_step(iteration, [data])
 
-    times = [ms / 1e3 for ms in call_times_ms(step, warmup=args.warmup, repeat=args.steps,
-                                              device=device)]
+    times = [
+        ms / 1e3 for ms in call_times_ms(step, warmup=args.warmup, repeat=args.steps, device=device)
+    ]
     if args.profile and device.type == "cuda":
         _print_profile(step, device, bench.name)
     median = statistics.median(times)
     tokens_per_s = tokens_per_step / median
     result.update(
-        step_times_s=times, median_step_s=median, tokens_per_s=tokens_per_s,
+        step_times_s=times,
+        median_step_s=median,
+        tokens_per_s=tokens_per_s,
         achieved_tflops=flops_per_token * tokens_per_s / 1e12,
         mfu=None if peak_flops is None else flops_per_token * tokens_per_s / peak_flops,
-        peak_memory_bytes=(torch.cuda.max_memory_allocated(device)
-                           if device.type == "cuda" else None),
+        peak_memory_bytes=(
+            torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        ),
     )
     return result
 
 
-def _training_settings(bench: BenchConfig, args: argparse.Namespace,
-                       device: torch.device) -> TrainingSettings:
+def _training_settings(
+    bench: BenchConfig, args: argparse.Namespace, device: torch.device
+) -> TrainingSettings:
     """One micro-batch per step, bf16 autocast on CUDA, AdamW at a constant 1e-4 with weight
     decay 0.1; clipping and the non-finite check as the training script's defaults."""
-    return TrainingSettings(seq_length=bench.seq_length, micro_batch_size=bench.micro_batch,
-                            global_batch_size=bench.micro_batch, lr=1e-4, min_lr=1e-4,
-                            lr_warmup_iters=0, lr_decay_style="constant",
-                            bf16=device.type == "cuda", seed=1234)
+    return TrainingSettings(
+        seq_length=bench.seq_length,
+        micro_batch_size=bench.micro_batch,
+        global_batch_size=bench.micro_batch,
+        lr=1e-4,
+        min_lr=1e-4,
+        lr_warmup_iters=0,
+        lr_decay_style="constant",
+        bf16=device.type == "cuda",
+        seed=1234,
+    )
 
 
 # Kernel-name patterns of each category in the --profile summary, first match wins.
@@ -211,8 +277,10 @@ def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> Non
     for kernel, ms in per_kernel.items():
         per_category[_category(kernel)] = per_category.get(_category(kernel), 0.0) + ms
     busy = sum(per_kernel.values())
-    print(f"\nprofile {name}: {wall_ms:.1f} ms per step wall (profiled), GPU kernels "
-          f"{busy:.1f} ms per step ({100 * busy / wall_ms:.0f}% busy)")
+    print(
+        f"\nprofile {name}: {wall_ms:.1f} ms per step wall (profiled), GPU kernels "
+        f"{busy:.1f} ms per step ({100 * busy / wall_ms:.0f}% busy)"
+    )
     for category, ms in sorted(per_category.items(), key=lambda kv: -kv[1]):
         print(f"  {ms:8.2f} ms  {100 * ms / busy:5.1f}%  {category}")
     print("  top kernels (ms per step):")
@@ -221,8 +289,10 @@ def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> Non
 
 
 def _table(results: list[dict]) -> str:
-    header = (f"{'config':<26} {'params':>8} {'GFLOP/tok':>9} {'step ms':>9} {'tokens/s':>11} "
-              f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+    header = (
+        f"{'config':<26} {'params':>8} {'GFLOP/tok':>9} {'step ms':>9} {'tokens/s':>11} "
+        f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}"
+    )
     lines = [header, "-" * len(header)]
     for r in results:
         if "error" in r:
@@ -240,23 +310,47 @@ def _table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action="append", choices=sorted(CONFIGS), default=None,
-                        help="named config, repeatable (default: every GPU config: "
-                        + ", ".join(n for n, c in CONFIGS.items() if c.gpu) + ")")
+    parser.add_argument(
+        "--config",
+        action="append",
+        choices=sorted(CONFIGS),
+        default=None,
+        help="named config, repeatable (default: every GPU config: "
+        + ", ".join(n for n, c in CONFIGS.items() if c.gpu)
+        + ")",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    parser.add_argument("--kernels", choices=("auto", "eager"), default="auto",
-                        help="kernel binding (megatron_hybrid.kernels.resolve_kernels)")
-    parser.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
-                        help="activation checkpointing per block, as the training script's")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode with --compile (e.g. reduce-overhead)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile 3 steps per config and print the top GPU kernels")
+    parser.add_argument(
+        "--kernels",
+        choices=("auto", "eager"),
+        default="auto",
+        help="kernel binding (megatron_hybrid.kernels.resolve_kernels)",
+    )
+    parser.add_argument(
+        "--recompute-granularity",
+        choices=("full", "selective"),
+        default=None,
+        help="activation checkpointing per block, as the training script's",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode with --compile (e.g. reduce-overhead)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile 3 steps per config and print the top GPU kernels",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="accelerator peak for MFU (default on CUDA: "
-                        f"{H100_SXM_BF16_DENSE_TFLOPS}, H100 SXM bf16 dense)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="accelerator peak for MFU (default on CUDA: "
+        f"{H100_SXM_BF16_DENSE_TFLOPS}, H100 SXM bf16 dense)",
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -270,11 +364,16 @@ def main(argv: list[str] | None = None) -> int:
         peak_flops = H100_SXM_BF16_DENSE_TFLOPS * 1e12
     else:
         peak_flops = None
-    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else platform.processor() or platform.machine())
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
     peak_text = "n/a" if peak_flops is None else f"{peak_flops / 1e12:g} TFLOP/s"
-    print(f"device: {device} ({device_name}), torch {torch.__version__}, MFU peak: {peak_text}",
-          flush=True)
+    print(
+        f"device: {device} ({device_name}), torch {torch.__version__}, MFU peak: {peak_text}",
+        flush=True,
+    )
 
     results = []
     for name in names:
@@ -289,9 +388,17 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=str(device), device_name=device_name, torch=torch.__version__,
-                           peak_tflops=None if peak_flops is None else peak_flops / 1e12,
-                           results=results), f, indent=2)
+            json.dump(
+                dict(
+                    device=str(device),
+                    device_name=device_name,
+                    torch=torch.__version__,
+                    peak_tflops=None if peak_flops is None else peak_flops / 1e12,
+                    results=results,
+                ),
+                f,
+                indent=2,
+            )
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -21,9 +21,9 @@ SAFETENSORS_FORMAT = "megatron-hybrid/canonical-safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def read_model_state(path: str | os.PathLike, iteration: int | None = None,
-                     verify_checksums: bool = True
-                     ) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
+def read_model_state(
+    path: str | os.PathLike, iteration: int | None = None, verify_checksums: bool = True
+) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
     """(canonical model tensors, ModelConfig, checkpoint.json) of a checkpoint, on CPU.
     A damaged or incomplete checkpoint raises CheckpointCorruptError naming the file."""
     directory = files.resolve_checkpoint_dir(path, iteration)
@@ -33,8 +33,9 @@ def read_model_state(path: str | os.PathLike, iteration: int | None = None,
     template = {}
     for key, info in files.read_tensor_index(directory).state_dict_metadata.items():
         if key.startswith("model.") and hasattr(info, "size"):
-            template[key[len("model."):]] = torch.empty(tuple(info.size),
-                                                        dtype=info.properties.dtype)
+            template[key[len("model.") :]] = torch.empty(
+                tuple(info.size), dtype=info.properties.dtype
+            )
     load_dcp_state({"model": template}, directory, meta, checksums_verified=verify_checksums)
     return template, config, meta
 
@@ -45,11 +46,17 @@ def _model_config(directory: Path, meta: dict) -> ModelConfig:
     except (TypeError, ValueError) as error:  # unknown fields, or values that do not fit
         raise CheckpointCorruptError(
             f"{directory / files.METADATA_FILE}: its model_config does not describe a model "
-            f"this version builds: {error}") from error
+            f"this version builds: {error}"
+        ) from error
 
 
-def write_model_checkpoint(save_dir: str | os.PathLike, state: dict[str, torch.Tensor],
-                           config: ModelConfig, iteration: int = 0, log=print) -> Path:
+def write_model_checkpoint(
+    save_dir: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    iteration: int = 0,
+    log=print,
+) -> Path:
     """A model-only checkpoint (loads with --load, or --finetune) from canonical tensors.
 
     The tensors are loaded into a HybridModel of `config` first, so a state that does not fit
@@ -71,17 +78,27 @@ def write_model_checkpoint(save_dir: str | os.PathLike, state: dict[str, torch.T
     return Path(save_dir) / files.iteration_dir_name(iteration)
 
 
-def save_safetensors(path: str | os.PathLike, state: dict[str, torch.Tensor],
-                     config: ModelConfig, dtype: torch.dtype | None = None) -> None:
+def save_safetensors(
+    path: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    dtype: torch.dtype | None = None,
+) -> None:
     from safetensors.torch import save_file
 
-    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous()
-               for k, v in state.items()}
-    save_file(tensors, str(path), metadata={
-        "format": SAFETENSORS_FORMAT,
-        "pattern": config.hybrid_layer_pattern,
-        "model_config": json.dumps(config.to_dict()),
-    })
+    tensors = {
+        k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous()
+        for k, v in state.items()
+    }
+    save_file(
+        tensors,
+        str(path),
+        metadata={
+            "format": SAFETENSORS_FORMAT,
+            "pattern": config.hybrid_layer_pattern,
+            "model_config": json.dumps(config.to_dict()),
+        },
+    )
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
@@ -95,17 +112,19 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             metadata = f.metadata() or {}
             state = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as error:
-        raise CheckpointCorruptError(f"{path} is not a readable safetensors file: {error}") \
-            from error
+        raise CheckpointCorruptError(
+            f"{path} is not a readable safetensors file: {error}"
+        ) from error
     if metadata.get("format") != SAFETENSORS_FORMAT:
         raise CheckpointError(
             f"{path} was not written by megatron-hybrid (format {metadata.get('format')!r}, "
-            f"expected {SAFETENSORS_FORMAT!r}); for a Hugging Face checkpoint use from-hf")
+            f"expected {SAFETENSORS_FORMAT!r}); for a Hugging Face checkpoint use from-hf"
+        )
     try:
         config = ModelConfig(**json.loads(metadata["model_config"]))
     except (KeyError, TypeError, ValueError) as error:  # missing, not JSON, or does not fit
         raise CheckpointCorruptError(
             f"{path}: its metadata has no model_config this version builds ({error!r}); a "
-            "megatron-hybrid safetensors export stores one") from error
+            "megatron-hybrid safetensors export stores one"
+        ) from error
     return state, config
-

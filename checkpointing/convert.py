@@ -24,21 +24,31 @@ def inspect_checkpoint(path, iteration=None, out=None) -> None:
     out = out or sys.stdout
     directory = files.resolve_checkpoint_dir(path, iteration)
     meta = files.read_checkpoint_metadata(directory)
-    index_only = {name: entry for name, entry in meta["files"].items()
-                  if name == files.TENSOR_INDEX_FILE}  # inspect reads no shard
+    index_only = {
+        name: entry for name, entry in meta["files"].items() if name == files.TENSOR_INDEX_FILE
+    }  # inspect reads no shard
     files.verify_manifest(directory, index_only)
     tensors = files.read_tensor_index(directory).state_dict_metadata
     size = sum(info["size"] for info in meta["files"].values())
     print(f"checkpoint   {directory}", file=out)
-    print(f"iteration    {meta['iteration']}  (consumed samples "
-          f"{meta.get('consumed_train_samples', 0)})", file=out)
+    print(
+        f"iteration    {meta['iteration']}  (consumed samples "
+        f"{meta.get('consumed_train_samples', 0)})",
+        file=out,
+    )
     print(f"pattern      {meta['pattern']}", file=out)
     print(f"contents     {', '.join(meta.get('contents', []))}", file=out)
-    print(f"files        {len(meta.get('files', {}))}, {size / 2**20:.1f} MiB; saved "
-          f"{meta.get('saved_at', '?')} with torch {meta.get('torch_version', '?')}", file=out)
+    print(
+        f"files        {len(meta.get('files', {}))}, {size / 2**20:.1f} MiB; saved "
+        f"{meta.get('saved_at', '?')} with torch {meta.get('torch_version', '?')}",
+        file=out,
+    )
     print("model config " + json.dumps(meta["model_config"], sort_keys=True), file=out)
-    model_keys = {k[len("model."):]: v for k, v in tensors.items()
-                  if k.startswith("model.") and hasattr(v, "size")}
+    model_keys = {
+        k[len("model.") :]: v
+        for k, v in tensors.items()
+        if k.startswith("model.") and hasattr(v, "size")
+    }
     numel = sum(_numel(v.size) for v in model_keys.values())
     print(f"model tensors ({len(model_keys)}, {numel / 1e6:.2f}M elements):", file=out)
     width = max(map(len, model_keys), default=0)
@@ -56,31 +66,45 @@ def inspect_checkpoint(path, iteration=None, out=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-hybrid-convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="megatron-hybrid-convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="iteration, pattern, config, keys, shapes, dtypes")
     p.add_argument("checkpoint")
     p.add_argument("--iteration", type=int)
-    for name, what in (("to-safetensors", "one consolidated safetensors file"),
-                       ("to-hf", "a Hugging Face nemotron_h directory")):
+    for name, what in (
+        ("to-safetensors", "one consolidated safetensors file"),
+        ("to-hf", "a Hugging Face nemotron_h directory"),
+    ):
         p = sub.add_parser(name, help=f"checkpoint -> {what}")
         p.add_argument("checkpoint")
         p.add_argument("output")
         p.add_argument("--iteration", type=int)
-        p.add_argument("--dtype", choices=sorted(consolidated.DTYPES),
-                       help="cast floating tensors (default: as saved)")
-        p.add_argument("--no-verify-checksums", action="store_true",
-                       help="check the files' sizes but not their CRC32s (faster); a damaged "
-                            "file that stops the read is then checked and named")
-    for name, what in (("from-safetensors", "a consolidated safetensors file"),
-                       ("from-hf", "a Hugging Face nemotron_h directory")):
+        p.add_argument(
+            "--dtype",
+            choices=sorted(consolidated.DTYPES),
+            help="cast floating tensors (default: as saved)",
+        )
+        p.add_argument(
+            "--no-verify-checksums",
+            action="store_true",
+            help="check the files' sizes but not their CRC32s (faster); a damaged "
+            "file that stops the read is then checked and named",
+        )
+    for name, what in (
+        ("from-safetensors", "a consolidated safetensors file"),
+        ("from-hf", "a Hugging Face nemotron_h directory"),
+    ):
         p = sub.add_parser(name, help=f"{what} -> a model-only checkpoint (use with --load)")
         p.add_argument("input")
         p.add_argument("save_dir")
-        p.add_argument("--iteration", type=int, default=0,
-                       help="iteration number to file it under (default 0)")
+        p.add_argument(
+            "--iteration", type=int, default=0, help="iteration number to file it under (default 0)"
+        )
     return parser
 
 
@@ -103,7 +127,8 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.command in ("to-safetensors", "to-hf"):
         state, config, meta = consolidated.read_model_state(
-            args.checkpoint, args.iteration, verify_checksums=not args.no_verify_checksums)
+            args.checkpoint, args.iteration, verify_checksums=not args.no_verify_checksums
+        )
         dtype = consolidated.DTYPES.get(args.dtype)
         if args.command == "to-safetensors":
             consolidated.save_safetensors(args.output, state, config, dtype)

@@ -23,21 +23,33 @@ class CheckpointMismatchError(CheckpointError):
     """The checkpoint's tensors do not fit the model (or optimizer) it is loaded into."""
 
     def __init__(self, what: str, missing=(), unexpected=(), mismatched=()):
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(
-            mismatched)
+        self.missing, self.unexpected, self.mismatched = (
+            list(missing),
+            list(unexpected),
+            list(mismatched),
+        )
         lines = [f"the checkpoint does not fit {what}:"]
         if self.missing:
-            lines.append(f"  missing in the checkpoint ({len(self.missing)}): "
-                         + listing(self.missing))
+            lines.append(
+                f"  missing in the checkpoint ({len(self.missing)}): " + listing(self.missing)
+            )
         if self.unexpected:
-            lines.append(f"  in the checkpoint but not in the model ({len(self.unexpected)}): "
-                         + listing(self.unexpected))
+            lines.append(
+                f"  in the checkpoint but not in the model ({len(self.unexpected)}): "
+                + listing(self.unexpected)
+            )
         if self.mismatched:
-            lines.append(f"  different shapes ({len(self.mismatched)}): " + listing(
-                f"{key} checkpoint {tuple(saved)} vs model {tuple(wanted)}"
-                for key, saved, wanted in self.mismatched))
-        lines.append("  nothing was loaded. Load into a model built with the checkpoint's "
-                     "pattern and sizes (see `megatron-hybrid-convert inspect DIR`).")
+            lines.append(
+                f"  different shapes ({len(self.mismatched)}): "
+                + listing(
+                    f"{key} checkpoint {tuple(saved)} vs model {tuple(wanted)}"
+                    for key, saved, wanted in self.mismatched
+                )
+            )
+        lines.append(
+            "  nothing was loaded. Load into a model built with the checkpoint's "
+            "pattern and sizes (see `megatron-hybrid-convert inspect DIR`)."
+        )
         super().__init__("\n".join(lines))
 
 
@@ -60,13 +72,17 @@ class PackedTensorNotFoundError(CheckpointError):
 
     def __init__(self, what: str, missing: dict[str, list[str]]):
         self.missing = dict(missing)
-        lines = [f"{len(missing)} packed tensor(s) not found in {what}; saved as they are they "
-                 "would be written in tensor parallelism's rank-major order (or loaded values "
-                 "put in the wrong rows), so nothing was saved or loaded:"]
+        lines = [
+            f"{len(missing)} packed tensor(s) not found in {what}; saved as they are they "
+            "would be written in tensor parallelism's rank-major order (or loaded values "
+            "put in the wrong rows), so nothing was saved or loaded:"
+        ]
         for name, similar in missing.items():
             near = f"; {what} has {listing(similar, limit=4)}" if similar else ""
             lines.append(f"  {name}{near}")
-        lines.append("  megatron_hybrid/parallel/packed.py names a packed parameter by its module "
-                     "path without the wrapper modules listed in _WRAPPER_NAMES; a wrapper "
-                     "whose name torch's state dict leaves out must be listed there.")
+        lines.append(
+            "  megatron_hybrid/parallel/packed.py names a packed parameter by its module "
+            "path without the wrapper modules listed in _WRAPPER_NAMES; a wrapper "
+            "whose name torch's state dict leaves out must be listed there."
+        )
         super().__init__("\n".join(lines))

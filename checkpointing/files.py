@@ -40,12 +40,24 @@ TENSOR_INDEX_FILE = ".metadata"  # DCP's index of the tensors and where their by
 FORMAT = "megatron-hybrid/canonical-dcp"
 FORMAT_VERSION = 1
 # What every checkpoint.json of this format holds, with its JSON type.
-REQUIRED_FIELDS = {"iteration": int, "pattern": str, "contents": list, "model_config": dict,
-                   "files": dict}
+REQUIRED_FIELDS = {
+    "iteration": int,
+    "pattern": str,
+    "contents": list,
+    "model_config": dict,
+    "files": dict,
+}
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _SET_ASIDE_DIR = re.compile(r"^\.(iter_\d{7,})\.old$")
-_JSON_TYPES = {dict: "object", list: "list", str: "string", int: "number", float: "number",
-               bool: "boolean", type(None): "null"}
+_JSON_TYPES = {
+    dict: "object",
+    list: "list",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -95,11 +107,13 @@ def verify_file(path: Path, expected: dict, checksum: bool = True) -> None:
     if size != expected["size"]:
         raise CheckpointCorruptError(
             f"checkpoint file {path} is {size} bytes, but {expected['size']} were written: "
-            "the file is truncated or was replaced; load an earlier iteration instead")
+            "the file is truncated or was replaced; load an earlier iteration instead"
+        )
     if checksum and _crc32(path) != expected["crc32"]:
         raise CheckpointCorruptError(
             f"checkpoint file {path} fails its CRC32 check (expected {expected['crc32']:08x}): "
-            "its contents changed after the save; load an earlier iteration instead")
+            "its contents changed after the save; load an earlier iteration instead"
+        )
 
 
 def read_checkpoint_metadata(directory: Path) -> dict:
@@ -109,7 +123,8 @@ def read_checkpoint_metadata(directory: Path) -> dict:
     if not path.is_file():
         raise CheckpointCorruptError(
             f"{directory} has no {METADATA_FILE}: not a complete megatron-hybrid checkpoint "
-            "(a save that did not finish, or another tool's directory)")
+            "(a save that did not finish, or another tool's directory)"
+        )
     try:
         meta = json.loads(path.read_bytes())
     except ValueError as error:  # bad JSON, or bytes that are not UTF-8
@@ -117,35 +132,48 @@ def read_checkpoint_metadata(directory: Path) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointCorruptError(
             f"{path} should hold a JSON object with the fields {', '.join(REQUIRED_FIELDS)}, "
-            f"found a JSON {_json_type(meta)}")
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int) or \
-            meta["format_version"] > FORMAT_VERSION:
+            f"found a JSON {_json_type(meta)}"
+        )
+    if (
+        meta.get("format") != FORMAT
+        or not isinstance(meta.get("format_version"), int)
+        or meta["format_version"] > FORMAT_VERSION
+    ):
         raise CheckpointCorruptError(
             f"{path} describes format {meta.get('format')!r} version "
             f"{meta.get('format_version')}; this version reads {FORMAT!r} up to version "
-            f"{FORMAT_VERSION}")
+            f"{FORMAT_VERSION}"
+        )
     for name, kind in REQUIRED_FIELDS.items():
         if name not in meta:
             raise CheckpointCorruptError(
                 f"{path} has no {name!r} field; a checkpoint.json of {FORMAT} holds "
-                f"{', '.join(REQUIRED_FIELDS)}")
+                f"{', '.join(REQUIRED_FIELDS)}"
+            )
         if _json_type(meta[name]) != _JSON_TYPES[kind]:
-            raise CheckpointCorruptError(f"{path}: {name!r} should be a JSON {_JSON_TYPES[kind]}, "
-                                         f"found a JSON {_json_type(meta[name])}")
+            raise CheckpointCorruptError(
+                f"{path}: {name!r} should be a JSON {_JSON_TYPES[kind]}, "
+                f"found a JSON {_json_type(meta[name])}"
+            )
     _check_manifest_entries(path, meta["files"])
     return meta
 
 
 def _check_manifest_entries(path: Path, manifest: dict) -> None:
     if TENSOR_INDEX_FILE not in manifest:
-        raise CheckpointCorruptError(f"{path}: 'files' does not list {TENSOR_INDEX_FILE}, "
-                                     "which every save writes")
+        raise CheckpointCorruptError(
+            f"{path}: 'files' does not list {TENSOR_INDEX_FILE}, which every save writes"
+        )
     for name, entry in manifest.items():
-        if not (isinstance(entry, dict) and _json_type(entry.get("size")) == "number"
-                and _json_type(entry.get("crc32")) == "number"):
+        if not (
+            isinstance(entry, dict)
+            and _json_type(entry.get("size")) == "number"
+            and _json_type(entry.get("crc32")) == "number"
+        ):
             raise CheckpointCorruptError(
                 f"{path}: the 'files' entry of {name!r} should be {{\"size\": bytes, "
-                f"\"crc32\": checksum}}, found {json.dumps(entry)[:80]}")
+                f'"crc32": checksum}}, found {json.dumps(entry)[:80]}'
+            )
 
 
 def _json_type(value) -> str:
@@ -161,7 +189,8 @@ def read_tensor_index(directory: Path) -> Metadata:
         raise CheckpointCorruptError(
             f"{directory / TENSOR_INDEX_FILE} cannot be read by this torch "
             f"({describe_error(error)}); it was written by an incompatible torch version, or "
-            "changed after the save") from error
+            "changed after the save"
+        ) from error
 
 
 def read_latest_iteration(save_dir: Path) -> int | None:
@@ -175,7 +204,8 @@ def read_latest_iteration(save_dir: Path) -> int | None:
         raise CheckpointCorruptError(
             f"{latest} should hold an iteration number (ASCII digits, e.g. 100), found "
             f"{_shown(raw[:40])}; write the number of a complete checkpoint into it "
-            f"({_listing(save_dir)}), or delete it to start from scratch")
+            f"({_listing(save_dir)}), or delete it to start from scratch"
+        )
     return int(raw.strip())
 
 
@@ -202,7 +232,8 @@ def resolve_checkpoint_dir(path: str | os.PathLike, iteration: int | None = None
         iteration = read_latest_iteration(path)
         if iteration is None:
             raise CheckpointNotFoundError(
-                f"{path} holds no {LATEST_FILE} and is not an iter_* checkpoint directory")
+                f"{path} holds no {LATEST_FILE} and is not an iter_* checkpoint directory"
+            )
     directory = path / iteration_dir_name(iteration)
     if directory.is_dir():
         return directory
@@ -213,7 +244,8 @@ def resolve_checkpoint_dir(path: str | os.PathLike, iteration: int | None = None
         raise CheckpointCorruptError(
             f"{path / LATEST_FILE} names iteration {iteration}, but {directory} does not exist "
             f"({_listing(path)}); load one of those by its iteration, or delete {LATEST_FILE} "
-            "to start from scratch")
+            "to start from scratch"
+        )
     raise CheckpointNotFoundError(f"{directory} does not exist ({_listing(path)})")
 
 

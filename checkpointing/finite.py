@@ -26,14 +26,18 @@ def check_finite(model, optimizer, what: str, group=None) -> None:
     if dist.is_initialized():
         every_rank: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(every_rank, local, group=group)
-        found = "; ".join(f"rank {rank}: {listing(names, limit=6)}"
-                          for rank, names in enumerate(every_rank) if names)
+        found = "; ".join(
+            f"rank {rank}: {listing(names, limit=6)}"
+            for rank, names in enumerate(every_rank)
+            if names
+        )
     else:
         found = listing(local, limit=6)
     raise NonFiniteCheckpointError(
         f"not saving {what}: tensors hold NaN or inf ({found}); nothing was written and "
         "`latest` did not move. If the training diverged, resume from the last checkpoint with "
-        "a lower learning rate or stronger gradient clipping")
+        "a lower learning rate or stronger gradient clipping"
+    )
 
 
 def non_finite_tensors(model, optimizer) -> list[str]:
@@ -43,20 +47,25 @@ def non_finite_tensors(model, optimizer) -> list[str]:
     named: list[tuple[str, torch.Tensor]] = []
     parts = as_parts(model)
     for part in parts:
-        named += [(state_dict_name(name), t)
-                  for name, t in part.state_dict(keep_vars=True).items()]
+        named += [(state_dict_name(name), t) for name, t in part.state_dict(keep_vars=True).items()]
     if optimizer is not None:
         for part, part_optimizer in zip(parts, as_optimizers(optimizer), strict=True):
             names = {param: state_dict_name(name) for name, param in part.named_parameters()}
             for param, state in part_optimizer.state.items():
-                named += [(f"optimizer state {key} of {names.get(param, '?')}", value)
-                          for key, value in state.items() if isinstance(value, torch.Tensor)]
+                named += [
+                    (f"optimizer state {key} of {names.get(param, '?')}", value)
+                    for key, value in state.items()
+                    if isinstance(value, torch.Tensor)
+                ]
     return _non_finite(named)
 
 
 def _non_finite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
-    floating = [(name, t.to_local() if isinstance(t, DTensor) else t) for name, t in named
-                if t.is_floating_point()]
+    floating = [
+        (name, t.to_local() if isinstance(t, DTensor) else t)
+        for name, t in named
+        if t.is_floating_point()
+    ]
     if not floating:
         return []
     # A float64 sum is finite exactly when every element is: finite float32 (or narrower)

@@ -126,8 +126,11 @@ _DT_CLAMP_FIELD_BY_VERSION = (
 )
 
 # nemotron_h's layer type of each symbol that has one (the specs' `hf_nemotron_h` layouts).
-LAYER_TYPES = {symbol: spec.hf_nemotron_h.layer_type for symbol, spec in SPECS.items()
-               if spec.hf_nemotron_h is not None}
+LAYER_TYPES = {
+    symbol: spec.hf_nemotron_h.layer_type
+    for symbol, spec in SPECS.items()
+    if spec.hf_nemotron_h is not None
+}
 _SYMBOL_OF_TYPE = {v: k for k, v in LAYER_TYPES.items()}
 
 
@@ -178,11 +181,16 @@ def _dt_clamp_when_applying(field: str, hf: Mapping) -> tuple[float, float | Non
     if field == "time_step_min":
         return _as_floor(hf.get("time_step_min", 0.001)), None
     limit = hf.get("time_step_limit", (0.0, math.inf))
-    numbers = isinstance(limit, (list, tuple)) and len(limit) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
+    numbers = (
+        isinstance(limit, (list, tuple))
+        and len(limit) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
+    )
     if not (numbers and limit[0] <= limit[1]):
-        raise HFImportError(f"HF config time_step_limit={limit!r}: expected [low, high], two "
-                            "numbers with low <= high (high may be infinite)")
+        raise HFImportError(
+            f"HF config time_step_limit={limit!r}: expected [low, high], two "
+            "numbers with low <= high (high may be infinite)"
+        )
     low, high = limit
     return _as_floor(low), None if high == math.inf else float(high)
 
@@ -213,11 +221,16 @@ def _dt_clamp_export_problem(config: ModelConfig) -> str | None:
     field = hf_dt_clamp_field(version)
     if field == "time_step_limit":
         return None
-    why = ("clamps dt to (time_step_min, inf) and ignores time_step_limit" if field else
-           "may ignore time_step_limit (its nemotron_h's dt clamp is not known)")
-    return (f"mamba_dt_ceiling={config.mamba_dt_ceiling}: the installed transformers {version} "
-            f"{why}, so it would not apply the ceiling; valid: no ceiling (mamba_dt_ceiling=None)"
-            ", or transformers >= 5.25, which applies time_step_limit")
+    why = (
+        "clamps dt to (time_step_min, inf) and ignores time_step_limit"
+        if field
+        else "may ignore time_step_limit (its nemotron_h's dt clamp is not known)"
+    )
+    return (
+        f"mamba_dt_ceiling={config.mamba_dt_ceiling}: the installed transformers {version} "
+        f"{why}, so it would not apply the ceiling; valid: no ceiling (mamba_dt_ceiling=None)"
+        ", or transformers >= 5.25, which applies time_step_limit"
+    )
 
 
 def _hf_dt_clamp_fields(config: ModelConfig) -> dict:
@@ -231,7 +244,8 @@ def _imported_dt_init_min(hf: Mapping, extra: Mapping) -> float | None:
     default one: our exports write the dt floor there and record mamba_dt_min in `extra`."""
     time_step_min = hf.get("time_step_min", 0.001)
     written_by_us = "mamba_dt_min" in extra and time_step_min == max(
-        extra.get("mamba_dt_floor", 0.0), NO_DT_FLOOR)
+        extra.get("mamba_dt_floor", 0.0), NO_DT_FLOOR
+    )
     return time_step_min if time_step_min > NO_DT_FLOOR and not written_by_us else None
 
 
@@ -466,7 +480,8 @@ def model_config_from_hf_config(
         "position_embedding_type": "none",
         # HF always has an lm_head of its own; a tied export records it in `extra`.
         "untie_embeddings_and_output_weights": extra.get(
-            "untie_embeddings_and_output_weights", True),
+            "untie_embeddings_and_output_weights", True
+        ),
     }
     if "M" in symbols:
         fields.update(
@@ -497,14 +512,14 @@ def model_config_from_hf_config(
             num_moe_experts=hf.get("n_routed_experts", 8),
             moe_router_topk=hf.get("num_experts_per_tok", 2),
             moe_ffn_hidden_size=hf.get("moe_intermediate_size", 7688),
-            moe_shared_expert_intermediate_size=hf.get(
-                "moe_shared_expert_intermediate_size", 7688),
+            moe_shared_expert_intermediate_size=hf.get("moe_shared_expert_intermediate_size", 7688),
             moe_router_score_function="sigmoid",
             # HF always has e_score_correction_bias; without `extra` keep it.
             moe_router_enable_expert_bias=extra.get("moe_router_enable_expert_bias", True),
             # A factor of 1.0 is recorded as None or 1.0 (the same math); HF's value wins.
             moe_router_topk_scaling_factor=(
-                scale if scale != 1.0 else 1.0 if recorded_scale == 1.0 else None),
+                scale if scale != 1.0 else 1.0 if recorded_scale == 1.0 else None
+            ),
         )
 
     pattern = hybrid_layer_pattern
@@ -522,11 +537,17 @@ def model_config_from_hf_config(
 
 # Older field names that NemotronHConfig still accepts (its __post_init__ and attribute_map).
 _HF_ALIASES = {
-    "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
-    "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max",
-    "mamba_dt_limit": "time_step_limit", "mamba_dt_init_floor": "time_step_floor",
-    "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size",
-    "num_local_experts": "n_routed_experts", "layer_types": "layers_block_type",
+    "mamba_n_groups": "n_groups",
+    "mamba_d_conv": "conv_kernel",
+    "mamba_expand": "expand",
+    "mamba_dt_min": "time_step_min",
+    "mamba_dt_max": "time_step_max",
+    "mamba_dt_limit": "time_step_limit",
+    "mamba_dt_init_floor": "time_step_floor",
+    "mamba_conv_bias": "use_conv_bias",
+    "mamba_chunk_size": "chunk_size",
+    "num_local_experts": "n_routed_experts",
+    "layer_types": "layers_block_type",
 }
 
 
@@ -553,10 +574,10 @@ def _same_layers(pattern, symbols: str) -> bool:
 # Outside the decoder layers (lm_head, tied or not, is handled apart); each layer's tensors map
 # by its spec's `hf_nemotron_h` layout, canonical layer i to HF layer i.
 _MODEL_KEY_MAPS = (
-    PlacedKeyMap(("embedding.word_embeddings.weight",), ("backbone.embeddings.weight",),
-                 unchanged, unchanged),
-    PlacedKeyMap(("decoder.final_norm.weight",), ("backbone.norm_f.weight",),
-                 unchanged, unchanged),
+    PlacedKeyMap(
+        ("embedding.word_embeddings.weight",), ("backbone.embeddings.weight",), unchanged, unchanged
+    ),
+    PlacedKeyMap(("decoder.final_norm.weight",), ("backbone.norm_f.weight",), unchanged, unchanged),
 )
 _HF_LAYERS = "backbone.layers."
 
@@ -571,8 +592,10 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     _require_exportable(config)
     with torch.device("meta"):
         model = HybridModel(config)
-    return {canonical_key(name, config.pattern): tuple(t.shape)
-            for name, t in model.state_dict().items()}
+    return {
+        canonical_key(name, config.pattern): tuple(t.shape)
+        for name, t in model.state_dict().items()
+    }
 
 
 def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -581,25 +604,37 @@ def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(t.shape) for k, t in _to_hf(meta, config).items()}
 
 
-def _check_state(state: Mapping, expected: Mapping[str, tuple[int, ...]], what: str,
-                 error: type[HFConversionError]) -> None:
+def _check_state(
+    state: Mapping,
+    expected: Mapping[str, tuple[int, ...]],
+    what: str,
+    error: type[HFConversionError],
+) -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} has {tuple(state[k].shape)}, expected {expected[k]}"
-                  for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    mismatched = [
+        f"{k} has {tuple(state[k].shape)}, expected {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
     if missing or unexpected or mismatched:
         lines = [f"{what} does not fit the model config:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("wrong shape", mismatched)):
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", mismatched),
+        ):
             if items:
-                shown = ", ".join(items[:12]) + (f", ... ({len(items) - 12} more)"
-                                                 if len(items) > 12 else "")
+                shown = ", ".join(items[:12]) + (
+                    f", ... ({len(items) - 12} more)" if len(items) > 12 else ""
+                )
                 lines.append(f"  {title} ({len(items)}): {shown}")
         raise error("\n".join(lines))
 
 
-def canonical_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig
-                    ) -> dict[str, torch.Tensor]:
+def canonical_to_hf(
+    state: Mapping[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """Canonical state dict -> HF nemotron_h state dict with on-disk key names (`backbone.*`,
     per-expert tensors, `lm_head.weight` always present). Tensors keep their dtype; most are
     returned as views of the inputs. Raises HFExportError for unsupported configs or a state that
@@ -610,15 +645,18 @@ def canonical_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig
 
 def _to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     out = to_theirs(state, _MODEL_KEY_MAPS, config)
-    out["lm_head.weight"] = state["output_layer.weight"] \
-        if config.untie_embeddings_and_output_weights \
+    out["lm_head.weight"] = (
+        state["output_layer.weight"]
+        if config.untie_embeddings_and_output_weights
         else state["embedding.word_embeddings.weight"]
+    )
     out.update(to_theirs(state, _layer_key_maps(config), config))
     return out
 
 
-def hf_to_canonical(hf_state: Mapping[str, torch.Tensor], config: ModelConfig
-                    ) -> dict[str, torch.Tensor]:
+def hf_to_canonical(
+    hf_state: Mapping[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """HF nemotron_h state dict (on-disk names, per-expert tensors) -> canonical state dict; the
     exact inverse of `canonical_to_hf`. With tied embeddings `lm_head.weight` must equal the
     embedding, and without expert bias `e_score_correction_bias` must be zero (else the HF model
@@ -627,13 +665,15 @@ def hf_to_canonical(hf_state: Mapping[str, torch.Tensor], config: ModelConfig
     return _hf_to_canonical(hf_state, config, "HF state")
 
 
-def _hf_to_canonical(hf_state: Mapping[str, torch.Tensor], config: ModelConfig, source: str
-                     ) -> dict[str, torch.Tensor]:
+def _hf_to_canonical(
+    hf_state: Mapping[str, torch.Tensor], config: ModelConfig, source: str
+) -> dict[str, torch.Tensor]:
     try:
         expected = _hf_shapes(config)
     except HFExportError as e:
-        raise HFImportError(f"{source}: the model config cannot hold a nemotron_h model: {e}"
-                            ) from None
+        raise HFImportError(
+            f"{source}: the model config cannot hold a nemotron_h model: {e}"
+        ) from None
     _check_state(hf_state, expected, source, HFImportError)
     out = to_ours(hf_state, _MODEL_KEY_MAPS, config)
     embedding, lm_head = hf_state["backbone.embeddings.weight"], hf_state["lm_head.weight"]
@@ -658,8 +698,7 @@ def _safetensors():
         import safetensors.torch
     except ImportError:
         raise ImportError(
-            "Hugging Face checkpoint files need the 'safetensors' package: pip install "
-            "safetensors"
+            "Hugging Face checkpoint files need the 'safetensors' package: pip install safetensors"
         ) from None
     return safetensors.torch
 
@@ -705,35 +744,41 @@ def save_hf_checkpoint(
     for name, keys in zip(names, shards, strict=True):
         # safetensors refuses tensors sharing storage (tied lm_head, expert slices): copy each.
         shard = {k: tensors[k].cpu().contiguous().clone() for k in keys}
-        _atomic_write(directory / name,
-                      lambda path, shard=shard: st.save_file(shard, str(path),
-                                                             metadata={"format": "pt"}))
+        _atomic_write(
+            directory / name,
+            lambda path, shard=shard: st.save_file(shard, str(path), metadata={"format": "pt"}),
+        )
         written.add(name)
     if len(shards) > 1:
         index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size()
-                                           for t in tensors.values())},
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
             "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in keys},
         }
-        _atomic_write(directory / INDEX_FILE, lambda path: path.write_text(
-            json.dumps(index, indent=2, sort_keys=True) + "\n"))
+        _atomic_write(
+            directory / INDEX_FILE,
+            lambda path: path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"),
+        )
         written.add(INDEX_FILE)
     for path in directory.iterdir():
         stale = path.name in (WEIGHTS_FILE, INDEX_FILE) or _SHARD_FILE.match(path.name)
         if stale and path.name not in written:
             path.unlink()
-    _atomic_write(directory / CONFIG_FILE, lambda path: path.write_text(
-        json.dumps(_encode_floats(hf_config), indent=2, sort_keys=True, allow_nan=False) + "\n"))
+    _atomic_write(
+        directory / CONFIG_FILE,
+        lambda path: path.write_text(
+            json.dumps(_encode_floats(hf_config), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        ),
+    )
     return directory
 
 
-def _plan_shards(tensors: Mapping[str, torch.Tensor], max_shard_size: int | None
-                 ) -> list[list[str]]:
+def _plan_shards(
+    tensors: Mapping[str, torch.Tensor], max_shard_size: int | None
+) -> list[list[str]]:
     if max_shard_size is None:
         return [list(tensors)]
     if max_shard_size <= 0:
-        raise ValueError(f"max_shard_size must be a positive number of bytes, got "
-                         f"{max_shard_size}")
+        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
     shards: list[list[str]] = [[]]
     size = 0
     for key, t in tensors.items():
@@ -756,8 +801,9 @@ def _read_json(path: Path) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise HFImportError(f"{path}: file not found (expected a Hugging Face {CONFIG_FILE} "
-                            "next to the weights)") from None
+        raise HFImportError(
+            f"{path}: file not found (expected a Hugging Face {CONFIG_FILE} next to the weights)"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -823,8 +869,9 @@ def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     return state, source
 
 
-def _normalize_hf_keys(raw: Mapping[str, torch.Tensor], hf_config: Mapping, config: ModelConfig,
-                       source: str) -> dict[str, torch.Tensor]:
+def _normalize_hf_keys(
+    raw: Mapping[str, torch.Tensor], hf_config: Mapping, config: ModelConfig, source: str
+) -> dict[str, torch.Tensor]:
     """Accept what transformers writes (backbone.*, per-expert tensors) and its in-memory names
     (model.*, stacked experts.up_proj / down_proj); drop MTP tensors; add zero conv biases for
     use_conv_bias=False."""
@@ -835,24 +882,29 @@ def _normalize_hf_keys(raw: Mapping[str, torch.Tensor], hf_config: Mapping, conf
             dropped.append(key)
             continue
         if key.startswith("model."):
-            key = "backbone." + key[len("model."):]
+            key = "backbone." + key[len("model.") :]
         m = re.fullmatch(r"(backbone\.layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)", key)
         if m and tensor.dim() == 3:
             for j in range(tensor.shape[0]):
                 state[f"{m.group(1)}.{j}.{m.group(2)}.weight"] = tensor[j]
             continue
         if key in state:
-            raise HFImportError(f"{source}: tensor {key!r} appears twice (under backbone.* and "
-                                "model.* names)")
+            raise HFImportError(
+                f"{source}: tensor {key!r} appears twice (under backbone.* and model.* names)"
+            )
         state[key] = tensor
     if dropped:
-        warnings.warn(f"{source}: {len(dropped)} multi-token-prediction tensor(s) (mtp.*) were "
-                      "not imported", stacklevel=3)
+        warnings.warn(
+            f"{source}: {len(dropped)} multi-token-prediction tensor(s) (mtp.*) were not imported",
+            stacklevel=3,
+        )
     if not _resolve_aliases(hf_config).get("use_conv_bias", True):
         for key, weight in list(state.items()):
             if key.endswith(".mixer.conv1d.weight"):
-                state.setdefault(key.removesuffix("weight") + "bias",
-                                 torch.zeros(weight.shape[0], dtype=weight.dtype))
+                state.setdefault(
+                    key.removesuffix("weight") + "bias",
+                    torch.zeros(weight.shape[0], dtype=weight.dtype),
+                )
     return state
 
 
@@ -880,24 +932,35 @@ def load_hf_checkpoint(
     return _hf_to_canonical(state, config, source), config
 
 
-def _fit_config_to_tensors(state: Mapping[str, torch.Tensor], config: ModelConfig, source: str
-                           ) -> ModelConfig:
+def _fit_config_to_tensors(
+    state: Mapping[str, torch.Tensor], config: ModelConfig, source: str
+) -> ModelConfig:
     """Recorded choices that the tensors contradict fall back to the always-exact HF reading:
     an lm_head that differs from the embedding unties them, a nonzero expert-score bias
     enables the expert bias."""
     changes = {}
     embedding, lm_head = state.get("backbone.embeddings.weight"), state.get("lm_head.weight")
-    if (not config.untie_embeddings_and_output_weights and embedding is not None
-            and lm_head is not None and embedding.shape == lm_head.shape
-            and not torch.equal(embedding, lm_head)):
+    if (
+        not config.untie_embeddings_and_output_weights
+        and embedding is not None
+        and lm_head is not None
+        and embedding.shape == lm_head.shape
+        and not torch.equal(embedding, lm_head)
+    ):
         changes["untie_embeddings_and_output_weights"] = True
-    if "E" in _symbols(config) and not config.moe_router_enable_expert_bias and any(
+    if (
+        "E" in _symbols(config)
+        and not config.moe_router_enable_expert_bias
+        and any(
             key.endswith("mixer.gate.e_score_correction_bias") and bool((t != 0).any())
-            for key, t in state.items()):
+            for key, t in state.items()
+        )
+    ):
         changes["moe_router_enable_expert_bias"] = True
     if changes:
-        warnings.warn(f"{source}: the tensors contradict the recorded config; importing with "
-                      f"{changes}", stacklevel=3)
+        warnings.warn(
+            f"{source}: the tensors contradict the recorded config; importing with {changes}",
+            stacklevel=3,
+        )
         config = dataclasses.replace(config, **changes)
     return config
-

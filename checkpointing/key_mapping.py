@@ -32,15 +32,22 @@ class PlacedKeyMap:
     to_ours: Transform
 
     @classmethod
-    def place(cls, key_map: KeyMap, config: ModelConfig, our_prefix: str = "",
-              their_prefix: str = "") -> PlacedKeyMap:
-        return cls(tuple(our_prefix + k for k in key_map.our_keys(config)),
-                   tuple(their_prefix + k for k in key_map.their_keys(config)),
-                   key_map.to_theirs, key_map.to_ours)
+    def place(
+        cls, key_map: KeyMap, config: ModelConfig, our_prefix: str = "", their_prefix: str = ""
+    ) -> PlacedKeyMap:
+        return cls(
+            tuple(our_prefix + k for k in key_map.our_keys(config)),
+            tuple(their_prefix + k for k in key_map.their_keys(config)),
+            key_map.to_theirs,
+            key_map.to_ours,
+        )
 
 
-def layer_key_maps(config: ModelConfig, layout_of: Callable[[MixerSpec], ForeignLayout | None],
-                   their_layer_prefix: str) -> list[PlacedKeyMap]:
+def layer_key_maps(
+    config: ModelConfig,
+    layout_of: Callable[[MixerSpec], ForeignLayout | None],
+    their_layer_prefix: str,
+) -> list[PlacedKeyMap]:
     """The key maps of every canonical layer of the main decoder, in order: canonical layer i
     is their layer i, under `their_layer_prefix + "{i}."`. `layout_of(spec)` picks the format's
     layout from a spec; the config must only have symbols whose spec has one."""
@@ -49,26 +56,35 @@ def layer_key_maps(config: ModelConfig, layout_of: Callable[[MixerSpec], Foreign
         layout = layout_of(SPECS[symbol])
         assert layout is not None, f"no layout for {symbol!r}: check the config first"
         for key_map in layout.key_maps:
-            maps.append(PlacedKeyMap.place(key_map, config, f"decoder.layers.{i}.",
-                                           f"{their_layer_prefix}{i}."))
+            maps.append(
+                PlacedKeyMap.place(
+                    key_map, config, f"decoder.layers.{i}.", f"{their_layer_prefix}{i}."
+                )
+            )
     return maps
 
 
-def to_theirs(state: Mapping[str, torch.Tensor], maps: Iterable[PlacedKeyMap],
-              config: ModelConfig) -> dict[str, torch.Tensor]:
+def to_theirs(
+    state: Mapping[str, torch.Tensor], maps: Iterable[PlacedKeyMap], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """Our tensors -> theirs, map by map (every key of `maps` must be in `state`)."""
     return _apply(state, maps, config, forward=True)
 
 
-def to_ours(state: Mapping[str, torch.Tensor], maps: Iterable[PlacedKeyMap],
-            config: ModelConfig) -> dict[str, torch.Tensor]:
+def to_ours(
+    state: Mapping[str, torch.Tensor], maps: Iterable[PlacedKeyMap], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """Their tensors -> ours; the exact inverse of `to_theirs`. Raises KeyMappingError naming
     their keys when a map refuses the values."""
     return _apply(state, maps, config, forward=False)
 
 
-def _apply(state: Mapping[str, torch.Tensor], maps: Iterable[PlacedKeyMap], config: ModelConfig,
-           forward: bool) -> dict[str, torch.Tensor]:
+def _apply(
+    state: Mapping[str, torch.Tensor],
+    maps: Iterable[PlacedKeyMap],
+    config: ModelConfig,
+    forward: bool,
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for placed in maps:
         source, target = (placed.ours, placed.theirs) if forward else (placed.theirs, placed.ours)

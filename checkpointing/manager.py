@@ -1,11 +1,11 @@
 """Saving and loading training checkpoints: canonical keys, DCP files, crash-safe commits.
 
-    saver = CheckpointSaver(save_dir, keep_last=3, async_save=True)
-    saver.save(iteration, model, optimizer, progress, config)   # returns once staged
-    saver.poll()                                                # commits finished async saves
-    saver.finalize()                                            # waits for the last one
+saver = CheckpointSaver(save_dir, keep_last=3, async_save=True)
+saver.save(iteration, model, optimizer, progress, config)   # returns once staged
+saver.poll()                                                # commits finished async saves
+saver.finalize()                                            # waits for the last one
 
-    progress = load_checkpoint(load_dir, model, optimizer, config)
+progress = load_checkpoint(load_dir, model, optimizer, config)
 """
 
 from __future__ import annotations
@@ -36,12 +36,14 @@ from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.parallel.distributed import all_ranks_agree
 
 # A single-process run is a supported layout, not something to warn about at every save.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
-                        "uninitialized, assuming the intent is to (save|load) in a single process")
+warnings.filterwarnings(
+    "ignore",
+    message="torch.distributed is disabled, unavailable or "
+    "uninitialized, assuming the intent is to (save|load) in a single process",
+)
 
 
-def checkpoint_state(model, optimizer, progress: TrainProgress | None, config: ModelConfig
-                     ) -> dict:
+def checkpoint_state(model, optimizer, progress: TrainProgress | None, config: ModelConfig) -> dict:
     """The Stateful objects one checkpoint holds (optimizer and progress optional). `model` is
     a model or a list of this rank's pipeline stages (`optimizer` then an OptimizerParts)."""
     parts = as_parts(model)
@@ -59,8 +61,13 @@ class CheckpointSaver:
     after a killed save (files.finish_interrupted_saves). Every rank constructs it and calls
     `save`, `poll` and `finalize` together."""
 
-    def __init__(self, save_dir: str | os.PathLike, keep_last: int | None = None,
-                 async_save: bool = False, log=print):
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        keep_last: int | None = None,
+        async_save: bool = False,
+        log=print,
+    ):
         if keep_last is not None and keep_last < 1:
             raise CheckpointError(f"keep_last must be at least 1, got {keep_last}")
         self.save_dir = Path(save_dir)
@@ -74,14 +81,25 @@ class CheckpointSaver:
         self._is_main = not dist.is_initialized() or dist.get_rank() == 0
         self._finish_interrupted_saves()
 
-    def save(self, iteration: int, model, optimizer, progress: TrainProgress | None,
-             config: ModelConfig, extra_metadata: dict | None = None) -> None:
+    def save(
+        self,
+        iteration: int,
+        model,
+        optimizer,
+        progress: TrainProgress | None,
+        config: ModelConfig,
+        extra_metadata: dict | None = None,
+    ) -> None:
         """Save (or, with async_save, stage and start writing) checkpoint `iteration`.
         Raises NonFiniteCheckpointError on every rank, before anything is written, when any
         rank's parameters or optimizer state hold NaN or inf."""
         self.finalize()  # one save in flight: the previous one commits first
-        check_finite(model, optimizer, f"checkpoint iteration {iteration} to {self.save_dir}",
-                     group=self._group)
+        check_finite(
+            model,
+            optimizer,
+            f"checkpoint iteration {iteration} to {self.save_dir}",
+            group=self._group,
+        )
         if self._is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
         self._finish_interrupted_saves()
@@ -140,17 +158,25 @@ class CheckpointSaver:
     def _publish(self, partial: Path, iteration: int, metadata: dict) -> None:
         metadata["files"] = files.file_manifest(partial)
         metadata["saved_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-        files.write_text_atomically(partial / files.METADATA_FILE,
-                                    json.dumps(metadata, indent=2) + "\n")
+        files.write_text_atomically(
+            partial / files.METADATA_FILE, json.dumps(metadata, indent=2) + "\n"
+        )
         final = files.commit(self.save_dir, partial, iteration)
         removed = files.prune(self.save_dir, self.keep_last) if self.keep_last else []
         note = f" (removed {', '.join(p.name for p in removed)})" if removed else ""
         self.log(f"saved checkpoint {final}{note}")
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer, config: ModelConfig,
-                    progress: TrainProgress | None = None, iteration: int | None = None,
-                    verify_checksums: bool = True, log=None) -> TrainProgress | None:
+def load_checkpoint(
+    path: str | os.PathLike,
+    model,
+    optimizer,
+    config: ModelConfig,
+    progress: TrainProgress | None = None,
+    iteration: int | None = None,
+    verify_checksums: bool = True,
+    log=None,
+) -> TrainProgress | None:
     """Load a checkpoint (a save directory's latest, its `iteration`, or an `iter_*` directory)
     into `model` and, when given (not None) and present in the checkpoint, `optimizer` and
     `progress`.
@@ -166,8 +192,10 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, config: ModelConf
     _verify_once(directory, meta, verify_checksums)
     differences = config_differences(meta["model_config"], config)
     if differences and log is not None:
-        log(f"warning: {directory} was saved with another model config; loading anyway "
-            "(tensor shapes match):\n  " + "\n  ".join(differences))
+        log(
+            f"warning: {directory} was saved with another model config; loading anyway "
+            "(tensor shapes match):\n  " + "\n  ".join(differences)
+        )
     contents = set(meta.get("contents", ()))
     if progress is None:
         contents.discard("progress")
@@ -199,7 +227,8 @@ def load_dcp_state(state: dict, directory: Path, meta: dict, checksums_verified:
             _verify_once(directory, meta, checksums=True)
         where = f" on rank {rank}" if dist.is_initialized() and failures else ""
         raise CheckpointCorruptError(
-            f"reading checkpoint {directory} failed{where}: {describe_error(cause)}") from error
+            f"reading checkpoint {directory} failed{where}: {describe_error(cause)}"
+        ) from error
 
 
 def config_differences(saved: dict, config: ModelConfig) -> list[str]:
@@ -213,8 +242,10 @@ def config_differences(saved: dict, config: ModelConfig) -> list[str]:
             saved_layers = "".join(ch for ch in value if ch not in "[]|")
             now_layers = "".join(ch for ch in config.hybrid_layer_pattern if ch not in "[]|")
             if saved_layers != now_layers:
-                lines.append(f"hybrid_layer_pattern: checkpoint {value!r}, now "
-                             f"{config.hybrid_layer_pattern!r}")
+                lines.append(
+                    f"hybrid_layer_pattern: checkpoint {value!r}, now "
+                    f"{config.hybrid_layer_pattern!r}"
+                )
         elif name in current and current[name] != value:
             lines.append(f"{name}: checkpoint {value!r}, now {current[name]!r}")
     return lines
@@ -244,8 +275,11 @@ def check_tensors_fit(index: dcp.Metadata, state: dict, directory: Path) -> None
     saved = index.state_dict_metadata
     for part in state:
         wanted = _flat_tensor_shapes(state[part].state_dict(), part)
-        have = {key: tuple(meta.size) for key, meta in saved.items()
-                if key.startswith(part + ".") and hasattr(meta, "size")}
+        have = {
+            key: tuple(meta.size)
+            for key, meta in saved.items()
+            if key.startswith(part + ".") and hasattr(meta, "size")
+        }
         wanted_anywhere = set(wanted)
         if dist.is_initialized() and dist.get_world_size() > 1:
             every_rank: list = [None] * dist.get_world_size()
@@ -253,14 +287,17 @@ def check_tensors_fit(index: dcp.Metadata, state: dict, directory: Path) -> None
             wanted_anywhere = set().union(*map(set, every_rank))
         missing = sorted(set(wanted) - set(have))
         unexpected = sorted(set(have) - wanted_anywhere)
-        mismatched = [(k, have[k], wanted[k]) for k in sorted(set(have) & set(wanted))
-                      if have[k] != wanted[k]]
+        mismatched = [
+            (k, have[k], wanted[k]) for k in sorted(set(have) & set(wanted)) if have[k] != wanted[k]
+        ]
         if missing or unexpected or mismatched:
             strip = len(part) + 1
             raise CheckpointMismatchError(
                 f"the {part} ({directory})",
-                [k[strip:] for k in missing], [k[strip:] for k in unexpected],
-                [(k[strip:], s, w) for k, s, w in mismatched])
+                [k[strip:] for k in missing],
+                [k[strip:] for k in unexpected],
+                [(k[strip:], s, w) for k, s, w in mismatched],
+            )
 
 
 def _flat_tensor_shapes(state, prefix: str) -> dict[str, tuple[int, ...]]:

@@ -50,8 +50,9 @@ def packed_views(model: nn.Module, names: Iterable[str], what: str) -> dict[str,
 def frozen_names(model: nn.Module) -> set[str]:
     """State-dict names of `model`'s frozen parameters: no optimizer holds them, so an optimizer
     state dict does not name them."""
-    return {state_dict_name(name) for name, param in model.named_parameters()
-            if not param.requires_grad}
+    return {
+        state_dict_name(name) for name, param in model.named_parameters() if not param.requires_grad
+    }
 
 
 def _similar(name: str, names: set[str]) -> list[str]:
@@ -70,16 +71,17 @@ def _local_boxes(tensor: DTensor) -> dict[tuple[int, ...], tuple[tuple[int, ...]
     boxes = {}
     for coordinate in itertools.product(*map(range, mesh_shape)):
         shape, offsets = _compute_local_shape_and_global_offset(
-            tensor.shape, mesh_shape, list(coordinate), tensor.placements)
+            tensor.shape, mesh_shape, list(coordinate), tensor.placements
+        )
         boxes[coordinate] = (tuple(offsets), tuple(shape))
     nonempty = {box for box in boxes.values() if math.prod(box[1])}
     if len(nonempty) < sum(1 for box in boxes.values() if math.prod(box[1])):
         # FSDP and tensor parallelism shard these tensors; a mesh dim that replicates one
         # (HSDP) would need one writer per box.
-        raise NotImplementedError(f"packed tensor replicated over a mesh dim: "
-                                  f"{tensor.placements}")
-    assert sum(math.prod(shape) for _, shape in nonempty) == tensor.numel(), \
+        raise NotImplementedError(f"packed tensor replicated over a mesh dim: {tensor.placements}")
+    assert sum(math.prod(shape) for _, shape in nonempty) == tensor.numel(), (
         f"local tensors of placements {tensor.placements} are not boxes of the global tensor"
+    )
     return boxes
 
 
@@ -98,15 +100,18 @@ def to_canonical(tensor: DTensor, packed: PackedRows) -> ShardedTensor:
         device = local.device if coordinate == me else local.device.type
         first = offsets[dim]
         for offset, canonical, length in packed.runs(first, first + shape[dim]):
-            meta = ShardMetadata(_at(offsets, dim, canonical), _at(shape, dim, length),
-                                 f"rank:{rank}/{device}")
+            meta = ShardMetadata(
+                _at(offsets, dim, canonical), _at(shape, dim, length), f"rank:{rank}/{device}"
+            )
             shards_metadata.append(meta)
             if coordinate == me:
                 piece = local.narrow(dim, offset, length)
-                local_shards.append(LocalShard(
-                    piece if piece.is_contiguous() else piece.contiguous(), meta))
-    metadata = ShardedTensorMetadata(shards_metadata, tensor.shape,
-                                     TensorProperties.create_from_tensor(local))
+                local_shards.append(
+                    LocalShard(piece if piece.is_contiguous() else piece.contiguous(), meta)
+                )
+    metadata = ShardedTensorMetadata(
+        shards_metadata, tensor.shape, TensorProperties.create_from_tensor(local)
+    )
     return ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, metadata)
 
 
@@ -116,12 +121,19 @@ def from_canonical(sharded: ShardedTensor, like: DTensor, packed: PackedRows) ->
     dim = packed.dim
     offsets, shape = _local_boxes(like)[tuple(like.device_mesh.get_coordinate())]
     local = torch.empty_like(like.to_local())
-    by_offset = {shard.metadata.shard_offsets[dim]: shard.tensor
-                 for shard in sharded.local_shards()}
+    by_offset = {
+        shard.metadata.shard_offsets[dim]: shard.tensor for shard in sharded.local_shards()
+    }
     for offset, canonical, length in packed.runs(offsets[dim], offsets[dim] + shape[dim]):
         local.narrow(dim, offset, length).copy_(by_offset[canonical])
-    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
-                              shape=like.shape, stride=like.stride())
+    return DTensor.from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
 
 
 def _at(values: tuple[int, ...], dim: int, value: int) -> list[int]:
@@ -135,8 +147,11 @@ def is_canonical_view(value) -> bool:
 
 def is_moment(value, packed: PackedRows) -> bool:
     """An optimizer state tensor shaped like its (packed) parameter, e.g. Adam's moments."""
-    return isinstance(value, torch.Tensor) and value.dim() > packed.dim and \
-        value.shape[packed.dim] == packed.rows
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() > packed.dim
+        and value.shape[packed.dim] == packed.rows
+    )
 
 
 def to_rank_major(value: torch.Tensor, like: torch.Tensor, packed: PackedRows) -> torch.Tensor:

@@ -73,8 +73,9 @@ class OptimizerPartsState(Stateful):
         optimizers = as_optimizers(optimizers)
         if len(optimizers) != len(parts):
             raise ValueError(f"{len(parts)} model parts but {len(optimizers)} optimizers")
-        self.states = [OptimizerState(part, opt, pattern) for part, opt in
-                       zip(parts, optimizers, strict=True)]
+        self.states = [
+            OptimizerState(part, opt, pattern) for part, opt in zip(parts, optimizers, strict=True)
+        ]
         self._keys: list[list[str]] = []
 
     def state_dict(self) -> dict:
@@ -85,8 +86,9 @@ class OptimizerPartsState(Stateful):
             part = state.state_dict()
             self._keys.append(list(part["state"]))
             merged_state.update(part["state"])
-            groups = groups or [{k: v for k, v in group.items() if k != "params"}
-                                for group in part["param_groups"]]
+            groups = groups or [
+                {k: v for k, v in group.items() if k != "params"} for group in part["param_groups"]
+            ]
         return {"state": merged_state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -96,10 +98,12 @@ class OptimizerPartsState(Stateful):
         for state, keys in zip(self.states, self._keys, strict=True):
             current = state.state_dict()["param_groups"]
             if len(saved_groups) == len(current):
-                groups = [{**{k: v for k, v in saved.items() if k != "params"},
-                           "params": group["params"]}
-                          for saved, group in zip(saved_groups, current, strict=True)]
+                groups = [
+                    {**{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
+                    for saved, group in zip(saved_groups, current, strict=True)
+                ]
             else:  # another grouping: keep this run's hyper-parameters
                 groups = current
-            state.load_state_dict({"state": {key: state_dict["state"][key] for key in keys},
-                                   "param_groups": groups})
+            state.load_state_dict(
+                {"state": {key: state_dict["state"][key] for key in keys}, "param_groups": groups}
+            )

@@ -53,9 +53,12 @@ class ModelState(Stateful):
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = get_model_state_dict(self.model)
         packed = packed_views(self.model, state, "the model state dict")
-        return {canonical_key(name, self.pattern):
-                to_canonical(tensor, packed[name]) if name in packed else tensor
-                for name, tensor in state.items()}
+        return {
+            canonical_key(name, self.pattern): to_canonical(tensor, packed[name])
+            if name in packed
+            else tensor
+            for name, tensor in state.items()
+        }
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load canonical tensors: as DCP fills them (this rank's shards) or whole tensors,
@@ -68,8 +71,9 @@ class ModelState(Stateful):
             if name in packed:
                 value = to_rank_major(value, like, packed[name])
             if isinstance(like, DTensor) and not isinstance(value, DTensor):
-                value = distribute_tensor(value.to(like.device), like.device_mesh,
-                                          like.placements, src_data_rank=None)
+                value = distribute_tensor(
+                    value.to(like.device), like.device_mesh, like.placements, src_data_rank=None
+                )
             physical[name] = value
         set_model_state_dict(self.model, physical, options=StateDictOptions(strict=True))
 
@@ -80,8 +84,9 @@ class OptimizerState(Stateful):
     Uses torch's `get/set_optimizer_state_dict`, which key state by parameter name (and handle
     FSDP2 / DTensor sharding); this wrapper renames those names to canonical keys."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 pattern: HybridPattern):
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, pattern: HybridPattern
+    ):
         self.model, self.optimizer, self.pattern = model, optimizer, pattern
 
     def state_dict(self) -> dict:
@@ -91,27 +96,35 @@ class OptimizerState(Stateful):
         for name in packed.keys() & state["state"].keys():
             state["state"][name] = {
                 k: to_canonical(v, packed[name]) if is_moment(v, packed[name]) else v
-                for k, v in state["state"][name].items()}
+                for k, v in state["state"][name].items()
+            }
         return {
             "state": {rename(name): value for name, value in state["state"].items()},
-            "param_groups": [{**group, "params": [rename(p) for p in group["params"]]}
-                             for group in state["param_groups"]],
+            "param_groups": [
+                {**group, "params": [rename(p) for p in group["params"]]}
+                for group in state["param_groups"]
+            ],
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         rename = self._rename(physical_name)
         state = {
             "state": {rename(key): value for key, value in state_dict["state"].items()},
-            "param_groups": [{**group, "params": [rename(p) for p in group["params"]]}
-                             for group in state_dict["param_groups"]],
+            "param_groups": [
+                {**group, "params": [rename(p) for p in group["params"]]}
+                for group in state_dict["param_groups"]
+            ],
         }
         packed = self._packed_views(state)
         if packed:
             params = get_model_state_dict(self.model)
             for name in packed.keys() & state["state"].keys():
                 state["state"][name] = {
-                    k: to_rank_major(v, params[name], packed[name]) if is_moment(v, packed[name])
-                    else v for k, v in state["state"][name].items()}
+                    k: to_rank_major(v, params[name], packed[name])
+                    if is_moment(v, packed[name])
+                    else v
+                    for k, v in state["state"][name].items()
+                }
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
     def _rename(self, mapping):
@@ -122,8 +135,7 @@ class OptimizerState(Stateful):
         dict `state` (every parameter the optimizer holds is named in its param groups; frozen
         parameters are not held, and have no moments to view)."""
         held = {name for group in state["param_groups"] for name in group["params"]}
-        return packed_views(self.model, held | frozen_names(self.model),
-                            "the optimizer state dict")
+        return packed_views(self.model, held | frozen_names(self.model), "the optimizer state dict")
 
 
 @dataclass
@@ -173,6 +185,9 @@ class TrainProgress(Stateful):
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         cuda = rng.get("cuda")
-        if cuda is not None and torch.cuda.is_available() and len(cuda) == \
-                torch.cuda.device_count():
+        if (
+            cuda is not None
+            and torch.cuda.is_available()
+            and len(cuda) == torch.cuda.device_count()
+        ):
             torch.cuda.set_rng_state_all(cuda)

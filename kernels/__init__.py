@@ -23,8 +23,16 @@ else:
     )
 
     __all__ = [
-        "OPS", "REGISTRY", "BoundKernels", "Implementation", "KernelChoice", "KernelError",
-        "KernelRegistry", "KernelSettings", "add_kernel_args", "eager_kernels",
+        "OPS",
+        "REGISTRY",
+        "BoundKernels",
+        "Implementation",
+        "KernelChoice",
+        "KernelError",
+        "KernelRegistry",
+        "KernelSettings",
+        "add_kernel_args",
+        "eager_kernels",
         "kernels_from_settings",
         "resolve_kernels",
     ]

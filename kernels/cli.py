@@ -42,18 +42,25 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> None:
     defaults = KernelSettings()
     group = parser.add_argument_group("kernels")
     group.add_argument(
-        "--kernels", choices=MODES, default=defaults.kernels,
+        "--kernels",
+        choices=MODES,
+        default=defaults.kernels,
         help="eager: plain PyTorch for every op; auto: per op the fastest implementation the "
         "device supports (Triton on CUDA), logged at start-up (default: eager)",
     )
     group.add_argument(
-        "--kernel", action="append", default=defaults.kernel, metavar="OP=IMPL",
+        "--kernel",
+        action="append",
+        default=defaults.kernel,
+        metavar="OP=IMPL",
         help="use implementation IMPL for op OP, or stop with an error saying why it cannot "
         f"run; repeatable. Ops: {', '.join(OPS)}; implementations: eager, triton, "
         "tiled (mlp only)",
     )
     group.add_argument(
-        "--tiled-mlp-shards", type=_positive_int, default=defaults.tiled_mlp_shards,
+        "--tiled-mlp-shards",
+        type=_positive_int,
+        default=defaults.tiled_mlp_shards,
         metavar="N",
         help="with --kernel mlp=tiled: split the tokens into N shards; each shard's MLP hidden "
         "activations exist only while it is computed, in forward and again in backward "
@@ -80,11 +87,13 @@ def parse_kernel_requests(items: list[str]) -> dict[str, str]:
         op, sep, impl = item.partition("=")
         op, impl = op.strip(), impl.strip()
         if not sep or not op or not impl or "=" in impl:
-            raise KernelError(f"--kernel {item!r}: expected OP=IMPL, e.g. rms_norm=triton; "
-                              f"ops: {', '.join(OPS)}")
+            raise KernelError(
+                f"--kernel {item!r}: expected OP=IMPL, e.g. rms_norm=triton; ops: {', '.join(OPS)}"
+            )
         if requests.get(op, impl) != impl:
-            raise KernelError(f"--kernel: op {op!r} requested as both {requests[op]!r} and "
-                              f"{impl!r}")
+            raise KernelError(
+                f"--kernel: op {op!r} requested as both {requests[op]!r} and {impl!r}"
+            )
         requests[op] = impl
     return requests
 
@@ -96,5 +105,6 @@ def kernels_from_settings(settings: KernelSettings, device: torch.device | str) 
         KernelError: a malformed or impossible request (see `resolve_kernels`).
     """
     options = {"mlp=tiled": {"shards": settings.tiled_mlp_shards}}
-    return resolve_kernels(parse_kernel_requests(settings.kernel), settings.kernels, device,
-                           options=options)
+    return resolve_kernels(
+        parse_kernel_requests(settings.kernel), settings.kernels, device, options=options
+    )

@@ -172,8 +172,13 @@ class BoundKernels:
     """One callable per op, bound for one model. `kernels.rms_norm(...)`,
     `kernels["activation.swiglu"](...)`, `kernels.activation("swiglu")(...)`."""
 
-    def __init__(self, functions: Mapping[str, Callable], choices: Mapping[str, KernelChoice],
-                 mode: str, device: torch.device):
+    def __init__(
+        self,
+        functions: Mapping[str, Callable],
+        choices: Mapping[str, KernelChoice],
+        mode: str,
+        device: torch.device,
+    ):
         self._functions = dict(functions)
         self.choices = dict(choices)
         self.mode = mode
@@ -210,8 +215,11 @@ class BoundKernels:
         parts, skipped = [], {}
         for op, choice in self.choices.items():
             options = ", ".join(f"{key}={value}" for key, value in choice.options)
-            parts.append(f"{op}={choice.impl}" + (f"({options})" if options else "")
-                         + (" (requested)" if choice.how == "requested" else ""))
+            parts.append(
+                f"{op}={choice.impl}"
+                + (f"({options})" if options else "")
+                + (" (requested)" if choice.how == "requested" else "")
+            )
             for impl, reason in choice.passed_over:
                 skipped.setdefault((impl, reason), []).append(op)
         line = f"kernels ({self.mode} on {self.device.type}): " + ", ".join(parts)
@@ -229,7 +237,8 @@ def _preference(impls: Mapping[str, Implementation]) -> list[Implementation]:
 
 def _available_names(registry: KernelRegistry, op: str, device: torch.device) -> list[str]:
     return [
-        name for name, impl in registry.implementations(op).items()
+        name
+        for name, impl in registry.implementations(op).items()
         if impl.unavailable_reason(device) is None
     ]
 
@@ -287,25 +296,27 @@ def resolve_kernels(
 # registered until one can be tested. A request for one says so and how to install it.
 UNREGISTERED_BACKENDS = {
     "te": "transformer-engine: its PyTorch extension is built from source against your CUDA and "
-          "torch (pip install --no-build-isolation 'transformer_engine[pytorch]')",
+    "torch (pip install --no-build-isolation 'transformer_engine[pytorch]')",
     "apex": "NVIDIA apex: not on PyPI, built from its source repository with its CUDA "
-            "extensions (--cpp_ext --cuda_ext)",
+    "extensions (--cpp_ext --cuda_ext)",
     "liger": "Liger kernels (pip install liger-kernel)",
 }
 
 
-def _load_requested(registry: KernelRegistry, op: str, name: str,
-                    device: torch.device) -> Callable:
+def _load_requested(registry: KernelRegistry, op: str, name: str, device: torch.device) -> Callable:
     impls = registry.implementations(op)
     if name not in impls:
-        available = (f"implementations: {', '.join(impls)} (available on {device.type}: "
-                     f"{', '.join(_available_names(registry, op, device))})")
+        available = (
+            f"implementations: {', '.join(impls)} (available on {device.type}: "
+            f"{', '.join(_available_names(registry, op, device))})"
+        )
         if name in UNREGISTERED_BACKENDS:
             raise KernelError(
                 f"kernel op {op!r} has no {name!r} implementation: the {name} backend "
                 f"({UNREGISTERED_BACKENDS[name]}) is not registered in this version of "
                 f"megatron-hybrid, installed or not, because it could not be tested here; "
-                f"{available}")
+                f"{available}"
+            )
         raise KernelError(f"no implementation {name!r} for kernel op {op!r}; {available}")
     reason = impls[name].unavailable_reason(device)
     if reason is not None:
@@ -320,14 +331,20 @@ def _load_requested(registry: KernelRegistry, op: str, name: str,
         raise KernelError(f"{error}; other implementations of {op}: {', '.join(others)}") from error
 
 
-def _auto(op: str, impls: Mapping[str, Implementation],
-          device: torch.device) -> tuple[Callable, KernelChoice]:
+def _auto(
+    op: str, impls: Mapping[str, Implementation], device: torch.device
+) -> tuple[Callable, KernelChoice]:
     passed_over = []
     for impl in _preference(impls):
-        if (device.type == "cpu" and impl.cpu_needs_triton_interpreter
-                and os.environ.get(AUTO_TRITON_ON_CPU_ENV) != "1"):
-            reason = (f"auto runs Triton on CPU only with {AUTO_TRITON_ON_CPU_ENV}=1 and "
-                      f"{TRITON_INTERPRET_ENV}=1 (the interpreter is for tests)")
+        if (
+            device.type == "cpu"
+            and impl.cpu_needs_triton_interpreter
+            and os.environ.get(AUTO_TRITON_ON_CPU_ENV) != "1"
+        ):
+            reason = (
+                f"auto runs Triton on CPU only with {AUTO_TRITON_ON_CPU_ENV}=1 and "
+                f"{TRITON_INTERPRET_ENV}=1 (the interpreter is for tests)"
+            )
         else:
             reason = impl.unavailable_reason(device)
         if reason is None:
@@ -379,17 +396,22 @@ def _builtin_registry() -> KernelRegistry:
     for op, target in _EAGER.items():
         registry.register(Implementation(op, "eager", f"{_PACKAGE}.{target}"))
     for op, target in _TRITON.items():
-        registry.register(Implementation(
-            op, "triton", f"{_PACKAGE}.{target}",
-            device_types=("cuda",),
-            requires=("triton",),
-            install_hint="pip install triton",
-            cpu_needs_triton_interpreter=True,
-            priority=10,
-        ))
+        registry.register(
+            Implementation(
+                op,
+                "triton",
+                f"{_PACKAGE}.{target}",
+                device_types=("cuda",),
+                requires=("triton",),
+                install_hint="pip install triton",
+                cpu_needs_triton_interpreter=True,
+                priority=10,
+            )
+        )
     # tiled is opt-in only (a negative priority: auto never prefers it over eager).
-    registry.register(Implementation("mlp", "tiled", f"{_PACKAGE}.mlp.tiled:tiled_mlp",
-                                     priority=-10))
+    registry.register(
+        Implementation("mlp", "tiled", f"{_PACKAGE}.mlp.tiled:tiled_mlp", priority=-10)
+    )
     return registry
 
 

@@ -118,8 +118,9 @@ def _locate_physical(name: str, pattern: HybridPattern) -> LayerTensor | None:
                 raise CanonicalKeyError(f"{name!r}: block {block!r} has no {kind} mixer")
             _spec(symbol, name)
             layers = pattern.canonical_layers(block_index)
-            return LayerTensor(layers[0] if sequence else layers[-1], symbol, block_index, part,
-                               rest)
+            return LayerTensor(
+                layers[0] if sequence else layers[-1], symbol, block_index, part, rest
+            )
     raise CanonicalKeyError(f"{name!r}: unknown block slot {slot!r}")
 
 

@@ -107,8 +107,10 @@ class ModelConfig:
     @property
     def mamba_in_proj_dim(self) -> int:
         """in_proj output, packed [z, x, B, C, dt]."""
-        return 2 * self.mamba_d_inner + 2 * self.mamba_num_groups * self.mamba_state_dim + (
-            self.mamba_num_heads
+        return (
+            2 * self.mamba_d_inner
+            + 2 * self.mamba_num_groups * self.mamba_state_dim
+            + (self.mamba_num_heads)
         )
 
     @property

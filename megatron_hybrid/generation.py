@@ -31,8 +31,10 @@ def generate(
     for _ in range(max_new_tokens):
         logits = model(tokens[:, -context_length:])[0, -1].float().cpu()
         if not torch.isfinite(logits).all():
-            raise ValueError("the model's logits are NaN or infinite (its weights are no longer "
-                             "finite?): there is nothing to sample from")
+            raise ValueError(
+                "the model's logits are NaN or infinite (its weights are no longer "
+                "finite?): there is nothing to sample from"
+            )
         if vocab_limit is not None:
             logits = logits[:vocab_limit]
         if temperature == 0:

@@ -55,16 +55,22 @@ class StageSpec:
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None,
-                 blocks: tuple[int, ...] | None = None, final_norm: bool = True):
+    def __init__(
+        self,
+        config: ModelConfig,
+        kernels: BoundKernels | None = None,
+        blocks: tuple[int, ...] | None = None,
+        final_norm: bool = True,
+    ):
         super().__init__()
         all_blocks = config.pattern.blocks
         indices = range(len(all_blocks)) if blocks is None else blocks
-        self.layers = nn.ModuleDict({
-            str(p): HybridBlock(all_blocks[p], config, kernels) for p in indices
-        })
-        self.final_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, kernels) \
-            if final_norm else None
+        self.layers = nn.ModuleDict(
+            {str(p): HybridBlock(all_blocks[p], config, kernels) for p in indices}
+        )
+        self.final_norm = (
+            RMSNorm(config.hidden_size, config.layernorm_epsilon, kernels) if final_norm else None
+        )
 
     def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
         for block in self.layers.values():
@@ -81,8 +87,13 @@ class HybridModel(nn.Module):
     only; None means eager everywhere. `stage` builds one pipeline stage instead of the whole
     model (see the module docstring)."""
 
-    def __init__(self, config: ModelConfig, seed: int = 1234, kernels: BoundKernels | None = None,
-                 stage: StageSpec | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        seed: int = 1234,
+        kernels: BoundKernels | None = None,
+        stage: StageSpec | None = None,
+    ):
         super().__init__()
         check_implemented(config)
         self.config = config
@@ -123,8 +134,9 @@ class HybridModel(nn.Module):
         x = self.embedding(input_BT) if self.stage.first else input_BT
         return self.decoder(x)
 
-    def forward(self, input_BT: torch.Tensor, labels_BT: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, input_BT: torch.Tensor, labels_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (B, T, vocab); with `labels_BT`, the mean next-token cross-entropy instead,
         through the bound `linear_cross_entropy` kernel (the Triton one never materializes the
         logits). A pipeline stage that is not the last returns its hidden states."""

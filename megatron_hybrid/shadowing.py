@@ -23,8 +23,7 @@ def step_aside(name: str, init_file: str) -> None:
     the package `name` found on `sys.path` without this repository's root."""
     root = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(init_file))))
     saved_path = sys.path[:]
-    sys.path[:] = [entry for entry in saved_path
-                   if os.path.realpath(entry or os.getcwd()) != root]
+    sys.path[:] = [entry for entry in saved_path if os.path.realpath(entry or os.getcwd()) != root]
     try:
         spec = _find_spec(name)
     finally:

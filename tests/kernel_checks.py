@@ -28,8 +28,10 @@ import megatron_hybrid.kernels as kernels_package
 from megatron_hybrid.kernels.registry import REGISTRY
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5),
-             torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+}
 
 
 def require_triton_kernels() -> None:
@@ -40,31 +42,37 @@ def require_triton_kernels() -> None:
     With triton installed, a kernel module (kernels/<op>/triton*.py) that fails to import fails the
     calling module, naming the broken one: as a skip it would silently hide every Triton test."""
     if importlib.util.find_spec("triton") is None:
-        pytest.skip("the Triton kernels need the triton package (pip install triton); the eager "
-                    "path is tested elsewhere", allow_module_level=True)
-    reason = REGISTRY.implementations("rms_norm")["triton"].unavailable_reason(
-        torch.device(DEVICE))
+        pytest.skip(
+            "the Triton kernels need the triton package (pip install triton); the eager "
+            "path is tested elsewhere",
+            allow_module_level=True,
+        )
+    reason = REGISTRY.implementations("rms_norm")["triton"].unavailable_reason(torch.device(DEVICE))
     if reason is not None:
         pytest.skip(f"Triton kernels cannot run here: {reason}", allow_module_level=True)
     broken = triton_kernel_import_errors()
     if broken:
-        pytest.fail("triton is installed but Triton kernel modules fail to import:\n"
-                    + "\n".join(f"  {name}: {error}" for name, error in broken.items()),
-                    pytrace=False)
+        pytest.fail(
+            "triton is installed but Triton kernel modules fail to import:\n"
+            + "\n".join(f"  {name}: {error}" for name, error in broken.items()),
+            pytrace=False,
+        )
 
 
 def triton_kernel_modules() -> dict[str, Path]:
     """{module name: file} of every Triton kernel module: kernels/<op>/triton*.py."""
     root = Path(kernels_package.__file__).parent
-    modules = {f"{kernels_package.__name__}.{path.parent.name}.{path.stem}": path
-               for path in sorted(root.glob("*/triton*.py"))}
+    modules = {
+        f"{kernels_package.__name__}.{path.parent.name}.{path.stem}": path
+        for path in sorted(root.glob("*/triton*.py"))
+    }
     # An empty glob (the layout changed under it) would check nothing and pass.
     assert modules, f"no Triton kernel modules found under {root}/<op>/triton*.py"
     return modules
 
 
 def triton_kernel_import_errors() -> dict[str, str]:
-    """"module (file)" -> its import error, for every Triton kernel module that fails to
+    """ "module (file)" -> its import error, for every Triton kernel module that fails to
     import."""
     broken = {}
     for name, path in triton_kernel_modules().items():
@@ -99,8 +107,10 @@ def outputs_and_grads(fn, inputs: list[torch.Tensor], *args, seed=100):
     inputs = [leaf(t) for t in inputs]
     outputs = fn(*inputs, *args)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    loss = sum((out.float() * randn(*out.shape, seed=seed + i, dtype=torch.bfloat16).float()).sum()
-               for i, out in enumerate(outputs))
+    loss = sum(
+        (out.float() * randn(*out.shape, seed=seed + i, dtype=torch.bfloat16).float()).sum()
+        for i, out in enumerate(outputs)
+    )
     return outputs, torch.autograd.grad(loss, inputs)
 
 
@@ -113,9 +123,11 @@ def assert_matches(fn_triton, fn_eager, inputs, *args, dtype, tolerance=TOLERANC
     out_native = out_native if isinstance(out_native, tuple) else (out_native,)
     for t, r, native in zip(out_t, out_r, out_native, strict=True):
         assert t.dtype == native.dtype and t.shape == native.shape
-        torch.testing.assert_close(t, r.to(t.dtype), **tolerance[dtype],
-                                   msg=lambda m: f"output: {m}")
+        torch.testing.assert_close(
+            t, r.to(t.dtype), **tolerance[dtype], msg=lambda m: f"output: {m}"
+        )
     for i, (t, r) in enumerate(zip(grads_t, grads_r, strict=True)):
         assert t.dtype == inputs[i].dtype and t.shape == inputs[i].shape
-        torch.testing.assert_close(t, r.to(t.dtype), **tolerance[dtype],
-                                   msg=lambda m, i=i: f"gradient of input {i}: {m}")
+        torch.testing.assert_close(
+            t, r.to(t.dtype), **tolerance[dtype], msg=lambda m, i=i: f"gradient of input {i}: {m}"
+        )

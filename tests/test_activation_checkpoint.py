@@ -25,8 +25,9 @@ def test_recomputed_blocks_give_the_same_gradients(granularity):
     for model in (plain, wrapped):
         model(tokens).logsumexp(-1).mean().backward()
     grads = {n: p.grad for n, p in plain.named_parameters()}
-    wrapped_grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad
-                     for n, p in wrapped.named_parameters()}
+    wrapped_grads = {
+        n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in wrapped.named_parameters()
+    }
     assert grads.keys() == wrapped_grads.keys()
     for name in grads:
         assert torch.equal(wrapped_grads[name], grads[name]), name  # same ops recomputed
@@ -36,15 +37,17 @@ def test_checkpoint_keys_do_not_see_the_wrapper():
     config = small_config(PATTERN)
     plain, wrapped = HybridModel(config), HybridModel(config)
     apply_activation_checkpointing(wrapped, "full", log=lambda _: None)
-    assert ModelState(wrapped, config.pattern).state_dict().keys() == \
-        ModelState(plain, config.pattern).state_dict().keys()
+    assert (
+        ModelState(wrapped, config.pattern).state_dict().keys()
+        == ModelState(plain, config.pattern).state_dict().keys()
+    )
 
 
 @pytest.mark.parametrize("granularity", ["full", "selective"])
 def test_training_with_recompute_matches_training_without(granularity):
-    flags = [*TINY, "--hybrid-layer-pattern", PATTERN, "--train-iters", "4", "--log-interval",
-             "1"]
+    flags = [*TINY, "--hybrid-layer-pattern", PATTERN, "--train-iters", "4", "--log-interval", "1"]
     plain = run_training(build_parser().parse_args(flags))
-    recomputed = run_training(build_parser().parse_args(
-        [*flags, "--recompute-granularity", granularity]))
+    recomputed = run_training(
+        build_parser().parse_args([*flags, "--recompute-granularity", granularity])
+    )
     assert recomputed.losses == plain.losses  # recomputation repeats the same ops: bitwise

@@ -57,6 +57,9 @@ def test_stopwatch_measures_wall_seconds():
 
 def test_no_benchmark_keeps_a_clock_of_its_own():
     clocks = re.compile(r"perf_counter|time\.time\(|time\.monotonic|cuda\.Event|do_bench")
-    own = {path.name: sorted(set(clocks.findall(path.read_text())))
-           for path in (REPO / "benchmarks").glob("*.py") if path.name != "timing.py"}
+    own = {
+        path.name: sorted(set(clocks.findall(path.read_text())))
+        for path in (REPO / "benchmarks").glob("*.py")
+        if path.name != "timing.py"
+    }
     assert {name: found for name, found in own.items() if found} == {}

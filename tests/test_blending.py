@@ -32,14 +32,20 @@ def test_prefixes_without_weights_parse_with_no_weight():
     assert parse_blend(["A", "B"]) == [(None, "A"), (None, "B")]
 
 
-@pytest.mark.parametrize("values, message", [
-    (["0.3", "A", "0.7"], "the last weight '0.7' has no prefix after it"),
-    (["A", "0.7", "B"], "'0.7' looks like a weight, but 'A' has none"),
-    (["0.3", "A", "x", "B"], "expected a weight before 'B', found 'x'"),
-    (["0.3", "0.7", "A", "B"], "expected a dataset prefix after weight 0.3, found another number"),
-    (["-0.3", "A", "0.7", "B"], "weight -0.3 of A must be >= 0"),
-    (["0", "A", "0", "B"], "the weights sum to 0"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (["0.3", "A", "0.7"], "the last weight '0.7' has no prefix after it"),
+        (["A", "0.7", "B"], "'0.7' looks like a weight, but 'A' has none"),
+        (["0.3", "A", "x", "B"], "expected a weight before 'B', found 'x'"),
+        (
+            ["0.3", "0.7", "A", "B"],
+            "expected a dataset prefix after weight 0.3, found another number",
+        ),
+        (["-0.3", "A", "0.7", "B"], "weight -0.3 of A must be >= 0"),
+        (["0", "A", "0", "B"], "the weights sum to 0"),
+    ],
+)
 def test_blend_weights_that_do_not_parse_are_named(values, message):
     with pytest.raises(DataConfigError, match=r"--data-path .*" + message.replace("(", r"\(")):
         parse_blend(values)
@@ -49,8 +55,9 @@ def cumulative_counts(dataset_ids: np.ndarray, num_datasets: int) -> np.ndarray:
     return np.cumsum(np.eye(num_datasets, dtype=np.int64)[dataset_ids], axis=0)
 
 
-@pytest.mark.parametrize("weights", [(0.5, 0.3, 0.2), (1, 1, 1), (0.01, 0.99),
-                                     (0.1, 0.4, 0.2, 0.25, 0.05)])
+@pytest.mark.parametrize(
+    "weights", [(0.5, 0.3, 0.2), (1, 1, 1), (0.01, 0.99), (0.1, 0.4, 0.2, 0.25, 0.05)]
+)
 def test_after_every_sample_each_dataset_has_served_its_share_within_one(weights):
     blend = BlendedDataset([None] * len(weights), list(weights), window=256)
     n = 5000  # about 20 windows
@@ -63,8 +70,9 @@ def test_each_dataset_serves_its_own_samples_in_order():
     blend = BlendedDataset([None] * 3, [0.5, 0.3, 0.2], window=256)
     dataset_ids, inner_ids = blend.assign(np.arange(3000))
     for j in range(3):
-        np.testing.assert_array_equal(inner_ids[dataset_ids == j],
-                                      np.arange((dataset_ids == j).sum()))
+        np.testing.assert_array_equal(
+            inner_ids[dataset_ids == j], np.arange((dataset_ids == j).sum())
+        )
 
 
 def test_the_blend_of_any_sample_is_the_same_in_every_run_and_any_order():
@@ -84,6 +92,7 @@ def test_samples_needed_counts_each_datasets_share_of_a_prefix():
 
 # -- blended training data -------------------------------------------------------------------------
 
+
 def write_constant_source(prefix, marker: int, num_sequences=40) -> None:
     """Sequences whose ids all lie in [marker, marker + 100): a sample tells its source."""
     rng = np.random.default_rng(marker)
@@ -102,8 +111,14 @@ def sources(tmp_path):
 def build(*flags, train=1000, seed=5):
     parser = argparse.ArgumentParser()
     add_data_args(parser)
-    return build_datasets(flags_to_settings(DataSettings, parser.parse_args(list(flags))),
-                          NullTokenizer(10_000), SEQ, seed, train, 40)
+    return build_datasets(
+        flags_to_settings(DataSettings, parser.parse_args(list(flags))),
+        NullTokenizer(10_000),
+        SEQ,
+        seed,
+        train,
+        40,
+    )
 
 
 def source_fractions(batch: torch.Tensor) -> float:
@@ -128,8 +143,9 @@ def test_prefixes_without_weights_mix_by_token_count(sources):
 def test_a_blended_run_is_identical_across_runs_with_one_seed(sources):
     flags = ("--data-path", "0.4", sources[0], "0.6", sources[1])
     assert torch.equal(build(*flags).train.batch(0, 64), build(*flags).train.batch(0, 64))
-    assert not torch.equal(build(*flags).train.batch(0, 64),
-                           build(*flags, seed=6).train.batch(0, 64))
+    assert not torch.equal(
+        build(*flags).train.batch(0, 64), build(*flags, seed=6).train.batch(0, 64)
+    )
 
 
 def test_a_resumed_blended_run_continues_with_the_next_sample(sources):
@@ -145,7 +161,8 @@ def test_per_split_data_paths_use_each_dataset_whole(sources):
     splits = build("--train-data-path", "0.5", a, "0.5", b, "--valid-data-path", b)
     assert [d.num_tokens for d in splits.train.dataset.datasets] == [
         build("--data-path", a, "--split", "1").train.dataset.num_tokens,
-        build("--data-path", b, "--split", "1").train.dataset.num_tokens]
+        build("--data-path", b, "--split", "1").train.dataset.num_tokens,
+    ]
     assert (splits.valid.batch(0, 16) >= 2000).all() and splits.test is None
 
 

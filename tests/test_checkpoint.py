@@ -48,7 +48,8 @@ def trained_model(pattern: str, steps: int = 2, **overrides):
 
 def save(directory, iteration, model, optimizer=None, progress=None, **kw):
     CheckpointSaver(directory, log=lambda _: None, **kw).save(
-        iteration, model, optimizer, progress, model.config)
+        iteration, model, optimizer, progress, model.config
+    )
 
 
 TOKENS = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(5))
@@ -92,8 +93,16 @@ def test_checkpoint_records_iteration_config_pattern_and_file_manifest(tmp_path)
 
 
 def resume_flags(pattern):
-    return [*TINY, "--hybrid-layer-pattern", pattern, "--train-iters", "8", "--log-interval", "1",
-            "--moe-router-enable-expert-bias"]
+    return [
+        *TINY,
+        "--hybrid-layer-pattern",
+        pattern,
+        "--train-iters",
+        "8",
+        "--log-interval",
+        "1",
+        "--moe-router-enable-expert-bias",
+    ]
 
 
 def train(*flags):
@@ -123,8 +132,7 @@ def test_load_from_an_empty_directory_starts_from_scratch(tmp_path, capsys):
 
 def test_finetune_loads_weights_and_restarts_the_iteration_count(tmp_path, capsys):
     train(*resume_flags("M-"), "--train-iters", "3", "--save", str(tmp_path))
-    result = train(*resume_flags("M-"), "--train-iters", "2", "--load", str(tmp_path),
-                   "--finetune")
+    result = train(*resume_flags("M-"), "--train-iters", "2", "--load", str(tmp_path), "--finetune")
     assert len(result.losses) == 2
     assert "starting at iteration 0" in capsys.readouterr().out
 

@@ -45,6 +45,7 @@ def convert_error(capsys, *argv: str) -> str:
 
 # -- damaged files -------------------------------------------------------------------------------
 
+
 def superscript_two_in_latest(directory: Path) -> str:
     (directory / LATEST_FILE).write_text("\u00b2\n")  # str.isdigit() says yes, int() says no
     return rf"{LATEST_FILE}.*iteration number"
@@ -86,34 +87,49 @@ def flip_bytes(path: Path, every: int | None) -> None:
     path.write_bytes(bytes(data))
 
 
-DAMAGES = [superscript_two_in_latest, binary_bytes_in_latest, checkpoint_json_is_a_list,
-           checkpoint_json_without_model_config, flipped_byte_in_dcp_metadata,
-           same_size_garbage_in_a_shard]
+DAMAGES = [
+    superscript_two_in_latest,
+    binary_bytes_in_latest,
+    checkpoint_json_is_a_list,
+    checkpoint_json_without_model_config,
+    flipped_byte_in_dcp_metadata,
+    same_size_garbage_in_a_shard,
+]
 # Damage to what `inspect` reads (it reads no shard).
-INSPECTED = {superscript_two_in_latest, binary_bytes_in_latest, checkpoint_json_is_a_list,
-             checkpoint_json_without_model_config, flipped_byte_in_dcp_metadata}
+INSPECTED = {
+    superscript_two_in_latest,
+    binary_bytes_in_latest,
+    checkpoint_json_is_a_list,
+    checkpoint_json_without_model_config,
+    flipped_byte_in_dcp_metadata,
+}
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__)
 def test_damaged_checkpoint_loads_as_an_error_naming_the_file_even_without_checksums(
-        tmp_path, damage):
+    tmp_path, damage
+):
     model, optimizer = trained_model("M-")
     save(tmp_path, 1, model, optimizer)
     expected = damage(tmp_path)
     with pytest.raises(CheckpointCorruptError, match=expected):
-        load_checkpoint(tmp_path, HybridModel(model.config), None, model.config,
-                        verify_checksums=False)
+        load_checkpoint(
+            tmp_path, HybridModel(model.config), None, model.config, verify_checksums=False
+        )
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__)
 def test_converter_reports_a_damaged_checkpoint_in_one_line_naming_the_file(
-        tmp_path, capsys, damage):
+    tmp_path, capsys, damage
+):
     model, _ = trained_model("M-")
     save(tmp_path, 1, model)
     expected = damage(tmp_path)
     out = str(tmp_path / "out.safetensors")
-    for argv in (["to-safetensors", str(tmp_path), out, "--no-verify-checksums"],
-                 ["to-safetensors", str(tmp_path), out]):
+    for argv in (
+        ["to-safetensors", str(tmp_path), out, "--no-verify-checksums"],
+        ["to-safetensors", str(tmp_path), out],
+    ):
         assert re.search(expected, convert_error(capsys, *argv))
     if damage in INSPECTED:
         assert re.search(expected, convert_error(capsys, "inspect", str(tmp_path)))
@@ -144,12 +160,16 @@ def test_latest_naming_a_missing_iteration_is_an_error_not_a_fresh_start(tmp_pat
     model, _ = trained_model("M-")
     save(tmp_path, 1, model)
     shutil.rmtree(tmp_path / ITER_1)
-    with pytest.raises(CheckpointCorruptError, match=rf"{LATEST_FILE} names iteration 1.*"
-                       rf"{ITER_1} does not exist"):
+    with pytest.raises(
+        CheckpointCorruptError,
+        match=rf"{LATEST_FILE} names iteration 1.*"
+        rf"{ITER_1} does not exist",
+    ):
         load_fresh(tmp_path, model.config)
 
 
 # -- a crash while re-saving an iteration --------------------------------------------------------
+
 
 class SimulatedCrash(BaseException):
     """The process dies here (kill -9): nothing after it runs, no `except Exception` sees it."""
@@ -171,6 +191,7 @@ def crash_at_change(monkeypatch, number: int) -> list[str]:
                         file.unlink()
                 raise SimulatedCrash(attempted[-1])
             return real(path, *args, **kwargs)
+
         return change
 
     monkeypatch.setattr(os, "replace", guarded(os.replace, "replace"))
@@ -212,6 +233,7 @@ def test_resaving_the_latest_iteration_survives_a_crash_at_every_step(tmp_path, 
 
 
 # -- non-finite state ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
@@ -266,9 +288,21 @@ def test_non_finite_shard_on_one_rank_stops_the_save_on_every_rank(tmp_path):
     # (a rank that went on into DCP's collectives would hang), and nothing is written.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(Path(__file__).resolve()), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parent)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(Path(__file__).resolve()),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=Path(__file__).parent,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank} refused: " in proc.stdout, proc.stdout
@@ -312,6 +346,7 @@ def test_a_safetensors_export_without_a_usable_model_config_is_named(tmp_path, m
     from safetensors.torch import save_file
 
     from megatron_hybrid.checkpointing.consolidated import SAFETENSORS_FORMAT, load_safetensors
+
     path = tmp_path / "model.safetensors"
     metadata = {"format": SAFETENSORS_FORMAT}
     if model_config is not None:

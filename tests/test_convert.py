@@ -64,9 +64,12 @@ def test_bad_inputs_exit_2_with_a_message_naming_the_path(tmp_path, capsys):
 
 def test_hf_export_and_import_through_the_command_line(tmp_path):
     transformers = pytest.importorskip("transformers")
-    model, _ = trained_model("[M-]*-[ME]", moe_router_score_function="sigmoid",
-                             moe_router_enable_expert_bias=True,
-                             moe_shared_expert_intermediate_size=16)
+    model, _ = trained_model(
+        "[M-]*-[ME]",
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_shared_expert_intermediate_size=16,
+    )
     save(tmp_path / "ckpt", 5, model)
     assert main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
     hf_model = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "hf").eval()

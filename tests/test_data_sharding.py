@@ -21,24 +21,36 @@ def test_training_micro_step_j_gives_rank_r_the_slice_j_times_ranks_plus_r():
     assert DataParallelShare().training_reads(8, 3, 2) == [(8, 2), (10, 2), (12, 2)]
 
 
-@pytest.mark.parametrize("ranks,micro_batches,micro_batch_size",
-                         [(1, 1, 4), (2, 3, 2), (4, 2, 1), (3, 1, 5)])
-def test_the_ranks_of_an_iteration_read_its_global_batch_once(ranks, micro_batches,
-                                                              micro_batch_size):
+@pytest.mark.parametrize(
+    "ranks,micro_batches,micro_batch_size", [(1, 1, 4), (2, 3, 2), (4, 2, 1), (3, 1, 5)]
+)
+def test_the_ranks_of_an_iteration_read_its_global_batch_once(
+    ranks, micro_batches, micro_batch_size
+):
     consumed = 40
-    read = sorted(i for r in range(ranks) for i in sample_ids(
-        DataParallelShare(r, ranks).training_reads(consumed, micro_batches, micro_batch_size)))
+    read = sorted(
+        i
+        for r in range(ranks)
+        for i in sample_ids(
+            DataParallelShare(r, ranks).training_reads(consumed, micro_batches, micro_batch_size)
+        )
+    )
     assert read == list(range(consumed, consumed + ranks * micro_batches * micro_batch_size))
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_evaluation_reads_the_first_samples_once_in_contiguous_blocks(ranks):
     per_rank = 12
-    blocks = [sample_ids(DataParallelShare(r, ranks).evaluation_reads(1000, per_rank, 5))
-              for r in range(ranks)]
+    blocks = [
+        sample_ids(DataParallelShare(r, ranks).evaluation_reads(1000, per_rank, 5))
+        for r in range(ranks)
+    ]
     assert [b for block in blocks for b in block] == list(range(ranks * per_rank))
-    assert all(count <= 5 for r in range(ranks)
-               for _, count in DataParallelShare(r, ranks).evaluation_reads(1000, per_rank, 5))
+    assert all(
+        count <= 5
+        for r in range(ranks)
+        for _, count in DataParallelShare(r, ranks).evaluation_reads(1000, per_rank, 5)
+    )
 
 
 def test_a_small_evaluation_set_is_shared_equally_with_a_short_last_read():
@@ -47,7 +59,9 @@ def test_a_small_evaluation_set_is_shared_equally_with_a_short_last_read():
 
 def test_a_pipeline_evaluates_whole_batches_and_at_least_one():
     assert DataParallelShare(1, 2).evaluation_reads(23, 100, 4, whole_reads=True) == [
-        (8, 4), (12, 4)]
+        (8, 4),
+        (12, 4),
+    ]
     assert DataParallelShare(0, 2).evaluation_reads(5, 100, 4, whole_reads=True) == [(0, 4)]
 
 

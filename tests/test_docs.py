@@ -11,16 +11,20 @@ TEXT_SUFFIXES = {".py", ".md", ".sh", ".toml", ".cfg", ".txt"}
 
 
 def _tracked_text_files() -> list[Path]:
-    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                            check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     return [REPO / name for name in listed if Path(name).suffix in TEXT_SUFFIXES]
 
 
 def test_no_file_points_readers_outside_the_repository():
     # shared/ holds the maintainers' design notes; users do not have it.
     outside = re.compile(r"\bshared/\w")
-    citing = [str(path.relative_to(REPO)) for path in _tracked_text_files()
-              if outside.search(path.read_text(errors="replace"))]
+    citing = [
+        str(path.relative_to(REPO))
+        for path in _tracked_text_files()
+        if outside.search(path.read_text(errors="replace"))
+    ]
     assert citing == []
 
 

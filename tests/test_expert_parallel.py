@@ -30,8 +30,20 @@ REPO = Path(__file__).resolve().parents[1]
 # Fused groups, stand-alone and fused E layers, shared experts; expert bias exercises the
 # summed token counts. (--moe-aux-loss-coeff defaults to 1e-2: the aux loss is on.)
 MOE = ["--moe-router-enable-expert-bias", "--moe-shared-expert-intermediate-size", "16"]
-FLAGS = [*TINY, "--hybrid-layer-pattern", "M[*E]M[M-]E", *MOE, "--global-batch-size", "8",
-         "--train-iters", "6", "--log-interval", "1", "--device", "cpu"]
+FLAGS = [
+    *TINY,
+    "--hybrid-layer-pattern",
+    "M[*E]M[M-]E",
+    *MOE,
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    "6",
+    "--log-interval",
+    "1",
+    "--device",
+    "cpu",
+]
 # Tensor-parallel layouts: MoE beside the mixers whose tensor-parallel plans are older.
 TP_PATTERN = ["--hybrid-layer-pattern", "[*E]-E"]
 # SwiGLU: the experts' fc1 [E, 2F, H] packs [gate; up] on dim 1 (so do the shared experts' and
@@ -42,14 +54,24 @@ SWIGLU_TP = [*FLAGS, *TP_PATTERN, "--swiglu"]
 def launch(nproc: int, script: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc-per-node={nproc}", str(script), *args],
-        capture_output=True, text=True, timeout=600, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(script),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def torchrun_metrics(nproc: int, *flags: str, log_dir: Path) -> list[dict]:
-    proc = launch(nproc, REPO / "scripts" / "pretrain_hybrid.py", *flags, "--log-dir",
-                  str(log_dir))
+    proc = launch(nproc, REPO / "scripts" / "pretrain_hybrid.py", *flags, "--log-dir", str(log_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return read_metrics(log_dir)
 
@@ -90,17 +112,20 @@ def test_expert_parallel_training_matches_one_process(tmp_path, single_process):
     assert_same_training(ep2, single_process)
 
 
-@pytest.mark.parametrize("layout", [
-    # 2 ranks, 2 experts each; two micro-batches per rank (FSDP no-sync on the first) and
-    # selective activation checkpointing (the all-to-all runs again in recompute).
-    pytest.param(("2", "--ep", "2", "--recompute", "selective"), id="ep2-accumulation-sac"),
-    # 4 ranks: experts split over ep and FSDP-sharded over edp (2-D mesh for the experts).
-    pytest.param(("4", "--ep", "2"), id="edp2xep2"),
-    # 4 ranks: expert weights on the 2-D (ep, tp) mesh, shared experts column/row parallel.
-    pytest.param(("4", "--ep", "2", "--tp", "2", *TP_PATTERN), id="ep2xtp2"),
-    # The same with SwiGLU: fc1 rank-major on its packed dim 1, then split over (ep, tp).
-    pytest.param(("4", "--ep", "2", "--tp", "2", *TP_PATTERN, "--swiglu"), id="ep2xtp2-swiglu"),
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # 2 ranks, 2 experts each; two micro-batches per rank (FSDP no-sync on the first) and
+        # selective activation checkpointing (the all-to-all runs again in recompute).
+        pytest.param(("2", "--ep", "2", "--recompute", "selective"), id="ep2-accumulation-sac"),
+        # 4 ranks: experts split over ep and FSDP-sharded over edp (2-D mesh for the experts).
+        pytest.param(("4", "--ep", "2"), id="edp2xep2"),
+        # 4 ranks: expert weights on the 2-D (ep, tp) mesh, shared experts column/row parallel.
+        pytest.param(("4", "--ep", "2", "--tp", "2", *TP_PATTERN), id="ep2xtp2"),
+        # The same with SwiGLU: fc1 rank-major on its packed dim 1, then split over (ep, tp).
+        pytest.param(("4", "--ep", "2", "--tp", "2", *TP_PATTERN, "--swiglu"), id="ep2xtp2-swiglu"),
+    ],
+)
 def test_expert_parallel_gradients_and_logits_match_one_process(layout):
     nproc, *args = layout
     proc = launch(int(nproc), Path(__file__), *args)
@@ -108,12 +133,13 @@ def test_expert_parallel_gradients_and_logits_match_one_process(layout):
     assert "gradients match" in proc.stdout
 
 
-@pytest.mark.skipif(bool(tensor_parallel_problems(config_of(*FLAGS, *TP_PATTERN), 2)),
-    reason="tensor_parallel_problems still refuses this pattern at tp=2")
+@pytest.mark.skipif(
+    bool(tensor_parallel_problems(config_of(*FLAGS, *TP_PATTERN), 2)),
+    reason="tensor_parallel_problems still refuses this pattern at tp=2",
+)
 def test_tensor_parallel_moe_training_matches_one_process(tmp_path):
     flags = [*FLAGS, *TP_PATTERN]
-    tp2 = torchrun_metrics(2, *flags, "--tensor-model-parallel-size", "2",
-                           log_dir=tmp_path / "tp2")
+    tp2 = torchrun_metrics(2, *flags, "--tensor-model-parallel-size", "2", log_dir=tmp_path / "tp2")
     assert_same_training(tp2, one_process_metrics(*flags, log_dir=tmp_path / "single"))
 
 
@@ -123,10 +149,18 @@ def swiglu_tp(tmp_path_factory) -> dict[str, tuple[list[dict], Path]]:
     and 6: {"single": (metrics, checkpoint directory), "tp2": (...)}."""
     root = tmp_path_factory.mktemp("swiglu_tp")
     save = ["--save-interval", "3", "--save"]
-    single = one_process_metrics(*SWIGLU_TP, *save, str(root / "single"),
-                                 log_dir=root / "single_log")
-    tp2 = torchrun_metrics(2, *SWIGLU_TP, "--tensor-model-parallel-size", "2", *save,
-                           str(root / "tp2"), log_dir=root / "tp2_log")
+    single = one_process_metrics(
+        *SWIGLU_TP, *save, str(root / "single"), log_dir=root / "single_log"
+    )
+    tp2 = torchrun_metrics(
+        2,
+        *SWIGLU_TP,
+        "--tensor-model-parallel-size",
+        "2",
+        *save,
+        str(root / "tp2"),
+        log_dir=root / "tp2_log",
+    )
     return {"single": (single, root / "single"), "tp2": (tp2, root / "tp2")}
 
 
@@ -136,13 +170,15 @@ def test_tensor_parallel_swiglu_moe_training_matches_one_process(swiglu_tp):
 
 def test_tensor_parallel_swiglu_moe_checkpoint_is_canonical(swiglu_tp):
     fc1 = assert_same_model_state(swiglu_tp["tp2"][1], swiglu_tp["single"][1], iteration=3)[
-        "decoder.layers.1.mlp.experts.linear_fc1.weight"]
+        "decoder.layers.1.mlp.experts.linear_fc1.weight"
+    ]
     assert tuple(fc1.shape) == (4, 2 * 24, 32)  # whole experts, [gate; up]
 
 
 def test_tensor_parallel_swiglu_moe_checkpoint_resumes_in_one_process(tmp_path, swiglu_tp):
-    resumed = one_process_metrics(*SWIGLU_TP, "--load", str(swiglu_tp["tp2"][1]),
-                                  "--ckpt-step", "3", log_dir=tmp_path)
+    resumed = one_process_metrics(
+        *SWIGLU_TP, "--load", str(swiglu_tp["tp2"][1]), "--ckpt-step", "3", log_dir=tmp_path
+    )
     assert_same_training(resumed, swiglu_tp["single"][0][3:])
 
 
@@ -150,44 +186,79 @@ def test_tp2_x_dp2_swiglu_moe_resumes_a_one_process_checkpoint(tmp_path, swiglu_
     # Four ranks: FSDP shards the tensor-parallel expert shards again (over the experts), so a
     # rank's box of the rank-major fc1 is cut on two dims; it loads and saves canonically.
     single, single_dir = swiglu_tp["single"]
-    resumed = torchrun_metrics(4, *SWIGLU_TP, "--tensor-model-parallel-size", "2", "--load",
-                               str(single_dir), "--ckpt-step", "3", "--save",
-                               str(tmp_path / "ckpt"), log_dir=tmp_path / "log")
+    resumed = torchrun_metrics(
+        4,
+        *SWIGLU_TP,
+        "--tensor-model-parallel-size",
+        "2",
+        "--load",
+        str(single_dir),
+        "--ckpt-step",
+        "3",
+        "--save",
+        str(tmp_path / "ckpt"),
+        log_dir=tmp_path / "log",
+    )
     assert_same_training(resumed, single[3:])
     assert_same_model_state(tmp_path / "ckpt", single_dir, iteration=6)
 
 
-@pytest.mark.parametrize("nproc, layout", [
-    pytest.param(2, ("--tp", "2"), id="tp2"),
-    # Expert weights on the 2-D (ep, tp) mesh: each rank saves and loads a box of both dims.
-    pytest.param(4, ("--tp", "2", "--ep", "2"), id="ep2xtp2"),
-])
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [
+        pytest.param(2, ("--tp", "2"), id="tp2"),
+        # Expert weights on the 2-D (ep, tp) mesh: each rank saves and loads a box of both dims.
+        pytest.param(4, ("--tp", "2", "--ep", "2"), id="ep2xtp2"),
+    ],
+)
 def test_one_process_swiglu_moe_checkpoint_loads_exactly_under_tensor_parallelism(
-        tmp_path, swiglu_tp, nproc, layout):
-    assert_loads_exactly(swiglu_tp["single"][1] / "iter_0000003", SWIGLU_TP, tmp_path, *layout,
-                         nproc=nproc)
+    tmp_path, swiglu_tp, nproc, layout
+):
+    assert_loads_exactly(
+        swiglu_tp["single"][1] / "iter_0000003", SWIGLU_TP, tmp_path, *layout, nproc=nproc
+    )
 
 
 def test_expert_parallel_checkpoints_move_to_one_process_and_back(tmp_path, single_process):
     ep2_dir, single_dir = tmp_path / "ep2", tmp_path / "single"
     # ep2 saves at iteration 3; one process resumes and finishes like the straight run.
-    torchrun_metrics(2, *FLAGS, "--expert-model-parallel-size", "2", "--save", str(ep2_dir),
-                     "--exit-interval", "3", log_dir=tmp_path / "log_a")
+    torchrun_metrics(
+        2,
+        *FLAGS,
+        "--expert-model-parallel-size",
+        "2",
+        "--save",
+        str(ep2_dir),
+        "--exit-interval",
+        "3",
+        log_dir=tmp_path / "log_a",
+    )
     resumed = one_process_metrics(*FLAGS, "--load", str(ep2_dir), log_dir=tmp_path / "log_b")
     assert_same_training(resumed, single_process[3:])
     # The files hold whole experts under canonical keys, whatever the layout that wrote them.
     import torch.distributed.checkpoint as dcp
+
     saved = dcp.FileSystemReader(str(ep2_dir / "iter_0000003")).read_metadata()
-    assert tuple(saved.state_dict_metadata[
-        "model.decoder.layers.2.mlp.experts.linear_fc1.weight"].size) == (4, 24, 32)
+    assert tuple(
+        saved.state_dict_metadata["model.decoder.layers.2.mlp.experts.linear_fc1.weight"].size
+    ) == (4, 24, 32)
     # One process saves at iteration 3: it gives the same logits as the ep2 checkpoint...
-    one_process_metrics(*FLAGS, "--save", str(single_dir), "--exit-interval", "3",
-                        log_dir=tmp_path / "log_c")
-    torch.testing.assert_close(checkpoint_logits(single_dir), checkpoint_logits(ep2_dir),
-                               rtol=1e-4, atol=1e-5)
+    one_process_metrics(
+        *FLAGS, "--save", str(single_dir), "--exit-interval", "3", log_dir=tmp_path / "log_c"
+    )
+    torch.testing.assert_close(
+        checkpoint_logits(single_dir), checkpoint_logits(ep2_dir), rtol=1e-4, atol=1e-5
+    )
     # ... and ep2 resumes from it like the straight run.
-    ep2 = torchrun_metrics(2, *FLAGS, "--expert-model-parallel-size", "2", "--load",
-                           str(single_dir), log_dir=tmp_path / "log_d")
+    ep2 = torchrun_metrics(
+        2,
+        *FLAGS,
+        "--expert-model-parallel-size",
+        "2",
+        "--load",
+        str(single_dir),
+        log_dir=tmp_path / "log_d",
+    )
     assert_same_training(ep2, single_process[3:])
 
 
@@ -207,19 +278,24 @@ def checkpoint_logits(directory: Path) -> torch.Tensor:
 def test_experts_not_divisible_by_expert_parallel_size_are_refused():
     with pytest.raises(ParallelConfigError) as error:
         ParallelDims(world_size=4, ep=4).check_fits(small_config("M[*E]E", num_moe_experts=6))
-    assert ("--num-experts 6 is not divisible by --expert-model-parallel-size 4; valid "
-            "expert-parallel sizes: 1, 2, 3, 6") in str(error.value)
+    assert (
+        "--num-experts 6 is not divisible by --expert-model-parallel-size 4; valid "
+        "expert-parallel sizes: 1, 2, 3, 6"
+    ) in str(error.value)
 
 
 def test_expert_parallel_without_moe_layers_is_refused():
-    with pytest.raises(ParallelConfigError, match="has no MoE \\(E\\) layers to split; use "
-                       "--expert-model-parallel-size 1"):
+    with pytest.raises(
+        ParallelConfigError,
+        match="has no MoE \\(E\\) layers to split; use --expert-model-parallel-size 1",
+    ):
         ParallelDims(world_size=2, ep=2).check_fits(small_config("M*-"))
 
 
 def test_expert_parallel_larger_than_data_parallel_is_refused():
-    with pytest.raises(ParallelConfigError, match="expert parallel size 4 must divide the "
-                       "data-parallel size 2"):
+    with pytest.raises(
+        ParallelConfigError, match="expert parallel size 4 must divide the data-parallel size 2"
+    ):
         ParallelDims(world_size=4, tp=2, ep=4)
 
 
@@ -229,15 +305,19 @@ def test_moe_widths_not_divisible_by_tensor_parallel_size_are_refused():
         ParallelDims(world_size=2, tp=2).check_fits(config)
     message = str(error.value)
     assert "--moe-ffn-hidden-size 25 is not divisible by --tensor-model-parallel-size 2" in message
-    assert ("--moe-shared-expert-intermediate-size 15 is not divisible by "
-            "--tensor-model-parallel-size 2") in message
+    assert (
+        "--moe-shared-expert-intermediate-size 15 is not divisible by "
+        "--tensor-model-parallel-size 2"
+    ) in message
 
 
-@pytest.mark.parametrize("world_size, ep, tp", [(2, 2, 1), (2, 1, 2), (4, 2, 2)],
-                         ids=["ep2", "tp2", "ep2xtp2"])
+@pytest.mark.parametrize(
+    "world_size, ep, tp", [(2, 2, 1), (2, 1, 2), (4, 2, 2)], ids=["ep2", "tp2", "ep2xtp2"]
+)
 def test_swiglu_experts_fit_expert_and_tensor_parallelism(world_size, ep, tp):
     ParallelDims(world_size=world_size, ep=ep, tp=tp).check_fits(
-        small_config("M[*E]E", activation="swiglu"))
+        small_config("M[*E]E", activation="swiglu")
+    )
 
 
 # -- the worker of the gradient tests ----------------------------------------------------------
@@ -283,8 +363,7 @@ def gradient_worker(argv: list[str]) -> None:
 
     micro_batches_per_rank, mbs = 2 if own.recompute else 1, 2
     num_micro = micro_batches_per_rank * dims.dp
-    ids = torch.randint(0, 256, (num_micro * mbs, 25),
-                        generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(0, 256, (num_micro * mbs, 25), generator=torch.Generator().manual_seed(7))
     micro = list(ids.split(mbs))
     reference.set_moe_aux_loss_grad_scale(1.0 / num_micro)
     model.set_moe_aux_loss_grad_scale(1.0 / micro_batches_per_rank)
@@ -306,8 +385,9 @@ def gradient_worker(argv: list[str]) -> None:
         grad = param.grad.full_tensor()  # every rank, same order: a collective
         if name in packed:  # stored rank-major
             grad = packed[name].to_canonical_layout(grad)
-        torch.testing.assert_close(grad, expected[name].grad, rtol=1e-5, atol=1e-7,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            grad, expected[name].grad, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
     print(f"rank {proc.rank}: logits and gradients match one process", flush=True)
     end_successful_run()
 

@@ -23,9 +23,12 @@ def numeric_flags(parser: argparse.ArgumentParser) -> set[str]:
     """dests of the flags whose values are numbers (int, float or a numeric type function)."""
     found = set()
     for action in parser._actions:
-        if action.type in (int, float) or (action.type is not None and action.default is not None
-                                           and isinstance(action.default, (int, float))
-                                           and not isinstance(action.default, bool)):
+        if action.type in (int, float) or (
+            action.type is not None
+            and action.default is not None
+            and isinstance(action.default, (int, float))
+            and not isinstance(action.default, bool)
+        ):
             found.add(action.dest)
     return found
 
@@ -41,13 +44,16 @@ def test_the_defaults_are_inside_their_ranges():
     check_training_args(build_parser().parse_args([]))
 
 
-@pytest.mark.parametrize("text,inside,outside", [
-    ("(0, inf)", [1e-30, 5.0], [0.0, -1.0, math.inf, math.nan]),
-    ("[0, inf)", [0.0, 3.0], [-1e-9, math.inf, math.nan]),
-    ("[0, 1)", [0.0, 0.999], [1.0, -0.1, math.nan]),
-    ("[1, inf)", [1, 7], [0, -3]),
-    ("[0, inf]", [0.0, math.inf], [-1.0, math.nan]),
-])
+@pytest.mark.parametrize(
+    "text,inside,outside",
+    [
+        ("(0, inf)", [1e-30, 5.0], [0.0, -1.0, math.inf, math.nan]),
+        ("[0, inf)", [0.0, 3.0], [-1e-9, math.inf, math.nan]),
+        ("[0, 1)", [0.0, 0.999], [1.0, -0.1, math.nan]),
+        ("[1, inf)", [1, 7], [0, -3]),
+        ("[0, inf]", [0.0, math.inf], [-1.0, math.nan]),
+    ],
+)
 def test_interval_notation(text, inside, outside):
     interval = Interval.parse(text)
     assert all(value in interval for value in inside)
@@ -55,24 +61,33 @@ def test_interval_notation(text, inside, outside):
 
 
 # The values the issue found accepted (NaN losses with exit 0, or silently ignored).
-@pytest.mark.parametrize("flag,value,message", [
-    ("--lr", "inf", "--lr must be a positive finite number, got inf"),
-    ("--min-lr", "nan", "--min-lr must be a finite number of at least 0, got nan"),
-    ("--norm-epsilon", "nan", "--norm-epsilon must be a positive finite number, got nan"),
-    ("--rotary-base", "0", "--rotary-base must be a positive finite number, got 0.0"),
-    ("--rotary-base", "-1", "--rotary-base must be a positive finite number, got -1.0"),
-    ("--init-method-std", "nan", "--init-method-std must be a positive finite number, got nan"),
-    ("--lr-decay-iters", "0", "--lr-decay-iters must be a whole number of at least 1, got 0"),
-    ("--lr-decay-iters", "-3", "--lr-decay-iters must be a whole number of at least 1, got -3"),
-    ("--weight-decay", "-1", "--weight-decay must be a finite number of at least 0, got -1.0"),
-    ("--clip-grad", "-1", "--clip-grad must be a finite number of at least 0, got -1.0"),
-    ("--moe-router-bias-update-rate", "-1",
-     "--moe-router-bias-update-rate must be a finite number of at least 0, got -1.0"),
-    ("--moe-router-topk-scaling-factor", "-2",
-     "--moe-router-topk-scaling-factor must be a positive finite number, got -2.0"),
-    ("--adam-beta2", "1", "--adam-beta2 must be a number in [0, 1), got 1.0"),
-    ("--eval-iters", "-1", "--eval-iters must be a finite number of at least 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--lr", "inf", "--lr must be a positive finite number, got inf"),
+        ("--min-lr", "nan", "--min-lr must be a finite number of at least 0, got nan"),
+        ("--norm-epsilon", "nan", "--norm-epsilon must be a positive finite number, got nan"),
+        ("--rotary-base", "0", "--rotary-base must be a positive finite number, got 0.0"),
+        ("--rotary-base", "-1", "--rotary-base must be a positive finite number, got -1.0"),
+        ("--init-method-std", "nan", "--init-method-std must be a positive finite number, got nan"),
+        ("--lr-decay-iters", "0", "--lr-decay-iters must be a whole number of at least 1, got 0"),
+        ("--lr-decay-iters", "-3", "--lr-decay-iters must be a whole number of at least 1, got -3"),
+        ("--weight-decay", "-1", "--weight-decay must be a finite number of at least 0, got -1.0"),
+        ("--clip-grad", "-1", "--clip-grad must be a finite number of at least 0, got -1.0"),
+        (
+            "--moe-router-bias-update-rate",
+            "-1",
+            "--moe-router-bias-update-rate must be a finite number of at least 0, got -1.0",
+        ),
+        (
+            "--moe-router-topk-scaling-factor",
+            "-2",
+            "--moe-router-topk-scaling-factor must be a positive finite number, got -2.0",
+        ),
+        ("--adam-beta2", "1", "--adam-beta2 must be a number in [0, 1), got 1.0"),
+        ("--eval-iters", "-1", "--eval-iters must be a finite number of at least 0, got -1"),
+    ],
+)
 def test_out_of_range_flags_stop_before_training(capsys, flag, value, message):
     code, err = run_cli(capsys, *TINY, flag, value)
     assert code == 2
@@ -80,9 +95,12 @@ def test_out_of_range_flags_stop_before_training(capsys, flag, value, message):
 
 
 def test_vocab_size_with_the_byte_tokenizer_is_refused():
-    with pytest.raises(TokenizerError, match="--vocab-size belongs to --tokenizer-type "
-                                             "NullTokenizer; --tokenizer-type ByteTokenizer "
-                                             "would ignore it"):
+    with pytest.raises(
+        TokenizerError,
+        match="--vocab-size belongs to --tokenizer-type "
+        "NullTokenizer; --tokenizer-type ByteTokenizer "
+        "would ignore it",
+    ):
         build_tokenizer(build_parser().parse_args(["--vocab-size", "300"]))
     null = build_parser().parse_args(["--vocab-size", "300", "--tokenizer-type", "NullTokenizer"])
     assert build_tokenizer(null).vocab_size == 301
@@ -96,8 +114,11 @@ def test_global_batch_size_defaults_to_micro_batch_times_data_parallel_size():
 
 def test_global_batch_size_that_does_not_fit_names_values_that_would():
     args = build_parser().parse_args(["--micro-batch-size", "16", "--global-batch-size", "40"])
-    with pytest.raises(ValueError, match=r"--global-batch-size 40 must be a multiple of "
-                       r"--micro-batch-size x data-parallel size = 16 x 2 = 32: use 32 or 64"):
+    with pytest.raises(
+        ValueError,
+        match=r"--global-batch-size 40 must be a multiple of "
+        r"--micro-batch-size x data-parallel size = 16 x 2 = 32: use 32 or 64",
+    ):
         resolve_global_batch_size(args, dp_size=2)
     args = build_parser().parse_args(["--micro-batch-size", "16", "--global-batch-size", "16"])
     with pytest.raises(ValueError, match=r"use 32 \(or leave the flag out for 32\)"):

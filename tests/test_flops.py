@@ -86,15 +86,19 @@ def test_whole_model_is_sum_of_layers_plus_logits():
     assert training_flops_per_token(config, T) == 3 * expected
 
 
-@pytest.mark.parametrize("unfused, fused", [
-    ("M-M-M*-", "[M-][M-]M[*-]"),
-    ("M*-ME", "M[*-][ME]"),
-    ("M-*-|ME", "[M-][*-]|[ME]"),
-])
+@pytest.mark.parametrize(
+    "unfused, fused",
+    [
+        ("M-M-M*-", "[M-][M-]M[*-]"),
+        ("M*-ME", "M[*-][ME]"),
+        ("M-*-|ME", "[M-][*-]|[ME]"),
+    ],
+)
 def test_fused_equals_unfused(unfused, fused):
     for T in (16, 64):
         assert training_flops_per_token(small_config(fused), T) == training_flops_per_token(
-            small_config(unfused), T)
+            small_config(unfused), T
+        )
     assert parameter_count(small_config(fused)) == parameter_count(small_config(unfused))
 
 
@@ -118,18 +122,34 @@ def test_chunk_size_moves_only_ssd_terms():
     assert diff == ssd[16] - ssd[8]
 
 
-@pytest.mark.parametrize("pattern, overrides", [
-    ("M", {}),
-    ("*", {}),
-    ("M-M*-", {}),
-    ("[M-][*-]M", {"untie_embeddings_and_output_weights": True}),
-    ("M[*E]-", {"moe_shared_expert_intermediate_size": 16}),
-    ("[ME]*E", {"activation": "swiglu", "moe_shared_expert_intermediate_size": 40,
+@pytest.mark.parametrize(
+    "pattern, overrides",
+    [
+        ("M", {}),
+        ("*", {}),
+        ("M-M*-", {}),
+        ("[M-][*-]M", {"untie_embeddings_and_output_weights": True}),
+        ("M[*E]-", {"moe_shared_expert_intermediate_size": 16}),
+        (
+            "[ME]*E",
+            {
+                "activation": "swiglu",
+                "moe_shared_expert_intermediate_size": 40,
                 "untie_embeddings_and_output_weights": True,
-                "moe_router_enable_expert_bias": True}),
-    ("M*-", {"kv_channels": 12, "num_query_groups": 1, "mamba_num_heads": 4,
-             "mamba_conv_kernel": 3}),
-])
+                "moe_router_enable_expert_bias": True,
+            },
+        ),
+        (
+            "M*-",
+            {
+                "kv_channels": 12,
+                "num_query_groups": 1,
+                "mamba_num_heads": 4,
+                "mamba_conv_kernel": 3,
+            },
+        ),
+    ],
+)
 def test_parameter_count_matches_built_model(pattern, overrides):
     config = small_config(pattern, **overrides)
     assert parameter_count(config) == HybridModel(config).num_parameters()
@@ -161,8 +181,9 @@ def test_benchmark_named_configs():
             fused, plain = bench.model_config(), base.model_config()
             assert fused.pattern.num_blocks < plain.pattern.num_blocks
             assert fused.pattern.layer_counts() == plain.pattern.layer_counts()
-            assert training_flops_per_token(fused, bench.seq_length) == \
-                training_flops_per_token(plain, base.seq_length)
+            assert training_flops_per_token(fused, bench.seq_length) == training_flops_per_token(
+                plain, base.seq_length
+            )
             assert parameter_count(fused) == parameter_count(plain)
     ci = tt.CONFIGS["megatron-ci-hybrid"].model_config()
     assert ci.pattern.layer_counts()["*"] == 4 and ci.pattern.num_layers == 44
@@ -172,9 +193,24 @@ def test_benchmark_named_configs():
 def test_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "tt.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--config",
-         "cpu-smoke", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "train_throughput.py"),
+            "--config",
+            "cpu-smoke",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
@@ -184,6 +220,7 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert result["parameters"] > 0 and result["flops_per_token"] > 0
     assert len(result["step_times_s"]) == 2 and result["median_step_s"] > 0
     assert result["tokens_per_s"] == pytest.approx(
-        result["tokens_per_step"] / result["median_step_s"])
+        result["tokens_per_step"] / result["median_step_s"]
+    )
     assert result["mfu"] is None and result["peak_memory_bytes"] is None
     assert "n/a" in proc.stdout

@@ -55,8 +55,9 @@ def data_args(*flags: str) -> DataSettings:
 
 
 def build(*flags, tokenizer=None, seed=3, train=200, evals=20):
-    return build_datasets(data_args(*flags), tokenizer or NullTokenizer(100_000), SEQ, seed,
-                          train, evals)
+    return build_datasets(
+        data_args(*flags), tokenizer or NullTokenizer(100_000), SEQ, seed, train, evals
+    )
 
 
 def epoch_stream(dataset: GPTDataset, sequences, epoch: int) -> np.ndarray:
@@ -78,7 +79,7 @@ def test_a_sample_is_seq_length_plus_one_consecutive_tokens_of_the_shuffled_stre
     dataset.read(np.arange(dataset.samples_per_epoch), out)
     for s, row in enumerate(out):
         window = int(index.shuffle_index[s])
-        np.testing.assert_array_equal(row, stream[window * SEQ: window * SEQ + SEQ + 1])
+        np.testing.assert_array_equal(row, stream[window * SEQ : window * SEQ + SEQ + 1])
 
 
 def test_an_epoch_serves_every_window_of_its_stream_once(corpus):
@@ -88,7 +89,7 @@ def test_an_epoch_serves_every_window_of_its_stream_once(corpus):
     dataset.read(np.arange(dataset.samples_per_epoch), out)
     stream = epoch_stream(dataset, sequences, 0)
     assert dataset.samples_per_epoch == (len(stream) - 1) // SEQ
-    assert sorted(out[:, 0]) == sorted(stream[:dataset.samples_per_epoch * SEQ:SEQ])
+    assert sorted(out[:, 0]) == sorted(stream[: dataset.samples_per_epoch * SEQ : SEQ])
 
 
 def test_every_epoch_has_its_own_document_order(corpus):
@@ -101,8 +102,9 @@ def test_every_epoch_has_its_own_document_order(corpus):
 
 def test_samples_run_across_document_boundaries_with_the_eod_between(tmp_path):
     write_dataset(tmp_path / "docs", eod=99)
-    batch = build("--data-path", str(tmp_path / "docs"), "--split", "1",
-                  tokenizer=NullTokenizer(99)).train.batch(0, 32)
+    batch = build(
+        "--data-path", str(tmp_path / "docs"), "--split", "1", tokenizer=NullTokenizer(99)
+    ).train.batch(0, 32)
     interior = batch[:, 1:-1] == 99
     assert interior.any()  # an EOD inside a sample: the next document follows in the same sample
     assert batch.min() >= 0 and batch.max() <= 99
@@ -128,8 +130,10 @@ def test_resuming_after_n_samples_continues_with_sample_n_plus_1(corpus):
     # resumes from the 60 consumed samples, asking for more.
     before = build(*flags, train=100).train
     after = build(*flags, train=1000).train
-    resumed = torch.cat([before.batch(first, 4) for first in range(0, 60, 4)]
-                        + [after.batch(first, 4) for first in range(60, 120, 4)])
+    resumed = torch.cat(
+        [before.batch(first, 4) for first in range(0, 60, 4)]
+        + [after.batch(first, 4) for first in range(60, 120, 4)]
+    )
     assert torch.equal(resumed, expected)
 
 
@@ -168,9 +172,15 @@ def test_train_and_valid_read_disjoint_sequences(corpus):
 def test_data_parallel_ranks_read_disjoint_shares_of_the_global_batch(corpus):
     train = build("--data-path", str(corpus[0])).train
     whole = train.batch(8, 8)  # global samples 8..15: one iteration of 2 ranks x 2 x 2
-    shares = [torch.cat([train.batch(first, count) for first, count in
-                         DataParallelShare(rank, 2).training_reads(8, 2, 2)])
-              for rank in range(2)]
+    shares = [
+        torch.cat(
+            [
+                train.batch(first, count)
+                for first, count in DataParallelShare(rank, 2).training_reads(8, 2, 2)
+            ]
+        )
+        for rank in range(2)
+    ]
     assert torch.equal(shares[0], torch.cat([whole[0:2], whole[4:6]]))
     assert torch.equal(shares[1], torch.cat([whole[2:4], whole[6:8]]))
 
@@ -189,6 +199,7 @@ def test_mock_data_gives_documents_of_the_tokenizers_ids():
 
 # -- errors ----------------------------------------------------------------------------------------
 
+
 def test_a_missing_dataset_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere\.idx does not exist"):
         build("--data-path", str(tmp_path / "nowhere"))
@@ -196,17 +207,21 @@ def test_a_missing_dataset_names_the_file(tmp_path):
 
 def test_ids_beyond_the_tokenizers_vocabulary_name_the_file(tmp_path):
     write_dataset(tmp_path / "gpt2", dtype=np.uint16)  # ids up to ~1200
-    with pytest.raises(IndexedDatasetError,
-                       match=r"gpt2\.bin holds token id \d+ .*outside the ids 0\.\.256 of the "
-                             r"tokenizer ByteTokenizer"):
+    with pytest.raises(
+        IndexedDatasetError,
+        match=r"gpt2\.bin holds token id \d+ .*outside the ids 0\.\.256 of the "
+        r"tokenizer ByteTokenizer",
+    ):
         build("--data-path", str(tmp_path / "gpt2"), tokenizer=ByteTokenizer())
 
 
 def test_a_dtype_too_narrow_for_the_tokenizer_names_the_file(tmp_path):
     write_dataset(tmp_path / "bytes", dtype=np.uint16)
-    with pytest.raises(IndexedDatasetError,
-                       match=r"bytes\.bin stores uint16 tokens \(ids up to 65535\), but the "
-                             r"tokenizer NullTokenizer\(100000\) has 100001 ids"):
+    with pytest.raises(
+        IndexedDatasetError,
+        match=r"bytes\.bin stores uint16 tokens \(ids up to 65535\), but the "
+        r"tokenizer NullTokenizer\(100000\) has 100001 ids",
+    ):
         build("--data-path", str(tmp_path / "bytes"))
 
 
@@ -226,8 +241,11 @@ def test_a_split_that_does_not_parse_is_named(corpus, split):
 def test_a_train_split_too_short_for_one_sample_names_the_file(tmp_path):
     with IndexedDatasetWriter(tmp_path / "tiny", np.int32) as writer:
         writer.add_document(np.arange(1, 11))
-    with pytest.raises(TooFewTokensError, match=r"train split of .*tiny .* has 10 tokens, too few "
-                                                r"for one sample of seq_length \+ 1 = 17"):
+    with pytest.raises(
+        TooFewTokensError,
+        match=r"train split of .*tiny .* has 10 tokens, too few "
+        r"for one sample of seq_length \+ 1 = 17",
+    ):
         build("--data-path", str(tmp_path / "tiny"))
 
 
@@ -257,5 +275,5 @@ def test_data_rewritten_in_place_gets_a_fresh_index(tmp_path):
     dataset, sequences = splits.train.dataset, np.split(tokens, [250, 300])
     stream = epoch_stream(dataset, sequences, 0)
     window = int(dataset.epoch_index(0).shuffle_index[0])
-    expected = stream[window * SEQ:window * SEQ + SEQ + 1]
+    expected = stream[window * SEQ : window * SEQ + SEQ + 1]
     assert splits.train.batch(0, 1)[0].tolist() == expected.tolist()

@@ -21,13 +21,17 @@ def one_gpu_losses():
     return run_training(build_parser().parse_args([*FLAGS, "--device", "cuda", "--bf16"])).losses
 
 
-@pytest.mark.parametrize("layout", [
-    [],
-    ["--tensor-model-parallel-size", "2"],
-    ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-    ["--pipeline-model-parallel-size", "2"],
-    ["--expert-model-parallel-size", "2"],
-], ids=["dp2", "tp2", "tp2-sp", "pp2", "ep2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [],
+        ["--tensor-model-parallel-size", "2"],
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        ["--pipeline-model-parallel-size", "2"],
+        ["--expert-model-parallel-size", "2"],
+    ],
+    ids=["dp2", "tp2", "tp2-sp", "pp2", "ep2"],
+)
 def test_bf16_layout_on_two_gpus_tracks_one_gpu(tmp_path, one_gpu_losses, layout):
     losses = torchrun(2, *FLAGS, "--device", "cuda", "--bf16", *layout, log_dir=tmp_path)
     # One GPU: fp32 parameters, bf16 autocast GEMMs. FSDP2 (dp2, ep2): bf16 parameter copies,

@@ -79,8 +79,7 @@ def test_tensor_parallel_and_pipeline_norms_match_one_process():
 
 # -- in the trainer ------------------------------------------------------------------------------
 
-CLIP_FLAGS = [*TINY, "--hybrid-layer-pattern", "M-*", "--train-iters", "4", "--log-interval",
-              "1"]
+CLIP_FLAGS = [*TINY, "--hybrid-layer-pattern", "M-*", "--train-iters", "4", "--log-interval", "1"]
 
 
 def train(*flags: str, log_dir: Path | None = None):
@@ -93,8 +92,9 @@ def logged_grad_norms(log_dir: Path) -> list[float]:
     return [r["grad_norm"] for r in records if "grad_norm" in r]
 
 
-@pytest.mark.parametrize("flags, max_norm", [([], 1.0), (["--clip-grad", "0.3"], 0.3)],
-                         ids=["default", "clip-0.3"])
+@pytest.mark.parametrize(
+    "flags, max_norm", [([], 1.0), (["--clip-grad", "0.3"], 0.3)], ids=["default", "clip-0.3"]
+)
 def test_the_optimizer_steps_on_gradients_clipped_to_clip_grad(monkeypatch, flags, max_norm):
     # Measures the global norm of the gradients the optimizer is about to use: right after the
     # trainer's clipping call, which is followed directly by optimizer.step().
@@ -124,8 +124,9 @@ def test_clip_grad_0_turns_clipping_off(tmp_path):
     # magnitude, so scaling all of it changes that step only through eps; from the second step
     # on, the moments mix gradients clipped by different factors and the runs part.
     assert unclipped.losses[0] == clipped.losses[0]
-    assert all(abs(a - b) > 1e-3 for a, b in zip(unclipped.losses[2:], clipped.losses[2:],
-                                                  strict=True))
+    assert all(
+        abs(a - b) > 1e-3 for a, b in zip(unclipped.losses[2:], clipped.losses[2:], strict=True)
+    )
     assert unclipped.losses == never_reached.losses  # 0 means no maximum at all
 
 
@@ -153,8 +154,9 @@ def check_tensor_parallel_norm(world: int) -> None:
     for model in (whole, sharded):
         backward_on_fixed_batch(model, config.vocab_size)
     expected = float(torch.nn.utils.get_total_norm([p.grad for p in whole.parameters()]))
-    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-             for p in sharded.parameters()]
+    local = [
+        p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in sharded.parameters()
+    ]
     assert any(hasattr(p.grad, "to_local") for p in sharded.parameters())
     before = [g.clone() for g in local]
     max_norm = expected / 4
@@ -181,8 +183,9 @@ def check_pipeline_norm_with_tied_copy(rank: int, world: int) -> None:
         copies[0].grad = params[0].grad.clone()
     norm = float(clip_grad_norm(mine, 1.0, pipeline_group=dist.group.WORLD, copies=copies))
     assert norm == pytest.approx(expected, rel=NORM_RTOL), (norm, expected)
-    for param, want in zip(mine + copies, reference[rank::world] + reference[:len(copies)],
-                           strict=True):
+    for param, want in zip(
+        mine + copies, reference[rank::world] + reference[: len(copies)], strict=True
+    ):
         torch.testing.assert_close(param.grad, want.grad, rtol=1e-6, atol=0)
 
 

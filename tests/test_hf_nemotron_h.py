@@ -88,8 +88,14 @@ def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 EXPORT_CASES = [
     ("M-*E", {}),  # untied
     ("[M-][*E]M-", {"untie_embeddings_and_output_weights": False}),  # tied, fused
-    ("ME[*-]|M*E", {"moe_router_topk": 1, "moe_router_enable_expert_bias": False,
-                    "moe_router_topk_scaling_factor": None}),
+    (
+        "ME[*-]|M*E",
+        {
+            "moe_router_topk": 1,
+            "moe_router_enable_expert_bias": False,
+            "moe_router_topk_scaling_factor": None,
+        },
+    ),
 ]
 
 
@@ -144,12 +150,26 @@ def test_sharded_export_loads_in_transformers_and_reads_back_exactly(tmp_path):
 
 def random_hf_model(layer_types, **overrides) -> NemotronHForCausalLM:
     fields = dict(
-        vocab_size=80, hidden_size=32, layers_block_type=layer_types,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=40,
-        ssm_state_size=8, mamba_num_heads=8, mamba_head_dim=8, n_groups=2, conv_kernel=4,
-        chunk_size=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-        moe_shared_expert_intermediate_size=24, routed_scaling_factor=1.7,
-        time_step_min=NO_DT_FLOOR, layer_norm_epsilon=1e-5,
+        vocab_size=80,
+        hidden_size=32,
+        layers_block_type=layer_types,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=40,
+        ssm_state_size=8,
+        mamba_num_heads=8,
+        mamba_head_dim=8,
+        n_groups=2,
+        conv_kernel=4,
+        chunk_size=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        moe_shared_expert_intermediate_size=24,
+        routed_scaling_factor=1.7,
+        time_step_min=NO_DT_FLOOR,
+        layer_norm_epsilon=1e-5,
     )
     fields.update(overrides)
     torch.manual_seed(0)
@@ -160,8 +180,9 @@ def random_hf_model(layer_types, **overrides) -> NemotronHForCausalLM:
 
 @pytest.mark.parametrize("layout", [None, "[M-][*E]M"])
 def test_import_of_transformers_save_pretrained_gives_the_same_logits(tmp_path, layout):
-    hf_model = random_hf_model(["linear_attention", "mlp", "full_attention", "moe",
-                                "linear_attention"])
+    hf_model = random_hf_model(
+        ["linear_attention", "mlp", "full_attention", "moe", "linear_attention"]
+    )
     hf_model.save_pretrained(tmp_path)
 
     state, config = load_hf_checkpoint(tmp_path, hybrid_layer_pattern=layout)
@@ -186,11 +207,14 @@ def test_import_of_a_config_without_conv_bias_uses_zero_biases(tmp_path):
         assert_logits_close(model(ids), hf_model(ids, use_cache=False).logits)
 
 
-@pytest.mark.parametrize("pattern,overrides", [
-    ("[M-][*E]M-", {}),
-    ("M*E-", {"untie_embeddings_and_output_weights": True}),
-    ("EE", {"moe_router_enable_expert_bias": False}),
-])
+@pytest.mark.parametrize(
+    "pattern,overrides",
+    [
+        ("[M-][*E]M-", {}),
+        ("M*E-", {"untie_embeddings_and_output_weights": True}),
+        ("EE", {"moe_router_enable_expert_bias": False}),
+    ],
+)
 def test_canonical_to_hf_to_canonical_is_exact(pattern, overrides):
     config = hf_config(pattern, **overrides)
     model = HybridModel(config)
@@ -206,27 +230,35 @@ def test_canonical_to_hf_to_canonical_is_exact(pattern, overrides):
 
 
 def test_qkv_rows_are_regrouped_per_query_group():
-    config = hf_config("*", num_attention_heads=4, num_query_groups=2, kv_channels=1,
-                       hidden_size=4)
+    config = hf_config("*", num_attention_heads=4, num_query_groups=2, kv_channels=1, hidden_size=4)
     state = canonical_state(HybridModel(config))
     # Rows of group g: q heads (2g, 2g+1), then k_g, then v_g; tag each row with its name.
     names = ["q0", "q1", "k0", "v0", "q2", "q3", "k1", "v1"]
     tags = {n: float(i) for i, n in enumerate(names)}
     state["decoder.layers.0.self_attention.linear_qkv.weight"] = torch.tensor(
-        [[tags[n]] * 4 for n in names])
+        [[tags[n]] * 4 for n in names]
+    )
     hf_state = canonical_to_hf(state, config)
-    rows = {p: hf_state[f"backbone.layers.0.mixer.{p}_proj.weight"][:, 0].tolist()
-            for p in "qkv"}
-    assert rows == {"q": [tags[n] for n in ("q0", "q1", "q2", "q3")],
-                    "k": [tags["k0"], tags["k1"]], "v": [tags["v0"], tags["v1"]]}
+    rows = {p: hf_state[f"backbone.layers.0.mixer.{p}_proj.weight"][:, 0].tolist() for p in "qkv"}
+    assert rows == {
+        "q": [tags[n] for n in ("q0", "q1", "q2", "q3")],
+        "k": [tags["k0"], tags["k1"]],
+        "v": [tags["v0"], tags["v1"]],
+    }
 
 
 def test_config_round_trip_and_hf_fields():
     config = hf_config("[M-]|[*E]M-", untie_embeddings_and_output_weights=False)
     hf = hf_config_from_model_config(config)
     assert hf["model_type"] == "nemotron_h" and hf["architectures"] == ["NemotronHForCausalLM"]
-    assert hf["layers_block_type"] == ["linear_attention", "mlp", "full_attention", "moe",
-                                       "linear_attention", "mlp"]
+    assert hf["layers_block_type"] == [
+        "linear_attention",
+        "mlp",
+        "full_attention",
+        "moe",
+        "linear_attention",
+        "mlp",
+    ]
     assert hf["time_step_min"] == NO_DT_FLOOR and hf["tie_word_embeddings"] is False
     assert hf["time_step_limit"] == [0.0, math.inf]  # no clamp, as Megatron
     assert (hf["num_key_value_heads"], hf["head_dim"], hf["routed_scaling_factor"]) == (2, 8, 2.5)
@@ -243,15 +275,28 @@ def test_config_round_trip_and_hf_fields():
 
 def test_unsupported_export_settings_are_all_named():
     config = small_config(
-        "M*-EG/M*", position_embedding_type="rope", activation="swiglu",
-        moe_router_score_function="softmax", num_moe_experts=1, moe_router_topk=1)
+        "M*-EG/M*",
+        position_embedding_type="rope",
+        activation="swiglu",
+        moe_router_score_function="softmax",
+        num_moe_experts=1,
+        moe_router_topk=1,
+    )
     with pytest.raises(HFExportError) as err:
         hf_config_from_model_config(config)
     message = str(err.value)
-    for expected in ("'G' (Gated DeltaNet)", "multi-token-prediction", "position_embedding_type",
-                     "'none'", "activation='swiglu'", "'squared_relu'",
-                     "moe_router_score_function='softmax'", "'sigmoid'",
-                     "moe_shared_expert_intermediate_size=None", "num_moe_experts=1"):
+    for expected in (
+        "'G' (Gated DeltaNet)",
+        "multi-token-prediction",
+        "position_embedding_type",
+        "'none'",
+        "activation='swiglu'",
+        "'squared_relu'",
+        "moe_router_score_function='softmax'",
+        "'sigmoid'",
+        "moe_shared_expert_intermediate_size=None",
+        "num_moe_experts=1",
+    ):
         assert expected in message, expected
     assert isinstance(err.value, ValueError)
 
@@ -269,12 +314,27 @@ def test_state_that_does_not_fit_the_config_names_the_keys():
 def test_unsupported_hf_settings_on_import_are_all_named():
     hf = hf_config_from_model_config(hf_config("M-*E"))
     hf.pop("megatron_hybrid")
-    hf.update(mamba_hidden_act="gelu", mlp_hidden_act="silu", moe_latent_size=8, n_group=2,
-              topk_group=1, sliding_window=16, use_bias=True, norm_topk_prob=False)
+    hf.update(
+        mamba_hidden_act="gelu",
+        mlp_hidden_act="silu",
+        moe_latent_size=8,
+        n_group=2,
+        topk_group=1,
+        sliding_window=16,
+        use_bias=True,
+        norm_topk_prob=False,
+    )
     with pytest.raises(HFImportError) as err:
         model_config_from_hf_config(hf)
-    for field in ("mamba_hidden_act='gelu'", "mlp_hidden_act='silu'", "moe_latent_size=8",
-                  "n_group=2", "sliding_window=16", "use_bias=True", "norm_topk_prob=False"):
+    for field in (
+        "mamba_hidden_act='gelu'",
+        "mlp_hidden_act='silu'",
+        "moe_latent_size=8",
+        "n_group=2",
+        "sliding_window=16",
+        "use_bias=True",
+        "norm_topk_prob=False",
+    ):
         assert field in str(err.value), field
     with pytest.raises(HFImportError, match="model_type='llama'"):
         model_config_from_hf_config({**hf, "model_type": "llama"})
@@ -285,16 +345,18 @@ def hf_applied_dt_limit(hf_model: NemotronHForCausalLM) -> tuple[float, float]:
     """The dt clamp the installed transformers applies: its mixers' time_step_limit, which
     5.15-5.24 set to (time_step_min, inf) and 5.25 to config.time_step_limit. A low end below
     NO_DT_FLOOR reads as 0 (no floor), as the converter reads it."""
-    limits = {tuple(layer.mixer.time_step_limit) for layer in hf_model.model.layers
-              if hasattr(layer.mixer, "time_step_limit")}
+    limits = {
+        tuple(layer.mixer.time_step_limit)
+        for layer in hf_model.model.layers
+        if hasattr(layer.mixer, "time_step_limit")
+    }
     assert len(limits) == 1, limits
     low, high = limits.pop()
     return (low if low > NO_DT_FLOOR else 0.0, high)
 
 
 def installed_hf_applies_time_step_limit() -> bool:
-    model = random_hf_model(["linear_attention"], time_step_min=0.001,
-                            time_step_limit=(0.05, 0.5))
+    model = random_hf_model(["linear_attention"], time_step_min=0.001, time_step_limit=(0.05, 0.5))
     return hf_applied_dt_limit(model) == (0.05, 0.5)
 
 
@@ -351,10 +413,14 @@ def test_hf_dt_floor_is_imported_as_our_dt_clamp(tmp_path):
 
 @pytest.mark.parametrize("time_step_limit", [(0.05, math.inf), (0.0, 0.5), (0.02, 0.8)])
 def test_import_of_a_time_step_limit_gives_the_same_logits(tmp_path, time_step_limit):
-    hf_model = random_hf_model(["linear_attention", "mlp", "linear_attention"],
-                               time_step_min=0.001, time_step_limit=time_step_limit)
-    spread_dt_bias(layer.mixer.dt_bias for layer in hf_model.model.layers
-                   if hasattr(layer.mixer, "dt_bias"))
+    hf_model = random_hf_model(
+        ["linear_attention", "mlp", "linear_attention"],
+        time_step_min=0.001,
+        time_step_limit=time_step_limit,
+    )
+    spread_dt_bias(
+        layer.mixer.dt_bias for layer in hf_model.model.layers if hasattr(layer.mixer, "dt_bias")
+    )
     hf_model.save_pretrained(tmp_path)
     state, config = load_hf_checkpoint(tmp_path)
     assert config.mamba_dt_limit == hf_applied_dt_limit(hf_model)
@@ -370,8 +436,12 @@ def test_import_of_a_time_step_limit_gives_the_same_logits(tmp_path, time_step_l
 
 @pytest.mark.parametrize("floor,ceiling", [(0.05, None), (0.0, 0.5), (0.05, 0.5)])
 def test_export_of_a_dt_clamp_gives_the_same_logits_in_transformers(tmp_path, floor, ceiling):
-    config = hf_config("M-*EM", mamba_dt_floor=floor, mamba_dt_ceiling=ceiling,
-                       untie_embeddings_and_output_weights=True)
+    config = hf_config(
+        "M-*EM",
+        mamba_dt_floor=floor,
+        mamba_dt_ceiling=ceiling,
+        untie_embeddings_and_output_weights=True,
+    )
     model = HybridModel(config, seed=3).eval()
     perturb(model, seed=4)
     spread_dt_bias(m.dt_bias for m in mamba_mixers(model))
@@ -421,38 +491,50 @@ def bare_hf_config(**fields) -> dict:
     return {**hf, **fields}
 
 
-@pytest.mark.parametrize("version,clamp", [
-    ("5.15.1", (0.001, None)), ("5.24.0", (0.001, None)),  # Zamba2's (time_step_min, inf)
-    ("5.5.0", (0.05, 0.5)), ("5.10.2", (0.05, 0.5)), ("5.25.0", (0.05, 0.5)),
-    ("5.26.0.dev0", (0.05, 0.5)),  # later: the newest known behaviour
-    (None, (0.05, 0.5)),  # transformers not installed: likewise
-])
-def test_import_reads_the_dt_clamp_that_the_transformers_version_applies(monkeypatch, version,
-                                                                         clamp):
+@pytest.mark.parametrize(
+    "version,clamp",
+    [
+        ("5.15.1", (0.001, None)),
+        ("5.24.0", (0.001, None)),  # Zamba2's (time_step_min, inf)
+        ("5.5.0", (0.05, 0.5)),
+        ("5.10.2", (0.05, 0.5)),
+        ("5.25.0", (0.05, 0.5)),
+        ("5.26.0.dev0", (0.05, 0.5)),  # later: the newest known behaviour
+        (None, (0.05, 0.5)),  # transformers not installed: likewise
+    ],
+)
+def test_import_reads_the_dt_clamp_that_the_transformers_version_applies(
+    monkeypatch, version, clamp
+):
     monkeypatch.setattr(hf_nemotron_h, "installed_transformers_version", lambda: version)
-    config = model_config_from_hf_config(bare_hf_config(time_step_min=0.001,
-                                                        time_step_limit=[0.05, 0.5]))
+    config = model_config_from_hf_config(
+        bare_hf_config(time_step_min=0.001, time_step_limit=[0.05, 0.5])
+    )
     assert (config.mamba_dt_floor, config.mamba_dt_ceiling) == clamp
 
 
 @pytest.mark.parametrize("version", ["5.12.0", "4.57.1"])
-def test_disagreeing_dt_fields_under_a_transformers_of_unknown_behaviour_fail(monkeypatch,
-                                                                             version):
+def test_disagreeing_dt_fields_under_a_transformers_of_unknown_behaviour_fail(monkeypatch, version):
     monkeypatch.setattr(hf_nemotron_h, "installed_transformers_version", lambda: version)
     with pytest.raises(HFImportError, match=f"installed transformers {version} applies is not"):
-        model_config_from_hf_config(bare_hf_config(time_step_min=0.001,
-                                                   time_step_limit=[0.0, math.inf]))
+        model_config_from_hf_config(
+            bare_hf_config(time_step_min=0.001, time_step_limit=[0.0, math.inf])
+        )
     # Fields that agree read alike in every version.
-    agreed = model_config_from_hf_config(bare_hf_config(time_step_min=0.05,
-                                                        time_step_limit=[0.05, math.inf]))
+    agreed = model_config_from_hf_config(
+        bare_hf_config(time_step_min=0.05, time_step_limit=[0.05, math.inf])
+    )
     assert agreed.mamba_dt_limit == (0.05, math.inf)
 
 
 @pytest.mark.parametrize("version", ["5.24.0", "5.12.0"])
 def test_export_of_a_dt_ceiling_that_the_transformers_would_ignore_fails(monkeypatch, version):
     monkeypatch.setattr(hf_nemotron_h, "installed_transformers_version", lambda: version)
-    with pytest.raises(HFExportError, match=rf"mamba_dt_ceiling=0.5: the installed transformers "
-                                            rf"{version}.*valid: no ceiling"):
+    with pytest.raises(
+        HFExportError,
+        match=rf"mamba_dt_ceiling=0.5: the installed transformers "
+        rf"{version}.*valid: no ceiling",
+    ):
         hf_config_from_model_config(hf_config("M-", mamba_dt_ceiling=0.5))
     floor_only = hf_config_from_model_config(hf_config("M-", mamba_dt_floor=0.05))
     assert (floor_only["time_step_min"], floor_only["time_step_limit"]) == (0.05, [0.05, math.inf])
@@ -467,19 +549,26 @@ def test_malformed_time_step_limit_is_named(limit):
 def test_training_flags_keep_an_imported_dt_clamp():
     """`--load` of an import warns about config fields the flags set differently and trains
     with the flags' config: --mamba-dt-floor / --mamba-dt-ceiling keep the imported clamp."""
-    imported = model_config_from_hf_config(bare_hf_config(time_step_min=0.05,
-                                                          time_step_limit=[0.05, 0.5]))
+    imported = model_config_from_hf_config(
+        bare_hf_config(time_step_min=0.05, time_step_limit=[0.05, 0.5])
+    )
     base = ["--hybrid-layer-pattern", "M-"]
-    with_flags = model_config_from_args(build_parser().parse_args(
-        [*base, "--mamba-dt-floor", "0.05", "--mamba-dt-ceiling", "0.5"]), 64)
+    with_flags = model_config_from_args(
+        build_parser().parse_args([*base, "--mamba-dt-floor", "0.05", "--mamba-dt-ceiling", "0.5"]),
+        64,
+    )
     assert with_flags.mamba_dt_limit == imported.mamba_dt_limit == (0.05, 0.5)
-    without = config_differences(imported.to_dict(),
-                                 model_config_from_args(build_parser().parse_args(base), 64))
+    without = config_differences(
+        imported.to_dict(), model_config_from_args(build_parser().parse_args(base), 64)
+    )
     assert "mamba_dt_floor: checkpoint 0.05, now 0.0" in without
     assert "mamba_dt_ceiling: checkpoint 0.5, now None" in without
     # (mamba_dt_min, dt_bias's init range from HF's time_step_min, differs: no flag, no math.)
-    assert not [line for line in config_differences(imported.to_dict(), with_flags)
-                if line.startswith(("mamba_dt_floor", "mamba_dt_ceiling"))]
+    assert not [
+        line
+        for line in config_differences(imported.to_dict(), with_flags)
+        if line.startswith(("mamba_dt_floor", "mamba_dt_ceiling"))
+    ]
 
 
 def test_tied_import_requires_lm_head_equal_to_the_embedding():

@@ -18,8 +18,16 @@ from megatron_hybrid.data.indexed_dataset import (
     token_dtype_for_vocab,
 )
 
-CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
-         np.float32: 7, np.uint16: 8}
+CODES = {
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
+}
 
 
 def write_by_layout(prefix, documents: list[list[np.ndarray]], dtype) -> None:
@@ -57,8 +65,9 @@ def random_documents(dtype, seed=0) -> list[list[np.ndarray]]:
     else:
         info = np.iinfo(dtype)
         draw = lambda n: rng.integers(info.min, info.max, n, endpoint=True, dtype=dtype)  # noqa: E731
-    docs = [[draw(int(rng.integers(1, 40))) for _ in range(int(rng.integers(1, 4)))]
-            for _ in range(5)]
+    docs = [
+        [draw(int(rng.integers(1, 40))) for _ in range(int(rng.integers(1, 4)))] for _ in range(5)
+    ]
     docs[2] = []
     return docs
 
@@ -144,11 +153,15 @@ def test_an_interrupted_writer_leaves_no_dataset(tmp_path):
 
 # -- bad files ------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def good(tmp_path):
     """A valid uint16 dataset of two documents; returns its prefix."""
-    write_by_layout(tmp_path / "data", [[np.arange(1, 11, dtype=np.uint16)],
-                                        [np.arange(20, 25, dtype=np.uint16)]], np.uint16)
+    write_by_layout(
+        tmp_path / "data",
+        [[np.arange(1, 11, dtype=np.uint16)], [np.arange(20, 25, dtype=np.uint16)]],
+        np.uint16,
+    )
     return tmp_path / "data"
 
 
@@ -203,8 +216,11 @@ def test_a_truncated_idx_is_named(good, keep):
 def test_a_truncated_bin_is_named(good):
     bin_path = good.parent / "data.bin"
     bin_path.write_bytes(bin_path.read_bytes()[:-4])
-    with pytest.raises(IndexedDatasetError, match=r"data\.bin is 26 bytes but .*data\.idx "
-                                                  r"describes 30 bytes.*truncated"):
+    with pytest.raises(
+        IndexedDatasetError,
+        match=r"data\.bin is 26 bytes but .*data\.idx "
+        r"describes 30 bytes.*truncated",
+    ):
         IndexedDataset(good)
 
 

@@ -33,13 +33,31 @@ def test_a_broken_triton_kernel_module_fails_the_test_run(tmp_path):
     # End to end: pytest reports the module's collection as an error, not as skipped.
     pytest.importorskip("triton")
     (tmp_path / "break_rotary.py").write_text(
-        f"import sys\nsys.modules[{BROKEN_MODULE!r}] = None\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        f"import sys\nsys.modules[{BROKEN_MODULE!r}] = None\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "break_rotary", "--collect-only", "-q",
-         "tests/test_triton_norms.py"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "break_rotary",
+            "--collect-only",
+            "-q",
+            "tests/test_triton_norms.py",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0, proc.stdout
     assert "1 error" in proc.stdout and "skipped" not in proc.stdout, proc.stdout
     assert f"{BROKEN_MODULE} (" in proc.stdout, proc.stdout
@@ -51,9 +69,15 @@ def test_every_registered_triton_module_is_among_the_checked_ones():
     from megatron_hybrid.kernels.registry import REGISTRY
 
     checked = kernel_checks.triton_kernel_modules()
-    registered = {impl.target.split(":")[0] for op in REGISTRY.ops
-                  for impl in REGISTRY.implementations(op).values() if impl.name == "triton"}
+    registered = {
+        impl.target.split(":")[0]
+        for op in REGISTRY.ops
+        for impl in REGISTRY.implementations(op).values()
+        if impl.name == "triton"
+    }
     assert registered - checked.keys() == set()
     # The SSD scan's forward and backward kernels are imported by its launcher, and checked too.
-    assert {"megatron_hybrid.kernels.ssd.triton_fwd",
-            "megatron_hybrid.kernels.ssd.triton_bwd"} <= checked.keys()
+    assert {
+        "megatron_hybrid.kernels.ssd.triton_fwd",
+        "megatron_hybrid.kernels.ssd.triton_bwd",
+    } <= checked.keys()

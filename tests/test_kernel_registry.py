@@ -39,10 +39,12 @@ def counting_rms_norm(calls: list):
     def impl(x, weight, eps):
         calls.append(x.shape)
         return rms_norm(x, weight, eps)
+
     return impl
 
 
 # -- explicit requests ----------------------------------------------------------------------------
+
 
 def test_every_op_has_an_eager_implementation():
     kernels = resolve_kernels({}, "eager", "cpu")
@@ -62,8 +64,9 @@ def test_unknown_implementation_is_an_error_naming_the_implementations():
     assert "implementations: eager, triton" in str(error.value)
 
 
-@pytest.mark.parametrize("backend,install", [("te", "transformer_engine"), ("apex", "apex"),
-                                               ("liger", "liger-kernel")])
+@pytest.mark.parametrize(
+    "backend,install", [("te", "transformer_engine"), ("apex", "apex"), ("liger", "liger-kernel")]
+)
 def test_unregistered_backend_is_an_error_saying_how_to_install_it(backend, install):
     with pytest.raises(KernelError, match=rf"no {backend!r} implementation") as error:
         resolve_kernels({"rms_norm": backend}, "eager", "cpu")
@@ -95,27 +98,46 @@ def test_triton_on_cpu_after_triton_was_imported_for_a_gpu_is_an_error(monkeypat
 
 
 def test_implementation_for_another_device_type_is_an_error():
-    registry = registry_with(Implementation("rms_norm", "cuda_only", counting_rms_norm([]),
-                                            device_types=("cuda",)))
-    with pytest.raises(KernelError, match="rms_norm=cuda_only cannot run here: needs a cuda "
-                                          "device, got cpu; available for rms_norm on cpu: eager"):
+    registry = registry_with(
+        Implementation("rms_norm", "cuda_only", counting_rms_norm([]), device_types=("cuda",))
+    )
+    with pytest.raises(
+        KernelError,
+        match="rms_norm=cuda_only cannot run here: needs a cuda "
+        "device, got cpu; available for rms_norm on cpu: eager",
+    ):
         resolve_kernels({"rms_norm": "cuda_only"}, "eager", "cpu", registry)
 
 
 def test_too_old_gpu_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    registry = registry_with(Implementation("rms_norm", "hopper", counting_rms_norm([]),
-                                            device_types=("cuda",), min_compute_capability=(9, 0)))
-    with pytest.raises(KernelError, match=r"needs compute capability >= 9\.0, device cuda has "
-                                          r"7\.5"):
+    registry = registry_with(
+        Implementation(
+            "rms_norm",
+            "hopper",
+            counting_rms_norm([]),
+            device_types=("cuda",),
+            min_compute_capability=(9, 0),
+        )
+    )
+    with pytest.raises(
+        KernelError,
+        match=r"needs compute capability >= 9\.0, device cuda has "
+        r"7\.5",
+    ):
         resolve_kernels({"rms_norm": "hopper"}, "eager", "cuda", registry)
 
 
 def test_implementation_that_fails_to_import_is_an_error_saying_how_to_install():
-    registry = registry_with(Implementation(
-        "rms_norm", "te", "transformer_engine_not_here.pytorch:rms_norm",
-        requires=("transformer_engine_not_here",), install_hint="pip install transformer-engine",
-    ))
+    registry = registry_with(
+        Implementation(
+            "rms_norm",
+            "te",
+            "transformer_engine_not_here.pytorch:rms_norm",
+            requires=("transformer_engine_not_here",),
+            install_hint="pip install transformer-engine",
+        )
+    )
     with pytest.raises(KernelError) as error:
         resolve_kernels({"rms_norm": "te"}, "eager", "cpu", registry)
     message = str(error.value)
@@ -135,6 +157,7 @@ def test_requested_implementation_is_bound_in_either_mode():
 
 # -- auto -----------------------------------------------------------------------------------------
 
+
 def test_auto_on_cpu_binds_eager_and_says_why(monkeypatch):
     monkeypatch.delenv("MEGATRON_HYBRID_TRITON_ON_CPU", raising=False)
     kernels = resolve_kernels({}, "auto", "cpu")
@@ -147,14 +170,16 @@ def test_auto_on_cpu_binds_eager_and_says_why(monkeypatch):
 
 def test_auto_prefers_the_highest_priority_available_implementation():
     calls = []
-    registry = registry_with(Implementation("rms_norm", "spy", counting_rms_norm(calls),
-                                            priority=100))
+    registry = registry_with(
+        Implementation("rms_norm", "spy", counting_rms_norm(calls), priority=100)
+    )
     assert resolve_kernels({}, "auto", "cpu", registry).impl("rms_norm") == "spy"
 
 
 def test_auto_passes_over_an_implementation_that_fails_to_import():
-    registry = registry_with(Implementation("rms_norm", "broken", "no_such_kernel_module:f",
-                                            priority=100))
+    registry = registry_with(
+        Implementation("rms_norm", "broken", "no_such_kernel_module:f", priority=100)
+    )
     kernels = resolve_kernels({}, "auto", "cpu", registry)
     assert kernels.impl("rms_norm") == "eager"
     assert "not broken for rms_norm: rms_norm=broken: cannot import no_such_kernel_module" in (
@@ -175,6 +200,7 @@ def test_auto_uses_triton_on_cpu_when_asked_to(monkeypatch):
 
 
 # -- binding per model instance -------------------------------------------------------------------
+
 
 def test_two_models_in_one_process_use_their_own_kernels():
     calls_a, calls_b = [], []
@@ -218,16 +244,22 @@ def test_model_with_triton_kernels_matches_eager_logits_and_gradients():
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = small_config("[M-][*E]M-", ffn_hidden_size=24, moe_ffn_hidden_size=16)
-    triton_ops = [op for op, impls in ((op, REGISTRY.implementations(op)) for op in OPS)
-                  if "triton" in impls]
+    triton_ops = [
+        op for op, impls in ((op, REGISTRY.implementations(op)) for op in OPS) if "triton" in impls
+    ]
     kernels = resolve_kernels({op: "triton" for op in triton_ops}, "eager", device)
     # Off the initial weights (norm weights and D all one there), the same for both models.
     eager = perturb_parameters(HybridModel(config, seed=5), seed=1).to(device)
     fast = perturb_parameters(HybridModel(config, seed=5, kernels=kernels), seed=1).to(device)
     # Two whole SSD chunks and a partial one: states carried between chunks and a ragged end.
     seq = 2 * config.mamba_chunk_size + 3
-    tokens = torch.randint(0, config.vocab_size, (2, seq), device=device,
-                           generator=torch.Generator(device).manual_seed(0))
+    tokens = torch.randint(
+        0,
+        config.vocab_size,
+        (2, seq),
+        device=device,
+        generator=torch.Generator(device).manual_seed(0),
+    )
     expected = eager(tokens)
     expected.square().mean().backward()
     logits = fast(tokens)
@@ -239,6 +271,7 @@ def test_model_with_triton_kernels_matches_eager_logits_and_gradients():
 
 
 # -- command line ---------------------------------------------------------------------------------
+
 
 def parse(argv: list[str]) -> KernelSettings:
     parser = argparse.ArgumentParser()
@@ -254,9 +287,12 @@ def test_kernel_flags_default_to_eager_without_requests():
 
 def test_kernel_flag_is_repeatable():
     assert parse_kernel_requests(["rms_norm=eager", "activation.swiglu = eager"]) == {
-        "rms_norm": "eager", "activation.swiglu": "eager"}
-    kernels = kernels_from_settings(parse(["--kernels", "auto", "--kernel", "rms_norm=eager"]),
-                                    "cpu")
+        "rms_norm": "eager",
+        "activation.swiglu": "eager",
+    }
+    kernels = kernels_from_settings(
+        parse(["--kernels", "auto", "--kernel", "rms_norm=eager"]), "cpu"
+    )
     assert kernels.mode == "auto" and kernels.choices["rms_norm"].how == "requested"
 
 

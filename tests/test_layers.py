@@ -50,14 +50,16 @@ def test_gated_rms_norm_normalizes_each_group_after_the_gate():
     expected = torch.empty_like(x)
     for g in range(3):
         part = gated[..., 4 * g : 4 * g + 4]
-        expected[..., 4 * g : 4 * g + 4] = part / torch.sqrt(part.pow(2).mean(-1, keepdim=True)
-                                                            + 1e-5)
+        expected[..., 4 * g : 4 * g + 4] = part / torch.sqrt(
+            part.pow(2).mean(-1, keepdim=True) + 1e-5
+        )
     torch.testing.assert_close(norm(x, z), expected * norm.weight, **TOL)
 
 
 # -- Mamba2 -----------------------------------------------------------------------------------
-def mamba2_reference(mixer: Mamba2Mixer, u: torch.Tensor,
-                     dt_limit: tuple[float, float] = (0.0, math.inf)) -> torch.Tensor:
+def mamba2_reference(
+    mixer: Mamba2Mixer, u: torch.Tensor, dt_limit: tuple[float, float] = (0.0, math.inf)
+) -> torch.Tensor:
     """Sequential Mamba2: conv and SSM recurrence one time step at a time, dt clamped to
     `dt_limit` after softplus."""
     batch, seq, _ = u.shape
@@ -93,7 +95,8 @@ def mamba2_reference(mixer: Mamba2Mixer, u: torch.Tensor,
     for g in range(ng):
         part = y[..., g * group : (g + 1) * group]
         normed[..., g * group : (g + 1) * group] = part / torch.sqrt(
-            part.pow(2).mean(-1, keepdim=True) + mixer.norm.eps)
+            part.pow(2).mean(-1, keepdim=True) + mixer.norm.eps
+        )
     return (normed * mixer.norm.weight) @ mixer.out_proj.weight.T
 
 
@@ -123,15 +126,23 @@ def test_mamba2_mixer_clamps_dt_to_the_configured_floor_and_ceiling(floor, ceili
     assert (ours - mamba2_reference(mixer, u)).abs().max() > 1e-3  # the clamp changed dt
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"mamba_dt_floor": -0.1}, r"mamba_dt_floor \(--mamba-dt-floor\) must be a finite number >= 0"),
-    ({"mamba_dt_floor": math.nan}, "mamba_dt_floor .* got nan"),
-    ({"mamba_dt_floor": math.inf}, "mamba_dt_floor .* got inf"),
-    ({"mamba_dt_floor": 0.1, "mamba_dt_ceiling": 0.1},
-     r"mamba_dt_ceiling \(--mamba-dt-ceiling\) must be above mamba_dt_floor=0.1, got 0.1"),
-    ({"mamba_dt_ceiling": -1.0}, "must be above mamba_dt_floor=0.0, got -1.0"),
-    ({"mamba_dt_ceiling": math.nan}, "got nan; valid: a larger number, or inf / None"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (
+            {"mamba_dt_floor": -0.1},
+            r"mamba_dt_floor \(--mamba-dt-floor\) must be a finite number >= 0",
+        ),
+        ({"mamba_dt_floor": math.nan}, "mamba_dt_floor .* got nan"),
+        ({"mamba_dt_floor": math.inf}, "mamba_dt_floor .* got inf"),
+        (
+            {"mamba_dt_floor": 0.1, "mamba_dt_ceiling": 0.1},
+            r"mamba_dt_ceiling \(--mamba-dt-ceiling\) must be above mamba_dt_floor=0.1, got 0.1",
+        ),
+        ({"mamba_dt_ceiling": -1.0}, "must be above mamba_dt_floor=0.0, got -1.0"),
+        ({"mamba_dt_ceiling": math.nan}, "got nan; valid: a larger number, or inf / None"),
+    ],
+)
 def test_bad_dt_clamp_settings_are_named(fields, message):
     with pytest.raises(ConfigError, match=message):
         small_config("M-", **fields)
@@ -190,8 +201,9 @@ def attention_reference(attn: SelfAttention, u: torch.Tensor, rope: bool) -> tor
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_attention_matches_explicit_masked_reference(rope, groups):
-    config = small_config("*", num_query_groups=groups,
-                          position_embedding_type="rope" if rope else "none")
+    config = small_config(
+        "*", num_query_groups=groups, position_embedding_type="rope" if rope else "none"
+    )
     attn = randomize(SelfAttention(config))
     u = torch.randn(2, 9, config.hidden_size, dtype=torch.float64)
     torch.testing.assert_close(attn(u), attention_reference(attn, u, rope), **TOL)
@@ -259,8 +271,11 @@ MOE_VARIANTS = {
     "softmax_top1": dict(moe_router_topk=1),
     "sigmoid_top1": dict(moe_router_score_function="sigmoid", moe_router_topk=1),
     "sigmoid_bias_scaled_shared": dict(
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=20),
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5,
+        moe_shared_expert_intermediate_size=20,
+    ),
     "swiglu": dict(activation="swiglu"),
 }
 
@@ -338,8 +353,12 @@ AUX_LOSS_ROUTERS = {
 @pytest.mark.parametrize("expert_bias", [False, True], ids=["no_bias", "expert_bias"])
 @pytest.mark.parametrize("variant", list(AUX_LOSS_ROUTERS))
 def test_moe_aux_loss_matches_per_token_switch_loss(variant, expert_bias):
-    config = small_config("E", moe_aux_loss_coeff=0.1, moe_router_enable_expert_bias=expert_bias,
-                          **AUX_LOSS_ROUTERS[variant])
+    config = small_config(
+        "E",
+        moe_aux_loss_coeff=0.1,
+        moe_router_enable_expert_bias=expert_bias,
+        **AUX_LOSS_ROUTERS[variant],
+    )
     router = randomize(TopKRouter(config)).train()
     if expert_bias:  # large enough to change some tokens' experts (asserted below)
         router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
@@ -376,8 +395,7 @@ def test_eval_forwards_leave_the_expert_bias_token_counts_unchanged():
 
 
 def test_expert_bias_moves_towards_balanced_load():
-    config = small_config("E", moe_router_enable_expert_bias=True,
-                          moe_router_bias_update_rate=0.01)
+    config = small_config("E", moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.01)
     layer = MoELayer(config).train()
     layer.router.tokens_per_expert.copy_(torch.tensor([10.0, 2.0, 4.0, 4.0]))  # mean 5
     layer.router.update_expert_bias()

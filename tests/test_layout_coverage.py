@@ -27,13 +27,16 @@ def reference():
 
 # Same tolerance and reasoning as tests/test_parallel_layouts.py: the same float32 math reduced
 # in another order (pipeline micro-batch gradients summed, then divided).
-@pytest.mark.parametrize("pattern, schedule", [
-    (TWO_SEGMENTS, "gpipe"),  # one stage per rank
-    (FOUR_SEGMENTS, "looped-bfs"),  # two virtual stages per rank
-], ids=["gpipe", "looped-bfs"])
+@pytest.mark.parametrize(
+    "pattern, schedule",
+    [
+        (TWO_SEGMENTS, "gpipe"),  # one stage per rank
+        (FOUR_SEGMENTS, "looped-bfs"),  # two virtual stages per rank
+    ],
+    ids=["gpipe", "looped-bfs"],
+)
 def test_pipeline_schedule_matches_one_process(tmp_path, reference, pattern, schedule):
-    losses = torchrun(2, *FLAGS, *pattern, *PP2, "--pipeline-schedule", schedule,
-                      log_dir=tmp_path)
+    losses = torchrun(2, *FLAGS, *pattern, *PP2, "--pipeline-schedule", schedule, log_dir=tmp_path)
     assert_close(losses, reference)
 
 
@@ -49,12 +52,15 @@ def eager_reference():
 # Tolerance as for every layout (tests/test_parallel_layouts.py, rtol 1e-5): Inductor's fused
 # float32 kernels reorder sums like another layout does, a few ulps per step (measured: at most
 # 1e-7 over these 3 steps); a compiled block computing something else would be off by far more.
-@pytest.mark.parametrize("layout, blocks_per_rank", [([], 4), (TP2, 4), (PP2, 2)],
-                         ids=["dp2", "tp2", "pp2"])
-def test_compile_under_a_layout_trains_like_eager_one_process(tmp_path, eager_reference, layout,
-                                                              blocks_per_rank):
-    proc = torchrun_script(2, *FLAGS, *COMPILE_FLAGS, *layout, "--compile", "--log-dir",
-                           str(tmp_path))
+@pytest.mark.parametrize(
+    "layout, blocks_per_rank", [([], 4), (TP2, 4), (PP2, 2)], ids=["dp2", "tp2", "pp2"]
+)
+def test_compile_under_a_layout_trains_like_eager_one_process(
+    tmp_path, eager_reference, layout, blocks_per_rank
+):
+    proc = torchrun_script(
+        2, *FLAGS, *COMPILE_FLAGS, *layout, "--compile", "--log-dir", str(tmp_path)
+    )
     assert f"torch.compile: {blocks_per_rank} blocks compiled" in proc.stdout
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert_close([r["loss"] for r in records if "loss" in r], eager_reference)
@@ -65,6 +71,7 @@ def test_fsdp_bf16_computes_in_bf16_and_reduces_in_float32():
 
 
 # -- the worker ----------------------------------------------------------------------------------
+
 
 def check_fsdp_mixed_precision() -> None:
     """apply_fsdp(bf16=True) sets every FSDP unit (each block and the root) to gather its
@@ -78,18 +85,22 @@ def check_fsdp_mixed_precision() -> None:
     from megatron_hybrid.parallel.fsdp import apply_fsdp
 
     model, config = build_model([*FLAGS, *COMPILE_FLAGS])
-    apply_fsdp(model, ParallelDims(dist.get_world_size()).build_mesh("cpu"), bf16=True,
-               log=lambda _: None)
+    apply_fsdp(
+        model, ParallelDims(dist.get_world_size()).build_mesh("cpu"), bf16=True, log=lambda _: None
+    )
     for unit in [*model.decoder.layers.values(), model]:
         policy = unit._get_fsdp_state()._mp_policy  # FSDP2 keeps no public getter
-        assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32), \
-            (type(unit).__name__, policy)
+        assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32), (
+            type(unit).__name__,
+            policy,
+        )
 
     compute_dtypes = set()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(
-                lambda m, args: compute_dtypes.add((m.weight.dtype, args[0].dtype)))
+                lambda m, args: compute_dtypes.add((m.weight.dtype, args[0].dtype))
+            )
     reduced_dtypes = set()
     reduce_scatter = dist.reduce_scatter_single  # what FSDP2's default reduce-scatter calls
 
@@ -103,8 +114,7 @@ def check_fsdp_mixed_precision() -> None:
     dist.reduce_scatter_single = reduce_scatter
     assert compute_dtypes == {(torch.bfloat16, torch.bfloat16)}, compute_dtypes
     assert reduced_dtypes == {torch.float32}, reduced_dtypes
-    assert {(p.dtype, p.grad.dtype) for p in model.parameters()} == \
-        {(torch.float32, torch.float32)}
+    assert {(p.dtype, p.grad.dtype) for p in model.parameters()} == {(torch.float32, torch.float32)}
 
 
 def worker() -> None:

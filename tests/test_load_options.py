@@ -72,18 +72,21 @@ def resume(checkpoint: Path, *flags: str, seed_before: int | None = None):
     every RNG right before the resume (building the model draws from torch's)."""
     args = parse("--load", str(checkpoint), *flags)
     model, config = fresh_model(args)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay,
-                                (args.adam_beta1, args.adam_beta2), args.adam_eps)
+    optimizer = build_optimizer(
+        model, args.lr, args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_eps
+    )
     output = io.StringIO()
     reporter = ProgressReporter(args.train_iters, None, live=False, stream=output)
     if seed_before is not None:
         seed_all(seed_before)
-    progress = trainer.resume(settings_from_args(args).checkpoint, [model], optimizer, config,
-                              TrainProgress(), reporter)
+    progress = trainer.resume(
+        settings_from_args(args).checkpoint, [model], optimizer, config, TrainProgress(), reporter
+    )
     return model, optimizer, progress, output.getvalue()
 
 
 # -- --finetune --------------------------------------------------------------------------------
+
 
 def first_iteration_batch(args) -> torch.Tensor:
     """The samples the first iteration of a run from scratch reads: global samples 0 .. global
@@ -98,8 +101,17 @@ def loss_on(model: HybridModel, batch: torch.Tensor) -> float:
 
 
 def test_finetune_trains_the_checkpoint_weights_from_iteration_0(checkpoint, tmp_path):
-    flags = ["--train-iters", "2", "--load", str(checkpoint), "--finetune",
-             "--save", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path)]
+    flags = [
+        "--train-iters",
+        "2",
+        "--load",
+        str(checkpoint),
+        "--finetune",
+        "--save",
+        str(tmp_path / "ckpt"),
+        "--log-dir",
+        str(tmp_path),
+    ]
     result = train(*flags)
     args = parse(*flags)
     batch = first_iteration_batch(args)
@@ -120,6 +132,7 @@ def test_finetune_trains_the_checkpoint_weights_from_iteration_0(checkpoint, tmp
 
 # -- --no-load-optim ---------------------------------------------------------------------------
 
+
 def test_no_load_optim_starts_with_fresh_adam_moments(checkpoint):
     model, optimizer, progress, _ = resume(checkpoint)
     params = list(model.parameters())
@@ -138,6 +151,7 @@ def test_no_load_optim_starts_with_fresh_adam_moments(checkpoint):
 
 # -- --no-load-rng -----------------------------------------------------------------------------
 
+
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -147,8 +161,11 @@ def seed_all(seed: int) -> None:
 def rng_states() -> tuple:
     """The torch, numpy and Python RNG states, as comparable values."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return (bytes(torch.get_rng_state().numpy()), (kind, keys.tobytes(), pos, has_gauss, cached),
-            random.getstate())
+    return (
+        bytes(torch.get_rng_state().numpy()),
+        (kind, keys.tobytes(), pos, has_gauss, cached),
+        random.getstate(),
+    )
 
 
 @pytest.fixture
@@ -157,8 +174,7 @@ def rng_checkpoint(tmp_path) -> tuple[Path, tuple]:
     model, config = fresh_model(parse())
     seed_all(123)
     saved = rng_states()
-    CheckpointSaver(tmp_path, log=lambda _: None).save(3, model, None, TrainProgress(3, 12),
-                                                       config)
+    CheckpointSaver(tmp_path, log=lambda _: None).save(3, model, None, TrainProgress(3, 12), config)
     assert rng_states() == saved  # the save itself draws nothing
     return tmp_path, saved
 
@@ -179,6 +195,7 @@ def test_no_load_rng_keeps_the_current_rng_streams(rng_checkpoint):
 
 # -- --no-verify-checksums ---------------------------------------------------------------------
 
+
 def flip_sign_of_first_element(directory: Path, tensor: torch.Tensor) -> Path:
     """Negate tensor[0, 0] where its bytes lie in the shard: the file keeps its size, so only the
     checksum can tell. Returns the shard."""
@@ -194,8 +211,7 @@ def flip_sign_of_first_element(directory: Path, tensor: torch.Tensor) -> Path:
 
 def test_no_verify_checksums_loads_a_shard_altered_in_place(tmp_path):
     model, config = fresh_model(parse())
-    CheckpointSaver(tmp_path, log=lambda _: None).save(3, model, None, TrainProgress(3, 12),
-                                                       config)
+    CheckpointSaver(tmp_path, log=lambda _: None).save(3, model, None, TrainProgress(3, 12), config)
     weight = model.get_parameter(MLP_WEIGHT).detach()
     shard = flip_sign_of_first_element(tmp_path / "iter_0000003", weight)
     with pytest.raises(CheckpointCorruptError, match=rf"{re.escape(str(shard))}.*CRC32"):
@@ -208,10 +224,9 @@ def test_no_verify_checksums_loads_a_shard_altered_in_place(tmp_path):
 
 # -- learning-rate schedule settings -----------------------------------------------------------
 
-def test_resume_with_other_schedule_flags_warns_naming_each_change(checkpoint, tmp_path,
-                                                                   capsys):
-    train("--train-iters", "5", "--lr", "5e-3", "--load", str(checkpoint),
-          "--save", str(tmp_path))
+
+def test_resume_with_other_schedule_flags_warns_naming_each_change(checkpoint, tmp_path, capsys):
+    train("--train-iters", "5", "--lr", "5e-3", "--load", str(checkpoint), "--save", str(tmp_path))
     out = capsys.readouterr().out
     assert f"warning: {checkpoint} was saved with other learning-rate schedule settings" in out
     assert "max_lr (--lr): checkpoint 0.01, now 0.005" in out
@@ -237,12 +252,14 @@ def test_a_load_keeps_the_runs_schedule_settings_beside_the_checkpoints(checkpoi
     model, config = fresh_model(parse())
     load_checkpoint(checkpoint, model, None, config, progress=progress)
     assert progress.lr_schedule == current
-    assert progress.saved_lr_schedule == dict(max_lr=1e-2, min_lr=1e-3, warmup_iters=2,
-                                              decay_iters=3, style="cosine")
+    assert progress.saved_lr_schedule == dict(
+        max_lr=1e-2, min_lr=1e-3, warmup_iters=2, decay_iters=3, style="cosine"
+    )
     warning = lr_schedule_warning(progress.saved_lr_schedule, progress.lr_schedule, "ckpt")
-    assert warning.splitlines()[1:] == ["  max_lr (--lr): checkpoint 0.01, now 0.005",
-                                        "  style (--lr-decay-style): checkpoint 'cosine', now "
-                                        "'linear'"]
+    assert warning.splitlines()[1:] == [
+        "  max_lr (--lr): checkpoint 0.01, now 0.005",
+        "  style (--lr-decay-style): checkpoint 'cosine', now 'linear'",
+    ]
     # Nothing to compare with: a checkpoint without the settings, or a run without them.
     assert lr_schedule_warning({}, current, "ckpt") is None
     assert lr_schedule_warning(progress.saved_lr_schedule, {}, "ckpt") is None

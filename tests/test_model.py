@@ -71,8 +71,10 @@ def test_initialization_of_a_key_does_not_depend_on_the_rest_of_the_model():
     # Layer 0 of "M-" and of "M-*E" is the same canonical tensor: same initial value.
     short = canonical_state(HybridModel(small_config("M-*E"), seed=3))
     longer = canonical_state(HybridModel(small_config("M-*EM"), seed=3))
-    assert torch.equal(short["decoder.layers.2.self_attention.linear_qkv.weight"],
-                       longer["decoder.layers.2.self_attention.linear_qkv.weight"])
+    assert torch.equal(
+        short["decoder.layers.2.self_attention.linear_qkv.weight"],
+        longer["decoder.layers.2.self_attention.linear_qkv.weight"],
+    )
 
 
 def test_initial_values_follow_the_documented_rules():

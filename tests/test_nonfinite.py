@@ -22,6 +22,7 @@ PATTERN = ["--hybrid-layer-pattern", "[M-]*E", "--moe-router-enable-expert-bias"
 def nan_loss_at(monkeypatch):
     """nan_loss_at(k): the k-th training forward (1-based) returns a NaN loss (and so NaN
     gradients); evaluation forwards (no labels) are untouched."""
+
     def install(k: int) -> None:
         original, calls = HybridModel.forward, [0]
 
@@ -32,9 +33,10 @@ def nan_loss_at(monkeypatch):
                 if calls[0] == k:
                     return out * math.nan
             return out
-        monkeypatch.setattr(HybridModel, "forward", forward)
-    return install
 
+        monkeypatch.setattr(HybridModel, "forward", forward)
+
+    return install
 
 
 def test_a_nan_loss_stops_the_run_before_the_update(nan_loss_at, monkeypatch):
@@ -45,10 +47,14 @@ def test_a_nan_loss_stops_the_run_before_the_update(nan_loss_at, monkeypatch):
         result = original_step(self, *args, **kwargs)
         captured["params"] = [p.detach().clone() for g in self.param_groups for p in g["params"]]
         return result
+
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     nan_loss_at(3)
-    with pytest.raises(TrainingDivergedError, match=r"iteration 3: loss nan, gradient norm nan: "
-                       r"stopping before the optimizer step; this state was not saved"):
+    with pytest.raises(
+        TrainingDivergedError,
+        match=r"iteration 3: loss nan, gradient norm nan: "
+        r"stopping before the optimizer step; this state was not saved",
+    ):
         train(*PATTERN, "--train-iters", "5")
     assert len(captured["params"]) > 0
     assert all(torch.isfinite(p).all() for p in captured["params"])
@@ -65,11 +71,23 @@ def test_the_cli_reports_divergence_without_a_traceback(capsys, nan_loss_at):
 def test_skipped_iterations_drop_their_gradients(nan_loss_at, tmp_path, monkeypatch):
     steps = []
     original_step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step",
-                        lambda self, *a, **k: (steps.append(1), original_step(self, *a, **k))[1])
+    monkeypatch.setattr(
+        torch.optim.AdamW,
+        "step",
+        lambda self, *a, **k: (steps.append(1), original_step(self, *a, **k))[1],
+    )
     nan_loss_at(2)
-    result = train(*PATTERN, "--train-iters", "4", "--log-interval", "1",
-                   "--skip-nonfinite-iterations", "1", "--log-dir", str(tmp_path))
+    result = train(
+        *PATTERN,
+        "--train-iters",
+        "4",
+        "--log-interval",
+        "1",
+        "--skip-nonfinite-iterations",
+        "1",
+        "--log-dir",
+        str(tmp_path),
+    )
     assert len(steps) == 3  # iterations 1, 3 and 4 update; 2 is skipped
     assert math.isnan(result.losses[1])
     assert all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 1)
@@ -80,8 +98,9 @@ def test_skipped_iterations_drop_their_gradients(nan_loss_at, tmp_path, monkeypa
 
 def test_skipping_is_bounded(nan_loss_at):
     nan_loss_at(2)
-    with pytest.raises(TrainingDivergedError, match="after skipping 0 such iterations|"
-                       "iteration 2: loss nan"):
+    with pytest.raises(
+        TrainingDivergedError, match="after skipping 0 such iterations|iteration 2: loss nan"
+    ):
         train(*PATTERN, "--train-iters", "4", "--skip-nonfinite-iterations", "0")
 
 
@@ -95,13 +114,35 @@ def test_a_diverging_resume_keeps_latest_on_the_last_finite_checkpoint(tmp_path,
     # The issue's repro: a healthy run saves, then a resume with a diverging learning rate saves
     # every iteration with --keep-last 2.
     save = str(tmp_path / "R")
-    code, _ = run_cli(capsys, *TINY, *PATTERN, "--train-iters", "4", "--save", save,
-                      "--save-interval", "2")
+    code, _ = run_cli(
+        capsys, *TINY, *PATTERN, "--train-iters", "4", "--save", save, "--save-interval", "2"
+    )
     assert code == 0
-    code, err = run_cli(capsys, *TINY, *PATTERN, "--train-iters", "7", "--lr", "1e30",
-                        "--min-lr", "1e30", "--lr-warmup-iters", "0", "--lr-decay-style",
-                        "constant", "--log-interval", "1", "--load", save, "--save", save,
-                        "--save-interval", "1", "--keep-last", "2")
+    code, err = run_cli(
+        capsys,
+        *TINY,
+        *PATTERN,
+        "--train-iters",
+        "7",
+        "--lr",
+        "1e30",
+        "--min-lr",
+        "1e30",
+        "--lr-warmup-iters",
+        "0",
+        "--lr-decay-style",
+        "constant",
+        "--log-interval",
+        "1",
+        "--load",
+        save,
+        "--save",
+        save,
+        "--save-interval",
+        "1",
+        "--keep-last",
+        "2",
+    )
     assert code == 1 and "loss" in err and "Traceback" not in err, err
     latest = int((tmp_path / "R" / "latest_checkpointed_iteration.txt").read_text())
     assert 4 <= latest < 7
@@ -117,10 +158,20 @@ def test_a_diverging_resume_keeps_latest_on_the_last_finite_checkpoint(tmp_path,
 
 def test_with_the_check_off_a_nan_state_is_still_never_saved(nan_loss_at, tmp_path):
     from megatron_hybrid.checkpointing.errors import NonFiniteCheckpointError
+
     nan_loss_at(2)
     with pytest.raises(NonFiniteCheckpointError):
-        train(*PATTERN, "--train-iters", "3", "--no-check-for-nan-in-loss-and-grad",
-              "--save", str(tmp_path), "--save-interval", "1")
+        train(
+            *PATTERN,
+            "--train-iters",
+            "3",
+            "--no-check-for-nan-in-loss-and-grad",
+            "--save",
+            str(tmp_path),
+            "--save-interval",
+            "1",
+        )
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("latest")) == [
-        "iter_0000001"]
+        "iter_0000001"
+    ]

@@ -51,7 +51,7 @@ def imported_names(module: str, path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
@@ -64,21 +64,23 @@ def under(name: str, prefixes, separator: str = ".") -> bool:
 
 
 def crossings(folder: str, bad, skip=()) -> list[str]:
-    """"file: import" for every import that `bad(name)` rejects in the modules under `folder`,
+    """ "file: import" for every import that `bad(name)` rejects in the modules under `folder`,
     but those in files or folders (repository paths) listed in `skip`."""
     found = []
     for module, path in module_files(folder).items():
         relative = path.relative_to(REPO).as_posix()
         if not under(relative, skip, "/"):
-            found += [f"{relative}: {name}" for name in sorted(imported_names(module, path))
-                      if bad(name)]
+            found += [
+                f"{relative}: {name}" for name in sorted(imported_names(module, path)) if bad(name)
+            ]
     return found
 
 
 def test_the_import_reader_sees_imports_of_every_kind():
     # A reader that missed imports would make every rule below pass vacuously.
-    names = imported_names("megatron_hybrid.layers.norm",
-                           REPO / "megatron_hybrid" / "layers" / "norm.py")
+    names = imported_names(
+        "megatron_hybrid.layers.norm", REPO / "megatron_hybrid" / "layers" / "norm.py"
+    )
     assert "megatron_hybrid.kernels.registry.BoundKernels" in names
     names = imported_names("megatron_hybrid.kernels", REPO / "kernels" / "__init__.py")
     assert "megatron_hybrid.shadowing.step_aside" in names  # inside an if, not at the top
@@ -87,30 +89,41 @@ def test_the_import_reader_sees_imports_of_every_kind():
 
 def test_kernels_import_nothing_of_the_model_side():
     assert module_files("kernels"), "no modules found under kernels/"
-    found = crossings("kernels", lambda name: name.startswith("megatron_hybrid")
-                      and not under(name, KERNELS_MAY_IMPORT))
+    found = crossings(
+        "kernels",
+        lambda name: name.startswith("megatron_hybrid") and not under(name, KERNELS_MAY_IMPORT),
+    )
     assert found == [], (
         "kernels/ may import only " + ", ".join(KERNELS_MAY_IMPORT) + " of this project (the "
         "layers call kernels through the bound registry; eager math a kernel needs lives in "
-        "its op's eager.py):\n  " + "\n  ".join(found))
+        "its op's eager.py):\n  " + "\n  ".join(found)
+    )
 
 
 def test_layers_import_no_checkpointing():
-    found = crossings("megatron_hybrid/layers",
-                      lambda name: under(name, "megatron_hybrid.checkpointing"))
+    found = crossings(
+        "megatron_hybrid/layers", lambda name: under(name, "megatron_hybrid.checkpointing")
+    )
     assert found == [], "\n  ".join(["layers import checkpointing:", *found])
 
 
 def test_the_model_side_imports_no_checkpointing_or_training():
-    found = crossings("megatron_hybrid", lambda name: under(name, MODEL_SIDE_MUST_NOT_IMPORT),
-                      skip=("megatron_hybrid/training",))
+    found = crossings(
+        "megatron_hybrid",
+        lambda name: under(name, MODEL_SIDE_MUST_NOT_IMPORT),
+        skip=("megatron_hybrid/training",),
+    )
     assert found == [], (
         "the model side (megatron_hybrid/ but training/) must not import checkpointing/ or "
-        "training/ (they build on it):\n  " + "\n  ".join(found))
+        "training/ (they build on it):\n  " + "\n  ".join(found)
+    )
 
 
 def test_init_imports_no_checkpointing():
     path = REPO / "megatron_hybrid" / "init.py"
-    found = sorted(name for name in imported_names("megatron_hybrid.init", path)
-                   if under(name, MODEL_SIDE_MUST_NOT_IMPORT))
+    found = sorted(
+        name
+        for name in imported_names("megatron_hybrid.init", path)
+        if under(name, MODEL_SIDE_MUST_NOT_IMPORT)
+    )
     assert found == [], f"megatron_hybrid/init.py imports {found}"

@@ -14,8 +14,11 @@ from pathlib import Path
 import setuptools
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = {"megatron_hybrid": "megatron_hybrid", "kernels": "megatron_hybrid/kernels",
-         "checkpointing": "megatron_hybrid/checkpointing"}
+ROOTS = {
+    "megatron_hybrid": "megatron_hybrid",
+    "kernels": "megatron_hybrid/kernels",
+    "checkpointing": "megatron_hybrid/checkpointing",
+}
 
 
 def test_wheel_contains_every_source_module(tmp_path):
@@ -25,10 +28,25 @@ def test_wheel_contains_every_source_module(tmp_path):
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     for folder in ROOTS:
-        shutil.copytree(REPO / folder, source / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(source)], check=True, capture_output=True)
+        shutil.copytree(
+            REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("megatron_hybrid-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {

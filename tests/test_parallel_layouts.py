@@ -53,20 +53,33 @@ def reference_val_losses(reference_run):
     return reference_run.val_losses
 
 
-@pytest.mark.parametrize("nproc,pattern,layout", [
-    (2, FOUR_SEGMENTS, []),  # dp2 (FSDP2)
-    (2, FOUR_SEGMENTS, TP2),
-    (2, TWO_SEGMENTS, PP2),  # one stage per rank, 1F1B
-    (2, FOUR_SEGMENTS, PP2),  # two virtual stages per rank, interleaved 1F1B
-    (2, FOUR_SEGMENTS, [*PP2, "--pipeline-schedule", "interleaved-zero-bubble"]),
-    # Full recompute re-runs forward in backward, also in torch's shape-inference pass.
-    (2, FOUR_SEGMENTS, [*PP2, "--recompute-granularity", "full"]),
-    (2, FOUR_SEGMENTS, EP2),
-    (4, FOUR_SEGMENTS, [*TP2, *PP2]),
-], ids=["dp2", "tp2", "pp2", "pp2-interleaved", "pp2-zero-bubble", "pp2-full-recompute",
-     "ep2", "tp2xpp2"])
-def test_layout_matches_one_process(tmp_path, reference, reference_val_losses, nproc, pattern,
-                                    layout):
+@pytest.mark.parametrize(
+    "nproc,pattern,layout",
+    [
+        (2, FOUR_SEGMENTS, []),  # dp2 (FSDP2)
+        (2, FOUR_SEGMENTS, TP2),
+        (2, TWO_SEGMENTS, PP2),  # one stage per rank, 1F1B
+        (2, FOUR_SEGMENTS, PP2),  # two virtual stages per rank, interleaved 1F1B
+        (2, FOUR_SEGMENTS, [*PP2, "--pipeline-schedule", "interleaved-zero-bubble"]),
+        # Full recompute re-runs forward in backward, also in torch's shape-inference pass.
+        (2, FOUR_SEGMENTS, [*PP2, "--recompute-granularity", "full"]),
+        (2, FOUR_SEGMENTS, EP2),
+        (4, FOUR_SEGMENTS, [*TP2, *PP2]),
+    ],
+    ids=[
+        "dp2",
+        "tp2",
+        "pp2",
+        "pp2-interleaved",
+        "pp2-zero-bubble",
+        "pp2-full-recompute",
+        "ep2",
+        "tp2xpp2",
+    ],
+)
+def test_layout_matches_one_process(
+    tmp_path, reference, reference_val_losses, nproc, pattern, layout
+):
     assert_close(torchrun(nproc, *FLAGS, *pattern, *layout, *EVAL, log_dir=tmp_path), reference)
     validation = val_losses(tmp_path)
     assert validation.keys() == reference_val_losses.keys()
@@ -94,24 +107,47 @@ def test_checkpoints_move_from_tp2_x_pp2_to_one_process_to_dp2(tmp_path, referen
     # (Adam's m / sqrt(v) is O(1) even for gradients that are pure noise), so the logits (O(1))
     # agree to ~1e-5 absolute (measured 1.5e-5 worst of 18432); a mis-mapped shard would be
     # off by O(1).
-    torchrun(4, *FLAGS, *FOUR_SEGMENTS, *TP2, *PP2, "--save", str(tmp_path / "a"),
-             "--exit-interval", "3", log_dir=tmp_path / "log_a")
+    torchrun(
+        4,
+        *FLAGS,
+        *FOUR_SEGMENTS,
+        *TP2,
+        *PP2,
+        "--save",
+        str(tmp_path / "a"),
+        "--exit-interval",
+        "3",
+        log_dir=tmp_path / "log_a",
+    )
     one_process(*FOUR_SEGMENTS, "--save", str(tmp_path / "ref"), "--exit-interval", "3")
-    torch.testing.assert_close(_logits(tmp_path / "a", FOUR_SEGMENTS),
-                               _logits(tmp_path / "ref", FOUR_SEGMENTS), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        _logits(tmp_path / "a", FOUR_SEGMENTS),
+        _logits(tmp_path / "ref", FOUR_SEGMENTS),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     # One process (unfused, uncut pattern) resumes it for one iteration and saves ...
     unfused = ["--hybrid-layer-pattern", "M-*E|M*|EM-|*E"]
-    resumed = one_process(*unfused, "--load", str(tmp_path / "a"), "--save",
-                          str(tmp_path / "b"), "--exit-interval", "4")
+    resumed = one_process(
+        *unfused,
+        "--load",
+        str(tmp_path / "a"),
+        "--save",
+        str(tmp_path / "b"),
+        "--exit-interval",
+        "4",
+    )
     assert_close(resumed, reference[3:4])
     # ... and dp2 finishes the run like the straight one.
-    dp2 = torchrun(2, *FLAGS, *FOUR_SEGMENTS, "--load", str(tmp_path / "b"),
-                   log_dir=tmp_path / "log_b")
+    dp2 = torchrun(
+        2, *FLAGS, *FOUR_SEGMENTS, "--load", str(tmp_path / "b"), log_dir=tmp_path / "log_b"
+    )
     assert_close(dp2, reference[4:])
 
 
 def test_pipeline_size_that_does_not_fit_the_pattern_is_refused():
     from megatron_hybrid.parallel.dims import ParallelConfigError, ParallelDims
+
     args = build_parser().parse_args([*FLAGS, "--hybrid-layer-pattern", "M*|M-|E*"])
     config = model_config_from_args(args, 257)
     with pytest.raises(ParallelConfigError, match="3 '\\|' segments.*does not divide"):

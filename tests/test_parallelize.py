@@ -15,8 +15,13 @@ from megatron_hybrid.parallel.dims import ParallelDims
 from megatron_hybrid.parallel.parallelize import ParallelSettings, parallelize
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("apply_tensor_parallel", "apply_expert_parallel", "apply_activation_checkpointing",
-         "apply_compile", "apply_fsdp")
+STEPS = (
+    "apply_tensor_parallel",
+    "apply_expert_parallel",
+    "apply_activation_checkpointing",
+    "apply_compile",
+    "apply_fsdp",
+)
 
 
 @pytest.fixture
@@ -24,8 +29,9 @@ def applied(monkeypatch) -> list[str]:
     """The apply_* steps parallelize calls, in order (each replaced by a recorder)."""
     calls: list[str] = []
     for name in STEPS:
-        monkeypatch.setattr(parallelize_module, name,
-                            lambda *args, name=name, **kwargs: calls.append(name))
+        monkeypatch.setattr(
+            parallelize_module, name, lambda *args, name=name, **kwargs: calls.append(name)
+        )
     return calls
 
 
@@ -35,25 +41,33 @@ class FakeMesh:
 
 
 def test_tensor_expert_checkpointing_compile_then_fsdp(applied):
-    settings = ParallelSettings(tensor_model_parallel_size=2, recompute_granularity="full",
-                                compile=True)
-    parallelize(HybridModel(small_config("M-")), ParallelDims(4, tp=2), FakeMesh(), settings,
-                bf16=False)
+    settings = ParallelSettings(
+        tensor_model_parallel_size=2, recompute_granularity="full", compile=True
+    )
+    parallelize(
+        HybridModel(small_config("M-")), ParallelDims(4, tp=2), FakeMesh(), settings, bf16=False
+    )
     assert applied == list(STEPS)
 
 
 def test_one_process_without_wrappers_only_offers_expert_parallelism(applied):
     # apply_expert_parallel itself does nothing without a mesh.
-    parallelize(HybridModel(small_config("M-")), ParallelDims(1), None, ParallelSettings(),
-                bf16=False)
+    parallelize(
+        HybridModel(small_config("M-")), ParallelDims(1), None, ParallelSettings(), bf16=False
+    )
     assert applied == ["apply_expert_parallel"]
 
 
 def test_each_applied_step_logs_one_line():
     lines: list[str] = []
-    parallelize(HybridModel(small_config("M-*-")), ParallelDims(1), None,
-                ParallelSettings(recompute_granularity="selective", compile=True), bf16=False,
-                log=lines.append)
+    parallelize(
+        HybridModel(small_config("M-*-")),
+        ParallelDims(1),
+        None,
+        ParallelSettings(recompute_granularity="selective", compile=True),
+        bf16=False,
+        log=lines.append,
+    )
     assert len(lines) == 2
     assert lines[0].startswith("activation checkpointing (selective)")
     assert lines[1].startswith("torch.compile")
@@ -75,8 +89,12 @@ def test_the_throughput_benchmark_times_the_trainers_step(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import train_throughput
 
-    assert train_throughput.main(["--config", "cpu-smoke", "--steps", "2", "--warmup", "1",
-                                  "--device", "cpu"]) == 0
+    assert (
+        train_throughput.main(
+            ["--config", "cpu-smoke", "--steps", "2", "--warmup", "1", "--device", "cpu"]
+        )
+        == 0
+    )
     assert steps == [1, 2, 3]
     assert "cpu-smoke" in capsys.readouterr().out
     sys.modules.pop("train_throughput", None)

@@ -36,9 +36,17 @@ def worker() -> None:
     config = small_config("M*|-E")
     parallel = ParallelSettings(pipeline_model_parallel_size=2)
     dims = parallel.dims(proc.world_size)
-    trainer = Trainer(config, TrainingSettings(micro_batch_size=2), parallel,
-                      dims, dims.build_mesh("cpu"), proc.device, None, MICRO_BATCHES,
-                      log=lambda _: None)
+    trainer = Trainer(
+        config,
+        TrainingSettings(micro_batch_size=2),
+        parallel,
+        dims,
+        dims.build_mesh("cpu"),
+        proc.device,
+        None,
+        MICRO_BATCHES,
+        log=lambda _: None,
+    )
     pipeline = trainer.pipeline
     calls = []
     for part in trainer.parts:
@@ -49,12 +57,14 @@ def worker() -> None:
             return bound(*args, **kwargs)
 
         part.kernels.linear_cross_entropy = counted
-    batch = torch.randint(0, config.vocab_size, (MICRO_BATCHES * 2, 9),
-                          generator=torch.Generator().manual_seed(3))
+    batch = torch.randint(
+        0, config.vocab_size, (MICRO_BATCHES * 2, 9), generator=torch.Generator().manual_seed(3)
+    )
     reference = HybridModel(config, seed=TrainingSettings().seed)
     with torch.no_grad():
-        expected = torch.stack([reference(micro[:, :-1], micro[:, 1:])
-                                for micro in batch.chunk(MICRO_BATCHES)]).mean()
+        expected = torch.stack(
+            [reference(micro[:, :-1], micro[:, 1:]) for micro in batch.chunk(MICRO_BATCHES)]
+        ).mean()
 
     trained = pipeline.train_step(batch[:, :-1], batch[:, 1:])
     train_calls = len(calls)

@@ -35,16 +35,27 @@ def run(*flags: str) -> None:
 def tokenizer_flags(kind: str, files) -> list[str]:
     return {
         "ByteTokenizer": [],
-        "HuggingFaceTokenizer": ["--tokenizer-type", "HuggingFaceTokenizer",
-                                 "--tokenizer-model", str(files["tokenizer_json"])],
-        "GPT2BPETokenizer": ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
-                             str(files["vocab"]), "--merge-file", str(files["merges"])],
+        "HuggingFaceTokenizer": [
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            str(files["tokenizer_json"]),
+        ],
+        "GPT2BPETokenizer": [
+            "--tokenizer-type",
+            "GPT2BPETokenizer",
+            "--vocab-file",
+            str(files["vocab"]),
+            "--merge-file",
+            str(files["merges"]),
+        ],
         "NullTokenizer": ["--tokenizer-type", "NullTokenizer", "--vocab-size", "50000"],
     }[kind]
 
 
-@pytest.mark.parametrize("kind", ["ByteTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
-                                  "NullTokenizer"])
+@pytest.mark.parametrize(
+    "kind", ["ByteTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"]
+)
 def test_preprocessing_stores_the_tokens_the_tokenizer_gives(tmp_path, files, kind):
     flags = tokenizer_flags(kind, files)
     if kind == "NullTokenizer":
@@ -54,8 +65,9 @@ def test_preprocessing_stores_the_tokens_the_tokenizer_gives(tmp_path, files, ki
     jsonl = write_jsonl(tmp_path / "in.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
     run("--input", str(jsonl), "--output-prefix", str(tmp_path / "out"), "--append-eod", *flags)
 
-    tokenizer = build_tokenizer(build_parser().parse_args(["--input", "x", "--output-prefix", "y",
-                                                           *flags]))
+    tokenizer = build_tokenizer(
+        build_parser().parse_args(["--input", "x", "--output-prefix", "y", *flags])
+    )
     dataset = IndexedDataset(tmp_path / "out_text_document")
     assert dataset.dtype == np.uint16
     assert dataset.num_documents == len(texts)
@@ -73,8 +85,15 @@ def test_without_append_eod_documents_end_without_eod(tmp_path):
 
 def test_each_json_key_becomes_its_own_dataset(tmp_path):
     jsonl = write_jsonl(tmp_path / "in.jsonl", [{"title": "Hi", "body": "there"}])
-    run("--input", str(jsonl), "--output-prefix", str(tmp_path / "out"),
-        "--json-keys", "title", "body")
+    run(
+        "--input",
+        str(jsonl),
+        "--output-prefix",
+        str(tmp_path / "out"),
+        "--json-keys",
+        "title",
+        "body",
+    )
     assert bytes(IndexedDataset(tmp_path / "out_title_document")[0].astype(np.uint8)) == b"Hi"
     assert bytes(IndexedDataset(tmp_path / "out_body_document")[0].astype(np.uint8)) == b"there"
 
@@ -89,8 +108,16 @@ def test_an_empty_document_has_no_sequence_and_no_eod_like_megatron(tmp_path):
 
 def test_a_vocabulary_beyond_uint16_is_stored_as_int32(tmp_path):
     jsonl = write_jsonl(tmp_path / "in.jsonl", [{"text": "70000 1"}])
-    run("--input", str(jsonl), "--output-prefix", str(tmp_path / "out"),
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "100000")
+    run(
+        "--input",
+        str(jsonl),
+        "--output-prefix",
+        str(tmp_path / "out"),
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "100000",
+    )
     dataset = IndexedDataset(tmp_path / "out_text_document")
     assert dataset.dtype == np.int32 and dataset[0].tolist() == [70000, 1]
 
@@ -99,11 +126,19 @@ def test_parallel_workers_write_the_same_files_as_one(tmp_path):
     records = [{"text": f"document {i}: " + "words " * (i % 13)} for i in range(700)]
     jsonl = write_jsonl(tmp_path / "in.jsonl", records)
     run("--input", str(jsonl), "--output-prefix", str(tmp_path / "one"), "--append-eod")
-    run("--input", str(jsonl), "--output-prefix", str(tmp_path / "two"), "--append-eod",
-        "--workers", "2")
+    run(
+        "--input",
+        str(jsonl),
+        "--output-prefix",
+        str(tmp_path / "two"),
+        "--append-eod",
+        "--workers",
+        "2",
+    )
     for suffix in (".bin", ".idx"):
-        assert ((tmp_path / f"one_text_document{suffix}").read_bytes()
-                == (tmp_path / f"two_text_document{suffix}").read_bytes())
+        assert (tmp_path / f"one_text_document{suffix}").read_bytes() == (
+            tmp_path / f"two_text_document{suffix}"
+        ).read_bytes()
 
 
 def test_a_missing_key_names_the_file_line_and_keys(tmp_path, capsys):
@@ -116,17 +151,28 @@ def test_a_missing_key_names_the_file_line_and_keys(tmp_path, capsys):
 
 def test_a_line_that_is_not_json_is_named(tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
-    assert main(["--input", str(tmp_path / "in.jsonl"),
-                 "--output-prefix", str(tmp_path / "out")]) == 2
+    assert (
+        main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out")]) == 2
+    )
     assert "in.jsonl line 2: not valid JSON" in capsys.readouterr().err
 
 
 def test_the_script_runs_from_the_command_line(tmp_path):
     jsonl = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "preprocess_data.py"), "--input", str(jsonl),
-         "--output-prefix", str(tmp_path / "out"), "--append-eod"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "preprocess_data.py"),
+            "--input",
+            str(jsonl),
+            "--output-prefix",
+            str(tmp_path / "out"),
+            "--append-eod",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 1 documents, 6 tokens" in result.stderr
     assert IndexedDataset(tmp_path / "out_text_document")[0].tolist()[-1] == 256

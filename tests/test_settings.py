@@ -29,8 +29,15 @@ from megatron_hybrid.training.settings import (
     TrainingSettings,
 )
 
-GROUPS = (TrainingSettings, ParallelSettings, CheckpointSettings, LoggingSettings, DataSettings,
-          TokenizerSettings, KernelSettings)
+GROUPS = (
+    TrainingSettings,
+    ParallelSettings,
+    CheckpointSettings,
+    LoggingSettings,
+    DataSettings,
+    TokenizerSettings,
+    KernelSettings,
+)
 # Flags that set no field of their own: help, a Megatron flag accepted and ignored, and the
 # activation switches (they set ModelConfig.activation).
 NOT_FIELDS = {"help", "group_query_attention", "swiglu", "squared_relu"}
@@ -73,7 +80,8 @@ def test_model_flag_defaults_are_model_config_defaults_except_the_stated_overrid
             continue
         default = MODEL_CONFIG_DEFAULTS[field]
         expected = DEFAULT_MODEL_OVERRIDES.get(
-            field, None if default is dataclasses.MISSING else default)
+            field, None if default is dataclasses.MISSING else default
+        )
         assert value == expected, dest
     assert args["make_vocab_size_divisible_by"] == ModelSettings().make_vocab_size_divisible_by
 
@@ -84,19 +92,45 @@ def test_every_override_differs_from_model_config():
 
 
 def test_settings_from_args_maps_every_group():
-    args = build_parser().parse_args([
-        "--num-experts", "8", "--norm-epsilon", "1e-6", "--swiglu", "--seq-length", "64",
-        "--tensor-model-parallel-size", "2", "--save", "ckpt", "--eval-iters", "3",
-        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "300",
-        "--kernel", "rms_norm=eager"])
+    args = build_parser().parse_args(
+        [
+            "--num-experts",
+            "8",
+            "--norm-epsilon",
+            "1e-6",
+            "--swiglu",
+            "--seq-length",
+            "64",
+            "--tensor-model-parallel-size",
+            "2",
+            "--save",
+            "ckpt",
+            "--eval-iters",
+            "3",
+            "--mock-data",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "300",
+            "--kernel",
+            "rms_norm=eager",
+        ]
+    )
     settings = settings_from_args(args)
     fields = settings.model.config_fields
     assert (fields["num_moe_experts"], fields["layernorm_epsilon"], fields["activation"]) == (
-        8, 1e-6, "swiglu")
+        8,
+        1e-6,
+        "swiglu",
+    )
     assert "vocab_size" not in fields  # --vocab-size is the NullTokenizer's
     assert settings.model.config(301).vocab_size == 384  # padded to a multiple of 128
-    assert (settings.training.seq_length, settings.parallel.tensor_model_parallel_size,
-            settings.checkpoint.save, settings.logging.eval_iters) == (64, 2, "ckpt", 3)
+    assert (
+        settings.training.seq_length,
+        settings.parallel.tensor_model_parallel_size,
+        settings.checkpoint.save,
+        settings.logging.eval_iters,
+    ) == (64, 2, "ckpt", 3)
     assert settings.data.mock_data and settings.tokenizer.vocab_size == 300
     assert settings.kernels.kernel == ["rms_norm=eager"]
 
@@ -104,10 +138,15 @@ def test_settings_from_args_maps_every_group():
 @pytest.mark.parametrize("group", (*GROUPS, ModelSettings, Settings), ids=lambda g: g.__name__)
 def test_every_settings_field_has_a_docstring(group):
     source = ast.parse(inspect.getsource(inspect.getmodule(group)))
-    body = next(node for node in source.body
-                if isinstance(node, ast.ClassDef) and node.name == group.__name__).body
+    body = next(
+        node
+        for node in source.body
+        if isinstance(node, ast.ClassDef) and node.name == group.__name__
+    ).body
     undocumented = [
-        node.target.id for node, after in zip(body, [*body[1:], None], strict=True)
+        node.target.id
+        for node, after in zip(body, [*body[1:], None], strict=True)
         if isinstance(node, ast.AnnAssign)
-        and not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant))]
+        and not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant))
+    ]
     assert undocumented == []

@@ -67,7 +67,8 @@ def test_every_required_part_is_present(symbol):
 @pytest.mark.parametrize("symbol", SYMBOLS)
 def test_config_fields_are_fields_of_the_model_config(symbol):
     known = {f.name for f in dataclasses.fields(ModelConfig)} | {
-        name for name, value in vars(ModelConfig).items() if isinstance(value, property)}
+        name for name, value in vars(ModelConfig).items() if isinstance(value, property)
+    }
     unknown = set(SPECS[symbol].config_fields) - known
     assert not unknown, f"{symbol!r} reads fields ModelConfig lacks: {unknown}"
 
@@ -86,8 +87,7 @@ def test_a_tensor_named_like_another_mixers_gets_no_rule_from_it(symbol):
     # it would not inherit that mixer's rule: lookups go through the symbol's own spec.
     config = config_of(symbol)
     spec = SPECS[symbol]
-    foreign = {name for other in SPECS.values() for name in other.init_rules} - set(
-        spec.init_rules)
+    foreign = {name for other in SPECS.values() for name in other.init_rules} - set(spec.init_rules)
     assert foreign
     for name in foreign:
         with pytest.raises(MissingInitRuleError, match=f"init_rules of the {symbol!r}"):
@@ -129,7 +129,8 @@ def test_canonical_keys_are_the_spec_slots(symbol):
     keys = {canonical_key(name, config.pattern) for name in HybridModel(config).state_dict()}
     layer = {k.removeprefix("decoder.layers.0.") for k in keys if k.startswith("decoder.layers.")}
     assert layer == {f"{slots.norm}.weight"} | {
-        f"{slots.mixer}.{name}" for name in tensor_names(built_mixer(symbol))}
+        f"{slots.mixer}.{name}" for name in tensor_names(built_mixer(symbol))
+    }
 
 
 @pytest.mark.parametrize("symbol", [s for s in SYMBOLS if SPECS[s].hf_nemotron_h is not None])
@@ -141,13 +142,15 @@ def test_hf_key_table_covers_every_tensor_and_round_trips(symbol):
     theirs = [k for m in maps for k in m.theirs]
     assert len(set(ours)) == len(ours) and len(set(theirs)) == len(theirs)
     assert set(ours) == {f"{spec.slots.norm}.weight"} | {
-        f"{spec.slots.mixer}.{name}" for name in tensor_names(built_mixer(symbol, config))}
+        f"{spec.slots.mixer}.{name}" for name in tensor_names(built_mixer(symbol, config))
+    }
     generator = torch.Generator().manual_seed(0)
     model = HybridModel(config)
-    state = {k.removeprefix("decoder.layers.0."): torch.randn(t.shape, generator=generator)
-             for k, t in ((canonical_key(n, config.pattern), t)
-                          for n, t in model.state_dict().items())
-             if k.startswith("decoder.layers.0.")}
+    state = {
+        k.removeprefix("decoder.layers.0."): torch.randn(t.shape, generator=generator)
+        for k, t in ((canonical_key(n, config.pattern), t) for n, t in model.state_dict().items())
+        if k.startswith("decoder.layers.0.")
+    }
     back = to_ours(to_theirs(state, maps, config), maps, config)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)

@@ -23,20 +23,43 @@ from test_training import TINY  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # Fused groups, Mamba, attention and MLP; two micro-batches per step (gradient accumulation).
 PATTERN = "[M-]M[*-]M-"
-FLAGS = [*TINY, "--hybrid-layer-pattern", PATTERN, "--global-batch-size", "8",
-         "--train-iters", "6", "--log-interval", "1", "--device", "cpu"]
+FLAGS = [
+    *TINY,
+    "--hybrid-layer-pattern",
+    PATTERN,
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    "6",
+    "--log-interval",
+    "1",
+    "--device",
+    "cpu",
+]
 SWIGLU = [*FLAGS, "--swiglu"]
 TP2 = ["--tensor-model-parallel-size", "2"]
 SP = ["--sequence-parallel"]
 
 
-def torchrun(nproc: int, *args: str, script=REPO / "scripts" / "pretrain_hybrid.py",
-             check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int, *args: str, script=REPO / "scripts" / "pretrain_hybrid.py", check: bool = True
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc-per-node={nproc}", str(script), *args],
-        capture_output=True, text=True, timeout=600, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(script),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -73,12 +96,14 @@ def single(tmp_path_factory):
 def tp2(tmp_path_factory):
     """The same run with tensor parallelism 2, saving at iterations 3 and 6."""
     root = tmp_path_factory.mktemp("tp2")
-    losses = train_torchrun(2, *SWIGLU, *TP2, "--save", str(root / "ckpt"), "--save-interval",
-                            "3", log_dir=root / "log")
+    losses = train_torchrun(
+        2, *SWIGLU, *TP2, "--save", str(root / "ckpt"), "--save-interval", "3", log_dir=root / "log"
+    )
     return losses, root / "ckpt"
 
 
 # -- loss parity -------------------------------------------------------------------------------
+
 
 def test_tp2_swiglu_matches_one_process(single, tp2):
     assert_close(tp2[0], single[0])
@@ -90,14 +115,23 @@ def test_tp2_squared_relu_matches_one_process(tmp_path):
 
 def test_sequence_parallel_with_moe_and_recompute_matches_one_process(tmp_path):
     # The MoE layer sees the gathered sequence; the expert bias exercises its token counts.
-    flags = [*FLAGS, "--hybrid-layer-pattern", "[M-]M[*E]M-", "--train-iters", "5",
-             "--moe-shared-expert-intermediate-size", "16", "--moe-router-enable-expert-bias",
-             "--recompute-granularity", "selective"]
-    assert_close(train_torchrun(2, *flags, *TP2, *SP, log_dir=tmp_path),
-                 train_one_process(*flags))
+    flags = [
+        *FLAGS,
+        "--hybrid-layer-pattern",
+        "[M-]M[*E]M-",
+        "--train-iters",
+        "5",
+        "--moe-shared-expert-intermediate-size",
+        "16",
+        "--moe-router-enable-expert-bias",
+        "--recompute-granularity",
+        "selective",
+    ]
+    assert_close(train_torchrun(2, *flags, *TP2, *SP, log_dir=tmp_path), train_one_process(*flags))
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+
 
 def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     import torch.distributed.checkpoint as dcp
@@ -111,15 +145,18 @@ def test_tp2_checkpoint_has_canonical_keys_and_shapes(single, tp2):
 
     tp_shapes = saved_shapes(tp2[1] / "iter_0000003")
     assert tp_shapes == saved_shapes(single[1] / "iter_0000003")  # model and optimizer
-    config = ModelConfig(**json.loads((tp2[1] / "iter_0000003" / "checkpoint.json")
-                                      .read_text())["model_config"])
+    config = ModelConfig(
+        **json.loads((tp2[1] / "iter_0000003" / "checkpoint.json").read_text())["model_config"]
+    )
     mixer = "model.decoder.layers.0.mixer."
     assert tp_shapes[mixer + "in_proj.weight"] == (config.mamba_in_proj_dim, 32)
     assert tp_shapes[mixer + "conv1d.weight"] == (config.mamba_conv_dim, 1, 4)
     assert tp_shapes[mixer + "dt_bias"] == (config.mamba_num_heads,)
     assert tp_shapes["model.decoder.layers.1.mlp.linear_fc1.weight"] == (2 * 48, 32)
-    assert tp_shapes["optimizer.state.decoder.layers.0.mixer.in_proj.weight.exp_avg"] == \
-        tp_shapes[mixer + "in_proj.weight"]
+    assert (
+        tp_shapes["optimizer.state.decoder.layers.0.mixer.in_proj.weight.exp_avg"]
+        == tp_shapes[mixer + "in_proj.weight"]
+    )
 
 
 def test_tp2_checkpoint_values_are_canonical(single, tp2):
@@ -145,20 +182,39 @@ def test_tp2_checkpoint_resumes_in_one_process(single, tp2):
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
-def test_one_process_checkpoint_loads_in_tp2_with_the_same_logits(single, tmp_path,
-                                                                  sequence_parallel):
-    assert_loads_exactly(single[1] / "iter_0000003", SWIGLU, tmp_path, "--tp", "2",
-                         *(SP if sequence_parallel else []))
+def test_one_process_checkpoint_loads_in_tp2_with_the_same_logits(
+    single, tmp_path, sequence_parallel
+):
+    assert_loads_exactly(
+        single[1] / "iter_0000003",
+        SWIGLU,
+        tmp_path,
+        "--tp",
+        "2",
+        *(SP if sequence_parallel else []),
+    )
 
 
-def assert_loads_exactly(source: Path, flags: list[str], tmp_path: Path, *layout: str,
-                         nproc: int = 2) -> None:
+def assert_loads_exactly(
+    source: Path, flags: list[str], tmp_path: Path, *layout: str, nproc: int = 2
+) -> None:
     """Exact both ways: the `worker` layout loads the one-process checkpoint `source` of the
     model `flags` build (same logits, on a length tp does not divide), saves it again, and the
     saved tensors are bit-identical to the originals."""
-    torchrun(nproc, "worker", *layout, "--load", str(source), "--logits",
-             str(tmp_path / "logits.pt"), "--save", str(tmp_path / "resaved"), "--", *flags,
-             script=Path(__file__))
+    torchrun(
+        nproc,
+        "worker",
+        *layout,
+        "--load",
+        str(source),
+        "--logits",
+        str(tmp_path / "logits.pt"),
+        "--save",
+        str(tmp_path / "resaved"),
+        "--",
+        *flags,
+        script=Path(__file__),
+    )
     expected = one_process_logits(source, flags)
     loaded_by_dcp, loaded_whole = torch.load(tmp_path / "logits.pt")
     torch.testing.assert_close(loaded_by_dcp, expected, rtol=1e-5, atol=1e-5)
@@ -176,13 +232,25 @@ def assert_loads_exactly(source: Path, flags: list[str], tmp_path: Path, *layout
 def test_tp2_x_dp2_with_sequence_parallel_resumes_a_one_process_checkpoint(single, tmp_path):
     # Four ranks: FSDP shards each tensor-parallel shard again, so a rank's rows of a packed
     # weight start mid-part; loading and saving still go through canonical offsets.
-    losses = train_torchrun(4, *SWIGLU, *TP2, *SP, "--load", str(single[1]), "--ckpt-step", "3",
-                            "--save", str(tmp_path / "ckpt"), log_dir=tmp_path / "log")
+    losses = train_torchrun(
+        4,
+        *SWIGLU,
+        *TP2,
+        *SP,
+        "--load",
+        str(single[1]),
+        "--ckpt-step",
+        "3",
+        "--save",
+        str(tmp_path / "ckpt"),
+        log_dir=tmp_path / "log",
+    )
     assert_close(losses, single[0][3:])
     assert_same_model_state(tmp_path / "ckpt", single[1], iteration=6)
 
 
 # -- the packed layout ------------------------------------------------------------------------
+
 
 def test_rank_major_rows_map_back_to_canonical_offsets():
     from megatron_hybrid.parallel.packed import PackedRows
@@ -198,8 +266,9 @@ def test_rank_major_rows_map_back_to_canonical_offsets():
     # (offset in the shard, canonical row, length):
     assert packed.runs(3, 9) == [(0, 5, 1), (1, 8, 1), (2, 10, 1), (3, 12, 1), (4, 2, 2)]
     for offset, row, length in packed.runs(3, 9):
-        assert rank_major[3 + offset:3 + offset + length].tolist() == \
-            list(range(row, row + length))
+        assert rank_major[3 + offset : 3 + offset + length].tolist() == list(
+            range(row, row + length)
+        )
 
 
 def test_packed_dimension_can_be_another_than_rows():
@@ -210,7 +279,6 @@ def test_packed_dimension_can_be_another_than_rows():
     rank_major = packed.to_rank_major(canonical)
     assert torch.equal(rank_major[:, 1], canonical[:, 2])  # rank 0: gate row 0, up row 0
     assert torch.equal(packed.to_canonical_layout(rank_major), canonical)
-
 
 
 @pytest.fixture
@@ -250,12 +318,14 @@ def test_every_packed_tensor_is_checkpointed_in_its_canonical_view(tp1_model):
     model, optimizer, pattern = tp1_model
     packed = {canonical_key(name, pattern) for name in packed_tensors(model)}
     assert len(packed) == 4  # in_proj, conv1d weight and bias, SwiGLU's linear_fc1
-    views = {key for key, value in ModelState(model, pattern).state_dict().items()
-             if is_canonical_view(value)}
+    views = {
+        key
+        for key, value in ModelState(model, pattern).state_dict().items()
+        if is_canonical_view(value)
+    }
     assert views == packed
     moments = OptimizerState(model, optimizer, pattern).state_dict()["state"]
-    assert {key for key, state in moments.items()
-            if is_canonical_view(state["exp_avg"])} == packed
+    assert {key for key, state in moments.items() if is_canonical_view(state["exp_avg"])} == packed
 
 
 def test_a_packed_tensor_the_saver_cannot_find_is_an_error_naming_it(tp1_model, monkeypatch):
@@ -267,8 +337,9 @@ def test_a_packed_tensor_the_saver_cannot_find_is_an_error_naming_it(tp1_model, 
     from megatron_hybrid.parallel import packed
 
     model, optimizer, pattern = tp1_model
-    monkeypatch.setattr(packed, "_WRAPPER_NAMES", packed._WRAPPER_NAMES - {
-        "_checkpoint_wrapped_module"})
+    monkeypatch.setattr(
+        packed, "_WRAPPER_NAMES", packed._WRAPPER_NAMES - {"_checkpoint_wrapped_module"}
+    )
     unknown = "decoder.layers.0._checkpoint_wrapped_module.sequence_mixer.in_proj.weight"
     saved_as = "decoder.layers.0.sequence_mixer.in_proj.weight"
     for state in (ModelState(model, pattern), OptimizerState(model, optimizer, pattern)):
@@ -284,13 +355,20 @@ def test_a_packed_tensor_the_saver_cannot_find_is_an_error_naming_it(tp1_model, 
 
 # -- layouts that do not fit -------------------------------------------------------------------
 
-@pytest.mark.parametrize("tp, overrides, message", [
-    (2, dict(mamba_num_groups=1), "--mamba-num-groups 1 is not divisible"),
-    (4, dict(mamba_num_heads=6, mamba_num_groups=2), "--mamba-num-heads 6 is not divisible"),
-    (2, dict(num_attention_heads=3, num_query_groups=3, kv_channels=8),
-     "--num-attention-heads 3 is not divisible"),
-    (2, dict(ffn_hidden_size=49), "--ffn-hidden-size 49 is not divisible"),
-])
+
+@pytest.mark.parametrize(
+    "tp, overrides, message",
+    [
+        (2, dict(mamba_num_groups=1), "--mamba-num-groups 1 is not divisible"),
+        (4, dict(mamba_num_heads=6, mamba_num_groups=2), "--mamba-num-heads 6 is not divisible"),
+        (
+            2,
+            dict(num_attention_heads=3, num_query_groups=3, kv_channels=8),
+            "--num-attention-heads 3 is not divisible",
+        ),
+        (2, dict(ffn_hidden_size=49), "--ffn-hidden-size 49 is not divisible"),
+    ],
+)
 def test_sizes_that_do_not_divide_are_named(tp, overrides, message):
     from conftest import small_config
 
@@ -308,10 +386,13 @@ def test_moe_layers_are_left_to_their_own_checks():
     assert tensor_parallel_problems(small_config("M[*E]-"), 2) == []
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--sequence-parallel"], "needs --tensor-model-parallel-size 2 or more"),
-    ([*TP2, *SP, "--seq-length", "25"], "--seq-length 25 must be divisible by"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sequence-parallel"], "needs --tensor-model-parallel-size 2 or more"),
+        ([*TP2, *SP, "--seq-length", "25"], "--seq-length 25 must be divisible by"),
+    ],
+)
 def test_sequence_parallel_flags_that_do_not_fit_are_refused(flags, message):
     from megatron_hybrid.training.arguments import build_parser, check_training_args
 
@@ -324,12 +405,15 @@ def test_a_layout_that_does_not_fit_stops_with_a_message():
 
     from megatron_hybrid.parallel.dims import ParallelConfigError, ParallelDims
 
-    with pytest.raises(ParallelConfigError, match="--mamba-num-groups 1 is not divisible by "
-                       "--tensor-model-parallel-size 2"):
+    with pytest.raises(
+        ParallelConfigError,
+        match="--mamba-num-groups 1 is not divisible by --tensor-model-parallel-size 2",
+    ):
         ParallelDims(world_size=2, tp=2).check_fits(small_config(PATTERN, mamba_num_groups=1))
 
 
 # -- the worker ----------------------------------------------------------------------------
+
 
 def fixed_batch(vocab_size: int) -> torch.Tensor:
     # 23 tokens: sequence parallelism pads a length tp does not divide.
@@ -386,15 +470,16 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--sequence-parallel", action="store_true")
     opts = parser.parse_args(argv[:split])
     dist.init_process_group("gloo")
-    flags = argv[split + 1:]
+    flags = argv[split + 1 :]
     by_dcp, config = build_model(flags)
     whole, _ = build_model(flags)
     dims = ParallelDims(dist.get_world_size(), tp=opts.tp, ep=opts.ep)
     dims.check_fits(config)
     mesh = dims.build_mesh("cpu")
     for model in (by_dcp, whole):
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=opts.sequence_parallel,
-                              log=lambda _: None)
+        apply_tensor_parallel(
+            model, mesh["tp"], sequence_parallel=opts.sequence_parallel, log=lambda _: None
+        )
         apply_expert_parallel(model, mesh, log=lambda _: None)
     load_checkpoint(opts.load, by_dcp, None, config)
     ModelState(whole, config.pattern).load_state_dict(read_model_state(opts.load)[0])

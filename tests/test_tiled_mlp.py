@@ -40,8 +40,9 @@ FP32 = dict(rtol=1e-5, atol=1e-6)
 
 
 def tiled_kernels(shards: int):
-    return resolve_kernels({"mlp": "tiled"}, "eager", "cpu",
-                           options={"mlp=tiled": {"shards": shards}})
+    return resolve_kernels(
+        {"mlp": "tiled"}, "eager", "cpu", options={"mlp=tiled": {"shards": shards}}
+    )
 
 
 def mlp_pair(activation: str, shards: int, seed: int = 0) -> tuple[MLP, MLP]:
@@ -62,19 +63,23 @@ def output_and_grads(mlp: MLP, x: torch.Tensor, dy: torch.Tensor):
 
 def inputs(*shape, seed=1):
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, HIDDEN, generator=generator),
-            torch.randn(*shape, HIDDEN, generator=generator))
+    return (
+        torch.randn(*shape, HIDDEN, generator=generator),
+        torch.randn(*shape, HIDDEN, generator=generator),
+    )
 
 
 # -- one process ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shards", [1, 3, 4, 20])  # 4: uneven shards of 14 tokens; 20 > tokens
 @pytest.mark.parametrize("activation", ["squared_relu", "swiglu"])
 def test_tiled_mlp_matches_the_plain_mlp(activation, shards):
     plain, tiled = mlp_pair(activation, shards)
     x, dy = inputs(2, 7)
-    for got, want in zip(output_and_grads(tiled, x, dy), output_and_grads(plain, x, dy),
-                         strict=True):
+    for got, want in zip(
+        output_and_grads(tiled, x, dy), output_and_grads(plain, x, dy), strict=True
+    ):
         torch.testing.assert_close(got, want, **FP32)
 
 
@@ -84,7 +89,8 @@ def test_tiled_mlp_fires_each_parameter_gradient_hook_once():
     for name, param in tiled.named_parameters():
         param.register_hook(lambda grad, name=name: fired.__setitem__(name, fired[name] + 1))
         param.register_post_accumulate_grad_hook(
-            lambda param, name=name: fired.__setitem__(name, fired[name] + 10))
+            lambda param, name=name: fired.__setitem__(name, fired[name] + 10)
+        )
     x, dy = inputs(2, 7)
     tiled(x).backward(dy)
     assert fired == {"linear_fc1.weight": 11, "linear_fc2.weight": 11}
@@ -110,7 +116,7 @@ def test_tiled_mlp_recomputes_under_the_autocast_state_of_forward():
     torch.testing.assert_close(y_tiled, y_plain, rtol=0, atol=0)  # row by row the same
     for got, want in zip(grads_tiled, grads_plain, strict=True):
         assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=2 ** -6 * want.abs().max())
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=2**-6 * want.abs().max())
 
 
 def test_shared_experts_and_mlps_of_a_model_use_the_tiled_mlp():
@@ -123,12 +129,12 @@ def test_shared_experts_and_mlps_of_a_model_use_the_tiled_mlp():
     logits = tiled(tokens)
     logits.square().mean().backward()
     torch.testing.assert_close(logits, eager(tokens), **FP32)
-    for (name, p_eager), p_tiled in zip(eager.named_parameters(), tiled.parameters(),
-                                        strict=True):
+    for (name, p_eager), p_tiled in zip(eager.named_parameters(), tiled.parameters(), strict=True):
         torch.testing.assert_close(p_tiled.grad, p_eager.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # -- binding --------------------------------------------------------------------------------------
+
 
 def parse(argv: list[str]) -> KernelSettings:
     parser = argparse.ArgumentParser()
@@ -137,8 +143,9 @@ def parse(argv: list[str]) -> KernelSettings:
 
 
 def test_shard_count_comes_from_the_command_line_and_is_logged():
-    kernels = kernels_from_settings(parse(["--kernel", "mlp=tiled", "--tiled-mlp-shards", "3"]),
-                                    "cpu")
+    kernels = kernels_from_settings(
+        parse(["--kernel", "mlp=tiled", "--tiled-mlp-shards", "3"]), "cpu"
+    )
     assert kernels.impl("mlp") == "tiled" and kernels.choices["mlp"].options == (("shards", 3),)
     assert "mlp=tiled(shards=3) (requested)" in kernels.describe()
 
@@ -165,7 +172,9 @@ def test_two_models_in_one_process_keep_their_own_shard_counts():
         mlps[shards] = MLP(HIDDEN, FFN, "squared_relu", tiled_kernels(shards))
         act = mlps[shards].act
         mlps[shards].act = lambda h, act=act, shards=shards: (
-            calls.__setitem__(shards, calls[shards] + 1), act(h))[1]
+            calls.__setitem__(shards, calls[shards] + 1),
+            act(h),
+        )[1]
     x, _ = inputs(3, 4)
     for mlp in mlps.values():
         mlp(x)
@@ -175,6 +184,7 @@ def test_two_models_in_one_process_keep_their_own_shard_counts():
 
 # -- GPU ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 def test_tiled_mlp_on_gpu_peaks_lower_and_matches_the_plain_mlp():
     # 16k tokens, hidden 2048, width 8192, bf16: the plain MLP keeps fc1's output and the
@@ -182,8 +192,18 @@ def test_tiled_mlp_on_gpu_peaks_lower_and_matches_the_plain_mlp():
     # float32 weight-gradient buffers (128 MiB). Tolerance: the autocast test's (bf16 sums).
     torch.manual_seed(0)
     plain = MLP(2048, 8192, "squared_relu").cuda().bfloat16()
-    tiled = MLP(2048, 8192, "squared_relu", resolve_kernels(
-        {"mlp": "tiled"}, "eager", "cuda", options={"mlp=tiled": {"shards": 4}})).cuda().bfloat16()
+    tiled = (
+        MLP(
+            2048,
+            8192,
+            "squared_relu",
+            resolve_kernels(
+                {"mlp": "tiled"}, "eager", "cuda", options={"mlp=tiled": {"shards": 4}}
+            ),
+        )
+        .cuda()
+        .bfloat16()
+    )
     tiled.load_state_dict(plain.state_dict())
     generator = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -204,8 +224,9 @@ def test_tiled_mlp_on_gpu_peaks_lower_and_matches_the_plain_mlp():
     peak_tiled, got = run(tiled)
     assert peak_tiled < 0.6 * peak_plain, (peak_tiled, peak_plain)
     for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g.float(), w.float(), rtol=1.6e-2,
-                                   atol=2 ** -6 * w.float().abs().max().item())
+        torch.testing.assert_close(
+            g.float(), w.float(), rtol=1.6e-2, atol=2**-6 * w.float().abs().max().item()
+        )
 
 
 # -- data parallel: torchrun, gloo on CPU, 2 ranks ------------------------------------------------
@@ -220,9 +241,20 @@ def test_tiled_mlp_under_ddp_and_fsdp2_matches_the_plain_mlp():
     # but has it all-reduce an incomplete gradient: tried, off by ~1 at these sizes.)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(Path(__file__).resolve())],
-        capture_output=True, text=True, timeout=300, env=env, cwd=REPO / "tests")
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(Path(__file__).resolve()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO / "tests",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ddp: gradients match") == 4  # 2 ranks x 2 activations
     assert proc.stdout.count("fsdp2: gradients match") == 4
@@ -254,8 +286,9 @@ def _data_parallel_worker() -> None:
         _, tiled = mlp_pair(activation, shards=4)
         fully_shard(tiled)
         (tiled(x[local]) * dy[local]).sum().div(2).backward()  # reduce-scatter averages
-        for got, expected in zip((p.grad.full_tensor() for p in tiled.parameters()), want,
-                                 strict=True):
+        for got, expected in zip(
+            (p.grad.full_tensor() for p in tiled.parameters()), want, strict=True
+        ):
             torch.testing.assert_close(got, expected, **FP32)
         print(f"rank {rank} {activation} fsdp2: gradients match", flush=True)
     end_successful_run()

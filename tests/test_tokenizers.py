@@ -39,8 +39,16 @@ def test_the_default_is_the_byte_tokenizer():
 
 @pytest.mark.parametrize("text", SAMPLE_TEXTS)
 def test_gpt2_bpe_gives_the_reference_gpt2_encoder_tokens(files, text):
-    tokenizer = build_tokenizer(parse("--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
-                                      str(files["vocab"]), "--merge-file", str(files["merges"])))
+    tokenizer = build_tokenizer(
+        parse(
+            "--tokenizer-type",
+            "GPT2BPETokenizer",
+            "--vocab-file",
+            str(files["vocab"]),
+            "--merge-file",
+            str(files["merges"]),
+        )
+    )
     reference = ReferenceGPT2Encoder(files["vocab"], files["merges"])
     ids = tokenizer.encode(text)
     assert ids.dtype == np.int64 and ids.tolist() == reference.encode(text)
@@ -58,8 +66,14 @@ def test_gpt2_bpe_eod_is_endoftext_and_vocab_is_the_vocab_file(files):
 def test_hugging_face_tokenizer_gives_the_tokenizers_library_tokens(files, text):
     from tokenizers import Tokenizer
 
-    tokenizer = build_tokenizer(parse("--tokenizer-type", "HuggingFaceTokenizer",
-                                      "--tokenizer-model", str(files["tokenizer_json"])))
+    tokenizer = build_tokenizer(
+        parse(
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            str(files["tokenizer_json"]),
+        )
+    )
     direct = Tokenizer.from_file(str(files["tokenizer_json"])).encode(text).ids
     assert tokenizer.encode(text).tolist() == direct
     assert direct[0] == tokenizer._backend.token_to_id("<s>")  # the post-processor's BOS applies
@@ -73,8 +87,10 @@ def test_hugging_face_eod_is_the_eos_token_of_tokenizer_config(files):
 
 def test_hugging_face_tokenizer_accepts_its_folder(files):
     tokenizer = HuggingFaceTokenizer(str(files["tokenizer_json"].parent))
-    assert tokenizer.encode("fox").tolist() == HuggingFaceTokenizer(
-        str(files["tokenizer_json"])).encode("fox").tolist()
+    assert (
+        tokenizer.encode("fox").tolist()
+        == HuggingFaceTokenizer(str(files["tokenizer_json"])).encode("fox").tolist()
+    )
 
 
 def test_hugging_face_eod_without_config_is_a_known_end_of_text_token(files, tmp_path):
@@ -86,8 +102,11 @@ def test_hugging_face_eod_without_config_is_a_known_end_of_text_token(files, tmp
 def test_hugging_face_eos_missing_from_the_vocabulary_is_an_error(files, tmp_path):
     (tmp_path / "tokenizer.json").write_bytes(files["tokenizer_json"].read_bytes())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot|>"}))
-    with pytest.raises(TokenizerError, match=r"tokenizer\.json: cannot tell the end-of-document"
-                                             r" token: found none of <\|eot\|>"):
+    with pytest.raises(
+        TokenizerError,
+        match=r"tokenizer\.json: cannot tell the end-of-document"
+        r" token: found none of <\|eot\|>",
+    ):
         HuggingFaceTokenizer(str(tmp_path / "tokenizer.json"))
 
 
@@ -105,11 +124,14 @@ def test_null_tokenizer_rejects_ids_outside_the_vocabulary():
         NullTokenizer(1000).encode("1 two")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--tokenizer-type", "GPT2BPETokenizer"), "needs --vocab-file"),
-    (("--tokenizer-type", "HuggingFaceTokenizer"), "needs --tokenizer-model"),
-    (("--tokenizer-type", "NullTokenizer"), "needs --vocab-size"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--tokenizer-type", "GPT2BPETokenizer"), "needs --vocab-file"),
+        (("--tokenizer-type", "HuggingFaceTokenizer"), "needs --tokenizer-model"),
+        (("--tokenizer-type", "NullTokenizer"), "needs --vocab-size"),
+    ],
+)
 def test_a_missing_flag_names_it(flags, message):
     with pytest.raises(TokenizerError, match=message):
         build_tokenizer(parse(*flags))
@@ -118,8 +140,9 @@ def test_a_missing_flag_names_it(flags, message):
 def test_a_missing_tokenizer_file_is_file_not_found_naming_it(tmp_path):
     missing = str(tmp_path / "nope.json")
     with pytest.raises(FileNotFoundError, match=r"--tokenizer-model .*nope\.json"):
-        build_tokenizer(parse("--tokenizer-type", "HuggingFaceTokenizer",
-                              "--tokenizer-model", missing))
+        build_tokenizer(
+            parse("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", missing)
+        )
 
 
 def test_a_file_that_is_not_a_tokenizer_is_named(tmp_path):

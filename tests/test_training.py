@@ -16,12 +16,41 @@ from megatron_hybrid.training.trainer import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "--hidden-size", "32", "--ffn-hidden-size", "48", "--num-attention-heads", "4",
-    "--num-query-groups", "2", "--mamba-state-dim", "8", "--mamba-head-dim", "8",
-    "--mamba-num-groups", "2", "--mamba-chunk-size", "8", "--num-experts", "4",
-    "--moe-ffn-hidden-size", "24", "--seq-length", "24", "--micro-batch-size", "4",
-    "--lr", "1e-2", "--min-lr", "1e-3", "--lr-warmup-iters", "2",
-    "--eval-iters", "0", "--generate-tokens", "0", "--no-progress-bar",
+    "--hidden-size",
+    "32",
+    "--ffn-hidden-size",
+    "48",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--mamba-state-dim",
+    "8",
+    "--mamba-head-dim",
+    "8",
+    "--mamba-num-groups",
+    "2",
+    "--mamba-chunk-size",
+    "8",
+    "--num-experts",
+    "4",
+    "--moe-ffn-hidden-size",
+    "24",
+    "--seq-length",
+    "24",
+    "--micro-batch-size",
+    "4",
+    "--lr",
+    "1e-2",
+    "--min-lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "2",
+    "--eval-iters",
+    "0",
+    "--generate-tokens",
+    "0",
+    "--no-progress-bar",
 ]
 
 
@@ -42,8 +71,16 @@ def test_gradient_accumulation_matches_one_large_micro_batch():
     # Without the MoE aux loss (a nonlinear function of each micro-batch's routing counts) the
     # two runs compute the same mean loss and gradients up to float32 summation order: measured
     # within 9e-8 relative over the 4 steps (about one float32 ulp), so rel 1e-6 leaves 10x.
-    common = ("--hybrid-layer-pattern", "[M-]*E", "--train-iters", "4",
-              "--global-batch-size", "8", "--moe-aux-loss-coeff", "0")
+    common = (
+        "--hybrid-layer-pattern",
+        "[M-]*E",
+        "--train-iters",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--moe-aux-loss-coeff",
+        "0",
+    )
     accumulated = train(*common, "--micro-batch-size", "4")
     single = train(*common, "--micro-batch-size", "8")
     for a, b in zip(accumulated.losses, single.losses, strict=True):
@@ -51,8 +88,20 @@ def test_gradient_accumulation_matches_one_large_micro_batch():
 
 
 def test_metrics_jsonl_has_one_record_per_logged_iteration_and_eval(tmp_path):
-    train("--hybrid-layer-pattern", "M*-E", "--train-iters", "6", "--log-interval", "2",
-          "--eval-interval", "3", "--eval-iters", "2", "--log-dir", str(tmp_path))
+    train(
+        "--hybrid-layer-pattern",
+        "M*-E",
+        "--train-iters",
+        "6",
+        "--log-interval",
+        "2",
+        "--eval-interval",
+        "3",
+        "--eval-iters",
+        "2",
+        "--log-dir",
+        str(tmp_path),
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     eval_records = [r for r in records if "val_loss" in r]
@@ -65,10 +114,27 @@ def test_metrics_jsonl_has_one_record_per_logged_iteration_and_eval(tmp_path):
 
 def test_default_run_loss_falls_on_a_shortened_run(capsys):
     # The default model and data, fewer and smaller steps (the full default run is in the README).
-    result = run_training(build_parser().parse_args(
-        ["--train-iters", "30", "--micro-batch-size", "4", "--seq-length", "128",
-         "--lr-warmup-iters", "5", "--eval-interval", "30", "--eval-iters", "2",
-         "--generate-tokens", "16", "--no-progress-bar"]))
+    result = run_training(
+        build_parser().parse_args(
+            [
+                "--train-iters",
+                "30",
+                "--micro-batch-size",
+                "4",
+                "--seq-length",
+                "128",
+                "--lr-warmup-iters",
+                "5",
+                "--eval-interval",
+                "30",
+                "--eval-iters",
+                "2",
+                "--generate-tokens",
+                "16",
+                "--no-progress-bar",
+            ]
+        )
+    )
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < first - 1.0, (first, last)
     assert result.val_losses[30] < math.log(257)  # better than uniform over the bytes
@@ -118,8 +184,7 @@ def test_hybrid_override_pattern_is_an_alias():
 
 def test_mamba_dt_clamp_flags_set_the_model_config():
     def limit(*flags):
-        return model_config_from_args(build_parser().parse_args([*TINY, *flags]), 64)\
-            .mamba_dt_limit
+        return model_config_from_args(build_parser().parse_args([*TINY, *flags]), 64).mamba_dt_limit
 
     assert limit() == (0.0, math.inf)  # Megatron: no clamp
     assert limit("--mamba-dt-floor", "0.001", "--mamba-dt-ceiling", "0.5") == (0.001, 0.5)
@@ -134,10 +199,23 @@ def test_mamba_dt_ceiling_below_the_floor_stops_with_message(capsys):
 
 def test_script_runs_as_a_program(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "pretrain_hybrid.py"), *TINY,
-         "--hybrid-layer-pattern", "[M-]*E", "--train-iters", "2", "--log-interval", "1",
-         "--log-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "pretrain_hybrid.py"),
+            *TINY,
+            "--hybrid-layer-pattern",
+            "[M-]*E",
+            "--train-iters",
+            "2",
+            "--log-interval",
+            "1",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "2/2 loss" in proc.stdout
     assert (tmp_path / "metrics.jsonl").exists()

@@ -29,8 +29,9 @@ ACTIVATIONS = ["squared_relu", "swiglu"]
 def test_activation_matches_eager(name, dtype):
     # 2 x 7 x 2*37: odd widths and more elements than a swiglu column block holds at width 37.
     h = randn(2, 7, 74, dtype=dtype, scale=2.0)
-    assert_matches(getattr(triton_activations, name), getattr(eager_activations, name), [h],
-                   dtype=dtype)
+    assert_matches(
+        getattr(triton_activations, name), getattr(eager_activations, name), [h], dtype=dtype
+    )
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
@@ -38,8 +39,12 @@ def test_activation_reads_a_strided_input(name):
     # Rows with a stride larger than their width (a slice of a wider buffer).
     h = randn(3, 5, 30)[..., 2:22]
     assert not h.is_contiguous()
-    assert_matches(getattr(triton_activations, name), getattr(eager_activations, name), [h],
-                   dtype=torch.float32)
+    assert_matches(
+        getattr(triton_activations, name),
+        getattr(eager_activations, name),
+        [h],
+        dtype=torch.float32,
+    )
 
 
 def test_activation_of_the_experts_packed_buffer_keeps_padding_rows_zero():
@@ -66,8 +71,9 @@ def test_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
 def test_activation_opchecks():
     h = randn(3, 2, 10)
     torch.library.opcheck(triton_activations._squared_relu_op, (leaf(h),))
-    torch.library.opcheck(triton_activations._squared_relu_backward_op,
-                          (randn(3, 2, 10, seed=1), h))
+    torch.library.opcheck(
+        triton_activations._squared_relu_backward_op, (randn(3, 2, 10, seed=1), h)
+    )
     torch.library.opcheck(triton_activations._swiglu_op, (leaf(h),))
     torch.library.opcheck(triton_activations._swiglu_backward_op, (randn(3, 2, 5, seed=1), h))
 
@@ -91,5 +97,6 @@ def test_activation_matches_eager_at_real_shapes_on_gpu(name, dtype):
     width = 2 * 16384 if name == "swiglu" else 16384
     h = randn(2, 4096, width, dtype=dtype, scale=2.0)
     # Elementwise: no sums, so the small-shape tolerances hold at any size.
-    assert_matches(getattr(triton_activations, name), getattr(eager_activations, name), [h],
-                   dtype=dtype)
+    assert_matches(
+        getattr(triton_activations, name), getattr(eager_activations, name), [h], dtype=dtype
+    )

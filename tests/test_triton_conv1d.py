@@ -46,14 +46,27 @@ def conv_inputs(width, layout, has_bias, dtype, seqlen=SEQLEN, channels=CHANNELS
 def check(inputs, activation, dtype, **kwargs):
     """assert_matches, passing bias=None positionally when the inputs have no bias."""
     if len(inputs) == 3:
-        assert_matches(triton_conv1d.causal_conv1d, eager_conv1d.causal_conv1d, inputs, activation,
-                       dtype=dtype, **kwargs)
+        assert_matches(
+            triton_conv1d.causal_conv1d,
+            eager_conv1d.causal_conv1d,
+            inputs,
+            activation,
+            dtype=dtype,
+            **kwargs,
+        )
     else:
+
         def with_no_bias(fn):
             return lambda x, w, activation: fn(x, w, None, activation)
-        assert_matches(with_no_bias(triton_conv1d.causal_conv1d),
-                       with_no_bias(eager_conv1d.causal_conv1d), inputs, activation, dtype=dtype,
-                       **kwargs)
+
+        assert_matches(
+            with_no_bias(triton_conv1d.causal_conv1d),
+            with_no_bias(eager_conv1d.causal_conv1d),
+            inputs,
+            activation,
+            dtype=dtype,
+            **kwargs,
+        )
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=["none", "silu"])
@@ -78,8 +91,13 @@ def test_causal_conv1d_reads_a_strided_slice_over_several_time_blocks():
     packed = randn(BATCH, 40, 32)
     x = packed[..., 5:25]
     assert not x.is_contiguous()
-    assert_matches(triton_conv1d.causal_conv1d, eager_conv1d.causal_conv1d,
-                   [x, randn(20, 1, 4, seed=1), randn(20, seed=2)], "silu", dtype=torch.float32)
+    assert_matches(
+        triton_conv1d.causal_conv1d,
+        eager_conv1d.causal_conv1d,
+        [x, randn(20, 1, 4, seed=1), randn(20, seed=2)],
+        "silu",
+        dtype=torch.float32,
+    )
 
 
 def test_causal_conv1d_is_causal():
@@ -121,8 +139,10 @@ def test_backward_partials_stay_bounded_for_long_sequences():
         _, _, steps, programs = triton_conv1d._launch(cuda, 6144, seqlen, "bwd_", batch, 4)
         assert programs * steps >= seqlen and steps % 4 == 0
         assert batch * programs * 5 * 6144 * 4 <= triton_conv1d.MAX_PARTIAL_BYTES
-    assert triton_conv1d._launch(cuda, 6144, 4096, "bwd_", 2, 4)[2] == \
-        triton_conv1d.GPU_TUNING["bwd_time"]
+    assert (
+        triton_conv1d._launch(cuda, 6144, 4096, "bwd_", 2, 4)[2]
+        == triton_conv1d.GPU_TUNING["bwd_time"]
+    )
 
 
 def test_registry_binds_triton_causal_conv1d():
@@ -145,7 +165,15 @@ GPU_TOLERANCE = {torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=["none", "silu"])
 def test_causal_conv1d_matches_eager_at_a_real_shape_on_gpu(activation):
     x = randn(4, 1024, 4096, dtype=torch.bfloat16)
-    w, b = randn(4096, 1, 4, dtype=torch.bfloat16, seed=1), randn(4096, dtype=torch.bfloat16,
-                                                                   seed=2)
-    assert_matches(triton_conv1d.causal_conv1d, eager_conv1d.causal_conv1d, [x, w, b], activation,
-                   dtype=torch.bfloat16, tolerance=GPU_TOLERANCE)
+    w, b = (
+        randn(4096, 1, 4, dtype=torch.bfloat16, seed=1),
+        randn(4096, dtype=torch.bfloat16, seed=2),
+    )
+    assert_matches(
+        triton_conv1d.causal_conv1d,
+        eager_conv1d.causal_conv1d,
+        [x, w, b],
+        activation,
+        dtype=torch.bfloat16,
+        tolerance=GPU_TOLERANCE,
+    )

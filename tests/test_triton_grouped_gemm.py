@@ -72,7 +72,7 @@ def reference_experts(x, counts, fc1, fc2, activation, rounded):
     act = activation_fn(activation)
     outs, start = [], 0
     for e, count in enumerate(counts.tolist()):
-        h = x[start:start + count] @ fc1[e].T
+        h = x[start : start + count] @ fc1[e].T
         if rounded:
             h = _RoundBackward.apply(_RoundForward.apply(h))
         a = act(h)
@@ -88,8 +88,8 @@ def expert_inputs(counts, activation, dtype, spare_rows=SPARE_ROWS, hidden=HIDDE
     """x, counts, fc1, fc2 with activations of order one (weights scaled by 1/sqrt(fan-in))."""
     num_experts, rows = len(counts), sum(counts) + spare_rows
     x = randn(rows, hidden, dtype=dtype)
-    fc1 = randn(num_experts, fc1_width(ffn, activation), hidden, seed=1, scale=hidden ** -0.5)
-    fc2 = randn(num_experts, hidden, ffn, seed=2, scale=ffn ** -0.5)
+    fc1 = randn(num_experts, fc1_width(ffn, activation), hidden, seed=1, scale=hidden**-0.5)
+    fc2 = randn(num_experts, hidden, ffn, seed=2, scale=ffn**-0.5)
     return x, torch.tensor(counts, device=DEVICE), fc1.to(dtype), fc2.to(dtype)
 
 
@@ -106,17 +106,26 @@ def assert_matches_reference(fn, counts, activation, dtype, tolerance=None):
     inputs = expert_inputs(counts, activation, dtype)
     got = outputs_and_grads(fn, *inputs, activation)
     x, counts_t, fc1, fc2 = inputs
-    want = outputs_and_grads(reference_experts, x.double(), counts_t, fc1.double(), fc2.double(),
-                             activation, dtype == torch.bfloat16)
+    want = outputs_and_grads(
+        reference_experts,
+        x.double(),
+        counts_t,
+        fc1.double(),
+        fc2.double(),
+        activation,
+        dtype == torch.bfloat16,
+    )
     tolerance = tolerance or (BF16_TOLERANCE if dtype == torch.bfloat16 else TOLERANCE[dtype])
-    for name, g, w, original in zip(["y", "dx", "dfc1", "dfc2"], got, want,
-                                    [x, x, fc1, fc2], strict=True):
+    for name, g, w, original in zip(
+        ["y", "dx", "dfc1", "dfc2"], got, want, [x, x, fc1, fc2], strict=True
+    ):
         assert g.dtype == original.dtype and g.shape == w.shape, name
         torch.testing.assert_close(g, w.to(g.dtype), **tolerance, msg=lambda m, n=name: f"{n}: {m}")
     return got
 
 
 # -- Triton ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -127,8 +136,7 @@ def test_triton_experts_match_the_reference(dtype, activation):
 
 def test_triton_experts_with_groups_on_and_across_tile_edges():
     # 16 rows = exactly one tile, 1 row, 33 = two tiles and one row; zero tokens last.
-    assert_matches_reference(triton_grouped_gemm.experts, [16, 1, 33, 0], "swiglu",
-                             torch.float32)
+    assert_matches_reference(triton_grouped_gemm.experts, [16, 1, 33, 0], "swiglu", torch.float32)
 
 
 def test_triton_experts_without_tokens_get_zero_weight_gradients():
@@ -141,8 +149,9 @@ def test_triton_experts_without_tokens_get_zero_weight_gradients():
 
 def test_triton_experts_with_no_tokens_at_all():
     x, counts, fc1, fc2 = expert_inputs([0, 0, 0], "swiglu", torch.float32, spare_rows=0)
-    y, dx, dfc1, dfc2 = outputs_and_grads(triton_grouped_gemm.experts, x, counts, fc1, fc2,
-                                          "swiglu")
+    y, dx, dfc1, dfc2 = outputs_and_grads(
+        triton_grouped_gemm.experts, x, counts, fc1, fc2, "swiglu"
+    )
     assert y.shape == (0, HIDDEN) and dx.shape == (0, HIDDEN)
     assert not dfc1.any() and not dfc2.any()
 
@@ -152,12 +161,14 @@ def test_triton_experts_compute_in_the_autocast_dtype():
     # bf16, and the float32 weights get float32 gradients (of the bf16 computation).
     x, counts, fc1, fc2 = expert_inputs(UNEVEN, "squared_relu", torch.float32)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        y, dx, dfc1, dfc2 = outputs_and_grads(triton_grouped_gemm.experts, x, counts, fc1, fc2,
-                                              "squared_relu")
+        y, dx, dfc1, dfc2 = outputs_and_grads(
+            triton_grouped_gemm.experts, x, counts, fc1, fc2, "squared_relu"
+        )
     assert y.dtype == torch.bfloat16 and dx.dtype == dfc1.dtype == dfc2.dtype == torch.float32
     bf16 = [t.to(torch.bfloat16) for t in (x, fc1, fc2)]
-    want = outputs_and_grads(triton_grouped_gemm.experts, bf16[0], counts, *bf16[1:],
-                             "squared_relu")
+    want = outputs_and_grads(
+        triton_grouped_gemm.experts, bf16[0], counts, *bf16[1:], "squared_relu"
+    )
     for g, w in zip((y, dx, dfc1, dfc2), want, strict=True):
         torch.testing.assert_close(g, w.to(g.dtype), rtol=0, atol=0)
 
@@ -168,14 +179,17 @@ def test_triton_experts_is_the_registered_implementation():
 
 
 def test_triton_experts_opcheck():
-    x, counts, fc1, fc2 = expert_inputs([5, 0, 9], "swiglu", torch.float32, spare_rows=2,
-                                        hidden=16, ffn=16)  # opcheck runs it ~10 times
-    torch.library.opcheck(triton_grouped_gemm._experts_op,
-                          (leaf(x), counts, leaf(fc1), leaf(fc2), "swiglu"))
+    x, counts, fc1, fc2 = expert_inputs(
+        [5, 0, 9], "swiglu", torch.float32, spare_rows=2, hidden=16, ffn=16
+    )  # opcheck runs it ~10 times
+    torch.library.opcheck(
+        triton_grouped_gemm._experts_op, (leaf(x), counts, leaf(fc1), leaf(fc2), "swiglu")
+    )
     _, hpre = triton_grouped_gemm._experts_op(x, counts, fc1, fc2, "swiglu")
     dy = randn(*x.shape, seed=3)
-    torch.library.opcheck(triton_grouped_gemm._experts_backward_op,
-                          (dy, x, counts, fc1, fc2, hpre, "swiglu"))
+    torch.library.opcheck(
+        triton_grouped_gemm._experts_backward_op, (dy, x, counts, fc1, fc2, hpre, "swiglu")
+    )
 
 
 def test_triton_experts_compile_without_graph_breaks():
@@ -191,6 +205,7 @@ def test_triton_experts_compile_without_graph_breaks():
 
 
 # -- eager ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_eager_experts_match_the_reference(activation):
@@ -212,16 +227,21 @@ def test_eager_experts_reject_counts_summing_past_the_tokens():
         moe_eager.experts(x, torch.tensor([8, 0, 20, 13]), fc1, fc2, "squared_relu")
 
 
-@pytest.mark.parametrize("experts", [moe_eager.experts, triton_grouped_gemm.experts],
-                         ids=["eager", "triton"])
+@pytest.mark.parametrize(
+    "experts", [moe_eager.experts, triton_grouped_gemm.experts], ids=["eager", "triton"]
+)
 def test_experts_reject_fc1_without_room_for_the_swiglu_gate(experts):
     x, counts, fc1, fc2 = expert_inputs(UNEVEN, "squared_relu", torch.float32)
-    with pytest.raises(ValueError, match=r"fc1_EFH has shape \(4, 48, 32\), expected "
-                                         r"\(4, 96, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"fc1_EFH has shape \(4, 48, 32\), expected "
+        r"\(4, 96, 32\)",
+    ):
         experts(x, counts, fc1, fc2, "swiglu")
 
 
 # -- real shapes on GPU ---------------------------------------------------------------------------
+
 
 # 16k tokens routed top-2 to 8 experts, Nemotron-H-like widths. The float32 reference on the GPU
 # (no TF32) follows the kernels' rounding points; at these widths a rounding-boundary flip of an
@@ -238,12 +258,22 @@ def test_triton_experts_match_the_reference_at_real_shapes_on_gpu(dtype, activat
     inputs = expert_inputs(counts, activation, dtype, spare_rows=0, hidden=2048, ffn=1024)
     got = outputs_and_grads(triton_grouped_gemm.experts, *inputs, activation)
     x, counts_t, fc1, fc2 = inputs
-    want = outputs_and_grads(reference_experts, x.float(), counts_t, fc1.float(), fc2.float(),
-                             activation, dtype == torch.bfloat16)
+    want = outputs_and_grads(
+        reference_experts,
+        x.float(),
+        counts_t,
+        fc1.float(),
+        fc2.float(),
+        activation,
+        dtype == torch.bfloat16,
+    )
     for name, g, w in zip(["y", "dx", "dfc1", "dfc2"], got, want, strict=True):
         scale = w.abs().max().item()
-        tolerance = dict(rtol=1.6e-2, atol=scale * 2 ** -8) if dtype == torch.bfloat16 else \
-            dict(rtol=1e-4, atol=scale * 1e-5)
+        tolerance = (
+            dict(rtol=1.6e-2, atol=scale * 2**-8)
+            if dtype == torch.bfloat16
+            else dict(rtol=1e-4, atol=scale * 1e-5)
+        )
         torch.testing.assert_close(g, w.to(g.dtype), **tolerance, msg=lambda m, n=name: f"{n}: {m}")
 
 

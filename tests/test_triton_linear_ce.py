@@ -73,8 +73,9 @@ def reference(hidden, weight, labels, ignore_index=IGNORE, logits_dtype=None):
         return eager_linear_ce.linear_cross_entropy(hidden, weight, labels, ignore_index)
     logits = F.linear(hidden, weight)
     logits = logits + (logits.to(logits_dtype).to(logits.dtype) - logits).detach()
-    return F.cross_entropy(logits.reshape(-1, weight.shape[0]), labels.reshape(-1),
-                           ignore_index=ignore_index)
+    return F.cross_entropy(
+        logits.reshape(-1, weight.shape[0]), labels.reshape(-1), ignore_index=ignore_index
+    )
 
 
 def loss_and_grads(fn, hidden, weight, labels, *args, **kwargs):
@@ -89,13 +90,14 @@ def check(hidden, weight, labels, *args, dtype, logits_dtype=None, autocast=Fals
     within the tolerances of the module docstring for `dtype`."""
     if autocast:
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            out = loss_and_grads(triton_linear_ce.linear_cross_entropy, hidden, weight, labels,
-                                 *args)
+            out = loss_and_grads(
+                triton_linear_ce.linear_cross_entropy, hidden, weight, labels, *args
+            )
     else:
-        out = loss_and_grads(triton_linear_ce.linear_cross_entropy, hidden, weight, labels,
-                             *args)
-    ref = loss_and_grads(reference, hidden.double(), weight.double(), labels, *args,
-                         logits_dtype=logits_dtype)
+        out = loss_and_grads(triton_linear_ce.linear_cross_entropy, hidden, weight, labels, *args)
+    ref = loss_and_grads(
+        reference, hidden.double(), weight.double(), labels, *args, logits_dtype=logits_dtype
+    )
     loss, grad_hidden, grad_weight = out
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert grad_hidden.dtype == hidden.dtype and grad_weight.dtype == weight.dtype
@@ -103,11 +105,17 @@ def check(hidden, weight, labels, *args, dtype, logits_dtype=None, autocast=Fals
     rtol, fraction = (1e-5, 1e-5) if dtype == torch.float32 else (1.6e-2, 1 / 64)
     for name, got, want in (("hidden", grad_hidden, ref[1]), ("weight", grad_weight, ref[2])):
         atol = fraction * want.abs().max().item()
-        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol,
-                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+        torch.testing.assert_close(
+            got.double(),
+            want,
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, name=name: f"gradient of {name}: {m}",
+        )
 
 
 # -- against the reference ------------------------------------------------------------------------
+
 
 def test_shapes_here_span_several_token_chunks():
     assert triton_linear_ce.chunk_tokens(TOKENS, VOCAB, torch.float32) == 4  # 10 chunks
@@ -127,15 +135,22 @@ def test_matches_eager_under_bf16_autocast_with_float32_tensors():
     # bf16 (as autocast's F.linear makes them), the gradients come back float32. The values are
     # bf16-representable so autocast's input casts are exact and the reference sees the same.
     hidden, weight, labels = make_inputs()
-    check(bf16_values(hidden), bf16_values(weight), labels, dtype=torch.bfloat16,
-          logits_dtype=torch.bfloat16, autocast=True)
+    check(
+        bf16_values(hidden),
+        bf16_values(weight),
+        labels,
+        dtype=torch.bfloat16,
+        logits_dtype=torch.bfloat16,
+        autocast=True,
+    )
 
 
 def test_matches_eager_with_batch_dims_and_another_ignore_index():
     hidden, weight, labels = make_inputs()
     labels = torch.where(labels == IGNORE, torch.zeros_like(labels), labels)  # 0 is ignored now
-    check(hidden[:36].reshape(4, 9, WIDTH), weight, labels[:36].reshape(4, 9), 0,
-          dtype=torch.float32)
+    check(
+        hidden[:36].reshape(4, 9, WIDTH), weight, labels[:36].reshape(4, 9), 0, dtype=torch.float32
+    )
 
 
 def test_reads_strided_hidden_states_and_labels():
@@ -150,8 +165,9 @@ def test_reads_strided_hidden_states_and_labels():
     def every_other_column(fn):
         return lambda wide, weight, labels: fn(wide[:, ::2], weight, labels)
 
-    got = loss_and_grads(every_other_column(triton_linear_ce.linear_cross_entropy), wide,
-                         weight, all_labels[:, 0])
+    got = loss_and_grads(
+        every_other_column(triton_linear_ce.linear_cross_entropy), wide, weight, all_labels[:, 0]
+    )
     want = loss_and_grads(every_other_column(reference), wide.double(), weight.double(), labels)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
@@ -159,13 +175,14 @@ def test_reads_strided_hidden_states_and_labels():
 
 def test_every_token_ignored_gives_nan_loss_and_zero_gradients_as_eager():
     hidden, weight, labels = make_inputs()
-    loss, grad_hidden, grad_weight = loss_and_grads(triton_linear_ce.linear_cross_entropy,
-                                                    hidden, weight, torch.full_like(labels,
-                                                                                    IGNORE))
+    loss, grad_hidden, grad_weight = loss_and_grads(
+        triton_linear_ce.linear_cross_entropy, hidden, weight, torch.full_like(labels, IGNORE)
+    )
     assert math.isnan(loss.item())
     assert not grad_hidden.any() and not grad_weight.any()
-    eager_loss = eager_linear_ce.linear_cross_entropy(hidden, weight,
-                                                      torch.full_like(labels, IGNORE))
+    eager_loss = eager_linear_ce.linear_cross_entropy(
+        hidden, weight, torch.full_like(labels, IGNORE)
+    )
     assert math.isnan(eager_loss.item())
 
 
@@ -202,8 +219,9 @@ def test_without_grad_mode_only_the_loss_is_computed():
     hidden, weight, labels = make_inputs()
     with torch.no_grad():
         loss = triton_linear_ce.linear_cross_entropy(leaf(hidden), leaf(weight), labels)
-    torch.testing.assert_close(loss, reference(hidden.double(), weight.double(), labels).float(),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        loss, reference(hidden.double(), weight.double(), labels).float(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_frozen_weight_gets_no_gradient():
@@ -212,8 +230,9 @@ def test_frozen_weight_gets_no_gradient():
     triton_linear_ce.linear_cross_entropy(h, weight, labels).backward()
     h_ref = leaf(hidden.double())
     reference(h_ref, weight.double(), labels).backward()
-    torch.testing.assert_close(h.grad.double(), h_ref.grad, rtol=1e-5,
-                               atol=1e-5 * h_ref.grad.abs().max().item())
+    torch.testing.assert_close(
+        h.grad.double(), h_ref.grad, rtol=1e-5, atol=1e-5 * h_ref.grad.abs().max().item()
+    )
 
 
 def test_rejects_mismatched_shapes():
@@ -227,8 +246,9 @@ def test_rejects_mismatched_shapes():
 def test_opcheck():
     hidden, weight, labels = make_inputs(tokens=9, vocab=40)
     op = triton_linear_ce._linear_cross_entropy_op
-    torch.library.opcheck(op, (leaf(hidden), leaf(weight), labels, IGNORE, torch.float32,
-                               True, True))
+    torch.library.opcheck(
+        op, (leaf(hidden), leaf(weight), labels, IGNORE, torch.float32, True, True)
+    )
     torch.library.opcheck(op, (hidden, weight, labels, IGNORE, torch.float32, False, False))
 
 
@@ -273,13 +293,13 @@ def gpu_inputs(tokens, seed=0):
 def test_matches_eager_at_vocab_131072_on_gpu():
     hidden, weight, labels = gpu_inputs(GPU_TOKENS)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, grad_hidden, grad_weight = loss_and_grads(triton_linear_ce.linear_cross_entropy,
-                                                        hidden, weight, labels)
+        loss, grad_hidden, grad_weight = loss_and_grads(
+            triton_linear_ce.linear_cross_entropy, hidden, weight, labels
+        )
     ref = loss_and_grads(reference, hidden, weight, labels, logits_dtype=torch.bfloat16)
     torch.testing.assert_close(loss, ref[0], rtol=1e-4, atol=1e-5)
     for got, want in ((grad_hidden, ref[1]), (grad_weight, ref[2])):
-        torch.testing.assert_close(got, want, rtol=1.6e-2,
-                                   atol=want.abs().max().item() / 64)
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=want.abs().max().item() / 64)
 
 
 def loss_path_memory(fn, hidden, weight, labels) -> int:
@@ -310,7 +330,9 @@ def test_loss_path_memory_is_at_most_a_quarter_of_the_float32_logits_on_gpu():
     logits_bytes = tokens * GPU_VOCAB * 4
     fused = loss_path_memory(triton_linear_ce.linear_cross_entropy, hidden, weight, labels)
     eager = loss_path_memory(eager_linear_ce.linear_cross_entropy, hidden, weight, labels)
-    print(f"loss-path memory beyond inputs and gradients: fused {fused / 2**20:.0f} MiB, eager "
-          f"{eager / 2**20:.0f} MiB, float32 logits {logits_bytes / 2**20:.0f} MiB")
+    print(
+        f"loss-path memory beyond inputs and gradients: fused {fused / 2**20:.0f} MiB, eager "
+        f"{eager / 2**20:.0f} MiB, float32 logits {logits_bytes / 2**20:.0f} MiB"
+    )
     assert fused <= logits_bytes // 4
     assert fused < eager

@@ -63,8 +63,12 @@ def test_rotary_matches_eager_on_attention_layout(dtype):
 def test_rotary_matches_eager_with_tables_in_x_dtype_and_other_ranks(dtype):
     cos, sin = tables(seq=5, dim=8, dtype=dtype)
     for shape in [(5, 8), (4, 5, 8), (2, 2, 3, 5, 8)]:
-        assert_matches(triton_rotary.rotary, eager_rotary.rotary,
-                       [randn(*shape, dtype=dtype), cos, sin], dtype=dtype)
+        assert_matches(
+            triton_rotary.rotary,
+            eager_rotary.rotary,
+            [randn(*shape, dtype=dtype), cos, sin],
+            dtype=dtype,
+        )
 
 
 def test_rotary_reads_strided_q_and_k_in_place_and_keeps_their_layout():
@@ -74,10 +78,10 @@ def test_rotary_reads_strided_q_and_k_in_place_and_keeps_their_layout():
     cos, sin = tables()
     y = triton_rotary.rotary(q_view(packed), cos, sin)
     assert y.stride() == q_view(torch.empty(BATCH, SEQ, HEADS * HEAD_DIM)).stride()
-    out, (grad,) = outputs_and_grads(lambda p: triton_rotary.rotary(q_view(p), cos, sin),
-                                     [packed])
-    out_ref, (grad_ref,) = outputs_and_grads(lambda p: eager_rotary.rotary(q_view(p), cos, sin),
-                                             [packed])
+    out, (grad,) = outputs_and_grads(lambda p: triton_rotary.rotary(q_view(p), cos, sin), [packed])
+    out_ref, (grad_ref,) = outputs_and_grads(
+        lambda p: eager_rotary.rotary(q_view(p), cos, sin), [packed]
+    )
     torch.testing.assert_close(out[0], out_ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5)
 
@@ -110,8 +114,7 @@ def test_rotary_opcheck():
     x = randn(2, 5, 3, 8).transpose(1, 2)  # strided
     torch.library.opcheck(triton_rotary._rotary_op, (leaf(x), cos, sin))
     torch.library.opcheck(triton_rotary._rotary_op, (leaf(x), leaf(cos), leaf(sin)))
-    torch.library.opcheck(triton_rotary._rotary_backward_op, (randn(2, 3, 5, 8, seed=1), cos,
-                                                              sin))
+    torch.library.opcheck(triton_rotary._rotary_backward_op, (randn(2, 3, 5, 8, seed=1), cos, sin))
 
 
 def test_rotary_compiles_without_graph_breaks():
@@ -135,6 +138,7 @@ def test_registry_binds_triton_rotary():
 
 # -- real shape on GPU ----------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_rotary_matches_eager_at_a_real_shape_on_gpu(dtype):
@@ -143,6 +147,13 @@ def test_rotary_matches_eager_at_a_real_shape_on_gpu(dtype):
     # float32 reordering stays within the float32 tolerance for these O(10) sums.
     x = randn(4, 4096, 32, 128, dtype=dtype).transpose(1, 2)
     cos, sin = tables(seq=4096, dim=128)
-    assert_matches(triton_rotary.rotary, eager_rotary.rotary, [x, cos, sin], dtype=dtype,
-                   tolerance={torch.float32: dict(rtol=1e-5, atol=1e-4),
-                              torch.bfloat16: dict(rtol=1.6e-2, atol=1e-4)})
+    assert_matches(
+        triton_rotary.rotary,
+        eager_rotary.rotary,
+        [x, cos, sin],
+        dtype=dtype,
+        tolerance={
+            torch.float32: dict(rtol=1e-5, atol=1e-4),
+            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-4),
+        },
+    )

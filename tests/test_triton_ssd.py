@@ -43,14 +43,29 @@ from megatron_hybrid.kernels.registry import resolve_kernels  # noqa: E402
 from megatron_hybrid.kernels.ssd import triton as triton_ssd  # noqa: E402
 from megatron_hybrid.kernels.ssd.eager import ssd_chunked_scan as eager_ssd  # noqa: E402
 
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol_scale=1e-6),
-             torch.bfloat16: dict(rtol=2**-6, atol_scale=5e-3)}
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol_scale=1e-6),
+    torch.bfloat16: dict(rtol=2**-6, atol_scale=5e-3),
+}
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_states")
 
 
-def ssd_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, *, dtype=torch.float32,
-               dt_dtype=torch.float32, D=None, dt_bias=False, initial=False, packed=False,
-               seed=0):
+def ssd_inputs(
+    batch,
+    seqlen,
+    nheads,
+    headdim,
+    ngroups,
+    dstate,
+    *,
+    dtype=torch.float32,
+    dt_dtype=torch.float32,
+    D=None,
+    dt_bias=False,
+    initial=False,
+    packed=False,
+    seed=0,
+):
     """Random never-zero inputs as a Mamba2 layer makes them: x, B, C in `dtype` (with `packed`,
     strided views into one (batch, seqlen, channels) buffer, as the layer's conv output is split),
     raw dt with dt_bias (else positive dt), A < 0."""
@@ -59,12 +74,17 @@ def ssd_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, *, dtype=torch.f
         widths = [nheads * headdim, ngroups * dstate, ngroups * dstate]
         xBC = randn(batch, seqlen, sum(widths) + 3, dtype=dtype, seed=seed)[..., 3:]
         x, B, C = xBC.split(widths, dim=-1)
-        inputs.update(x=x.unflatten(-1, (nheads, headdim)), B=B.unflatten(-1, (ngroups, dstate)),
-                      C=C.unflatten(-1, (ngroups, dstate)))
+        inputs.update(
+            x=x.unflatten(-1, (nheads, headdim)),
+            B=B.unflatten(-1, (ngroups, dstate)),
+            C=C.unflatten(-1, (ngroups, dstate)),
+        )
     else:
-        inputs.update(x=randn(batch, seqlen, nheads, headdim, dtype=dtype, seed=seed),
-                      B=randn(batch, seqlen, ngroups, dstate, dtype=dtype, seed=seed + 1),
-                      C=randn(batch, seqlen, ngroups, dstate, dtype=dtype, seed=seed + 2))
+        inputs.update(
+            x=randn(batch, seqlen, nheads, headdim, dtype=dtype, seed=seed),
+            B=randn(batch, seqlen, ngroups, dstate, dtype=dtype, seed=seed + 1),
+            C=randn(batch, seqlen, ngroups, dstate, dtype=dtype, seed=seed + 2),
+        )
     dt = randn(batch, seqlen, nheads, seed=seed + 3)
     inputs["dt"] = (dt if dt_bias else F.softplus(dt)).to(dt_dtype)
     inputs["A"] = -torch.exp(randn(nheads, seed=seed + 4))
@@ -83,20 +103,26 @@ def run_ssd(fn, inputs, chunk_size, **options):
     """y, final states, and the gradient of every input under random output gradients."""
     leaves = {name: leaf(t) for name, t in inputs.items()}
     y, final = fn(**leaves, chunk_size=chunk_size, return_final_states=True, **options)
-    loss = ((y.double() * randn(*y.shape, seed=100).double()).sum()
-            + (final.double() * randn(*final.shape, seed=101).double()).sum())
+    loss = (y.double() * randn(*y.shape, seed=100).double()).sum() + (
+        final.double() * randn(*final.shape, seed=101).double()
+    ).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
-    return {"y": y, "final_states": final,
-            **{f"d{name}": g for name, g in zip(leaves, grads, strict=True)}}
+    return {
+        "y": y,
+        "final_states": final,
+        **{f"d{name}": g for name, g in zip(leaves, grads, strict=True)},
+    }
 
 
-def assert_matches_eager(inputs, chunk_size, dtype, tolerance=TOLERANCE, overrides=None,
-                         **options):
+def assert_matches_eager(inputs, chunk_size, dtype, tolerance=TOLERANCE, overrides=None, **options):
     """Outputs and gradients within `tolerance[dtype]` (or `overrides[name]`) of eager's."""
     got = run_ssd(triton_ssd.ssd_chunked_scan, inputs, chunk_size, **options)
     want = run_ssd(eager_ssd, {k: v.double() for k, v in inputs.items()}, chunk_size, **options)
-    expected_dtypes = {"y": inputs["x"].dtype, "final_states": torch.float32,
-                       **{f"d{name}": t.dtype for name, t in inputs.items()}}
+    expected_dtypes = {
+        "y": inputs["x"].dtype,
+        "final_states": torch.float32,
+        **{f"d{name}": t.dtype for name, t in inputs.items()},
+    }
     for name, t in got.items():
         assert t.dtype == expected_dtypes[name] and t.shape == want[name].shape, name
         assert_close_scaled(t, want[name], name, **(overrides or {}).get(name, tolerance[dtype]))
@@ -104,11 +130,17 @@ def assert_matches_eager(inputs, chunk_size, dtype, tolerance=TOLERANCE, overrid
 
 def assert_close_scaled(t, r, name, rtol, atol_scale):
     """|t - r| <= rtol |r| + atol_scale max|r| elementwise."""
-    torch.testing.assert_close(t.double(), r, rtol=rtol, atol=atol_scale * r.abs().max().item(),
-                               msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        t.double(),
+        r,
+        rtol=rtol,
+        atol=atol_scale * r.abs().max().item(),
+        msg=lambda m: f"{name}: {m}",
+    )
 
 
 # -- float32 ---------------------------------------------------------------------------------------
+
 
 def test_matches_eager_in_the_mamba2_layer_configuration():
     # D per head, dt_bias + softplus + a dt_limit that clamps some steps at both ends, strided
@@ -150,8 +182,9 @@ def test_returns_only_y_without_final_states():
     assert isinstance(y, torch.Tensor)
     # With no gradient flowing into the final states, the gradients are those of y alone.
     leaves = {name: leaf(t) for name, t in inputs.items()}
-    grads = torch.autograd.grad(triton_ssd.ssd_chunked_scan(**leaves, chunk_size=32).sum(),
-                                list(leaves.values()))
+    grads = torch.autograd.grad(
+        triton_ssd.ssd_chunked_scan(**leaves, chunk_size=32).sum(), list(leaves.values())
+    )
     leaves_ref = {name: leaf(t.double()) for name, t in inputs.items()}
     y_ref = eager_ssd(**leaves_ref, chunk_size=32)
     grads_ref = torch.autograd.grad(y_ref.sum(), list(leaves_ref.values()))
@@ -162,42 +195,80 @@ def test_returns_only_y_without_final_states():
 
 # -- bfloat16 ------------------------------------------------------------------------------------
 
+
 def test_matches_eager_with_bf16_x_B_C_and_float32_dt():
     # The benchmark's case and the layer's under bf16 autocast-free training: bf16 activations,
     # float32 dt, A, D and dt_bias; chunks of two tiles, the last one partial.
-    inputs = ssd_inputs(1, 40, 4, 8, 2, 8, dtype=torch.bfloat16, D="per_head", dt_bias=True,
-                        initial=True)
+    inputs = ssd_inputs(
+        1, 40, 4, 8, 2, 8, dtype=torch.bfloat16, D="per_head", dt_bias=True, initial=True
+    )
     assert_matches_eager(inputs, 32, torch.bfloat16, dt_softplus=True, dt_limit=(0.0, 2.0))
 
 
 def test_matches_eager_with_every_input_in_bf16():
-    inputs = ssd_inputs(2, 24, 4, 8, 2, 8, dtype=torch.bfloat16, dt_dtype=torch.bfloat16,
-                        D="per_channel", dt_bias=True, initial=True, packed=True)
+    inputs = ssd_inputs(
+        2,
+        24,
+        4,
+        8,
+        2,
+        8,
+        dtype=torch.bfloat16,
+        dt_dtype=torch.bfloat16,
+        D="per_channel",
+        dt_bias=True,
+        initial=True,
+        packed=True,
+    )
     inputs = {name: t.to(torch.bfloat16) for name, t in inputs.items()}
     assert_matches_eager(inputs, 16, torch.bfloat16, dt_softplus=True)
 
 
 # -- torch.library, torch.compile, registry, errors -----------------------------------------------
 
+
 def tiny_op_args(with_optional: bool):
-    inputs = ssd_inputs(1, 10, 2, 4, 1, 4, D="per_head" if with_optional else None,
-                        dt_bias=with_optional, initial=with_optional)
-    return (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 8,
-            inputs.get("D"), inputs.get("dt_bias"), with_optional, 0.0, math.inf,
-            inputs.get("initial_states"))
+    inputs = ssd_inputs(
+        1,
+        10,
+        2,
+        4,
+        1,
+        4,
+        D="per_head" if with_optional else None,
+        dt_bias=with_optional,
+        initial=with_optional,
+    )
+    return (
+        inputs["x"],
+        inputs["dt"],
+        inputs["A"],
+        inputs["B"],
+        inputs["C"],
+        8,
+        inputs.get("D"),
+        inputs.get("dt_bias"),
+        with_optional,
+        0.0,
+        math.inf,
+        inputs.get("initial_states"),
+    )
 
 
 def test_ssd_opcheck():
     args = tiny_op_args(with_optional=True)
-    torch.library.opcheck(triton_ssd._ssd_op, tuple(
-        leaf(a) if isinstance(a, torch.Tensor) else a for a in args))
+    torch.library.opcheck(
+        triton_ssd._ssd_op, tuple(leaf(a) if isinstance(a, torch.Tensor) else a for a in args)
+    )
     dy, dfinal = randn(*args[0].shape, seed=9), randn(1, 2, 4, 4, seed=10)
     for op_args in (args, tiny_op_args(with_optional=False)):
         # The backward takes the forward's intermediates (dt, da_cs, cb, states) as inputs.
         intermediates = triton_ssd._ssd_op(*op_args)[2:]
-        torch.library.opcheck(triton_ssd._ssd_backward_op,
-                              (dy, dfinal, *op_args, *intermediates),
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(
+            triton_ssd._ssd_backward_op,
+            (dy, dfinal, *op_args, *intermediates),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 def test_backward_fills_no_gradient_of_the_saved_intermediates():
@@ -216,8 +287,11 @@ def test_backward_fills_no_gradient_of_the_saved_intermediates():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.__name__
-            if ("zero" in name or "fill" in name or "full" in name) and isinstance(
-                    out, torch.Tensor) and tuple(out.shape) == states_shape:
+            if (
+                ("zero" in name or "fill" in name or "full" in name)
+                and isinstance(out, torch.Tensor)
+                and tuple(out.shape) == states_shape
+            ):
                 filled.append(name)
             return out
 
@@ -230,8 +304,10 @@ def test_ssd_compiles_without_graph_breaks():
     inputs = ssd_inputs(1, 10, 2, 4, 1, 4, D="per_head", dt_bias=True)
 
     def layer(x, dt, A, B, C, D, dt_bias):
-        return triton_ssd.ssd_chunked_scan(x, dt, A, B, C, 8, D=D, dt_bias=dt_bias,
-                                           dt_softplus=True) * 2.0
+        return (
+            triton_ssd.ssd_chunked_scan(x, dt, A, B, C, 8, D=D, dt_bias=dt_bias, dt_softplus=True)
+            * 2.0
+        )
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # fullgraph: no breaks
     got, want = (run_grads(fn, inputs) for fn in (compiled, layer))
@@ -271,8 +347,10 @@ def test_rejects_float64_and_bad_shapes_like_the_eager_op():
 # against sum |terms| (measured on an H100: <= 1.8e-4 of it) but up to 4.5% of dA_h itself and
 # 3.5% of max |dA|. It gets atol_scale 0.1; every other tensor passes with atol_scale 1e-2.
 # (float32 matmuls are IEEE, so the float32 test keeps tolerances near the CPU ones.)
-GPU_TOLERANCE = {torch.bfloat16: dict(rtol=2**-6, atol_scale=1e-2),
-                 torch.float32: dict(rtol=1e-4, atol_scale=1e-5)}
+GPU_TOLERANCE = {
+    torch.bfloat16: dict(rtol=2**-6, atol_scale=1e-2),
+    torch.float32: dict(rtol=1e-4, atol_scale=1e-5),
+}
 GPU_BF16_DA = {"dA": dict(rtol=2**-6, atol_scale=0.1)}
 
 
@@ -280,10 +358,28 @@ GPU_BF16_DA = {"dA": dict(rtol=2**-6, atol_scale=0.1)}
 @pytest.mark.parametrize("chunk_size", [128, 256])
 def test_matches_eager_at_a_real_shape_in_bf16_on_gpu(chunk_size):
     # seqlen 2000: the last chunk is partial; 16 heads in 4 groups.
-    inputs = ssd_inputs(2, 2000, 16, 64, 4, 128, dtype=torch.bfloat16, D="per_head",
-                        dt_bias=True, initial=True, packed=True)
-    assert_matches_eager(inputs, chunk_size, torch.bfloat16, GPU_TOLERANCE, GPU_BF16_DA,
-                         dt_softplus=True, dt_limit=(0.0, 4.0))
+    inputs = ssd_inputs(
+        2,
+        2000,
+        16,
+        64,
+        4,
+        128,
+        dtype=torch.bfloat16,
+        D="per_head",
+        dt_bias=True,
+        initial=True,
+        packed=True,
+    )
+    assert_matches_eager(
+        inputs,
+        chunk_size,
+        torch.bfloat16,
+        GPU_TOLERANCE,
+        GPU_BF16_DA,
+        dt_softplus=True,
+        dt_limit=(0.0, 4.0),
+    )
 
 
 @pytest.mark.gpu

@@ -39,8 +39,11 @@ def write_tokenizer_files(folder: Path) -> dict[str, Path]:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=420, special_tokens=["<|endoftext|>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=420,
+        special_tokens=["<|endoftext|>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(CORPUS * 3, trainer)
 
     gpt2 = folder / "gpt2"
@@ -51,24 +54,33 @@ def write_tokenizer_files(folder: Path) -> dict[str, Path]:
     hf.mkdir()
     bos = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", bos)])
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
     tokenizer.save(str(hf / "tokenizer.json"))
     (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    return {"tokenizer_json": hf / "tokenizer.json", "vocab": gpt2 / "vocab.json",
-            "merges": gpt2 / "merges.txt"}
+    return {
+        "tokenizer_json": hf / "tokenizer.json",
+        "vocab": gpt2 / "vocab.json",
+        "merges": gpt2 / "merges.txt",
+    }
 
 
 # -- an independent GPT-2 encoder (OpenAI's algorithm, written from its description) ------------
 
 # GPT-2's pre-tokenization pattern in Python's `re`: letters [^\W\d_], digits \d, other
 # non-space symbols including "_". Equal to the original \p{L} / \p{N} classes on the texts above.
-_GPT2_PATTERN = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+"""
-                           r"""|\s+(?!\S)|\s+""")
+_GPT2_PATTERN = re.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+"""
+    r"""|\s+(?!\S)|\s+"""
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = printable[:], 0
     for b in range(256):
         if b not in printable:

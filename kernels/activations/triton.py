@@ -54,8 +54,16 @@ def _swiglu_fwd_kernel(
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    DY, H, DH, n_rows, width, stride_dy, stride_h, stride_dh,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+    DY,
+    H,
+    DH,
+    n_rows,
+    width,
+    stride_dy,
+    stride_h,
+    stride_dh,
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -74,6 +82,7 @@ def _swiglu_bwd_kernel(
 
 
 # -- launchers ------------------------------------------------------------------------------------
+
 
 def _swiglu_blocks(width: int) -> tuple[int, int]:
     block_f = min(1024, triton.next_power_of_2(width))
@@ -106,8 +115,9 @@ def _swiglu_forward(h: Tensor) -> Tensor:
     if y.numel():
         block_m, block_f = _swiglu_blocks(width)
         grid = (triton.cdiv(h2.shape[0], block_m), triton.cdiv(width, block_f))
-        _swiglu_fwd_kernel[grid](h2, y2, h2.shape[0], width, h2.stride(0), y2.stride(0),
-                                 BLOCK_M=block_m, BLOCK_F=block_f)
+        _swiglu_fwd_kernel[grid](
+            h2, y2, h2.shape[0], width, h2.stride(0), y2.stride(0), BLOCK_M=block_m, BLOCK_F=block_f
+        )
     return y
 
 
@@ -119,12 +129,23 @@ def _swiglu_backward(dy: Tensor, h: Tensor) -> Tensor:
     if dh.numel():
         block_m, block_f = _swiglu_blocks(width)
         grid = (triton.cdiv(h2.shape[0], block_m), triton.cdiv(width, block_f))
-        _swiglu_bwd_kernel[grid](dy2, h2, dh2, h2.shape[0], width, dy2.stride(0), h2.stride(0),
-                                 dh2.stride(0), BLOCK_M=block_m, BLOCK_F=block_f)
+        _swiglu_bwd_kernel[grid](
+            dy2,
+            h2,
+            dh2,
+            h2.shape[0],
+            width,
+            dy2.stride(0),
+            h2.stride(0),
+            dh2.stride(0),
+            BLOCK_M=block_m,
+            BLOCK_F=block_f,
+        )
     return dh
 
 
 # -- custom ops -----------------------------------------------------------------------------------
+
 
 @torch.library.custom_op("megatron_hybrid::squared_relu", mutates_args=())
 def _squared_relu_op(h: Tensor) -> Tensor:
@@ -188,6 +209,7 @@ _swiglu_op.register_autograd(_swiglu_grad, setup_context=_save_input)
 
 # -- public functions (the registry's `triton` implementations) -----------------------------------
 
+
 def squared_relu(h: Tensor) -> Tensor:
     """`relu(h)^2`, elementwise, in h's dtype."""
     check_inputs("squared_relu", h=h)
@@ -198,6 +220,8 @@ def swiglu(h: Tensor) -> Tensor:
     """`silu(gate) * up` for h = [gate, up] along the last dim (even width), in h's dtype."""
     check_inputs("swiglu", h=h)
     if h.dim() == 0 or h.shape[-1] % 2:
-        raise ValueError(f"swiglu (triton): h has shape {tuple(h.shape)}; the last dim must be "
-                         "even, [gate, up] packed")
+        raise ValueError(
+            f"swiglu (triton): h has shape {tuple(h.shape)}; the last dim must be "
+            "even, [gate, up] packed"
+        )
     return _swiglu_op(h)

@@ -8,8 +8,13 @@ import torch.nn.functional as F
 _ACTIVATIONS = (None, "silu", "swish")
 
 
-def check_conv1d_args(x_BLC: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      activation: str | None, name: str = "causal_conv1d") -> torch.Tensor:
+def check_conv1d_args(
+    x_BLC: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    name: str = "causal_conv1d",
+) -> torch.Tensor:
     """Validate causal_conv1d's arguments (every implementation shares them) and return the
     weight as (channels, kernel_width). Raises ValueError naming the argument and its shape."""
     if activation not in _ACTIVATIONS:

@@ -44,18 +44,23 @@ MAX_WIDTH = 4  # the kernels unroll up to 4 taps
 def _row(X, base, t, cols, c_ok, L, stride_xt, stride_xc):
     """Row t of a (batch, time, channel) tensor at `cols`, in its own dtype; zero outside [0, L)
     (the causal padding before the start, nothing past the end)."""
-    return tl.load(X + base + t.to(tl.int64) * stride_xt + cols * stride_xc,
-                   mask=_both(c_ok, (t >= 0) & (t < L)), other=0.0)
+    return tl.load(
+        X + base + t.to(tl.int64) * stride_xt + cols * stride_xc,
+        mask=_both(c_ok, (t >= 0) & (t < L)),
+        other=0.0,
+    )
 
 
 @triton.jit
 def _rows4(X, base, t, cols, c_ok, L, stride_xt, stride_xc):
     """Rows t .. t+3 (see `_row`). Loaded one iteration ahead of their use and converted to
     float32 only there, so they are in flight while the previous four steps compute."""
-    return (_row(X, base, t, cols, c_ok, L, stride_xt, stride_xc),
-            _row(X, base, t + 1, cols, c_ok, L, stride_xt, stride_xc),
-            _row(X, base, t + 2, cols, c_ok, L, stride_xt, stride_xc),
-            _row(X, base, t + 3, cols, c_ok, L, stride_xt, stride_xc))
+    return (
+        _row(X, base, t, cols, c_ok, L, stride_xt, stride_xc),
+        _row(X, base, t + 1, cols, c_ok, L, stride_xt, stride_xc),
+        _row(X, base, t + 2, cols, c_ok, L, stride_xt, stride_xc),
+        _row(X, base, t + 3, cols, c_ok, L, stride_xt, stride_xc),
+    )
 
 
 @triton.jit
@@ -89,8 +94,17 @@ def _dpre(pre, dy, SILU: tl.constexpr):
 
 
 @triton.jit
-def _load_weights(W, BIAS, cols, c_ok, stride_wc, stride_wk, K: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _load_weights(
+    W,
+    BIAS,
+    cols,
+    c_ok,
+    stride_wc,
+    stride_wk,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """The four right-aligned taps (w_j = weight[:, j - (4 - K)], zero for j < 4 - K) and the
     bias (zero without one), in float32."""
     w_ptr = W + cols * stride_wc - (4 - K) * stride_wk
@@ -107,10 +121,24 @@ def _load_weights(W, BIAS, cols, c_ok, stride_wc, stride_wk, K: tl.constexpr,
 
 @triton.jit
 def _conv_fwd_kernel(
-    X, W, BIAS, Y,
-    L, C, t_per_program,
-    stride_xb, stride_xt, stride_xc, stride_wc, stride_wk, stride_yb, stride_yt,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+    X,
+    W,
+    BIAS,
+    Y,
+    L,
+    C,
+    t_per_program,
+    stride_xb,
+    stride_xt,
+    stride_xc,
+    stride_wc,
+    stride_wk,
+    stride_yb,
+    stride_yt,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Program (time stretch, channel block, batch) streams its stretch forwards four steps at a
     time, keeping the three previous rows of x in registers: each row of x is read once (the
@@ -118,8 +146,9 @@ def _conv_fwd_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     batch = tl.program_id(2).to(tl.int64)
     c_ok = cols < C
-    w0, w1, w2, w3, b = _load_weights(W, BIAS, cols, c_ok, stride_wc, stride_wk, K, HAS_BIAS,
-                                      BLOCK_C)
+    w0, w1, w2, w3, b = _load_weights(
+        W, BIAS, cols, c_ok, stride_wc, stride_wk, K, HAS_BIAS, BLOCK_C
+    )
     base = batch * stride_xb
     y_ptr = Y + batch * stride_yb + cols
     t_begin = tl.program_id(0) * t_per_program
@@ -146,11 +175,29 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_bwd_kernel(
-    X, W, BIAS, DY, DX, PARTIAL,
-    L, C, t_per_program,
-    stride_xb, stride_xt, stride_xc, stride_wc, stride_wk,
-    stride_dyb, stride_dyt, stride_dyc, stride_dxb, stride_dxt,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+    X,
+    W,
+    BIAS,
+    DY,
+    DX,
+    PARTIAL,
+    L,
+    C,
+    t_per_program,
+    stride_xb,
+    stride_xt,
+    stride_xc,
+    stride_wc,
+    stride_wk,
+    stride_dyb,
+    stride_dyt,
+    stride_dyc,
+    stride_dxb,
+    stride_dxt,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Program (time stretch, channel block, batch) streams its stretch backwards four steps at
     a time. With dp = dpre at each step (recomputed from x: the inputs are all that is saved),
@@ -162,8 +209,9 @@ def _conv_bwd_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     batch = tl.program_id(2).to(tl.int64)
     c_ok = cols < C
-    w0, w1, w2, w3, b = _load_weights(W, BIAS, cols, c_ok, stride_wc, stride_wk, K, HAS_BIAS,
-                                      BLOCK_C)
+    w0, w1, w2, w3, b = _load_weights(
+        W, BIAS, cols, c_ok, stride_wc, stride_wk, K, HAS_BIAS, BLOCK_C
+    )
     base_x = batch * stride_xb
     dx_ptr = DX + batch * stride_dxb + cols
     t_begin = tl.program_id(0) * t_per_program
@@ -243,8 +291,12 @@ def _conv_bwd_kernel(
 # stretches of time keep many programs busy, and prefetching the next rows hides their loads.
 # The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
-    "block_c": 256, "warps": 2, "time": 32,
-    "bwd_block_c": 256, "bwd_warps": 2, "bwd_time": 64,
+    "block_c": 256,
+    "warps": 2,
+    "time": 32,
+    "bwd_block_c": 256,
+    "bwd_warps": 2,
+    "bwd_time": 64,
 }
 
 
@@ -253,8 +305,14 @@ GPU_TUNING: dict[str, int] = {
 MAX_PARTIAL_BYTES = 32 * 1024 * 1024
 
 
-def _launch(device: torch.device, channels: int, seqlen: int, pass_: str, batch: int = 1,
-            width: int = MAX_WIDTH) -> tuple[int, int, int, int]:
+def _launch(
+    device: torch.device,
+    channels: int,
+    seqlen: int,
+    pass_: str,
+    batch: int = 1,
+    width: int = MAX_WIDTH,
+) -> tuple[int, int, int, int]:
     """(BLOCK_C, num_warps, time steps per program, programs along time) of the forward
     (`pass_` "") or backward ("bwd_") kernel; the backward's partials, batch x programs x
     (width + 1) x channels float32, are kept under MAX_PARTIAL_BYTES. Under the CPU interpreter
@@ -278,35 +336,71 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tens
         return y
     block_c, num_warps, steps, programs = _launch(x.device, channels, seqlen, "")
     _conv_fwd_kernel[(programs, triton.cdiv(channels, block_c), batch)](
-        x, weight, bias if bias is not None else weight, y,
-        seqlen, channels, steps,
-        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
-        y.stride(0), y.stride(1),
-        K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block_c,
+        x,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        seqlen,
+        channels,
+        steps,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        weight.stride(0),
+        weight.stride(1),
+        y.stride(0),
+        y.stride(1),
+        K=weight.shape[1],
+        HAS_BIAS=bias is not None,
+        SILU=silu,
+        BLOCK_C=block_c,
         num_warps=num_warps,
     )
     return y
 
 
-def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
-              silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     batch, seqlen, channels = x.shape
     width = weight.shape[1]
     dx = torch.empty((batch, seqlen, channels), dtype=x.dtype, device=x.device)
     bias_dtype = bias.dtype if bias is not None else weight.dtype
     if dx.numel() == 0:
-        return (dx, torch.zeros(weight.shape, dtype=weight.dtype, device=x.device),
-                torch.zeros(channels, dtype=bias_dtype, device=x.device))
-    block_c, num_warps, steps, programs = _launch(x.device, channels, seqlen, "bwd_", batch,
-                                                  width)
-    partial = torch.empty(batch * programs, width + 1, channels, dtype=torch.float32,
-                          device=x.device)
+        return (
+            dx,
+            torch.zeros(weight.shape, dtype=weight.dtype, device=x.device),
+            torch.zeros(channels, dtype=bias_dtype, device=x.device),
+        )
+    block_c, num_warps, steps, programs = _launch(x.device, channels, seqlen, "bwd_", batch, width)
+    partial = torch.empty(
+        batch * programs, width + 1, channels, dtype=torch.float32, device=x.device
+    )
     _conv_bwd_kernel[(programs, triton.cdiv(channels, block_c), batch)](
-        x, weight, bias if bias is not None else weight, dy, dx, partial,
-        seqlen, channels, steps,
-        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
-        dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1),
-        K=width, HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block_c, num_warps=num_warps,
+        x,
+        weight,
+        bias if bias is not None else weight,
+        dy,
+        dx,
+        partial,
+        seqlen,
+        channels,
+        steps,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        weight.stride(0),
+        weight.stride(1),
+        dy.stride(0),
+        dy.stride(1),
+        dy.stride(2),
+        dx.stride(0),
+        dx.stride(1),
+        K=width,
+        HAS_BIAS=bias is not None,
+        SILU=silu,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     total = partial.sum(0)  # (K + 1, C) in float32, rounded once below
     # Copies, so that the two gradients do not share `total` (custom ops return no aliases).
@@ -315,6 +409,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 # -- custom ops -----------------------------------------------------------------------------------
+
 
 @torch.library.custom_op("megatron_hybrid::causal_conv1d", mutates_args=())
 def _causal_conv1d_op(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
@@ -327,16 +422,20 @@ def _(x, weight, bias, silu):
 
 
 @torch.library.custom_op("megatron_hybrid::causal_conv1d_backward", mutates_args=())
-def _causal_conv1d_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
-                               silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _causal_conv1d_backward_op(
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(dy, x, weight, bias, silu)
 
 
 @_causal_conv1d_backward_op.register_fake
 def _(dy, x, weight, bias, silu):
     bias_dtype = bias.dtype if bias is not None else weight.dtype
-    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
-            weight.new_empty((x.shape[-1],), dtype=bias_dtype))
+    return (
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        weight.new_empty((x.shape[-1],), dtype=bias_dtype),
+    )
 
 
 def _setup(ctx, inputs, output):
@@ -356,6 +455,7 @@ _causal_conv1d_op.register_autograd(_grad, setup_context=_setup)
 
 
 # -- public function (the registry's `triton` implementation) -------------------------------------
+
 
 def causal_conv1d(
     x_BLC: Tensor,

@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from megatron_hybrid.kernels.dtypes import at_least_float32
 
 
-def check_linear_cross_entropy_args(hidden: torch.Tensor, weight: torch.Tensor,
-                                    labels: torch.Tensor,
-                                    name: str = "linear_cross_entropy") -> None:
+def check_linear_cross_entropy_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    name: str = "linear_cross_entropy",
+) -> None:
     """Raise ValueError unless hidden is (..., H), weight (V, H) and labels an integer tensor of
     hidden's leading shape. Every implementation shares this check."""
     if hidden.dim() < 2 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
@@ -42,8 +45,9 @@ def check_linear_cross_entropy_args(hidden: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"{name}: labels are {labels.dtype}, expected an integer dtype")
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = -100) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight^T` against `labels` over the tokens whose label is
     not `ignore_index`: a float32 scalar (NaN when every token is ignored, as F.cross_entropy).
 
@@ -57,5 +61,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     check_linear_cross_entropy_args(hidden, weight, labels)
     logits = at_least_float32(F.linear(hidden, weight))
-    return F.cross_entropy(logits.reshape(-1, weight.shape[0]), labels.reshape(-1),
-                           ignore_index=ignore_index)
+    return F.cross_entropy(
+        logits.reshape(-1, weight.shape[0]), labels.reshape(-1), ignore_index=ignore_index
+    )

@@ -50,9 +50,15 @@ _ACCUMULATE_SLICE_BYTES = 32 * 1024 * 1024  # fallback accumulation: temporary p
 
 @triton.jit
 def _cross_entropy_chunk_kernel(
-    LOGITS, LABELS, LOSS, SCALE,
-    n_vocab, stride_row, ignore_index,
-    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOGITS,
+    LABELS,
+    LOSS,
+    SCALE,
+    n_vocab,
+    stride_row,
+    ignore_index,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """One row per program: loss = logsumexp(z) - z[label] (0 for an ignored row), and with
     WRITE_GRAD, z overwritten by (softmax(z) - onehot(label)) * scale (0 for an ignored row)."""
@@ -88,6 +94,7 @@ def _cross_entropy_chunk_kernel(
 
 
 # -- launcher -------------------------------------------------------------------------------------
+
 
 def chunk_tokens(n_tokens: int, n_vocab: int, dtype: torch.dtype) -> int:
     """Tokens per logits chunk: at most 1/8 of the float32 (N, V) logits and CHUNK_BYTES,
@@ -128,16 +135,22 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
             pass
     rows = max(1, _ACCUMULATE_SLICE_BYTES // max(1, b.shape[1] * a.element_size()))
     for start in range(0, a.shape[0], rows):
-        part = torch.mm(a[start:start + rows], b).float()
+        part = torch.mm(a[start : start + rows], b).float()
         if first:
-            acc[start:start + rows].copy_(part)
+            acc[start : start + rows].copy_(part)
         else:
-            acc[start:start + rows].add_(part)
+            acc[start : start + rows].add_(part)
 
 
-def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
-             compute_dtype: torch.dtype, hidden_grad: bool, weight_grad: bool
-             ) -> tuple[Tensor, Tensor, Tensor]:
+def _forward(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    compute_dtype: torch.dtype,
+    hidden_grad: bool,
+    weight_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     n_vocab, width = weight.shape
     h2 = hidden.reshape(-1, width)
     labels1 = labels.reshape(-1).contiguous()  # the kernel reads label n at LABELS + n
@@ -149,13 +162,15 @@ def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
         scale = (1.0 / count.float()).reshape(1)  # inf when every token is ignored: unused then
         loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=device)
         grad_h = torch.empty(h2.shape if hidden_grad else (0,), dtype=hidden.dtype, device=device)
-        grad_w_acc = torch.empty(weight.shape if weight_grad else (0,), dtype=torch.float32,
-                                 device=device)
+        grad_w_acc = torch.empty(
+            weight.shape if weight_grad else (0,), dtype=torch.float32, device=device
+        )
         if weight_grad and n_tokens == 0:
             grad_w_acc.zero_()
         chunk = chunk_tokens(n_tokens, n_vocab, compute_dtype)
-        logits_buffer = torch.empty(min(chunk, n_tokens), n_vocab, dtype=compute_dtype,
-                                    device=device)
+        logits_buffer = torch.empty(
+            min(chunk, n_tokens), n_vocab, dtype=compute_dtype, device=device
+        )
         block_v = min(_BLOCK_V, triton.next_power_of_2(n_vocab))
         num_warps = 8 if block_v >= 2048 else 4
         write_grad = hidden_grad or weight_grad
@@ -165,9 +180,16 @@ def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
             logits = logits_buffer[: end - start]
             torch.mm(h_c, w.t(), out=logits)
             _cross_entropy_chunk_kernel[(end - start,)](
-                logits, labels1[start:end], loss_rows[start:end], scale,
-                n_vocab, logits.stride(0), ignore_index,
-                WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=num_warps,
+                logits,
+                labels1[start:end],
+                loss_rows[start:end],
+                scale,
+                n_vocab,
+                logits.stride(0),
+                ignore_index,
+                WRITE_GRAD=write_grad,
+                BLOCK_V=block_v,
+                num_warps=num_warps,
             )
             if hidden_grad:
                 _mm_into(grad_h[start:end], logits, w)
@@ -180,20 +202,28 @@ def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
 
 # -- custom ops -----------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("megatron_hybrid::linear_cross_entropy", mutates_args=())
-def _linear_cross_entropy_op(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
-                             compute_dtype: torch.dtype, hidden_grad: bool, weight_grad: bool
-                             ) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_cross_entropy_op(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    compute_dtype: torch.dtype,
+    hidden_grad: bool,
+    weight_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(mean loss, d(loss)/d(hidden) or empty, d(loss)/d(weight) or empty)."""
-    return _forward(hidden, weight, labels, ignore_index, compute_dtype, hidden_grad,
-                    weight_grad)
+    return _forward(hidden, weight, labels, ignore_index, compute_dtype, hidden_grad, weight_grad)
 
 
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, labels, ignore_index, compute_dtype, hidden_grad, weight_grad):
-    return (hidden.new_empty((), dtype=torch.float32),
-            hidden.new_empty(hidden.shape if hidden_grad else (0,)),
-            weight.new_empty(weight.shape if weight_grad else (0,)))
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty(hidden.shape if hidden_grad else (0,)),
+        weight.new_empty(weight.shape if weight_grad else (0,)),
+    )
 
 
 def _setup(ctx, inputs, output):
@@ -219,8 +249,15 @@ def _grad(ctx, grad_loss, _grad_hidden, _grad_weight):
         # Traced (torch.compile, opcheck): AOTAutograd forbids mutating a forward output in the
         # backward graph; the compiler plans this memory itself.
         grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
-    return (grad_hidden if ctx.hidden_grad else None, grad_weight if ctx.weight_grad else None,
-            None, None, None, None, None)
+    return (
+        grad_hidden if ctx.hidden_grad else None,
+        grad_weight if ctx.weight_grad else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _linear_cross_entropy_op.register_autograd(_grad, setup_context=_setup)
@@ -228,8 +265,10 @@ _linear_cross_entropy_op.register_autograd(_grad, setup_context=_setup)
 
 # -- public function (the registry's `triton` implementation) -------------------------------------
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
-                         ignore_index: int = -100) -> Tensor:
+
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100
+) -> Tensor:
     """Mean cross-entropy of `hidden @ weight^T` against `labels` over the tokens whose label is
     not `ignore_index`, a float32 scalar, without materializing the logits; the same contract as
     kernels/linear_cross_entropy/eager.py::linear_cross_entropy (hidden (..., H), weight (V, H),
@@ -247,7 +286,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     grad_mode = torch.is_grad_enabled()
     loss, _, _ = _linear_cross_entropy_op(
-        hidden, weight, labels, ignore_index, compute_dtype,
-        grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad,
+        hidden,
+        weight,
+        labels,
+        ignore_index,
+        compute_dtype,
+        grad_mode and hidden.requires_grad,
+        grad_mode and weight.requires_grad,
     )
     return loss

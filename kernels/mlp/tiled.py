@@ -30,8 +30,9 @@ except ImportError:  # torch built without distributed support
     DTensor = ()
 
 
-def tiled_mlp(x: Tensor, linear_fc1: nn.Module, linear_fc2: nn.Module, act,
-              shards: int = 4) -> Tensor:
+def tiled_mlp(
+    x: Tensor, linear_fc1: nn.Module, linear_fc2: nn.Module, act, shards: int = 4
+) -> Tensor:
     """`linear_fc2(act(linear_fc1(x)))` over `shards` slices of the tokens (all dims but the
     last, flattened); same values and gradients as the eager op up to summation order.
 
@@ -48,12 +49,16 @@ def tiled_mlp(x: Tensor, linear_fc1: nn.Module, linear_fc2: nn.Module, act,
         raise ValueError(f"mlp=tiled: shards must be at least 1, got {shards}")
     for name, layer in (("linear_fc1", linear_fc1), ("linear_fc2", linear_fc2)):
         if getattr(layer, "bias", None) is not None:
-            raise ValueError(f"mlp=tiled: {name} has a bias; the tiled MLP supports bias-free "
-                             "layers only (use --kernel mlp=eager)")
+            raise ValueError(
+                f"mlp=tiled: {name} has a bias; the tiled MLP supports bias-free "
+                "layers only (use --kernel mlp=eager)"
+            )
         if isinstance(layer.weight, DTensor):
-            raise ValueError(f"mlp=tiled: {name}.weight is a DTensor (tensor parallelism); the "
-                             "tiled MLP bypasses the layers' sharding hooks (use --kernel "
-                             "mlp=eager with tensor parallelism)")
+            raise ValueError(
+                f"mlp=tiled: {name}.weight is a DTensor (tensor parallelism); the "
+                "tiled MLP bypasses the layers' sharding hooks (use --kernel "
+                "mlp=eager with tensor parallelism)"
+            )
     return _TiledMLP.apply(x, linear_fc1.weight, linear_fc2.weight, act, shards)
 
 
@@ -70,8 +75,11 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, act, shards: int) -> Tensor:
         device_type = x.device.type
-        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type),
-                        torch.is_autocast_enabled(device_type))
+        ctx.autocast = (
+            device_type,
+            torch.get_autocast_dtype(device_type),
+            torch.is_autocast_enabled(device_type),
+        )
         ctx.act, ctx.shards = act, shards
         ctx.save_for_backward(x, w1, w2)
         rows = x.reshape(-1, x.shape[-1])
@@ -95,17 +103,26 @@ class _TiledMLP(torch.autograd.Function):
         # Leaves of each shard's recomputation: gradients reach them, not the parameters.
         w1_leaf = w1.detach().requires_grad_(need_w1)
         w2_leaf = w2.detach().requires_grad_(need_w2)
-        dw1 = torch.zeros(w1.shape, dtype=_accumulation_dtype(w1), device=w1.device) \
-            if need_w1 else None
-        dw2 = torch.zeros(w2.shape, dtype=_accumulation_dtype(w2), device=w2.device) \
-            if need_w2 else None
+        dw1 = (
+            torch.zeros(w1.shape, dtype=_accumulation_dtype(w1), device=w1.device)
+            if need_w1
+            else None
+        )
+        dw2 = (
+            torch.zeros(w2.shape, dtype=_accumulation_dtype(w2), device=w2.device)
+            if need_w2
+            else None
+        )
         device_type, dtype, enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
             for start, end in _shard_bounds(rows.shape[0], ctx.shards):
                 x_leaf = rows[start:end].detach().requires_grad_(need_x)
                 out = _mlp(x_leaf, w1_leaf, w2_leaf, ctx.act)
-                wanted = [(t, buffer) for t, buffer in ((x_leaf, None), (w1_leaf, dw1),
-                                                        (w2_leaf, dw2)) if t.requires_grad]
+                wanted = [
+                    (t, buffer)
+                    for t, buffer in ((x_leaf, None), (w1_leaf, dw1), (w2_leaf, dw2))
+                    if t.requires_grad
+                ]
                 grads = torch.autograd.grad(out, [t for t, _ in wanted], dy_rows[start:end])
                 for (t, buffer), grad in zip(wanted, grads, strict=True):
                     if t is x_leaf:

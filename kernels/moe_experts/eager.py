@@ -26,31 +26,49 @@ from megatron_hybrid.kernels.activations.eager import activation_fn, fc1_width
 ACTIVATIONS = ("squared_relu", "swiglu")
 
 
-def check_experts_args(x_sorted_TH: Tensor, tokens_per_expert_E: Tensor, fc1_EFH: Tensor,
-                       fc2_EHF: Tensor, activation: str, name: str = "moe.experts") -> None:
+def check_experts_args(
+    x_sorted_TH: Tensor,
+    tokens_per_expert_E: Tensor,
+    fc1_EFH: Tensor,
+    fc2_EHF: Tensor,
+    activation: str,
+    name: str = "moe.experts",
+) -> None:
     """Validate moe.experts' arguments (every implementation shares them). Raises ValueError
     naming the argument, its shape and the expected one."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if x_sorted_TH.dim() != 2:
-        raise ValueError(f"{name}: x_sorted_TH has shape {tuple(x_sorted_TH.shape)}, expected "
-                         "(tokens, hidden)")
+        raise ValueError(
+            f"{name}: x_sorted_TH has shape {tuple(x_sorted_TH.shape)}, expected (tokens, hidden)"
+        )
     if fc2_EHF.dim() != 3:
-        raise ValueError(f"{name}: fc2_EHF has shape {tuple(fc2_EHF.shape)}, expected "
-                         "(experts, hidden, ffn_hidden)")
+        raise ValueError(
+            f"{name}: fc2_EHF has shape {tuple(fc2_EHF.shape)}, expected "
+            "(experts, hidden, ffn_hidden)"
+        )
     num_experts, hidden, ffn = fc2_EHF.shape
     expected_fc1 = (num_experts, fc1_width(ffn, activation), hidden)
     if tuple(fc1_EFH.shape) != expected_fc1:
-        raise ValueError(f"{name}: fc1_EFH has shape {tuple(fc1_EFH.shape)}, expected "
-                         f"{expected_fc1} for fc2_EHF {tuple(fc2_EHF.shape)} and {activation}")
+        raise ValueError(
+            f"{name}: fc1_EFH has shape {tuple(fc1_EFH.shape)}, expected "
+            f"{expected_fc1} for fc2_EHF {tuple(fc2_EHF.shape)} and {activation}"
+        )
     if x_sorted_TH.shape[1] != hidden:
-        raise ValueError(f"{name}: x_sorted_TH has {x_sorted_TH.shape[1]} channels, the "
-                         f"experts' hidden size is {hidden}")
-    if (tokens_per_expert_E.shape != (num_experts,) or tokens_per_expert_E.dtype.is_floating_point
-            or tokens_per_expert_E.dtype.is_complex):
-        raise ValueError(f"{name}: tokens_per_expert_E must be an integer tensor of shape "
-                         f"({num_experts},), got {tokens_per_expert_E.dtype} "
-                         f"{tuple(tokens_per_expert_E.shape)}")
+        raise ValueError(
+            f"{name}: x_sorted_TH has {x_sorted_TH.shape[1]} channels, the "
+            f"experts' hidden size is {hidden}"
+        )
+    if (
+        tokens_per_expert_E.shape != (num_experts,)
+        or tokens_per_expert_E.dtype.is_floating_point
+        or tokens_per_expert_E.dtype.is_complex
+    ):
+        raise ValueError(
+            f"{name}: tokens_per_expert_E must be an integer tensor of shape "
+            f"({num_experts},), got {tokens_per_expert_E.dtype} "
+            f"{tuple(tokens_per_expert_E.shape)}"
+        )
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -62,8 +80,13 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
 
 
-def experts(x_sorted_TH: Tensor, tokens_per_expert_E: Tensor, fc1_EFH: Tensor, fc2_EHF: Tensor,
-            activation: str) -> Tensor:
+def experts(
+    x_sorted_TH: Tensor,
+    tokens_per_expert_E: Tensor,
+    fc1_EFH: Tensor,
+    fc2_EHF: Tensor,
+    activation: str,
+) -> Tensor:
     """Every expert's MLP on its rows of the sorted tokens, as one pair of batched matmuls.
 
     Args:
@@ -93,11 +116,12 @@ def experts(x_sorted_TH: Tensor, tokens_per_expert_E: Tensor, fc1_EFH: Tensor, f
 
     counts = tokens_per_expert_E.to(device=device, dtype=torch.int64)
     ends = counts.cumsum(0)
-    capacity, routed = (torch.stack([counts.max(), ends[-1]]).tolist() if num_experts
-                        else (0, 0))
+    capacity, routed = torch.stack([counts.max(), ends[-1]]).tolist() if num_experts else (0, 0)
     if routed > num_tokens:
-        raise ValueError(f"moe.experts: tokens_per_expert_E sums to {routed}, more than the "
-                         f"{num_tokens} rows of x_sorted_TH")
+        raise ValueError(
+            f"moe.experts: tokens_per_expert_E sums to {routed}, more than the "
+            f"{num_tokens} rows of x_sorted_TH"
+        )
     rows = torch.arange(routed, device=device)
     expert = torch.searchsorted(ends, rows, right=True)
     slot = rows - (ends - counts)[expert]

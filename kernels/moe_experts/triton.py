@@ -42,13 +42,39 @@ _STORE, _FWD_ACT, _BWD_ACT = 0, 1, 2
 
 @triton.jit
 def _rows_kernel(
-    X, W, OUT, HPRE, DHPRE,
-    TILE_EXPERT, TILE_START, ROW_START, COUNTS,
-    n_rows, N, K, max_row_tiles, n_tiles, k_tiles, gate_cols,
-    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_hm, stride_dm,
-    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    X,
+    W,
+    OUT,
+    HPRE,
+    DHPRE,
+    TILE_EXPERT,
+    TILE_START,
+    ROW_START,
+    COUNTS,
+    n_rows,
+    N,
+    K,
+    max_row_tiles,
+    n_tiles,
+    k_tiles,
+    gate_cols,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_om,
+    stride_hm,
+    stride_dm,
+    EPILOGUE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """OUT[rows of e, :N] = X[rows of e, :K] @ W[e] (W[e] read as (K, N) through its strides).
 
@@ -76,8 +102,9 @@ def _rows_kernel(
     col_ok = cols < N
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = (W + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
-              + cols[None, :] * stride_wn)
+    w_ptrs = (
+        W + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    )
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for kt in range(0, num_k):
@@ -89,8 +116,9 @@ def _rows_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         if GATED:
-            w_up = tl.load(w_ptrs + gate_cols * stride_wn, mask=k_ok[:, None] & col_ok[None, :],
-                           other=0.0)
+            w_up = tl.load(
+                w_ptrs + gate_cols * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0
+            )
             if UPCAST:
                 w_up = w_up.to(tl.float32)
             acc_up = tl.dot(x, w_up, acc_up, input_precision=INPUT_PRECISION)
@@ -134,11 +162,29 @@ def _rows_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    A, B, DW, ROW_START, COUNTS,
-    n_rows, M, N, tiles_m, tiles_n,
-    stride_am, stride_ac, stride_bm, stride_bc, stride_de, stride_dm, stride_dn,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A,
+    B,
+    DW,
+    ROW_START,
+    COUNTS,
+    n_rows,
+    M,
+    N,
+    tiles_m,
+    tiles_n,
+    stride_am,
+    stride_ac,
+    stride_bm,
+    stride_bc,
+    stride_de,
+    stride_dm,
+    stride_dn,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """DW[e, :M, :N] = A[rows of e, :M]^T @ B[rows of e, :N]."""
     pid = tl.program_id(0)
@@ -162,20 +208,31 @@ def _weight_grad_kernel(
         rows = start + offs_k
         r_ok = rows < row_end
         rows = rows.to(tl.int64)
-        a = tl.load(A + rows[:, None] * stride_am + offs_m[None, :] * stride_ac,
-                    mask=r_ok[:, None] & m_ok[None, :], other=0.0)
-        b = tl.load(B + rows[:, None] * stride_bm + offs_n[None, :] * stride_bc,
-                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(
+            A + rows[:, None] * stride_am + offs_m[None, :] * stride_ac,
+            mask=r_ok[:, None] & m_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            B + rows[:, None] * stride_bm + offs_n[None, :] * stride_bc,
+            mask=r_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    dw_ptrs = (DW + e.to(tl.int64) * stride_de + offs_m[:, None].to(tl.int64) * stride_dm
-               + offs_n[None, :] * stride_dn)
+    dw_ptrs = (
+        DW
+        + e.to(tl.int64) * stride_de
+        + offs_m[:, None].to(tl.int64) * stride_dm
+        + offs_n[None, :] * stride_dn
+    )
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # -- launchers ------------------------------------------------------------------------------------
+
 
 class _Launch:
     """Block sizes and dot settings for one device and compute dtype."""
@@ -190,12 +247,14 @@ class _Launch:
             self.weights = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
         else:
             block_k, stages = (64, 3) if dtype.itemsize == 2 else (32, 3)
-            self.rows = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8,
-                             num_stages=stages)
+            self.rows = dict(
+                BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=stages
+            )
             # Two accumulators (gate and up): half the width keeps the registers of one.
             self.gated = dict(self.rows, BLOCK_N=64)
-            self.weights = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8,
-                                num_stages=stages)
+            self.weights = dict(
+                BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=stages
+            )
 
 
 def _first(counts: Tensor) -> Tensor:
@@ -203,10 +262,21 @@ def _first(counts: Tensor) -> Tensor:
     return torch.cumsum(counts, 0, dtype=torch.int32) - counts
 
 
-def _rows_gemm(launch: _Launch, x: Tensor, w: Tensor, w_strides_ekn: tuple[int, int, int],
-               counts: Tensor, out: Tensor, n: int, *, epilogue: int = _STORE,
-               activation: int = _SQUARED_RELU, hpre: Tensor | None = None,
-               dhpre: Tensor | None = None, gate_cols: int = 0) -> None:
+def _rows_gemm(
+    launch: _Launch,
+    x: Tensor,
+    w: Tensor,
+    w_strides_ekn: tuple[int, int, int],
+    counts: Tensor,
+    out: Tensor,
+    n: int,
+    *,
+    epilogue: int = _STORE,
+    activation: int = _SQUARED_RELU,
+    hpre: Tensor | None = None,
+    dhpre: Tensor | None = None,
+    gate_cols: int = 0,
+) -> None:
     n_rows, k = x.shape
     num_experts = counts.shape[0]
     gated = epilogue == _FWD_ACT and activation == _SWIGLU
@@ -217,22 +287,46 @@ def _rows_gemm(launch: _Launch, x: Tensor, w: Tensor, w_strides_ekn: tuple[int, 
     # Each row tile's expert: the last one starting at or before it (an expert without tokens
     # starts where the next one does). Tiles past the last are given the last expert, whose rows
     # they lie beyond.
-    tile_expert = torch.searchsorted(tile_start + tiles, torch.arange(
-        max_row_tiles, device=x.device, dtype=torch.int32), right=True, out_int32=True)
+    tile_expert = torch.searchsorted(
+        tile_start + tiles,
+        torch.arange(max_row_tiles, device=x.device, dtype=torch.int32),
+        right=True,
+        out_int32=True,
+    )
     tile_expert.clamp_(max=num_experts - 1)
     n_tiles = triton.cdiv(n, config["BLOCK_N"])
     hpre = out if hpre is None else hpre
     dhpre = out if dhpre is None else dhpre
     _rows_kernel[(max_row_tiles * n_tiles,)](
-        x, w, out, hpre, dhpre,
-        tile_expert, tile_start, _first(counts), counts,
-        n_rows, n, k, max_row_tiles, n_tiles, triton.cdiv(k, config["BLOCK_K"]),
+        x,
+        w,
+        out,
+        hpre,
+        dhpre,
+        tile_expert,
+        tile_start,
+        _first(counts),
+        counts,
+        n_rows,
+        n,
+        k,
+        max_row_tiles,
+        n_tiles,
+        triton.cdiv(k, config["BLOCK_K"]),
         gate_cols,
-        x.stride(0), x.stride(1), *w_strides_ekn, out.stride(0), hpre.stride(0),
+        x.stride(0),
+        x.stride(1),
+        *w_strides_ekn,
+        out.stride(0),
+        hpre.stride(0),
         dhpre.stride(0),
-        EPILOGUE=epilogue, ACTIVATION=activation, GATED=gated,
-        UPCAST=launch.upcast, INPUT_PRECISION=launch.precision,
-        GROUP_M=8, **config,
+        EPILOGUE=epilogue,
+        ACTIVATION=activation,
+        GATED=gated,
+        UPCAST=launch.upcast,
+        INPUT_PRECISION=launch.precision,
+        GROUP_M=8,
+        **config,
     )
 
 
@@ -242,15 +336,31 @@ def _weight_grad(launch: _Launch, a: Tensor, b: Tensor, counts: Tensor, dw: Tens
     row_start = _first(counts)
     tiles_m, tiles_n = triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"])
     _weight_grad_kernel[(num_experts * tiles_m * tiles_n,)](
-        a, b, dw, row_start, counts,
-        a.shape[0], m, n, tiles_m, tiles_n,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), *dw.stride(),
-        UPCAST=launch.upcast, INPUT_PRECISION=launch.precision, GROUP_M=8, **config,
+        a,
+        b,
+        dw,
+        row_start,
+        counts,
+        a.shape[0],
+        m,
+        n,
+        tiles_m,
+        tiles_n,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        *dw.stride(),
+        UPCAST=launch.upcast,
+        INPUT_PRECISION=launch.precision,
+        GROUP_M=8,
+        **config,
     )
 
 
-def _forward(x: Tensor, counts: Tensor, fc1: Tensor, fc2: Tensor, activation: str
-             ) -> tuple[Tensor, Tensor]:
+def _forward(
+    x: Tensor, counts: Tensor, fc1: Tensor, fc2: Tensor, activation: str
+) -> tuple[Tensor, Tensor]:
     n_rows, hidden = x.shape
     _, fc1_rows, _ = fc1.shape
     ffn = fc2.shape[2]
@@ -263,42 +373,71 @@ def _forward(x: Tensor, counts: Tensor, fc1: Tensor, fc2: Tensor, activation: st
     if n_rows == 0 or counts.numel() == 0:
         return y, hpre
     # fc1: W[e] as (K=H, N=F') is fc1[e] transposed; for SwiGLU N is F, up F columns further.
-    _rows_gemm(launch, x, fc1, (fc1.stride(0), fc1.stride(2), fc1.stride(1)), counts, act, ffn,
-               epilogue=_FWD_ACT, activation=code, hpre=hpre, gate_cols=ffn)
+    _rows_gemm(
+        launch,
+        x,
+        fc1,
+        (fc1.stride(0), fc1.stride(2), fc1.stride(1)),
+        counts,
+        act,
+        ffn,
+        epilogue=_FWD_ACT,
+        activation=code,
+        hpre=hpre,
+        gate_cols=ffn,
+    )
     _rows_gemm(launch, act, fc2, (fc2.stride(0), fc2.stride(2), fc2.stride(1)), counts, y, hidden)
     return y, hpre
 
 
-def _backward(dy: Tensor, x: Tensor, counts: Tensor, fc1: Tensor, fc2: Tensor, hpre: Tensor,
-              activation: str) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(
+    dy: Tensor, x: Tensor, counts: Tensor, fc1: Tensor, fc2: Tensor, hpre: Tensor, activation: str
+) -> tuple[Tensor, Tensor, Tensor]:
     n_rows, hidden = x.shape
     ffn = fc2.shape[2]
     counts = counts.to(device=x.device, dtype=torch.int32)
     launch = _Launch(x.device, x.dtype)
     dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     if n_rows == 0 or counts.numel() == 0:
-        return (dx, torch.zeros(fc1.shape, dtype=fc1.dtype, device=x.device),
-                torch.zeros(fc2.shape, dtype=fc2.dtype, device=x.device))
+        return (
+            dx,
+            torch.zeros(fc1.shape, dtype=fc1.dtype, device=x.device),
+            torch.zeros(fc2.shape, dtype=fc2.dtype, device=x.device),
+        )
     dfc1 = torch.empty(fc1.shape, dtype=fc1.dtype, device=x.device)
     dfc2 = torch.empty(fc2.shape, dtype=fc2.dtype, device=x.device)
     act = torch.empty(n_rows, ffn, dtype=x.dtype, device=x.device)
     dhpre = torch.empty_like(hpre)
     # d act = dy fc2[e] (K=H, N=F), fused with act' -> dhpre, and act recomputed for dfc2.
-    _rows_gemm(launch, dy, fc2, (fc2.stride(0), fc2.stride(1), fc2.stride(2)), counts, act, ffn,
-               epilogue=_BWD_ACT, activation=_ACTIVATION_CODE[activation], hpre=hpre,
-               dhpre=dhpre, gate_cols=ffn)
+    _rows_gemm(
+        launch,
+        dy,
+        fc2,
+        (fc2.stride(0), fc2.stride(1), fc2.stride(2)),
+        counts,
+        act,
+        ffn,
+        epilogue=_BWD_ACT,
+        activation=_ACTIVATION_CODE[activation],
+        hpre=hpre,
+        dhpre=dhpre,
+        gate_cols=ffn,
+    )
     _weight_grad(launch, dy, act, counts, dfc2)  # dfc2[e] = dy_e^T act_e: (H, F)
-    _rows_gemm(launch, dhpre, fc1, (fc1.stride(0), fc1.stride(1), fc1.stride(2)), counts, dx,
-               hidden)  # dx = dhpre fc1[e] (K=F', N=H)
+    _rows_gemm(
+        launch, dhpre, fc1, (fc1.stride(0), fc1.stride(1), fc1.stride(2)), counts, dx, hidden
+    )  # dx = dhpre fc1[e] (K=F', N=H)
     _weight_grad(launch, dhpre, x, counts, dfc1)  # dfc1[e] = dhpre_e^T x_e: (F', H)
     return dx, dfc1, dfc2
 
 
 # -- custom ops -----------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("megatron_hybrid::moe_experts", mutates_args=())
-def _experts_op(x: Tensor, counts: Tensor, fc1: Tensor, fc2: Tensor, activation: str
-                ) -> tuple[Tensor, Tensor]:
+def _experts_op(
+    x: Tensor, counts: Tensor, fc1: Tensor, fc2: Tensor, activation: str
+) -> tuple[Tensor, Tensor]:
     """(y, h = fc1 x rounded to the compute dtype, kept for backward)."""
     return _forward(x, counts, fc1, fc2, activation)
 
@@ -309,8 +448,9 @@ def _(x, counts, fc1, fc2, activation):
 
 
 @torch.library.custom_op("megatron_hybrid::moe_experts_backward", mutates_args=())
-def _experts_backward_op(dy: Tensor, x: Tensor, counts: Tensor, fc1: Tensor, fc2: Tensor,
-                         hpre: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+def _experts_backward_op(
+    dy: Tensor, x: Tensor, counts: Tensor, fc1: Tensor, fc2: Tensor, hpre: Tensor, activation: str
+) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(dy, x, counts, fc1, fc2, hpre, activation)
 
 
@@ -337,8 +477,14 @@ _experts_op.register_autograd(_grad, setup_context=_setup)
 
 # -- public function (the registry's `triton` implementation) -------------------------------------
 
-def experts(x_sorted_TH: Tensor, tokens_per_expert_E: Tensor, fc1_EFH: Tensor, fc2_EHF: Tensor,
-            activation: str) -> Tensor:
+
+def experts(
+    x_sorted_TH: Tensor,
+    tokens_per_expert_E: Tensor,
+    fc1_EFH: Tensor,
+    fc2_EHF: Tensor,
+    activation: str,
+) -> Tensor:
     """Every expert's MLP on its rows of the sorted tokens, without a host sync; the semantics,
     shapes, precision and errors of kernels/moe_experts/eager.py::experts, except that counts
     summing to more than T are not detected (that would need a sync): rows past T are never touched.
@@ -353,14 +499,17 @@ def experts(x_sorted_TH: Tensor, tokens_per_expert_E: Tensor, fc1_EFH: Tensor, f
     Returns:
         y_sorted_TH (T, H) in the compute dtype; differentiable in x and both weights.
     """
-    check_experts_args(x_sorted_TH, tokens_per_expert_E, fc1_EFH, fc2_EHF, activation,
-                       "moe.experts (triton)")
+    check_experts_args(
+        x_sorted_TH, tokens_per_expert_E, fc1_EFH, fc2_EHF, activation, "moe.experts (triton)"
+    )
     check_inputs("moe.experts", x_sorted_TH=x_sorted_TH, fc1_EFH=fc1_EFH, fc2_EHF=fc2_EHF)
     if tokens_per_expert_E.device != x_sorted_TH.device:
-        raise ValueError(f"moe.experts (triton): tokens_per_expert_E is on "
-                         f"{tokens_per_expert_E.device}, x_sorted_TH on {x_sorted_TH.device}; "
-                         "keep the counts on the device (moving them would sync)")
+        raise ValueError(
+            f"moe.experts (triton): tokens_per_expert_E is on "
+            f"{tokens_per_expert_E.device}, x_sorted_TH on {x_sorted_TH.device}; "
+            "keep the counts on the device (moving them would sync)"
+        )
     dtype = compute_dtype(x_sorted_TH, fc1_EFH, fc2_EHF)
-    return _experts_op(x_sorted_TH.to(dtype), tokens_per_expert_E, fc1_EFH.to(dtype),
-                       fc2_EHF.to(dtype), activation)[0]
-
+    return _experts_op(
+        x_sorted_TH.to(dtype), tokens_per_expert_E, fc1_EFH.to(dtype), fc2_EHF.to(dtype), activation
+    )[0]

@@ -27,12 +27,24 @@ _MAX_GROUP = 65536  # one row group is held in registers
 
 @triton.jit
 def _norm_fwd_kernel(
-    X, GATE, RES, W, Y, SUM,
-    n_rows, group_size,
-    stride_x, stride_gate, stride_res, stride_y, stride_sum,
+    X,
+    GATE,
+    RES,
+    W,
+    Y,
+    SUM,
+    n_rows,
+    group_size,
+    stride_x,
+    stride_gate,
+    stride_res,
+    stride_y,
+    stride_sum,
     eps,
-    HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     local = tl.arange(0, BLOCK_N)
@@ -59,9 +71,22 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
-def _bwd_loads(DY, X, GATE, DSUM, rows, row_end, cols, col_ok,
-               stride_dy, stride_x, stride_gate, stride_dsum,
-               HAS_GATE: tl.constexpr, HAS_DSUM: tl.constexpr):
+def _bwd_loads(
+    DY,
+    X,
+    GATE,
+    DSUM,
+    rows,
+    row_end,
+    cols,
+    col_ok,
+    stride_dy,
+    stride_x,
+    stride_gate,
+    stride_dsum,
+    HAS_GATE: tl.constexpr,
+    HAS_DSUM: tl.constexpr,
+):
     """The backward's inputs at `rows` (x, gate, dy, dsum; x stands in for an absent gate or
     dsum), in their own dtypes."""
     mask = (rows < row_end)[:, None] & col_ok[None, :]
@@ -78,12 +103,29 @@ def _bwd_loads(DY, X, GATE, DSUM, rows, row_end, cols, col_ok,
 
 @triton.jit
 def _norm_bwd_kernel(
-    DY, X, GATE, W, DSUM, DX, DGATE, DW_PARTIAL,
-    n_rows, group_size, channels, rows_per_program,
-    stride_dy, stride_x, stride_gate, stride_dsum, stride_dx, stride_dgate,
+    DY,
+    X,
+    GATE,
+    W,
+    DSUM,
+    DX,
+    DGATE,
+    DW_PARTIAL,
+    n_rows,
+    group_size,
+    channels,
+    rows_per_program,
+    stride_dy,
+    stride_x,
+    stride_gate,
+    stride_dsum,
+    stride_dx,
+    stride_dgate,
     eps,
-    HAS_GATE: tl.constexpr, HAS_DSUM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_DSUM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     local = tl.arange(0, BLOCK_N)
@@ -95,8 +137,21 @@ def _norm_bwd_kernel(
     row_end = tl.minimum(row_begin + rows_per_program, n_rows)
     rows = (row_begin + tl.arange(0, BLOCK_M)).to(tl.int64)
     x_next, g_next, dy_next, ds_next = _bwd_loads(
-        DY, X, GATE, DSUM, rows, row_end, cols, col_ok,
-        stride_dy, stride_x, stride_gate, stride_dsum, HAS_GATE, HAS_DSUM)
+        DY,
+        X,
+        GATE,
+        DSUM,
+        rows,
+        row_end,
+        cols,
+        col_ok,
+        stride_dy,
+        stride_x,
+        stride_gate,
+        stride_dsum,
+        HAS_GATE,
+        HAS_DSUM,
+    )
     for start in range(row_begin, row_end, BLOCK_M):
         rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask = (rows < row_end)[:, None] & col_ok[None, :]
@@ -104,8 +159,21 @@ def _norm_bwd_kernel(
         # The next tile's loads are in flight while this one computes (a program walks its
         # rows one tile after another; without this each tile would wait for its own loads).
         x_next, g_next, dy_next, ds_next = _bwd_loads(
-            DY, X, GATE, DSUM, rows + BLOCK_M, row_end, cols, col_ok,
-            stride_dy, stride_x, stride_gate, stride_dsum, HAS_GATE, HAS_DSUM)
+            DY,
+            X,
+            GATE,
+            DSUM,
+            rows + BLOCK_M,
+            row_end,
+            cols,
+            col_ok,
+            stride_dy,
+            stride_x,
+            stride_gate,
+            stride_dsum,
+            HAS_GATE,
+            HAS_DSUM,
+        )
         x = x.to(tl.float32)
         h = x
         if HAS_GATE:
@@ -124,12 +192,16 @@ def _norm_bwd_kernel(
         if HAS_GATE:
             dx = dh * silu
             dg = dh * x * sig * (1.0 + g * (1.0 - sig))
-            tl.store(DGATE + rows[:, None] * stride_dgate + cols[None, :],
-                     dg.to(DGATE.dtype.element_ty), mask=mask)
+            tl.store(
+                DGATE + rows[:, None] * stride_dgate + cols[None, :],
+                dg.to(DGATE.dtype.element_ty),
+                mask=mask,
+            )
         if HAS_DSUM:
             dx += ds.to(tl.float32)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
-                 mask=mask)
+        tl.store(
+            DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask
+        )
     tl.store(DW_PARTIAL + pid * channels + cols, dw, mask=col_ok)
 
 
@@ -143,19 +215,24 @@ def _norm_bwd_kernel(
 # next tile; the forward, one tile per program, is near the copy bandwidth with large tiles.
 # The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
-    "tile": 4096, "per_warp": 512, "bwd_tile": 1024, "bwd_per_warp": 1024,
+    "tile": 4096,
+    "per_warp": 512,
+    "bwd_tile": 1024,
+    "bwd_per_warp": 1024,
     "bwd_programs_per_sm": 8,
 }
 
 
-def _blocks(group_size: int, pass_: str = "", cuda: bool = True, itemsize: int = 2
-            ) -> tuple[int, int, int]:
+def _blocks(
+    group_size: int, pass_: str = "", cuda: bool = True, itemsize: int = 2
+) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward (`pass_` "") or backward ("bwd_")
     kernel: a whole group in BLOCK_N, as many rows as fit the tile. The backward holds the
     next tile's inputs in registers too, so its elements per warp are for 2-byte inputs and
     halve for 4-byte ones (float32 residual streams under autocast)."""
-    tile, per_warp = ((GPU_TUNING[f"{pass_}tile"], GPU_TUNING[f"{pass_}per_warp"]) if cuda
-                      else (4096, 512))
+    tile, per_warp = (
+        (GPU_TUNING[f"{pass_}tile"], GPU_TUNING[f"{pass_}per_warp"]) if cuda else (4096, 512)
+    )
     if pass_ == "bwd_":
         per_warp = max(32, per_warp * 2 // itemsize)
     block_n = triton.next_power_of_2(group_size)
@@ -168,14 +245,23 @@ def _num_programs(device: torch.device, row_blocks: int, ngroups: int) -> int:
     """Backward programs per group: enough to fill the GPU, few enough that the float32 weight
     partials stay small. Under the CPU interpreter each program is a Python loop iteration."""
     if device.type == "cuda":
-        target = (GPU_TUNING["bwd_programs_per_sm"]
-                  * torch.cuda.get_device_properties(device).multi_processor_count)
+        target = (
+            GPU_TUNING["bwd_programs_per_sm"]
+            * torch.cuda.get_device_properties(device).multi_processor_count
+        )
         return max(1, min(row_blocks, triton.cdiv(target, ngroups)))
     return max(1, min(row_blocks, 2))
 
 
-def _forward(x: Tensor, gate: Tensor | None, residual: Tensor | None, weight: Tensor,
-             group_size: int, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def _forward(
+    x: Tensor,
+    gate: Tensor | None,
+    residual: Tensor | None,
+    weight: Tensor,
+    group_size: int,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor | None]:
     channels = x.shape[-1]
     x2 = rows_view(x)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -190,18 +276,38 @@ def _forward(x: Tensor, gate: Tensor | None, residual: Tensor | None, weight: Te
     block_m, block_n, num_warps = _blocks(group_size, "", x.device.type == "cuda")
     grid = (triton.cdiv(n_rows, block_m), channels // group_size)
     _norm_fwd_kernel[grid](
-        x2, gate2, res2, weight, y2, total2,
-        n_rows, group_size,
-        x2.stride(0), gate2.stride(0), res2.stride(0), y2.stride(0), total2.stride(0),
+        x2,
+        gate2,
+        res2,
+        weight,
+        y2,
+        total2,
+        n_rows,
+        group_size,
+        x2.stride(0),
+        gate2.stride(0),
+        res2.stride(0),
+        y2.stride(0),
+        total2.stride(0),
         eps,
-        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        HAS_GATE=gate is not None,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
     )
     return y, total
 
 
-def _backward(dy: Tensor, x: Tensor, gate: Tensor | None, weight: Tensor, group_size: int,
-              eps: float, dsum: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+def _backward(
+    dy: Tensor,
+    x: Tensor,
+    gate: Tensor | None,
+    weight: Tensor,
+    group_size: int,
+    eps: float,
+    dsum: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
     channels = x.shape[-1]
     dy2, x2 = rows_view(dy), rows_view(x)
     gate2 = rows_view(gate) if gate is not None else x2
@@ -212,8 +318,9 @@ def _backward(dy: Tensor, x: Tensor, gate: Tensor | None, weight: Tensor, group_
     dgate2 = dgate.view(-1, channels) if dgate is not None else dx2
     n_rows = x2.shape[0]
     ngroups = channels // group_size
-    itemsize = max(x.element_size(), dy.element_size(),
-                   gate.element_size() if gate is not None else 0)
+    itemsize = max(
+        x.element_size(), dy.element_size(), gate.element_size() if gate is not None else 0
+    )
     block_m, block_n, num_warps = _blocks(group_size, "bwd_", x.device.type == "cuda", itemsize)
     programs = _num_programs(x.device, triton.cdiv(max(n_rows, 1), block_m), ngroups)
     rows_per_program = triton.cdiv(triton.cdiv(max(n_rows, 1), programs), block_m) * block_m
@@ -221,18 +328,36 @@ def _backward(dy: Tensor, x: Tensor, gate: Tensor | None, weight: Tensor, group_
     partial = torch.empty(programs, channels, dtype=torch.float32, device=x.device)
     if n_rows:
         _norm_bwd_kernel[(programs, ngroups)](
-            dy2, x2, gate2, weight, dsum2, dx2, dgate2, partial,
-            n_rows, group_size, channels, rows_per_program,
-            dy2.stride(0), x2.stride(0), gate2.stride(0), dsum2.stride(0), dx2.stride(0),
+            dy2,
+            x2,
+            gate2,
+            weight,
+            dsum2,
+            dx2,
+            dgate2,
+            partial,
+            n_rows,
+            group_size,
+            channels,
+            rows_per_program,
+            dy2.stride(0),
+            x2.stride(0),
+            gate2.stride(0),
+            dsum2.stride(0),
+            dx2.stride(0),
             dgate2.stride(0),
             eps,
-            HAS_GATE=gate is not None, HAS_DSUM=dsum is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            HAS_GATE=gate is not None,
+            HAS_DSUM=dsum is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
         )
     return dx, dgate, partial.sum(0).to(weight.dtype)
 
 
 # -- custom ops -----------------------------------------------------------------------------------
+
 
 @torch.library.custom_op("megatron_hybrid::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -245,8 +370,9 @@ def _(x, weight, eps):
 
 
 @torch.library.custom_op("megatron_hybrid::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, eps: float
-                          ) -> tuple[Tensor, Tensor]:
+def _rms_norm_backward_op(
+    dy: Tensor, x: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     dx, _, dw = _backward(dy, x, None, weight, x.shape[-1], eps, None)
     return dx, dw
 
@@ -272,8 +398,9 @@ _rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
 @torch.library.custom_op("megatron_hybrid::gated_rms_norm", mutates_args=())
-def _gated_rms_norm_op(x: Tensor, gate: Tensor, weight: Tensor, group_size: int,
-                       eps: float) -> Tensor:
+def _gated_rms_norm_op(
+    x: Tensor, gate: Tensor, weight: Tensor, group_size: int, eps: float
+) -> Tensor:
     return _forward(x, gate, None, weight, group_size, eps, x.dtype)[0]
 
 
@@ -283,8 +410,9 @@ def _(x, gate, weight, group_size, eps):
 
 
 @torch.library.custom_op("megatron_hybrid::gated_rms_norm_backward", mutates_args=())
-def _gated_rms_norm_backward_op(dy: Tensor, x: Tensor, gate: Tensor, weight: Tensor,
-                                group_size: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _gated_rms_norm_backward_op(
+    dy: Tensor, x: Tensor, gate: Tensor, weight: Tensor, group_size: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(dy, x, gate, weight, group_size, eps, None)
 
 
@@ -309,8 +437,9 @@ _gated_rms_norm_op.register_autograd(_gated_grad, setup_context=_gated_setup)
 
 
 @torch.library.custom_op("megatron_hybrid::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float
-                     ) -> tuple[Tensor, Tensor]:
+def _add_rms_norm_op(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     dtype = torch.promote_types(x.dtype, residual.dtype)
     return _forward(x, None, residual, weight, x.shape[-1], eps, dtype)
 
@@ -322,8 +451,9 @@ def _(x, residual, weight, eps):
 
 
 @torch.library.custom_op("megatron_hybrid::add_rms_norm_backward", mutates_args=())
-def _add_rms_norm_backward_op(dy: Tensor, dsum: Tensor, total: Tensor, weight: Tensor,
-                              eps: float) -> tuple[Tensor, Tensor]:
+def _add_rms_norm_backward_op(
+    dy: Tensor, dsum: Tensor, total: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     dtotal, _, dw = _backward(dy, total, None, weight, total.shape[-1], eps, dsum)
     return dtotal, dw
 
@@ -352,19 +482,26 @@ _add_rms_norm_op.register_autograd(_add_grad, setup_context=_add_setup)
 
 # -- public functions (the registry's `triton` implementations) -----------------------------------
 
+
 def _check(name: str, x: Tensor, weight: Tensor, group_size: int, **same_shape: Tensor) -> None:
     channels = x.shape[-1] if x.dim() else 0
     check_inputs(name, x=x, **same_shape, weight=weight)
     for tensor_name, tensor in same_shape.items():
         if tensor.shape != x.shape:
-            raise ValueError(f"{name} (triton): {tensor_name} has shape {tuple(tensor.shape)}, "
-                             f"x has {tuple(x.shape)}; they must match")
+            raise ValueError(
+                f"{name} (triton): {tensor_name} has shape {tuple(tensor.shape)}, "
+                f"x has {tuple(x.shape)}; they must match"
+            )
     if weight.shape != (channels,):
-        raise ValueError(f"{name} (triton): weight has shape {tuple(weight.shape)}, expected "
-                         f"({channels},) for x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} (triton): weight has shape {tuple(weight.shape)}, expected "
+            f"({channels},) for x of shape {tuple(x.shape)}"
+        )
     if group_size <= 0 or channels % group_size or group_size > _MAX_GROUP:
-        raise ValueError(f"{name} (triton): group_size {group_size} must divide the "
-                         f"{channels} channels and be at most {_MAX_GROUP}")
+        raise ValueError(
+            f"{name} (triton): group_size {group_size} must divide the "
+            f"{channels} channels and be at most {_MAX_GROUP}"
+        )
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -379,8 +516,7 @@ def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, group_size: int, eps
     return _gated_rms_norm_op(x, gate, weight, group_size, eps)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float
-                 ) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """`(rms_norm(residual + x), residual + x)` in one pass, in the promoted dtype."""
     _check("add_rms_norm", x, weight, x.shape[-1], residual=residual)
     return _add_rms_norm_op(x, residual, weight, eps)

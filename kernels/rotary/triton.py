@@ -33,12 +33,24 @@ from megatron_hybrid.kernels.triton_launch import check_inputs
 
 @triton.jit
 def _rotary_kernel(
-    X, COS, SIN, Y,
-    n_heads, seqlen, half,
-    stride_xb, stride_xh, stride_xt,
-    stride_yb, stride_yh, stride_yt,
-    stride_ct, stride_st,
-    BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    X,
+    COS,
+    SIN,
+    Y,
+    n_heads,
+    seqlen,
+    half,
+    stride_xb,
+    stride_xh,
+    stride_xt,
+    stride_yb,
+    stride_yh,
+    stride_yt,
+    stride_ct,
+    stride_st,
+    BACKWARD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = (bh // n_heads).to(tl.int64)
@@ -70,6 +82,7 @@ def _rotary_kernel(
 
 # -- launcher -------------------------------------------------------------------------------------
 
+
 def _as_4d(t: Tensor) -> Tensor:
     """(..., T, D) as (batch, heads, T, D): a view for 2-4 dims, a reshape above."""
     while t.dim() < 4:
@@ -97,17 +110,31 @@ def _rotate(a: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
         num_warps = 4 if block_t * block_half <= 2048 else 8
         grid = (batch * heads, triton.cdiv(seqlen, block_t))
         _rotary_kernel[grid](
-            a4, cos2, sin2, out4,
-            heads, seqlen, half,
-            a4.stride(0), a4.stride(1), a4.stride(2),
-            out4.stride(0), out4.stride(1), out4.stride(2),
-            cos2.stride(0), sin2.stride(0),
-            BACKWARD=backward, BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=num_warps,
+            a4,
+            cos2,
+            sin2,
+            out4,
+            heads,
+            seqlen,
+            half,
+            a4.stride(0),
+            a4.stride(1),
+            a4.stride(2),
+            out4.stride(0),
+            out4.stride(1),
+            out4.stride(2),
+            cos2.stride(0),
+            sin2.stride(0),
+            BACKWARD=backward,
+            BLOCK_T=block_t,
+            BLOCK_HALF=block_half,
+            num_warps=num_warps,
         )
     return out4.view(a.shape) if a.dim() <= 4 else out4.reshape(a.shape)
 
 
 # -- custom ops -----------------------------------------------------------------------------------
+
 
 @torch.library.custom_op("megatron_hybrid::rotary", mutates_args=())
 def _rotary_op(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -161,16 +188,20 @@ _rotary_op.register_autograd(_grad, setup_context=_setup)
 
 # -- public function (the registry's `triton` implementation) -------------------------------------
 
+
 def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (i, i + D/2) of x's last dim by the angles whose cos and sin are the (T, D)
     tables, position t of x's dim -2 by row t; float32 math, x's dtype and layout out."""
     check_inputs("rotary", x=x, cos=cos, sin=sin)
     if x.dim() < 2 or x.shape[-1] % 2:
-        raise ValueError(f"rotary (triton): x has shape {tuple(x.shape)}; expected (..., T, D) "
-                         "with D even")
+        raise ValueError(
+            f"rotary (triton): x has shape {tuple(x.shape)}; expected (..., T, D) with D even"
+        )
     seqlen, dim = x.shape[-2:]
     for name, table in (("cos", cos), ("sin", sin)):
         if table.shape[-2:] != (seqlen, dim) or table.numel() != seqlen * dim:
-            raise ValueError(f"rotary (triton): {name} has shape {tuple(table.shape)}, expected "
-                             f"({seqlen}, {dim}) for x of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"rotary (triton): {name} has shape {tuple(table.shape)}, expected "
+                f"({seqlen}, {dim}) for x of shape {tuple(x.shape)}"
+            )
     return _rotary_op(x, cos, sin)

@@ -73,8 +73,12 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # they run smaller tiles (32 positions; 64 run out of registers) and 4 warps rather than 8.
 # The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
-    "tile": 64, "bwd_tile": 32,
-    "warps": 4, "chunk_state_warps": 8, "chunk_scan_warps": 4, "bwd_warps": 4,
+    "tile": 64,
+    "bwd_tile": 32,
+    "warps": 4,
+    "chunk_state_warps": 8,
+    "chunk_scan_warps": 4,
+    "bwd_warps": 4,
 }
 
 
@@ -133,13 +137,24 @@ def _shape(x: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> _Shape:
     bt, bt_bwd = (GPU_TUNING["tile"], GPU_TUNING["bwd_tile"]) if cuda else (16, 16)
     half = x.dtype in _TL_DTYPES and B.dtype == x.dtype and C.dtype == x.dtype
     return _Shape(
-        batch=batch, seqlen=seqlen, nheads=nheads, headdim=headdim, ngroups=ngroups,
-        dstate=dstate, chunk_size=chunk_size, nchunks=nchunks, padded_len=nchunks * chunk_size,
-        cp=cp, bt=min(cp, bt), bt_bwd=min(cp, bt_bwd),
-        bp=max(16, triton.next_power_of_2(headdim)), bn=max(16, triton.next_power_of_2(dstate)),
+        batch=batch,
+        seqlen=seqlen,
+        nheads=nheads,
+        headdim=headdim,
+        ngroups=ngroups,
+        dstate=dstate,
+        chunk_size=chunk_size,
+        nchunks=nchunks,
+        padded_len=nchunks * chunk_size,
+        cp=cp,
+        bt=min(cp, bt),
+        bt_bwd=min(cp, bt_bwd),
+        bp=max(16, triton.next_power_of_2(headdim)),
+        bn=max(16, triton.next_power_of_2(dstate)),
         block_h=min(8 if cuda else 16, triton.next_power_of_2(nheads)),
         dot_dtype=_TL_DTYPES[x.dtype] if half else tl.float32,
-        interpret=not cuda and os.environ.get("TRITON_INTERPRET") == "1", cuda=cuda,
+        interpret=not cuda and os.environ.get("TRITON_INTERPRET") == "1",
+        cuda=cuda,
     )
 
 
@@ -161,26 +176,61 @@ def _strides(t: Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
-def _chunk_states(sh: _Shape, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                  dt_bias: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float,
-                  initial_states: Tensor | None) -> tuple[_Intermediates, Tensor]:
+def _chunk_states(
+    sh: _Shape,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+    initial_states: Tensor | None,
+) -> tuple[_Intermediates, Tensor]:
     """Forward steps 1-4: processed dt and its cumsum, CB, the states entering the chunks, and
     the final states."""
     f32 = dict(dtype=torch.float32, device=x.device)
     dt_out = torch.empty(sh.batch, sh.nheads, sh.padded_len, **f32)
     da_cs = torch.empty_like(dt_out)
     fwd.chunk_cumsum_kernel[(sh.batch, sh.nchunks, triton.cdiv(sh.nheads, sh.block_h))](
-        dt, A, dt_bias if dt_bias is not None else A, dt_out, da_cs,
-        sh.seqlen, sh.nheads, sh.chunk_size, sh.padded_len, *_strides(dt),
-        dt_min, dt_max,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=_has_limit(dt_min, dt_max),
-        CP=sh.cp, BLOCK_H=sh.block_h, **sh.launch(),
+        dt,
+        A,
+        dt_bias if dt_bias is not None else A,
+        dt_out,
+        da_cs,
+        sh.seqlen,
+        sh.nheads,
+        sh.chunk_size,
+        sh.padded_len,
+        *_strides(dt),
+        dt_min,
+        dt_max,
+        HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus,
+        HAS_LIMIT=_has_limit(dt_min, dt_max),
+        CP=sh.cp,
+        BLOCK_H=sh.block_h,
+        **sh.launch(),
     )
     cb = torch.empty(sh.batch, sh.nchunks, sh.ngroups, sh.cp, sh.cp, **f32)
     fwd.bmm_cb_kernel[(sh.batch * sh.nchunks * sh.ngroups, sh.ntiles)](
-        B, C, cb, sh.seqlen, sh.chunk_size, sh.nchunks, sh.ngroups, sh.dstate,
-        *_strides(B), *_strides(C),
-        CP=sh.cp, BT=sh.bt, BN=sh.bn, DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret,
+        B,
+        C,
+        cb,
+        sh.seqlen,
+        sh.chunk_size,
+        sh.nchunks,
+        sh.ngroups,
+        sh.dstate,
+        *_strides(B),
+        *_strides(C),
+        CP=sh.cp,
+        BT=sh.bt,
+        BN=sh.bn,
+        DOT_DTYPE=sh.dot_dtype,
+        INTERPRET=sh.interpret,
         **sh.launch(),
     )
     states = torch.empty(sh.batch, sh.nchunks, sh.nheads, sh.headdim, sh.dstate, **f32)
@@ -189,34 +239,83 @@ def _chunk_states(sh: _Shape, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     dim = sh.headdim * sh.dstate
     block = min(_STATE_BLOCK, triton.next_power_of_2(dim))
     fwd.state_passing_fwd_kernel[(sh.batch * sh.nheads, triton.cdiv(dim, block))](
-        states, da_cs, initial_states if initial_states is not None else final, final,
-        sh.nchunks, sh.nheads, sh.chunk_size, sh.padded_len, dim,
-        HAS_INIT=initial_states is not None, BLOCK=block, **sh.launch(),
+        states,
+        da_cs,
+        initial_states if initial_states is not None else final,
+        final,
+        sh.nchunks,
+        sh.nheads,
+        sh.chunk_size,
+        sh.padded_len,
+        dim,
+        HAS_INIT=initial_states is not None,
+        BLOCK=block,
+        **sh.launch(),
     )
     return _Intermediates(dt_out, da_cs, cb, states), final
 
 
-def _chunk_state(sh: _Shape, x_or_dy: Tensor, b_or_c: Tensor, dt_out: Tensor, da_cs: Tensor,
-                 out: Tensor, to_end: bool) -> None:
+def _chunk_state(
+    sh: _Shape,
+    x_or_dy: Tensor,
+    b_or_c: Tensor,
+    dt_out: Tensor,
+    da_cs: Tensor,
+    out: Tensor,
+    to_end: bool,
+) -> None:
     fwd.chunk_state_kernel[(sh.batch * sh.nchunks * sh.nheads,)](
-        x_or_dy, b_or_c, dt_out, da_cs, out,
-        sh.seqlen, sh.chunk_size, sh.nchunks, sh.nheads, sh.heads_per_group, sh.headdim,
-        sh.dstate, sh.padded_len, *_strides(x_or_dy), *_strides(b_or_c),
-        TO_END=to_end, CP=sh.cp, BK=sh.bt, BP=sh.bp, BN=sh.bn,
-        DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret, **sh.launch("chunk_state"),
+        x_or_dy,
+        b_or_c,
+        dt_out,
+        da_cs,
+        out,
+        sh.seqlen,
+        sh.chunk_size,
+        sh.nchunks,
+        sh.nheads,
+        sh.heads_per_group,
+        sh.headdim,
+        sh.dstate,
+        sh.padded_len,
+        *_strides(x_or_dy),
+        *_strides(b_or_c),
+        TO_END=to_end,
+        CP=sh.cp,
+        BK=sh.bt,
+        BP=sh.bp,
+        BN=sh.bn,
+        DOT_DTYPE=sh.dot_dtype,
+        INTERPRET=sh.interpret,
+        **sh.launch("chunk_state"),
     )
 
 
 def _saved_shapes(sh: _Shape) -> tuple[tuple[int, ...], ...]:
     """Shapes of the forward intermediates the backward reuses: dt, da_cs, cb, states."""
     per_step = (sh.batch, sh.nheads, sh.padded_len)
-    return (per_step, per_step, (sh.batch, sh.nchunks, sh.ngroups, sh.cp, sh.cp),
-            (sh.batch, sh.nchunks, sh.nheads, sh.headdim, sh.dstate))
+    return (
+        per_step,
+        per_step,
+        (sh.batch, sh.nchunks, sh.ngroups, sh.cp, sh.cp),
+        (sh.batch, sh.nchunks, sh.nheads, sh.headdim, sh.dstate),
+    )
 
 
-def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-             D: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, dt_min: float,
-             dt_max: float, initial_states: Tensor | None) -> tuple[Tensor, ...]:
+def _forward(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+    initial_states: Tensor | None,
+) -> tuple[Tensor, ...]:
     """(y, final states, and the intermediates dt, da_cs, cb, states for the backward)."""
     sh = _shape(x, B, C, chunk_size)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -224,26 +323,61 @@ def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         final = x.new_zeros((sh.batch, sh.nheads, sh.headdim, sh.dstate), dtype=torch.float32)
         if initial_states is not None:
             final.copy_(initial_states)
-        return (y, final, *(x.new_empty(shape, dtype=torch.float32)
-                            for shape in _saved_shapes(sh)))
-    r, final = _chunk_states(sh, x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max,
-                             initial_states)
+        return (y, final, *(x.new_empty(shape, dtype=torch.float32) for shape in _saved_shapes(sh)))
+    r, final = _chunk_states(
+        sh, x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, initial_states
+    )
     fwd.chunk_scan_fwd_kernel[(sh.batch * sh.nchunks * sh.nheads, sh.ntiles)](
-        x, C, r.cb, r.dt, r.da_cs, r.states, D if D is not None else A, y,
-        sh.seqlen, sh.chunk_size, sh.nchunks, sh.nheads, sh.heads_per_group, sh.ngroups,
-        sh.headdim, sh.dstate, sh.padded_len,
-        *_strides(x), *_strides(C), *_strides(y)[:3],
-        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
-        CP=sh.cp, BT=sh.bt, BP=sh.bp, BN=sh.bn, DOT_DTYPE=sh.dot_dtype, INTERPRET=sh.interpret,
+        x,
+        C,
+        r.cb,
+        r.dt,
+        r.da_cs,
+        r.states,
+        D if D is not None else A,
+        y,
+        sh.seqlen,
+        sh.chunk_size,
+        sh.nchunks,
+        sh.nheads,
+        sh.heads_per_group,
+        sh.ngroups,
+        sh.headdim,
+        sh.dstate,
+        sh.padded_len,
+        *_strides(x),
+        *_strides(C),
+        *_strides(y)[:3],
+        HAS_D=D is not None,
+        D_PER_CHANNEL=D is not None and D.dim() == 2,
+        CP=sh.cp,
+        BT=sh.bt,
+        BP=sh.bp,
+        BN=sh.bn,
+        DOT_DTYPE=sh.dot_dtype,
+        INTERPRET=sh.interpret,
         **sh.launch("chunk_scan"),
     )
     return y, final, r.dt, r.da_cs, r.cb, r.states
 
 
-def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
-              C: Tensor, chunk_size: int, D: Tensor | None, dt_bias: Tensor | None,
-              dt_softplus: bool, dt_min: float, dt_max: float,
-              initial_states: Tensor | None, r: _Intermediates) -> tuple[Tensor, ...]:
+def _backward(
+    dy: Tensor,
+    dfinal: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+    initial_states: Tensor | None,
+    r: _Intermediates,
+) -> tuple[Tensor, ...]:
     """(dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial) given the forward's intermediates `r`; an
     absent optional input gets an empty tensor (a new one each: custom ops return no aliases)."""
     sh = _shape(x, B, C, chunk_size)
@@ -260,8 +394,9 @@ def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     if sh.seqlen == 0 or sh.batch == 0:
         grads = [dx, ddt, torch.zeros_like(A), dB, dC]
         grads += [torch.zeros_like(t) if t is not None else absent() for t in (D, dt_bias)]
-        grads.append(dfinal.to(initial_states.dtype, copy=True)
-                     if initial_states is not None else absent())
+        grads.append(
+            dfinal.to(initial_states.dtype, copy=True) if initial_states is not None else absent()
+        )
         return tuple(grads)
 
     # 1-2: gradients of the states.
@@ -273,9 +408,19 @@ def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     dinit = torch.empty(sh.batch, sh.nheads, sh.headdim, sh.dstate, **f32)
     dda_last = torch.empty(sh.batch, sh.nheads, sh.nchunks, nblocks, **f32)
     bwd.state_passing_bwd_kernel[(sh.batch * sh.nheads, nblocks)](
-        dstates, r.states, r.da_cs, dfinal, dinit, dda_last,
-        sh.nchunks, sh.nheads, sh.chunk_size, sh.padded_len, dim,
-        BLOCK=block, **sh.launch(),
+        dstates,
+        r.states,
+        r.da_cs,
+        dfinal,
+        dinit,
+        dda_last,
+        sh.nchunks,
+        sh.nheads,
+        sh.chunk_size,
+        sh.padded_len,
+        dim,
+        BLOCK=block,
+        **sh.launch(),
     )
     dda_last = dda_last.sum(-1).contiguous()
 
@@ -285,36 +430,110 @@ def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     dda_to_end = torch.empty(**per_step)
     dda_readout = torch.empty(**per_step)
     dda_intra = torch.zeros(sh.batch, sh.nheads, sh.nchunks, sh.ntiles_bwd, sh.cp, **f32)
-    dd_partial = (torch.empty(sh.batch, sh.nchunks, sh.ntiles_bwd, sh.nheads, sh.headdim, **f32)
-                  if D is not None else absent())
+    dd_partial = (
+        torch.empty(sh.batch, sh.nchunks, sh.ntiles_bwd, sh.nheads, sh.headdim, **f32)
+        if D is not None
+        else absent()
+    )
     grid = (sh.batch * sh.nchunks * sh.ngroups, sh.ntiles_bwd)
-    common = (sh.seqlen, sh.chunk_size, sh.nchunks, sh.nheads, sh.heads_per_group, sh.ngroups,
-              sh.headdim, sh.dstate, sh.padded_len)
-    tiles = dict(CP=sh.cp, BT=sh.bt_bwd, BP=sh.bp, BN=sh.bn, DOT_DTYPE=sh.dot_dtype,
-                 INTERPRET=sh.interpret, **sh.launch("bwd"))
+    common = (
+        sh.seqlen,
+        sh.chunk_size,
+        sh.nchunks,
+        sh.nheads,
+        sh.heads_per_group,
+        sh.ngroups,
+        sh.headdim,
+        sh.dstate,
+        sh.padded_len,
+    )
+    tiles = dict(
+        CP=sh.cp,
+        BT=sh.bt_bwd,
+        BP=sh.bp,
+        BN=sh.bn,
+        DOT_DTYPE=sh.dot_dtype,
+        INTERPRET=sh.interpret,
+        **sh.launch("bwd"),
+    )
     bwd.chunk_scan_bwd_source_kernel[grid](
-        x, B, C, r.cb, r.dt, r.da_cs, dstates, D if D is not None else A, dy,
-        dx, dB, ddt_direct, dda_to_end, dda_intra, dd_partial,
-        *common, *_strides(x), *_strides(B), *_strides(C), *_strides(dy),
-        *_strides(dx)[:3], *_strides(dB)[:3],
-        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, **tiles,
+        x,
+        B,
+        C,
+        r.cb,
+        r.dt,
+        r.da_cs,
+        dstates,
+        D if D is not None else A,
+        dy,
+        dx,
+        dB,
+        ddt_direct,
+        dda_to_end,
+        dda_intra,
+        dd_partial,
+        *common,
+        *_strides(x),
+        *_strides(B),
+        *_strides(C),
+        *_strides(dy),
+        *_strides(dx)[:3],
+        *_strides(dB)[:3],
+        HAS_D=D is not None,
+        D_PER_CHANNEL=D is not None and D.dim() == 2,
+        **tiles,
     )
     # 4: target side.
     bwd.chunk_scan_bwd_target_kernel[grid](
-        x, B, C, r.states, r.dt, r.da_cs, dy, dC, dda_readout,
-        *common, *_strides(x), *_strides(B), *_strides(C), *_strides(dy), *_strides(dC)[:3],
+        x,
+        B,
+        C,
+        r.states,
+        r.dt,
+        r.da_cs,
+        dy,
+        dC,
+        dda_readout,
+        *common,
+        *_strides(x),
+        *_strides(B),
+        *_strides(C),
+        *_strides(dy),
+        *_strides(dC)[:3],
         **tiles,
     )
     # 5: dt, A, dt_bias.
     da_partial = torch.empty(sh.batch, sh.nchunks, sh.nheads, **f32)
     dbias_partial = torch.empty_like(da_partial) if dt_bias is not None else absent()
     bwd.chunk_cumsum_bwd_kernel[(sh.batch, sh.nchunks, triton.cdiv(sh.nheads, sh.block_h))](
-        dt, A, dt_bias if dt_bias is not None else A, r.dt, ddt_direct, dda_to_end, dda_intra,
-        dda_readout, dda_last, ddt, da_partial, dbias_partial,
-        sh.seqlen, sh.nheads, sh.chunk_size, sh.nchunks, sh.padded_len,
-        *_strides(dt), *_strides(ddt)[:2], dt_min, dt_max,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=_has_limit(dt_min, dt_max),
-        CP=sh.cp, NT=sh.ntiles_bwd, BLOCK_H=sh.block_h, **sh.launch(),
+        dt,
+        A,
+        dt_bias if dt_bias is not None else A,
+        r.dt,
+        ddt_direct,
+        dda_to_end,
+        dda_intra,
+        dda_readout,
+        dda_last,
+        ddt,
+        da_partial,
+        dbias_partial,
+        sh.seqlen,
+        sh.nheads,
+        sh.chunk_size,
+        sh.nchunks,
+        sh.padded_len,
+        *_strides(dt),
+        *_strides(ddt)[:2],
+        dt_min,
+        dt_max,
+        HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus,
+        HAS_LIMIT=_has_limit(dt_min, dt_max),
+        CP=sh.cp,
+        NT=sh.ntiles_bwd,
+        BLOCK_H=sh.block_h,
+        **sh.launch(),
     )
     dA = da_partial.sum((0, 1)).to(A.dtype)
     dbias = dbias_partial.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else absent()
@@ -329,42 +548,121 @@ def _backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
 
 # -- custom ops -----------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("megatron_hybrid::ssd_chunked_scan", mutates_args=())
-def _ssd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-            D: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, dt_min: float,
-            dt_max: float, initial_states: Tensor | None
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward(x, dt, A, B, C, chunk_size, _contiguous(D), dt_bias, dt_softplus, dt_min,
-                    dt_max, _contiguous(initial_states))
+def _ssd_op(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+    initial_states: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _forward(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        _contiguous(D),
+        dt_bias,
+        dt_softplus,
+        dt_min,
+        dt_max,
+        _contiguous(initial_states),
+    )
 
 
 @_ssd_op.register_fake
 def _(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max, initial_states):
     sh = _shape(x, B, C, chunk_size)
-    return (x.new_empty(x.shape),
-            x.new_empty((sh.batch, sh.nheads, sh.headdim, sh.dstate), dtype=torch.float32),
-            *(x.new_empty(shape, dtype=torch.float32) for shape in _saved_shapes(sh)))
+    return (
+        x.new_empty(x.shape),
+        x.new_empty((sh.batch, sh.nheads, sh.headdim, sh.dstate), dtype=torch.float32),
+        *(x.new_empty(shape, dtype=torch.float32) for shape in _saved_shapes(sh)),
+    )
 
 
 @torch.library.custom_op("megatron_hybrid::ssd_chunked_scan_backward", mutates_args=())
-def _ssd_backward_op(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
-                     C: Tensor, chunk_size: int, D: Tensor | None, dt_bias: Tensor | None,
-                     dt_softplus: bool, dt_min: float, dt_max: float,
-                     initial_states: Tensor | None, dt_out: Tensor, da_cs: Tensor, cb: Tensor,
-                     states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor,
-                                              Tensor, Tensor, Tensor, Tensor]:
+def _ssd_backward_op(
+    dy: Tensor,
+    dfinal: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+    initial_states: Tensor | None,
+    dt_out: Tensor,
+    da_cs: Tensor,
+    cb: Tensor,
+    states: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     r = _Intermediates(dt_out, da_cs, cb, states)
-    return _backward(dy, dfinal.float().contiguous(), x, dt, A, B, C, chunk_size, _contiguous(D),
-                     dt_bias, dt_softplus, dt_min, dt_max, _contiguous(initial_states), r)
+    return _backward(
+        dy,
+        dfinal.float().contiguous(),
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        _contiguous(D),
+        dt_bias,
+        dt_softplus,
+        dt_min,
+        dt_max,
+        _contiguous(initial_states),
+        r,
+    )
 
 
 @_ssd_backward_op.register_fake
-def _(dy, dfinal, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max,
-      initial_states, dt_out, da_cs, cb, states):
-    return (x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty(A.shape),
-            B.new_empty(B.shape), C.new_empty(C.shape),
-            *(t.new_empty(t.shape) if t is not None else x.new_empty(0)
-              for t in (D, dt_bias, initial_states)))
+def _(
+    dy,
+    dfinal,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D,
+    dt_bias,
+    dt_softplus,
+    dt_min,
+    dt_max,
+    initial_states,
+    dt_out,
+    da_cs,
+    cb,
+    states,
+):
+    return (
+        x.new_empty(x.shape),
+        dt.new_empty(dt.shape),
+        A.new_empty(A.shape),
+        B.new_empty(B.shape),
+        C.new_empty(C.shape),
+        *(
+            t.new_empty(t.shape) if t is not None else x.new_empty(0)
+            for t in (D, dt_bias, initial_states)
+        ),
+    )
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
@@ -372,8 +670,7 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 
 
 def _setup(ctx, inputs, output):
-    (x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max,
-     initial_states) = inputs
+    (x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max, initial_states) = inputs
     intermediates = output[2:]
     ctx.mark_non_differentiable(*intermediates)
     # Unused outputs get None, not materialized zero gradients: zero-filling the states-sized
@@ -387,23 +684,47 @@ def _grad(ctx, dy, dfinal, *_intermediates):
     x, dt, A, B, C, D, dt_bias, initial_states, *intermediates = ctx.saved_tensors
     chunk_size, dt_softplus, dt_min, dt_max = ctx.options
     if dfinal is None:
-        dfinal = x.new_zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]),
-                             dtype=torch.float32)
+        dfinal = x.new_zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]), dtype=torch.float32)
     if dy is None:
         dy = torch.zeros_like(x)
     dx, ddt, dA, dB, dC, dD, dbias, dinit = _ssd_backward_op(
-        dy, dfinal, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_min, dt_max,
-        initial_states, *intermediates,
+        dy,
+        dfinal,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        D,
+        dt_bias,
+        dt_softplus,
+        dt_min,
+        dt_max,
+        initial_states,
+        *intermediates,
     )
-    return (dx, ddt, dA, dB, dC, None, dD if D is not None else None,
-            dbias if dt_bias is not None else None, None, None, None,
-            dinit if initial_states is not None else None)
+    return (
+        dx,
+        ddt,
+        dA,
+        dB,
+        dC,
+        None,
+        dD if D is not None else None,
+        dbias if dt_bias is not None else None,
+        None,
+        None,
+        None,
+        dinit if initial_states is not None else None,
+    )
 
 
 _ssd_op.register_autograd(_grad, setup_context=_setup)
 
 
 # -- public function (the registry's `triton` implementation) -------------------------------------
+
 
 def ssd_chunked_scan(
     x: Tensor,
@@ -444,8 +765,27 @@ def ssd_chunked_scan(
     """
     _check_args(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, initial_states)
     optional = dict(D=D, dt_bias=dt_bias, initial_states=initial_states)
-    check_inputs("ssd", x=x, dt=dt, A=A, B=B, C=C,
-                 **{name: t for name, t in optional.items() if t is not None})
-    y, final, *_ = _ssd_op(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus,
-                           float(dt_limit[0]), float(dt_limit[1]), initial_states)
+    check_inputs(
+        "ssd",
+        x=x,
+        dt=dt,
+        A=A,
+        B=B,
+        C=C,
+        **{name: t for name, t in optional.items() if t is not None},
+    )
+    y, final, *_ = _ssd_op(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        D,
+        dt_bias,
+        dt_softplus,
+        float(dt_limit[0]),
+        float(dt_limit[1]),
+        initial_states,
+    )
     return (y, final) if return_final_states else y

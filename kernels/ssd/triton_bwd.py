@@ -15,8 +15,17 @@ from megatron_hybrid.kernels.ssd.triton_fwd import causal_decay, chunk_positions
 
 @triton.jit
 def state_passing_bwd_kernel(
-    DSTATES, STATES, DA_CS, DFINAL, DINIT, DDA_LAST,
-    nchunks, nheads, chunk_size, padded_len, dim,
+    DSTATES,
+    STATES,
+    DA_CS,
+    DFINAL,
+    DINIT,
+    DDA_LAST,
+    nchunks,
+    nheads,
+    chunk_size,
+    padded_len,
+    dim,
     BLOCK: tl.constexpr,
 ):
     """Program (batch*head, block of the p*n state): walks the chunks backwards with
@@ -55,18 +64,60 @@ def state_passing_bwd_kernel(
 
 @triton.jit
 def chunk_scan_bwd_source_kernel(
-    X, B, C, CB, DT, DA_CS, DSTATES, D, DY,
-    DX, DB, DDT_DIRECT, DDA_TO_END, DDA_INTRA, DD_PARTIAL,
-    seqlen, chunk_size, nchunks, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
-    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
-    stride_b_b, stride_b_l, stride_b_g, stride_b_n,
-    stride_c_b, stride_c_l, stride_c_g, stride_c_n,
-    stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
-    stride_dx_b, stride_dx_l, stride_dx_h,
-    stride_db_b, stride_db_l, stride_db_g,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
-    CP: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    X,
+    B,
+    C,
+    CB,
+    DT,
+    DA_CS,
+    DSTATES,
+    D,
+    DY,
+    DX,
+    DB,
+    DDT_DIRECT,
+    DDA_TO_END,
+    DDA_INTRA,
+    DD_PARTIAL,
+    seqlen,
+    chunk_size,
+    nchunks,
+    nheads,
+    heads_per_group,
+    ngroups,
+    headdim,
+    dstate,
+    padded_len,
+    stride_x_b,
+    stride_x_l,
+    stride_x_h,
+    stride_x_p,
+    stride_b_b,
+    stride_b_l,
+    stride_b_g,
+    stride_b_n,
+    stride_c_b,
+    stride_c_l,
+    stride_c_g,
+    stride_c_n,
+    stride_dy_b,
+    stride_dy_l,
+    stride_dy_h,
+    stride_dy_p,
+    stride_dx_b,
+    stride_dx_l,
+    stride_dx_h,
+    stride_db_b,
+    stride_db_l,
+    stride_db_g,
+    HAS_D: tl.constexpr,
+    D_PER_CHANNEL: tl.constexpr,
+    CP: tl.constexpr,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (batch*chunk*group, source tile s), looping over the group's heads and, per head,
     over the target tiles l >= s from the last one down. Per head:
@@ -94,8 +145,11 @@ def chunk_scan_bwd_source_kernel(
     i_s, t_s, in_s, valid_s = chunk_positions(c, st * BT, chunk_size, seqlen, BT)
     t_s64 = t_s.to(tl.int64)
     mask_sp = valid_s[:, None] & p_ok[None, :]
-    b_s = tl.load(B + b * stride_b_b + t_s64[:, None] * stride_b_l + g * stride_b_g
-                  + n[None, :] * stride_b_n, mask=valid_s[:, None] & n_ok[None, :], other=0.0)
+    b_s = tl.load(
+        B + b * stride_b_b + t_s64[:, None] * stride_b_l + g * stride_b_g + n[None, :] * stride_b_n,
+        mask=valid_s[:, None] & n_ok[None, :],
+        other=0.0,
+    )
     cb_cols = CB + ((b * nchunks + c) * ngroups + g) * CP * CP + i_s[None, :]
     db = tl.zeros((BT, BN), dtype=tl.float32)
     for hh in range(0, heads_per_group):
@@ -104,13 +158,31 @@ def chunk_scan_bwd_source_kernel(
         da_s = tl.load(DA_CS + row + i_s, mask=in_s, other=0.0)
         dt_s = tl.load(DT + row + i_s, mask=in_s, other=0.0)
         to_end = tl.where(valid_s, tl.exp(tl.load(DA_CS + row + chunk_size - 1) - da_s), 0.0)
-        x_s = tl.load(X + b * stride_x_b + t_s64[:, None] * stride_x_l + h * stride_x_h
-                      + p[None, :] * stride_x_p, mask=mask_sp, other=0.0)
-        dy_s = tl.load(DY + b * stride_dy_b + t_s64[:, None] * stride_dy_l + h * stride_dy_h
-                       + p[None, :] * stride_dy_p, mask=mask_sp, other=0.0)
-        d_state = tl.load(DSTATES + (((b * nchunks + c) * nheads + h) * headdim + p[:, None])
-                          * dstate + n[None, :], mask=p_ok[:, None] & n_ok[None, :],
-                          other=0.0)  # dT (BP, BN)
+        x_s = tl.load(
+            X
+            + b * stride_x_b
+            + t_s64[:, None] * stride_x_l
+            + h * stride_x_h
+            + p[None, :] * stride_x_p,
+            mask=mask_sp,
+            other=0.0,
+        )
+        dy_s = tl.load(
+            DY
+            + b * stride_dy_b
+            + t_s64[:, None] * stride_dy_l
+            + h * stride_dy_h
+            + p[None, :] * stride_dy_p,
+            mask=mask_sp,
+            other=0.0,
+        )
+        d_state = tl.load(
+            DSTATES
+            + (((b * nchunks + c) * nheads + h) * headdim + p[:, None]) * dstate
+            + n[None, :],
+            mask=p_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )  # dT (BP, BN)
         x_s32 = x_s.to(tl.float32)
         dxdt = mm(b_s, tl.trans(d_state), DOT_DTYPE, INTERPRET) * to_end[:, None]
         tl.store(DDA_TO_END + row + i_s, dt_s * tl.sum(x_s32 * dxdt, axis=1), mask=in_s)
@@ -123,12 +195,24 @@ def chunk_scan_bwd_source_kernel(
             i_l, t_l, in_l, valid_l = chunk_positions(c, lt * BT, chunk_size, seqlen, BT)
             t_l64 = t_l.to(tl.int64)
             da_l = tl.load(DA_CS + row + i_l, mask=in_l, other=0.0)
-            dy_l = tl.load(DY + b * stride_dy_b + t_l64[:, None] * stride_dy_l
-                           + h * stride_dy_h + p[None, :] * stride_dy_p,
-                           mask=valid_l[:, None] & p_ok[None, :], other=0.0)
-            c_l = tl.load(C + b * stride_c_b + t_l64[:, None] * stride_c_l + g * stride_c_g
-                          + n[None, :] * stride_c_n, mask=valid_l[:, None] & n_ok[None, :],
-                          other=0.0)
+            dy_l = tl.load(
+                DY
+                + b * stride_dy_b
+                + t_l64[:, None] * stride_dy_l
+                + h * stride_dy_h
+                + p[None, :] * stride_dy_p,
+                mask=valid_l[:, None] & p_ok[None, :],
+                other=0.0,
+            )
+            c_l = tl.load(
+                C
+                + b * stride_c_b
+                + t_l64[:, None] * stride_c_l
+                + g * stride_c_g
+                + n[None, :] * stride_c_n,
+                mask=valid_l[:, None] & n_ok[None, :],
+                other=0.0,
+            )
             causal = (i_l[:, None] >= i_s[None, :]) & valid_l[:, None] & valid_s[None, :]
             decay = causal_decay(da_l, da_s, causal)
             cb = tl.where(causal, tl.load(cb_cols + i_l[:, None] * CP), 0.0)
@@ -151,25 +235,64 @@ def chunk_scan_bwd_source_kernel(
             dx += d * dy_s32
             dd = DD_PARTIAL + (((b * nchunks + c) * NT + st) * nheads + h) * headdim + p
             tl.store(dd, tl.sum(dy_s32 * x_s32, axis=0), mask=p_ok)
-        tl.store(DX + b * stride_dx_b + t_s64[:, None] * stride_dx_l + h * stride_dx_h
-                 + p[None, :], dx.to(DX.dtype.element_ty), mask=mask_sp)
+        tl.store(
+            DX + b * stride_dx_b + t_s64[:, None] * stride_dx_l + h * stride_dx_h + p[None, :],
+            dx.to(DX.dtype.element_ty),
+            mask=mask_sp,
+        )
         tl.store(DDT_DIRECT + row + i_s, tl.sum(dxdt * x_s32, axis=1), mask=in_s)
-    tl.store(DB + b * stride_db_b + t_s64[:, None] * stride_db_l + g * stride_db_g + n[None, :],
-             db.to(DB.dtype.element_ty), mask=valid_s[:, None] & n_ok[None, :])
+    tl.store(
+        DB + b * stride_db_b + t_s64[:, None] * stride_db_l + g * stride_db_g + n[None, :],
+        db.to(DB.dtype.element_ty),
+        mask=valid_s[:, None] & n_ok[None, :],
+    )
 
 
 @triton.jit
 def chunk_scan_bwd_target_kernel(
-    X, B, C, STATES, DT, DA_CS, DY,
-    DC, DDA_READOUT,
-    seqlen, chunk_size, nchunks, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
-    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
-    stride_b_b, stride_b_l, stride_b_g, stride_b_n,
-    stride_c_b, stride_c_l, stride_c_g, stride_c_n,
-    stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
-    stride_dc_b, stride_dc_l, stride_dc_g,
-    CP: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    X,
+    B,
+    C,
+    STATES,
+    DT,
+    DA_CS,
+    DY,
+    DC,
+    DDA_READOUT,
+    seqlen,
+    chunk_size,
+    nchunks,
+    nheads,
+    heads_per_group,
+    ngroups,
+    headdim,
+    dstate,
+    padded_len,
+    stride_x_b,
+    stride_x_l,
+    stride_x_h,
+    stride_x_p,
+    stride_b_b,
+    stride_b_l,
+    stride_b_g,
+    stride_b_n,
+    stride_c_b,
+    stride_c_l,
+    stride_c_g,
+    stride_c_n,
+    stride_dy_b,
+    stride_dy_l,
+    stride_dy_h,
+    stride_dy_p,
+    stride_dc_b,
+    stride_dc_l,
+    stride_dc_g,
+    CP: tl.constexpr,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (batch*chunk*group, target tile l):
 
@@ -190,17 +313,32 @@ def chunk_scan_bwd_target_kernel(
     t_l64 = t_l.to(tl.int64)
     mask_lp = valid_l[:, None] & p_ok[None, :]
     mask_ln = valid_l[:, None] & n_ok[None, :]
-    c_l = tl.load(C + b * stride_c_b + t_l64[:, None] * stride_c_l + g * stride_c_g
-                  + n[None, :] * stride_c_n, mask=mask_ln, other=0.0).to(tl.float32)
+    c_l = tl.load(
+        C + b * stride_c_b + t_l64[:, None] * stride_c_l + g * stride_c_g + n[None, :] * stride_c_n,
+        mask=mask_ln,
+        other=0.0,
+    ).to(tl.float32)
     dc = tl.zeros((BT, BN), dtype=tl.float32)
     for hh in range(0, heads_per_group):
         h = g * heads_per_group + hh
         row = (b * nheads + h) * padded_len + c * chunk_size
         da_l = tl.load(DA_CS + row + i_l, mask=in_l, other=0.0)
-        dy_l = tl.load(DY + b * stride_dy_b + t_l64[:, None] * stride_dy_l + h * stride_dy_h
-                       + p[None, :] * stride_dy_p, mask=mask_lp, other=0.0)
-        state = tl.load(STATES + (((b * nchunks + c) * nheads + h) * headdim + p[:, None])
-                        * dstate + n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+        dy_l = tl.load(
+            DY
+            + b * stride_dy_b
+            + t_l64[:, None] * stride_dy_l
+            + h * stride_dy_h
+            + p[None, :] * stride_dy_p,
+            mask=mask_lp,
+            other=0.0,
+        )
+        state = tl.load(
+            STATES
+            + (((b * nchunks + c) * nheads + h) * headdim + p[:, None]) * dstate
+            + n[None, :],
+            mask=p_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
         dc_h = mm(dy_l, state, DOT_DTYPE, INTERPRET) * tl.exp(da_l)[:, None]
         tl.store(DDA_READOUT + row + i_l, tl.sum(c_l * dc_h, axis=1), mask=in_l)
         dc += dc_h
@@ -215,30 +353,75 @@ def chunk_scan_bwd_target_kernel(
             da_l = tl.load(DA_CS + row + i_l, mask=in_l, other=0.0)
             da_s = tl.load(DA_CS + row + i_s, mask=in_s, other=0.0)
             dt_s = tl.load(DT + row + i_s, mask=in_s, other=0.0)
-            dy_l = tl.load(DY + b * stride_dy_b + t_l64[:, None] * stride_dy_l
-                           + h * stride_dy_h + p[None, :] * stride_dy_p, mask=mask_lp, other=0.0)
-            x_s = tl.load(X + b * stride_x_b + t_s64[:, None] * stride_x_l + h * stride_x_h
-                          + p[None, :] * stride_x_p, mask=valid_s[:, None] & p_ok[None, :],
-                          other=0.0)
+            dy_l = tl.load(
+                DY
+                + b * stride_dy_b
+                + t_l64[:, None] * stride_dy_l
+                + h * stride_dy_h
+                + p[None, :] * stride_dy_p,
+                mask=mask_lp,
+                other=0.0,
+            )
+            x_s = tl.load(
+                X
+                + b * stride_x_b
+                + t_s64[:, None] * stride_x_l
+                + h * stride_x_h
+                + p[None, :] * stride_x_p,
+                mask=valid_s[:, None] & p_ok[None, :],
+                other=0.0,
+            )
             decay = causal_decay(da_l, da_s, causal)
             dcb += mm(dy_l, tl.trans(x_s), DOT_DTYPE, INTERPRET) * decay * dt_s[None, :]
-        b_s = tl.load(B + b * stride_b_b + t_s64[:, None] * stride_b_l + g * stride_b_g
-                      + n[None, :] * stride_b_n, mask=valid_s[:, None] & n_ok[None, :],
-                      other=0.0)
+        b_s = tl.load(
+            B
+            + b * stride_b_b
+            + t_s64[:, None] * stride_b_l
+            + g * stride_b_g
+            + n[None, :] * stride_b_n,
+            mask=valid_s[:, None] & n_ok[None, :],
+            other=0.0,
+        )
         dc += mm(dcb, b_s, DOT_DTYPE, INTERPRET)
-    tl.store(DC + b * stride_dc_b + t_l64[:, None] * stride_dc_l + g * stride_dc_g + n[None, :],
-             dc.to(DC.dtype.element_ty), mask=mask_ln)
+    tl.store(
+        DC + b * stride_dc_b + t_l64[:, None] * stride_dc_l + g * stride_dc_g + n[None, :],
+        dc.to(DC.dtype.element_ty),
+        mask=mask_ln,
+    )
 
 
 @triton.jit
 def chunk_cumsum_bwd_kernel(
-    DT, A, DT_BIAS, DT_OUT, DDT_DIRECT, DDA_TO_END, DDA_INTRA, DDA_READOUT, DDA_LAST,
-    DDT, DA_PARTIAL, DBIAS_PARTIAL,
-    seqlen, nheads, chunk_size, nchunks, padded_len,
-    stride_dt_b, stride_dt_l, stride_dt_h, stride_ddt_b, stride_ddt_l,
-    dt_min, dt_max,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-    CP: tl.constexpr, NT: tl.constexpr, BLOCK_H: tl.constexpr,
+    DT,
+    A,
+    DT_BIAS,
+    DT_OUT,
+    DDT_DIRECT,
+    DDA_TO_END,
+    DDA_INTRA,
+    DDA_READOUT,
+    DDA_LAST,
+    DDT,
+    DA_PARTIAL,
+    DBIAS_PARTIAL,
+    seqlen,
+    nheads,
+    chunk_size,
+    nchunks,
+    padded_len,
+    stride_dt_b,
+    stride_dt_l,
+    stride_dt_h,
+    stride_ddt_b,
+    stride_ddt_l,
+    dt_min,
+    dt_max,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
+    CP: tl.constexpr,
+    NT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Program (batch, chunk, head block): the gradient of dt * A at step k,
 
@@ -271,8 +454,11 @@ def chunk_cumsum_bwd_kernel(
     ddt = tl.load(DDT_DIRECT + rows + i[:, None], mask=mask, other=0.0) + a[None, :] * dda
     tl.store(DA_PARTIAL + (b * nchunks + c) * nheads + h, tl.sum(dt * dda, axis=0), mask=h_ok)
 
-    raw = tl.load(DT + b * stride_dt_b + t.to(tl.int64)[:, None] * stride_dt_l
-                  + h[None, :] * stride_dt_h, mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(
+        DT + b * stride_dt_b + t.to(tl.int64)[:, None] * stride_dt_l + h[None, :] * stride_dt_h,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     if HAS_BIAS:
         raw += tl.load(DT_BIAS + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LIMIT:
@@ -284,7 +470,10 @@ def chunk_cumsum_bwd_kernel(
     if SOFTPLUS:
         ddt = ddt * tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
     ddt = tl.where(mask, ddt, 0.0)
-    tl.store(DDT + b * stride_ddt_b + t.to(tl.int64)[:, None] * stride_ddt_l + h[None, :],
-             ddt.to(DDT.dtype.element_ty), mask=mask)
+    tl.store(
+        DDT + b * stride_ddt_b + t.to(tl.int64)[:, None] * stride_ddt_l + h[None, :],
+        ddt.to(DDT.dtype.element_ty),
+        mask=mask,
+    )
     if HAS_BIAS:
         tl.store(DBIAS_PARTIAL + (b * nchunks + c) * nheads + h, tl.sum(ddt, axis=0), mask=h_ok)

@@ -60,12 +60,25 @@ def causal_decay(da_l, da_s, causal):
 
 @triton.jit
 def chunk_cumsum_kernel(
-    DT, A, DT_BIAS, DT_OUT, DA_CS,
-    seqlen, nheads, chunk_size, padded_len,
-    stride_dt_b, stride_dt_l, stride_dt_h,
-    dt_min, dt_max,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-    CP: tl.constexpr, BLOCK_H: tl.constexpr,
+    DT,
+    A,
+    DT_BIAS,
+    DT_OUT,
+    DA_CS,
+    seqlen,
+    nheads,
+    chunk_size,
+    padded_len,
+    stride_dt_b,
+    stride_dt_l,
+    stride_dt_h,
+    dt_min,
+    dt_max,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Program (batch, chunk, head block): dt -> dt + dt_bias -> softplus -> clamp, zero on
     padded steps, and the inclusive cumsum of dt * A over the chunk."""
@@ -75,8 +88,11 @@ def chunk_cumsum_kernel(
     h_ok = h < nheads
     i, t, in_chunk, valid = chunk_positions(c, 0, chunk_size, seqlen, CP)
     mask = valid[:, None] & h_ok[None, :]
-    dt = tl.load(DT + b * stride_dt_b + t.to(tl.int64)[:, None] * stride_dt_l
-                 + h[None, :] * stride_dt_h, mask=mask, other=0.0).to(tl.float32)
+    dt = tl.load(
+        DT + b * stride_dt_b + t.to(tl.int64)[:, None] * stride_dt_l + h[None, :] * stride_dt_h,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(DT_BIAS + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
     if SOFTPLUS:
@@ -94,12 +110,27 @@ def chunk_cumsum_kernel(
 
 @triton.jit
 def bmm_cb_kernel(
-    B, C, CB,
-    seqlen, chunk_size, nchunks, ngroups, dstate,
-    stride_b_b, stride_b_l, stride_b_g, stride_b_n,
-    stride_c_b, stride_c_l, stride_c_g, stride_c_n,
-    CP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    B,
+    C,
+    CB,
+    seqlen,
+    chunk_size,
+    nchunks,
+    ngroups,
+    dstate,
+    stride_b_b,
+    stride_b_l,
+    stride_b_g,
+    stride_b_n,
+    stride_c_b,
+    stride_c_l,
+    stride_c_g,
+    stride_c_n,
+    CP: tl.constexpr,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (batch*chunk*group, target tile): CB[l, s] = C_l . B_s for the source tiles up to
     and including the diagonal one."""
@@ -111,26 +142,60 @@ def bmm_cb_kernel(
     n = tl.arange(0, BN)
     n_ok = n < dstate
     i_l, t_l, _, valid_l = chunk_positions(c, lt * BT, chunk_size, seqlen, BT)
-    c_l = tl.load(C + b * stride_c_b + t_l.to(tl.int64)[:, None] * stride_c_l + g * stride_c_g
-                  + n[None, :] * stride_c_n, mask=valid_l[:, None] & n_ok[None, :], other=0.0)
+    c_l = tl.load(
+        C
+        + b * stride_c_b
+        + t_l.to(tl.int64)[:, None] * stride_c_l
+        + g * stride_c_g
+        + n[None, :] * stride_c_n,
+        mask=valid_l[:, None] & n_ok[None, :],
+        other=0.0,
+    )
     out = CB + ((b * nchunks + c) * ngroups + g) * CP * CP + i_l[:, None] * CP
     for st in range(0, lt + 1):
         i_s, t_s, _, valid_s = chunk_positions(c, st * BT, chunk_size, seqlen, BT)
-        b_s = tl.load(B + b * stride_b_b + t_s.to(tl.int64)[None, :] * stride_b_l
-                      + g * stride_b_g + n[:, None] * stride_b_n,
-                      mask=valid_s[None, :] & n_ok[:, None], other=0.0)  # (BN, BT): B_s^T
+        b_s = tl.load(
+            B
+            + b * stride_b_b
+            + t_s.to(tl.int64)[None, :] * stride_b_l
+            + g * stride_b_g
+            + n[:, None] * stride_b_n,
+            mask=valid_s[None, :] & n_ok[:, None],
+            other=0.0,
+        )  # (BN, BT): B_s^T
         tl.store(out + i_s[None, :], mm(c_l, b_s, DOT_DTYPE, INTERPRET))
 
 
 @triton.jit
 def chunk_state_kernel(
-    X, Y, DT, DA_CS, OUT,
-    seqlen, chunk_size, nchunks, nheads, heads_per_group, headdim, dstate, padded_len,
-    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
-    stride_y_b, stride_y_l, stride_y_g, stride_y_n,
+    X,
+    Y,
+    DT,
+    DA_CS,
+    OUT,
+    seqlen,
+    chunk_size,
+    nchunks,
+    nheads,
+    heads_per_group,
+    headdim,
+    dstate,
+    padded_len,
+    stride_x_b,
+    stride_x_l,
+    stride_x_h,
+    stride_x_p,
+    stride_y_b,
+    stride_y_l,
+    stride_y_g,
+    stride_y_n,
     TO_END: tl.constexpr,
-    CP: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    CP: tl.constexpr,
+    BK: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (batch*chunk*head): OUT[b, c, h] = sum_i w_i * outer(X[i, h], Y[i, group(h)])
     over the chunk's steps i, (p, n) in float32, with
@@ -156,11 +221,24 @@ def chunk_state_kernel(
     for k0 in range(0, chunk_size, BK):
         i, t, in_chunk, valid = chunk_positions(c, k0, chunk_size, seqlen, BK)
         t64 = t.to(tl.int64)
-        x_t = tl.load(X + b * stride_x_b + t64[None, :] * stride_x_l + h * stride_x_h
-                      + p[:, None] * stride_x_p, mask=valid[None, :] & p_ok[:, None],
-                      other=0.0)  # (BP, BK)
-        y = tl.load(Y + b * stride_y_b + t64[:, None] * stride_y_l + g * stride_y_g
-                    + n[None, :] * stride_y_n, mask=valid[:, None] & n_ok[None, :], other=0.0)
+        x_t = tl.load(
+            X
+            + b * stride_x_b
+            + t64[None, :] * stride_x_l
+            + h * stride_x_h
+            + p[:, None] * stride_x_p,
+            mask=valid[None, :] & p_ok[:, None],
+            other=0.0,
+        )  # (BP, BK)
+        y = tl.load(
+            Y
+            + b * stride_y_b
+            + t64[:, None] * stride_y_l
+            + g * stride_y_g
+            + n[None, :] * stride_y_n,
+            mask=valid[:, None] & n_ok[None, :],
+            other=0.0,
+        )
         da = tl.load(DA_CS + row + i, mask=in_chunk, other=0.0)
         if TO_END:
             w = tl.exp(da_last - da) * tl.load(DT + row + i, mask=in_chunk, other=0.0)
@@ -174,9 +252,17 @@ def chunk_state_kernel(
 
 @triton.jit
 def state_passing_fwd_kernel(
-    STATES, DA_CS, INIT, FINAL,
-    nchunks, nheads, chunk_size, padded_len, dim,
-    HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
+    STATES,
+    DA_CS,
+    INIT,
+    FINAL,
+    nchunks,
+    nheads,
+    chunk_size,
+    padded_len,
+    dim,
+    HAS_INIT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Program (batch*head, block of the p*n state): walks the chunks in order, replacing each
     chunk's own end state by the state entering it, S_{c+1} = exp(dA_cs[c, last]) S_c + T_c, and
@@ -209,14 +295,42 @@ def state_passing_fwd_kernel(
 
 @triton.jit
 def chunk_scan_fwd_kernel(
-    X, C, CB, DT, DA_CS, STATES, D, Y,
-    seqlen, chunk_size, nchunks, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
-    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
-    stride_c_b, stride_c_l, stride_c_g, stride_c_n,
-    stride_y_b, stride_y_l, stride_y_h,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
-    CP: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    X,
+    C,
+    CB,
+    DT,
+    DA_CS,
+    STATES,
+    D,
+    Y,
+    seqlen,
+    chunk_size,
+    nchunks,
+    nheads,
+    heads_per_group,
+    ngroups,
+    headdim,
+    dstate,
+    padded_len,
+    stride_x_b,
+    stride_x_l,
+    stride_x_h,
+    stride_x_p,
+    stride_c_b,
+    stride_c_l,
+    stride_c_g,
+    stride_c_n,
+    stride_y_b,
+    stride_y_l,
+    stride_y_h,
+    HAS_D: tl.constexpr,
+    D_PER_CHANNEL: tl.constexpr,
+    CP: tl.constexpr,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (batch*chunk*head, target tile l):
         y_l = exp(dA_cs_l) C_l . S_c + sum_{s <= l} CB[l, s] exp(dA_cs_l - dA_cs_s) dt_s x_s
@@ -235,10 +349,20 @@ def chunk_scan_fwd_kernel(
     row = (b * nheads + h) * padded_len + c * chunk_size
     i_l, t_l, in_l, valid_l = chunk_positions(c, lt * BT, chunk_size, seqlen, BT)
     da_l = tl.load(DA_CS + row + i_l, mask=in_l, other=0.0)
-    c_l = tl.load(C + b * stride_c_b + t_l.to(tl.int64)[:, None] * stride_c_l + g * stride_c_g
-                  + n[None, :] * stride_c_n, mask=valid_l[:, None] & n_ok[None, :], other=0.0)
-    state_t = tl.load(STATES + (pid.to(tl.int64) * headdim + p[None, :]) * dstate + n[:, None],
-                      mask=p_ok[None, :] & n_ok[:, None], other=0.0)  # (BN, BP): S_c^T
+    c_l = tl.load(
+        C
+        + b * stride_c_b
+        + t_l.to(tl.int64)[:, None] * stride_c_l
+        + g * stride_c_g
+        + n[None, :] * stride_c_n,
+        mask=valid_l[:, None] & n_ok[None, :],
+        other=0.0,
+    )
+    state_t = tl.load(
+        STATES + (pid.to(tl.int64) * headdim + p[None, :]) * dstate + n[:, None],
+        mask=p_ok[None, :] & n_ok[:, None],
+        other=0.0,
+    )  # (BN, BP): S_c^T
     acc = mm(c_l, state_t, DOT_DTYPE, INTERPRET) * tl.exp(da_l)[:, None]
     cb_rows = CB + ((b * nchunks + c) * ngroups + g) * CP * CP + i_l[:, None] * CP
     x_base = X + b * stride_x_b + h * stride_x_h
@@ -249,13 +373,19 @@ def chunk_scan_fwd_kernel(
         causal = (i_l[:, None] >= i_s[None, :]) & valid_s[None, :]
         cb = tl.where(causal, tl.load(cb_rows + i_s[None, :]), 0.0)
         scores = cb * causal_decay(da_l, da_s, causal) * dt_s[None, :]
-        x_s = tl.load(x_base + t_s.to(tl.int64)[:, None] * stride_x_l + p[None, :] * stride_x_p,
-                      mask=valid_s[:, None] & p_ok[None, :], other=0.0)
+        x_s = tl.load(
+            x_base + t_s.to(tl.int64)[:, None] * stride_x_l + p[None, :] * stride_x_p,
+            mask=valid_s[:, None] & p_ok[None, :],
+            other=0.0,
+        )
         acc += mm(scores, x_s, DOT_DTYPE, INTERPRET)
     mask_l = valid_l[:, None] & p_ok[None, :]
     if HAS_D:
-        x_l = tl.load(x_base + t_l.to(tl.int64)[:, None] * stride_x_l + p[None, :] * stride_x_p,
-                      mask=mask_l, other=0.0).to(tl.float32)
+        x_l = tl.load(
+            x_base + t_l.to(tl.int64)[:, None] * stride_x_l + p[None, :] * stride_x_p,
+            mask=mask_l,
+            other=0.0,
+        ).to(tl.float32)
         if D_PER_CHANNEL:
             d = tl.load(D + h * headdim + p, mask=p_ok, other=0.0).to(tl.float32)[None, :]
         else:

@@ -25,8 +25,10 @@ class BlendedDataset:
 
     def __init__(self, datasets: list, weights: list[float], window: int = 4096):
         if len(datasets) != len(weights) or not datasets:
-            raise ValueError(f"need one weight per dataset, got {len(weights)} weights for "
-                             f"{len(datasets)} datasets")
+            raise ValueError(
+                f"need one weight per dataset, got {len(weights)} weights for "
+                f"{len(datasets)} datasets"
+            )
         if any(not (w > 0 and math.isfinite(w)) for w in weights):
             raise ValueError(f"blend weights must be positive and finite, got {weights}")
         self.datasets = list(datasets)

@@ -84,12 +84,16 @@ class DataSplits:
             if split is None:
                 lines.append(f"{name}: none")
                 continue
-            parts = (split.dataset.datasets if isinstance(split.dataset, BlendedDataset)
-                     else [split.dataset])
-            weights = (split.dataset.weights if isinstance(split.dataset, BlendedDataset)
-                       else [1.0])
-            described = ", ".join(f"{w:.3g} x {d.indexed.prefix} ({d.num_tokens} tokens)"
-                                  for w, d in zip(weights, parts, strict=True))
+            parts = (
+                split.dataset.datasets
+                if isinstance(split.dataset, BlendedDataset)
+                else [split.dataset]
+            )
+            weights = split.dataset.weights if isinstance(split.dataset, BlendedDataset) else [1.0]
+            described = ", ".join(
+                f"{w:.3g} x {d.indexed.prefix} ({d.num_tokens} tokens)"
+                for w, d in zip(weights, parts, strict=True)
+            )
             lines.append(f"{name}: {described}")
         return "; ".join(lines)
 
@@ -126,27 +130,45 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the argparse group "data": data paths, split, mock data, index cache, tokenizer
     (defaults from DataSettings and TokenizerSettings)."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data-path", nargs="*", default=_DATA.data_path,
-                       metavar="[WEIGHT] PREFIX",
-                       help="indexed datasets (PREFIX.bin/.idx), optionally weighted: "
-                       "'0.3 A 0.7 B'; without weights, mixed by token count. Neither this nor "
-                       "--mock-data: train on the embedded default corpus")
-    group.add_argument("--split", default=_DATA.split,
-                       help="train,valid,test shares of each --data-path dataset's sequences")
+    group.add_argument(
+        "--data-path",
+        nargs="*",
+        default=_DATA.data_path,
+        metavar="[WEIGHT] PREFIX",
+        help="indexed datasets (PREFIX.bin/.idx), optionally weighted: "
+        "'0.3 A 0.7 B'; without weights, mixed by token count. Neither this nor "
+        "--mock-data: train on the embedded default corpus",
+    )
+    group.add_argument(
+        "--split",
+        default=_DATA.split,
+        help="train,valid,test shares of each --data-path dataset's sequences",
+    )
     for name in SPLIT_NAMES:
-        group.add_argument(f"--{name}-data-path", nargs="*", metavar="[WEIGHT] PREFIX",
-                           default=getattr(_DATA, f"{name}_data_path"),
-                           help=f"{name} split only, datasets used whole (instead of --data-path)")
-    group.add_argument("--mock-data", action="store_true", default=_DATA.mock_data,
-                       help="synthetic data through the same pipeline (smoke tests, benchmarks)")
-    group.add_argument("--data-cache-path", default=_DATA.data_cache_path,
-                       help="folder for the sample index cache (None: index_cache/ next to "
-                       "each dataset)")
+        group.add_argument(
+            f"--{name}-data-path",
+            nargs="*",
+            metavar="[WEIGHT] PREFIX",
+            default=getattr(_DATA, f"{name}_data_path"),
+            help=f"{name} split only, datasets used whole (instead of --data-path)",
+        )
+    group.add_argument(
+        "--mock-data",
+        action="store_true",
+        default=_DATA.mock_data,
+        help="synthetic data through the same pipeline (smoke tests, benchmarks)",
+    )
+    group.add_argument(
+        "--data-cache-path",
+        default=_DATA.data_cache_path,
+        help="folder for the sample index cache (None: index_cache/ next to each dataset)",
+    )
     add_tokenizer_args(group)
     return group
 
 
 # -- parsing the flags ---------------------------------------------------------------------------
+
 
 def parse_split(text: str) -> tuple[float, float, float]:
     """'969,30,1' -> normalized (train, valid, test) weights; fewer values mean zeros."""
@@ -183,19 +205,26 @@ def parse_blend(values: list[str], flag: str = "--data-path") -> list[tuple[floa
         if numbers:
             raise DataConfigError(
                 f"{flag} {shown}: {numbers[0]!r} looks like a weight, but {values[0]!r} has "
-                "none; give every prefix a weight ('0.3 A 0.7 B') or none ('A B')")
+                "none; give every prefix a weight ('0.3 A 0.7 B') or none ('A B')"
+            )
         return [(None, v) for v in values]
     if len(values) % 2:
-        raise DataConfigError(f"{flag} {shown}: expected WEIGHT PREFIX pairs like '0.3 A 0.7 B';"
-                              f" the last weight {values[-1]!r} has no prefix after it")
+        raise DataConfigError(
+            f"{flag} {shown}: expected WEIGHT PREFIX pairs like '0.3 A 0.7 B';"
+            f" the last weight {values[-1]!r} has no prefix after it"
+        )
     blend = []
     for weight, prefix in zip(values[0::2], values[1::2], strict=True):
         if not _NUMBER.fullmatch(weight):
-            raise DataConfigError(f"{flag} {shown}: expected a weight before {prefix!r}, found "
-                                  f"{weight!r}; give WEIGHT PREFIX pairs like '0.3 A 0.7 B'")
+            raise DataConfigError(
+                f"{flag} {shown}: expected a weight before {prefix!r}, found "
+                f"{weight!r}; give WEIGHT PREFIX pairs like '0.3 A 0.7 B'"
+            )
         if _NUMBER.fullmatch(prefix):
-            raise DataConfigError(f"{flag} {shown}: expected a dataset prefix after weight "
-                                  f"{weight}, found another number {prefix!r}")
+            raise DataConfigError(
+                f"{flag} {shown}: expected a dataset prefix after weight "
+                f"{weight}, found another number {prefix!r}"
+            )
         if float(weight) < 0 or not math.isfinite(float(weight)):
             raise DataConfigError(f"{flag} {shown}: weight {weight} of {prefix} must be >= 0")
         blend.append((float(weight), prefix))
@@ -206,20 +235,26 @@ def parse_blend(values: list[str], flag: str = "--data-path") -> list[tuple[floa
 
 # -- data against the tokenizer ------------------------------------------------------------------
 
+
 def check_tokenizer_fits(indexed: IndexedDataset, tokenizer: Tokenizer) -> None:
     """Raise IndexedDatasetError when `indexed` cannot hold `tokenizer`'s ids (its dtype is too
     narrow or not integer) or when a sample of its tokens (up to ~1M, spread over the file)
     holds an id outside the vocabulary: signs of data preprocessed with another tokenizer."""
     dtype, vocab = indexed.dtype, tokenizer.vocab_size
-    advice = ("the data was preprocessed with a different tokenizer; pass the --tokenizer-type "
-              "and tokenizer files that preprocessing used")
+    advice = (
+        "the data was preprocessed with a different tokenizer; pass the --tokenizer-type "
+        "and tokenizer files that preprocessing used"
+    )
     if dtype.kind not in "iu":
-        raise IndexedDatasetError(f"{indexed.bin_path} holds {dtype.name} values; token ids must "
-                                  "be integers (expected uint16 or int32)")
+        raise IndexedDatasetError(
+            f"{indexed.bin_path} holds {dtype.name} values; token ids must "
+            "be integers (expected uint16 or int32)"
+        )
     if vocab - 1 > np.iinfo(dtype).max:
         raise IndexedDatasetError(
             f"{indexed.bin_path} stores {dtype.name} tokens (ids up to {np.iinfo(dtype).max}), "
-            f"but the tokenizer {tokenizer.name} has {vocab} ids: {advice}")
+            f"but the tokenizer {tokenizer.name} has {vocab} ids: {advice}"
+        )
     count = len(indexed)
     for i in np.unique(np.linspace(0, count - 1, num=min(count, 64)).astype(np.int64)).tolist():
         tokens = indexed.get(i, 0, min(int(indexed.sequence_lengths[i]), 16_384))
@@ -227,10 +262,12 @@ def check_tokenizer_fits(indexed: IndexedDataset, tokenizer: Tokenizer) -> None:
             bad = tokens.max() if tokens.max() >= vocab else tokens.min()
             raise IndexedDatasetError(
                 f"{indexed.bin_path} holds token id {bad} (sequence {i}), outside the ids "
-                f"0..{vocab - 1} of the tokenizer {tokenizer.name}: {advice}")
+                f"0..{vocab - 1} of the tokenizer {tokenizer.name}: {advice}"
+            )
 
 
 # -- building ------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _rank_zero_first():
@@ -255,8 +292,9 @@ def _cache_dir(data: DataSettings, indexed) -> str | None:
     return os.path.join(os.path.dirname(os.path.abspath(indexed.prefix)), "index_cache")
 
 
-def _build_split(name: str, parts, data: DataSettings, seq_length: int, seed: int,
-                 num_samples: int) -> DataSplit | None:
+def _build_split(
+    name: str, parts, data: DataSettings, seq_length: int, seed: int, num_samples: int
+) -> DataSplit | None:
     """`parts`: (weight or None, dataset, first sequence, end sequence) for one split."""
     datasets, weights = [], []
     for weight, indexed, begin, end in parts:
@@ -264,11 +302,14 @@ def _build_split(name: str, parts, data: DataSettings, seq_length: int, seed: in
             continue
         try:
             if end <= begin:
-                raise TooFewTokensError(f"{name} split of {indexed.prefix} is empty (none of "
-                                        f"its {len(indexed)} sequences); give it a larger share "
-                                        "with --split")
-            dataset = GPTDataset(indexed, begin, end, seq_length, seed, name,
-                                 _cache_dir(data, indexed))
+                raise TooFewTokensError(
+                    f"{name} split of {indexed.prefix} is empty (none of "
+                    f"its {len(indexed)} sequences); give it a larger share "
+                    "with --split"
+                )
+            dataset = GPTDataset(
+                indexed, begin, end, seq_length, seed, name, _cache_dir(data, indexed)
+            )
         except TooFewTokensError as error:
             if name == "train":
                 raise
@@ -292,8 +333,14 @@ def _build_split(name: str, parts, data: DataSettings, seq_length: int, seed: in
     return DataSplit(name, source, num_samples, seq_length)
 
 
-def build_datasets(data: DataSettings, tokenizer: Tokenizer, seq_length: int, seed: int,
-                   num_train_samples: int, num_eval_samples: int) -> DataSplits | None:
+def build_datasets(
+    data: DataSettings,
+    tokenizer: Tokenizer,
+    seq_length: int,
+    seed: int,
+    num_train_samples: int,
+    num_eval_samples: int,
+) -> DataSplits | None:
     """The train / valid / test splits `data` describes, or None when it names no source (the
     trainer then uses its embedded corpus). `num_*_samples` count global samples
     (all data-parallel ranks); they decide which epoch indices are built up front, not what the
@@ -310,8 +357,10 @@ def build_datasets(data: DataSettings, tokenizer: Tokenizer, seq_length: int, se
     if not (data_path or mock or any(per_split.values())):
         return None
     if sum(map(bool, (data_path, mock, any(per_split.values())))) > 1:
-        raise DataConfigError("give one data source: --data-path, --mock-data, or "
-                              "--train-data-path with --valid-data-path / --test-data-path")
+        raise DataConfigError(
+            "give one data source: --data-path, --mock-data, or "
+            "--train-data-path with --valid-data-path / --test-data-path"
+        )
     if any(per_split.values()) and not per_split["train"]:
         raise DataConfigError("--valid-data-path / --test-data-path need --train-data-path too")
 
@@ -327,18 +376,21 @@ def build_datasets(data: DataSettings, tokenizer: Tokenizer, seq_length: int, se
     if any(per_split.values()):
         for name in SPLIT_NAMES:
             blend = parse_blend(per_split[name], f"--{name}-data-path") if per_split[name] else []
-            parts[name] = [(w, d, 0, len(d)) for w, d in
-                           ((w, open_dataset(p)) for w, p in blend)]
+            parts[name] = [(w, d, 0, len(d)) for w, d in ((w, open_dataset(p)) for w, p in blend)]
     else:
         split = parse_split(data.split or DEFAULT_SPLIT)
         if mock:
-            sources = [(1.0, MockIndexedDataset(tokenizer.vocab_size, tokenizer.eod,
-                                                2 * seq_length))]
+            sources = [
+                (1.0, MockIndexedDataset(tokenizer.vocab_size, tokenizer.eod, 2 * seq_length))
+            ]
         else:
             sources = [(w, open_dataset(p)) for w, p in parse_blend(data_path)]
         for i, name in enumerate(SPLIT_NAMES):
-            parts[name] = [] if split[i] == 0 else [
-                (w, d, *split_ranges(split, len(d))[i]) for w, d in sources]
+            parts[name] = (
+                []
+                if split[i] == 0
+                else [(w, d, *split_ranges(split, len(d))[i]) for w, d in sources]
+            )
 
     splits = {}
     with _rank_zero_first():
@@ -346,8 +398,9 @@ def build_datasets(data: DataSettings, tokenizer: Tokenizer, seq_length: int, se
             num_samples = num_train_samples if name == "train" else num_eval_samples
             if not parts[name]:
                 if name == "train":
-                    raise DataConfigError("no training data: --split gives the train split no "
-                                          "share")
+                    raise DataConfigError(
+                        "no training data: --split gives the train split no share"
+                    )
                 splits[name] = None
                 continue
             splits[name] = _build_split(name, parts[name], data, seq_length, seed, num_samples)

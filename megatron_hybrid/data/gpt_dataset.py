@@ -54,8 +54,16 @@ class GPTDataset:
     Raises TooFewTokensError when the range holds fewer than seq_length + 1 tokens.
     """
 
-    def __init__(self, indexed, first_sequence: int, end_sequence: int, seq_length: int,
-                 seed: int, split_name: str, cache_dir: str | None = None):
+    def __init__(
+        self,
+        indexed,
+        first_sequence: int,
+        end_sequence: int,
+        seq_length: int,
+        seed: int,
+        split_name: str,
+        cache_dir: str | None = None,
+    ):
         self.indexed = indexed
         self.first_sequence, self.end_sequence = first_sequence, end_sequence
         self.seq_length, self.seed, self.split_name = seq_length, seed, split_name
@@ -76,9 +84,11 @@ class GPTDataset:
         self._cache_key = self._description_hash() if cache_dir else None
 
     def __repr__(self) -> str:
-        return (f"GPTDataset({self.indexed.prefix!r}, {self.split_name}, sequences "
-                f"{self.first_sequence}..{self.end_sequence - 1}, {self.num_tokens} tokens, "
-                f"{self.samples_per_epoch} samples per epoch)")
+        return (
+            f"GPTDataset({self.indexed.prefix!r}, {self.split_name}, sequences "
+            f"{self.first_sequence}..{self.end_sequence - 1}, {self.num_tokens} tokens, "
+            f"{self.samples_per_epoch} samples per epoch)"
+        )
 
     # -- the index -----------------------------------------------------------------------------
 
@@ -99,8 +109,10 @@ class GPTDataset:
 
     def _cache_paths(self, epoch: int) -> dict[str, str]:
         base = os.path.join(self._cache_dir, f"{self._cache_key}-{self.split_name}-epoch{epoch}")
-        return {name: f"{base}-{name}.npy"
-                for name in ("document_index", "sample_index", "shuffle_index")}
+        return {
+            name: f"{base}-{name}.npy"
+            for name in ("document_index", "sample_index", "shuffle_index")
+        }
 
     def build_epoch_index(self, epoch: int) -> EpochIndex:
         """The three index arrays of `epoch`, computed (no cache)."""
@@ -137,8 +149,11 @@ class GPTDataset:
         so training never stops to build one (with no cache, only the first epoch is built)."""
         last_epoch = max(num_samples - 1, 0) // self.samples_per_epoch
         for epoch in range(last_epoch + 1 if self._cache_dir else 1):
-            if self._cache_dir and epoch not in self._epochs and all(
-                    map(os.path.isfile, self._cache_paths(epoch).values())):
+            if (
+                self._cache_dir
+                and epoch not in self._epochs
+                and all(map(os.path.isfile, self._cache_paths(epoch).values()))
+            ):
                 continue
             self.epoch_index(epoch)
 
@@ -161,8 +176,13 @@ class GPTDataset:
                 array = getattr(index, name)
                 _write_atomically(path, lambda f, a=array: np.save(f, a))
         except OSError as error:
-            logger.warning("cannot cache the %s index of %s in %s (%s); keeping it in memory",
-                           self.split_name, self.indexed.prefix, self._cache_dir, error)
+            logger.warning(
+                "cannot cache the %s index of %s in %s (%s); keeping it in memory",
+                self.split_name,
+                self.indexed.prefix,
+                self._cache_dir,
+                error,
+            )
             self._cache_dir = None
 
     # -- reading samples -----------------------------------------------------------------------
@@ -173,8 +193,8 @@ class GPTDataset:
             epoch, local = divmod(sample_id, self.samples_per_epoch)
             index = self.epoch_index(epoch)
             j = int(index.shuffle_index[local])
-            (first, offset), (last, end_offset) = index.sample_index[j:j + 2].tolist()
-            sequences = np.asarray(index.document_index[first:last + 1], dtype=np.int64)
+            (first, offset), (last, end_offset) = index.sample_index[j : j + 2].tolist()
+            sequences = np.asarray(index.document_index[first : last + 1], dtype=np.int64)
             begins = np.zeros(len(sequences), dtype=np.int64)
             begins[0] = offset
             ends = self.lengths[sequences].astype(np.int64)

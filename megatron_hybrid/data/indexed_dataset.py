@@ -90,13 +90,14 @@ class IndexedDataset:
                     "--data-path takes the prefix without the extension)"
                 )
         self.dtype, num_sequences, num_documents = self._read_header()
-        self.sequence_lengths, self.sequence_pointers, self.document_indices = (
-            self._map_index(num_sequences, num_documents)
+        self.sequence_lengths, self.sequence_pointers, self.document_indices = self._map_index(
+            num_sequences, num_documents
         )
         self._check_document_indices()
         self._bin = self._map_data()
-        self._tokens = np.frombuffer(self._bin, dtype=self.dtype,
-                                     count=len(self._bin) // self.dtype.itemsize)
+        self._tokens = np.frombuffer(
+            self._bin, dtype=self.dtype, count=len(self._bin) // self.dtype.itemsize
+        )
 
     # -- reading the two files -----------------------------------------------------------------
 
@@ -121,7 +122,8 @@ class IndexedDataset:
                 f"{INDEX_HEADER!r}: this is not a Megatron .idx file"
             )
         version, code, num_sequences, num_documents = struct.unpack_from(
-            "<QBQQ", header, len(INDEX_HEADER))
+            "<QBQQ", header, len(INDEX_HEADER)
+        )
         if version != INDEX_VERSION:
             raise IndexedDatasetError(
                 f"{self.idx_path} has index version {version}; expected {INDEX_VERSION}"
@@ -167,12 +169,14 @@ class IndexedDataset:
         size = os.path.getsize(self.bin_path)
         if len(self.sequence_lengths):
             needed = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * (
-                self.dtype.itemsize)
+                self.dtype.itemsize
+            )
         else:
             needed = 0
         if size != needed:
-            problem = ("the .bin is truncated" if size < needed
-                       else "the files do not belong together")
+            problem = (
+                "the .bin is truncated" if size < needed else "the files do not belong together"
+            )
             raise IndexedDatasetError(
                 f"{self.bin_path} is {size} bytes but {self.idx_path} describes {needed} bytes "
                 f"({len(self.sequence_lengths)} sequences of {self.dtype.name}): {problem}"
@@ -199,8 +203,9 @@ class IndexedDataset:
         start = int(self.sequence_pointers[index]) + offset * self.dtype.itemsize
         return np.frombuffer(self._bin, dtype=self.dtype, count=length, offset=start)
 
-    def gather(self, sequences: np.ndarray, begins: np.ndarray, ends: np.ndarray,
-               out: np.ndarray) -> None:
+    def gather(
+        self, sequences: np.ndarray, begins: np.ndarray, ends: np.ndarray, out: np.ndarray
+    ) -> None:
         """Fill `out` with tokens begins[k] .. ends[k] - 1 of sequence sequences[k], for all k
         in order (one vectorized read, however many pieces)."""
         lengths = ends - begins
@@ -208,7 +213,8 @@ class IndexedDataset:
         if self.dtype.itemsize > 1 and (pointers % self.dtype.itemsize).any():
             raise IndexedDatasetError(
                 f"{self.idx_path}: a pointer of sequences {sequences.tolist()} is not a multiple "
-                f"of the {self.dtype.itemsize}-byte {self.dtype.name}; the index is corrupt")
+                f"of the {self.dtype.itemsize}-byte {self.dtype.name}; the index is corrupt"
+            )
         starts = pointers // self.dtype.itemsize + begins
         positions = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
         positions += np.arange(len(out))
@@ -256,8 +262,10 @@ class IndexedDatasetWriter:
     def add_sequence(self, tokens) -> None:
         """Append one sequence (Megatron's `add_item`)."""
         tokens = np.asarray(tokens)
-        if self._integer and tokens.size and (
-            tokens.min() < np.iinfo(self.dtype).min or tokens.max() > np.iinfo(self.dtype).max
+        if (
+            self._integer
+            and tokens.size
+            and (tokens.min() < np.iinfo(self.dtype).min or tokens.max() > np.iinfo(self.dtype).max)
         ):
             raise IndexedDatasetError(
                 f"{self.prefix}.bin stores {self.dtype.name}, which holds "
@@ -277,19 +285,23 @@ class IndexedDatasetWriter:
         tokens = np.asarray(tokens)
         lengths = [tokens.size] if lengths is None else [int(n) for n in lengths]
         if sum(lengths) != tokens.size:
-            raise ValueError(f"sequence lengths sum to {sum(lengths)}, but the document has "
-                             f"{tokens.size} tokens")
+            raise ValueError(
+                f"sequence lengths sum to {sum(lengths)}, but the document has {tokens.size} tokens"
+            )
         start = 0
         for length in lengths:
-            self.add_sequence(tokens[start:start + length])
+            self.add_sequence(tokens[start : start + length])
             start += length
         self.end_document()
 
     def finalize(self) -> None:
         """Write the `.idx` and move both files to their final names."""
         self._bin.close()
-        lengths = np.frombuffer(self._lengths, dtype=np.int32) if self._lengths else np.empty(
-            0, dtype=np.int32)
+        lengths = (
+            np.frombuffer(self._lengths, dtype=np.int32)
+            if self._lengths
+            else np.empty(0, dtype=np.int32)
+        )
         pointers = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
@@ -297,8 +309,7 @@ class IndexedDatasetWriter:
         idx_tmp = f"{self.prefix}.idx.tmp{os.getpid()}"
         with open(idx_tmp, "wb") as f:
             f.write(INDEX_HEADER)
-            f.write(struct.pack("<QBQQ", INDEX_VERSION, self._code, len(lengths),
-                                len(documents)))
+            f.write(struct.pack("<QBQQ", INDEX_VERSION, self._code, len(lengths), len(documents)))
             f.write(lengths.astype("<i4").tobytes())
             f.write(pointers.astype("<i8").tobytes())
             f.write(documents.astype("<i8").tobytes())

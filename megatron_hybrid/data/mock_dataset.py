@@ -20,8 +20,9 @@ class MockIndexedDataset:
             raise ValueError(f"mock data needs a vocabulary of at least 2 tokens, got {vocab_size}")
         self.vocab_size, self.eod = vocab_size, eod
         rng = np.random.RandomState(seed)
-        self.sequence_lengths = rng.randint(1, max_sequence_length + 1, size=self.num_sequences,
-                                            dtype=np.int64).astype(np.int32)
+        self.sequence_lengths = rng.randint(
+            1, max_sequence_length + 1, size=self.num_sequences, dtype=np.int64
+        ).astype(np.int32)
         self.dtype = np.dtype(np.int64)
 
     def __len__(self) -> int:
@@ -38,11 +39,13 @@ class MockIndexedDataset:
         tokens[position == total - 1] = self.eod
         return tokens
 
-    def gather(self, sequences: np.ndarray, begins: np.ndarray, ends: np.ndarray,
-               out: np.ndarray) -> None:
+    def gather(
+        self, sequences: np.ndarray, begins: np.ndarray, ends: np.ndarray, out: np.ndarray
+    ) -> None:
         """Fill `out` with tokens begins[k] .. ends[k] - 1 of sequence sequences[k], in order."""
         pos = 0
-        for sequence, begin, end in zip(sequences.tolist(), begins.tolist(), ends.tolist(),
-                                        strict=True):
-            out[pos:pos + end - begin] = self.get(sequence, begin, end - begin)
+        for sequence, begin, end in zip(
+            sequences.tolist(), begins.tolist(), ends.tolist(), strict=True
+        ):
+            out[pos : pos + end - begin] = self.get(sequence, begin, end - begin)
             pos += end - begin

@@ -40,15 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--input", required=True, help="a JSON-lines file, one document a line")
-    parser.add_argument("--json-keys", nargs="+", default=["text"],
-                        help="keys whose text to tokenize; one output dataset per key")
-    parser.add_argument("--output-prefix", required=True,
-                        help="writes OUTPUT_PREFIX_{key}_document.bin/.idx")
-    parser.add_argument("--append-eod", action="store_true",
-                        help="end every document with the tokenizer's end-of-document token")
+    parser.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="keys whose text to tokenize; one output dataset per key",
+    )
+    parser.add_argument(
+        "--output-prefix", required=True, help="writes OUTPUT_PREFIX_{key}_document.bin/.idx"
+    )
+    parser.add_argument(
+        "--append-eod",
+        action="store_true",
+        help="end every document with the tokenizer's end-of-document token",
+    )
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-    parser.add_argument("--log-interval", type=int, default=10_000,
-                        help="report progress every N documents")
+    parser.add_argument(
+        "--log-interval", type=int, default=10_000, help="report progress every N documents"
+    )
     add_tokenizer_args(parser)
     return parser
 
@@ -81,21 +90,27 @@ def _encode_lines(task: tuple[int, list[str]]) -> tuple[list[dict], int]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise PreprocessError(
-                f"{_args.input} line {number}: not valid JSON ({error})") from None
+                f"{_args.input} line {number}: not valid JSON ({error})"
+            ) from None
         if not isinstance(record, dict):
-            raise PreprocessError(f"{_args.input} line {number}: expected a JSON object, found "
-                                  f"{type(record).__name__}")
+            raise PreprocessError(
+                f"{_args.input} line {number}: expected a JSON object, found "
+                f"{type(record).__name__}"
+            )
         document = {}
         for key in _args.json_keys:
             if key not in record:
                 raise PreprocessError(
                     f"{_args.input} line {number}: no key {key!r} (keys: "
-                    f"{', '.join(map(repr, record))}); choose the text keys with --json-keys")
+                    f"{', '.join(map(repr, record))}); choose the text keys with --json-keys"
+                )
             text = record[key]
             pieces = text if isinstance(text, list) else [text]
             if not all(isinstance(p, str) for p in pieces):
-                raise PreprocessError(f"{_args.input} line {number}: {key!r} holds "
-                                      f"{type(text).__name__}; expected a string")
+                raise PreprocessError(
+                    f"{_args.input} line {number}: {key!r} holds "
+                    f"{type(text).__name__}; expected a string"
+                )
             # As Megatron: one sequence per non-empty piece (a list holds pre-split sentences),
             # EOD after the last; an empty document gets no sequence.
             encoded = [ids for ids in map(_tokenizer.encode, pieces) if ids.size]
@@ -133,6 +148,7 @@ def _encode_in_order(pool, tasks, depth: int):
 
 # -- driver --------------------------------------------------------------------------------------
 
+
 def preprocess(args: argparse.Namespace, log=print) -> dict[str, str]:
     """Tokenize args.input into one indexed dataset per JSON key; returns {key: prefix}."""
     if not os.path.isfile(args.input):
@@ -143,8 +159,10 @@ def preprocess(args: argparse.Namespace, log=print) -> dict[str, str]:
     dtype = token_dtype_for_vocab(tokenizer.vocab_size)
     prefixes = {key: output_prefix(args, key) for key in args.json_keys}
     writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in prefixes.items()}
-    log(f"tokenizing {args.input} with {tokenizer.name} (vocab {tokenizer.vocab_size}, "
-        f"stored as {dtype.name}) on {args.workers} worker(s)")
+    log(
+        f"tokenizing {args.input} with {tokenizer.name} (vocab {tokenizer.vocab_size}, "
+        f"stored as {dtype.name}) on {args.workers} worker(s)"
+    )
 
     start, documents, tokens, read_bytes, next_report = time.time(), 0, 0, 0, args.log_interval
     pool = None
@@ -154,7 +172,8 @@ def preprocess(args: argparse.Namespace, log=print) -> dict[str, str]:
             results = map(_encode_lines, _tasks(args.input))
         else:
             pool = multiprocessing.get_context("spawn").Pool(
-                args.workers, initializer=_init_worker, initargs=(args,))
+                args.workers, initializer=_init_worker, initargs=(args,)
+            )
             results = _encode_in_order(pool, _tasks(args.input), 4 * args.workers)
         for batch, batch_bytes in results:
             for document in batch:
@@ -165,8 +184,10 @@ def preprocess(args: argparse.Namespace, log=print) -> dict[str, str]:
             read_bytes += batch_bytes
             if documents >= next_report:
                 elapsed = max(time.time() - start, 1e-9)
-                log(f"  {documents} documents, {tokens} tokens ({documents / elapsed:.0f} docs/s, "
-                    f"{read_bytes / elapsed / 2**20:.2f} MB/s)")
+                log(
+                    f"  {documents} documents, {tokens} tokens ({documents / elapsed:.0f} docs/s, "
+                    f"{read_bytes / elapsed / 2**20:.2f} MB/s)"
+                )
                 next_report += args.log_interval
     except BaseException:
         for writer in writers.values():
@@ -178,8 +199,10 @@ def preprocess(args: argparse.Namespace, log=print) -> dict[str, str]:
     for writer in writers.values():
         writer.finalize()
     elapsed = time.time() - start
-    log(f"wrote {documents} documents, {tokens} tokens in {elapsed:.1f}s: "
-        + ", ".join(f"{p}.bin/.idx" for p in prefixes.values()))
+    log(
+        f"wrote {documents} documents, {tokens} tokens in {elapsed:.1f}s: "
+        + ", ".join(f"{p}.bin/.idx" for p in prefixes.values())
+    )
     return prefixes
 
 

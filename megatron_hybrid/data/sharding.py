@@ -31,15 +31,19 @@ class DataParallelShare:
         if not 0 <= self.rank < self.size:
             raise ValueError(f"data-parallel rank {self.rank} is outside 0..{self.size - 1}")
 
-    def training_reads(self, consumed: int, micro_batches: int, micro_batch_size: int
-                       ) -> list[tuple[int, int]]:
+    def training_reads(
+        self, consumed: int, micro_batches: int, micro_batch_size: int
+    ) -> list[tuple[int, int]]:
         """(first global sample, count) of each of this rank's micro-batches in the iteration
         that starts after `consumed` global samples."""
-        return [(consumed + (micro * self.size + self.rank) * micro_batch_size,
-                 micro_batch_size) for micro in range(micro_batches)]
+        return [
+            (consumed + (micro * self.size + self.rank) * micro_batch_size, micro_batch_size)
+            for micro in range(micro_batches)
+        ]
 
-    def evaluation_reads(self, available: int, wanted_per_rank: int, read_size: int,
-                         whole_reads: bool = False) -> list[tuple[int, int]]:
+    def evaluation_reads(
+        self, available: int, wanted_per_rank: int, read_size: int, whole_reads: bool = False
+    ) -> list[tuple[int, int]]:
         """(first global sample, count) of each of this rank's reads of a fixed evaluation set
         of `available` samples: `wanted_per_rank` samples per rank, or the rank's equal share
         of the set when that is smaller, in reads of `read_size`. `whole_reads` (a pipeline runs
@@ -48,5 +52,7 @@ class DataParallelShare:
         if whole_reads:
             per_rank = max(per_rank // read_size, 1) * read_size
         first = self.rank * per_rank
-        return [(first + offset, min(read_size, per_rank - offset))
-                for offset in range(0, per_rank, read_size)]
+        return [
+            (first + offset, min(read_size, per_rank - offset))
+            for offset in range(0, per_rank, read_size)
+        ]

@@ -30,8 +30,15 @@ import numpy as np
 TOKENIZER_TYPES = ("ByteTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
 
 # End-of-document candidates, in order, for a tokenizer.json without a tokenizer_config.json.
-_KNOWN_EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>",
-                     "<|im_end|>", "[SEP]")
+_KNOWN_EOS_TOKENS = (
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "[SEP]",
+)
 
 
 class TokenizerError(ValueError):
@@ -123,8 +130,9 @@ class HuggingFaceTokenizer(_TokenizersLibraryTokenizer):
         try:
             backend = Backend.from_file(path)
         except Exception as error:  # the library raises its own Exception type
-            raise TokenizerError(f"--tokenizer-model {path}: not a Hugging Face tokenizer.json "
-                                 f"({error})") from error
+            raise TokenizerError(
+                f"--tokenizer-model {path}: not a Hugging Face tokenizer.json ({error})"
+            ) from error
         super().__init__(backend)
         self.name = f"HuggingFaceTokenizer({path})"
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
@@ -146,7 +154,7 @@ class HuggingFaceTokenizer(_TokenizersLibraryTokenizer):
         raise TokenizerError(
             f"--tokenizer-model {path}: cannot tell the end-of-document token: found none of "
             f"{', '.join(candidates)} in its vocabulary; put a tokenizer_config.json with "
-            "\"eos_token\" next to it"
+            '"eos_token" next to it'
         )
 
 
@@ -166,8 +174,10 @@ class GPT2BPETokenizer(_TokenizersLibraryTokenizer):
         try:
             backend = Backend(models.BPE.from_file(vocab_file, merge_file))
         except Exception as error:
-            raise TokenizerError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: not a "
-                                 f"GPT-2 vocab.json and merges.txt ({error})") from error
+            raise TokenizerError(
+                f"--vocab-file {vocab_file} / --merge-file {merge_file}: not a "
+                f"GPT-2 vocab.json and merges.txt ({error})"
+            ) from error
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         super().__init__(backend)
@@ -175,8 +185,10 @@ class GPT2BPETokenizer(_TokenizersLibraryTokenizer):
         self.vocab_size = backend.get_vocab_size()
         eod = backend.token_to_id("<|endoftext|>")
         if eod is None:
-            raise TokenizerError(f"--vocab-file {vocab_file} has no '<|endoftext|>' token, which "
-                                 "GPT2BPETokenizer uses as end of document")
+            raise TokenizerError(
+                f"--vocab-file {vocab_file} has no '<|endoftext|>' token, which "
+                "GPT2BPETokenizer uses as end of document"
+            )
         self.eod = eod
 
 
@@ -186,8 +198,9 @@ class NullTokenizer:
 
     def __init__(self, vocab_size: int | None):
         if vocab_size is None or vocab_size < 1:
-            raise TokenizerError(f"--tokenizer-type NullTokenizer needs --vocab-size N >= 1, got "
-                                 f"{vocab_size}")
+            raise TokenizerError(
+                f"--tokenizer-type NullTokenizer needs --vocab-size N >= 1, got {vocab_size}"
+            )
         self.name = f"NullTokenizer({vocab_size})"
         self.vocab_size = vocab_size + 1
         self.eod = vocab_size
@@ -196,12 +209,15 @@ class NullTokenizer:
         try:
             ids = np.array([int(word) for word in text.split()], dtype=np.int64)
         except ValueError as error:
-            raise TokenizerError(f"NullTokenizer reads whitespace-separated integer ids; "
-                                 f"{error}") from error
+            raise TokenizerError(
+                f"NullTokenizer reads whitespace-separated integer ids; {error}"
+            ) from error
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
-            raise TokenizerError(f"NullTokenizer: id {bad} is outside 0..{self.vocab_size - 1} "
-                                 f"(--vocab-size {self.eod} plus EOD {self.eod})")
+            raise TokenizerError(
+                f"NullTokenizer: id {bad} is outside 0..{self.vocab_size - 1} "
+                f"(--vocab-size {self.eod} plus EOD {self.eod})"
+            )
         return ids
 
     def decode(self, tokens) -> str:
@@ -230,17 +246,27 @@ _DEFAULTS = TokenizerSettings()
 def add_tokenizer_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The tokenizer flags, shared by training and preprocessing (defaults from
     TokenizerSettings)."""
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES,
-                        default=_DEFAULTS.tokenizer_type,
-                        help="ByteTokenizer needs no file; HuggingFaceTokenizer needs "
-                        "--tokenizer-model; GPT2BPETokenizer --vocab-file and --merge-file; "
-                        "NullTokenizer --vocab-size")
-    parser.add_argument("--tokenizer-model", default=_DEFAULTS.tokenizer_model,
-                        help="a Hugging Face tokenizer.json, or a folder holding one")
+    parser.add_argument(
+        "--tokenizer-type",
+        choices=TOKENIZER_TYPES,
+        default=_DEFAULTS.tokenizer_type,
+        help="ByteTokenizer needs no file; HuggingFaceTokenizer needs "
+        "--tokenizer-model; GPT2BPETokenizer --vocab-file and --merge-file; "
+        "NullTokenizer --vocab-size",
+    )
+    parser.add_argument(
+        "--tokenizer-model",
+        default=_DEFAULTS.tokenizer_model,
+        help="a Hugging Face tokenizer.json, or a folder holding one",
+    )
     parser.add_argument("--vocab-file", default=_DEFAULTS.vocab_file, help="GPT-2 vocab.json")
     parser.add_argument("--merge-file", default=_DEFAULTS.merge_file, help="GPT-2 merges.txt")
-    parser.add_argument("--vocab-size", type=int, default=_DEFAULTS.vocab_size,
-                        help="NullTokenizer: ids are 0..N-1, EOD is N")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=_DEFAULTS.vocab_size,
+        help="NullTokenizer: ids are 0..N-1, EOD is N",
+    )
 
 
 def build_tokenizer(settings: TokenizerSettings) -> Tokenizer:
@@ -257,8 +283,9 @@ def build_tokenizer(settings: TokenizerSettings) -> Tokenizer:
         return GPT2BPETokenizer(settings.vocab_file, settings.merge_file)
     if kind == "NullTokenizer":
         return NullTokenizer(settings.vocab_size)
-    raise TokenizerError(f"--tokenizer-type {kind!r} is unknown; expected one of "
-                         f"{', '.join(TOKENIZER_TYPES)}")
+    raise TokenizerError(
+        f"--tokenizer-type {kind!r} is unknown; expected one of {', '.join(TOKENIZER_TYPES)}"
+    )
 
 
 # The file and size flags each tokenizer type reads; a flag of another type would be ignored.
@@ -279,13 +306,16 @@ def _refuse_other_tokenizers_flags(settings: TokenizerSettings, kind: str) -> No
                     f"--{flag.replace('_', '-')} belongs to --tokenizer-type {other}; "
                     f"--tokenizer-type {kind} would ignore it "
                     f"({'it reads ' + used if used else 'it needs no file or size flag'}): "
-                    "drop it or change --tokenizer-type")
+                    "drop it or change --tokenizer-type"
+                )
 
 
 def _require_file_or_dir(path: str | None) -> str:
     if not path:
-        raise TokenizerError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model "
-                             "(a tokenizer.json or a folder holding one)")
+        raise TokenizerError(
+            "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model "
+            "(a tokenizer.json or a folder holding one)"
+        )
     if not os.path.exists(path):
         raise TokenizerFileNotFoundError(f"--tokenizer-model {path}: no such file or folder")
     return path

@@ -51,8 +51,13 @@ class SelfAttention(nn.Module):
         batch, seq, _ = x_BTD.shape
         q, k, v = self.split_qkv(self.linear_qkv(x_BTD))
         if self.use_rope:
-            cos, sin = rotary_cos_sin(seq, self.head_dim, self.rotary_base, x_BTD.device,
-                                      torch.promote_types(q.dtype, torch.float32))
+            cos, sin = rotary_cos_sin(
+                seq,
+                self.head_dim,
+                self.rotary_base,
+                x_BTD.device,
+                torch.promote_types(q.dtype, torch.float32),
+            )
             q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
         # Query head h attends with key/value group h // heads_per_group (enable_gqa semantics).
         out = F.scaled_dot_product_attention(

@@ -15,8 +15,13 @@ from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str,
-                 kernels: BoundKernels | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        activation: str,
+        kernels: BoundKernels | None = None,
+    ):
         super().__init__()
         kernels = kernels or eager_kernels()
         self.activation = activation

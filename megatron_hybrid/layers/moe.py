@@ -65,9 +65,7 @@ class TopKRouter(nn.Module):
         else:
             self.expert_bias = None
         # Tokens routed to each expert since the last bias update (not saved: per step).
-        self.register_buffer(
-            "tokens_per_expert", torch.zeros(self.num_experts), persistent=False
-        )
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts), persistent=False)
 
     def forward(self, x_NH: torch.Tensor):
         """Returns (routing weights (N, k), expert indices (N, k), aux loss or None)."""
@@ -81,7 +79,8 @@ class TopKRouter(nn.Module):
         weights = scores.gather(-1, indices)
         # softmax(all)[chosen] renormalized == softmax(logits[chosen]), Megatron's non-pre-softmax
         if (self.score_function == "softmax" and not self.pre_softmax) or (
-                self.score_function == "sigmoid" and self.topk > 1):
+            self.score_function == "sigmoid" and self.topk > 1
+        ):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         if self.scaling_factor is not None:
             weights = weights * self.scaling_factor
@@ -92,8 +91,9 @@ class TopKRouter(nn.Module):
         aux_loss = None
         if self.training and self.aux_loss_coeff > 0:
             if self.expert_bias is not None:  # the loss balances the unbiased choice
-                counts = torch.bincount(scores.topk(self.topk, dim=-1).indices.flatten(),
-                                        minlength=self.num_experts)
+                counts = torch.bincount(
+                    scores.topk(self.topk, dim=-1).indices.flatten(), minlength=self.num_experts
+                )
             aux_loss = self.switch_load_balancing_loss(scores, counts)
         return weights, indices, aux_loss
 
@@ -136,13 +136,23 @@ class GroupedExperts(nn.Module):
         self.linear_fc1 = _WeightOnly(torch.empty(E, fc1_width(F, config.activation), H))
         self.linear_fc2 = _WeightOnly(torch.empty(E, H, F))
 
-    def forward(self, x_sorted_TH: torch.Tensor, tokens_per_expert_E: torch.Tensor
-                ) -> torch.Tensor:
-        return self.experts(x_sorted_TH, tokens_per_expert_E, _local(self.linear_fc1.weight),
-                            _local(self.linear_fc2.weight), self.activation)
+    def forward(self, x_sorted_TH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        return self.experts(
+            x_sorted_TH,
+            tokens_per_expert_E,
+            _local(self.linear_fc1.weight),
+            _local(self.linear_fc2.weight),
+            self.activation,
+        )
 
-    def experts(self, x_sorted_TH: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-                fc1_EFH: torch.Tensor, fc2_EHF: torch.Tensor, activation: str) -> torch.Tensor:
+    def experts(
+        self,
+        x_sorted_TH: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        fc1_EFH: torch.Tensor,
+        fc2_EHF: torch.Tensor,
+        activation: str,
+    ) -> torch.Tensor:
         """Every expert's MLP `fc2_e(act(fc1_e(x)))` on its rows of `x_sorted_TH` (T, H), rows
         grouped by expert in order, `tokens_per_expert_E` rows each; E is the number of experts
         in the given weights (the local ones under expert parallelism). `activation` names the
@@ -151,8 +161,9 @@ class GroupedExperts(nn.Module):
         Runs the model's bound `moe.experts` kernel: eager packs rows into an
         (E, capacity, H) buffer for one batched matmul (one host sync for the capacity); the
         Triton grouped GEMM walks the sorted rows with an on-device tile schedule, no sync."""
-        return self.kernels["moe.experts"](x_sorted_TH, tokens_per_expert_E, fc1_EFH, fc2_EHF,
-                                           activation)
+        return self.kernels["moe.experts"](
+            x_sorted_TH, tokens_per_expert_E, fc1_EFH, fc2_EHF, activation
+        )
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -175,7 +186,9 @@ class MoELayer(nn.Module):
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
             self.shared_experts = MLP(
-                config.hidden_size, config.moe_shared_expert_intermediate_size, config.activation,
+                config.hidden_size,
+                config.moe_shared_expert_intermediate_size,
+                config.activation,
                 kernels,
             )
         # Set by the training loop to 1 / (micro-batches per step) so aux gradients average like
@@ -195,8 +208,9 @@ class MoELayer(nn.Module):
             out = AuxLossInjector.apply(out, aux_loss, self.aux_loss_grad_scale)
         return out.view(shape)
 
-    def routed_experts(self, x_NH: torch.Tensor, weights_NK: torch.Tensor,
-                       indices_NK: torch.Tensor) -> torch.Tensor:
+    def routed_experts(
+        self, x_NH: torch.Tensor, weights_NK: torch.Tensor, indices_NK: torch.Tensor
+    ) -> torch.Tensor:
         """sum_k weights[n, k] * expert_{indices[n, k]}(x[n]) for every token n."""
         topk = indices_NK.shape[1]
         flat_expert = indices_NK.flatten()

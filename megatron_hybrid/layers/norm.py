@@ -29,8 +29,9 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, group_size: int, eps: float,
-                 kernels: BoundKernels | None = None):
+    def __init__(
+        self, hidden_size: int, group_size: int, eps: float, kernels: BoundKernels | None = None
+    ):
         super().__init__()
         assert hidden_size % group_size == 0
         self.eps = eps

@@ -18,5 +18,6 @@ def apply_compile(model: HybridModel, mode: str | None = None, log=print) -> Non
     blocks = list(model.decoder.layers.values())
     for block in blocks:
         block.compile(mode=mode)
-    log(f"torch.compile{f' ({mode})' if mode else ''}: {len(blocks)} blocks compiled "
-        "(on first use)")
+    log(
+        f"torch.compile{f' ({mode})' if mode else ''}: {len(blocks)} blocks compiled (on first use)"
+    )

@@ -28,16 +28,19 @@ class ParallelDims:
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep"):
             if getattr(self, name) < 1:
-                raise ParallelConfigError(f"{name} size must be at least 1, got "
-                                          f"{getattr(self, name)}")
+                raise ParallelConfigError(
+                    f"{name} size must be at least 1, got {getattr(self, name)}"
+                )
         if self.world_size % (self.tp * self.pp):
             raise ParallelConfigError(
                 f"world size {self.world_size} is not divisible by tensor x pipeline parallel "
-                f"sizes {self.tp} x {self.pp}; launch a multiple of {self.tp * self.pp} processes")
+                f"sizes {self.tp} x {self.pp}; launch a multiple of {self.tp * self.pp} processes"
+            )
         if self.dp % self.ep:
             raise ParallelConfigError(
                 f"expert parallel size {self.ep} must divide the data-parallel size {self.dp} "
-                f"(world {self.world_size} / (tp {self.tp} x pp {self.pp}))")
+                f"(world {self.world_size} / (tp {self.tp} x pp {self.pp}))"
+            )
 
     @property
     def dp(self) -> int:
@@ -49,19 +52,21 @@ class ParallelDims:
         if problems:
             raise ParallelConfigError(
                 f"expert/tensor-parallel layout (ep {self.ep}, tp {self.tp}) does not fit the MoE "
-                f"layers of pattern {config.hybrid_layer_pattern!r}: " + "; ".join(problems))
+                f"layers of pattern {config.hybrid_layer_pattern!r}: " + "; ".join(problems)
+            )
         if self.pp > 1:
             problems = check_pipeline_fits(config, self.pp, self.pipeline_schedule)
             if problems:
                 raise ParallelConfigError(
-                    f"--pipeline-model-parallel-size {self.pp} does not fit: "
-                    + "; ".join(problems))
+                    f"--pipeline-model-parallel-size {self.pp} does not fit: " + "; ".join(problems)
+                )
         if self.tp > 1:
             problems = tensor_parallel_problems(config, self.tp)
             if problems:
                 raise ParallelConfigError(
                     f"--tensor-model-parallel-size {self.tp} does not fit pattern "
-                    f"{config.hybrid_layer_pattern!r}: " + "; ".join(problems))
+                    f"{config.hybrid_layer_pattern!r}: " + "; ".join(problems)
+                )
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
         """The world as a ("pp", "edp", "ep", "tp") mesh, tensor parallel fastest:
@@ -76,7 +81,10 @@ class ParallelDims:
         single process."""
         if self.world_size == 1:
             return None
-        mesh = init_device_mesh(device_type, (self.pp, self.dp // self.ep, self.ep, self.tp),
-                                mesh_dim_names=("pp", "edp", "ep", "tp"))
+        mesh = init_device_mesh(
+            device_type,
+            (self.pp, self.dp // self.ep, self.ep, self.tp),
+            mesh_dim_names=("pp", "edp", "ep", "tp"),
+        )
         mesh["edp", "ep"]._flatten("dp_shard")
         return mesh

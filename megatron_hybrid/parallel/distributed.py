@@ -41,8 +41,9 @@ def init_distributed(device_choice: str) -> ProcessInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10)
+        )
     rank = dist.get_rank() if dist.is_initialized() else 0
     return ProcessInfo(rank, world_size, local_rank, device)
 
@@ -112,7 +113,6 @@ def all_ranks_agree(flag: bool, group=None) -> bool:
     """True when `flag` is true on every rank of `group` (a collective: each must call it)."""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32,
-                        device=_collective_device(group))
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device(group))
     dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
     return bool(value.item())

@@ -55,23 +55,31 @@ def expert_parallel_problems(config: ModelConfig, ep: int, tp: int) -> list[str]
         if not has_moe:
             problems.append(
                 f"--expert-model-parallel-size {ep}: pattern {config.hybrid_layer_pattern!r} has "
-                "no MoE (E) layers to split; use --expert-model-parallel-size 1")
+                "no MoE (E) layers to split; use --expert-model-parallel-size 1"
+            )
         elif config.num_moe_experts % ep:
-            divisors = [d for d in range(1, config.num_moe_experts + 1)
-                        if config.num_moe_experts % d == 0]
+            divisors = [
+                d for d in range(1, config.num_moe_experts + 1) if config.num_moe_experts % d == 0
+            ]
             problems.append(
                 f"--num-experts {config.num_moe_experts} is not divisible by "
                 f"--expert-model-parallel-size {ep}; valid expert-parallel sizes: "
-                f"{', '.join(map(str, divisors))}")
+                f"{', '.join(map(str, divisors))}"
+            )
     if tp > 1 and has_moe:
         widths = [("--moe-ffn-hidden-size", config.moe_ffn_hidden_size)]
         if config.moe_shared_expert_intermediate_size is not None:
-            widths.append(("--moe-shared-expert-intermediate-size",
-                           config.moe_shared_expert_intermediate_size))
+            widths.append(
+                (
+                    "--moe-shared-expert-intermediate-size",
+                    config.moe_shared_expert_intermediate_size,
+                )
+            )
         for flag, width in widths:
             if width % tp:
-                problems.append(f"{flag} {width} is not divisible by "
-                                f"--tensor-model-parallel-size {tp}")
+                problems.append(
+                    f"{flag} {width} is not divisible by --tensor-model-parallel-size {tp}"
+                )
     return problems
 
 
@@ -89,17 +97,21 @@ def apply_expert_parallel(model: HybridModel, mesh: DeviceMesh | None, log=print
     expert_mesh = mesh[tuple(names)] if len(names) > 1 else mesh[names[0]]
     for layer in layers:
         _shard_expert_weights(layer.experts, expert_mesh, ep, tp)
-        hooks = ExpertParallelHooks(mesh["ep"] if ep > 1 else None,
-                                    mesh["tp"] if tp > 1 else None,
-                                    layer.experts.num_experts // ep)
+        hooks = ExpertParallelHooks(
+            mesh["ep"] if ep > 1 else None,
+            mesh["tp"] if tp > 1 else None,
+            layer.experts.num_experts // ep,
+        )
         layer.experts.register_forward_pre_hook(hooks.dispatch)
         layer.experts.register_forward_hook(hooks.combine)
         if tp > 1 and layer.shared_experts is not None:
             parallelize_module(layer.shared_experts, mesh["tp"], mlp_plan(layer.shared_experts))
     parts = []
     if ep > 1:
-        parts.append(f"experts split over {ep} expert-parallel ranks "
-                     f"({layers[0].experts.num_experts // ep} each, all-to-all dispatch)")
+        parts.append(
+            f"experts split over {ep} expert-parallel ranks "
+            f"({layers[0].experts.num_experts // ep} each, all-to-all dispatch)"
+        )
     if tp > 1:
         parts.append(f"expert and shared-expert ffn sharded over {tp} tensor-parallel ranks")
     log(f"MoE parallel: {len(layers)} layers, " + "; ".join(parts))
@@ -124,8 +136,9 @@ class ExpertParallelHooks:
     parallelism. `dispatch` keeps what `combine` needs to send the rows back (one forward at a
     time per module; a recomputed forward under activation checkpointing pairs the same way)."""
 
-    def __init__(self, ep_mesh: DeviceMesh | None, tp_mesh: DeviceMesh | None,
-                 num_local_experts: int):
+    def __init__(
+        self, ep_mesh: DeviceMesh | None, tp_mesh: DeviceMesh | None, num_local_experts: int
+    ):
         self.ep_group = ep_mesh.get_group() if ep_mesh is not None else None
         self.ep = ep_mesh.size() if ep_mesh is not None else 1
         self.tp_mesh = tp_mesh
@@ -141,16 +154,19 @@ class ExpertParallelHooks:
         if self.tp_mesh is not None:
             # Identity forward; backward sums the input gradient over tp (each rank's ffn shard
             # contributes its part of it).
-            x_sorted_TH = DTensor.from_local(x_sorted_TH, self.tp_mesh, [Replicate()],
-                                             run_check=False).to_local(
-                grad_placements=[Partial()])
+            x_sorted_TH = DTensor.from_local(
+                x_sorted_TH, self.tp_mesh, [Replicate()], run_check=False
+            ).to_local(grad_placements=[Partial()])
         return x_sorted_TH, tokens_per_expert_E
 
     def combine(self, module: nn.Module, args: tuple, y_TH: torch.Tensor) -> torch.Tensor:
         """Inverse of `dispatch` for the experts' outputs."""
         if self.tp_mesh is not None:
-            y_TH = DTensor.from_local(y_TH, self.tp_mesh, [Partial()], run_check=False) \
-                .redistribute(self.tp_mesh, [Replicate()]).to_local()
+            y_TH = (
+                DTensor.from_local(y_TH, self.tp_mesh, [Partial()], run_check=False)
+                .redistribute(self.tp_mesh, [Replicate()])
+                .to_local()
+            )
         if self.ep_group is not None:
             assert self._route_back is not None, "combine without dispatch"
             sent, received, inverse = self._route_back

@@ -23,8 +23,11 @@ def apply_fsdp(model: HybridModel, mesh: DeviceMesh, bf16: bool, log=print) -> N
     frees its two sub-layers together), experts under expert parallelism as a nested unit over
     "edp". With `bf16`, compute runs on bf16 copies of the parameters and gradients are reduced
     in float32."""
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if bf16 else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
     dp_mesh = mesh["dp_shard"]
     expert_parallel = mesh["ep"].size() > 1
     nccl = dist.get_backend(dp_mesh.get_group()) == "nccl"
@@ -37,8 +40,9 @@ def apply_fsdp(model: HybridModel, mesh: DeviceMesh, bf16: bool, log=print) -> N
         reshard = index < len(blocks) - 1
         if expert_parallel:
             for experts in [m for m in block.modules() if isinstance(m, GroupedExperts)]:
-                fully_shard(experts, mesh=mesh["edp"], mp_policy=policy,
-                            reshard_after_forward=reshard)
+                fully_shard(
+                    experts, mesh=mesh["edp"], mp_policy=policy, reshard_after_forward=reshard
+                )
                 # An expert's gradient already sums the tokens of every rank in its ep group
                 # (the all-to-all's backward): dividing by all data-parallel ranks, not only
                 # by edp, makes it the mean over the global batch like every other gradient.
@@ -51,10 +55,15 @@ def apply_fsdp(model: HybridModel, mesh: DeviceMesh, bf16: bool, log=print) -> N
                 num_expert_units += 1
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
-    experts_note = (f", {num_expert_units} expert units over {mesh['edp'].size()} expert-data-"
-                    "parallel ranks" if num_expert_units else "")
-    log(f"FSDP2: {len(blocks)} blocks + root sharded over {dp_mesh.size()} data-parallel ranks"
-        f"{experts_note}{' (bf16 params, fp32 reduce)' if bf16 else ''}")
+    experts_note = (
+        f", {num_expert_units} expert units over {mesh['edp'].size()} expert-data-parallel ranks"
+        if num_expert_units
+        else ""
+    )
+    log(
+        f"FSDP2: {len(blocks)} blocks + root sharded over {dp_mesh.size()} data-parallel ranks"
+        f"{experts_note}{' (bf16 params, fp32 reduce)' if bf16 else ''}"
+    )
 
 
 def _let_selective_checkpointing_ignore_profiler_ops() -> None:
@@ -64,7 +73,6 @@ def _let_selective_checkpointing_ignore_profiler_ops() -> None:
     selective checkpointing, which replays a region's ops by invocation index, then fails
     ("profiler._record_function_enter_new ... not found in storage"). The profiler ops carry no
     tensors, so the replay may skip them (torch's own list of such ops, SAC_IGNORED_OPS)."""
-    for name in ("_record_function_enter", "_record_function_enter_new",
-                 "_record_function_exit"):
+    for name in ("_record_function_enter", "_record_function_enter_new", "_record_function_exit"):
         packet = getattr(torch.ops.profiler, name)
         SAC_IGNORED_OPS.update(getattr(packet, overload) for overload in packet.overloads())

@@ -11,8 +11,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def clip_grad_norm(parameters, max_norm: float, pipeline_group=None,
-                   copies=()) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, pipeline_group=None, copies=()) -> torch.Tensor:
     """Scale gradients so their global L2 norm is at most `max_norm`; returns that norm (before
     clipping) as a plain tensor, the same on every rank. With pipeline parallelism each rank
     holds some stages' parameters: `pipeline_group` (the pp process group) sums the squares

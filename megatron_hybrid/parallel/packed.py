@@ -43,8 +43,10 @@ class PackedRows:
     def __post_init__(self) -> None:
         uneven = [size for size in self.parts if size % self.tp]
         if uneven:
-            raise ValueError(f"packed parts {self.parts} cannot be split over {self.tp} "
-                             f"tensor-parallel ranks: {uneven} not divisible by {self.tp}")
+            raise ValueError(
+                f"packed parts {self.parts} cannot be split over {self.tp} "
+                f"tensor-parallel ranks: {uneven} not divisible by {self.tp}"
+            )
 
     @property
     def rows(self) -> int:
@@ -90,6 +92,7 @@ class PackedRows:
 
 
 # -- marking ---------------------------------------------------------------------------------
+
 
 def mark_packed(module: nn.Module, name: str, packed: PackedRows) -> None:
     """Record that `module`'s parameter `name` is stored rank-major as `packed` describes."""

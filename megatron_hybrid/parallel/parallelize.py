@@ -52,21 +52,32 @@ class ParallelSettings:
 
     def dims(self, world_size: int) -> ParallelDims:
         """The layout of these sizes over `world_size` ranks (ParallelConfigError if unfit)."""
-        return ParallelDims(world_size, self.tensor_model_parallel_size,
-                            self.pipeline_model_parallel_size, self.expert_model_parallel_size,
-                            pipeline_schedule=self.pipeline_schedule)
+        return ParallelDims(
+            world_size,
+            self.tensor_model_parallel_size,
+            self.pipeline_model_parallel_size,
+            self.expert_model_parallel_size,
+            pipeline_schedule=self.pipeline_schedule,
+        )
 
 
-def parallelize(part: HybridModel, dims: ParallelDims, mesh: DeviceMesh | None,
-                settings: ParallelSettings, *, bf16: bool,
-                log: Callable[[str], None] = print) -> None:
+def parallelize(
+    part: HybridModel,
+    dims: ParallelDims,
+    mesh: DeviceMesh | None,
+    settings: ParallelSettings,
+    *,
+    bf16: bool,
+    log: Callable[[str], None] = print,
+) -> None:
     """Apply, in place and in the module docstring's order, what `settings` and the layout ask
     for to `part` (a whole model, or one pipeline stage, which is sharded as a whole model
     would be). `mesh` is `dims.build_mesh(...)` (None for one process); `bf16` makes FSDP
     compute on bf16 copies of the parameters and reduce gradients in float32."""
     if dims.tp > 1:
-        apply_tensor_parallel(part, mesh["tp"], sequence_parallel=settings.sequence_parallel,
-                              log=log)
+        apply_tensor_parallel(
+            part, mesh["tp"], sequence_parallel=settings.sequence_parallel, log=log
+        )
     apply_expert_parallel(part, mesh, log=log)
     if settings.recompute_granularity:
         apply_activation_checkpointing(part, settings.recompute_granularity, log=log)

@@ -53,8 +53,9 @@ class PipelineLayoutError(ValueError):
     """A pipeline size or schedule that does not fit the pattern."""
 
 
-def stage_blocks(pattern: HybridPattern, pp: int, warn: Callable[[str], None] | None = None
-                 ) -> list[tuple[int, ...]]:
+def stage_blocks(
+    pattern: HybridPattern, pp: int, warn: Callable[[str], None] | None = None
+) -> list[tuple[int, ...]]:
     """The physical blocks of every (virtual) stage, in pipeline order.
 
     With `|` segments each segment is a stage (their number must be a multiple of pp); without,
@@ -67,14 +68,16 @@ def stage_blocks(pattern: HybridPattern, pp: int, warn: Callable[[str], None] | 
                 f"pattern {str(pattern)!r} has {pattern.num_stages} '|' segments, which "
                 f"--pipeline-model-parallel-size {pp} does not divide; use a pipeline size that "
                 f"divides {pattern.num_stages}, or re-cut the pattern with a multiple of {pp} "
-                "segments")
+                "segments"
+            )
         return [tuple(pattern.stage_block_range(s)) for s in range(pattern.num_stages)]
     if pp == 1:
         return [tuple(range(pattern.num_blocks))]
     if pattern.num_blocks < pp:
         raise PipelineLayoutError(
             f"pattern {str(pattern)!r} has {pattern.num_blocks} blocks, fewer than "
-            f"--pipeline-model-parallel-size {pp}: every stage needs at least one block")
+            f"--pipeline-model-parallel-size {pp}: every stage needs at least one block"
+        )
     base, extra = divmod(pattern.num_blocks, pp)
     stages, start = [], 0
     for s in range(pp):
@@ -83,10 +86,12 @@ def stage_blocks(pattern: HybridPattern, pp: int, warn: Callable[[str], None] | 
         start += size
     layers = [sum(len(pattern.canonical_layers(b)) for b in blocks) for blocks in stages]
     if warn is not None and len(set(layers)) > 1:
-        warn(f"pipeline: pattern {str(pattern)!r} has no '|', split evenly by blocks into "
-             f"{pp} stages of {[len(b) for b in stages]} blocks, which hold {layers} sub-layers "
-             "(fused blocks count two): compute is uneven; put '|' in the pattern to choose the "
-             "cut")
+        warn(
+            f"pipeline: pattern {str(pattern)!r} has no '|', split evenly by blocks into "
+            f"{pp} stages of {[len(b) for b in stages]} blocks, which hold {layers} sub-layers "
+            "(fused blocks count two): compute is uneven; put '|' in the pattern to choose the "
+            "cut"
+        )
     return stages
 
 
@@ -104,19 +109,21 @@ def check_pipeline_fits(config: ModelConfig, pp: int, schedule: str | None) -> l
     per_rank = len(stages) // pp
     if schedule is not None:
         if schedule not in SCHEDULES:
-            problems.append(f"unknown --pipeline-schedule {schedule!r}; valid: "
-                            f"{', '.join(SCHEDULES)}")
+            problems.append(
+                f"unknown --pipeline-schedule {schedule!r}; valid: {', '.join(SCHEDULES)}"
+            )
         elif per_rank > 1 and not SCHEDULES[schedule][1]:
             problems.append(
                 f"--pipeline-schedule {schedule} runs one stage per rank, but pattern "
                 f"{config.hybrid_layer_pattern!r} gives each of {pp} ranks {per_rank} stages; "
-                f"use one of {', '.join(n for n, (_, multi) in SCHEDULES.items() if multi)}")
+                f"use one of {', '.join(n for n, (_, multi) in SCHEDULES.items() if multi)}"
+            )
     return problems
 
 
-def rank_stage_specs(config: ModelConfig, pp: int, pp_rank: int,
-                     warn: Callable[[str], None] | None = None
-                     ) -> tuple[list[int], list[StageSpec]]:
+def rank_stage_specs(
+    config: ModelConfig, pp: int, pp_rank: int, warn: Callable[[str], None] | None = None
+) -> tuple[list[int], list[StageSpec]]:
     """(global stage indices, StageSpecs) of the stages pipeline rank `pp_rank` holds."""
     stages = stage_blocks(config.pattern, pp, warn)
     indices = list(range(pp_rank, len(stages), pp))
@@ -165,14 +172,21 @@ def _stage_output_is_the_loss(output: torch.Tensor, target: torch.Tensor) -> tor
 class Pipeline:
     """This rank's stages of a pipelined model and the schedule that runs them.
 
-        pipeline = Pipeline(parts, stage_indices, num_stages, mesh["pp"], schedule, n_micro,
-                            device)
-        loss = pipeline.train_step(batch_inputs, batch_targets)   # mean loss, last stage only
+    pipeline = Pipeline(parts, stage_indices, num_stages, mesh["pp"], schedule, n_micro,
+                        device)
+    loss = pipeline.train_step(batch_inputs, batch_targets)   # mean loss, last stage only
     """
 
-    def __init__(self, parts: Sequence[torch.nn.Module], stage_indices: Sequence[int],
-                 num_stages: int, pp_mesh: DeviceMesh, schedule: str, n_microbatches: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        parts: Sequence[torch.nn.Module],
+        stage_indices: Sequence[int],
+        num_stages: int,
+        pp_mesh: DeviceMesh,
+        schedule: str,
+        n_microbatches: int,
+        device: torch.device,
+    ):
         self.parts = list(parts)
         self.num_stages = num_stages
         self.group = pp_mesh.get_group()
@@ -185,19 +199,28 @@ class Pipeline:
         cls, multi = SCHEDULES[schedule]
         # The schedule divides gradients by the number of micro-batches (scale_grads), so each
         # micro-batch's loss is its own mean, as in the non-pipelined loop.
-        self.schedule = cls(self.stages if multi else self.stages[0], n_microbatches,
-                            loss_fn=_stage_output_is_the_loss)
+        self.schedule = cls(
+            self.stages if multi else self.stages[0],
+            n_microbatches,
+            loss_fn=_stage_output_is_the_loss,
+        )
         self.n_microbatches = n_microbatches
 
-    def _run(self, run: Callable, inputs: torch.Tensor, targets: torch.Tensor
-             ) -> torch.Tensor | None:
+    def _run(
+        self, run: Callable, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor | None:
         """`run` (the schedule's step or eval) on one batch: inputs to the first stage, labels
         to the last stage's forward (a keyword argument, split into micro-batches like the
         inputs); the mean micro-batch loss on the rank holding the last stage, else None."""
         losses: list[torch.Tensor] = []
         labels = {"labels_BT": targets} if self.has_last else {}
-        run(*((inputs,) if self.has_first else ()), target=targets if self.has_last else None,
-            losses=losses, return_outputs=False, **labels)
+        run(
+            *((inputs,) if self.has_first else ()),
+            target=targets if self.has_last else None,
+            losses=losses,
+            return_outputs=False,
+            **labels,
+        )
         return torch.stack(losses).mean() if self.has_last else None
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -220,8 +243,9 @@ class TiedEmbeddingSync:
     the ranks of its first and last stages. Every rank takes part in creating every group."""
 
     def __init__(self, mesh: DeviceMesh, parts: Sequence[HybridModel]):
-        self.weights = [part.embedding.word_embeddings.weight for part in parts
-                        if part.embedding is not None]
+        self.weights = [
+            part.embedding.word_embeddings.weight for part in parts if part.embedding is not None
+        ]
         holds_first = any(part.stage.first for part in parts)
         holds_last = any(part.stage.last for part in parts)
         self.group = None

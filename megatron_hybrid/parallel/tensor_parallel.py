@@ -71,8 +71,10 @@ def tensor_parallel_problems(config: ModelConfig, tp: int) -> list[str]:
     problems = []
     unsupported = sorted(s for s, n in counts.items() if n and s not in SPECS)
     if unsupported:
-        problems.append(f"layer symbols {' '.join(unsupported)} have no tensor-parallel plan yet "
-                        f"(implemented: {implemented_listing()})")
+        problems.append(
+            f"layer symbols {' '.join(unsupported)} have no tensor-parallel plan yet "
+            f"(implemented: {implemented_listing()})"
+        )
     for symbol, spec in SPECS.items():
         if not counts[symbol]:
             continue
@@ -80,8 +82,10 @@ def tensor_parallel_problems(config: ModelConfig, tp: int) -> list[str]:
             value = getattr(config, name)
             if value % tp:
                 valid = [d for d in range(1, value + 1) if value % d == 0]
-                problems.append(f"{flag} {value} is not divisible by --tensor-model-parallel-size "
-                                f"{tp} (sizes that divide it: {', '.join(map(str, valid))})")
+                problems.append(
+                    f"{flag} {value} is not divisible by --tensor-model-parallel-size "
+                    f"{tp} (sizes that divide it: {', '.join(map(str, valid))})"
+                )
     return problems
 
 
@@ -98,8 +102,12 @@ class PackedColwiseParallel(ColwiseParallel):
         return super()._apply(module, device_mesh)
 
 
-def shard_mixer(mixer: nn.Module, plan: TensorParallelPlan, tp_mesh: DeviceMesh,
-                output_layout: Placement | None = None) -> None:
+def shard_mixer(
+    mixer: nn.Module,
+    plan: TensorParallelPlan,
+    tp_mesh: DeviceMesh,
+    output_layout: Placement | None = None,
+) -> None:
     """Split `mixer`'s parameters over `tp_mesh` in place as `plan` declares; a row-parallel
     output is summed onto `output_layout` (default: replicated). Entries of other styles
     (replicated, split elsewhere) are left alone."""
@@ -113,8 +121,9 @@ def shard_mixer(mixer: nn.Module, plan: TensorParallelPlan, tp_mesh: DeviceMesh,
         _forward_on_local_shards(mixer, tuple(rows))
 
 
-def module_styles(mixer: nn.Module, plan: TensorParallelPlan,
-                  output_layout: Placement | None = None) -> dict[str, ParallelStyle]:
+def module_styles(
+    mixer: nn.Module, plan: TensorParallelPlan, output_layout: Placement | None = None
+) -> dict[str, ParallelStyle]:
     """The `parallelize_module` plan of `plan`'s linears, by submodule name: column-parallel
     (per packed part: stored rank-major first) and row-parallel with the output redistributed
     to `output_layout`."""
@@ -142,8 +151,9 @@ def _parts(parts: PackedParts | None, mixer: nn.Module) -> tuple[int, ...] | Non
     return None if parts is None else parts(mixer)
 
 
-def _split_rows(mixer: nn.Module, name: str, parts: PackedParts | None,
-                tp_mesh: DeviceMesh) -> None:
+def _split_rows(
+    mixer: nn.Module, name: str, parts: PackedParts | None, tp_mesh: DeviceMesh
+) -> None:
     """Parameter `name` of `mixer` -> a DTensor split along dim 0 (rank-major first when it
     packs parts)."""
     owner, leaf = _owner(mixer, name)
@@ -151,9 +161,13 @@ def _split_rows(mixer: nn.Module, name: str, parts: PackedParts | None,
     if packed:
         _store_parameter_rank_major(owner, leaf, PackedRows(packed, tp_mesh.size()))
     param = getattr(owner, leaf)
-    owner.register_parameter(leaf, nn.Parameter(
-        distribute_tensor(param.detach(), tp_mesh, [Shard(0)]),
-        requires_grad=param.requires_grad))
+    owner.register_parameter(
+        leaf,
+        nn.Parameter(
+            distribute_tensor(param.detach(), tp_mesh, [Shard(0)]),
+            requires_grad=param.requires_grad,
+        ),
+    )
 
 
 class SequenceParallelNorm(ParallelStyle):
@@ -167,11 +181,13 @@ class SequenceParallelNorm(ParallelStyle):
         weight = norm.weight
         replicated = nn.Parameter(
             DTensor.from_local(weight.detach(), device_mesh, [Replicate()], run_check=False),
-            requires_grad=weight.requires_grad)
+            requires_grad=weight.requires_grad,
+        )
         norm.register_parameter("weight", replicated)
         replicated.register_post_accumulate_grad_hook(_sum_partial_gradient)
-        _forward_on_local_shards(norm, ("weight",), methods=("forward", "add_and_norm"),
-                                 grad_placements=(Partial(),))
+        _forward_on_local_shards(
+            norm, ("weight",), methods=("forward", "add_and_norm"), grad_placements=(Partial(),)
+        )
         return norm
 
 
@@ -188,18 +204,25 @@ class SequenceParallelDecoder(ParallelStyle):
         def run_on_sequence_slices(x_BTH: torch.Tensor) -> torch.Tensor:
             seq = x_BTH.shape[1]
             x_BTH = F.pad(x_BTH, (0, 0, 0, -seq % tp))
-            local = DTensor.from_local(x_BTH, device_mesh, [Replicate()], run_check=False) \
-                .redistribute(device_mesh, [Shard(1)]).to_local()
-            out = DTensor.from_local(forward(local), device_mesh, [Shard(1)], run_check=False) \
-                .redistribute(device_mesh, [Replicate()]).to_local()
+            local = (
+                DTensor.from_local(x_BTH, device_mesh, [Replicate()], run_check=False)
+                .redistribute(device_mesh, [Shard(1)])
+                .to_local()
+            )
+            out = (
+                DTensor.from_local(forward(local), device_mesh, [Shard(1)], run_check=False)
+                .redistribute(device_mesh, [Replicate()])
+                .to_local()
+            )
             return out[:, :seq]
 
         decoder.forward = run_on_sequence_slices
         return decoder
 
 
-def apply_tensor_parallel(model: HybridModel, tp_mesh: DeviceMesh,
-                          sequence_parallel: bool = False, log=print) -> None:
+def apply_tensor_parallel(
+    model: HybridModel, tp_mesh: DeviceMesh, sequence_parallel: bool = False, log=print
+) -> None:
     """Shard every mixer of `model` over `tp_mesh` in place, as its spec's plan declares (MoE
     layers are left to `apply_expert_parallel`); with `sequence_parallel`, split the residual
     stream and the norms along the sequence too (see the module docstring)."""
@@ -217,10 +240,15 @@ def apply_tensor_parallel(model: HybridModel, tp_mesh: DeviceMesh,
         parallelize_module(model.decoder, tp_mesh, SequenceParallelDecoder())
         if model.decoder.final_norm is not None:
             parallelize_module(model.decoder.final_norm, tp_mesh, SequenceParallelNorm())
-    sharded = ", ".join(f"{n} {SYMBOL_NAMES[s]}" for s, n in counts.items()
-                        if n and SPECS[s].tensor_parallel.reduces_output)
-    log(f"tensor parallel over {tp} ranks: {sharded or 'no'} layers"
-        + ("; sequence parallel norms and residual stream" if sequence_parallel else ""))
+    sharded = ", ".join(
+        f"{n} {SYMBOL_NAMES[s]}"
+        for s, n in counts.items()
+        if n and SPECS[s].tensor_parallel.reduces_output
+    )
+    log(
+        f"tensor parallel over {tp} ranks: {sharded or 'no'} layers"
+        + ("; sequence parallel norms and residual stream" if sequence_parallel else "")
+    )
 
 
 def _split_block_sequence(block: HybridBlock, tp_mesh: DeviceMesh) -> None:
@@ -229,8 +257,13 @@ def _split_block_sequence(block: HybridBlock, tp_mesh: DeviceMesh) -> None:
     reduce-scatters); a mixer whose output is not reduced (MoE) splits its output again."""
     gather = PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())
     gather_and_split = PrepareModuleInputOutput(
-        input_layouts=Shard(1), desired_input_layouts=Replicate(), use_local_input=True,
-        output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True)
+        input_layouts=Shard(1),
+        desired_input_layouts=Replicate(),
+        use_local_input=True,
+        output_layouts=Replicate(),
+        desired_output_layouts=Shard(1),
+        use_local_output=True,
+    )
     for side in block.sides():
         parallelize_module(side.norm, tp_mesh, SequenceParallelNorm())
         reduced = SPECS[side.symbol].tensor_parallel.reduces_output
@@ -257,9 +290,12 @@ def _store_parameter_rank_major(module: nn.Module, name: str, packed: PackedRows
     mark_packed(module, name, packed)
 
 
-def _forward_on_local_shards(module: nn.Module, names: tuple[str, ...],
-                             methods: tuple[str, ...] = ("forward",),
-                             grad_placements=None) -> None:
+def _forward_on_local_shards(
+    module: nn.Module,
+    names: tuple[str, ...],
+    methods: tuple[str, ...] = ("forward",),
+    grad_placements=None,
+) -> None:
     """Run `module`'s `methods` with its DTensor parameters `names` replaced by their local
     shards (plain tensors whose gradients flow back into the DTensors, with `grad_placements`
     when given), so layer code written for plain tensors runs unchanged on this rank's part.
@@ -277,6 +313,7 @@ def _forward_on_local_shards(module: nn.Module, names: tuple[str, ...],
             finally:
                 for (owner, leaf), param in zip(owners, originals, strict=True):
                     owner._parameters[leaf] = param
+
         return run
 
     for name in methods:

@@ -10,13 +10,14 @@ from megatron_hybrid.specs import attention, mamba2, mlp, moe
 from megatron_hybrid.specs.base import MixerSpec
 
 SPECS: MappingProxyType[str, MixerSpec] = MappingProxyType(
-    {spec.symbol: spec for spec in (mamba2.SPEC, attention.SPEC, mlp.SPEC, moe.SPEC)})
+    {spec.symbol: spec for spec in (mamba2.SPEC, attention.SPEC, mlp.SPEC, moe.SPEC)}
+)
 
 IMPLEMENTED_SYMBOLS = frozenset(SPECS)
 
 
 def implemented_listing() -> str:
-    """"M (Mamba2), * (attention), ...": the implemented symbols, for messages."""
+    """ "M (Mamba2), * (attention), ...": the implemented symbols, for messages."""
     return ", ".join(f"{symbol} ({spec.name})" for symbol, spec in SPECS.items())
 
 

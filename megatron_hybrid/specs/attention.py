@@ -52,19 +52,17 @@ def check_config(config: ModelConfig) -> None:
         config.kv_channels = config.hidden_size // config.num_attention_heads
     positive(config, "kv_channels")
     if config.position_embedding_type == "rope" and config.kv_channels % 2:
-        raise ConfigError(
-            f"rotary embeddings need an even kv_channels, got {config.kv_channels}"
-        )
+        raise ConfigError(f"rotary embeddings need an even kv_channels, got {config.kv_channels}")
 
 
 def forward_flops_per_token(config: ModelConfig, seq_length: int) -> float:
     """a = num_attention_heads, g = num_query_groups, d = kv_channels, T = seq_length:
 
-        linear_qkv                 2 * H * (a + 2*g) * d
-        Q K^T and scores @ V       2 * 2 * T * d * a
-            (Megatron's convention: the full T x T score matrix, no halving for the causal mask;
-            a causal-aware count would be half of this term)
-        linear_proj                2 * a * d * H
+    linear_qkv                 2 * H * (a + 2*g) * d
+    Q K^T and scores @ V       2 * 2 * T * d * a
+        (Megatron's convention: the full T x T score matrix, no halving for the causal mask;
+        a causal-aware count would be half of this term)
+    linear_proj                2 * a * d * H
     """
     H = config.hidden_size
     a, g, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
@@ -100,8 +98,14 @@ def merge_qkv(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torc
     groups, d = config.num_query_groups, config.kv_channels
     per_group = config.num_attention_heads // groups
     hidden = q.shape[-1]
-    w = torch.cat([q.reshape(groups, per_group, d, hidden), k.reshape(groups, 1, d, hidden),
-                   v.reshape(groups, 1, d, hidden)], dim=1)
+    w = torch.cat(
+        [
+            q.reshape(groups, per_group, d, hidden),
+            k.reshape(groups, 1, d, hidden),
+            v.reshape(groups, 1, d, hidden),
+        ],
+        dim=1,
+    )
     return [w.reshape(groups * (per_group + 2) * d, hidden)]
 
 
@@ -109,9 +113,12 @@ HF_NEMOTRON_H = ForeignLayout(
     layer_type="full_attention",
     key_maps=(
         rename("input_layernorm.weight", "norm.weight"),
-        KeyMap(("self_attention.linear_qkv.weight",),
-               ("mixer.q_proj.weight", "mixer.k_proj.weight", "mixer.v_proj.weight"),
-               to_theirs=split_qkv, to_ours=merge_qkv),
+        KeyMap(
+            ("self_attention.linear_qkv.weight",),
+            ("mixer.q_proj.weight", "mixer.k_proj.weight", "mixer.v_proj.weight"),
+            to_theirs=split_qkv,
+            to_ours=merge_qkv,
+        ),
         rename("self_attention.linear_proj.weight", "mixer.o_proj.weight"),
     ),
 )
@@ -119,8 +126,14 @@ HF_NEMOTRON_H = ForeignLayout(
 SPEC = MixerSpec(
     symbol="*",
     build=SelfAttention,
-    config_fields=("hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-                   "position_embedding_type", "rotary_base"),
+    config_fields=(
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "position_embedding_type",
+        "rotary_base",
+    ),
     check_config=check_config,
     slots=Slots(norm="input_layernorm", mixer="self_attention"),  # Megatron's names
     init_rules={"linear_qkv.weight": normal, "linear_proj.weight": output_projection},
@@ -128,8 +141,10 @@ SPEC = MixerSpec(
     # contiguous row split hands every rank whole groups.
     tensor_parallel=TensorParallelPlan(
         parameters={"linear_qkv.weight": ColumnParallel(), "linear_proj.weight": RowParallel()},
-        divisible=(("num_attention_heads", "--num-attention-heads"),
-                   ("num_query_groups", "--num-query-groups")),
+        divisible=(
+            ("num_attention_heads", "--num-attention-heads"),
+            ("num_query_groups", "--num-query-groups"),
+        ),
     ),
     forward_flops_per_token=forward_flops_per_token,
     parameter_count=parameter_count,

@@ -188,8 +188,10 @@ class MixerSpec:
 
     def __post_init__(self) -> None:
         if self.symbol not in SYMBOL_NAMES:
-            raise ValueError(f"spec for {self.symbol!r}, which is not a pattern symbol; "
-                             f"symbols: {' '.join(SYMBOL_NAMES)}")
+            raise ValueError(
+                f"spec for {self.symbol!r}, which is not a pattern symbol; "
+                f"symbols: {' '.join(SYMBOL_NAMES)}"
+            )
         object.__setattr__(self, "init_rules", MappingProxyType(dict(self.init_rules)))
 
     @property

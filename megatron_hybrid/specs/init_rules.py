@@ -18,19 +18,18 @@ def ones(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig
     return torch.ones(shape)
 
 
-def zeros(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig
-          ) -> torch.Tensor:
+def zeros(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig) -> torch.Tensor:
     return torch.zeros(shape)
 
 
-def normal(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig
-           ) -> torch.Tensor:
+def normal(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig) -> torch.Tensor:
     """N(0, init_method_std): input projections, embeddings, routers."""
     return torch.empty(shape).normal_(0.0, config.init_method_std, generator=generator)
 
 
-def output_projection(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig
-                      ) -> torch.Tensor:
+def output_projection(
+    shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig
+) -> torch.Tensor:
     """N(0, init_method_std / sqrt(2 * layers)): a projection that writes into the residual
     stream, scaled down so the stream's variance does not grow with depth (Megatron's
     scaled_init_method_normal, counting canonical sub-layers)."""

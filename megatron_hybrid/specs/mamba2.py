@@ -26,8 +26,14 @@ if TYPE_CHECKING:
 
 
 def check_config(config: ModelConfig) -> None:
-    positive(config, "mamba_state_dim", "mamba_head_dim", "mamba_num_groups",
-             "mamba_conv_kernel", "mamba_chunk_size")
+    positive(
+        config,
+        "mamba_state_dim",
+        "mamba_head_dim",
+        "mamba_num_groups",
+        "mamba_conv_kernel",
+        "mamba_chunk_size",
+    )
     if config.mamba_num_heads is None:
         if (2 * config.hidden_size) % config.mamba_head_dim:
             raise ConfigError(
@@ -49,14 +55,14 @@ def check_config(config: ModelConfig) -> None:
 
 
 # -- initialization (Mamba2's defaults) --------------------------------------------------------
-def a_log(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig
-          ) -> torch.Tensor:
+def a_log(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig) -> torch.Tensor:
     """log(U(1, 16)): decay rates A = -exp(A_log) in [-16, -1]."""
     return torch.empty(shape).uniform_(1.0, 16.0, generator=generator).log()
 
 
-def dt_bias(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig
-            ) -> torch.Tensor:
+def dt_bias(
+    shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig
+) -> torch.Tensor:
     """softplus^-1(dt), dt log-uniform in [mamba_dt_min, mamba_dt_max], floored at
     mamba_dt_init_floor."""
     lo, hi = math.log(config.mamba_dt_min), math.log(config.mamba_dt_max)
@@ -65,8 +71,7 @@ def dt_bias(shape: tuple[int, ...], generator: torch.Generator, config: ModelCon
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
 
 
-def conv1d(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig
-           ) -> torch.Tensor:
+def conv1d(shape: tuple[int, ...], generator: torch.Generator, config: ModelConfig) -> torch.Tensor:
     """U(-1/sqrt(K), 1/sqrt(K)): nn.Conv1d's default for a depthwise conv (fan-in K)."""
     bound = 1.0 / math.sqrt(config.mamba_conv_kernel)
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
@@ -104,8 +109,10 @@ TENSOR_PARALLEL = TensorParallelPlan(
         "norm.weight": SplitRows(),  # the gated norm's groups are whole B/C groups
         "out_proj.weight": RowParallel(),
     },
-    divisible=(("mamba_num_heads", "--mamba-num-heads"),
-               ("mamba_num_groups", "--mamba-num-groups")),
+    divisible=(
+        ("mamba_num_heads", "--mamba-num-heads"),
+        ("mamba_num_groups", "--mamba-num-groups"),
+    ),
 )
 
 
@@ -155,7 +162,8 @@ def parameter_count(config: ModelConfig) -> int:
     h, d_inner, conv_dim = config.mamba_num_heads, config.mamba_d_inner, config.mamba_conv_dim
     return (
         H * config.mamba_in_proj_dim  # in_proj
-        + conv_dim * config.mamba_conv_kernel + conv_dim  # conv1d weight + bias
+        + conv_dim * config.mamba_conv_kernel
+        + conv_dim  # conv1d weight + bias
         + 3 * h  # dt_bias, A_log, D
         + d_inner  # gated RMSNorm weight
         + d_inner * H  # out_proj
@@ -163,9 +171,17 @@ def parameter_count(config: ModelConfig) -> int:
 
 
 # -- Hugging Face nemotron_h: the same names ---------------------------------------------------
-_HF_SAME_NAMES = ("norm.weight", "mixer.in_proj.weight", "mixer.conv1d.weight",
-                  "mixer.conv1d.bias", "mixer.A_log", "mixer.D", "mixer.dt_bias",
-                  "mixer.norm.weight", "mixer.out_proj.weight")
+_HF_SAME_NAMES = (
+    "norm.weight",
+    "mixer.in_proj.weight",
+    "mixer.conv1d.weight",
+    "mixer.conv1d.bias",
+    "mixer.A_log",
+    "mixer.D",
+    "mixer.dt_bias",
+    "mixer.norm.weight",
+    "mixer.out_proj.weight",
+)
 HF_NEMOTRON_H = ForeignLayout(
     layer_type="linear_attention",
     key_maps=tuple(rename(key, key) for key in _HF_SAME_NAMES),
@@ -174,10 +190,21 @@ HF_NEMOTRON_H = ForeignLayout(
 SPEC = MixerSpec(
     symbol="M",
     build=Mamba2Mixer,
-    config_fields=("hidden_size", "mamba_state_dim", "mamba_head_dim", "mamba_num_groups",
-                   "mamba_num_heads", "mamba_conv_kernel", "mamba_chunk_size", "mamba_dt_min",
-                   "mamba_dt_max", "mamba_dt_init_floor", "mamba_dt_floor", "mamba_dt_ceiling",
-                   "layernorm_epsilon"),
+    config_fields=(
+        "hidden_size",
+        "mamba_state_dim",
+        "mamba_head_dim",
+        "mamba_num_groups",
+        "mamba_num_heads",
+        "mamba_conv_kernel",
+        "mamba_chunk_size",
+        "mamba_dt_min",
+        "mamba_dt_max",
+        "mamba_dt_init_floor",
+        "mamba_dt_floor",
+        "mamba_dt_ceiling",
+        "layernorm_epsilon",
+    ),
     check_config=check_config,
     # A stand-alone Mamba layer's names in Megatron's checkpoints.
     slots=Slots(norm="norm", mixer="mixer"),

@@ -58,8 +58,10 @@ def _fc1_parts(mlp: nn.Module) -> tuple[int, ...] | None:
 
 
 TENSOR_PARALLEL = TensorParallelPlan(
-    parameters={"linear_fc1.weight": ColumnParallel(parts=_fc1_parts),
-                "linear_fc2.weight": RowParallel()},
+    parameters={
+        "linear_fc1.weight": ColumnParallel(parts=_fc1_parts),
+        "linear_fc2.weight": RowParallel(),
+    },
     divisible=(("ffn_hidden_size", "--ffn-hidden-size"),),
 )
 
@@ -76,8 +78,10 @@ SPEC = MixerSpec(
     parameter_count=parameter_count,
     hf_nemotron_h=ForeignLayout(
         layer_type="mlp",
-        key_maps=(rename("pre_mlp_layernorm.weight", "norm.weight"),
-                  rename("mlp.linear_fc1.weight", "mixer.up_proj.weight"),
-                  rename("mlp.linear_fc2.weight", "mixer.down_proj.weight")),
+        key_maps=(
+            rename("pre_mlp_layernorm.weight", "norm.weight"),
+            rename("mlp.linear_fc1.weight", "mixer.up_proj.weight"),
+            rename("mlp.linear_fc2.weight", "mixer.down_proj.weight"),
+        ),
     ),
 )

@@ -58,11 +58,11 @@ def forward_flops_per_token(config: ModelConfig, seq_length: int) -> float:
     """
     H = config.hidden_size
     flops = 2 * H * config.num_moe_experts
-    flops += config.moe_router_topk * mlp_forward_flops(H, config.moe_ffn_hidden_size,
-                                                        config.activation)
+    flops += config.moe_router_topk * mlp_forward_flops(
+        H, config.moe_ffn_hidden_size, config.activation
+    )
     if config.moe_shared_expert_intermediate_size is not None:
-        flops += mlp_forward_flops(H, config.moe_shared_expert_intermediate_size,
-                                   config.activation)
+        flops += mlp_forward_flops(H, config.moe_shared_expert_intermediate_size, config.activation)
     return flops
 
 
@@ -72,8 +72,7 @@ def parameter_count(config: ModelConfig) -> int:
     H, E = config.hidden_size, config.num_moe_experts
     params = E * H + E * mlp_parameters(H, config.moe_ffn_hidden_size, config.activation)
     if config.moe_shared_expert_intermediate_size is not None:
-        params += mlp_parameters(H, config.moe_shared_expert_intermediate_size,
-                                 config.activation)
+        params += mlp_parameters(H, config.moe_shared_expert_intermediate_size, config.activation)
     return params
 
 
@@ -100,14 +99,18 @@ def router_from_hf(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list
         raise KeyMappingError(
             "e_score_correction_bias is not zero but the config has "
             "moe_router_enable_expert_bias=False, so the expert choice would differ; import "
-            "with moe_router_enable_expert_bias=True")
+            "with moe_router_enable_expert_bias=True"
+        )
     return [weight]
 
 
 def _hf_expert_keys(config: ModelConfig) -> tuple[str, ...]:
     """One up and one down projection per expert, expert by expert."""
-    return tuple(f"mixer.experts.{j}.{proj}.weight" for j in range(config.num_moe_experts)
-                 for proj in ("up_proj", "down_proj"))
+    return tuple(
+        f"mixer.experts.{j}.{proj}.weight"
+        for j in range(config.num_moe_experts)
+        for proj in ("up_proj", "down_proj")
+    )
 
 
 def experts_to_hf(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
@@ -116,8 +119,7 @@ def experts_to_hf(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[
     return [w for j in range(config.num_moe_experts) for w in (fc1[j], fc2[j])]
 
 
-def experts_from_hf(tensors: Sequence[torch.Tensor], config: ModelConfig
-                    ) -> list[torch.Tensor]:
+def experts_from_hf(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
     return [torch.stack(list(tensors[0::2])), torch.stack(list(tensors[1::2]))]
 
 
@@ -125,10 +127,18 @@ HF_NEMOTRON_H = ForeignLayout(
     layer_type="moe",
     key_maps=(
         rename("pre_mlp_layernorm.weight", "norm.weight"),
-        KeyMap(_router_keys, ("mixer.gate.weight", "mixer.gate.e_score_correction_bias"),
-               to_theirs=router_to_hf, to_ours=router_from_hf),
-        KeyMap(("mlp.experts.linear_fc1.weight", "mlp.experts.linear_fc2.weight"),
-               _hf_expert_keys, to_theirs=experts_to_hf, to_ours=experts_from_hf),
+        KeyMap(
+            _router_keys,
+            ("mixer.gate.weight", "mixer.gate.e_score_correction_bias"),
+            to_theirs=router_to_hf,
+            to_ours=router_from_hf,
+        ),
+        KeyMap(
+            ("mlp.experts.linear_fc1.weight", "mlp.experts.linear_fc2.weight"),
+            _hf_expert_keys,
+            to_theirs=experts_to_hf,
+            to_ours=experts_from_hf,
+        ),
         rename("mlp.shared_experts.linear_fc1.weight", "mixer.shared_experts.up_proj.weight"),
         rename("mlp.shared_experts.linear_fc2.weight", "mixer.shared_experts.down_proj.weight"),
     ),
@@ -139,12 +149,21 @@ _EXPERT_PARALLEL = SplitElsewhere("megatron_hybrid/parallel/expert_parallel.py")
 SPEC = MixerSpec(
     symbol="E",
     build=MoELayer,
-    config_fields=("hidden_size", "ffn_hidden_size", "activation", "num_moe_experts",
-                   "moe_router_topk", "moe_ffn_hidden_size",
-                   "moe_shared_expert_intermediate_size", "moe_router_score_function",
-                   "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
-                   "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
-                   "moe_aux_loss_coeff"),
+    config_fields=(
+        "hidden_size",
+        "ffn_hidden_size",
+        "activation",
+        "num_moe_experts",
+        "moe_router_topk",
+        "moe_ffn_hidden_size",
+        "moe_shared_expert_intermediate_size",
+        "moe_router_score_function",
+        "moe_router_pre_softmax",
+        "moe_router_topk_scaling_factor",
+        "moe_router_enable_expert_bias",
+        "moe_router_bias_update_rate",
+        "moe_aux_loss_coeff",
+    ),
     check_config=check_config,
     slots=Slots(norm="pre_mlp_layernorm", mixer="mlp"),  # Megatron's names
     init_rules={
@@ -158,13 +177,15 @@ SPEC = MixerSpec(
     # Experts and the shared expert are split, over tp and ep, by expert parallelism, which
     # also checks the sizes (expert_parallel_problems). The router stays whole, so every rank
     # routes alike; the MoE's output is therefore replicated, not reduced.
-    tensor_parallel=TensorParallelPlan(parameters={
-        "router.weight": Replicated(),
-        "experts.linear_fc1.weight": _EXPERT_PARALLEL,
-        "experts.linear_fc2.weight": _EXPERT_PARALLEL,
-        "shared_experts.linear_fc1.weight": _EXPERT_PARALLEL,
-        "shared_experts.linear_fc2.weight": _EXPERT_PARALLEL,
-    }),
+    tensor_parallel=TensorParallelPlan(
+        parameters={
+            "router.weight": Replicated(),
+            "experts.linear_fc1.weight": _EXPERT_PARALLEL,
+            "experts.linear_fc2.weight": _EXPERT_PARALLEL,
+            "shared_experts.linear_fc1.weight": _EXPERT_PARALLEL,
+            "shared_experts.linear_fc2.weight": _EXPERT_PARALLEL,
+        }
+    ),
     forward_flops_per_token=forward_flops_per_token,
     parameter_count=parameter_count,
     hf_nemotron_h=HF_NEMOTRON_H,

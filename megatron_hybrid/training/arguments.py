@@ -50,16 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     m = parser.add_argument_group("model")
-    m.add_argument("--hybrid-layer-pattern", "--hybrid-override-pattern",
-                   dest="hybrid_layer_pattern",
-                   help="decoder stack: M Mamba2, * attention, - MLP, E MoE, [XY] fused block, "
-                   "| pipeline stage, / MTP depth")
+    m.add_argument(
+        "--hybrid-layer-pattern",
+        "--hybrid-override-pattern",
+        dest="hybrid_layer_pattern",
+        help="decoder stack: M Mamba2, * attention, - MLP, E MoE, [XY] fused block, "
+        "| pipeline stage, / MTP depth",
+    )
     m.add_argument("--hidden-size", type=int)
     m.add_argument("--ffn-hidden-size", type=int, help="MLP width (default 4 * hidden size)")
     m.add_argument("--num-attention-heads", type=int)
     m.add_argument("--num-query-groups", type=int)
-    m.add_argument("--group-query-attention", action="store_true",
-                   help="accepted for Megatron compatibility; --num-query-groups sets the groups")
+    m.add_argument(
+        "--group-query-attention",
+        action="store_true",
+        help="accepted for Megatron compatibility; --num-query-groups sets the groups",
+    )
     m.add_argument("--kv-channels", type=int)
     m.add_argument("--position-embedding-type", choices=["rope", "none"])
     m.add_argument("--rotary-base", type=float)
@@ -68,15 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mamba-num-groups", type=int)
     m.add_argument("--mamba-num-heads", type=int, help="default 2 * hidden size / head dim")
     m.add_argument("--mamba-chunk-size", type=int)
-    m.add_argument("--mamba-dt-floor", type=float,
-                   help="clamp Mamba's dt = softplus(dt + dt_bias) >= this in forward (0: no "
-                   "floor, as Megatron; imports of Hugging Face nemotron_h set it)")
-    m.add_argument("--mamba-dt-ceiling", type=float,
-                   help="clamp Mamba's dt <= this in forward (default and inf: no ceiling)")
+    m.add_argument(
+        "--mamba-dt-floor",
+        type=float,
+        help="clamp Mamba's dt = softplus(dt + dt_bias) >= this in forward (0: no "
+        "floor, as Megatron; imports of Hugging Face nemotron_h set it)",
+    )
+    m.add_argument(
+        "--mamba-dt-ceiling",
+        type=float,
+        help="clamp Mamba's dt <= this in forward (default and inf: no ceiling)",
+    )
     m.add_argument("--num-experts", type=int)
     m.add_argument("--moe-router-topk", type=int)
-    m.add_argument("--moe-ffn-hidden-size", type=int,
-                   help="per-expert width (default --ffn-hidden-size)")
+    m.add_argument(
+        "--moe-ffn-hidden-size", type=int, help="per-expert width (default --ffn-hidden-size)"
+    )
     m.add_argument("--moe-shared-expert-intermediate-size", type=int)
     m.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"])
     m.add_argument("--moe-router-pre-softmax", action="store_true")
@@ -95,84 +108,123 @@ def build_parser() -> argparse.ArgumentParser:
     t = parser.add_argument_group("training")
     t.add_argument("--seq-length", type=int)
     t.add_argument("--micro-batch-size", type=int)
-    t.add_argument("--global-batch-size", type=int,
-                   help="samples per optimizer step (default: micro batch size x data-parallel "
-                   "size); a multiple of it, the rest is gradient accumulation")
+    t.add_argument(
+        "--global-batch-size",
+        type=int,
+        help="samples per optimizer step (default: micro batch size x data-parallel "
+        "size); a multiple of it, the rest is gradient accumulation",
+    )
     t.add_argument("--train-iters", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--min-lr", type=float)
     t.add_argument("--lr-warmup-iters", type=int)
-    t.add_argument("--lr-decay-iters", type=int,
-                   help="iterations of decay after which lr stays at --min-lr "
-                   "(default --train-iters)")
-    t.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine",
-                                                  "inverse-square-root"])
+    t.add_argument(
+        "--lr-decay-iters",
+        type=int,
+        help="iterations of decay after which lr stays at --min-lr (default --train-iters)",
+    )
+    t.add_argument(
+        "--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"]
+    )
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--adam-beta1", type=float)
     t.add_argument("--adam-beta2", type=float)
     t.add_argument("--adam-eps", type=float)
     t.add_argument("--clip-grad", type=float, help="0 disables clipping")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    t.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction,
-                   help="stop the run, before the optimizer step and before anything is saved, "
-                        "at the first iteration whose loss or gradient norm is NaN or infinite")
-    t.add_argument("--skip-nonfinite-iterations", type=int, metavar="N",
-                   help="with the check on: skip the update of up to N such iterations in all "
-                        "(their gradients are dropped; the iteration and its samples still "
-                        "count) and stop at the next one")
-    t.add_argument("--exit-interval", type=int,
-                   help="stop (after saving, with --save) at the first iteration divisible by N; "
-                        "the schedule still follows --train-iters, so a resumed run continues it")
+    t.add_argument(
+        "--check-for-nan-in-loss-and-grad",
+        action=argparse.BooleanOptionalAction,
+        help="stop the run, before the optimizer step and before anything is saved, "
+        "at the first iteration whose loss or gradient norm is NaN or infinite",
+    )
+    t.add_argument(
+        "--skip-nonfinite-iterations",
+        type=int,
+        metavar="N",
+        help="with the check on: skip the update of up to N such iterations in all "
+        "(their gradients are dropped; the iteration and its samples still "
+        "count) and stop at the next one",
+    )
+    t.add_argument(
+        "--exit-interval",
+        type=int,
+        help="stop (after saving, with --save) at the first iteration divisible by N; "
+        "the schedule still follows --train-iters, so a resumed run continues it",
+    )
     t.add_argument("--seed", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
 
-    par = parser.add_argument_group("parallelism (launch with torchrun; data parallel over "
-                                    "the remaining ranks)")
+    par = parser.add_argument_group(
+        "parallelism (launch with torchrun; data parallel over the remaining ranks)"
+    )
     par.add_argument("--tensor-model-parallel-size", type=int)
-    par.add_argument("--sequence-parallel", action="store_true",
-                     help="with tensor parallelism: split the residual stream and the norms "
-                          "along the sequence over the tensor-parallel ranks (all-gather into "
-                          "each mixer, reduce-scatter out of it instead of an all-reduce)")
+    par.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="with tensor parallelism: split the residual stream and the norms "
+        "along the sequence over the tensor-parallel ranks (all-gather into "
+        "each mixer, reduce-scatter out of it instead of an all-reduce)",
+    )
     par.add_argument("--pipeline-model-parallel-size", type=int)
     par.add_argument("--expert-model-parallel-size", type=int)
-    par.add_argument("--pipeline-schedule",
-                     choices=["1f1b", "gpipe", "interleaved-1f1b", "looped-bfs",
-                              "interleaved-zero-bubble"],
-                     help="pipeline schedule (default: 1f1b with one stage per rank, "
-                          "interleaved-1f1b when the pattern's '|' segments give each rank "
-                          "several virtual stages)")
-    par.add_argument("--compile", action="store_true",
-                     help="torch.compile every block (after tensor parallelism and activation "
-                          "checkpointing, before FSDP); the first iterations include compile "
-                          "time")
-    par.add_argument("--compile-mode",
-                     choices=["default", "reduce-overhead", "max-autotune",
-                              "max-autotune-no-cudagraphs"],
-                     help="torch.compile mode for --compile; reduce-overhead adds CUDA graphs "
-                          "per block (one GPU, no MoE host syncs: the fastest for small "
-                          "models whose steps are launch-bound)")
-    par.add_argument("--recompute-granularity", choices=["full", "selective"],
-                     help="activation checkpointing per block: full recomputes each block, "
-                          "selective keeps GEMM/attention outputs and recomputes the rest")
+    par.add_argument(
+        "--pipeline-schedule",
+        choices=["1f1b", "gpipe", "interleaved-1f1b", "looped-bfs", "interleaved-zero-bubble"],
+        help="pipeline schedule (default: 1f1b with one stage per rank, "
+        "interleaved-1f1b when the pattern's '|' segments give each rank "
+        "several virtual stages)",
+    )
+    par.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every block (after tensor parallelism and activation "
+        "checkpointing, before FSDP); the first iterations include compile "
+        "time",
+    )
+    par.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode for --compile; reduce-overhead adds CUDA graphs "
+        "per block (one GPU, no MoE host syncs: the fastest for small "
+        "models whose steps are launch-bound)",
+    )
+    par.add_argument(
+        "--recompute-granularity",
+        choices=["full", "selective"],
+        help="activation checkpointing per block: full recomputes each block, "
+        "selective keeps GEMM/attention outputs and recomputes the rest",
+    )
 
     c = parser.add_argument_group("checkpointing")
     c.add_argument("--save", help="directory to save checkpoints to")
-    c.add_argument("--save-interval", type=int,
-                   help="save every N iterations (and at the end of training)")
-    c.add_argument("--load",
-                   help="directory (or iter_* directory) to resume from; a directory without "
-                        "checkpoints starts from scratch, so --load and --save may be the same")
-    c.add_argument("--async-save", action="store_true",
-                   help="write checkpoints in the background while training continues")
+    c.add_argument(
+        "--save-interval", type=int, help="save every N iterations (and at the end of training)"
+    )
+    c.add_argument(
+        "--load",
+        help="directory (or iter_* directory) to resume from; a directory without "
+        "checkpoints starts from scratch, so --load and --save may be the same",
+    )
+    c.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write checkpoints in the background while training continues",
+    )
     c.add_argument("--keep-last", type=int, help="keep only the newest N complete checkpoints")
     c.add_argument("--ckpt-step", type=int, help="load this iteration instead of the latest")
-    c.add_argument("--finetune", action="store_true",
-                   help="load model weights only; start at iteration 0 with a fresh optimizer")
-    c.add_argument("--no-load-optim", action="store_true",
-                   help="do not load the optimizer state")
+    c.add_argument(
+        "--finetune",
+        action="store_true",
+        help="load model weights only; start at iteration 0 with a fresh optimizer",
+    )
+    c.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer state")
     c.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
-    c.add_argument("--no-verify-checksums", action="store_true",
-                   help="skip the CRC32 check of checkpoint files on load (sizes still checked)")
+    c.add_argument(
+        "--no-verify-checksums",
+        action="store_true",
+        help="skip the CRC32 check of checkpoint files on load (sizes still checked)",
+    )
 
     add_data_args(parser)
     add_kernel_args(parser)
@@ -182,10 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--eval-interval", type=int)
     lg.add_argument("--eval-iters", type=int)
     lg.add_argument("--log-dir", help="directory receiving metrics.jsonl")
-    lg.add_argument("--generate-tokens", type=int,
-                    help="length of the sample printed after training (0: none)")
-    lg.add_argument("--no-progress-bar", action="store_true",
-                    help="print log lines instead of a live progress bar")
+    lg.add_argument(
+        "--generate-tokens", type=int, help="length of the sample printed after training (0: none)"
+    )
+    lg.add_argument(
+        "--no-progress-bar",
+        action="store_true",
+        help="print log lines instead of a live progress bar",
+    )
     _set_defaults_from_settings(parser)
     return parser
 
@@ -196,8 +252,7 @@ def _set_defaults_from_settings(parser: argparse.ArgumentParser) -> None:
     take theirs where those packages add them."""
     dests = {action.dest for action in parser._actions}
     defaults: dict[str, Any] = {}
-    for group in (TrainingSettings(), ParallelSettings(), CheckpointSettings(),
-                  LoggingSettings()):
+    for group in (TrainingSettings(), ParallelSettings(), CheckpointSettings(), LoggingSettings()):
         defaults.update(dataclasses.asdict(group))
     defaults["make_vocab_size_divisible_by"] = ModelSettings().make_vocab_size_divisible_by
     for dest in dests:
@@ -212,32 +267,61 @@ def _set_defaults_from_settings(parser: argparse.ArgumentParser) -> None:
 # Flags left at their default None ("derived from other flags") are not checked here.
 FLAG_RANGES: dict[str, str] = {
     # model
-    "hidden_size": "[1, inf)", "ffn_hidden_size": "[1, inf)", "num_attention_heads": "[1, inf)",
-    "num_query_groups": "[1, inf)", "kv_channels": "[1, inf)", "rotary_base": "(0, inf)",
-    "mamba_state_dim": "[1, inf)", "mamba_head_dim": "[1, inf)", "mamba_num_groups": "[1, inf)",
-    "mamba_num_heads": "[1, inf)", "mamba_chunk_size": "[1, inf)", "mamba_dt_floor": "[0, inf)",
-    "mamba_dt_ceiling": "(0, inf]", "num_experts": "[0, inf)",
-    "moe_router_topk": "[1, inf)", "moe_ffn_hidden_size": "[1, inf)",
+    "hidden_size": "[1, inf)",
+    "ffn_hidden_size": "[1, inf)",
+    "num_attention_heads": "[1, inf)",
+    "num_query_groups": "[1, inf)",
+    "kv_channels": "[1, inf)",
+    "rotary_base": "(0, inf)",
+    "mamba_state_dim": "[1, inf)",
+    "mamba_head_dim": "[1, inf)",
+    "mamba_num_groups": "[1, inf)",
+    "mamba_num_heads": "[1, inf)",
+    "mamba_chunk_size": "[1, inf)",
+    "mamba_dt_floor": "[0, inf)",
+    "mamba_dt_ceiling": "(0, inf]",
+    "num_experts": "[0, inf)",
+    "moe_router_topk": "[1, inf)",
+    "moe_ffn_hidden_size": "[1, inf)",
     "moe_shared_expert_intermediate_size": "[1, inf)",
-    "moe_router_topk_scaling_factor": "(0, inf)", "moe_router_bias_update_rate": "[0, inf)",
-    "moe_aux_loss_coeff": "[0, inf)", "norm_epsilon": "(0, inf)",
-    "init_method_std": "(0, inf)", "make_vocab_size_divisible_by": "[1, inf)",
+    "moe_router_topk_scaling_factor": "(0, inf)",
+    "moe_router_bias_update_rate": "[0, inf)",
+    "moe_aux_loss_coeff": "[0, inf)",
+    "norm_epsilon": "(0, inf)",
+    "init_method_std": "(0, inf)",
+    "make_vocab_size_divisible_by": "[1, inf)",
     # training
-    "seq_length": "[1, inf)", "micro_batch_size": "[1, inf)", "global_batch_size": "[1, inf)",
-    "train_iters": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
-    "lr_warmup_iters": "[0, inf)", "lr_decay_iters": "[1, inf)", "weight_decay": "[0, inf)",
-    "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "(0, inf)",
-    "clip_grad": "[0, inf)", "exit_interval": "[1, inf)", "seed": "[0, inf)",
+    "seq_length": "[1, inf)",
+    "micro_batch_size": "[1, inf)",
+    "global_batch_size": "[1, inf)",
+    "train_iters": "[1, inf)",
+    "lr": "(0, inf)",
+    "min_lr": "[0, inf)",
+    "lr_warmup_iters": "[0, inf)",
+    "lr_decay_iters": "[1, inf)",
+    "weight_decay": "[0, inf)",
+    "adam_beta1": "[0, 1)",
+    "adam_beta2": "[0, 1)",
+    "adam_eps": "(0, inf)",
+    "clip_grad": "[0, inf)",
+    "exit_interval": "[1, inf)",
+    "seed": "[0, inf)",
     "skip_nonfinite_iterations": "[0, inf)",
     # parallelism
-    "tensor_model_parallel_size": "[1, inf)", "pipeline_model_parallel_size": "[1, inf)",
+    "tensor_model_parallel_size": "[1, inf)",
+    "pipeline_model_parallel_size": "[1, inf)",
     "expert_model_parallel_size": "[1, inf)",
     # checkpointing
-    "save_interval": "[1, inf)", "keep_last": "[1, inf)", "ckpt_step": "[0, inf)",
+    "save_interval": "[1, inf)",
+    "keep_last": "[1, inf)",
+    "ckpt_step": "[0, inf)",
     # data, kernels
-    "vocab_size": "[1, inf)", "tiled_mlp_shards": "[1, inf)",
+    "vocab_size": "[1, inf)",
+    "tiled_mlp_shards": "[1, inf)",
     # logging and evaluation
-    "log_interval": "[1, inf)", "eval_interval": "[1, inf)", "eval_iters": "[0, inf)",
+    "log_interval": "[1, inf)",
+    "eval_interval": "[1, inf)",
+    "eval_iters": "[0, inf)",
     "generate_tokens": "[0, inf)",
 }
 
@@ -268,8 +352,9 @@ class Interval:
         if (self.low, self.low_closed, self.high) == (1, True, math.inf):
             return "a whole number of at least 1"
         if (self.low, self.high, self.high_closed) == (0, math.inf, False):
-            return "a finite number of at least 0" if self.low_closed else \
-                "a positive finite number"
+            return (
+                "a finite number of at least 0" if self.low_closed else "a positive finite number"
+            )
         return f"a number in {self.text}"
 
 
@@ -281,8 +366,9 @@ def check_flag_ranges(args: argparse.Namespace) -> None:
             continue
         interval = Interval.parse(text)
         if value not in interval:
-            raise ValueError(f"--{dest.replace('_', '-')} must be {interval.describe()}, "
-                             f"got {value}")
+            raise ValueError(
+                f"--{dest.replace('_', '-')} must be {interval.describe()}, got {value}"
+            )
 
 
 def check_training_args(args: argparse.Namespace) -> None:
@@ -301,18 +387,21 @@ def check_training_args(args: argparse.Namespace) -> None:
     if args.sequence_parallel:
         tp = args.tensor_model_parallel_size
         if tp < 2:
-            raise ValueError("--sequence-parallel splits the sequence over the tensor-parallel "
-                             "ranks: it needs --tensor-model-parallel-size 2 or more (drop the "
-                             "flag for tensor-parallel size 1)")
+            raise ValueError(
+                "--sequence-parallel splits the sequence over the tensor-parallel "
+                "ranks: it needs --tensor-model-parallel-size 2 or more (drop the "
+                "flag for tensor-parallel size 1)"
+            )
         if args.seq_length % tp:
-            raise ValueError(f"--sequence-parallel: --seq-length {args.seq_length} must be "
-                             f"divisible by --tensor-model-parallel-size {tp}")
+            raise ValueError(
+                f"--sequence-parallel: --seq-length {args.seq_length} must be "
+                f"divisible by --tensor-model-parallel-size {tp}"
+            )
     if args.bf16 and args.device == "cpu":
         raise ValueError("--bf16 needs a CUDA device; drop it for CPU runs")
 
 
-def resolve_global_batch_size(training: TrainingSettings | argparse.Namespace,
-                              dp_size: int) -> int:
+def resolve_global_batch_size(training: TrainingSettings | argparse.Namespace, dp_size: int) -> int:
     """Micro-batches per rank and iteration; sets `global_batch_size` to its default (micro
     batch size x data-parallel size, as in Megatron-LM) when the flag was not given.
 
@@ -326,7 +415,8 @@ def resolve_global_batch_size(training: TrainingSettings | argparse.Namespace,
         raise ValueError(
             f"--global-batch-size {training.global_batch_size} must be a multiple of "
             f"--micro-batch-size x data-parallel size = {training.micro_batch_size} x {dp_size} "
-            f"= {per_micro_step}: use {fits} (or leave the flag out for {per_micro_step})")
+            f"= {per_micro_step}: use {fits} (or leave the flag out for {per_micro_step})"
+        )
     return training.global_batch_size // per_micro_step
 
 
@@ -342,8 +432,11 @@ def flags_to_settings(cls: type[SettingsGroup], args: argparse.Namespace) -> Set
 def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
     """The model flags as ModelSettings: each ModelConfig field from its flag (MODEL_FLAG_FIELDS
     names those whose dest differs), the activation from --swiglu."""
-    fields = {MODEL_FLAG_FIELDS.get(dest, dest): value for dest, value in vars(args).items()
-              if MODEL_FLAG_FIELDS.get(dest, dest) in _MODEL_CONFIG_FIELDS}
+    fields = {
+        MODEL_FLAG_FIELDS.get(dest, dest): value
+        for dest, value in vars(args).items()
+        if MODEL_FLAG_FIELDS.get(dest, dest) in _MODEL_CONFIG_FIELDS
+    }
     fields["activation"] = "swiglu" if args.swiglu else "squared_relu"
     return ModelSettings(fields, args.make_vocab_size_divisible_by)
 

@@ -22,8 +22,13 @@ class TrainingDivergedError(RuntimeError):
 
 
 class NonFiniteCheck:
-    def __init__(self, enabled: bool, max_skips: int, log: Callable[[str], None],
-                 advice_on_stop: Callable[[], str] = lambda: ""):
+    def __init__(
+        self,
+        enabled: bool,
+        max_skips: int,
+        log: Callable[[str], None],
+        advice_on_stop: Callable[[], str] = lambda: "",
+    ):
         self.enabled = enabled
         self.max_skips = max_skips
         self.skipped = 0
@@ -44,19 +49,23 @@ class NonFiniteCheck:
             return True
         loss_value, norm_value = (float(v) for v in values.cpu())
         where = " on this rank; not finite on at least one" if dist.is_initialized() else ""
-        what = (f"iteration {iteration}: loss {_show(loss_value)}, gradient norm "
-                f"{_show(norm_value)}{where}")
+        what = (
+            f"iteration {iteration}: loss {_show(loss_value)}, gradient norm "
+            f"{_show(norm_value)}{where}"
+        )
         if self.skipped < self.max_skips:
             self.skipped += 1
-            self.log(f"{what}: update skipped ({self.skipped} of "
-                     f"--skip-nonfinite-iterations {self.max_skips})")
+            self.log(
+                f"{what}: update skipped ({self.skipped} of "
+                f"--skip-nonfinite-iterations {self.max_skips})"
+            )
             return False
-        allowance = (f"after skipping {self.skipped} such iterations "
-                     if self.max_skips else "")
+        allowance = f"after skipping {self.skipped} such iterations " if self.max_skips else ""
         raise TrainingDivergedError(
             f"{what}: stopping {allowance}before the optimizer step; this state was not "
             f"saved. {self.advice_on_stop()}Try a lower --lr, a longer --lr-warmup-iters or a "
-            "smaller --clip-grad; --skip-nonfinite-iterations N skips up to N such iterations")
+            "smaller --clip-grad; --skip-nonfinite-iterations N skips up to N such iterations"
+        )
 
 
 def _show(value: float) -> str:

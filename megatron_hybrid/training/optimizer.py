@@ -10,7 +10,11 @@ from torch import nn
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
     foreach: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW in which only matrices decay: norms, biases, vectors like A_log/D/dt_bias do not
@@ -26,8 +30,9 @@ def build_optimizer(
     # Fused needs every parameter of one kind; with tensor parallelism (DTensor weights beside
     # plain norms) the caller asks for the per-parameter loop instead.
     fused = next(model.parameters()).is_cuda and foreach is None
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None,
-                             foreach=foreach)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=foreach
+    )
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,13 @@ class LRSchedule:
 
 
 # LRSchedule field -> the flag that sets it
-LR_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "warmup_iters": "--lr-warmup-iters",
-                     "decay_iters": "--lr-decay-iters (default --train-iters)",
-                     "style": "--lr-decay-style"}
+LR_SCHEDULE_FLAGS = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "warmup_iters": "--lr-warmup-iters",
+    "decay_iters": "--lr-decay-iters (default --train-iters)",
+    "style": "--lr-decay-style",
+}
 
 
 def lr_schedule_warning(saved: dict, current: dict, source) -> str | None:
@@ -75,13 +84,18 @@ def lr_schedule_warning(saved: dict, current: dict, source) -> str | None:
     its TrainProgress.lr_schedule) differs from this run's (`current`), or None. The run follows
     its own flags: a changed schedule may be meant (a longer --train-iters moves the end of the
     decay), so it is reported, not refused."""
-    changes = [f"{name} ({LR_SCHEDULE_FLAGS.get(name, 'no flag')}): checkpoint {value!r}, "
-               f"now {current.get(name)!r}"
-               for name, value in saved.items() if current and current.get(name) != value]
+    changes = [
+        f"{name} ({LR_SCHEDULE_FLAGS.get(name, 'no flag')}): checkpoint {value!r}, "
+        f"now {current.get(name)!r}"
+        for name, value in saved.items()
+        if current and current.get(name) != value
+    ]
     if not changes:
         return None
-    return (f"warning: {source} was saved with other learning-rate schedule settings; this run "
-            "follows its flags from here on:\n  " + "\n  ".join(changes))
+    return (
+        f"warning: {source} was saved with other learning-rate schedule settings; this run "
+        "follows its flags from here on:\n  " + "\n  ".join(changes)
+    )
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -17,8 +17,14 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressReporter:
-    def __init__(self, total_iters: int, log_dir: str | None, live: bool | None = None,
-                 stream=None, enabled: bool = True):
+    def __init__(
+        self,
+        total_iters: int,
+        log_dir: str | None,
+        live: bool | None = None,
+        stream=None,
+        enabled: bool = True,
+    ):
         self.total = total_iters
         # Ranks other than 0 of a distributed run report nothing.
         self.stream = (stream or sys.stdout) if enabled else open(os.devnull, "w")
@@ -38,20 +44,35 @@ class ProgressReporter:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
 
-    def log_iteration(self, iteration: int, loss: float, lr: float, grad_norm: float,
-                      tokens_per_sec: float, extra: dict | None = None) -> None:
+    def log_iteration(
+        self,
+        iteration: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        tokens_per_sec: float,
+        extra: dict | None = None,
+    ) -> None:
         elapsed = self.elapsed()
-        record = {"iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_sec": tokens_per_sec, "elapsed_s": round(elapsed, 3)}
+        record = {
+            "iteration": iteration,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tokens_per_sec,
+            "elapsed_s": round(elapsed, 3),
+        }
         record.update(extra or {})
         self.write_metrics(record)
         eta = elapsed / iteration * (self.total - iteration)
         width = 24
         filled = int(width * iteration / self.total)
         bar = "#" * filled + "." * (width - filled)
-        line = (f"[{bar}] {iteration}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-                f"grad {grad_norm:.3f} {tokens_per_sec / 1000:.1f}k tok/s "
-                f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
+        line = (
+            f"[{bar}] {iteration}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+            f"grad {grad_norm:.3f} {tokens_per_sec / 1000:.1f}k tok/s "
+            f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}"
+        )
         if "peak_memory_gib" in record:
             line += f" mem {record['peak_memory_gib']:.1f}GiB"
         if self.live:
@@ -61,8 +82,9 @@ class ProgressReporter:
         self.stream.flush()
 
     def log_eval(self, iteration: int, val_loss: float) -> None:
-        self.write_metrics({"iteration": iteration, "val_loss": val_loss,
-                            "elapsed_s": round(self.elapsed(), 3)})
+        self.write_metrics(
+            {"iteration": iteration, "val_loss": val_loss, "elapsed_s": round(self.elapsed(), 3)}
+        )
         self.message(f"validation at iteration {iteration}: loss {val_loss:.4f}")
 
     def message(self, text: str) -> None:

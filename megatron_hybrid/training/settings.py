@@ -67,8 +67,10 @@ class ModelSettings:
 
     def config(self, vocab_size: int) -> ModelConfig:
         """The ModelConfig for a tokenizer of `vocab_size` ids (ConfigError if unfit)."""
-        return ModelConfig(**self.config_fields,
-                           vocab_size=pad_vocab_size(vocab_size, self.make_vocab_size_divisible_by))
+        return ModelConfig(
+            **self.config_fields,
+            vocab_size=pad_vocab_size(vocab_size, self.make_vocab_size_divisible_by),
+        )
 
 
 @dataclass
@@ -124,8 +126,9 @@ class TrainingSettings:
         """The learning-rate schedule of these settings (the decay ends at `train_iters` unless
         `lr_decay_iters` says otherwise)."""
         decay_iters = self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters
-        return LRSchedule(self.lr, self.min_lr, self.lr_warmup_iters, decay_iters,
-                          self.lr_decay_style)
+        return LRSchedule(
+            self.lr, self.min_lr, self.lr_warmup_iters, decay_iters, self.lr_decay_style
+        )
 
 
 @dataclass

@@ -93,8 +93,9 @@ class TrainingData(NamedTuple):
     summary: str  # one line for the log
 
 
-def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = None
-                 ) -> TrainingResult:
+def run_training(
+    args: argparse.Namespace, reporter: ProgressReporter | None = None
+) -> TrainingResult:
     """Train as the flags say; raises ValueError (ConfigError, PatternError, ...) for bad input
     before any training step runs."""
     check_training_args(args)
@@ -111,33 +112,48 @@ def run_training(args: argparse.Namespace, reporter: ProgressReporter | None = N
 
     own_reporter = reporter is None
     if own_reporter:
-        reporter = ProgressReporter(training.train_iters, settings.logging.log_dir,
-                                    enabled=proc.is_main,
-                                    live=False if settings.logging.no_progress_bar else None)
+        reporter = ProgressReporter(
+            training.train_iters,
+            settings.logging.log_dir,
+            enabled=proc.is_main,
+            live=False if settings.logging.no_progress_bar else None,
+        )
     kernels = kernels_from_settings(settings.kernels, proc.device)
     reporter.message(kernels.describe())
-    trainer = Trainer(config, training, settings.parallel, dims,
-                      dims.build_mesh(proc.device.type), proc.device, kernels,
-                      num_micro_batches, log=reporter.message, save_dir=settings.checkpoint.save)
+    trainer = Trainer(
+        config,
+        training,
+        settings.parallel,
+        dims,
+        dims.build_mesh(proc.device.type),
+        proc.device,
+        kernels,
+        num_micro_batches,
+        log=reporter.message,
+        save_dir=settings.checkpoint.save,
+    )
     reporter.message(
         f"model: pattern {config.hybrid_layer_pattern!r}, {config.pattern.num_blocks} blocks / "
         f"{config.pattern.num_layers} layers, {trainer.num_parameters / 1e6:.2f}M parameters; "
         f"device {proc.device}, {dims.dp} data-parallel x {dims.tp} tensor-parallel x "
         f"{dims.pp} pipeline rank(s); {training.train_iters} iterations of "
         f"{training.global_batch_size} x {training.seq_length} tokens ({num_micro_batches} "
-        f"micro-batches of {training.micro_batch_size} per rank)")
+        f"micro-batches of {training.micro_batch_size} per rank)"
+    )
     reporter.message(f"data: {data.summary}")
 
     progress = TrainProgress(lr_schedule=dataclasses.asdict(trainer.lr_schedule))
     if settings.checkpoint.load:
-        progress = resume(settings.checkpoint, trainer.parts, trainer.optimizer, config,
-                          progress, reporter)
+        progress = resume(
+            settings.checkpoint, trainer.parts, trainer.optimizer, config, progress, reporter
+        )
     result = train(trainer, data, progress, settings, reporter)
     if data.test is not None and settings.logging.eval_iters:
         result.test_loss = trainer.evaluate(data.test, settings.logging.eval_iters)
         reporter.write_metrics({"iteration": progress.iteration, "test_loss": result.test_loss})
-        reporter.message(f"test split after iteration {progress.iteration}: loss "
-                         f"{result.test_loss:.4f}")
+        reporter.message(
+            f"test split after iteration {progress.iteration}: loss {result.test_loss:.4f}"
+        )
     if settings.logging.generate_tokens:
         result.sample = generate_sample(trainer, tokenizer, settings, reporter)
     if own_reporter:
@@ -150,53 +166,76 @@ def build_training_data(settings: Settings, tokenizer: Tokenizer) -> TrainingDat
     source. The training loop decides which global samples a rank reads."""
     training = settings.training
     splits = build_datasets(
-        settings.data, tokenizer, training.seq_length, training.seed,
+        settings.data,
+        tokenizer,
+        training.seq_length,
+        training.seed,
         num_train_samples=training.train_iters * training.global_batch_size,
-        num_eval_samples=settings.logging.eval_iters * training.global_batch_size)
+        num_eval_samples=settings.logging.eval_iters * training.global_batch_size,
+    )
     if splits is not None:
         if splits.train is None:
-            raise ValueError("the data flags leave no training data: give the train split a "
-                             "share in --split, or --train-data-path")
+            raise ValueError(
+                "the data flags leave no training data: give the train split a "
+                "share in --split, or --train-data-path"
+            )
         return TrainingData(splits.train, splits.valid, splits.test, splits.summary())
     if not isinstance(tokenizer, ByteTokenizer):
-        raise ValueError(f"--tokenizer-type {tokenizer.name} without data: the embedded corpus "
-                         "is byte-level; give --data-path (or --mock-data), or drop the "
-                         "tokenizer flags")
+        raise ValueError(
+            f"--tokenizer-type {tokenizer.name} without data: the embedded corpus "
+            "is byte-level; give --data-path (or --mock-data), or drop the "
+            "tokenizer flags"
+        )
     train_tokens, valid_tokens = embedded_token_streams(tokenizer)
     train = StreamSampler(train_tokens, training.seq_length, training.seed)
     valid = StreamSampler(valid_tokens, training.seq_length, training.seed, shuffle=False)
-    summary = (f"embedded corpus (Python help topics), {len(train_tokens)} train / "
-               f"{len(valid_tokens)} validation bytes")
+    summary = (
+        f"embedded corpus (Python help topics), {len(train_tokens)} train / "
+        f"{len(valid_tokens)} validation bytes"
+    )
     return TrainingData(train, valid, None, summary)
 
 
-def resume(checkpoint: CheckpointSettings, model: HybridModel, optimizer, config, progress,
-           reporter: ProgressReporter) -> TrainProgress:
+def resume(
+    checkpoint: CheckpointSettings,
+    model: HybridModel,
+    optimizer,
+    config,
+    progress,
+    reporter: ProgressReporter,
+) -> TrainProgress:
     """Load `checkpoint.load` into model/optimizer/progress as the settings say; a directory
     without any checkpoint means "start from scratch" (so one command both starts and restarts
     a run)."""
     try:
         loaded = load_checkpoint(
-            checkpoint.load, model,
-            None if (checkpoint.finetune or checkpoint.no_load_optim) else optimizer, config,
-            progress=None if checkpoint.finetune else progress, iteration=checkpoint.ckpt_step,
-            verify_checksums=not checkpoint.no_verify_checksums, log=reporter.message)
+            checkpoint.load,
+            model,
+            None if (checkpoint.finetune or checkpoint.no_load_optim) else optimizer,
+            config,
+            progress=None if checkpoint.finetune else progress,
+            iteration=checkpoint.ckpt_step,
+            verify_checksums=not checkpoint.no_verify_checksums,
+            log=reporter.message,
+        )
     except CheckpointNotFoundError as error:
         if checkpoint.ckpt_step is not None or any(Path(checkpoint.load).glob("iter_*")):
             raise
         reporter.message(f"no checkpoint to load ({error}); training from scratch")
         return progress
     if loaded is None:  # model-only checkpoint (an import) or --finetune
-        reporter.message(f"loaded model weights from {checkpoint.load}; starting at "
-                         "iteration 0")
+        reporter.message(f"loaded model weights from {checkpoint.load}; starting at iteration 0")
         return progress
     if not checkpoint.no_load_rng:
         loaded.restore_rng()
-    if warning := lr_schedule_warning(loaded.saved_lr_schedule, loaded.lr_schedule,
-                                      checkpoint.load):
+    if warning := lr_schedule_warning(
+        loaded.saved_lr_schedule, loaded.lr_schedule, checkpoint.load
+    ):
         reporter.message(warning)
-    reporter.message(f"resumed from {checkpoint.load} at iteration {loaded.iteration} "
-                     f"({loaded.consumed_train_samples} samples consumed)")
+    reporter.message(
+        f"resumed from {checkpoint.load} at iteration {loaded.iteration} "
+        f"({loaded.consumed_train_samples} samples consumed)"
+    )
     return loaded
 
 
@@ -212,27 +251,51 @@ class Trainer:
     optimizer, learning-rate schedule and pipeline: what a training step and an evaluation
     need. benchmarks/train_throughput.py builds one too, so it times what a run does."""
 
-    def __init__(self, config: ModelConfig, training: TrainingSettings,
-                 parallel: ParallelSettings, dims: ParallelDims, mesh: DeviceMesh | None,
-                 device: torch.device, kernels: BoundKernels | None, num_micro_batches: int,
-                 log: Callable[[str], None] = print, save_dir: str | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        training: TrainingSettings,
+        parallel: ParallelSettings,
+        dims: ParallelDims,
+        mesh: DeviceMesh | None,
+        device: torch.device,
+        kernels: BoundKernels | None,
+        num_micro_batches: int,
+        log: Callable[[str], None] = print,
+        save_dir: str | None = None,
+    ):
         self.config, self.dims, self.device = config, dims, device
         self.num_micro_batches = num_micro_batches
         self.micro_batch_size = training.micro_batch_size
         self.share = DataParallelShare(
-            mesh["dp_shard"].get_local_rank() if mesh is not None else 0, dims.dp)
-        self.parts, stage_indices, specs = self._build_parts(config, dims, mesh, kernels,
-                                                             training.seed, log)
-        self.num_parameters = (parameter_count(config) if dims.pp > 1
-                               else self.parts[0].num_parameters())
+            mesh["dp_shard"].get_local_rank() if mesh is not None else 0, dims.dp
+        )
+        self.parts, stage_indices, specs = self._build_parts(
+            config, dims, mesh, kernels, training.seed, log
+        )
+        self.num_parameters = (
+            parameter_count(config) if dims.pp > 1 else self.parts[0].num_parameters()
+        )
         for index, part in enumerate(self.parts):  # each stage as a whole model; logged once
-            parallelize(part, dims, mesh, parallel, bf16=training.bf16,
-                        log=log if index == 0 else (lambda _: None))
-        optimizers = [build_optimizer(part, training.lr, training.weight_decay,
-                                      (training.adam_beta1, training.adam_beta2),
-                                      training.adam_eps,
-                                      foreach=False if dims.tp > 1 or dims.ep > 1 else None)
-                      for part in self.parts]
+            parallelize(
+                part,
+                dims,
+                mesh,
+                parallel,
+                bf16=training.bf16,
+                log=log if index == 0 else (lambda _: None),
+            )
+        optimizers = [
+            build_optimizer(
+                part,
+                training.lr,
+                training.weight_decay,
+                (training.adam_beta1, training.adam_beta2),
+                training.adam_eps,
+                foreach=False if dims.tp > 1 or dims.ep > 1 else None,
+            )
+            for part in self.parts
+        ]
         self.optimizer = optimizers[0] if len(self.parts) == 1 else OptimizerParts(optimizers)
         self.lr_schedule = training.lr_schedule()
         self.pipeline = self.tied_sync = None
@@ -245,35 +308,61 @@ class Trainer:
         self.autocast = _bf16_autocast if training.bf16 else contextlib.nullcontext
         self.max_grad_norm = training.clip_grad if training.clip_grad > 0 else math.inf
         # The last stage's copy of a tied embedding counts once (on the first stage) in the norm.
-        self.tied_copies = [part.embedding.word_embeddings.weight for part in self.parts
-                            if part.holds_tied_output_copy]
-        self.counted = [p for part in self.parts for p in part.parameters()
-                        if not any(p is copy for copy in self.tied_copies)]
+        self.tied_copies = [
+            part.embedding.word_embeddings.weight
+            for part in self.parts
+            if part.holds_tied_output_copy
+        ]
+        self.counted = [
+            p
+            for part in self.parts
+            for p in part.parameters()
+            if not any(p is copy for copy in self.tied_copies)
+        ]
         self.count_reduction = self._expert_count_reduction(mesh)
         self.nonfinite = NonFiniteCheck(
-            training.check_for_nan_in_loss_and_grad, training.skip_nonfinite_iterations, log,
-            advice_on_stop=lambda: (f"Checkpoints in {save_dir} hold earlier, finite states "
-                                    f"(resume with --load {save_dir}). " if save_dir else ""))
+            training.check_for_nan_in_loss_and_grad,
+            training.skip_nonfinite_iterations,
+            log,
+            advice_on_stop=lambda: (
+                f"Checkpoints in {save_dir} hold earlier, finite states "
+                f"(resume with --load {save_dir}). "
+                if save_dir
+                else ""
+            ),
+        )
 
     def _build_parts(self, config, dims, mesh, kernels, seed, log):
         """(parts, their global stage indices, their StageSpecs) of this rank, unparallelized."""
         if dims.pp == 1:
             return [HybridModel(config, seed=seed, kernels=kernels).to(self.device)], [0], []
-        stage_indices, specs = rank_stage_specs(config, dims.pp, mesh["pp"].get_local_rank(),
-                                                warn=log)
-        parts = [HybridModel(config, seed=seed, kernels=kernels, stage=spec).to(self.device)
-                 for spec in specs]
+        stage_indices, specs = rank_stage_specs(
+            config, dims.pp, mesh["pp"].get_local_rank(), warn=log
+        )
+        parts = [
+            HybridModel(config, seed=seed, kernels=kernels, stage=spec).to(self.device)
+            for spec in specs
+        ]
         return parts, stage_indices, specs
 
     def _build_pipeline(self, config, mesh, parallel, stage_indices, specs, log) -> None:
         num_stages = len(stage_blocks(config.pattern, self.dims.pp))
         schedule_name = parallel.pipeline_schedule or default_schedule(len(self.parts))
-        self.pipeline = Pipeline(self.parts, stage_indices, num_stages, mesh["pp"],
-                                 schedule_name, self.num_micro_batches, self.device)
+        self.pipeline = Pipeline(
+            self.parts,
+            stage_indices,
+            num_stages,
+            mesh["pp"],
+            schedule_name,
+            self.num_micro_batches,
+            self.device,
+        )
         if config.tie_word_embeddings:
             self.tied_sync = TiedEmbeddingSync(mesh, self.parts)
-        log(f"pipeline: {num_stages} stages over {self.dims.pp} ranks ({schedule_name}); this "
-            f"rank holds stages {stage_indices} = blocks {[list(s.blocks) for s in specs]}")
+        log(
+            f"pipeline: {num_stages} stages over {self.dims.pp} ranks ({schedule_name}); this "
+            f"rank holds stages {stage_indices} = blocks {[list(s.blocks) for s in specs]}"
+        )
 
     def _expert_count_reduction(self, mesh):
         """Expert-bias updates use token counts summed over the data-parallel ranks (each routes
@@ -292,8 +381,12 @@ class Trainer:
         set_learning_rate(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = self.forward_backward(micro_batches)
-        grad_norm = clip_grad_norm(self.counted, self.max_grad_norm, copies=self.tied_copies,
-                                   pipeline_group=self.pipeline.group if self.pipeline else None)
+        grad_norm = clip_grad_norm(
+            self.counted,
+            self.max_grad_norm,
+            copies=self.tied_copies,
+            pipeline_group=self.pipeline.group if self.pipeline else None,
+        )
         if self.nonfinite.update_allowed(iteration, loss_sum, grad_norm):
             self.optimizer.step()
             for part in self.parts:
@@ -339,8 +432,11 @@ class Trainer:
         pipeline = self.pipeline
         multiple = self.num_micro_batches if pipeline else 1
         reads = self.share.evaluation_reads(
-            source.num_samples, iters * self.num_micro_batches * self.micro_batch_size,
-            self.micro_batch_size * multiple, whole_reads=multiple > 1)
+            source.num_samples,
+            iters * self.num_micro_batches * self.micro_batch_size,
+            self.micro_batch_size * multiple,
+            whole_reads=multiple > 1,
+        )
         loss_weight = 1.0 if not pipeline else (self.dims.pp if pipeline.has_last else 0.0)
         for part in self.parts:
             part.eval()
@@ -348,8 +444,11 @@ class Trainer:
         for first, count in reads:
             batch = source.batch(first, count).to(self.device)
             with self.autocast():
-                loss = (pipeline.eval_step(batch[:, :-1], batch[:, 1:]) if pipeline
-                        else self.parts[0](batch[:, :-1], batch[:, 1:]))
+                loss = (
+                    pipeline.eval_step(batch[:, :-1], batch[:, 1:])
+                    if pipeline
+                    else self.parts[0](batch[:, :-1], batch[:, 1:])
+                )
             value = 0.0 if loss is None else float(loss) * loss_weight
             total += torch.tensor([value * count, count], dtype=torch.float64)
         for part in self.parts:
@@ -362,23 +461,36 @@ def _bf16_autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
-def train(trainer: Trainer, data: TrainingData, progress: TrainProgress, settings: Settings,
-          reporter: ProgressReporter) -> TrainingResult:
+def train(
+    trainer: Trainer,
+    data: TrainingData,
+    progress: TrainProgress,
+    settings: Settings,
+    reporter: ProgressReporter,
+) -> TrainingResult:
     """The loop, from the iteration after `progress` to the last (or an --exit-interval): read
     the global batch's share, step, log every log interval, save, evaluate."""
     training, logging = settings.training, settings.logging
     result = TrainingResult(model=trainer.parts[0], parts=trainer.parts)
     saver = None
     if settings.checkpoint.save:
-        saver = CheckpointSaver(settings.checkpoint.save, keep_last=settings.checkpoint.keep_last,
-                                async_save=settings.checkpoint.async_save, log=reporter.message)
+        saver = CheckpointSaver(
+            settings.checkpoint.save,
+            keep_last=settings.checkpoint.keep_last,
+            async_save=settings.checkpoint.async_save,
+            log=reporter.message,
+        )
     window = LogWindow(reporter, training.global_batch_size * training.seq_length)
     trainer.parts[0].train()
     for iteration in range(progress.iteration + 1, training.train_iters + 1):
-        micro_batches = [data.train.batch(first, count) for first, count in
-                         trainer.share.training_reads(progress.consumed_train_samples,
-                                                      trainer.num_micro_batches,
-                                                      training.micro_batch_size)]
+        micro_batches = [
+            data.train.batch(first, count)
+            for first, count in trainer.share.training_reads(
+                progress.consumed_train_samples,
+                trainer.num_micro_batches,
+                training.micro_batch_size,
+            )
+        ]
         try:
             step = trainer.train_step(iteration, micro_batches)
         except TrainingDivergedError:
@@ -392,13 +504,22 @@ def train(trainer: Trainer, data: TrainingData, progress: TrainProgress, setting
         exiting = bool(training.exit_interval) and iteration % training.exit_interval == 0
         if saver is not None:
             saver.poll()
-            if (settings.checkpoint.save_interval
-                    and iteration % settings.checkpoint.save_interval == 0) or exiting or last:
+            if (
+                (
+                    settings.checkpoint.save_interval
+                    and iteration % settings.checkpoint.save_interval == 0
+                )
+                or exiting
+                or last
+            ):
                 saver.save(iteration, trainer.parts, trainer.optimizer, progress, trainer.config)
         if iteration % logging.log_interval == 0 or last:
             window.log(iteration, step, trainer, result)
-        if data.valid is not None and logging.eval_iters and (
-                iteration % logging.eval_interval == 0 or last):
+        if (
+            data.valid is not None
+            and logging.eval_iters
+            and (iteration % logging.eval_interval == 0 or last)
+        ):
             result.val_losses[iteration] = trainer.evaluate(data.valid, logging.eval_iters)
             reporter.log_eval(iteration, result.val_losses[iteration])
             window.restart_clock()  # evaluation time is not training throughput
@@ -426,8 +547,9 @@ class LogWindow:
     def restart_clock(self) -> None:
         self.start = self.reporter.elapsed()
 
-    def log(self, iteration: int, step: StepResult, trainer: Trainer,
-            result: TrainingResult) -> None:
+    def log(
+        self, iteration: int, step: StepResult, trainer: Trainer, result: TrainingResult
+    ) -> None:
         """One line and metrics.jsonl record for `iteration`; the window's losses (averaged
         over all ranks, one collective) go to `result.losses`."""
         result.losses.extend(all_reduce_mean(torch.stack(self.pending).double().cpu()).tolist())
@@ -442,26 +564,41 @@ class LogWindow:
             extra["skipped_iterations"] = trainer.nonfinite.skipped
         if trainer.device.type == "cuda":
             extra["peak_memory_gib"] = round(
-                torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)
-        self.reporter.log_iteration(iteration, result.losses[-1], step.lr, float(step.grad_norm),
-                                    result.tokens_per_sec, extra)
+                torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2
+            )
+        self.reporter.log_iteration(
+            iteration,
+            result.losses[-1],
+            step.lr,
+            float(step.grad_norm),
+            result.tokens_per_sec,
+            extra,
+        )
 
 
-def generate_sample(trainer: Trainer, tokenizer: Tokenizer, settings: Settings,
-                    reporter: ProgressReporter) -> str | None:
+def generate_sample(
+    trainer: Trainer, tokenizer: Tokenizer, settings: Settings, reporter: ProgressReporter
+) -> str | None:
     """A sample of `generate_tokens` tokens after SAMPLE_PROMPT, printed; None (and a note)
     under pipeline parallelism."""
     if trainer.pipeline:
-        reporter.message("sample generation runs with pipeline size 1 only; skipped (save a "
-                         "checkpoint and generate from it in one process)")
+        reporter.message(
+            "sample generation runs with pipeline size 1 only; skipped (save a "
+            "checkpoint and generate from it in one process)"
+        )
         return None
     try:
         prompt_text, prompt = SAMPLE_PROMPT, tokenizer.encode(SAMPLE_PROMPT)
     except ValueError:  # a tokenizer of ids (NullTokenizer): start from end-of-document
         prompt_text, prompt = "", np.array([tokenizer.eod])
-    new = generate(trainer.parts[0], torch.from_numpy(np.asarray(prompt, dtype=np.int64)),
-                   settings.logging.generate_tokens, settings.training.seq_length,
-                   vocab_limit=tokenizer.vocab_size, seed=settings.training.seed)
+    new = generate(
+        trainer.parts[0],
+        torch.from_numpy(np.asarray(prompt, dtype=np.int64)),
+        settings.logging.generate_tokens,
+        settings.training.seq_length,
+        vocab_limit=tokenizer.vocab_size,
+        seed=settings.training.seed,
+    )
     sample = prompt_text + tokenizer.decode(new)
     reporter.message("sample:\n" + sample)
     return sample
