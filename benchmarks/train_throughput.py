@@ -171,6 +171,8 @@ def run_config(
         dtype="bf16-autocast" if device.type == "cuda" else "fp32",
         steps=args.steps,
         warmup=args.warmup,
+        clip_grad=args.clip_grad,
+        nan_check=args.check_for_nan_in_loss_and_grad,
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -228,7 +230,8 @@ def _training_settings(
     bench: BenchConfig, args: argparse.Namespace, device: torch.device
 ) -> TrainingSettings:
     """One micro-batch per step, bf16 autocast on CUDA, AdamW at a constant 1e-4 with weight
-    decay 0.1; clipping and the non-finite check as the training script's defaults."""
+    decay 0.1; clipping and the non-finite check as the flags say (the training script's
+    defaults unless turned off, to show what they cost)."""
     return TrainingSettings(
         seq_length=bench.seq_length,
         micro_batch_size=bench.micro_batch,
@@ -239,6 +242,8 @@ def _training_settings(
         lr_decay_style="constant",
         bf16=device.type == "cuda",
         seed=1234,
+        clip_grad=args.clip_grad,
+        check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
     )
 
 
@@ -350,6 +355,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="accelerator peak for MFU (default on CUDA: "
         f"{H100_SXM_BF16_DENSE_TFLOPS}, H100 SXM bf16 dense)",
+    )
+    parser.add_argument(
+        "--clip-grad",
+        type=float,
+        default=1.0,
+        help="gradient clipping as the training script's flag (0 turns it off; default 1.0)",
+    )
+    parser.add_argument(
+        "--check-for-nan-in-loss-and-grad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the training script's per-step non-finite check (a host synchronization)",
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
