@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", default=None, metavar="FILE", help="also write results here")
     args = parser.parse_args(argv)
+    # A stopped check must still restore the file it edited: SIGTERM runs the finally blocks.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     names = {m.name for m in MUTATIONS}
     unknown = [name for name in args.only if name not in names]
     if unknown:
