@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.list:
         for m in selected:
-            print(f"{m.name:32s} {m.file}: {m.what}")
+            print(f"{m.name:40s} {m.file}: {m.what}")
         return 0
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--", *{m.file for m in selected}],
@@ -269,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(f"    {outcome} in {seconds:.0f} s ({summary})", flush=True)
-    print(f"\n{'mutation':32s} {'outcome':10s} seconds")
+    width = max(len(r["name"]) for r in results) if results else 8
+    print(f"\n{'mutation':{width}s} {'outcome':10s} seconds")
     for r in results:
-        print(f"{r['name']:32s} {r['outcome']:10s} {r['seconds']:7.0f}")
+        print(f"{r['name']:{width}s} {r['outcome']:10s} {r['seconds']:7.0f}")
     survivors = [r["name"] for r in results if r["outcome"] != "caught"]
     print(
         f"\n{len(results) - len(survivors)} of {len(results)} caught"
