@@ -9,10 +9,10 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 from test_checkpoint import TOKENS, save, trained_model
@@ -286,24 +286,7 @@ def test_keep_last_never_removes_the_last_finite_checkpoint(tmp_path):
 def test_non_finite_shard_on_one_rank_stops_the_save_on_every_rank(tmp_path):
     # FSDP2 over 2 ranks (gloo, CPU): NaN in rank 1's local shard only. Both ranks must raise
     # (a rank that went on into DCP's collectives would hang), and nothing is written.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            str(Path(__file__).resolve()),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=Path(__file__).parent,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch.torchrun(2, Path(__file__).resolve(), str(tmp_path), timeout=300)
     for rank in (0, 1):
         assert f"rank {rank} refused: " in proc.stdout, proc.stdout
     assert "rank 1: embedding.word_embeddings.weight" in proc.stdout, proc.stdout

@@ -4,11 +4,11 @@ process, and checkpoints move between the two layouts."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 from test_training import TINY
 
@@ -34,25 +34,7 @@ FLAGS = [
 
 
 def torchrun(nproc: int, *flags: str, log_dir: Path) -> list[float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            str(REPO / "scripts" / "pretrain_hybrid.py"),
-            *flags,
-            "--log-dir",
-            str(log_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch.torchrun(nproc, launch.TRAIN_SCRIPT, *flags, "--log-dir", str(log_dir))
     records = [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]
 
@@ -115,23 +97,8 @@ def test_checkpoints_move_between_one_process_and_data_parallel(tmp_path):
 
 
 def test_layout_that_does_not_fit_stops_with_a_message(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            str(REPO / "scripts" / "pretrain_hybrid.py"),
-            *FLAGS,
-            "--global-batch-size",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    proc = launch.torchrun(
+        2, launch.TRAIN_SCRIPT, *FLAGS, "--global-batch-size", "4", timeout=300, check=False
     )
     assert proc.returncode != 0
     assert "must be a multiple of --micro-batch-size x data-parallel size = 4 x 2" in proc.stderr

@@ -9,11 +9,10 @@ Run as a script under torchrun, this file is the worker of the gradient tests (`
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 from conftest import small_config
@@ -51,27 +50,10 @@ TP_PATTERN = ["--hybrid-layer-pattern", "[*E]-E"]
 SWIGLU_TP = [*FLAGS, *TP_PATTERN, "--swiglu"]
 
 
-def launch(nproc: int, script: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            str(script),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-
-
 def torchrun_metrics(nproc: int, *flags: str, log_dir: Path) -> list[dict]:
-    proc = launch(nproc, REPO / "scripts" / "pretrain_hybrid.py", *flags, "--log-dir", str(log_dir))
+    proc = launch.torchrun(
+        nproc, launch.TRAIN_SCRIPT, *flags, "--log-dir", str(log_dir), check=False
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return read_metrics(log_dir)
 
@@ -128,7 +110,7 @@ def test_expert_parallel_training_matches_one_process(tmp_path, single_process):
 )
 def test_expert_parallel_gradients_and_logits_match_one_process(layout):
     nproc, *args = layout
-    proc = launch(int(nproc), Path(__file__), *args)
+    proc = launch.torchrun(int(nproc), Path(__file__), *args, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "gradients match" in proc.stdout
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 
@@ -44,25 +44,7 @@ SP = ["--sequence-parallel"]
 def torchrun(
     nproc: int, *args: str, script=REPO / "scripts" / "pretrain_hybrid.py", check: bool = True
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            str(script),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return launch.torchrun(nproc, script, *args, check=check)
 
 
 def train_torchrun(nproc: int, *flags: str, log_dir: Path) -> list[float]:

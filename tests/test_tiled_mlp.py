@@ -15,11 +15,9 @@ so they agree within twice that, atol 2^-6 of the largest entry (rtol: 2 bf16 ul
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 from conftest import small_config
@@ -239,23 +237,7 @@ def test_tiled_mlp_under_ddp_and_fsdp2_matches_the_plain_mlp():
     # the averaged gradients must equal the plain MLP's on the whole batch in one process. (A
     # tiled MLP that accumulates each shard's gradient into the parameters passes DDP's checks
     # but has it all-reduce an incomplete gradient: tried, off by ~1 at these sizes.)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            str(Path(__file__).resolve()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO / "tests",
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch.torchrun(2, Path(__file__).resolve(), timeout=300)
     assert proc.stdout.count("ddp: gradients match") == 4  # 2 ranks x 2 activations
     assert proc.stdout.count("fsdp2: gradients match") == 4
 
