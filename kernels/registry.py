@@ -47,7 +47,12 @@ OPS: dict[str, str] = {
     "activation.squared_relu": "squared_relu(h) -> relu(h)^2",
     "activation.swiglu": "swiglu(h) -> silu(h[..., :F]) * h[..., F:]",
     "causal_conv1d": "causal_conv1d(x_BLC, weight, bias, activation) -> y_BLC",
-    "ssd": "ssd(x, dt, A, B, C, chunk_size, D=, dt_bias=, dt_softplus=, dt_limit=) -> y",
+    "ssd": "ssd(x, dt, A, B, C, chunk_size, D=, dt_bias=, dt_softplus=, dt_limit=, "
+    "initial_states=, return_final_states=) -> y (, final_states)",
+    "causal_conv1d_step": "causal_conv1d_step(x_BC, state_BCW, weight, bias, activation) -> y_BC; "
+    "the window of previous inputs `state` advanced in place (decoding)",
+    "ssd_step": "ssd_step(state, x, dt, A, B, C, D=, dt_bias=, dt_softplus=, dt_limit=) -> y; "
+    "the SSM state advanced by one token in place (decoding)",
     "moe.experts": "experts(x_sorted_TH, tokens_per_expert_E, fc1_EFH, fc2_EHF, activation) -> "
     "y_sorted_TH: each expert's fc2(act(fc1 x)) on its rows of the expert-sorted tokens",
     "mlp": "mlp(x, linear_fc1, linear_fc2, act) -> linear_fc2(act(linear_fc1(x)))",
@@ -371,6 +376,8 @@ _EAGER = {
     "activation.swiglu": "activations.eager:swiglu",
     "causal_conv1d": "conv1d.eager:causal_conv1d",
     "ssd": "ssd.eager:ssd_chunked_scan",
+    "causal_conv1d_step": "conv1d_step.eager:causal_conv1d_step",
+    "ssd_step": "ssd_step.eager:ssd_step",
     "moe.experts": "moe_experts.eager:experts",
     "mlp": "mlp.eager:mlp",
     "rotary": "rotary.eager:rotary",
@@ -385,6 +392,8 @@ _TRITON = {
     "activation.swiglu": "activations.triton:swiglu",
     "causal_conv1d": "conv1d.triton:causal_conv1d",
     "ssd": "ssd.triton:ssd_chunked_scan",
+    "causal_conv1d_step": "conv1d_step.triton:causal_conv1d_step",
+    "ssd_step": "ssd_step.triton:ssd_step",
     "rotary": "rotary.triton:rotary",
     "linear_cross_entropy": "linear_cross_entropy.triton:linear_cross_entropy",
 }

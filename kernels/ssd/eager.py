@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-_NO_DT_LIMIT = (0.0, math.inf)
+NO_DT_LIMIT = (0.0, math.inf)
 
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
@@ -38,6 +38,26 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     sums = torch.cumsum(x_TT, dim=-2)
     lower = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(0)
     return sums.masked_fill(~lower, -math.inf)
+
+
+def process_dt(
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The step sizes the scan uses: `dt + dt_bias`, then `softplus` if `dt_softplus`, then
+    clamped to `dt_limit` unless that is (0, inf), in `compute_dtype`. (The decoding step,
+    kernels/ssd_step/eager.py, and a prefill that masks padded steps apply the same.)"""
+    dt = dt.to(compute_dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(compute_dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != NO_DT_LIMIT:
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
 
 
 def _check_args(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, initial_states) -> None:
@@ -88,7 +108,7 @@ def ssd_chunked_scan(
     D: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = _NO_DT_LIMIT,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
     initial_states: torch.Tensor | None = None,
     return_final_states: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -127,13 +147,7 @@ def ssd_chunked_scan(
     for t in (x, dt, A, B, C):
         compute_dtype = torch.promote_types(compute_dtype, t.dtype)
 
-    dt = dt.to(compute_dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(compute_dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if tuple(dt_limit) != _NO_DT_LIMIT:
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, compute_dtype)
 
     # Padded steps get dt = 0 (decay 1, no input) and x = B = C = 0, so they neither change the
     # final state nor the real outputs; their outputs are sliced off.
