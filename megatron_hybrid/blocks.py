@@ -93,14 +93,39 @@ class HybridBlock(nn.Module):
         return sides
 
     def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        return self.residual(x_BTH, self.sequence_mixer if self.sequence_symbol else None)
+
+    def residual(self, x_BTH: torch.Tensor, sequence_mixer) -> torch.Tensor:
+        """The block's residual stream with `sequence_mixer` (a callable on the normed input) in
+        the sequence side: the mixer's forward, its prefill or its decoding step."""
         if self.channel_symbol is None:
-            return x_BTH + self.sequence_mixer(self.sequence_norm(x_BTH))
+            return x_BTH + sequence_mixer(self.sequence_norm(x_BTH))
         if self.sequence_symbol is None:
             normed_BTH = self.channel_norm(x_BTH)
         else:
-            mixed_BTH = self.sequence_mixer(self.sequence_norm(x_BTH))
+            mixed_BTH = sequence_mixer(self.sequence_norm(x_BTH))
             normed_BTH, x_BTH = self.channel_norm.add_and_norm(mixed_BTH, x_BTH)
         return x_BTH + self.channel_mixer(normed_BTH)
+
+    # -- decoding (megatron_hybrid/layers/decoding.py) ------------------------------------------
+    def prefill(self, x_BTH: torch.Tensor, lengths_B: torch.Tensor, capacity: int):
+        """(forward over right-padded prompts, the sequence mixer's state or None)."""
+        if self.sequence_symbol is None:
+            return self(x_BTH), None
+        states = []
+
+        def prefill_mixer(normed_BTH):
+            y, state = self.sequence_mixer.prefill(normed_BTH, lengths_B, capacity)
+            states.append(state)
+            return y
+
+        return self.residual(x_BTH, prefill_mixer), states[0]
+
+    def step(self, x_B1H: torch.Tensor, state) -> torch.Tensor:
+        """One new position per row; the sequence mixer's `state` advances in place."""
+        if self.sequence_symbol is None:
+            return self(x_B1H)
+        return self.residual(x_B1H, lambda normed: self.sequence_mixer.step(normed, state))
 
     def extra_repr(self) -> str:
         return f"block={self.block!r}"

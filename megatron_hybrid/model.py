@@ -147,6 +147,39 @@ class HybridModel(nn.Module):
             return self.kernels.linear_cross_entropy(hidden, self.output_weight(), labels_BT)
         return F.linear(hidden, self.output_weight())
 
+    # -- decoding with state (megatron_hybrid/generation.py drives it) ----------------------------
+    def prefill(
+        self, input_BT: torch.Tensor, lengths_B: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, dict[str, object]]:
+        """One pass over right-padded prompts (row b's tokens are input_BT[b, :lengths_B[b]]):
+        the logits (B, vocab) at each row's last real token, and every block's decoding state
+        by block name (None for blocks without a sequence mixer). `capacity` is the most tokens
+        a row will reach. The whole model only: decoding runs in one process."""
+        self._require_whole_model("prefill")
+        x = self.embedding(input_BT)
+        states = {}
+        for name, block in self.decoder.layers.items():
+            x, states[name] = block.prefill(x, lengths_B, capacity)
+        rows = torch.arange(x.shape[0], device=x.device)
+        last = self.decoder.final_norm(x[rows, lengths_B - 1])
+        return F.linear(last, self.output_weight()), states
+
+    def decode_step(self, input_B: torch.Tensor, states: dict[str, object]) -> torch.Tensor:
+        """The logits (B, vocab) after one new token per row; `states` (from `prefill`)
+        advance in place."""
+        x = self.embedding(input_B.unsqueeze(1))
+        for name, block in self.decoder.layers.items():
+            x = block.step(x, states[name])
+        return F.linear(self.decoder.final_norm(x[:, 0]), self.output_weight())
+
+    def _require_whole_model(self, what: str) -> None:
+        if not (self.stage.first and self.stage.last):
+            raise ValueError(
+                f"{what} needs the whole model in one process; this is a pipeline stage holding "
+                f"blocks {self.stage.blocks} (load the checkpoint into a model built without "
+                "a stage)"
+            )
+
     # -- MoE bookkeeping the training loop drives -----------------------------------------------
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]

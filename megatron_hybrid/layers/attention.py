@@ -1,4 +1,5 @@
-"""Causal self-attention with grouped-query attention and optional rotary embedding.
+"""Causal self-attention with grouped-query attention and optional rotary embedding; decodes with
+a KV cache (`prefill` / `step`, megatron_hybrid/layers/decoding.py).
 
 `linear_qkv` packs q, k and v in Megatron's grouped layout: for each query group its
 `heads_per_group` query heads, then its key head, then its value head,
@@ -9,6 +10,7 @@ on a tensor-parallel rank's groups; `num_heads` and `num_groups` are the sizes i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,10 +18,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
-from megatron_hybrid.layers.rotary import rotary_cos_sin
+from megatron_hybrid.layers.rotary import rotary_cos_sin_at
 
 if TYPE_CHECKING:
     from megatron_hybrid.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every cached position, per row.
+
+    keys, values: (batch, groups, capacity, head_dim), rotary already applied to the keys;
+    row b's positions 0 .. lengths[b] - 1 are real (a prefill's right padding sits beyond them
+    until decoding overwrites it). `filled` (a host int) is how many positions any row has
+    written, so a step attends over `[:filled]` without reading lengths back from the device.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor
+    filled: int
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
 
 
 class SelfAttention(nn.Module):
@@ -47,21 +69,76 @@ class SelfAttention(nn.Module):
         v = v.squeeze(3).transpose(1, 2)
         return q, k, v
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x_BTD.shape
+    def project(self, x_BTD: torch.Tensor, positions: torch.Tensor, per_row: bool = False):
+        """q (B, heads, T, d) and k, v (B, groups, T, d) of `x_BTD`, rotary applied at
+        `positions`: (T,) shared by the rows, or with `per_row` (B,), one per row of a single
+        position (a decoding step)."""
         q, k, v = self.split_qkv(self.linear_qkv(x_BTD))
         if self.use_rope:
-            cos, sin = rotary_cos_sin(
-                seq,
+            cos, sin = rotary_cos_sin_at(
+                positions,
                 self.head_dim,
                 self.rotary_base,
-                x_BTD.device,
                 torch.promote_types(q.dtype, torch.float32),
             )
-            q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
+            if per_row:  # rows as time: row b's position is row b of the tables
+                q, k = q.transpose(0, 2), k.transpose(0, 2)
+                q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
+                q, k = q.transpose(0, 2), k.transpose(0, 2)
+            else:
+                q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
+        return q, k, v
+
+    def output(self, out_BhTd: torch.Tensor) -> torch.Tensor:
+        batch, _, seq, _ = out_BhTd.shape
+        return self.linear_proj(out_BhTd.transpose(1, 2).reshape(batch, seq, -1))
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x_BTD, torch.arange(x_BTD.shape[1], device=x_BTD.device))
         # Query head h attends with key/value group h // heads_per_group (enable_gqa semantics).
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.heads_per_group != 1
         )
-        out = out.transpose(1, 2).reshape(batch, seq, -1)
-        return self.linear_proj(out)
+        return self.output(out)
+
+    # -- decoding (megatron_hybrid/layers/decoding.py) ------------------------------------------
+    def prefill(
+        self, x_BTD: torch.Tensor, lengths_B: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, KVCache]:
+        """The forward over right-padded prompts, and their keys and values cached in buffers of
+        `capacity` positions. (Causal attention keeps the real positions off the padding.)"""
+        batch, seq, _ = x_BTD.shape
+        if capacity < seq:
+            raise ValueError(f"KV cache capacity {capacity} is below the prompt length {seq}")
+        q, k, v = self.project(x_BTD, torch.arange(seq, device=x_BTD.device))
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.heads_per_group != 1
+        )
+        keys = k.new_zeros(*k.shape[:2], capacity, k.shape[3])
+        values = v.new_zeros(*v.shape[:2], capacity, v.shape[3])
+        keys[:, :, :seq], values[:, :, :seq] = k, v
+        return self.output(out), KVCache(keys, values, lengths_B.clone(), filled=seq)
+
+    def step(self, x_B1D: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Attend from one new position per row (row b's at cache.lengths[b]) over its cached
+        positions and itself; its key and value join the cache."""
+        if cache.filled >= cache.capacity:
+            raise ValueError(
+                f"KV cache full: all {cache.capacity} positions are used; prefill with a larger "
+                "capacity (prompt length + new tokens)"
+            )
+        q, k, v = self.project(x_B1D, cache.lengths, per_row=True)
+        rows = torch.arange(x_B1D.shape[0], device=x_B1D.device)
+        cache.keys[rows, :, cache.lengths] = k[:, :, 0]
+        cache.values[rows, :, cache.lengths] = v[:, :, 0]
+        cache.lengths += 1
+        cache.filled += 1
+        visible = torch.arange(cache.filled, device=x_B1D.device) < cache.lengths.unsqueeze(1)
+        out = F.scaled_dot_product_attention(
+            q,
+            cache.keys[:, :, : cache.filled],
+            cache.values[:, :, : cache.filled],
+            attn_mask=visible[:, None, None, :],
+            enable_gqa=self.heads_per_group != 1,
+        )
+        return self.output(out)
