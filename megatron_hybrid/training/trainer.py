@@ -37,7 +37,7 @@ from megatron_hybrid.data.sampler import StreamSampler
 from megatron_hybrid.data.sharding import DataParallelShare
 from megatron_hybrid.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
 from megatron_hybrid.flops import parameter_count
-from megatron_hybrid.generation import generate
+from megatron_hybrid.generation import Sampling, generate
 from megatron_hybrid.kernels.cli import kernels_from_settings
 from megatron_hybrid.kernels.registry import BoundKernels
 from megatron_hybrid.model import HybridModel
@@ -56,6 +56,7 @@ from megatron_hybrid.parallel.pipeline import (
     rank_stage_specs,
     stage_blocks,
 )
+from megatron_hybrid.parallel.whole_model import whole_model
 from megatron_hybrid.training.arguments import (
     check_training_args,
     resolve_global_batch_size,
@@ -71,6 +72,7 @@ from megatron_hybrid.training.progress import ProgressReporter
 from megatron_hybrid.training.settings import CheckpointSettings, Settings, TrainingSettings
 
 SAMPLE_PROMPT = "The "
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 40
 
 
 @dataclass
@@ -584,20 +586,22 @@ def generate_sample(
     if trainer.pipeline:
         reporter.message(
             "sample generation runs with pipeline size 1 only; skipped (save a "
-            "checkpoint and generate from it in one process)"
+            "checkpoint and sample from it with megatron-hybrid-generate)"
         )
         return None
     try:
         prompt_text, prompt = SAMPLE_PROMPT, tokenizer.encode(SAMPLE_PROMPT)
     except ValueError:  # a tokenizer of ids (NullTokenizer): start from end-of-document
         prompt_text, prompt = "", np.array([tokenizer.eod])
-    new = generate(
-        trainer.parts[0],
-        torch.from_numpy(np.asarray(prompt, dtype=np.int64)),
+    # The same path as megatron-hybrid-generate: a plain whole model (gathered from the
+    # parallel part on every rank), decoded with state.
+    sampling = Sampling(SAMPLE_TEMPERATURE, SAMPLE_TOP_K, seed=settings.training.seed)
+    (new,) = generate(
+        whole_model(trainer.parts[0]),
+        [torch.from_numpy(np.asarray(prompt, dtype=np.int64))],
         settings.logging.generate_tokens,
-        settings.training.seq_length,
+        sampling,
         vocab_limit=tokenizer.vocab_size,
-        seed=settings.training.seed,
     )
     sample = prompt_text + tokenizer.decode(new)
     reporter.message("sample:\n" + sample)
