@@ -57,6 +57,7 @@ setup(
             "megatron-hybrid-train=megatron_hybrid.training.cli:main",
             "megatron-hybrid-preprocess=megatron_hybrid.data.preprocess:main",
             "megatron-hybrid-convert=megatron_hybrid.checkpointing.convert:main",
+            "megatron-hybrid-generate=megatron_hybrid.training.generate:main",
         ]
     },
 )

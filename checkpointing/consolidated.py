@@ -14,7 +14,7 @@ import torch
 
 from megatron_hybrid.checkpointing import files
 from megatron_hybrid.checkpointing.errors import CheckpointCorruptError, CheckpointError
-from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_dcp_state
+from megatron_hybrid.checkpointing.manager import Attachment, CheckpointSaver, load_dcp_state
 from megatron_hybrid.config import ModelConfig
 
 SAFETENSORS_FORMAT = "megatron-hybrid/canonical-safetensors"
@@ -29,7 +29,7 @@ def read_model_state(
     directory = files.resolve_checkpoint_dir(path, iteration)
     meta = files.read_checkpoint_metadata(directory)
     files.verify_manifest(directory, meta["files"], checksums=verify_checksums)
-    config = _model_config(directory, meta)
+    config = model_config_of(directory, meta)
     template = {}
     for key, info in files.read_tensor_index(directory).state_dict_metadata.items():
         if key.startswith("model.") and hasattr(info, "size"):
@@ -40,7 +40,9 @@ def read_model_state(
     return template, config, meta
 
 
-def _model_config(directory: Path, meta: dict) -> ModelConfig:
+def model_config_of(directory: Path, meta: dict) -> ModelConfig:
+    """The ModelConfig a checkpoint's checkpoint.json (`meta`) records; CheckpointCorruptError
+    when it is not one this version builds."""
     try:
         return ModelConfig(**meta["model_config"])
     except (TypeError, ValueError) as error:  # unknown fields, or values that do not fit
@@ -56,8 +58,10 @@ def write_model_checkpoint(
     config: ModelConfig,
     iteration: int = 0,
     log=print,
+    attachment: Attachment | None = None,
 ) -> Path:
-    """A model-only checkpoint (loads with --load, or --finetune) from canonical tensors.
+    """A model-only checkpoint (loads with --load, or --finetune) from canonical tensors, with
+    `attachment` (e.g. the tokenizer, `tokenizer_attachment`) if given.
 
     The tensors are loaded into a HybridModel of `config` first, so a state that does not fit
     the config fails here with the model's own key and shape check."""
@@ -74,7 +78,9 @@ def write_model_checkpoint(
         ModelState(model, config.pattern).load_state_dict(state)
     except (RuntimeError, KeyError) as error:
         raise CheckpointError(f"the tensors do not fit the model config: {error}") from error
-    CheckpointSaver(save_dir, log=log).save(iteration, model, None, None, config)
+    CheckpointSaver(save_dir, log=log, attachment=attachment).save(
+        iteration, model, None, None, config
+    )
     return Path(save_dir) / files.iteration_dir_name(iteration)
 
 

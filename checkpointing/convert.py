@@ -4,7 +4,7 @@
     megatron-hybrid-convert to-safetensors CKPT OUT.safetensors [--dtype bf16]
     megatron-hybrid-convert from-safetensors IN.safetensors SAVE_DIR
     megatron-hybrid-convert to-hf CKPT OUT_DIR [--dtype bf16]
-    megatron-hybrid-convert from-hf HF_DIR SAVE_DIR
+    megatron-hybrid-convert from-hf HF_DIR SAVE_DIR      (keeps HF_DIR's tokenizer.json, if any)
 
 CKPT is a save directory (its latest checkpoint; --iteration picks another) or an iter_* dir.
 Checkpoints record their model config, so no model flags are needed. to-safetensors and to-hf
@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from megatron_hybrid.checkpointing import consolidated, files
+from megatron_hybrid.checkpointing.manager import tokenizer_attachment
+from megatron_hybrid.data.tokenizer import TokenizerSettings
 
 
 def inspect_checkpoint(path, iteration=None, out=None) -> None:
@@ -138,13 +141,19 @@ def run(args: argparse.Namespace) -> None:
             save_hf_checkpoint(args.output, state, config, dtype=dtype)
         print(f"wrote {args.output} from iteration {meta['iteration']} ({len(state)} tensors)")
         return
+    attachment = None
     if args.command == "from-safetensors":
         state, config = consolidated.load_safetensors(args.input)
     else:
         from megatron_hybrid.checkpointing.hf_nemotron_h import load_hf_checkpoint
 
         state, config = load_hf_checkpoint(args.input)
-    consolidated.write_model_checkpoint(args.save_dir, state, config, args.iteration)
+        if (Path(args.input) / "tokenizer.json").is_file():  # the model's tokenizer, kept
+            settings = TokenizerSettings("HuggingFaceTokenizer", tokenizer_model=args.input)
+            attachment = tokenizer_attachment(settings)
+    consolidated.write_model_checkpoint(
+        args.save_dir, state, config, args.iteration, attachment=attachment
+    )
 
 
 def _numel(size) -> int:

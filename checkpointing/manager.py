@@ -13,8 +13,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ from megatron_hybrid.checkpointing.finite import check_finite
 from megatron_hybrid.checkpointing.parts import ModelPartsState, OptimizerPartsState, as_parts
 from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.data.tokenizer import TokenizerSettings, tokenizer_record
 from megatron_hybrid.parallel.distributed import all_ranks_agree
 
 # A single-process run is a supported layout, not something to warn about at every save.
@@ -55,6 +59,24 @@ def checkpoint_state(model, optimizer, progress: TrainProgress | None, config: M
     return state
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """What every checkpoint of a saver carries beside the tensors: `metadata` fields added to
+    checkpoint.json, and `files` ({name in the checkpoint directory: source file}) copied in
+    before the manifest is written, so their sizes and CRC32s are checked like the shards'.
+    (The training run attaches its tokenizer: megatron_hybrid/data/tokenizer.py.)"""
+
+    metadata: Mapping[str, object] = field(default_factory=dict)
+    files: Mapping[str, Path] = field(default_factory=dict)
+
+
+def tokenizer_attachment(settings: TokenizerSettings) -> Attachment:
+    """The tokenizer a checkpoint records (megatron-hybrid-generate reads it back), its files
+    copied in."""
+    record, copies = tokenizer_record(settings)
+    return Attachment({"tokenizer": record}, {name: Path(p) for name, p in copies.items()})
+
+
 class CheckpointSaver:
     """Writes `iter_*` checkpoints under `save_dir`, at most one save in flight, never from
     non-finite state (NonFiniteCheckpointError). Starting one puts `save_dir` back in order
@@ -67,6 +89,7 @@ class CheckpointSaver:
         keep_last: int | None = None,
         async_save: bool = False,
         log=print,
+        attachment: Attachment | None = None,
     ):
         if keep_last is not None and keep_last < 1:
             raise CheckpointError(f"keep_last must be at least 1, got {keep_last}")
@@ -74,6 +97,7 @@ class CheckpointSaver:
         self.keep_last = keep_last
         self.async_save = async_save
         self.log = log
+        self.attachment = attachment or Attachment()
         self._pending: tuple[Future, Path, int, dict] | None = None
         # Saves (async ones in a background thread) coordinate over their own gloo group, so
         # they never interleave with the training's collectives on the default group.
@@ -114,6 +138,7 @@ class CheckpointSaver:
             "pattern": config.hybrid_layer_pattern,
             "model_config": config.to_dict(),
             "torch_version": torch.__version__,
+            **self.attachment.metadata,
             **(extra_metadata or {}),
         }
         writer = dcp.FileSystemWriter(str(partial))
@@ -156,6 +181,8 @@ class CheckpointSaver:
         self._barrier()  # no rank goes on (to load, or save again) before `latest` moved
 
     def _publish(self, partial: Path, iteration: int, metadata: dict) -> None:
+        for name, source in self.attachment.files.items():
+            shutil.copyfile(source, partial / name)
         metadata["files"] = files.file_manifest(partial)
         metadata["saved_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
         files.write_text_atomically(

@@ -319,3 +319,58 @@ def _require_file_or_dir(path: str | None) -> str:
     if not os.path.exists(path):
         raise TokenizerFileNotFoundError(f"--tokenizer-model {path}: no such file or folder")
     return path
+
+
+# -- the tokenizer a checkpoint records ---------------------------------------------------------
+# Under which name each tokenizer file is copied into a checkpoint directory: the names the
+# tokenizers look for (HuggingFaceTokenizer finds tokenizer_config.json next to tokenizer.json).
+_RECORDED_FILES = {
+    "tokenizer_model": "tokenizer.json",
+    "vocab_file": "vocab.json",
+    "merge_file": "merges.txt",
+}
+_HF_CONFIG_FILE = "tokenizer_config.json"
+
+
+def tokenizer_record(settings: TokenizerSettings) -> tuple[dict, dict[str, str]]:
+    """What a checkpoint records of the tokenizer it was trained with: (the JSON record, the
+    files to copy into the checkpoint directory as {name there: source path}). The record holds
+    TokenizerSettings' fields with file paths relative to the checkpoint directory, so a
+    checkpoint moved elsewhere still finds them (`recorded_tokenizer_settings` reads it back)."""
+    record = {"tokenizer_type": settings.tokenizer_type, "vocab_size": settings.vocab_size}
+    copies = {}
+    for field_name in TOKENIZER_FLAGS[settings.tokenizer_type]:
+        if field_name not in _RECORDED_FILES:
+            continue
+        source = getattr(settings, field_name)
+        if field_name == "tokenizer_model" and os.path.isdir(source):
+            source = os.path.join(source, "tokenizer.json")
+        name = _RECORDED_FILES[field_name]
+        record[field_name], copies[name] = name, source
+        if field_name == "tokenizer_model":  # the EOD token may come from its config
+            config_file = os.path.join(os.path.dirname(source), _HF_CONFIG_FILE)
+            if os.path.isfile(config_file):
+                copies[_HF_CONFIG_FILE] = config_file
+    return record, copies
+
+
+def recorded_tokenizer_settings(record, directory: str | os.PathLike) -> TokenizerSettings:
+    """The TokenizerSettings of a checkpoint's tokenizer record (`tokenizer_record`), its files
+    in `directory`. Raises TokenizerError when the record is not one this version writes."""
+    fields = set(TokenizerSettings.__dataclass_fields__)
+    if (
+        not isinstance(record, dict)
+        or record.get("tokenizer_type") not in TOKENIZER_TYPES
+        or not set(record) <= fields
+    ):
+        raise TokenizerError(
+            f"{directory}: the checkpoint's tokenizer record {json.dumps(record)[:200]} is not "
+            f"one this version reads (a tokenizer_type of {', '.join(TOKENIZER_TYPES)} and the "
+            f"fields {', '.join(sorted(fields))}); name the tokenizer with --tokenizer-type and "
+            "its file flags"
+        )
+    settings = TokenizerSettings(**record)
+    for field_name in _RECORDED_FILES:
+        if getattr(settings, field_name) is not None:
+            setattr(settings, field_name, os.path.join(directory, getattr(settings, field_name)))
+    return settings

@@ -27,7 +27,11 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from megatron_hybrid.checkpointing.errors import CheckpointNotFoundError
-from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
+from megatron_hybrid.checkpointing.manager import (
+    CheckpointSaver,
+    load_checkpoint,
+    tokenizer_attachment,
+)
 from megatron_hybrid.checkpointing.parts import OptimizerParts
 from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.config import ModelConfig
@@ -481,6 +485,7 @@ def train(
             keep_last=settings.checkpoint.keep_last,
             async_save=settings.checkpoint.async_save,
             log=reporter.message,
+            attachment=tokenizer_attachment(settings.tokenizer),
         )
     window = LogWindow(reporter, training.global_batch_size * training.seq_length)
     trainer.parts[0].train()
