@@ -9,23 +9,28 @@ weights):
 - prefill_ms:        HybridModel.prefill over the prompts (one chunked pass, states returned);
 - step_ms:           median time of one HybridModel.decode_step (one token per row) over
                      --steps steps after the prefill: the cost of a new token with the state
-                     cache (step_min_ms: the fastest). A Mamba2 layer's step does not depend on
-                     n; attention's reads its KV cache, which grows with n;
-- generate_ms:       (time of generate() for --steps + 1 tokens - time for 1 token) / --steps:
-                     the same through megatron_hybrid.generation.generate (sampling included),
-                     measured as the HF row is;
+                     cache (step_min_ms: the fastest). The steps of all contexts are timed in
+                     --rounds interleaved rounds, so a busy stretch of a shared machine falls on
+                     every context alike. A Mamba2 layer's step does not depend on n; attention's
+                     reads its KV cache, which grows with n;
+- generate_ms:       with --generate (default on CUDA), (time of generate() for --steps + 1
+                     tokens - time for 1 token) / --steps: decoding through
+                     megatron_hybrid.generation.generate, sampling included, measured as the HF
+                     row is;
 - recompute_ms:      one forward over the n tokens, what generating a token costs without a
                      cache (the old generate()): grows at least linearly with n;
 - hf_generate_ms:    with --hf, HF's generate() (use_cache=True, greedy) timed as generate_ms,
-                     on our weights exported with save_hf_checkpoint (configs HF can express);
+                     on our weights exported with save_hf_checkpoint (configs HF can express;
+                     transformers 5.25 cannot generate from a model without attention layers,
+                     so gpu-mamba has no HF row);
 - tokens/s:          batch * 1000 / ms, for step, generate and hf_generate.
 
 CPU runs float32 with the eager kernels; CUDA runs --dtype (bf16 default) with --kernels auto
 (Triton SSD, decoding steps and the rest). The check the CPU run states: step_ms at the largest
 context within 2x of the smallest on the Mamba-only config, while recompute_ms grows.
 
-    python benchmarks/generation.py --config cpu-mamba --json results/cpu-generation.json
-    python benchmarks/generation.py --config gpu-mamba --config gpu-hybrid --hf --json out.json
+    python benchmarks/generation.py --threads 1 --json benchmarks/results/cpu-generation.json
+    python benchmarks/generation.py --hf --json out.json            # CUDA: gpu-mamba, gpu-hybrid
 """
 
 from __future__ import annotations
@@ -115,20 +120,31 @@ def random_prompts(batch: int, length: int, vocab: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def step_ms(model: HybridModel, prompts: torch.Tensor, steps: int, device) -> dict:
-    """prefill ms, and the median and fastest ms of one decode_step after it (on a shared CPU
-    the fastest is the least disturbed by other processes)."""
+def prefilled(model: HybridModel, prompts: torch.Tensor, room: int, device) -> tuple:
+    """(prefill ms, the next tokens, the decoding states with `room` positions to spare)."""
     lengths = torch.full((prompts.shape[0],), prompts.shape[1], device=device)
     synchronize(device)
     watch = Stopwatch()
-    logits, states = model.prefill(prompts, lengths, prompts.shape[1] + steps + 3)
+    logits, states = model.prefill(prompts, lengths, prompts.shape[1] + room)
     synchronize(device)
-    prefill = 1e3 * watch.elapsed_s()
-    token = logits.argmax(-1)
-    times = call_times_ms(
-        lambda: model.decode_step(token, states), warmup=3, repeat=steps, device=device
-    )
-    return dict(prefill_ms=prefill, step_ms=statistics.median(times), step_min_ms=min(times))
+    return 1e3 * watch.elapsed_s(), logits.argmax(-1), states
+
+
+@torch.no_grad()
+def interleaved_step_times(model, started: list[tuple], steps: int, rounds: int, device):
+    """Times (ms) of `steps` decode_steps per context, taken in `rounds` rounds that visit every
+    context in turn, so a slower stretch of a shared machine is spread over all of them."""
+    times = [[] for _ in started]
+    per_round = -(-steps // rounds)
+    for round_index in range(rounds):
+        for times_of, (token, states) in zip(times, started, strict=True):
+            times_of += call_times_ms(
+                lambda t=token, s=states: model.decode_step(t, s),
+                warmup=3 if round_index == 0 else 1,
+                repeat=per_round,
+                device=device,
+            )
+    return times
 
 
 def per_token_ms(run_generate, steps: int, device, repeat: int) -> float:
@@ -193,17 +209,26 @@ def run_config(bench: BenchConfig, args, device, dtype) -> dict:
             hf = hf_model_of(model, dtype, device)
         except Exception as error:  # a config HF cannot express: our rows still run
             hf_error = f"{type(error).__name__}: {error}"
-    rows = []
+    rows, started = [], []
+    room = args.steps + 4 * args.rounds  # timed steps and warm-ups
     for context in args.contexts:
         prompts = random_prompts(args.batch, context, config.vocab_size, device)
-        row = dict(context=context, batch=args.batch)
-        row.update(step_ms(model, prompts, args.steps, device))
-        row["generate_ms"] = per_token_ms(
-            lambda new, p=prompts: generate(model, list(p), new, GREEDY),
-            args.steps,
-            device,
-            args.repeat,
-        )
+        prefill_ms, token, states = prefilled(model, prompts, room, device)
+        rows.append(dict(context=context, batch=args.batch, prefill_ms=prefill_ms))
+        started.append((token, states))
+    step_times = interleaved_step_times(model, started, args.steps, args.rounds, device)
+    del started
+    for row, times in zip(rows, step_times, strict=True):
+        row["step_ms"], row["step_min_ms"] = statistics.median(times), min(times)
+    for row in rows:
+        prompts = random_prompts(args.batch, row["context"], config.vocab_size, device)
+        if args.generate:
+            row["generate_ms"] = per_token_ms(
+                lambda new, p=prompts: generate(model, list(p), new, GREEDY),
+                args.steps,
+                device,
+                args.repeat,
+            )
         if args.recompute:
             row["recompute_ms"] = recompute_ms(model, prompts, device, args.repeat)
         if hf is not None:
@@ -219,7 +244,6 @@ def run_config(bench: BenchConfig, args, device, dtype) -> dict:
         for key in ("step", "generate", "hf_generate"):
             if f"{key}_ms" in row:
                 row[f"{key}_tokens_per_s"] = args.batch * 1e3 / row[f"{key}_ms"]
-        rows.append(row)
         print(_row_line(bench.name, row), flush=True)
         del prompts
         gc.collect()
@@ -253,7 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
     parser.add_argument("--batch", type=int, default=1, help="prompts decoded together")
-    parser.add_argument("--steps", type=int, default=32, help="decoding steps timed")
+    parser.add_argument(
+        "--steps", type=int, default=64, help="decoding steps timed per context (default 64)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=8,
+        help="the step timings visit the contexts in this many rounds (default 8)",
+    )
+    parser.add_argument(
+        "--generate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time generate() end to end, as --hf times HF's (default: on CUDA only: on "
+        "CPU a long prompt's prefill takes seconds and swamps the decoding time)",
+    )
     parser.add_argument(
         "--recompute",
         action=argparse.BooleanOptionalAction,
@@ -277,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     args.kernels = args.kernels or ("auto" if on_cuda else "eager")
+    args.generate = on_cuda if args.generate is None else args.generate
     dtype_name = args.dtype or ("bf16" if on_cuda else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     names = args.config or [n for n, c in CONFIGS.items() if c.gpu == on_cuda]

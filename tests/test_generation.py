@@ -20,9 +20,9 @@ PROMPT_LENGTHS = (21, 3, 12)
 NEW_TOKENS = 64
 
 
-def random_model(**overrides) -> HybridModel:
+def random_model(kernels=None, **overrides) -> HybridModel:
     config = small_config(PATTERN, position_embedding_type="rope", vocab_size=96, **overrides)
-    return perturb_parameters(HybridModel(config, seed=7)).eval()
+    return perturb_parameters(HybridModel(config, seed=7, kernels=kernels)).eval()
 
 
 def random_prompts(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 0) -> list[torch.Tensor]:
@@ -50,6 +50,22 @@ def test_greedy_with_the_state_cache_equals_full_recomputation():
     for prompt, tokens in zip(prompts, cached, strict=True):
         torch.testing.assert_close(tokens, greedy_by_recomputation(model, prompt, NEW_TOKENS))
     assert len({tuple(t.tolist()) for t in cached}) == len(prompts)  # rows really differ
+
+
+@pytest.mark.gpu
+def test_greedy_on_cuda_with_triton_kernels_equals_eager_on_cpu():
+    # float32 both (the Triton kernels' float32 matmuls are IEEE, torch's matmuls do not use
+    # TF32 by default): logits agree to ~1e-6, so the argmax agrees but at a near-tie.
+    from megatron_hybrid.kernels.registry import resolve_kernels
+
+    kernels = resolve_kernels({}, "auto", "cuda")
+    assert kernels.impl("ssd_step") == "triton" and kernels.impl("causal_conv1d_step") == "triton"
+    model = random_model()
+    prompts = random_prompts(model.config.vocab_size)
+    on_gpu = random_model(kernels).cuda()
+    expected = generate(model, prompts, 32, GREEDY)
+    for ours, theirs in zip(generate(on_gpu, prompts, 32, GREEDY), expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
 
 
 def test_a_prompt_decodes_the_same_alone_and_in_a_batch():
