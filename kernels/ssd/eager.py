@@ -217,4 +217,6 @@ def ssd_chunked_scan(
     y_BLHP = y_BLHP.to(x.dtype)
     if not return_final_states:
         return y_BLHP
-    return y_BLHP, final_bgrpn.reshape(batch, nheads, headdim, dstate)
+    # A copy, not a view of the boundary states: a decoding state stays compact and does not
+    # keep every chunk's boundary alive.
+    return y_BLHP, final_bgrpn.reshape(batch, nheads, headdim, dstate).contiguous()
