@@ -108,12 +108,14 @@ class TopKRouter(nn.Module):
         return (aggregated * counts_E.to(aggregated.dtype)).sum() * scale
 
     @torch.no_grad()
-    def update_expert_bias(self) -> None:
+    def update_expert_bias(self, keep: torch.Tensor | None = None) -> None:
         """Nudge the bias of under-loaded experts up and over-loaded ones down by the update rate,
-        using the tokens counted since the last call; then reset the counts."""
+        using the tokens counted since the last call; then reset the counts. `keep` (a device
+        scalar, 1.0 or 0.0) scales the update: 0.0 drops it without a host synchronization."""
         if self.expert_bias is not None:
             load = self.tokens_per_expert
-            self.expert_bias += torch.sign(load.mean() - load) * self.bias_update_rate
+            update = torch.sign(load.mean() - load) * self.bias_update_rate
+            self.expert_bias += update if keep is None else update * keep
         self.tokens_per_expert.zero_()
 
 

@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from megatron_hybrid.checkpointing.errors import CheckpointNotFoundError
 from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
-from megatron_hybrid.checkpointing.parts import OptimizerParts
+from megatron_hybrid.checkpointing.parts import OptimizerParts, as_optimizers
 from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.data.builder import build_datasets
@@ -47,7 +47,7 @@ from megatron_hybrid.parallel.distributed import (
     all_reduce_sum_,
     init_distributed,
 )
-from megatron_hybrid.parallel.grad_norm import clip_grad_norm
+from megatron_hybrid.parallel.grad_norm import clip_divisor, clip_grad_norm, gradient_norm
 from megatron_hybrid.parallel.parallelize import ParallelSettings, parallelize
 from megatron_hybrid.parallel.pipeline import (
     Pipeline,
@@ -297,6 +297,9 @@ class Trainer:
             for part in self.parts
         ]
         self.optimizer = optimizers[0] if len(self.parts) == 1 else OptimizerParts(optimizers)
+        # A fused AdamW clips and skips inside its kernel (its grad_scale and found_inf), so the
+        # step needs no host synchronization: the GPU never idles while the host launches it.
+        self.update_on_device = all(opt.defaults.get("fused") for opt in optimizers)
         self.lr_schedule = training.lr_schedule()
         self.pipeline = self.tied_sync = None
         if dims.pp > 1:
@@ -376,16 +379,32 @@ class Trainer:
     def train_step(self, iteration: int, micro_batches: list[torch.Tensor]) -> StepResult:
         """One optimizer step on this rank's micro-batches (each (micro batch, seq + 1) token
         ids): forward and backward of each, gradients clipped, then the update, unless the
-        non-finite check skips it (or raises TrainingDivergedError to stop)."""
+        non-finite check skips it (or raises TrainingDivergedError to stop: for the previous
+        iteration, when the check runs on the device)."""
         lr = self.lr_schedule(iteration)
         set_learning_rate(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = self.forward_backward(micro_batches)
+        self.nonfinite.settle()  # the previous iteration's, done on the GPU by now
+        pipeline_group = self.pipeline.group if self.pipeline else None
+        if self.update_on_device:
+            grad_norm = gradient_norm(self.counted, pipeline_group)
+            found_inf = self.nonfinite.device_flag(loss_sum, grad_norm)
+            divisor = None
+            if math.isfinite(self.max_grad_norm):
+                divisor = clip_divisor(grad_norm, self.max_grad_norm)
+            for optimizer in as_optimizers(self.optimizer):
+                _fused_step(optimizer, divisor, found_inf)
+            keep = None if found_inf is None else 1.0 - found_inf
+            for part in self.parts:
+                part.update_expert_biases(self.count_reduction, keep)
+            self.nonfinite.defer(iteration, loss_sum, grad_norm, found_inf)
+            return StepResult(loss_sum / self.num_micro_batches, grad_norm, lr)
         grad_norm = clip_grad_norm(
             self.counted,
             self.max_grad_norm,
             copies=self.tied_copies,
-            pipeline_group=self.pipeline.group if self.pipeline else None,
+            pipeline_group=pipeline_group,
         )
         if self.nonfinite.update_allowed(iteration, loss_sum, grad_norm):
             self.optimizer.step()
@@ -395,6 +414,11 @@ class Trainer:
             for part in self.parts:
                 part.discard_routing_counts()
         return StepResult(loss_sum / self.num_micro_batches, grad_norm, lr)
+
+    def settle(self) -> None:
+        """Judge the last iteration's deferred non-finite check (before a save, a log line, an
+        evaluation or the end of the run): raises TrainingDivergedError to stop."""
+        self.nonfinite.settle()
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """Accumulate the gradients of the mean loss over `micro_batches` (each micro-batch's
@@ -457,6 +481,21 @@ class Trainer:
         return float(total[0] / total[1])
 
 
+def _fused_step(
+    optimizer: torch.optim.Optimizer,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """A fused optimizer's step dividing every gradient by `grad_scale` and skipped entirely
+    (parameters, moments and step count) where `found_inf` is 1.0, both read on the device: the
+    hooks torch's fused Adam kernels offer `torch.amp.GradScaler`."""
+    optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
 def _bf16_autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
@@ -470,7 +509,7 @@ def train(
 ) -> TrainingResult:
     """The loop, from the iteration after `progress` to the last (or an --exit-interval): read
     the global batch's share, step, log every log interval, save, evaluate."""
-    training, logging = settings.training, settings.logging
+    training = settings.training
     result = TrainingResult(model=trainer.parts[0], parts=trainer.parts)
     saver = None
     if settings.checkpoint.save:
@@ -482,53 +521,70 @@ def train(
         )
     window = LogWindow(reporter, training.global_batch_size * training.seq_length)
     trainer.parts[0].train()
-    for iteration in range(progress.iteration + 1, training.train_iters + 1):
-        micro_batches = [
-            data.train.batch(first, count)
-            for first, count in trainer.share.training_reads(
-                progress.consumed_train_samples,
-                trainer.num_micro_batches,
-                training.micro_batch_size,
-            )
-        ]
-        try:
-            step = trainer.train_step(iteration, micro_batches)
-        except TrainingDivergedError:
-            if saver is not None:
-                saver.finalize()  # earlier saves in flight are of finite states: complete them
-            raise
-        window.add(step.loss)
-        progress.iteration = iteration
-        progress.consumed_train_samples += training.global_batch_size
-        last = iteration == training.train_iters
-        exiting = bool(training.exit_interval) and iteration % training.exit_interval == 0
+    try:
+        while progress.iteration < training.train_iters:
+            if not _train_iteration(trainer, data, progress, settings, saver, window, result):
+                break
+        trainer.settle()
+    except TrainingDivergedError:
         if saver is not None:
-            saver.poll()
-            if (
-                (
-                    settings.checkpoint.save_interval
-                    and iteration % settings.checkpoint.save_interval == 0
-                )
-                or exiting
-                or last
-            ):
-                saver.save(iteration, trainer.parts, trainer.optimizer, progress, trainer.config)
-        if iteration % logging.log_interval == 0 or last:
-            window.log(iteration, step, trainer, result)
-        if (
-            data.valid is not None
-            and logging.eval_iters
-            and (iteration % logging.eval_interval == 0 or last)
-        ):
-            result.val_losses[iteration] = trainer.evaluate(data.valid, logging.eval_iters)
-            reporter.log_eval(iteration, result.val_losses[iteration])
-            window.restart_clock()  # evaluation time is not training throughput
-        if exiting:
-            reporter.message(f"exiting at iteration {iteration} (--exit-interval)")
-            break
+            saver.finalize()  # earlier saves in flight are of finite states: complete them
+        raise
     if saver is not None:
         saver.finalize()
     return result
+
+
+def _train_iteration(
+    trainer: Trainer,
+    data: TrainingData,
+    progress: TrainProgress,
+    settings: Settings,
+    saver: CheckpointSaver | None,
+    window: LogWindow,
+    result: TrainingResult,
+) -> bool:
+    """One iteration of the loop, with its saving, logging and evaluation; False at an
+    --exit-interval. Each of those first settles the non-finite check (a host synchronization
+    they make anyway), so none of them sees an iteration the check would stop at."""
+    training, logging, reporter = settings.training, settings.logging, window.reporter
+    iteration = progress.iteration + 1
+    micro_batches = [
+        data.train.batch(first, count)
+        for first, count in trainer.share.training_reads(
+            progress.consumed_train_samples,
+            trainer.num_micro_batches,
+            training.micro_batch_size,
+        )
+    ]
+    step = trainer.train_step(iteration, micro_batches)
+    window.add(step.loss)
+    progress.iteration = iteration
+    progress.consumed_train_samples += training.global_batch_size
+    last = iteration == training.train_iters
+    exiting = bool(training.exit_interval) and iteration % training.exit_interval == 0
+    if saver is not None:
+        saver.poll()
+        interval = settings.checkpoint.save_interval
+        if (interval and iteration % interval == 0) or exiting or last:
+            trainer.settle()
+            saver.save(iteration, trainer.parts, trainer.optimizer, progress, trainer.config)
+    if iteration % logging.log_interval == 0 or last:
+        trainer.settle()
+        window.log(iteration, step, trainer, result)
+    if (
+        data.valid is not None
+        and logging.eval_iters
+        and (iteration % logging.eval_interval == 0 or last)
+    ):
+        trainer.settle()
+        result.val_losses[iteration] = trainer.evaluate(data.valid, logging.eval_iters)
+        reporter.log_eval(iteration, result.val_losses[iteration])
+        window.restart_clock()  # evaluation time is not training throughput
+    if exiting:
+        reporter.message(f"exiting at iteration {iteration} (--exit-interval)")
+        return False
+    return True
 
 
 class LogWindow:
