@@ -29,6 +29,7 @@ from megatron_hybrid.training.settings import (
     TrainingSettings,
     default_model_value,
 )
+from megatron_hybrid.training.signals import EXIT_SIGNALS
 
 DEFAULT_PATTERN = DEFAULT_MODEL_OVERRIDES["hybrid_layer_pattern"]
 
@@ -40,9 +41,10 @@ MODEL_FLAG_FIELDS = {"num_experts": "num_moe_experts", "norm_epsilon": "layernor
 _MODEL_CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"vocab_size"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
+    """The training flags; `prog` names the program in help and errors (the command typed)."""
     parser = argparse.ArgumentParser(
-        prog="pretrain_hybrid.py",
+        prog=prog,
         description="Pretrain a hybrid Mamba2/attention/MLP/MoE language model described by "
         "--hybrid-layer-pattern. With no flags, trains a small default model on text that "
         "ships with Python.",
@@ -151,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="stop (after saving, with --save) at the first iteration divisible by N; "
         "the schedule still follows --train-iters, so a resumed run continues it",
+    )
+    t.add_argument(
+        "--exit-signal-handler",
+        action=argparse.BooleanOptionalAction,
+        help="on --exit-signal or Ctrl-C, save (with --save) at the next iteration "
+        "boundary and exit with status 0; a second Ctrl-C stops without saving",
+    )
+    t.add_argument(
+        "--exit-signal",
+        choices=list(EXIT_SIGNALS),
+        help="the signal a scheduler sends before it kills the job",
     )
     t.add_argument("--seed", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])

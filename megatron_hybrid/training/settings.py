@@ -117,6 +117,12 @@ class TrainingSettings:
     exit_interval: int | None = None
     """Stop (after saving) at the first iteration divisible by this; the schedule still follows
     `train_iters`, so a resumed run continues it."""
+    exit_signal_handler: bool = True
+    """On `exit_signal` or SIGINT (Ctrl-C), save at the next iteration boundary and exit with
+    status 0 (Megatron-LM's flag, on by default here: schedulers send SIGTERM before they
+    kill)."""
+    exit_signal: str = "SIGTERM"
+    """The scheduler's signal that asks the run to stop: SIGTERM, SIGUSR1, SIGUSR2 or SIGHUP."""
     seed: int = 1234
     """Seeds the initial weights, the data order and the sample generation."""
     device: str = "auto"

@@ -69,6 +69,7 @@ from megatron_hybrid.training.optimizer import (
 )
 from megatron_hybrid.training.progress import ProgressReporter
 from megatron_hybrid.training.settings import CheckpointSettings, Settings, TrainingSettings
+from megatron_hybrid.training.signals import StopRequests
 
 SAMPLE_PROMPT = "The "
 
@@ -82,6 +83,8 @@ class TrainingResult:
     test_loss: float | None = None  # on the test split after training (data flags with one)
     tokens_per_sec: float = 0.0
     sample: str | None = None
+    stopped_by: str | None = None  # the signal the run stopped on (saved, exit status 0)
+    iteration: int = 0  # the last iteration trained
 
 
 class TrainingData(NamedTuple):
@@ -148,6 +151,11 @@ def run_training(
             settings.checkpoint, trainer.parts, trainer.optimizer, config, progress, reporter
         )
     result = train(trainer, data, progress, settings, reporter)
+    result.iteration = progress.iteration
+    if result.stopped_by is not None:  # the scheduler's grace period is short: only the save
+        if own_reporter:
+            reporter.close()
+        return result
     if data.test is not None and settings.logging.eval_iters:
         result.test_loss = trainer.evaluate(data.test, settings.logging.eval_iters)
         reporter.write_metrics({"iteration": progress.iteration, "test_loss": result.test_loss})
@@ -521,11 +529,17 @@ def train(
         )
     window = LogWindow(reporter, training.global_batch_size * training.seq_length)
     trainer.parts[0].train()
+    stops = StopRequests(
+        training.exit_signal, training.exit_signal_handler, reporter.message, trainer.device
+    )
     try:
-        while progress.iteration < training.train_iters:
-            if not _train_iteration(trainer, data, progress, settings, saver, window, result):
-                break
-        trainer.settle()
+        with stops:
+            while progress.iteration < training.train_iters:
+                if not _train_iteration(
+                    trainer, data, progress, settings, saver, window, result, stops
+                ):
+                    break
+            trainer.settle()
     except TrainingDivergedError:
         if saver is not None:
             saver.finalize()  # earlier saves in flight are of finite states: complete them
@@ -543,10 +557,12 @@ def _train_iteration(
     saver: CheckpointSaver | None,
     window: LogWindow,
     result: TrainingResult,
+    stops: StopRequests,
 ) -> bool:
-    """One iteration of the loop, with its saving, logging and evaluation; False at an
-    --exit-interval. Each of those first settles the non-finite check (a host synchronization
-    they make anyway), so none of them sees an iteration the check would stop at."""
+    """One iteration of the loop, with its logging, saving and evaluation; False to stop here
+    (an --exit-interval, or a stop signal: then saved, not evaluated). Each of those first
+    settles the non-finite check (a host synchronization they make anyway), so none of them
+    sees an iteration the check would stop at."""
     training, logging, reporter = settings.training, settings.logging, window.reporter
     iteration = progress.iteration + 1
     micro_batches = [
@@ -562,16 +578,22 @@ def _train_iteration(
     progress.iteration = iteration
     progress.consumed_train_samples += training.global_batch_size
     last = iteration == training.train_iters
+    result.stopped_by = stops.poll()
     exiting = bool(training.exit_interval) and iteration % training.exit_interval == 0
+    stopping = exiting or result.stopped_by is not None
+    if iteration % logging.log_interval == 0 or last or stopping:
+        trainer.settle()
+        window.log(iteration, step, trainer, result)
     if saver is not None:
         saver.poll()
         interval = settings.checkpoint.save_interval
-        if (interval and iteration % interval == 0) or exiting or last:
+        if (interval and iteration % interval == 0) or stopping or last:
             trainer.settle()
             saver.save(iteration, trainer.parts, trainer.optimizer, progress, trainer.config)
-    if iteration % logging.log_interval == 0 or last:
-        trainer.settle()
-        window.log(iteration, step, trainer, result)
+    if result.stopped_by is not None:
+        saved = "saved" if saver is not None else "not saved (no --save)"
+        reporter.message(f"stopped by {result.stopped_by} at iteration {iteration}; {saved}")
+        return False
     if (
         data.valid is not None
         and logging.eval_iters
