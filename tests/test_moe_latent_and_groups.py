@@ -286,6 +286,15 @@ def test_bad_latent_and_group_settings_are_named(overrides, message):
         moe_config(**overrides)
 
 
+def test_groups_that_are_all_kept_allow_any_top_k():
+    # Every group kept: routing is plain top-k, whatever the groups' scores (top 1 // 4 = 0).
+    config = moe_config(moe_router_topk=1, moe_router_group_topk=4)
+    layer = random_layer(config)
+    x = torch.randn(17, HIDDEN, dtype=torch.float64)
+    _, indices, _ = layer.router(x)
+    assert torch.equal(indices, (x @ layer.router.weight.T).argmax(-1, keepdim=True))
+
+
 def test_flags_set_the_latent_and_group_fields():
     args = build_parser().parse_args(
         [

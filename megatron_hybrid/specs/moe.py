@@ -52,9 +52,9 @@ def check_config(config: ModelConfig) -> None:
 
 
 def _check_group_limited_routing(config: ModelConfig) -> None:
-    """Megatron-Core's checks of --moe-router-num-groups / --moe-router-group-topk, and two of
-    its silent failures made errors: one flag without the other (Megatron ignores it), and a
-    top-k that cannot fill from the chosen groups, or that scores groups by their top 0."""
+    """Megatron-Core's checks of --moe-router-num-groups / --moe-router-group-topk, and three of
+    its silent failures made errors: one flag without the other (Megatron ignores it), a top-k
+    that cannot fill from the chosen groups, and groups chosen by the sum of their top 0."""
     groups, group_topk = config.moe_router_num_groups, config.moe_router_group_topk
     if groups is None and group_topk is None:
         return
@@ -77,7 +77,7 @@ def _check_group_limited_routing(config: ModelConfig) -> None:
             f"--moe-router-group-topk {group_topk} exceeds --moe-router-num-groups {groups}; "
             f"valid: 1 to {groups}"
         )
-    if topk < group_topk:
+    if topk < group_topk < groups:  # (keeping every group, the group scores do not matter)
         raise ConfigError(
             f"--moe-router-topk {topk} is below --moe-router-group-topk {group_topk}: a group is "
             f"scored by the sum of its top (topk // group_topk) = {topk // group_topk} scores; "
