@@ -317,9 +317,8 @@ def test_unsupported_hf_settings_on_import_are_all_named():
     hf.update(
         mamba_hidden_act="gelu",
         mlp_hidden_act="silu",
-        moe_latent_size=8,
-        n_group=2,
-        topk_group=1,
+        n_group=4,  # with top-2 of 4 experts: groups ranked by their best, not their top 2
+        topk_group=2,
         sliding_window=16,
         use_bias=True,
         norm_topk_prob=False,
@@ -329,8 +328,7 @@ def test_unsupported_hf_settings_on_import_are_all_named():
     for field in (
         "mamba_hidden_act='gelu'",
         "mlp_hidden_act='silu'",
-        "moe_latent_size=8",
-        "n_group=2",
+        "n_group=4, topk_group=2",
         "sliding_window=16",
         "use_bias=True",
         "norm_topk_prob=False",

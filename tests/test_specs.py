@@ -28,7 +28,9 @@ from megatron_hybrid.specs.base import (
 )
 
 # Every optional part switched on, so that every tensor a mixer can have exists.
-ALL_OPTIONS = dict(moe_shared_expert_intermediate_size=16, moe_router_enable_expert_bias=True)
+ALL_OPTIONS = dict(
+    moe_shared_expert_intermediate_size=16, moe_router_enable_expert_bias=True, moe_latent_size=12
+)
 SYMBOLS = sorted(SPECS)
 
 

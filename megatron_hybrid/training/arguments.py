@@ -99,6 +99,24 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
     m.add_argument("--moe-router-enable-expert-bias", action="store_true")
     m.add_argument("--moe-router-bias-update-rate", type=float)
     m.add_argument("--moe-aux-loss-coeff", type=float)
+    m.add_argument(
+        "--moe-latent-size",
+        type=int,
+        help="latent MoE: routed experts run at this width between fc1_latent_proj and "
+        "fc2_latent_proj (default: the hidden size, no projections)",
+    )
+    m.add_argument(
+        "--moe-router-num-groups",
+        type=int,
+        help="group-limited routing: split the experts into this many groups (with "
+        "--moe-router-group-topk)",
+    )
+    m.add_argument(
+        "--moe-router-group-topk",
+        type=int,
+        help="group-limited routing: each token picks its top-k experts within this many "
+        "groups, those with the largest sums of their top (topk / group-topk) scores",
+    )
     act = m.add_mutually_exclusive_group()
     act.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (default squared ReLU)")
     act.add_argument("--squared-relu", action="store_true", help="squared-ReLU MLPs (default)")
@@ -300,6 +318,9 @@ FLAG_RANGES: dict[str, str] = {
     "moe_router_topk_scaling_factor": "(0, inf)",
     "moe_router_bias_update_rate": "[0, inf)",
     "moe_aux_loss_coeff": "[0, inf)",
+    "moe_latent_size": "[1, inf)",
+    "moe_router_num_groups": "[1, inf)",
+    "moe_router_group_topk": "[1, inf)",
     "norm_epsilon": "(0, inf)",
     "init_method_std": "(0, inf)",
     "make_vocab_size_divisible_by": "[1, inf)",
