@@ -20,6 +20,7 @@ from megatron_hybrid.data.builder import DataSettings, add_data_args
 from megatron_hybrid.data.tokenizer import TokenizerSettings
 from megatron_hybrid.kernels.cli import KernelSettings, add_kernel_args
 from megatron_hybrid.parallel.parallelize import ParallelSettings
+from megatron_hybrid.training.metric_sinks import check_extras
 from megatron_hybrid.training.settings import (
     DEFAULT_MODEL_OVERRIDES,
     CheckpointSettings,
@@ -271,8 +272,20 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
     lg.add_argument(
         "--no-progress-bar",
         action="store_true",
-        help="print log lines instead of a live progress bar",
+        help="log lines without the progress bar",
     )
+    lg.add_argument(
+        "--tensorboard-dir",
+        help="write TensorBoard scalars here (loss, lr, grad norm, throughput, validation, "
+        "memory; Megatron-LM's names); needs pip install 'megatron-hybrid[tensorboard]'",
+    )
+    lg.add_argument(
+        "--wandb-project",
+        help="log the same scalars to this Weights & Biases project; needs pip install "
+        "'megatron-hybrid[wandb]'",
+    )
+    lg.add_argument("--wandb-exp-name", help="the W&B run's name (default: W&B picks one)")
+    lg.add_argument("--wandb-save-dir", help="where W&B keeps its local files")
     _set_defaults_from_settings(parser)
     return parser
 
@@ -409,6 +422,7 @@ def check_training_args(args: argparse.Namespace) -> None:
     """Raise ValueError for a flag outside its range (FLAG_RANGES) or settings that do not fit
     together."""
     check_flag_ranges(args)
+    check_extras(flags_to_settings(LoggingSettings, args))
     if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
         raise ValueError(
             f"--global-batch-size {args.global_batch_size} must be a multiple of "

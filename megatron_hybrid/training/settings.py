@@ -180,7 +180,15 @@ class LoggingSettings:
     generate_tokens: int = 200
     """Length of the sample generated after training; 0: none."""
     no_progress_bar: bool = False
-    """Print log lines instead of a live progress bar."""
+    """Log lines without the progress bar."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard scalars (Megatron-LM's names) here; needs the `tensorboard` extra."""
+    wandb_project: str | None = None
+    """Log to this Weights & Biases project; needs the `wandb` extra."""
+    wandb_exp_name: str | None = None
+    """The W&B run's name (default: W&B picks one)."""
+    wandb_save_dir: str | None = None
+    """Where W&B keeps its local files (default: W&B's)."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from megatron_hybrid.checkpointing.errors import CheckpointNotFoundError
@@ -31,12 +33,12 @@ from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoi
 from megatron_hybrid.checkpointing.parts import OptimizerParts, as_optimizers
 from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.data.builder import build_datasets
+from megatron_hybrid.data.builder import DataSettings, build_datasets
 from megatron_hybrid.data.embedded import embedded_token_streams
 from megatron_hybrid.data.sampler import StreamSampler
 from megatron_hybrid.data.sharding import DataParallelShare
 from megatron_hybrid.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
-from megatron_hybrid.flops import parameter_count
+from megatron_hybrid.flops import parameter_count, peak_bf16_tflops, training_flops_per_token
 from megatron_hybrid.generation import generate
 from megatron_hybrid.kernels.cli import kernels_from_settings
 from megatron_hybrid.kernels.registry import BoundKernels
@@ -61,6 +63,7 @@ from megatron_hybrid.training.arguments import (
     resolve_global_batch_size,
     settings_from_args,
 )
+from megatron_hybrid.training.metric_sinks import build_sinks
 from megatron_hybrid.training.nonfinite import NonFiniteCheck, TrainingDivergedError
 from megatron_hybrid.training.optimizer import (
     build_optimizer,
@@ -94,6 +97,7 @@ class TrainingData(NamedTuple):
     valid: object | None
     test: object | None
     summary: str  # one line for the log
+    notes: tuple[str, ...] = ()  # what the data flags left out or do not apply to
 
 
 def run_training(
@@ -105,6 +109,8 @@ def run_training(
     settings = settings_from_args(args)
     training = settings.training
     proc = init_distributed(training.device)
+    if not proc.is_main:  # every rank would print the same warnings: rank 0's are enough
+        warnings.simplefilter("ignore")
     dims = settings.parallel.dims(proc.world_size)
     tokenizer = build_tokenizer(settings.tokenizer)
     config = settings.model.config(tokenizer.vocab_size)
@@ -119,10 +125,16 @@ def run_training(
             training.train_iters,
             settings.logging.log_dir,
             enabled=proc.is_main,
-            live=False if settings.logging.no_progress_bar else None,
+            bar=not settings.logging.no_progress_bar,
+            sinks=(
+                build_sinks(settings.logging, lambda: vars(args).copy()) if proc.is_main else []
+            ),
         )
     kernels = kernels_from_settings(settings.kernels, proc.device)
     reporter.message(kernels.describe())
+    if training.bf16 and proc.device.type != "cuda":
+        reporter.message("--bf16 applies on CUDA only: this run on the CPU trains in float32")
+        training = dataclasses.replace(training, bf16=False)
     trainer = Trainer(
         config,
         training,
@@ -140,10 +152,13 @@ def run_training(
         f"{config.pattern.num_layers} layers, {trainer.num_parameters / 1e6:.2f}M parameters; "
         f"device {proc.device}, {dims.dp} data-parallel x {dims.tp} tensor-parallel x "
         f"{dims.pp} pipeline rank(s); {training.train_iters} iterations of "
-        f"{training.global_batch_size} x {training.seq_length} tokens ({num_micro_batches} "
-        f"micro-batches of {training.micro_batch_size} per rank)"
+        f"{training.global_batch_size} x {training.seq_length} tokens "
+        f"({_count(num_micro_batches, 'micro-batch', 'micro-batches')} of "
+        f"{training.micro_batch_size} per rank)"
     )
     reporter.message(f"data: {data.summary}")
+    for note in data.notes:
+        reporter.message(f"data: {note}")
 
     progress = TrainProgress(lr_schedule=dataclasses.asdict(trainer.lr_schedule))
     if settings.checkpoint.load:
@@ -169,6 +184,10 @@ def run_training(
     return result
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def build_training_data(settings: Settings, tokenizer: Tokenizer) -> TrainingData:
     """The data settings' datasets, or the embedded corpus (no test split) when they name no
     source. The training loop decides which global samples a rank reads."""
@@ -187,7 +206,7 @@ def build_training_data(settings: Settings, tokenizer: Tokenizer) -> TrainingDat
                 "the data flags leave no training data: give the train split a "
                 "share in --split, or --train-data-path"
             )
-        return TrainingData(splits.train, splits.valid, splits.test, splits.summary())
+        return TrainingData(splits.train, splits.valid, splits.test, splits.summary(), splits.notes)
     if not isinstance(tokenizer, ByteTokenizer):
         raise ValueError(
             f"--tokenizer-type {tokenizer.name} without data: the embedded corpus "
@@ -201,7 +220,13 @@ def build_training_data(settings: Settings, tokenizer: Tokenizer) -> TrainingDat
         f"embedded corpus (Python help topics), {len(train_tokens)} train / "
         f"{len(valid_tokens)} validation bytes"
     )
-    return TrainingData(train, valid, None, summary)
+    notes = ()
+    if settings.data.split != DataSettings().split:
+        notes = (
+            f"--split {settings.data.split} applies to --data-path datasets; the embedded "
+            "corpus has its own train and validation texts",
+        )
+    return TrainingData(train, valid, None, summary, notes)
 
 
 def resume(
@@ -527,7 +552,8 @@ def train(
             async_save=settings.checkpoint.async_save,
             log=reporter.message,
         )
-    window = LogWindow(reporter, training.global_batch_size * training.seq_length)
+    window = LogWindow(reporter, trainer, training)
+    reporter.begin(progress.iteration)
     trainer.parts[0].train()
     stops = StopRequests(
         training.exit_signal, training.exit_signal_handler, reporter.message, trainer.device
@@ -583,7 +609,7 @@ def _train_iteration(
     stopping = exiting or result.stopped_by is not None
     if iteration % logging.log_interval == 0 or last or stopping:
         trainer.settle()
-        window.log(iteration, step, trainer, result)
+        window.log(iteration, step, trainer, result, progress.consumed_train_samples)
     if saver is not None:
         saver.poll()
         interval = settings.checkpoint.save_interval
@@ -611,10 +637,18 @@ def _train_iteration(
 
 class LogWindow:
     """The iterations since the last log line: their losses stay on the device until the line
-    (one host sync per log interval), and their tokens per second."""
+    (one host sync per log interval), and their throughput: tokens per second, and per GPU
+    model TFLOP/s and MFU (against the GPU's dense bf16 peak, in bf16 runs on a known GPU)."""
 
-    def __init__(self, reporter: ProgressReporter, tokens_per_iter: int):
-        self.reporter, self.tokens_per_iter = reporter, tokens_per_iter
+    def __init__(self, reporter: ProgressReporter, trainer: Trainer, training: TrainingSettings):
+        self.reporter = reporter
+        self.tokens_per_iter = training.global_batch_size * training.seq_length
+        self.flops_per_token = training_flops_per_token(trainer.config, training.seq_length)
+        self.num_ranks = dist.get_world_size() if dist.is_initialized() else 1
+        self.on_gpu = trainer.device.type == "cuda"
+        self.peak_tflops = None
+        if self.on_gpu and training.bf16:
+            self.peak_tflops = peak_bf16_tflops(torch.cuda.get_device_name(trainer.device))
         self.pending: list[torch.Tensor] = []
         self.iters, self.start = 0, reporter.elapsed()
 
@@ -625,8 +659,26 @@ class LogWindow:
     def restart_clock(self) -> None:
         self.start = self.reporter.elapsed()
 
+    def throughput(self, tokens_per_sec: float) -> dict[str, float]:
+        """Per GPU tokens/s, TFLOP/s and MFU (on CPU: the run's TFLOP/s)."""
+        tflops = self.flops_per_token * tokens_per_sec / 1e12
+        if not self.on_gpu:
+            return {"tflops_per_gpu": tflops / self.num_ranks} if self.num_ranks == 1 else {}
+        values = {
+            "tokens_per_sec_per_gpu": tokens_per_sec / self.num_ranks,
+            "tflops_per_gpu": tflops / self.num_ranks,
+        }
+        if self.peak_tflops:
+            values["mfu"] = values["tflops_per_gpu"] / self.peak_tflops
+        return values
+
     def log(
-        self, iteration: int, step: StepResult, trainer: Trainer, result: TrainingResult
+        self,
+        iteration: int,
+        step: StepResult,
+        trainer: Trainer,
+        result: TrainingResult,
+        consumed_samples: int,
     ) -> None:
         """One line and metrics.jsonl record for `iteration`; the window's losses (averaged
         over all ranks, one collective) go to `result.losses`."""
@@ -634,13 +686,14 @@ class LogWindow:
         now = self.reporter.elapsed()
         result.tokens_per_sec = self.iters * self.tokens_per_iter / max(now - self.start, 1e-9)
         self.pending, self.iters, self.start = [], 0, now
-        extra = {}
+        extra = {"consumed_samples": consumed_samples}
+        extra.update(self.throughput(result.tokens_per_sec))
         aux = [a for part in trainer.parts if (a := part.moe_aux_loss()) is not None]
         if aux:  # this rank's MoE layers (with pipelining: its stages')
             extra["moe_aux_loss"] = sum(aux)
         if trainer.nonfinite.skipped:
             extra["skipped_iterations"] = trainer.nonfinite.skipped
-        if trainer.device.type == "cuda":
+        if self.on_gpu:
             extra["peak_memory_gib"] = round(
                 torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2
             )
