@@ -253,6 +253,12 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
     c.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer state")
     c.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
     c.add_argument(
+        "--use-checkpoint-args",
+        action="store_true",
+        help="build the model the --load checkpoint records (its pattern and sizes), "
+        "whatever the model flags say",
+    )
+    c.add_argument(
         "--no-verify-checksums",
         action="store_true",
         help="skip the CRC32 check of checkpoint files on load (sizes still checked)",

@@ -162,6 +162,8 @@ class CheckpointSettings:
     """Do not restore the random-number generators' states."""
     no_verify_checksums: bool = False
     """Skip the CRC32 check of checkpoint files on load (sizes are still checked)."""
+    use_checkpoint_args: bool = False
+    """Build the model the `load` checkpoint records, whatever the model flags say."""
 
 
 @dataclass

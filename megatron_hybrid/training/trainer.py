@@ -63,6 +63,7 @@ from megatron_hybrid.training.arguments import (
     resolve_global_batch_size,
     settings_from_args,
 )
+from megatron_hybrid.training.checkpoint_args import with_checkpoint_model
 from megatron_hybrid.training.metric_sinks import build_sinks
 from megatron_hybrid.training.nonfinite import NonFiniteCheck, TrainingDivergedError
 from megatron_hybrid.training.optimizer import (
@@ -106,7 +107,7 @@ def run_training(
     """Train as the flags say; raises ValueError (ConfigError, PatternError, ...) for bad input
     before any training step runs."""
     check_training_args(args)
-    settings = settings_from_args(args)
+    settings, model_notes = with_checkpoint_model(settings_from_args(args))
     training = settings.training
     proc = init_distributed(training.device)
     if not proc.is_main:  # every rank would print the same warnings: rank 0's are enough
@@ -130,6 +131,8 @@ def run_training(
                 build_sinks(settings.logging, lambda: vars(args).copy()) if proc.is_main else []
             ),
         )
+    for note in model_notes:
+        reporter.message(f"--use-checkpoint-args: {note}")
     kernels = kernels_from_settings(settings.kernels, proc.device)
     reporter.message(kernels.describe())
     if training.bf16 and proc.device.type != "cuda":
