@@ -288,28 +288,30 @@ def export_problems(config: ModelConfig) -> list[str]:
     if "*" in symbols and config.position_embedding_type != "none":
         problems.append(
             f"position_embedding_type={config.position_embedding_type!r}: nemotron_h attention "
-            "has no position embedding; valid: 'none'"
+            "has no position embedding; valid: 'none' (flag: --position-embedding-type none)"
         )
     if ("-" in symbols or "E" in symbols) and config.activation != "squared_relu":
         problems.append(
             f"activation={config.activation!r}: nemotron_h MLPs and experts are non-gated "
-            "squared ReLU (mlp_hidden_act 'relu2'); valid: 'squared_relu'"
+            "squared ReLU (mlp_hidden_act 'relu2'); valid: 'squared_relu' (flag: --squared-relu)"
         )
     if "E" in symbols:
         if config.moe_router_score_function != "sigmoid":
             problems.append(
                 f"moe_router_score_function={config.moe_router_score_function!r}: nemotron_h "
-                "routes with sigmoid scores; valid: 'sigmoid'"
+                "routes with sigmoid scores; valid: 'sigmoid' (flag: "
+                "--moe-router-score-function sigmoid)"
             )
         if config.moe_shared_expert_intermediate_size is None:
             problems.append(
                 "moe_shared_expert_intermediate_size=None: every nemotron_h MoE layer has a "
-                "shared expert; set a positive width"
+                "shared expert; set a positive width (flag: "
+                "--moe-shared-expert-intermediate-size N)"
             )
         if config.num_moe_experts < 2:
             problems.append(
                 f"num_moe_experts={config.num_moe_experts}: nemotron_h's router scores expert "
-                "groups by their top-2 experts; valid: 2 or more experts"
+                "groups by their top-2 experts; valid: 2 or more experts (flag: --num-experts)"
             )
         groups = config.moe_router_num_groups
         group_problem = group_routing_problem(
@@ -855,7 +857,16 @@ def _plan_shards(
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    # safetensors creates its files owner-only (0600): give every file the mode a plain
+    # open() would, so the weights are as readable as config.json beside them.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read_json(path: Path) -> dict:
