@@ -99,6 +99,27 @@ def test_strong_decay_stays_finite_and_exact():
         assert relative_error(o, o_ref) < (1e-10 if dtype == torch.float64 else FLOAT32_REL)
 
 
+def test_float32_keeps_recent_decays_when_the_chunks_decay_is_large():
+    # Megatron's initial decay rates: g = -A * softplus(a + 1), A in [1, 16], so a chunk of 64
+    # sums to G of about -1000. A decay between nearby steps taken as the difference G_t - G_s
+    # of two such sums carries float32 errors of 1e-4; summed over the segment it stays exact.
+    gen = torch.Generator().manual_seed(10)
+    q, k, v, _, beta = inputs(1, 100, 1, 2, 8, 8, seed=10)
+    A = torch.empty(2, dtype=torch.float64).uniform_(1.0, 16.0, generator=gen)
+    g = -A * torch.nn.functional.softplus(0.3 * torch.randn(1, 100, 2, generator=gen) + 1.0)
+    operands = (q, k, v, g.double(), beta)
+    ref = [t.clone().requires_grad_() for t in operands]
+    o_ref, _ = gated_delta_recurrence(*ref, 8**-0.5)
+    do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
+    grads_ref = torch.autograd.grad((o_ref * do).sum(), ref)
+    ours = [t.float().requires_grad_() for t in operands]
+    o, _ = chunk_gated_delta_rule(*ours)
+    grads = torch.autograd.grad((o * do.float()).sum(), ours)
+    assert relative_error(o, o_ref) < FLOAT32_REL
+    for name, got, want in zip("q k v g beta".split(), grads, grads_ref, strict=True):
+        assert relative_error(got, want) < FLOAT32_REL, name
+
+
 @pytest.mark.parametrize("seqlen", [24, 21])
 def test_float32_forward_and_gradients_are_within_1e5_of_the_float64_recurrence(seqlen):
     operands = inputs(2, seqlen, 2, 4, 8, 8, seed=4)

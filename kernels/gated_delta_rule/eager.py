@@ -23,14 +23,17 @@ U, W and the masked scores Q K^T * M are computed for every chunk at once (T by 
 solve); a loop over the chunks then carries the state, three small matmuls per chunk.
 
 Numerics: the math runs in float32 (float64 for float64 inputs). Every decay is the exp of G_t
-or of a difference G_t - G_s with s <= t, never of -G_s alone, so with g <= 0 (a log decay) no
-factor exceeds 1 however strong the decay over a chunk.
+or of a segment sum g_{s+1} + ... + g_t (s <= t), summed directly rather than as the difference
+G_t - G_s, which cancels catastrophically once G is large; never of -G_s alone, so with g <= 0
+(a log decay) no factor exceeds 1 however strong the decay over a chunk.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from megatron_hybrid.kernels.ssd.eager import segsum
 
 DEFAULT_CHUNK_SIZE = 64  # fla's and Megatron-Core's
 
@@ -141,9 +144,10 @@ def chunk_gated_delta_rule(
     v_c, g_c, beta_c = per_value_head(v), per_value_head(g), per_value_head(beta)
 
     G = torch.cumsum(g_c, dim=-1)  # (B, H, r, N, C)
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    # M_ts = e^{G_t - G_s} for s <= t, 0 above the diagonal (masked before exp: no overflow).
-    decay_CC = torch.exp((G.unsqueeze(-1) - G.unsqueeze(-2)).masked_fill(~causal, -torch.inf))
+    # M_ts = e^{G_t - G_s} = e^{g_{s+1} + ... + g_t} for s <= t, 0 above the diagonal. Summed
+    # by segsum, not as G_t - G_s: that difference of two large sums would lose the small
+    # decays of recent steps to cancellation (float32 G of -1000 carries errors of 1e-4).
+    decay_CC = torch.exp(segsum(g_c))
     strictly_lower = decay_CC * (~torch.eye(chunk_size, dtype=torch.bool, device=q.device))
 
     # U and W of every chunk at once: one unit lower-triangular solve for [b v | b e^G k].
@@ -162,7 +166,7 @@ def chunk_gated_delta_rule(
     )
     scores = (q_c @ k_c.transpose(-1, -2)) * decay_CC  # (B, H, r, N, C, C)
     q_decayed = q_c * G.exp().unsqueeze(-1)
-    k_to_end = (k_c * torch.exp(G[..., -1:] - G).unsqueeze(-1)).transpose(-1, -2)
+    k_to_end = (k_c * decay_CC[..., -1, :].unsqueeze(-1)).transpose(-1, -2)  # e^{G_C - G_s}
     chunk_decay = G[..., -1].exp()[..., None, None]  # (B, H, r, N, 1, 1)
 
     if initial_state is None:
