@@ -4,7 +4,10 @@ the eager one."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +200,25 @@ def test_fla_that_does_not_import_is_an_error_saying_how_to_install_it(monkeypat
         REGISTRY.implementations("gated_delta_rule")["fla"].load()
 
 
+# -- the benchmark ---------------------------------------------------------------------------
+
+
+def test_benchmark_runs_every_implementation_at_a_tiny_shape(tmp_path):
+    out = tmp_path / "gdn.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gdn.py"
+    args = ["--small", "--reps", "1", "--warmup", "0", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {row["impl"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows.keys() == set(REGISTRY.implementations("gated_delta_rule"))
+    assert rows["eager"]["median_ms"] > 0 and rows["eager"]["fwd_median_ms"] > 0
+    if not torch.cuda.is_available():
+        assert "needs a cuda device" in rows["fla"]["skipped"]
+    assert "eager" in proc.stdout and "fla" in proc.stdout
+
+
 # -- fla on a GPU ---------------------------------------------------------------------------
 
 
@@ -230,3 +252,30 @@ def test_fla_matches_eager_forward_and_gradients_on_gpu(dtype, seqlen):
     names = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dinitial_state")
     for name, got, want in zip(names, *results, strict=True):
         assert relative_error(got.float(), want.double()) < tolerance, name
+
+
+@pytest.mark.gpu
+def test_auto_binds_fla_on_gpu_when_it_is_installed():
+    pytest.importorskip("fla.ops.gated_delta_rule")
+    assert resolve_kernels({}, "auto", "cuda").impl("gated_delta_rule") == "fla"
+
+
+@pytest.mark.gpu
+def test_a_model_on_fla_matches_the_model_on_eager_on_gpu():
+    pytest.importorskip("fla.ops.gated_delta_rule")
+    from conftest import perturb_parameters, small_config
+
+    from megatron_hybrid.model import HybridModel
+
+    config = small_config("[G-]MG", linear_key_head_dim=16, linear_value_head_dim=16)
+    tokens = torch.randint(0, 64, (2, 150), generator=torch.Generator().manual_seed(0)).cuda()
+    results = []
+    for impl in ("fla", "eager"):
+        kernels = resolve_kernels({"gated_delta_rule": impl}, "eager", "cuda")
+        model = perturb_parameters(HybridModel(config, seed=3, kernels=kernels)).cuda()
+        logits = model(tokens)
+        logits.float().pow(2).mean().backward()
+        results.append([logits, *(p.grad for p in model.parameters())])
+    # float32 throughout; fla's Triton dots round to TF32 (2^-11), eager's matmuls do not.
+    for got, want in zip(*results, strict=True):
+        assert relative_error(got, want.double()) < 5e-3
