@@ -148,11 +148,11 @@ def chunk_gated_delta_rule(
     # by segsum, not as G_t - G_s: that difference of two large sums would lose the small
     # decays of recent steps to cancellation (float32 G of -1000 carries errors of 1e-4).
     decay_CC = torch.exp(segsum(g_c))
-    strictly_lower = decay_CC * (~torch.eye(chunk_size, dtype=torch.bool, device=q.device))
+    decay_below_diagonal = decay_CC * (~torch.eye(chunk_size, dtype=torch.bool, device=q.device))
 
     # U and W of every chunk at once: one unit lower-triangular solve for [b v | b e^G k].
     system = torch.eye(chunk_size, dtype=dtype, device=q.device) + beta_c.unsqueeze(-1) * (
-        (k_c @ k_c.transpose(-1, -2)) * strictly_lower
+        (k_c @ k_c.transpose(-1, -2)) * decay_below_diagonal
     )
     rhs = torch.cat(
         [
@@ -172,7 +172,7 @@ def chunk_gated_delta_rule(
     if initial_state is None:
         state = q.new_zeros((batch, key_heads, group, key_dim, value_dim), dtype=dtype)
     else:
-        state = initial_state.to(dtype).view(batch, key_heads, group, key_dim, value_dim)
+        state = initial_state.to(dtype).reshape(batch, key_heads, group, key_dim, value_dim)
     outputs = []
     for n in range(nchunks):
         d = U[:, :, :, n] - W[:, :, :, n] @ state  # (B, H, r, C, V)
