@@ -143,8 +143,8 @@ def forward_flops_per_token(config: ModelConfig, seq_length: int) -> float:
         in_proj                    2 * H * in_dim
         depthwise causal conv      2 * K * conv_dim
         gated delta rule           2 * 4 * nv * dk * dv
-            four (dk x dv) products per token and value head, as Megatron-Core counts them
-            (megatron/training/training.py: "KK^T, VK^T, S(a(I-bKK^T)), and SQ", written there
+            four (dk x dv) products per token and value head, as Megatron-LM counts them
+            ("KK^T, VK^T, S(a(I-bKK^T)), and SQ", written there
             as dv^2 for dk = dv); independent of the sequence length, like the recurrence
         out_proj                   2 * v_dim * H
 
