@@ -54,6 +54,14 @@ class ModelConfig:
     mamba_dt_floor: float = 0.0
     mamba_dt_ceiling: float | None = None
 
+    # Gated DeltaNet (`G`), Megatron-Core's linear_* fields. Unset sizes derive from the
+    # attention sizes (megatron_hybrid/specs/gated_delta_net.py): Qwen3-Next's ratios.
+    linear_conv_kernel_dim: int = 4  # depthwise causal conv width over q, k, v
+    linear_key_head_dim: int | None = None  # default hidden_size // num_attention_heads
+    linear_value_head_dim: int | None = None  # default linear_key_head_dim
+    linear_num_key_heads: int | None = None  # q/k heads; default num_attention_heads
+    linear_num_value_heads: int | None = None  # v/gate heads; default 2 * linear_num_key_heads
+
     # MLP (`-`) and experts
     activation: str = "squared_relu"  # "squared_relu" or "swiglu"
 

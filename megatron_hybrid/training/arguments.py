@@ -57,8 +57,8 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
         "--hybrid-layer-pattern",
         "--hybrid-override-pattern",
         dest="hybrid_layer_pattern",
-        help="decoder stack: M Mamba2, * attention, - MLP, E MoE, [XY] fused block, "
-        "| pipeline stage, / MTP depth",
+        help="decoder stack: M Mamba2, G Gated DeltaNet, * attention, - MLP, E MoE, "
+        "[XY] fused block, | pipeline stage, / MTP depth",
     )
     m.add_argument("--hidden-size", type=int)
     m.add_argument("--ffn-hidden-size", type=int, help="MLP width (default 4 * hidden size)")
@@ -88,6 +88,14 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
         type=float,
         help="clamp Mamba's dt <= this in forward (default and inf: no ceiling)",
     )
+    gdn = "Gated DeltaNet (G): "
+    m.add_argument(
+        "--linear-conv-kernel-dim", type=int, help=gdn + "causal conv width over q, k, v"
+    )
+    m.add_argument("--linear-key-head-dim", type=int, help=gdn + "default hidden size / heads")
+    m.add_argument("--linear-value-head-dim", type=int, help=gdn + "default its key head dim")
+    m.add_argument("--linear-num-key-heads", type=int, help=gdn + "default --num-attention-heads")
+    m.add_argument("--linear-num-value-heads", type=int, help=gdn + "default 2 x its key heads")
     m.add_argument("--num-experts", type=int)
     m.add_argument("--moe-router-topk", type=int)
     m.add_argument(
@@ -330,6 +338,11 @@ FLAG_RANGES: dict[str, str] = {
     "mamba_chunk_size": "[1, inf)",
     "mamba_dt_floor": "[0, inf)",
     "mamba_dt_ceiling": "(0, inf]",
+    "linear_conv_kernel_dim": "[1, inf)",
+    "linear_key_head_dim": "[1, inf)",
+    "linear_value_head_dim": "[1, inf)",
+    "linear_num_key_heads": "[1, inf)",
+    "linear_num_value_heads": "[1, inf)",
     "num_experts": "[0, inf)",
     "moe_router_topk": "[1, inf)",
     "moe_ffn_hidden_size": "[1, inf)",
