@@ -84,6 +84,10 @@ class ModelConfig:
     moe_router_num_groups: int | None = None
     moe_router_group_topk: int | None = None
 
+    # Multi-token prediction (the pattern's '/' parts; megatron_hybrid/mtp.py)
+    mtp_num_layers: int | None = None  # MTP depths: the pattern's '/' parts (a value must agree)
+    mtp_loss_scaling_factor: float = 0.1  # weight of the MTP loss (mean over depths)
+
     # Shared
     layernorm_epsilon: float = 1e-5
     init_method_std: float = 0.02
@@ -99,6 +103,7 @@ class ModelConfig:
         choice(self, "position_embedding_type", POSITION_EMBEDDINGS)
         choice(self, "moe_router_score_function", ROUTER_SCORE_FUNCTIONS)
         self._check_dt_clamp()
+        self._check_mtp()
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         positive(self, "ffn_hidden_size")  # MLPs, and the default width of MoE experts
@@ -164,6 +169,37 @@ class ModelConfig:
                 f"mamba_dt_ceiling (--mamba-dt-ceiling) must be above mamba_dt_floor={floor}, "
                 f"got {ceiling!r}; valid: a larger number, or inf / None for no ceiling"
             )
+
+    def _check_mtp(self) -> None:
+        # Megatron-LM infers --mtp-num-layers from the pattern and, where the two disagree,
+        # warns and uses the pattern; a disagreement is an error here. Recorded as the
+        # pattern's count (None: no MTP), so checkpoints compare equal with or without the flag.
+        depths, given = self.pattern.mtp_depths, self.mtp_num_layers
+        factor = self.mtp_loss_scaling_factor
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 0):
+            raise ConfigError(
+                f"mtp_loss_scaling_factor (--mtp-loss-scaling-factor) must be a finite number "
+                f">= 0, got {factor!r} (Megatron-LM's default: 0.1)"
+            )
+        if given is not None and (type(given) is not int or given < 0):
+            raise ConfigError(
+                f"mtp_num_layers (--mtp-num-layers) must be a whole number >= 0, got {given!r}"
+            )
+        if given is not None and given != depths:
+            if depths:
+                fix = f"give --mtp-num-layers {depths} or leave the flag out"
+            else:
+                example = self.hybrid_layer_pattern + "/M-" * given
+                fix = (
+                    f"append one '/'-part per depth to the pattern, e.g. {example!r}, or leave "
+                    "--mtp-num-layers out"
+                )
+            raise ConfigError(
+                f"mtp_num_layers (--mtp-num-layers) {given} disagrees with the "
+                f"{depths} multi-token-prediction depth(s) ('/' parts) of pattern "
+                f"{self.hybrid_layer_pattern!r}: the pattern sets the depths; {fix}"
+            )
+        self.mtp_num_layers = depths or None
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:

@@ -126,6 +126,17 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
         help="group-limited routing: each token picks its top-k experts within this many "
         "groups, those with the largest sums of their top (topk / group-topk) scores",
     )
+    m.add_argument(
+        "--mtp-num-layers",
+        type=int,
+        help="multi-token-prediction depths (Megatron-LM's flag); the pattern's '/' parts set "
+        "them, so a value must agree with the pattern (default: the pattern's count)",
+    )
+    m.add_argument(
+        "--mtp-loss-scaling-factor",
+        type=float,
+        help="weight of the MTP loss (mean over the depths) added to the LM loss",
+    )
     act = m.add_mutually_exclusive_group()
     act.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (default squared ReLU)")
     act.add_argument("--squared-relu", action="store_true", help="squared-ReLU MLPs (default)")
@@ -353,6 +364,8 @@ FLAG_RANGES: dict[str, str] = {
     "moe_latent_size": "[1, inf)",
     "moe_router_num_groups": "[1, inf)",
     "moe_router_group_topk": "[1, inf)",
+    "mtp_num_layers": "[0, inf)",
+    "mtp_loss_scaling_factor": "[0, inf)",
     "norm_epsilon": "(0, inf)",
     "init_method_std": "(0, inf)",
     "make_vocab_size_divisible_by": "[1, inf)",
