@@ -50,12 +50,6 @@ def check_implemented(config: ModelConfig) -> None:
                 f"pattern {config.hybrid_layer_pattern!r} is part of the pattern language but "
                 f"not implemented yet; implemented symbols: {implemented_listing()}"
             )
-    if pattern.mtp_depths:
-        raise UnsupportedLayerError(
-            f"pattern {config.hybrid_layer_pattern!r} asks for {pattern.mtp_depths} "
-            "multi-token-prediction depth(s) ('/'); MTP parses but is not implemented yet: "
-            "drop the '/...' part"
-        )
 
 
 class Side(NamedTuple):

@@ -101,13 +101,6 @@ def test_unimplemented_symbols_fail_at_build_naming_the_symbol(symbol):
     assert "not implemented" in str(info.value)
 
 
-def test_mtp_parses_but_fails_at_build_with_a_clear_message():
-    config = small_config("M-/M-")
-    assert config.pattern.mtp_depths == 1
-    with pytest.raises(UnsupportedLayerError, match="multi-token-prediction"):
-        HybridModel(config)
-
-
 def test_every_mixer_runs_forward_and_backward_under_bf16_autocast():
     # The CPU stand-in for `--bf16` on CUDA: GEMMs in bf16, residual stream in float32.
     model = HybridModel(small_config("[M-][*E]M-E", moe_shared_expert_intermediate_size=16))
