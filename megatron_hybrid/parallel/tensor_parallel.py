@@ -20,7 +20,8 @@ attributes. Today:
 
 Per-part splits store the packed weights rank-major (megatron_hybrid/parallel/packed.py); the
 checkpoint hooks map them back to the canonical layout, so checkpoints do not depend on tp.
-Embedding and output layer stay replicated.
+Embedding and output layer stay replicated, and so do an MTP depth's own norms and eh_proj; its
+blocks are split like the decoder's.
 
 Sequence parallelism (`--sequence-parallel`, Megatron's): the residual stream inside the decoder
 is split along the sequence over the tp ranks, and the norms run on the local slice:
@@ -251,14 +252,16 @@ def apply_tensor_parallel(
     # A mixer's output projection all-reduces, or reduce-scatters onto the sequence slices.
     output_layout = Shard(1) if sequence_parallel else Replicate()
     counts = dict.fromkeys(SPECS, 0)
-    for block in model.decoder.layers.values():
-        for side in block.sides():
-            shard_mixer(side.mixer, SPECS[side.symbol].tensor_parallel, tp_mesh, output_layout)
-            counts[side.symbol] += 1
+    for stack in model.block_stacks():  # the decoder, then each MTP depth's blocks
+        for block in stack.layers.values():
+            for side in block.sides():
+                shard_mixer(side.mixer, SPECS[side.symbol].tensor_parallel, tp_mesh, output_layout)
+                counts[side.symbol] += 1
+            if sequence_parallel:
+                _split_block_sequence(block, tp_mesh)
         if sequence_parallel:
-            _split_block_sequence(block, tp_mesh)
+            parallelize_module(stack, tp_mesh, SequenceParallelDecoder())
     if sequence_parallel:
-        parallelize_module(model.decoder, tp_mesh, SequenceParallelDecoder())
         if model.decoder.final_norm is not None:
             parallelize_module(model.decoder.final_norm, tp_mesh, SequenceParallelNorm())
     sharded = ", ".join(

@@ -346,11 +346,11 @@ class Trainer:
             part.set_moe_aux_loss_grad_scale(1.0 if self.pipeline else 1.0 / num_micro_batches)
         self.autocast = _bf16_autocast if training.bf16 else contextlib.nullcontext
         self.max_grad_norm = training.clip_grad if training.clip_grad > 0 else math.inf
-        # The last stage's copy of a tied embedding counts once (on the first stage) in the norm.
+        # The last stage's copy of the embedding counts once (on the first stage) in the norm.
         self.tied_copies = [
             part.embedding.word_embeddings.weight
             for part in self.parts
-            if part.holds_tied_output_copy
+            if part.holds_embedding_copy
         ]
         self.counted = [
             p
@@ -396,7 +396,7 @@ class Trainer:
             self.num_micro_batches,
             self.device,
         )
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings or config.pattern.mtp_depths:  # an embedding copy
             self.tied_sync = TiedEmbeddingSync(mesh, self.parts)
         log(
             f"pipeline: {num_stages} stages over {self.dims.pp} ranks ({schedule_name}); this "
@@ -694,6 +694,8 @@ class LogWindow:
         aux = [a for part in trainer.parts if (a := part.moe_aux_loss()) is not None]
         if aux:  # this rank's MoE layers (with pipelining: its stages')
             extra["moe_aux_loss"] = sum(aux)
+        if trainer.config.pattern.mtp_depths:  # a collective: every rank takes part
+            extra.update(mtp_losses(trainer.parts, trainer.config.pattern.mtp_depths))
         if trainer.nonfinite.skipped:
             extra["skipped_iterations"] = trainer.nonfinite.skipped
         if self.on_gpu:
@@ -708,6 +710,20 @@ class LogWindow:
             result.tokens_per_sec,
             extra,
         )
+
+
+def mtp_losses(parts: list[HybridModel], depths: int) -> dict[str, float]:
+    """The MTP losses of the training forwards since the last call, averaged over them and over
+    all ranks (those holding no MTP contribute nothing): `mtp_loss` (the mean over depths, the
+    term scaled by --mtp-loss-scaling-factor) and `mtp_{k}_loss` per depth k."""
+    taken = torch.zeros(depths + 1, dtype=torch.float64)
+    for part in parts:
+        if part.mtp is not None:
+            taken += part.mtp.take_logged_losses().double().cpu()
+    sums = all_reduce_mean(taken)  # the ratio of means is the ratio of sums
+    per_depth = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+    values = {f"mtp_{k}_loss": loss for k, loss in enumerate(per_depth, start=1)}
+    return {"mtp_loss": sum(per_depth) / depths, **values}
 
 
 def generate_sample(
