@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from collections.abc import Callable
 
 # metrics.jsonl key -> the scalar's name (Megatron-LM's where it logs the same quantity).
@@ -20,6 +21,7 @@ SCALAR_NAMES = {
     "mfu": "mfu",
     "peak_memory_gib": "mem-max-allocated-gib",
     "moe_aux_loss": "load_balancing_loss",
+    "mtp_loss": "mtp loss",  # the mean over depths; each depth k as Megatron's "mtp_{k} loss"
     "skipped_iterations": "skipped-iterations",
     "val_loss": "lm loss validation",
     "val_ppl": "lm loss validation ppl",
@@ -52,6 +54,8 @@ def check_extras(logging) -> None:
 def scalars(record: dict) -> dict[str, float]:
     """The record's named scalars (validation perplexity derived from its loss)."""
     values = {SCALAR_NAMES[k]: float(v) for k, v in record.items() if k in SCALAR_NAMES}
+    depths = [k for k in record if re.fullmatch(r"mtp_\d+_loss", k)]
+    values.update({k.removesuffix("_loss") + " loss": float(record[k]) for k in depths})
     if "val_loss" in record and record["val_loss"] < 700:  # exp overflows float64 beyond
         values[SCALAR_NAMES["val_ppl"]] = math.exp(record["val_loss"])
     return values

@@ -75,7 +75,7 @@ class ProgressReporter:
         tokens_per_sec: float,
         extra: dict | None = None,
     ) -> None:
-        """One line and one record. `extra` may hold `tokens_per_sec_per_gpu`,
+        """One line and one record. `extra` may hold `mtp_loss`, `tokens_per_sec_per_gpu`,
         `tflops_per_gpu`, `mfu`, `peak_memory_gib` (shown) and anything else (recorded)."""
         elapsed = self.elapsed()
         record = {
@@ -103,8 +103,9 @@ class ProgressReporter:
             throughput += ")"
         elif "tflops_per_gpu" in record:  # one process off the GPU: the run's rate
             throughput += f" {format_rate(record['tflops_per_gpu'] * 1e12, ' ')}FLOP/s"
+        mtp = f"mtp {record['mtp_loss']:.4f} " if "mtp_loss" in record else ""
         line = (
-            f"{bar}{iteration}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+            f"{bar}{iteration}/{self.total} loss {loss:.4f} {mtp}lr {lr:.2e} "
             f"grad {grad_norm:.3f} {throughput} "
             f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}"
         )
