@@ -40,9 +40,10 @@ keeps q, k and v apart, query head h reading key/value head h // (heads / groups
 
 Math that HF's `nemotron_h` (transformers 5.x) cannot express makes `hf_config_from_model_config`
 (and every export) raise `HFExportError` listing each setting and what would be valid: rotary
-embeddings, SwiGLU, softmax routing, MoE without a shared expert or with one expert, MTP, layer
+embeddings, SwiGLU, softmax routing, MoE without a shared expert or with one expert, layer
 symbols other than M * - E. The other way, `HFImportError` lists HF settings our model does not
-implement.
+implement. Multi-token-prediction depths (the pattern's '/' parts) are dropped with a warning:
+nemotron_h's forward runs none, and the export writes no `mtp.*` tensors (imports skip them).
 
 Group-limited routing: HF's `n_group` / `topk_group` are our `moe_router_num_groups` /
 `moe_router_group_topk`, but the groups are ranked differently. Megatron (and so ours) scores a
@@ -96,7 +97,7 @@ from megatron_hybrid.checkpointing.key_mapping import (
 )
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.model import HybridModel
-from megatron_hybrid.pattern import SYMBOL_NAMES, parse_hybrid_pattern
+from megatron_hybrid.pattern import SYMBOL_NAMES, HybridPattern, parse_hybrid_pattern
 from megatron_hybrid.specs import SPECS
 from megatron_hybrid.specs.base import unchanged
 
@@ -279,12 +280,6 @@ def export_problems(config: ModelConfig) -> list[str]:
             f"{config.hybrid_layer_pattern!r}: nemotron_h has only "
             f"{', '.join(f'{t} ({SYMBOL_NAMES[t]})' for t in LAYER_TYPES)} layers"
         )
-    if config.pattern.mtp_depths:
-        problems.append(
-            f"hybrid_layer_pattern={config.hybrid_layer_pattern!r} has "
-            f"{config.pattern.mtp_depths} multi-token-prediction depth(s): nemotron_h's "
-            "forward runs no MTP layers; drop the '/...' part"
-        )
     if "*" in symbols and config.position_embedding_type != "none":
         problems.append(
             f"position_embedding_type={config.position_embedding_type!r}: nemotron_h attention "
@@ -410,7 +405,13 @@ def hf_config_from_model_config(config: ModelConfig) -> dict:
             norm_topk_prob=config.moe_router_topk > 1,
             routed_scaling_factor=1.0 if scale is None else float(scale),
         )
-    hf[EXTRA_KEY] = config.to_dict()
+    # The record describes the exported model: without the MTP depths it drops.
+    main_pattern = str(HybridPattern(config.pattern.stages))
+    hf[EXTRA_KEY] = {
+        **config.to_dict(),
+        "hybrid_layer_pattern": main_pattern,
+        "mtp_num_layers": None,
+    }
     return hf
 
 
@@ -701,8 +702,15 @@ def canonical_to_hf(
     """Canonical state dict -> HF nemotron_h state dict with on-disk key names (`backbone.*`,
     per-expert tensors, `lm_head.weight` always present). Tensors keep their dtype; most are
     returned as views of the inputs. Raises HFExportError for unsupported configs or a state that
-    does not fit `config` (naming the keys)."""
+    does not fit `config` (naming the keys). MTP depths (`mtp.*`) are dropped with a warning."""
     _check_state(state, canonical_shapes(config), "canonical state", HFExportError)
+    if config.pattern.mtp_depths:
+        warnings.warn(
+            f"hybrid_layer_pattern={config.hybrid_layer_pattern!r} has "
+            f"{config.pattern.mtp_depths} multi-token-prediction depth(s), which Hugging Face "
+            f"{HF_MODEL_TYPE} does not run: its mtp.* tensors are not exported",
+            stacklevel=2,
+        )
     return _to_hf(state, config)
 
 

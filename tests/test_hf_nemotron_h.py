@@ -287,7 +287,6 @@ def test_unsupported_export_settings_are_all_named():
     message = str(err.value)
     for expected in (
         "'G' (Gated DeltaNet)",
-        "multi-token-prediction",
         "position_embedding_type",
         "'none'",
         "activation='swiglu'",
