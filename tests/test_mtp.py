@@ -263,6 +263,30 @@ def test_mtp_sits_on_the_last_pipeline_stage_with_its_copy_of_the_embedding():
     )
 
 
+def test_activation_checkpointing_and_compile_wrap_the_mtp_blocks_too():
+    from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
+    from megatron_hybrid.parallel.compile import apply_compile
+
+    model = mtp_model(dtype=torch.float32)
+    plain = copy.deepcopy(model)
+    lines = []
+    apply_activation_checkpointing(model, "full", log=lines.append)
+    apply_compile(copy.deepcopy(plain), log=lines.append)  # compiles on first use: not run
+    # 3 blocks in the decoder (M, [*-], E) and 2 in each of the 2 depths ([M-], *).
+    assert lines == [
+        "activation checkpointing (full) on 7 blocks",
+        "torch.compile: 7 blocks compiled (on first use)",
+    ]
+    t = tokens(model.config)
+    for m in (model, plain):
+        m(t[:, :-1], t[:, 1:]).backward()
+    # Recomputation reruns the same float32 ops: the gradients are those of the plain model.
+    grads = dict(plain.named_parameters())
+    for name, param in model.named_parameters():
+        key = name.replace("._checkpoint_wrapped_module", "")
+        torch.testing.assert_close(param.grad, grads[key].grad, rtol=1e-6, atol=1e-6, msg=key)
+
+
 # -- flags and config ----------------------------------------------------------------------------
 def parse(*flags: str):
     args = build_parser().parse_args([*TINY, *flags])
