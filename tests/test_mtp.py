@@ -406,6 +406,18 @@ def test_the_embedded_default_run_trains_an_mtp_pattern_and_logs_its_loss(tmp_pa
     assert f"mtp {mtp[-1]:.4f}" in line[0]
 
 
+def test_mtp_losses_reach_tensorboard_and_wandb_under_megatrons_names():
+    from megatron_hybrid.training.metric_sinks import scalars
+
+    record = {"iteration": 5, "loss": 3.0, "mtp_loss": 3.5, "mtp_1_loss": 3.25, "mtp_2_loss": 3.75}
+    assert scalars(record) == {
+        "lm loss": 3.0,
+        "mtp loss": 3.5,
+        "mtp_1 loss": 3.25,
+        "mtp_2 loss": 3.75,
+    }
+
+
 # -- Hugging Face export -------------------------------------------------------------------------
 def test_hf_export_drops_mtp_with_a_warning_and_writes_no_mtp_tensor(tmp_path):
     transformers = pytest.importorskip("transformers")
