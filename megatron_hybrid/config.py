@@ -56,6 +56,14 @@ class ModelConfig:
     beta_fast: float = 32.0  # YaRN: rotations bounding the interpolation ramp
     beta_slow: float = 1.0
 
+    # DeepSeek sparse attention (`D`): MLA whose queries each attend to the top-k keys of a
+    # lightning indexer. Sizes left None are derived in megatron_hybrid/specs/dsa.py.
+    dsa_indexer_n_heads: int | None = None  # default num_attention_heads // 2 (at least 1)
+    dsa_indexer_head_dim: int | None = None  # default qk_head_dim
+    dsa_indexer_topk: int | None = None  # keys per query; default 2048 (DeepSeek-V3.2's)
+    dsa_indexer_loss_coeff: float = 0.0  # KL loss training the indexer; 0: off (Megatron's)
+    dsa_indexer_use_sparse_loss: bool = False  # that loss over the selected keys only
+
     # Mamba2 (`M`)
     mamba_state_dim: int = 128  # N, SSM state size per group
     mamba_head_dim: int = 64  # P

@@ -30,8 +30,10 @@ from megatron_hybrid.specs.base import (
 
 # Every optional part switched on, so that every tensor a mixer can have exists.
 ALL_OPTIONS = dict(moe_shared_expert_intermediate_size=16, moe_router_enable_expert_bias=True)
-# Optional parts that exclude each other, one config each (MLA's query: from a latent, or not).
-EXCLUSIVE_OPTIONS = {"+": (dict(q_lora_rank=8, qk_layernorm=True), dict())}
+# Optional parts that exclude each other, one config each (MLA's and DSA's query: from a latent,
+# or not).
+MLA_QUERIES = (dict(q_lora_rank=8, qk_layernorm=True), dict())
+EXCLUSIVE_OPTIONS = {"+": MLA_QUERIES, "D": MLA_QUERIES}
 SYMBOLS = sorted(SPECS)
 
 
@@ -59,9 +61,9 @@ def tensor_names(module: torch.nn.Module) -> set[str]:
 
 
 def test_the_registry_is_the_set_of_implemented_symbols():
-    assert IMPLEMENTED_SYMBOLS == set(SPECS) == set("M*-E+")
+    assert IMPLEMENTED_SYMBOLS == set(SPECS) == set("M*-E+D")
     assert all(spec.symbol == symbol for symbol, spec in SPECS.items())
-    assert set(SPECS) < set(SYMBOL_NAMES)  # G and D parse but have no spec yet
+    assert set(SPECS) < set(SYMBOL_NAMES)  # G parses but has no spec yet
 
 
 @pytest.mark.parametrize("symbol", SYMBOLS)

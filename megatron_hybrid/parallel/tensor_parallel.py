@@ -15,6 +15,8 @@ attributes. Today:
 - MLA: heads over the ranks (the up-projections column-parallel, `linear_proj` row-parallel);
   the down-projections and latent norms replicated; the shared rope key's gradient summed over
   the ranks where it enters the heads.
+- DSA: as MLA, with the lightning indexer replicated; its loss's target, a sum over heads, is
+  summed over the ranks.
 - MoE (`E`): split by megatron_hybrid/parallel/expert_parallel.py, not here.
 
 Per-part splits store the packed weights rank-major (megatron_hybrid/parallel/packed.py); the
@@ -64,6 +66,7 @@ from megatron_hybrid.specs.base import (
     PackedParts,
     RowParallel,
     SplitRows,
+    SumOverHeads,
     TensorParallelPlan,
 )
 
@@ -178,8 +181,13 @@ def _reduce_activation(marker: nn.Module, style: ActivationStyle, tp_mesh: Devic
         whole = DTensor.from_local(output, tp_mesh, [Replicate()], run_check=False)
         return whole.to_local(grad_placements=[Partial()])
 
+    def sum_over_heads(module, inputs, output):
+        assert not output.requires_grad, "SumOverHeads is for values outside the autograd graph"
+        partial = DTensor.from_local(output, tp_mesh, [Partial()], run_check=False)
+        return partial.redistribute(tp_mesh, [Replicate()]).to_local()
+
     assert isinstance(marker, nn.Identity), marker
-    hooks = {EntersHeads: enters_heads}
+    hooks = {EntersHeads: enters_heads, SumOverHeads: sum_over_heads}
     marker.register_forward_hook(hooks[type(style)])
 
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from megatron_hybrid.specs import attention, mamba2, mla, mlp, moe
+from megatron_hybrid.specs import attention, dsa, mamba2, mla, mlp, moe
 from megatron_hybrid.specs.base import MixerSpec
 
 SPECS: MappingProxyType[str, MixerSpec] = MappingProxyType(
-    {spec.symbol: spec for spec in (mamba2.SPEC, attention.SPEC, mlp.SPEC, moe.SPEC, mla.SPEC)}
+    {
+        spec.symbol: spec
+        for spec in (mamba2.SPEC, attention.SPEC, mlp.SPEC, moe.SPEC, mla.SPEC, dsa.SPEC)
+    }
 )
 
 IMPLEMENTED_SYMBOLS = frozenset(SPECS)

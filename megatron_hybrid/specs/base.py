@@ -99,7 +99,14 @@ class EntersHeads:
     and the parts are summed over the ranks (Megatron's copy_to_tensor_model_parallel_region)."""
 
 
-ActivationStyle = EntersHeads
+@dataclass(frozen=True)
+class SumOverHeads:
+    """A sum over heads that each rank took over its own heads, needed whole on every rank and
+    outside the autograd graph (DSA's indexer-loss target): summed over the ranks in forward
+    (Megatron's all-reduce of that target)."""
+
+
+ActivationStyle = EntersHeads | SumOverHeads
 
 
 @dataclass(frozen=True)

@@ -123,10 +123,10 @@ def forward_flops_per_token(config: ModelConfig, seq_length: int) -> float:
         attention's `*` formula; Megatron's MLA count halves these two terms)
     linear_proj           2 * n * dv * H
     """
-    return _projection_flops(config) + attention_flops(config, seq_length)
+    return projection_flops(config) + attention_flops(config, seq_length)
 
 
-def _projection_flops(config: ModelConfig) -> float:
+def projection_flops(config: ModelConfig) -> float:
     H, n = config.hidden_size, config.num_attention_heads
     dn, dr, dv = config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim
     rq, rkv = config.q_lora_rank, config.kv_lora_rank

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hybrid-layer-pattern",
         "--hybrid-override-pattern",
         dest="hybrid_layer_pattern",
-        help="decoder stack: M Mamba2, * attention, + MLA, - MLP, E MoE, [XY] fused block, "
+        help="decoder stack: M Mamba2, * attention, + MLA, D DeepSeek sparse attention, "
+        "- MLP, E MoE, [XY] fused block, "
         "| pipeline stage, / MTP depth",
     )
     m.add_argument("--hidden-size", type=int)
@@ -111,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mla.add_argument("--yarn-beta-fast", type=float, help="YaRN: rotations where the ramp ends")
     mla.add_argument("--yarn-beta-slow", type=float, help="YaRN: rotations where the ramp starts")
+    dsa = parser.add_argument_group(
+        "DeepSeek sparse attention ('D'): MLA (the flags above) with a lightning indexer"
+    )
+    dsa.add_argument("--dsa-indexer-n-heads", type=int, help="indexer heads (default heads / 2)")
+    dsa.add_argument(
+        "--dsa-indexer-head-dim", type=int, help="indexer head width (default --qk-head-dim)"
+    )
+    dsa.add_argument("--dsa-indexer-topk", type=int, help="keys each query attends to")
+    dsa.add_argument(
+        "--dsa-indexer-loss-coeff",
+        type=float,
+        help="weight of the KL loss that trains the indexer (0: off, the indexer stays as "
+        "initialized)",
+    )
+    dsa.add_argument(
+        "--dsa-indexer-use-sparse-loss",
+        action="store_true",
+        help="that loss over each query's selected keys only",
+    )
     m.add_argument("--mamba-state-dim", type=int)
     m.add_argument("--mamba-head-dim", type=int)
     m.add_argument("--mamba-num-groups", type=int)
@@ -326,6 +346,10 @@ FLAG_RANGES: dict[str, str] = {
     "yarn_original_max_position_embeddings": "[1, inf)",
     "yarn_beta_fast": "(0, inf)",
     "yarn_beta_slow": "(0, inf)",
+    "dsa_indexer_n_heads": "[1, inf)",
+    "dsa_indexer_head_dim": "[1, inf)",
+    "dsa_indexer_topk": "[1, inf)",
+    "dsa_indexer_loss_coeff": "[0, inf)",
     "mamba_state_dim": "[1, inf)",
     "mamba_head_dim": "[1, inf)",
     "mamba_num_groups": "[1, inf)",
