@@ -92,15 +92,6 @@ def test_initial_values_follow_the_documented_rules():
     assert abs(fc2.std().item() - 0.02 / (2 * 2) ** 0.5) < 0.002  # scaled by 1/sqrt(2 * layers)
 
 
-@pytest.mark.parametrize("symbol", ["D", "+"])
-def test_unimplemented_symbols_fail_at_build_naming_the_symbol(symbol):
-    config = small_config(f"M{symbol}-")
-    with pytest.raises(UnsupportedLayerError) as info:
-        HybridModel(config)
-    assert f"layer symbol '{symbol}'" in str(info.value)
-    assert "not implemented" in str(info.value)
-
-
 def test_mtp_parses_but_fails_at_build_with_a_clear_message():
     config = small_config("M-/M-")
     assert config.pattern.mtp_depths == 1

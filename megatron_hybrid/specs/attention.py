@@ -53,6 +53,17 @@ def check_config(config: ModelConfig) -> None:
     positive(config, "kv_channels")
     if config.position_embedding_type == "rope" and config.kv_channels % 2:
         raise ConfigError(f"rotary embeddings need an even kv_channels, got {config.kv_channels}")
+    # Settings of MLA's (megatron_hybrid/specs/mla.py) that attention does not read.
+    if config.qk_layernorm:
+        raise ConfigError(
+            "qk_layernorm (--qk-layernorm) normalizes MLA's latents: it applies to MLA ('+') and "
+            "DeepSeek sparse attention ('D'), not to attention ('*')"
+        )
+    if config.rope_type not in (None, "rope"):
+        raise ConfigError(
+            f"rope_type={config.rope_type!r} (--rope-type) applies to MLA ('+') and DeepSeek "
+            "sparse attention ('D'); attention ('*') takes --position-embedding-type rope"
+        )
 
 
 def forward_flops_per_token(config: ModelConfig, seq_length: int) -> float:

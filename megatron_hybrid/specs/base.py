@@ -17,7 +17,7 @@ megatron_hybrid/parallel/tensor_parallel.py turns into DTensor styles.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -104,16 +104,46 @@ TensorParallelStyle = (
 )
 
 
+# Activations where a mixer's replicated part meets its split heads, each marked in the mixer by
+# an identity submodule (`nn.Identity`) that tensor parallelism hooks.
+@dataclass(frozen=True)
+class EntersHeads:
+    """A tensor every rank computes whole that this rank's heads then use (MLA's shared rope
+    key): identity forward; in backward each rank's gradient is its heads' part of the sum,
+    and the parts are summed over the ranks (Megatron's copy_to_tensor_model_parallel_region)."""
+
+
+@dataclass(frozen=True)
+class SumOverHeads:
+    """A sum over heads that each rank took over its own heads, needed whole on every rank and
+    outside the autograd graph (DSA's indexer-loss target): summed over the ranks in forward
+    (Megatron's all-reduce of that target)."""
+
+
+ActivationStyle = EntersHeads | SumOverHeads
+
+
 @dataclass(frozen=True)
 class TensorParallelPlan:
-    """How tensor parallelism splits one mixer: a style per parameter (relative name), and the
-    config fields the tensor-parallel size must divide, as (field, command-line flag)."""
+    """How tensor parallelism splits one mixer: a style per parameter (relative name), a style
+    per marked activation (relative name of its identity submodule), and the config fields the
+    tensor-parallel size must divide, as (field, command-line flag). Entries for tensors that
+    a config's mixer lacks (optional parts) are skipped."""
 
     parameters: Mapping[str, TensorParallelStyle]
     divisible: tuple[tuple[str, str], ...] = ()
+    activations: Mapping[str, ActivationStyle] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parameters", MappingProxyType(dict(self.parameters)))
+        object.__setattr__(self, "activations", MappingProxyType(dict(self.activations)))
+
+    @property
+    def takes_local_input(self) -> bool:
+        """Whether the mixer holds replicated parameters, which compute on plain tensors: under
+        sequence parallelism its input is then the gathered sequence as a plain tensor (whose
+        gradient the mixer's own reductions have already summed over the ranks)."""
+        return any(isinstance(s, Replicated) for s in self.parameters.values())
 
     @property
     def reduces_output(self) -> bool:

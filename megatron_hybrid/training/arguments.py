@@ -35,8 +35,15 @@ from megatron_hybrid.training.signals import EXIT_SIGNALS
 DEFAULT_PATTERN = DEFAULT_MODEL_OVERRIDES["hybrid_layer_pattern"]
 
 # Model flags whose dest is not the ModelConfig field they set. (--swiglu / --squared-relu set
-# `activation`; --group-query-attention is accepted for Megatron compatibility and ignored.)
-MODEL_FLAG_FIELDS = {"num_experts": "num_moe_experts", "norm_epsilon": "layernorm_epsilon"}
+# `activation`; --group-query-attention and --multi-latent-attention are accepted for Megatron
+# compatibility and ignored.)
+MODEL_FLAG_FIELDS = {
+    "num_experts": "num_moe_experts",
+    "norm_epsilon": "layernorm_epsilon",
+    "yarn_original_max_position_embeddings": "original_max_position_embeddings",
+    "yarn_beta_fast": "beta_fast",
+    "yarn_beta_slow": "beta_slow",
+}
 # The ModelConfig fields a model flag may set: all but the vocabulary, which the tokenizer decides
 # (--vocab-size is the NullTokenizer's).
 _MODEL_CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"vocab_size"}
@@ -74,8 +81,8 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
         "--hybrid-layer-pattern",
         "--hybrid-override-pattern",
         dest="hybrid_layer_pattern",
-        help="decoder stack: M Mamba2, G Gated DeltaNet, * attention, - MLP, E MoE, "
-        "[XY] fused block, | pipeline stage, / MTP depth",
+        help="decoder stack: M Mamba2, G Gated DeltaNet, * attention, + MLA, D DeepSeek "
+        "sparse attention, - MLP, E MoE, [XY] fused block, | pipeline stage, / MTP depth",
     )
     m.add_argument("--hidden-size", type=int, help="width of the residual stream")
     m.add_argument("--ffn-hidden-size", type=int, help="MLP width (default 4 * hidden size)")
@@ -106,6 +113,60 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
     m.add_argument("--mamba-state-dim", type=int, help="Mamba2 SSM state size N per group")
     m.add_argument("--mamba-head-dim", type=int, help="Mamba2 head width P")
     m.add_argument("--mamba-num-groups", type=int, help="Mamba2 groups of B/C shared by heads")
+    mla = parser.add_argument_group(
+        "multi-latent attention ('+'): sizes left out derive from d = --kv-channels, else "
+        "hidden size / heads"
+    )
+    mla.add_argument(
+        "--multi-latent-attention",
+        action="store_true",
+        help="accepted for Megatron compatibility; '+' in the pattern selects MLA",
+    )
+    mla.add_argument("--q-lora-rank", type=int, help="query latent (default: no query latent)")
+    mla.add_argument("--kv-lora-rank", type=int, help="key/value latent (default 4 d)")
+    mla.add_argument("--qk-head-dim", type=int, help="per-head q/k dims without rope (default d)")
+    mla.add_argument(
+        "--qk-pos-emb-head-dim", type=int, help="per-head rope dims (default d / 2, even)"
+    )
+    mla.add_argument("--v-head-dim", type=int, help="per-head value dims (default d)")
+    mla.add_argument(
+        "--qk-layernorm", action="store_true", help="RMSNorm on the query and key/value latents"
+    )
+    mla.add_argument(
+        "--rope-type",
+        choices=["rope", "yarn"],
+        help="rope of MLA's rope dims (default yarn, which without --rotary-scaling-factor is "
+        "plain rope)",
+    )
+    mla.add_argument("--rotary-scaling-factor", type=float, help="YaRN context extension factor")
+    mla.add_argument("--mscale", type=float, help="YaRN attention-temperature coefficient")
+    mla.add_argument("--mscale-all-dim", type=float, help="YaRN attention-temperature divisor")
+    mla.add_argument(
+        "--yarn-original-max-position-embeddings",
+        type=int,
+        help="YaRN: context length before extension",
+    )
+    mla.add_argument("--yarn-beta-fast", type=float, help="YaRN: rotations where the ramp ends")
+    mla.add_argument("--yarn-beta-slow", type=float, help="YaRN: rotations where the ramp starts")
+    dsa = parser.add_argument_group(
+        "DeepSeek sparse attention ('D'): MLA (the flags above) with a lightning indexer"
+    )
+    dsa.add_argument("--dsa-indexer-n-heads", type=int, help="indexer heads (default heads / 2)")
+    dsa.add_argument(
+        "--dsa-indexer-head-dim", type=int, help="indexer head width (default --qk-head-dim)"
+    )
+    dsa.add_argument("--dsa-indexer-topk", type=int, help="keys each query attends to")
+    dsa.add_argument(
+        "--dsa-indexer-loss-coeff",
+        type=float,
+        help="weight of the KL loss that trains the indexer (0: off, the indexer stays as "
+        "initialized)",
+    )
+    dsa.add_argument(
+        "--dsa-indexer-use-sparse-loss",
+        action="store_true",
+        help="that loss over each query's selected keys only",
+    )
     m.add_argument("--mamba-num-heads", type=int, help="default 2 * hidden size / head dim")
     m.add_argument("--mamba-chunk-size", type=int, help="SSD chunk length of the chunked scan")
     m.add_argument(
@@ -429,6 +490,21 @@ FLAG_RANGES: dict[str, str] = {
     "num_query_groups": "[1, inf)",
     "kv_channels": "[1, inf)",
     "rotary_base": "(0, inf)",
+    "q_lora_rank": "[1, inf)",
+    "kv_lora_rank": "[1, inf)",
+    "qk_head_dim": "[1, inf)",
+    "qk_pos_emb_head_dim": "[1, inf)",
+    "v_head_dim": "[1, inf)",
+    "rotary_scaling_factor": "(0, inf)",
+    "mscale": "[0, inf)",
+    "mscale_all_dim": "[0, inf)",
+    "yarn_original_max_position_embeddings": "[1, inf)",
+    "yarn_beta_fast": "(0, inf)",
+    "yarn_beta_slow": "(0, inf)",
+    "dsa_indexer_n_heads": "[1, inf)",
+    "dsa_indexer_head_dim": "[1, inf)",
+    "dsa_indexer_topk": "[1, inf)",
+    "dsa_indexer_loss_coeff": "[0, inf)",
     "mamba_state_dim": "[1, inf)",
     "mamba_head_dim": "[1, inf)",
     "mamba_num_groups": "[1, inf)",
