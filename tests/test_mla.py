@@ -424,15 +424,15 @@ def test_the_default_run_trains_a_pattern_with_mla():
 
 # -- parallel layouts (torchrun, gloo, CPU, float32) --------------------------------------------
 # MLA and DSA (tests/test_dsa.py) with every optional part (query latent, latent norms, the
-# indexer's loss, sparse: the top 8 of 24 keys), fused groups, two pipeline segments (one
-# process ignores the cut), two micro-batches per step.
+# indexer's loss, sparse: the top 8 of 24 keys), beside Gated DeltaNet and Mamba2, in fused
+# groups, two pipeline segments (one process ignores the cut), two micro-batches per step.
 DSA_TRAINING = ("--dsa-indexer-topk", "8", "--dsa-indexer-loss-coeff", "0.1")
 LAYOUT_FLAGS = [
     *TINY,
     *MLA_FLAGS,
     *DSA_TRAINING,
     "--hybrid-layer-pattern",
-    "[+-]M|[DE]-",
+    "[+-]G|[DE]M",
     "--global-batch-size",
     "8",
     "--train-iters",
