@@ -41,6 +41,12 @@ from megatron_hybrid.checkpointing.packed_views import (
 from megatron_hybrid.pattern import HybridPattern
 
 
+def holds_nothing(model: torch.nn.Module) -> bool:
+    """An empty middle pipeline stage ("M||M"): no parameter, no buffer, nothing to save (torch's
+    state-dict helpers refuse an empty model)."""
+    return not model.state_dict()
+
+
 class ModelState(Stateful):
     """The model's parameters and persistent buffers as {canonical key: tensor}.
 
@@ -51,6 +57,8 @@ class ModelState(Stateful):
         self.model, self.pattern = model, pattern
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if holds_nothing(self.model):
+            return {}
         state = get_model_state_dict(self.model)
         packed = packed_views(self.model, state, "the model state dict")
         return {
@@ -63,6 +71,8 @@ class ModelState(Stateful):
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load canonical tensors: as DCP fills them (this rank's shards) or whole tensors,
         which a sharded model cuts into its shards."""
+        if holds_nothing(self.model):
+            return
         physical = {physical_name(key, self.pattern): t for key, t in state_dict.items()}
         current = get_model_state_dict(self.model)
         packed = packed_views(self.model, current, "the model state dict")
@@ -90,6 +100,8 @@ class OptimizerState(Stateful):
         self.model, self.optimizer, self.pattern = model, optimizer, pattern
 
     def state_dict(self) -> dict:
+        if holds_nothing(self.model):
+            return {"state": {}, "param_groups": self.optimizer.state_dict()["param_groups"]}
         state = get_optimizer_state_dict(self.model, self.optimizer)
         rename = self._rename(canonical_key)
         packed = self._packed_views(state)
@@ -107,6 +119,8 @@ class OptimizerState(Stateful):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if holds_nothing(self.model):
+            return
         rename = self._rename(physical_name)
         state = {
             "state": {rename(key): value for key, value in state_dict["state"].items()},
