@@ -23,6 +23,7 @@ from megatron_core_writer import (
     megatron_tensors,
     write_megatron_checkpoint,
 )
+from test_distributed import assert_close, torchrun
 from test_training import TINY
 
 from megatron_hybrid.canonical import canonical_key
@@ -400,3 +401,40 @@ def test_to_megatron_refuses_a_tensor_parallel_size_that_does_not_divide(tmp_pat
     ]
     assert convert(args) == 2
     assert "is not divisible by it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_run_resumes_a_megatron_checkpoint_as_one_process(tmp_path):
+    config, model, _, moments = resume_state()
+    state = ModelState(model, config.pattern).state_dict()
+    megatron = tmp_path / "megatron"
+    write_megatron_checkpoint(
+        megatron,
+        state,
+        config,
+        Variant(tp=2),
+        iteration=3,
+        consumed_train_samples=12,
+        moments=moments,
+    )
+    one = run_training(build_parser().parse_args([*RESUME, "--load", str(megatron)])).losses
+    tp2 = torchrun(
+        2,
+        *RESUME,
+        "--load",
+        str(megatron),
+        "--tensor-model-parallel-size",
+        "2",
+        "--device",
+        "cpu",
+        log_dir=tmp_path,
+    )
+    # Tensor-parallel partial sums reorder float32 additions (tests/test_parallel_layouts.py).
+    assert_close(tp2, one)
+
+
+def test_tools_for_our_checkpoints_point_a_megatron_checkpoint_to_from_megatron(tmp_path, capsys):
+    model, state = model_and_state()
+    write_megatron_checkpoint(tmp_path, state, model.config, Variant())
+    assert convert(["inspect", str(tmp_path)]) == 2
+    assert "is a Megatron-Core checkpoint" in capsys.readouterr().err
