@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -438,3 +440,12 @@ def test_tools_for_our_checkpoints_point_a_megatron_checkpoint_to_from_megatron(
     write_megatron_checkpoint(tmp_path, state, model.config, Variant())
     assert convert(["inspect", str(tmp_path)]) == 2
     assert "is a Megatron-Core checkpoint" in capsys.readouterr().err
+
+
+def test_the_flags_the_readme_says_carry_over_are_flags_here():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Flags that carry over unchanged**") :]
+    section = section[: section.index("Megatron-LM's other flags")]
+    listed = set(re.findall(r"`(--[a-z0-9-]+)`", section))
+    ours = {o for a in build_parser()._actions for o in a.option_strings}
+    assert len(listed) > 60 and listed <= ours, sorted(listed - ours)
