@@ -172,9 +172,8 @@ def _split(key: str, tensor: torch.Tensor, parts: str, rows: list[int]) -> dict:
 def extra_state_keys(canonical: dict, config, variant: Variant) -> list[str]:
     """DCP keys of the `_extra_state` objects of a model of the variant's layer spec."""
     te = variant.layer_spec == "te"
-    keys = ["output_layer._extra_state/shard_0_1"]
-    if te:
-        keys.append("decoder.final_norm._extra_state/shard_0_1")
+    # HybridStack's final norm is a TENorm in every layer spec (hybrid_block.py).
+    keys = ["output_layer._extra_state/shard_0_1", "decoder.final_norm._extra_state/shard_0_1"]
     linears = {
         "mixer.in_proj.weight": "mixer.in_proj",
         "mixer.out_proj.weight": "mixer.out_proj",

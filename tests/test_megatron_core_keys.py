@@ -158,3 +158,23 @@ def test_torch_constants_and_containers_are_real():
     }
     loaded = load_pickle(pickle.dumps(value))
     assert loaded == value and loaded["dtype"] is torch.float32
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("rotary_interleaved", True),
+        ("window_size", (128, 0)),
+        ("moe_expert_capacity_factor", 1.0),
+        ("moe_router_num_groups", 2),
+        ("softmax_type", "learnable"),
+    ],
+)
+def test_megatron_options_that_change_the_math_are_refused(name, value):
+    config = small_config("M*E")
+    args = args_from_model_config(
+        config, iteration=1, consumed_train_samples=0, tensor_parallel=1, pipeline_parallel=1
+    )
+    setattr(args, name, value)
+    with pytest.raises(ConfigError, match=f"{name}="):
+        model_config_from_args(args, config.vocab_size, "ckpt")

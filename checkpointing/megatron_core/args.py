@@ -75,6 +75,15 @@ _REQUIRED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         lambda v: v in (None, "rope", "none"),
         "rope or none (learned absolute, yarn, mrope and relative are not implemented)",
     ),
+    ("rotary_interleaved", lambda v: not v, "rotary embeddings on halves, not interleaved"),
+    ("use_rope_scaling", lambda v: not v, "no llama-3 rope scaling"),
+    ("rotary_seq_len_interpolation_factor", lambda v: v is None, "no rope interpolation"),
+    ("no_rope_freq", lambda v: v is None, "rope in every attention layer"),
+    ("window_size", lambda v: v is None, "full causal attention (no --window-size)"),
+    ("qk_l2_norm", lambda v: not v, "no QK L2 norm"),
+    ("softmax_type", lambda v: v in (None, "vanilla"), "the plain attention softmax"),
+    ("moe_expert_capacity_factor", lambda v: v is None, "no token dropping"),
+    ("moe_router_num_groups", lambda v: v is None, "no group-limited routing"),
 )
 
 
@@ -112,7 +121,8 @@ def model_config_from_args(args: Any, vocab_size: int, source: str) -> ModelConf
         fields["num_query_groups"] = arg(args, "num_query_groups")
     fields["activation"] = activation
     fields["moe_aux_loss_coeff"] = _aux_loss_coeff(args)
-    fields["rotary_base"] = float(fields.get("rotary_base", 10000))
+    if "rotary_base" in fields:
+        fields["rotary_base"] = float(fields["rotary_base"])  # an int flag in Megatron-LM
     ours = _our_recorded_config(args, pattern)
     fields = {**ours, **fields, "hybrid_layer_pattern": ours.get("hybrid_layer_pattern", pattern)}
     fields["vocab_size"] = vocab_size

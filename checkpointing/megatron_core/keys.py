@@ -36,13 +36,16 @@ _MODEL_TENSORS = (
     "output_layer.weight",
 )
 _MODEL_MAPS = tuple(rename(key, key) for key in _MODEL_TENSORS)
-# The output layer is a ColumnParallelLinear in both layer specs (its `_extra_state` exists with
-# tied embeddings too); TE's final norm (TENorm) saves one.
-_OUTPUT = ExtraState("output_layer", of="embedding.word_embeddings.weight")
-_MODEL_EXTRA_STATE = {
-    "local": (_OUTPUT,),
-    "te": (_OUTPUT, ExtraState("decoder.final_norm", of="decoder.final_norm.weight")),
-}
+# Outside the layers both layer specs have the same modules: the output layer is a
+# ColumnParallelLinear (its `_extra_state` exists with tied embeddings too), and HybridStack
+# builds its final norm as a TENorm whatever the layer spec (hybrid_block.py), which saves one.
+_MODEL_EXTRA_STATE = dict.fromkeys(
+    MEGATRON_LAYER_SPECS,
+    (
+        ExtraState("output_layer", of="embedding.word_embeddings.weight"),
+        ExtraState("decoder.final_norm", of="decoder.final_norm.weight"),
+    ),
+)
 
 
 class MegatronLayoutError(CheckpointError):
