@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
-
-from megatron_hybrid.canonical import canonical_key
 from megatron_hybrid.checkpointing.errors import CheckpointError, listing
-from megatron_hybrid.checkpointing.key_mapping import PlacedKeyMap
+from megatron_hybrid.checkpointing.key_mapping import (
+    PlacedKeyMap,
+    model_shapes,
+)
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.specs import SPECS
 from megatron_hybrid.specs.base import (
@@ -50,24 +50,6 @@ _MODEL_EXTRA_STATE = dict.fromkeys(
 
 class MegatronLayoutError(CheckpointError):
     """A model, or a checkpoint, that the Megatron-Core key tables cannot map."""
-
-
-def _meta_model(config: ModelConfig):
-    from megatron_hybrid.model import HybridModel
-
-    with torch.device("meta"):
-        return HybridModel(config)
-
-
-def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical key of a model of `config` and its shape (built on the meta device)."""
-    state = _meta_model(config).state_dict()
-    return {canonical_key(n, config.pattern): tuple(t.shape) for n, t in state.items()}
-
-
-def parameter_keys(config: ModelConfig) -> set[str]:
-    """The canonical keys of the parameters (the tensors an optimizer holds state for)."""
-    return {canonical_key(n, config.pattern) for n, _ in _meta_model(config).named_parameters()}
 
 
 def layer_layouts(config: ModelConfig) -> list[tuple[str, MegatronCoreLayout]]:
@@ -105,7 +87,7 @@ def _place(key_map: KeyMap, config: ModelConfig, prefix: str) -> PlacedKeyMap:
 def _candidates(config: ModelConfig) -> list[_Candidates]:
     """Every tensor of a model of `config` with its spellings: the "local" layer spec's first,
     then "te"'s, then the other spellings its spec accepts."""
-    shapes = canonical_shapes(config)
+    shapes = model_shapes(config)
     found: dict[str, list[PlacedKeyMap]] = {}
 
     def add(key_maps: Iterable[KeyMap], prefix: str) -> None:
@@ -131,7 +113,7 @@ def write_maps(config: ModelConfig, layer_spec: str) -> list[PlacedKeyMap]:
         raise MegatronLayoutError(
             f"unknown Megatron-Core layer spec {layer_spec!r}; valid: {MEGATRON_LAYER_SPECS}"
         )
-    shapes = canonical_shapes(config)
+    shapes = model_shapes(config)
     maps = [_place(m, config, "") for m in _MODEL_MAPS]
     for i, (_, layout) in enumerate(layer_layouts(config)):
         maps += [_place(m, config, f"{_LAYERS}{i}.") for m in layout.key_maps[layer_spec]]
@@ -180,7 +162,7 @@ def _shown(placed: PlacedKeyMap) -> str:
 def extra_state_keys(config: ModelConfig, layer_spec: str) -> list[tuple[str, int | None]]:
     """(key, shards) of every `_extra_state` a Megatron-Core model of `layer_spec` saves:
     `{module}._extra_state`, one object, or `shards` of them along a leading axis."""
-    shapes = canonical_shapes(config)
+    shapes = model_shapes(config)
 
     def placed(states: Iterable[ExtraState], prefix: str) -> list[tuple[str, int | None]]:
         return [

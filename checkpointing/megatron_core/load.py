@@ -27,7 +27,12 @@ from pathlib import Path
 import torch
 
 from megatron_hybrid.checkpointing.errors import CheckpointError, listing
-from megatron_hybrid.checkpointing.key_mapping import KeyMappingError, PlacedKeyMap, to_ours
+from megatron_hybrid.checkpointing.key_mapping import (
+    KeyMappingError,
+    PlacedKeyMap,
+    parameter_keys,
+    to_ours,
+)
 from megatron_hybrid.checkpointing.megatron_core import keys
 from megatron_hybrid.checkpointing.megatron_core.args import arg, model_config_from_args
 from megatron_hybrid.checkpointing.megatron_core.directory import (
@@ -134,14 +139,14 @@ def _optimizer_state(
 ) -> dict | None:
     """Adam's moments of every parameter under the model's keys, with the common step; None
     (and a note) when the checkpoint's optimizer state is laid out otherwise, or absent."""
-    parameters = keys.parameter_keys(config)
+    parameters = parameter_keys(config)
     moment_maps = [m for m in maps if m.ours[0] in parameters]
-    wanted = {
-        f"{OPTIMIZER_PREFIX}state.{moment}.{key}": moment
+    wanted = [
+        f"{OPTIMIZER_PREFIX}state.{moment}.{key}"
         for m in moment_maps
         for key in m.theirs
         for moment in MOMENTS
-    }
+    ]
     found = [k for k in checkpoint.tensors if k.startswith(OPTIMIZER_PREFIX)]
     absent = [k for k in wanted if k not in checkpoint.tensors]
     if not found and not any(o.startswith(OPTIMIZER_PREFIX) for o in checkpoint.objects):
