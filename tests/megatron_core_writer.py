@@ -62,6 +62,9 @@ class Variant:
     in_proj: str = "split"  # "split" (.z .x .B .C .dt) or "packed"
     experts: str = "grouped"  # "grouped", "per_expert" (experts.experts.{e}), "local_experts"
     tp: int = 1  # tensor-parallel ranks that saved it (chunks, args, rng_state)
+    # Pipeline stages that saved it: each saves its layers under their global index (the keys
+    # do not change), the args and the RNG states (one per stage) do.
+    pp: int = 1
     common: str = "object"  # "object" (common_state in DCP) or "file" (common.pt)
     fp8: bool = False  # TE _extra_state with a delayed-scaling history
 
@@ -301,13 +304,14 @@ def write_megatron_checkpoint(
             entries[key] = tensor
     for key in extra_state_keys(canonical, config, variant):
         entries[key] = _saved(_extra_state_payload(variant, key))
-    for r in range(variant.tp):  # one RNG state per tensor-parallel rank, replicated over dp
-        rng = {
-            "random_rng_state": ("x", 1),
-            "np_rng_state": np.random.get_state(),
-            "torch_rng_state": torch.get_rng_state(),
-        }
-        entries[f"rng_state/shard_0.{r}_1.{variant.tp}"] = _saved([rng])
+    for stage in range(variant.pp):  # one RNG state per (pipeline, tensor-parallel) rank
+        for r in range(variant.tp):
+            rng = {
+                "random_rng_state": ("x", 1),
+                "np_rng_state": np.random.get_state(),
+                "torch_rng_state": torch.get_rng_state(),
+            }
+            entries[f"rng_state/shard_{stage}.{r}_{variant.pp}.{variant.tp}"] = _saved([rng])
     common = {
         "args": _args(config, variant, iteration, consumed_train_samples, args_overrides or {}),
         "checkpoint_version": 3.0,
@@ -401,7 +405,7 @@ def _args(config, variant: Variant, iteration, consumed, overrides) -> argparse.
         add_bias_linear=False,
         qk_layernorm=False,
         tensor_model_parallel_size=variant.tp,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=variant.pp,
         consumed_train_samples=consumed,
         lr=1e-2,
         min_lr=1e-3,

@@ -64,7 +64,7 @@ VARIANTS = [
         ("te", "packed", "per_expert"),
         ("local", "packed", "local_experts"),
     )
-] + [Variant(common="file"), Variant(tp=2, common="file")]
+] + [Variant(common="file"), Variant(tp=2, common="file"), Variant(tp=2, pp=2)]
 
 
 def model_and_state(pattern=PATTERN, seed=3, **options):
@@ -93,6 +93,15 @@ def test_each_variant_loads_with_the_logits_of_our_own_load(tmp_path, variant):
     assert load_checkpoint(tmp_path / "megatron", fresh, None, fresh.config) is None
     # The same float32 values either way (equal in fact); 1e-6 bounds float32 rounding of
     # logits of size ~1 had any tensor gone through arithmetic.
+    torch.testing.assert_close(logits(fresh), loaded_our_way(tmp_path, model), atol=1e-6, rtol=0)
+
+
+def test_an_untied_output_layer_loads(tmp_path):
+    model, state = model_and_state(untie_embeddings_and_output_weights=True)
+    write_megatron_checkpoint(tmp_path / "megatron", state, model.config, Variant(tp=2))
+    fresh = HybridModel(model.config, seed=99)
+    load_checkpoint(tmp_path / "megatron", fresh, None, fresh.config)
+    assert torch.equal(fresh.output_layer.weight, model.output_layer.weight)
     torch.testing.assert_close(logits(fresh), loaded_our_way(tmp_path, model), atol=1e-6, rtol=0)
 
 
@@ -131,34 +140,34 @@ def resume_state(seed: int = 0):
     return config, model, optimizer, moments
 
 
-@pytest.mark.parametrize(
-    "variant", [Variant(tp=1), Variant("local", "packed", "per_expert", 2)], ids=str
-)
-def test_resuming_a_megatron_checkpoint_trains_as_resuming_our_own(tmp_path, variant):
-    config, model, optimizer, moments = resume_state()
-    state = ModelState(model, config.pattern).state_dict()
-    write_megatron_checkpoint(
-        tmp_path / "megatron",
-        state,
-        config,
-        variant,
-        iteration=3,
-        consumed_train_samples=12,
-        moments=moments,
-    )
+def resume(directory) -> list[float]:
+    return run_training(build_parser().parse_args([*RESUME, "--load", str(directory)])).losses
+
+
+@pytest.fixture(scope="module")
+def resumed_from_ours(tmp_path_factory) -> list[float]:
+    """The losses of a run resuming our own checkpoint of `resume_state()` at iteration 3."""
+    config, model, optimizer, _ = resume_state()
     schedule = settings_from_args(build_parser().parse_args(RESUME)).training.lr_schedule()
     progress = TrainProgress(3, 12, lr_schedule=dataclasses.asdict(schedule))
-    CheckpointSaver(tmp_path / "ours", log=lambda _: None).save(
-        3, model, optimizer, progress, config
-    )
+    directory = tmp_path_factory.mktemp("ours")
+    CheckpointSaver(directory, log=lambda _: None).save(3, model, optimizer, progress, config)
+    return resume(directory)
 
-    from_megatron = run_training(
-        build_parser().parse_args([*RESUME, "--load", str(tmp_path / "megatron")])
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_each_variant_resumes_training_as_our_own_checkpoint_does(
+    tmp_path, variant, resumed_from_ours
+):
+    config, model, _, moments = resume_state()
+    state = ModelState(model, config.pattern).state_dict()
+    write_megatron_checkpoint(
+        tmp_path, state, config, variant, iteration=3, consumed_train_samples=12, moments=moments
     )
-    from_ours = run_training(build_parser().parse_args([*RESUME, "--load", str(tmp_path / "ours")]))
-    assert len(from_megatron.losses) == 2  # iterations 4 and 5: it resumed at iteration 3
+    from_megatron = resume(tmp_path)
+    assert len(from_megatron) == 2  # iterations 4 and 5: it resumed at iteration 3
     # Same weights, moments, step, iteration and samples consumed: the same float32 training.
-    assert from_megatron.losses == from_ours.losses
+    assert from_megatron == resumed_from_ours
 
 
 def test_the_optimizer_moments_land_on_their_parameters(tmp_path):
