@@ -192,11 +192,6 @@ def load_checkpoint(
     meta = files.read_checkpoint_metadata(directory)
     _verify_once(directory, meta, verify_checksums)
     differences = config_differences(meta["model_config"], config)
-    if differences and log is not None:
-        log(
-            f"warning: {directory} was saved with another model config; loading anyway "
-            "(tensor shapes match):\n  " + "\n  ".join(differences)
-        )
     contents = set(meta.get("contents", ()))
     if progress is None:
         contents.discard("progress")
@@ -206,7 +201,12 @@ def load_checkpoint(
         progress if "progress" in contents else None,
         config,
     )
-    check_tensors_fit(files.read_tensor_index(directory), state, directory)
+    check_tensors_fit(files.read_tensor_index(directory), state, directory, differences)
+    if differences and log is not None:  # only now known to be harmless
+        log(
+            f"warning: {directory} was saved with another model config; loading anyway "
+            "(tensor shapes match):\n  " + "\n  ".join(differences)
+        )
     load_dcp_state(state, directory, meta, checksums_verified=verify_checksums)
     return progress if "progress" in contents else None
 
@@ -268,7 +268,9 @@ def _verify_once(directory: Path, meta: dict, checksums: bool) -> None:
         raise CheckpointCorruptError(error)
 
 
-def check_tensors_fit(index: dcp.Metadata, state: dict, directory: Path) -> None:
+def check_tensors_fit(
+    index: dcp.Metadata, state: dict, directory: Path, config_differences=()
+) -> None:
     """Compare every tensor the load would fill with the checkpoint's tensor index: raise
     CheckpointMismatchError listing every difference (for the model first, it is what users
     change), before DCP touches anything. A key is unexpected only if no rank wants it (a
@@ -278,10 +280,12 @@ def check_tensors_fit(index: dcp.Metadata, state: dict, directory: Path) -> None
         for key, meta in index.state_dict_metadata.items()
         if hasattr(meta, "size")
     }
-    check_shapes_fit(shapes, state, directory)
+    check_shapes_fit(shapes, state, directory, config_differences)
 
 
-def check_shapes_fit(shapes: dict[str, tuple[int, ...]], state: dict, where) -> None:
+def check_shapes_fit(
+    shapes: dict[str, tuple[int, ...]], state: dict, where, config_differences=()
+) -> None:
     """`check_tensors_fit` against `shapes`, the checkpoint's tensors as DCP keys them
     (`model.decoder...`, `optimizer.state....exp_avg`); `where` names the checkpoint."""
     for part in state:
@@ -304,6 +308,7 @@ def check_shapes_fit(shapes: dict[str, tuple[int, ...]], state: dict, where) -> 
                 [k[strip:] for k in missing],
                 [k[strip:] for k in unexpected],
                 [(k[strip:], s, w) for k, s, w in mismatched],
+                config_differences,
             )
 
 

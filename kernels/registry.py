@@ -48,6 +48,9 @@ OPS: dict[str, str] = {
     "activation.swiglu": "swiglu(h) -> silu(h[..., :F]) * h[..., F:]",
     "causal_conv1d": "causal_conv1d(x_BLC, weight, bias, activation) -> y_BLC",
     "ssd": "ssd(x, dt, A, B, C, chunk_size, D=, dt_bias=, dt_softplus=, dt_limit=) -> y",
+    "gated_delta_rule": "gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, "
+    "output_final_state=False) -> (o, final_state): S_t = exp(g_t) (I - beta_t k_t k_t^T) "
+    "S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t",
     "moe.experts": "experts(x_sorted_TH, tokens_per_expert_E, fc1_EFH, fc2_EHF, activation) -> "
     "y_sorted_TH: each expert's fc2(act(fc1 x)) on its rows of the expert-sorted tokens",
     "mlp": "mlp(x, linear_fc1, linear_fc2, act) -> linear_fc2(act(linear_fc1(x)))",
@@ -371,6 +374,7 @@ _EAGER = {
     "activation.swiglu": "activations.eager:swiglu",
     "causal_conv1d": "conv1d.eager:causal_conv1d",
     "ssd": "ssd.eager:ssd_chunked_scan",
+    "gated_delta_rule": "gated_delta_rule.eager:chunk_gated_delta_rule",
     "moe.experts": "moe_experts.eager:experts",
     "mlp": "mlp.eager:mlp",
     "rotary": "rotary.eager:rotary",
@@ -408,6 +412,18 @@ def _builtin_registry() -> KernelRegistry:
                 priority=10,
             )
         )
+    # flash-linear-attention's Triton kernels (optional; Megatron-Core's GDN runs on them).
+    registry.register(
+        Implementation(
+            "gated_delta_rule",
+            "fla",
+            f"{_PACKAGE}.gated_delta_rule.fla:chunk_gated_delta_rule",
+            device_types=("cuda",),
+            requires=("fla.ops.gated_delta_rule",),
+            install_hint="pip install fla-core",
+            priority=10,
+        )
+    )
     # tiled is opt-in only (a negative priority: auto never prefers it over eager).
     registry.register(
         Implementation("mlp", "tiled", f"{_PACKAGE}.mlp.tiled:tiled_mlp", priority=-10)

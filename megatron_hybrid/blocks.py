@@ -1,6 +1,6 @@
 """One physical block of the decoder: an optional sequence side and an optional channel side.
 
-    x = x + sequence_mixer(sequence_norm(x))     if the block has a sequence mixer (M, *)
+    x = x + sequence_mixer(sequence_norm(x))     if the block has a sequence mixer (M, G, *)
     x = x + channel_mixer(channel_norm(x))       if the block has a channel mixer (-, E)
 
 Each mixer is what its symbol's spec builds (megatron_hybrid/specs/). In a block with both sides

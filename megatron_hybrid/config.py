@@ -54,6 +54,14 @@ class ModelConfig:
     mamba_dt_floor: float = 0.0
     mamba_dt_ceiling: float | None = None
 
+    # Gated DeltaNet (`G`), Megatron-Core's linear_* fields. Unset sizes derive from the
+    # attention sizes (megatron_hybrid/specs/gated_delta_net.py): Qwen3-Next's ratios.
+    linear_conv_kernel_dim: int = 4  # depthwise causal conv width over q, k, v
+    linear_key_head_dim: int | None = None  # default hidden_size // num_attention_heads
+    linear_value_head_dim: int | None = None  # default linear_key_head_dim
+    linear_num_key_heads: int | None = None  # q/k heads; default num_attention_heads
+    linear_num_value_heads: int | None = None  # v/gate heads; default 2 * linear_num_key_heads
+
     # MLP (`-`) and experts
     activation: str = "squared_relu"  # "squared_relu" or "swiglu"
 
@@ -68,6 +76,13 @@ class ModelConfig:
     moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing bias, for choice only
     moe_router_bias_update_rate: float = 1e-3
     moe_aux_loss_coeff: float = 0.0  # switch load-balancing loss coefficient
+    # Latent MoE: routed experts run at this width between fc1_latent_proj (hidden -> latent)
+    # and fc2_latent_proj (latent -> hidden); the router and shared experts stay at hidden_size.
+    moe_latent_size: int | None = None
+    # Group-limited routing: experts split into moe_router_num_groups groups; each token routes
+    # to experts of its moe_router_group_topk best groups only (both None: no groups).
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
 
     # Shared
     layernorm_epsilon: float = 1e-5
@@ -118,6 +133,12 @@ class ModelConfig:
         """(low, high) that Mamba2 clamps dt = softplus(dt + dt_bias) to; (0, inf): no clamp."""
         ceiling = math.inf if self.mamba_dt_ceiling is None else self.mamba_dt_ceiling
         return (self.mamba_dt_floor, ceiling)
+
+    @property
+    def moe_expert_input_size(self) -> int:
+        """The width routed experts read and write: moe_latent_size (latent MoE), else
+        hidden_size."""
+        return self.hidden_size if self.moe_latent_size is None else self.moe_latent_size
 
     @property
     def tie_word_embeddings(self) -> bool:

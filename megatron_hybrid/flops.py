@@ -98,3 +98,27 @@ def parameter_count(config: ModelConfig) -> int:
                 total += H + _spec(symbol).parameter_count(config)
     assert sum(counts.values()) == config.pattern.num_layers
     return total
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by CUDA device name, most specific first:
+# the denominator of the MFU in the training log line.
+BF16_DENSE_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The accelerator's dense bf16 peak, or None for a device not in the table."""
+    for key, tflops in BF16_DENSE_PEAK_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None

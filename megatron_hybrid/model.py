@@ -161,15 +161,17 @@ class HybridModel(nn.Module):
         losses = [m.last_aux_loss for m in self.moe_layers() if m.last_aux_loss is not None]
         return float(sum(losses)) if losses else None
 
-    def update_expert_biases(self, reduce_counts=None) -> None:
+    def update_expert_biases(self, reduce_counts=None, keep: torch.Tensor | None = None) -> None:
         """Call after each optimizer step: aux-loss-free balancing of every router.
         `reduce_counts(tensor)` sums the per-expert token counts over data-parallel ranks in
-        place, so every rank applies the same update."""
+        place, so every rank applies the same update. `keep`, a device scalar 1.0 or 0.0,
+        applies or drops the update without the host reading it (an iteration whose optimizer
+        step was skipped on the device)."""
         for module in self.modules():
             if isinstance(module, TopKRouter):
                 if reduce_counts is not None and module.expert_bias is not None:
                     reduce_counts(module.tokens_per_expert)
-                module.update_expert_bias()
+                module.update_expert_bias(keep)
 
     def discard_routing_counts(self) -> None:
         """Forget the tokens counted since the last update (an iteration whose update is

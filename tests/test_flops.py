@@ -164,8 +164,8 @@ def test_parameter_count_by_hand():
 def test_unsupported_patterns_raise():
     with pytest.raises(ValueError, match="MTP"):
         training_flops_per_token(small_config("M-/M-"), 16)
-    with pytest.raises(ValueError, match="G"):
-        parameter_count(small_config("MG-"))
+    with pytest.raises(ValueError, match="D"):
+        parameter_count(small_config("MD-"))
 
 
 def test_benchmark_named_configs():

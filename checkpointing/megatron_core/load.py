@@ -272,18 +272,18 @@ def load_state_into(
 
     say = log or (lambda _: None)
     differences = config_differences(state.config.to_dict(), config)
-    if differences:
+    parts = checkpoint_state(model, optimizer if state.optimizer else None, None, config)
+    shapes = {f"model.{k}": tuple(t.shape) for k, t in state.model.items()}
+    if state.optimizer:
+        shapes.update(_tensor_shapes(state.optimizer["state"], "optimizer.state"))
+    check_shapes_fit(shapes, parts, state.directory, differences)
+    if differences:  # only now known to be harmless
         say(
             f"warning: {state.directory} was saved with another model config; loading anyway "
             "(tensor shapes match):\n  " + "\n  ".join(differences)
         )
     for note in state.notes:
         say(f"warning: {note}")
-    parts = checkpoint_state(model, optimizer if state.optimizer else None, None, config)
-    shapes = {f"model.{k}": tuple(t.shape) for k, t in state.model.items()}
-    if state.optimizer:
-        shapes.update(_tensor_shapes(state.optimizer["state"], "optimizer.state"))
-    check_shapes_fit(shapes, parts, state.directory)
     like = parts["model"].state_dict()
     parts["model"].load_state_dict({k: v.to(like[k].dtype) for k, v in state.model.items()})
     if state.optimizer:

@@ -12,6 +12,10 @@ attributes. Today:
 - Mamba2: heads and groups over the ranks: `in_proj` per packed part z/x/B/C/dt, the conv1d
   channels per part x/B/C, dt_bias, A_log, D and the gated norm's weight on heads, `out_proj`
   row-parallel.
+- Gated DeltaNet: key and value heads over the ranks: `in_proj` per packed part
+  q/k/v/z/beta/alpha, the conv1d channels per part q/k/v, dt_bias and A_log on value heads,
+  `out_proj` row-parallel; the output norm's weight, shared by all heads, replicated with its
+  gradient summed over the ranks.
 - MoE (`E`): split by megatron_hybrid/parallel/expert_parallel.py, not here.
 
 Per-part splits store the packed weights rank-major (megatron_hybrid/parallel/packed.py); the
@@ -57,6 +61,7 @@ from megatron_hybrid.specs import SPECS, implemented_listing
 from megatron_hybrid.specs.base import (
     ColumnParallel,
     PackedParts,
+    ReplicatedSummedGradient,
     RowParallel,
     SplitRows,
     TensorParallelPlan,
@@ -119,6 +124,15 @@ def shard_mixer(
         _split_rows(mixer, name, plan.parameters[name].parts, tp_mesh)
     if rows:
         _forward_on_local_shards(mixer, tuple(rows))
+    shared = [
+        name
+        for name, style in plan.parameters.items()
+        if isinstance(style, ReplicatedSummedGradient)
+    ]
+    for name in shared:
+        _replicate_summing_gradient(*_owner(mixer, name), tp_mesh)
+    if shared:
+        _forward_on_local_shards(mixer, tuple(shared), grad_placements=(Partial(),))
 
 
 def module_styles(
@@ -170,6 +184,19 @@ def _split_rows(
     )
 
 
+def _replicate_summing_gradient(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
+    """Parameter `name` of `module` -> a replicated DTensor whose gradient, a partial sum on
+    each rank (`_forward_on_local_shards` with `Partial` gradients), is summed over the ranks
+    once accumulated."""
+    param = getattr(module, name)
+    replicated = nn.Parameter(
+        DTensor.from_local(param.detach(), mesh, [Replicate()], run_check=False),
+        requires_grad=param.requires_grad,
+    )
+    module.register_parameter(name, replicated)
+    replicated.register_post_accumulate_grad_hook(_sum_partial_gradient)
+
+
 class SequenceParallelNorm(ParallelStyle):
     """An RMSNorm on this rank's slice of the sequence. Its weight becomes a replicated DTensor;
     `forward` and `add_and_norm` run the bound kernel on plain local tensors (so fused and
@@ -178,13 +205,7 @@ class SequenceParallelNorm(ParallelStyle):
     right after it is accumulated)."""
 
     def _apply(self, norm: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        weight = norm.weight
-        replicated = nn.Parameter(
-            DTensor.from_local(weight.detach(), device_mesh, [Replicate()], run_check=False),
-            requires_grad=weight.requires_grad,
-        )
-        norm.register_parameter("weight", replicated)
-        replicated.register_post_accumulate_grad_hook(_sum_partial_gradient)
+        _replicate_summing_gradient(norm, "weight", device_mesh)
         _forward_on_local_shards(
             norm, ("weight",), methods=("forward", "add_and_norm"), grad_placements=(Partial(),)
         )

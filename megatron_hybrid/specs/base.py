@@ -81,13 +81,27 @@ class Replicated:
 
 
 @dataclass(frozen=True)
+class ReplicatedSummedGradient:
+    """A parameter every rank holds whole but applies to its own share of the work only (a norm
+    weight that all of a mixer's heads share, the heads split over the ranks): each rank's
+    gradient is a partial sum, summed over the ranks."""
+
+
+@dataclass(frozen=True)
 class SplitElsewhere:
     """A parameter that another parallel step splits (`where` names it)."""
 
     where: str
 
 
-TensorParallelStyle = ColumnParallel | RowParallel | SplitRows | Replicated | SplitElsewhere
+TensorParallelStyle = (
+    ColumnParallel
+    | RowParallel
+    | SplitRows
+    | Replicated
+    | ReplicatedSummedGradient
+    | SplitElsewhere
+)
 
 
 @dataclass(frozen=True)
