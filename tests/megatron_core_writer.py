@@ -125,11 +125,8 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 def megatron_tensors(canonical: dict, config, variant: Variant) -> dict[str, torch.Tensor]:
     """Canonical tensors of ours -> the model tensors of a Megatron-Core checkpoint."""
-    moe_layers = {
-        int(m.group(1))
-        for k in canonical
-        if (m := _LAYER.match(k)) and m.group(2).startswith("mlp.router.")
-    }
+    moe_layers = _layers_with(canonical, "mlp.router.weight")
+    gdn_layers = _layers_with(canonical, "self_attention.in_proj.weight")
     out = {}
     for key, tensor in canonical.items():
         match = _LAYER.match(key)
@@ -141,6 +138,8 @@ def megatron_tensors(canonical: dict, config, variant: Variant) -> dict[str, tor
         te = variant.layer_spec == "te"
         if te and name == "norm.weight":
             out[prefix + "mixer.in_proj.layer_norm_weight"] = tensor
+        elif te and name == "input_layernorm.weight" and layer in gdn_layers:
+            out[prefix + "self_attention.in_proj.layer_norm_weight"] = tensor
         elif te and name == "input_layernorm.weight":
             out[prefix + "self_attention.linear_qkv.layer_norm_weight"] = tensor
         elif te and name == "pre_mlp_layernorm.weight" and layer not in moe_layers:
@@ -149,6 +148,12 @@ def megatron_tensors(canonical: dict, config, variant: Variant) -> dict[str, tor
             out.update(_split(prefix + name, tensor, "z x B C dt", _in_proj_rows(config)))
         elif name.startswith("mixer.conv1d.") and variant.in_proj == "split":
             out.update(_split(prefix + name, tensor, "x B C", _in_proj_rows(config)[1:4]))
+        elif name == "self_attention.in_proj.weight" and variant.in_proj == "split":
+            rows = _gdn_in_proj_rows(config)
+            out.update(_split(prefix + name, tensor, "query key value z beta alpha", rows))
+        elif name == "self_attention.conv1d.weight" and variant.in_proj == "split":
+            rows = _gdn_in_proj_rows(config)[:3]
+            out.update(_split(prefix + name, tensor, "query key value", rows))
         elif name.startswith("mlp.experts.linear_fc"):
             fc = name[len("mlp.experts.") :]
             if variant.experts == "grouped":
@@ -160,6 +165,19 @@ def megatron_tensors(canonical: dict, config, variant: Variant) -> dict[str, tor
         else:
             out[prefix + name] = tensor
     return out
+
+
+def _layers_with(canonical: dict, name: str) -> set[int]:
+    """The layers that hold tensor `name` (which kind of layer a layer is)."""
+    return {int(m.group(1)) for k in canonical if (m := _LAYER.match(k)) and m.group(2) == name}
+
+
+def _gdn_in_proj_rows(config) -> list[int]:
+    """Gated DeltaNet's in_proj parts query, key, value, z, beta, alpha (gated_delta_net.py)."""
+    qk = config.linear_num_key_heads * config.linear_key_head_dim
+    v = config.linear_num_value_heads * config.linear_value_head_dim
+    heads = config.linear_num_value_heads
+    return [qk, qk, v, v, heads, heads]
 
 
 def _in_proj_rows(config) -> list[int]:
@@ -186,6 +204,10 @@ def extra_state_keys(canonical: dict, config, variant: Variant) -> list[str]:
         "mlp.linear_fc2.weight": "mlp.linear_fc2",
         "mlp.shared_experts.linear_fc1.weight": "mlp.shared_experts.linear_fc1",
         "mlp.shared_experts.linear_fc2.weight": "mlp.shared_experts.linear_fc2",
+        "self_attention.in_proj.weight": "self_attention.in_proj",  # Gated DeltaNet
+        "self_attention.out_proj.weight": "self_attention.out_proj",
+        "mlp.fc1_latent_proj.weight": "mlp.fc1_latent_proj",  # TELinear in every spec
+        "mlp.fc2_latent_proj.weight": "mlp.fc2_latent_proj",
     }
     for key in canonical:
         match = _LAYER.match(key)
@@ -204,6 +226,8 @@ def extra_state_keys(canonical: dict, config, variant: Variant) -> list[str]:
             te and name == "pre_mlp_layernorm.weight" and f"{prefix}mlp.router.weight" in canonical
         ):
             keys.append(f"{prefix}pre_mlp_layernorm._extra_state/shard_0_1")
+        elif te and name == "self_attention.out_norm.weight":  # Gated DeltaNet's TENorm
+            keys.append(f"{prefix}self_attention.out_norm._extra_state/shard_0_1")
     return keys
 
 
@@ -393,6 +417,15 @@ def _args(config, variant: Variant, iteration, consumed, overrides) -> argparse.
         moe_router_enable_expert_bias=config.moe_router_enable_expert_bias,
         moe_router_bias_update_rate=config.moe_router_bias_update_rate,
         moe_router_load_balancing_type="aux_loss",
+        moe_router_num_groups=config.moe_router_num_groups,
+        moe_router_group_topk=config.moe_router_group_topk,
+        moe_latent_size=config.moe_latent_size,
+        linear_conv_kernel_dim=config.linear_conv_kernel_dim,
+        linear_key_head_dim=config.linear_key_head_dim,
+        linear_value_head_dim=config.linear_value_head_dim,
+        linear_num_key_heads=config.linear_num_key_heads,
+        linear_num_value_heads=config.linear_num_value_heads,
+        experimental_attention_variant="gdn" if "G" in main else None,
         moe_aux_loss_coeff=config.moe_aux_loss_coeff,
         moe_grouped_gemm=variant.experts == "grouped",
         layernorm_epsilon=config.layernorm_epsilon,

@@ -96,6 +96,20 @@ def test_each_variant_loads_with_the_logits_of_our_own_load(tmp_path, variant):
     torch.testing.assert_close(logits(fresh), loaded_our_way(tmp_path, model), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [Variant("te", "split", "grouped", 2), Variant("local", "packed", "per_expert")],
+    ids=str,
+)
+def test_gated_deltanet_and_a_latent_grouped_moe_load_too(tmp_path, variant):
+    options = dict(moe_latent_size=16, moe_router_num_groups=2, moe_router_group_topk=1)
+    model, state = model_and_state("G[*E]M", **options)
+    write_megatron_checkpoint(tmp_path / "megatron", state, model.config, variant)
+    fresh = HybridModel(model.config, seed=99)
+    load_checkpoint(tmp_path / "megatron", fresh, None, fresh.config)
+    torch.testing.assert_close(logits(fresh), loaded_our_way(tmp_path, model), atol=1e-6, rtol=0)
+
+
 def test_an_untied_output_layer_loads(tmp_path):
     model, state = model_and_state(untie_embeddings_and_output_weights=True)
     write_megatron_checkpoint(tmp_path / "megatron", state, model.config, Variant(tp=2))
@@ -168,6 +182,20 @@ def test_each_variant_resumes_training_as_our_own_checkpoint_does(
     assert len(from_megatron) == 2  # iterations 4 and 5: it resumed at iteration 3
     # Same weights, moments, step, iteration and samples consumed: the same float32 training.
     assert from_megatron == resumed_from_ours
+
+
+def test_use_checkpoint_args_builds_the_model_the_megatron_args_describe(
+    tmp_path, resumed_from_ours, capsys
+):
+    config, model, _, moments = resume_state()
+    state = ModelState(model, config.pattern).state_dict()
+    write_megatron_checkpoint(
+        tmp_path, state, config, Variant(), iteration=3, consumed_train_samples=12, moments=moments
+    )
+    flags = [*RESUME, "--hidden-size", "64", "--load", str(tmp_path), "--use-checkpoint-args"]
+    resumed = run_training(build_parser().parse_args(flags)).losses
+    assert "hidden_size: 64 -> 32" in capsys.readouterr().out
+    assert resumed == resumed_from_ours  # the same model, state and data as our own resume
 
 
 def test_the_optimizer_moments_land_on_their_parameters(tmp_path):
@@ -366,6 +394,15 @@ def test_to_megatron_writes_the_keys_a_megatron_core_model_requests(tmp_path, la
 @pytest.mark.parametrize("tp", [1, 2])
 def test_ours_to_megatron_and_back_is_bitwise_the_same_model(tmp_path, layer_spec, tp):
     our_checkpoint(tmp_path, "[M-]|[*E]M-", moe_shared_expert_intermediate_size=None)
+    assert_round_trip_is_bitwise(tmp_path, layer_spec, tp, "[M-]|[*E]M-")
+
+
+def test_gated_deltanet_and_latent_moe_round_trip_bitwise(tmp_path):
+    our_checkpoint(tmp_path, "[G-]|*[ME]", moe_latent_size=16)
+    assert_round_trip_is_bitwise(tmp_path, "te", 2, "[G-]|*[ME]")
+
+
+def assert_round_trip_is_bitwise(tmp_path, layer_spec, tp, pattern):
     megatron, back = tmp_path / "megatron", tmp_path / "back"
     args = ["to-megatron", str(tmp_path / "ours"), str(megatron), "--layer-spec", layer_spec]
     assert convert([*args, "--tensor-parallel-size", str(tp)]) == 0
@@ -373,7 +410,7 @@ def test_ours_to_megatron_and_back_is_bitwise_the_same_model(tmp_path, layer_spe
     before, config_before, _ = read_model_state(tmp_path / "ours")
     after, config_after, meta = read_model_state(back)
     assert config_after == config_before  # fusion groups and stages included
-    assert config_after.hybrid_layer_pattern == "[M-]|[*E]M-"
+    assert config_after.hybrid_layer_pattern == pattern
     assert after.keys() == before.keys()
     assert all(
         torch.equal(after[k], before[k]) and after[k].dtype == before[k].dtype for k in before
@@ -453,7 +490,7 @@ def test_tools_for_our_checkpoints_point_a_megatron_checkpoint_to_from_megatron(
 
 def test_the_flags_the_readme_says_carry_over_are_flags_here():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("**Flags that carry over unchanged**") :]
+    section = " ".join(readme[readme.index("**Flags that carry over unchanged**") :].split())
     section = section[: section.index("Megatron-LM's other flags")]
     listed = set(re.findall(r"`(--[a-z0-9-]+)`", section))
     ours = {o for a in build_parser()._actions for o in a.option_strings}

@@ -27,8 +27,10 @@ from megatron_hybrid.specs import SPECS
 from megatron_hybrid.specs.base import MEGATRON_LAYER_SPECS
 from megatron_hybrid.training.optimizer import LRSchedule
 
-# Every optional tensor switched on.
-ALL_OPTIONS = dict(moe_shared_expert_intermediate_size=16, moe_router_enable_expert_bias=True)
+# Every optional tensor switched on (the latent projections with moe_latent_size).
+ALL_OPTIONS = dict(
+    moe_shared_expert_intermediate_size=16, moe_router_enable_expert_bias=True, moe_latent_size=16
+)
 SYMBOLS = sorted(s for s in SPECS if SPECS[s].megatron_core is not None)
 
 
@@ -52,9 +54,13 @@ def test_every_implemented_symbol_has_a_megatron_core_layout():
 
 @pytest.mark.parametrize("layer_spec", MEGATRON_LAYER_SPECS)
 @pytest.mark.parametrize("symbol", SYMBOLS)
-@pytest.mark.parametrize("activation", ["squared_relu", "swiglu"])
-def test_each_layer_spec_maps_every_tensor_once_and_round_trips(symbol, layer_spec, activation):
-    state, config = layer_tensors(symbol, activation=activation)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"activation": "swiglu"}, {"moe_latent_size": 16}],
+    ids=["relu2", "swiglu", "latent"],
+)
+def test_each_layer_spec_maps_every_tensor_once_and_round_trips(symbol, layer_spec, options):
+    state, config = layer_tensors(symbol, **options)
     layout = SPECS[symbol].megatron_core
     maps = [PlacedKeyMap.place(m, config) for m in layout.key_maps[layer_spec]]
     maps = [m for m in maps if m.ours[0] in state]  # optional tensors the config lacks
@@ -166,7 +172,7 @@ def test_torch_constants_and_containers_are_real():
         ("rotary_interleaved", True),
         ("window_size", (128, 0)),
         ("moe_expert_capacity_factor", 1.0),
-        ("moe_router_num_groups", 2),
+        ("experimental_attention_variant", "gdn2"),
         ("softmax_type", "learnable"),
     ],
 )

@@ -14,6 +14,7 @@ each mixer's spec); see the README, "Coming from Megatron-LM".
 from megatron_hybrid.checkpointing.megatron_core.directory import find_checkpoint
 from megatron_hybrid.checkpointing.megatron_core.load import (
     load_megatron_checkpoint,
+    read_megatron_model_fields,
     read_megatron_state,
 )
 from megatron_hybrid.checkpointing.megatron_core.save import save_megatron_checkpoint
@@ -21,6 +22,7 @@ from megatron_hybrid.checkpointing.megatron_core.save import save_megatron_check
 __all__ = [
     "find_checkpoint",
     "load_megatron_checkpoint",
+    "read_megatron_model_fields",
     "read_megatron_state",
     "save_megatron_checkpoint",
 ]

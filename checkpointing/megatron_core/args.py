@@ -40,6 +40,14 @@ ARG_NAMES: dict[str, tuple[str, ...]] = {
     "moe_router_topk_scaling_factor": ("moe_router_topk_scaling_factor",),
     "moe_router_enable_expert_bias": ("moe_router_enable_expert_bias",),
     "moe_router_bias_update_rate": ("moe_router_bias_update_rate",),
+    "moe_router_num_groups": ("moe_router_num_groups",),
+    "moe_router_group_topk": ("moe_router_group_topk",),
+    "moe_latent_size": ("moe_latent_size",),
+    "linear_conv_kernel_dim": ("linear_conv_kernel_dim",),
+    "linear_key_head_dim": ("linear_key_head_dim",),
+    "linear_value_head_dim": ("linear_value_head_dim",),
+    "linear_num_key_heads": ("linear_num_key_heads",),
+    "linear_num_value_heads": ("linear_num_value_heads",),
     "layernorm_epsilon": ("layernorm_epsilon", "norm_epsilon"),
     "init_method_std": ("init_method_std",),
     "untie_embeddings_and_output_weights": ("untie_embeddings_and_output_weights",),
@@ -83,14 +91,29 @@ _REQUIRED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("qk_l2_norm", lambda v: not v, "no QK L2 norm"),
     ("softmax_type", lambda v: v in (None, "vanilla"), "the plain attention softmax"),
     ("moe_expert_capacity_factor", lambda v: v is None, "no token dropping"),
-    ("moe_router_num_groups", lambda v: v is None, "no group-limited routing"),
+    (
+        "experimental_attention_variant",
+        lambda v: v in (None, "gdn", "gated_delta_net"),
+        "Gated DeltaNet as `G` (gdn2 and dsa variants are not implemented)",
+    ),
 )
 
 
 def model_config_from_args(args: Any, vocab_size: int, source: str) -> ModelConfig:
     """The ModelConfig a Megatron-LM run's `args` describe, for an embedding of `vocab_size`
-    rows. Raises ConfigError naming `source` (the checkpoint) and every argument whose value a
-    model here cannot compute."""
+    rows (fields Megatron-LM has no argument for: our record of them, else the defaults).
+    Raises ConfigError naming `source` (the checkpoint) and every argument whose value a model
+    here cannot compute."""
+    fields = {**model_fields_from_args(args, source), "vocab_size": vocab_size}
+    try:
+        return ModelConfig(**fields)
+    except (ConfigError, PatternError, TypeError) as error:
+        raise ConfigError(f"{source}: the saved Megatron-LM arguments: {error}") from error
+
+
+def model_fields_from_args(args: Any, source: str) -> dict[str, Any]:
+    """The ModelConfig fields a Megatron-LM run's `args` hold (and those of our config that
+    to-megatron recorded beside them), unchecked; ConfigError as `model_config_from_args`."""
     problems = [
         f"{name}={arg(args, name)!r} (need {need})"
         for name, ok, need in _REQUIRED
@@ -124,12 +147,8 @@ def model_config_from_args(args: Any, vocab_size: int, source: str) -> ModelConf
     if "rotary_base" in fields:
         fields["rotary_base"] = float(fields["rotary_base"])  # an int flag in Megatron-LM
     ours = _our_recorded_config(args, pattern)
-    fields = {**ours, **fields, "hybrid_layer_pattern": ours.get("hybrid_layer_pattern", pattern)}
-    fields["vocab_size"] = vocab_size
-    try:
-        return ModelConfig(**fields)
-    except (ConfigError, PatternError, TypeError) as error:
-        raise ConfigError(f"{source}: the saved Megatron-LM arguments: {error}") from error
+    ours.pop("vocab_size", None)  # the checkpoint's embedding says it
+    return {**ours, **fields, "hybrid_layer_pattern": ours.get("hybrid_layer_pattern", pattern)}
 
 
 def _activation(args: Any) -> str | None:

@@ -34,7 +34,11 @@ from megatron_hybrid.checkpointing.key_mapping import (
     to_ours,
 )
 from megatron_hybrid.checkpointing.megatron_core import keys
-from megatron_hybrid.checkpointing.megatron_core.args import arg, model_config_from_args
+from megatron_hybrid.checkpointing.megatron_core.args import (
+    arg,
+    model_config_from_args,
+    model_fields_from_args,
+)
 from megatron_hybrid.checkpointing.megatron_core.directory import (
     COMMON_STATE_KEY,
     MegatronCheckpoint,
@@ -107,6 +111,19 @@ def read_megatron_state(
         state.optimizer = _optimizer_state(checkpoint, maps, config, state)
     state.notes += _not_carried(checkpoint)
     return state
+
+
+def read_megatron_model_fields(path: str | Path, iteration: int | None = None) -> dict:
+    """The ModelConfig fields a Megatron-Core checkpoint's saved args hold (no tensor is read):
+    what `--use-checkpoint-args` takes from it. CheckpointError without saved args."""
+    checkpoint = open_checkpoint(path, iteration)
+    args = checkpoint.common.get("args")
+    if args is None:
+        raise CheckpointError(
+            f"{checkpoint.directory} has no saved Megatron-LM args (common state key 'args'): "
+            "give the model flags instead of --use-checkpoint-args"
+        )
+    return model_fields_from_args(args, str(checkpoint.directory))
 
 
 def _config(checkpoint: MegatronCheckpoint, args, run_config: ModelConfig | None) -> ModelConfig:

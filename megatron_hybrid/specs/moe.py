@@ -222,10 +222,12 @@ def _num_experts(config: ModelConfig) -> int:
 _EXPERT_WEIGHTS = ("linear_fc1.weight", "linear_fc2.weight")
 # SequentialMLP and TEGroupedMLP both save each expert weight as one [E, ...] tensor under
 # `experts.experts.` (the expert index a prepended axis); SwiGLU's fc1 per expert [gate; up].
+_LATENT_PROJECTIONS = ("fc1_latent_proj", "fc2_latent_proj")
 _MCORE_SAME = (
     rename("pre_mlp_layernorm.weight", "pre_mlp_layernorm.weight"),
     rename("mlp.router.weight", "mlp.router.weight"),
     rename("mlp.router.expert_bias", "mlp.router.expert_bias"),
+    *(rename(f"mlp.{p}.weight", f"mlp.{p}.weight") for p in _LATENT_PROJECTIONS),
     *(rename(f"mlp.experts.{w}", f"mlp.experts.experts.{w}") for w in _EXPERT_WEIGHTS),
     *(rename(f"mlp.shared_experts.{w}", f"mlp.shared_experts.{w}") for w in _EXPERT_WEIGHTS),
 )
@@ -238,6 +240,8 @@ _MCORE_LINEARS = (
         ExtraState(f"mlp.shared_experts.{w[: -len('.weight')]}", f"mlp.shared_experts.{w}")
         for w in _EXPERT_WEIGHTS
     ),
+    # The latent projections are TELinear in every layer spec (moe_layer.py).
+    *(ExtraState(f"mlp.{p}", f"mlp.{p}.weight") for p in _LATENT_PROJECTIONS),
 )
 MEGATRON_CORE = MegatronCoreLayout(
     # The MoE layer keeps its own pre-norm in both specs (TENorm in TE's).
