@@ -118,7 +118,8 @@ class HybridModel(nn.Module):
     def init_weights(self, seed: int) -> None:
         """(Re)initialize every tensor; a model built on the meta device is left for
         `to_empty` + `init_weights` (or a checkpoint load) to fill."""
-        if next(self.parameters()).is_meta:
+        first = next(self.parameters(), None)  # None: an empty middle pipeline stage
+        if first is None or first.is_meta:
             return
         initialize_parameters(self, self.config, seed)
 

@@ -11,8 +11,10 @@ from megatron_hybrid.config_checks import ConfigError, divisors, positive
 from megatron_hybrid.layers.attention import SelfAttention
 from megatron_hybrid.specs.base import (
     ColumnParallel,
+    ExtraState,
     ForeignLayout,
     KeyMap,
+    MegatronCoreLayout,
     MixerSpec,
     RowParallel,
     Slots,
@@ -134,6 +136,27 @@ HF_NEMOTRON_H = ForeignLayout(
     ),
 )
 
+_MCORE_SAME = (
+    rename("self_attention.linear_qkv.weight", "self_attention.linear_qkv.weight"),
+    rename("self_attention.linear_proj.weight", "self_attention.linear_proj.weight"),
+)
+_MCORE_LINEARS = (
+    ExtraState("self_attention.linear_qkv", of="self_attention.linear_qkv.weight"),
+    ExtraState("self_attention.linear_proj", of="self_attention.linear_proj.weight"),
+)
+MEGATRON_CORE = MegatronCoreLayout(
+    key_maps={
+        "local": (rename("input_layernorm.weight", "input_layernorm.weight"), *_MCORE_SAME),
+        # TE's spec fuses the pre-norm into linear_qkv (TELayerNormColumnParallelLinear).
+        "te": (
+            rename("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+            *_MCORE_SAME,
+        ),
+    },
+    # TEDotProductAttention saves no _extra_state (only a learnable softmax offset, unused here).
+    extra_state={"local": _MCORE_LINEARS, "te": _MCORE_LINEARS},
+)
+
 SPEC = MixerSpec(
     symbol="*",
     build=SelfAttention,
@@ -160,4 +183,5 @@ SPEC = MixerSpec(
     forward_flops_per_token=forward_flops_per_token,
     parameter_count=parameter_count,
     hf_nemotron_h=HF_NEMOTRON_H,
+    megatron_core=MEGATRON_CORE,
 )

@@ -190,6 +190,50 @@ def rename(ours: str, theirs: str) -> KeyMap:
     return KeyMap((ours,), (theirs,))
 
 
+def split_keys(
+    ours: str,
+    parts: tuple[str, ...],
+    sizes: Callable[[ModelConfig], tuple[int, ...]],
+    separator: str = ".",
+) -> KeyMap:
+    """One tensor as several along dim 0, the part `p` under `ours + separator + p`, of
+    `sizes(config)` rows in order (Megatron-Core's `in_proj.weight.z`, ...)."""
+
+    def to_theirs(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+        return list(torch.split(tensors[0], list(sizes(config)), dim=0))
+
+    def to_ours(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+        expected = sizes(config)
+        found = tuple(t.shape[0] if t.dim() else 0 for t in tensors)
+        if found != expected:
+            raise KeyMappingError(
+                f"parts {', '.join(parts)} have {found} rows, the config gives {expected}"
+            )
+        return [torch.cat(list(tensors), dim=0)]
+
+    theirs = tuple(f"{ours}{separator}{part}" for part in parts)
+    return KeyMap((ours,), theirs, to_theirs, to_ours)
+
+
+def per_item_keys(ours: str, template: str, count: Callable[[ModelConfig], int]) -> KeyMap:
+    """One tensor stacked along dim 0 as one tensor per item (an expert): item j under
+    `template.format(j)`."""
+
+    def theirs(config: ModelConfig) -> tuple[str, ...]:
+        return tuple(template.format(j) for j in range(count(config)))
+
+    def to_theirs(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+        return list(tensors[0].unbind(0))
+
+    def to_ours(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise KeyMappingError(f"the {len(tensors)} items differ in shape: {sorted(shapes)}")
+        return [torch.stack(list(tensors))]
+
+    return KeyMap((ours,), theirs, to_theirs, to_ours)
+
+
 @dataclass(frozen=True)
 class ForeignLayout:
     """One sub-layer of ours as one layer of another format: that format's name for the layer
@@ -197,6 +241,51 @@ class ForeignLayout:
 
     layer_type: str
     key_maps: tuple[KeyMap, ...]
+
+
+# -- Megatron-Core's torch_dist checkpoints --------------------------------------------------------
+# Megatron-Core builds its layers from a layer spec of its own ("local") modules or of Transformer
+# Engine's ("te"); the two save some tensors under other names (TE fuses a pre-norm into the
+# linear after it: `mixer.in_proj.layer_norm_weight`).
+MEGATRON_LAYER_SPECS = ("local", "te")
+
+
+@dataclass(frozen=True)
+class ExtraState:
+    """A module for which Megatron-Core saves an `_extra_state` object (TE's FP8 metadata; None
+    for its local linears): `module`, relative to the layer; it exists when the sub-layer has
+    our tensor `of`; `shards(config)`: how many objects along a leading axis (one per expert,
+    `.../_extra_state/shard_{j}_{n}`), or None for one object."""
+
+    module: str
+    of: str
+    shards: Callable[[ModelConfig], int] | None = None
+
+
+@dataclass(frozen=True)
+class MegatronCoreLayout:
+    """One sub-layer in Megatron-Core's `torch_dist` checkpoints (checkpointing/megatron_core/).
+
+    Keys are relative to the layer (`decoder.layers.{i}.`, the same canonical index there),
+    ours canonical; every KeyMap maps one tensor of ours. `key_maps[layer_spec]` holds one map
+    per tensor the sub-layer can have: how a Megatron-Core model of that layer spec saves it
+    (what `to-megatron` writes; a load takes whichever spelling it finds). `read_also`: other
+    spellings a load accepts (a packed tensor saved whole, one tensor per expert).
+    `extra_state[layer_spec]`: the modules that save an `_extra_state` in that layer spec."""
+
+    key_maps: Mapping[str, tuple[KeyMap, ...]]
+    extra_state: Mapping[str, tuple[ExtraState, ...]]
+    read_also: tuple[KeyMap, ...] = ()
+
+    def __post_init__(self) -> None:
+        for field_name in ("key_maps", "extra_state"):
+            value = getattr(self, field_name)
+            if set(value) != set(MEGATRON_LAYER_SPECS):
+                raise ValueError(
+                    f"MegatronCoreLayout.{field_name} needs exactly the layer specs "
+                    f"{MEGATRON_LAYER_SPECS}, got {tuple(value)}"
+                )
+            object.__setattr__(self, field_name, MappingProxyType(dict(value)))
 
 
 # -- the spec -------------------------------------------------------------------------------------
@@ -229,6 +318,9 @@ class MixerSpec:
     # Hugging Face transformers' nemotron_h layer (checkpointing/hf_nemotron_h.py); None: the
     # format has no such layer.
     hf_nemotron_h: ForeignLayout | None = None
+    # Megatron-Core's torch_dist checkpoints (checkpointing/megatron_core/); None: the converter
+    # refuses models with this symbol, naming it.
+    megatron_core: MegatronCoreLayout | None = None
 
     def __post_init__(self) -> None:
         if self.symbol not in SYMBOL_NAMES:
