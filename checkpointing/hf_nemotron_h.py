@@ -87,16 +87,15 @@ from pathlib import Path
 
 import torch
 
-from megatron_hybrid.canonical import canonical_key
 from megatron_hybrid.checkpointing.key_mapping import (
     KeyMappingError,
     PlacedKeyMap,
     layer_key_maps,
+    model_shapes,
     to_ours,
     to_theirs,
 )
 from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.model import HybridModel
 from megatron_hybrid.pattern import SYMBOL_NAMES, HybridPattern, parse_hybrid_pattern
 from megatron_hybrid.specs import SPECS
 from megatron_hybrid.specs.base import unchanged
@@ -654,12 +653,7 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every canonical key of an exportable `config` and its shape (the model is built on the
     meta device: no memory, no initialization)."""
     _require_exportable(config)
-    with torch.device("meta"):
-        model = HybridModel(config)
-    return {
-        canonical_key(name, config.pattern): tuple(t.shape)
-        for name, t in model.state_dict().items()
-    }
+    return model_shapes(config)
 
 
 def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -34,13 +33,6 @@ from megatron_hybrid.checkpointing.parts import ModelPartsState, OptimizerPartsS
 from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.parallel.distributed import all_ranks_agree
-
-# A single-process run is a supported layout, not something to warn about at every save.
-warnings.filterwarnings(
-    "ignore",
-    message="torch.distributed is disabled, unavailable or "
-    "uninitialized, assuming the intent is to (save|load) in a single process",
-)
 
 
 def checkpoint_state(model, optimizer, progress: TrainProgress | None, config: ModelConfig) -> dict:
@@ -186,7 +178,16 @@ def load_checkpoint(
     tensor index's checksum), the checkpoint's keys and shapes against the model and optimizer
     (CheckpointMismatchError lists missing, unexpected and mis-shaped keys).
     Returns the loaded TrainProgress (its RNG states are restored by `restore_rng()`, at the
-    caller's choice), or None when the checkpoint holds only a model."""
+    caller's choice), or None when the checkpoint holds only a model.
+
+    A Megatron-Core `torch_dist` checkpoint (found by its metadata.json) loads the same way
+    (checkpointing/megatron_core/load.py)."""
+    from megatron_hybrid.checkpointing import megatron_core
+
+    if megatron_core.find_checkpoint(path, iteration) is not None:
+        return megatron_core.load_megatron_checkpoint(
+            path, model, optimizer, config, progress, iteration, log
+        )
     directory = files.resolve_checkpoint_dir(path, iteration)
     meta = files.read_checkpoint_metadata(directory)
     _verify_once(directory, meta, verify_checksums)
@@ -274,14 +275,22 @@ def check_tensors_fit(
     CheckpointMismatchError listing every difference (for the model first, it is what users
     change), before DCP touches anything. A key is unexpected only if no rank wants it (a
     pipeline rank loads only its stages' keys)."""
-    saved = index.state_dict_metadata
+    shapes = {
+        key: tuple(meta.size)
+        for key, meta in index.state_dict_metadata.items()
+        if hasattr(meta, "size")
+    }
+    check_shapes_fit(shapes, state, directory, config_differences)
+
+
+def check_shapes_fit(
+    shapes: dict[str, tuple[int, ...]], state: dict, where, config_differences=()
+) -> None:
+    """`check_tensors_fit` against `shapes`, the checkpoint's tensors as DCP keys them
+    (`model.decoder...`, `optimizer.state....exp_avg`); `where` names the checkpoint."""
     for part in state:
         wanted = _flat_tensor_shapes(state[part].state_dict(), part)
-        have = {
-            key: tuple(meta.size)
-            for key, meta in saved.items()
-            if key.startswith(part + ".") and hasattr(meta, "size")
-        }
+        have = {key: shape for key, shape in shapes.items() if key.startswith(part + ".")}
         wanted_anywhere = set(wanted)
         if dist.is_initialized() and dist.get_world_size() > 1:
             every_rank: list = [None] * dist.get_world_size()
@@ -295,7 +304,7 @@ def check_tensors_fit(
         if missing or unexpected or mismatched:
             strip = len(part) + 1
             raise CheckpointMismatchError(
-                f"the {part} ({directory})",
+                f"the {part} ({where})",
                 [k[strip:] for k in missing],
                 [k[strip:] for k in unexpected],
                 [(k[strip:], s, w) for k, s, w in mismatched],

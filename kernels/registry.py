@@ -55,6 +55,8 @@ OPS: dict[str, str] = {
     "y_sorted_TH: each expert's fc2(act(fc1 x)) on its rows of the expert-sorted tokens",
     "mlp": "mlp(x, linear_fc1, linear_fc2, act) -> linear_fc2(act(linear_fc1(x)))",
     "rotary": "rotary(x, cos, sin) -> x * cos + cat(-x2, x1) * sin (rotate-half RoPE)",
+    "sparse_attention": "sparse_attention(q, k, v, topk_indices, scale) -> softmax attention of "
+    "each query over the keys its top-k list selects (-1: none)",
     "linear_cross_entropy": "linear_cross_entropy(hidden, weight, labels, ignore_index=-100) -> "
     "float32 mean cross-entropy of hidden @ weight^T over tokens not ignored",
 }
@@ -378,6 +380,7 @@ _EAGER = {
     "moe.experts": "moe_experts.eager:experts",
     "mlp": "mlp.eager:mlp",
     "rotary": "rotary.eager:rotary",
+    "sparse_attention": "sparse_attention.eager:sparse_attention",
     "linear_cross_entropy": "linear_cross_entropy.eager:linear_cross_entropy",
 }
 _TRITON = {

@@ -39,6 +39,31 @@ class ModelConfig:
     position_embedding_type: str = "none"  # "rope" or "none" (Nemotron-H uses none)
     rotary_base: float = 10000.0
 
+    # Multi-latent attention (`+`, and `D`, which is MLA with sparse key selection). Sizes left
+    # None are derived in megatron_hybrid/specs/mla.py from d = kv_channels, else
+    # hidden_size // num_attention_heads.
+    q_lora_rank: int | None = None  # query latent; None: no query compression (linear_q_proj)
+    kv_lora_rank: int | None = None  # key/value latent; default 4 * d
+    qk_head_dim: int | None = None  # per-head q/k dims without rope; default d
+    qk_pos_emb_head_dim: int | None = None  # per-head rope dims; default d / 2, even
+    v_head_dim: int | None = None  # per-head value dims; default d
+    qk_layernorm: bool = False  # RMSNorm on the query and key/value latents (DeepSeek's)
+    rope_type: str | None = None  # "rope" or "yarn" (MLA's default, as Megatron's)
+    rotary_scaling_factor: float = 1.0  # YaRN context extension factor (1: plain rope)
+    mscale: float = 1.0  # YaRN attention-temperature coefficients
+    mscale_all_dim: float = 0.0
+    original_max_position_embeddings: int = 4096  # YaRN: the context before extension
+    beta_fast: float = 32.0  # YaRN: rotations bounding the interpolation ramp
+    beta_slow: float = 1.0
+
+    # DeepSeek sparse attention (`D`): MLA whose queries each attend to the top-k keys of a
+    # lightning indexer. Sizes left None are derived in megatron_hybrid/specs/dsa.py.
+    dsa_indexer_n_heads: int | None = None  # default num_attention_heads // 2 (at least 1)
+    dsa_indexer_head_dim: int | None = None  # default qk_head_dim
+    dsa_indexer_topk: int | None = None  # keys per query; default 2048 (DeepSeek-V3.2's)
+    dsa_indexer_loss_coeff: float = 0.0  # KL loss training the indexer; 0: off (Megatron's)
+    dsa_indexer_use_sparse_loss: bool = False  # that loss over the selected keys only
+
     # Mamba2 (`M`)
     mamba_state_dim: int = 128  # N, SSM state size per group
     mamba_head_dim: int = 64  # P

@@ -13,14 +13,15 @@ V = vocab_size, T = seq_length:
 
     each sub-layer                 its spec's `forward_flops_per_token`, whose docstring gives
                                    the formula: M megatron_hybrid/specs/mamba2.py, * specs/
-                                   attention.py, - specs/mlp.py, E specs/moe.py
+                                   attention.py, + specs/mla.py, - specs/mlp.py, E specs/
+                                   moe.py
     output layer (logits)          2 * H * V        (tied or not)
     embedding lookup               0
     each MTP depth ('/' part)      2 * 2H * H (eh_proj) + 2 * H * V (its logits), plus its
                                    sub-layers, counted with the others (`layer_counts()` counts
                                    every depth's); as Megatron-LM counts MTP
 
-The symbols without a spec (D, +) raise ValueError.
+The symbols without a spec raise ValueError.
 
 `parameter_count(config)` is the analytic number of trainable parameters, equal to
 `HybridModel(config).num_parameters()` (router expert-bias and token counts are buffers).
@@ -59,7 +60,7 @@ def _spec(symbol: str) -> MixerSpec:
 
 
 def layer_forward_flops_per_token(config: ModelConfig, symbol: str, seq_length: int) -> float:
-    """Forward FLOPs per token of one canonical sub-layer `symbol` (M, *, -, E)."""
+    """Forward FLOPs per token of one canonical sub-layer `symbol` (M, *, +, -, E)."""
     return _spec(symbol).forward_flops_per_token(config, seq_length)
 
 

@@ -139,7 +139,8 @@ class HybridModel(nn.Module):
     def init_weights(self, seed: int) -> None:
         """(Re)initialize every tensor; a model built on the meta device is left for
         `to_empty` + `init_weights` (or a checkpoint load) to fill."""
-        if next(self.parameters()).is_meta:
+        first = next(self.parameters(), None)  # None: an empty middle pipeline stage
+        if first is None or first.is_meta:
             return
         initialize_parameters(self, self.config, seed)
 
@@ -172,13 +173,16 @@ class HybridModel(nn.Module):
             return loss
         return F.linear(hidden, self.output_weight())
 
-    # -- MoE bookkeeping the training loop drives -----------------------------------------------
+    # -- MoE (and auxiliary-loss) bookkeeping the training loop drives ---------------------------
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def set_moe_aux_loss_grad_scale(self, scale: float) -> None:
-        for layer in self.moe_layers():
-            layer.aux_loss_grad_scale = scale
+    def set_aux_loss_grad_scale(self, scale: float) -> None:
+        """The factor on the gradient of every auxiliary loss (MoE load balancing, the DSA
+        indexer's KL loss): the modules that add one carry `aux_loss_grad_scale`."""
+        for module in self.modules():
+            if hasattr(module, "aux_loss_grad_scale"):
+                module.aux_loss_grad_scale = scale
 
     def moe_aux_loss(self) -> float | None:
         """Sum of the aux losses of the last forward pass (for logging), or None."""

@@ -250,17 +250,22 @@ def test_parameter_count_by_hand_and_of_the_built_model():
 
 
 # -- fused == unfused -------------------------------------------------------------------------
-FUSED, UNFUSED = "[G-]M[*E]", "G-M*E"
+# Gated DeltaNet beside each other sequence mixer: attention, MLA and DeepSeek sparse attention.
+PAIRS = pytest.mark.parametrize(
+    "FUSED, UNFUSED", [("[G-]M[*E]", "G-M*E"), ("[G-]M[+E]", "G-M+E"), ("[G-]M[DE]", "G-MDE")]
+)
 
 
-def test_fused_and_unfused_models_have_identical_canonical_parameters():
+@PAIRS
+def test_fused_and_unfused_models_have_identical_canonical_parameters(FUSED, UNFUSED):
     fused = canonical_state(HybridModel(small_config(FUSED), seed=7))
     unfused = canonical_state(HybridModel(small_config(UNFUSED), seed=7))
     assert fused.keys() == unfused.keys()
     assert all(torch.equal(fused[k], unfused[k]) for k in fused)
 
 
-def test_fused_and_unfused_models_give_the_same_logits():
+@PAIRS
+def test_fused_and_unfused_models_give_the_same_logits(FUSED, UNFUSED):
     tokens = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fused = perturb_parameters(HybridModel(small_config(FUSED), seed=7), seed=3)(tokens)
@@ -270,7 +275,8 @@ def test_fused_and_unfused_models_give_the_same_logits():
     torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-6)
 
 
-def test_fused_and_unfused_patterns_train_alike_for_20_steps():
+@PAIRS
+def test_fused_and_unfused_patterns_train_alike_for_20_steps(FUSED, UNFUSED):
     def losses(pattern):
         flags = ["--hybrid-layer-pattern", pattern, "--train-iters", "20", "--log-interval", "5"]
         return run_training(build_parser().parse_args([*TINY, *flags])).losses

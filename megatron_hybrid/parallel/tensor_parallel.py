@@ -16,6 +16,11 @@ attributes. Today:
   q/k/v/z/beta/alpha, the conv1d channels per part q/k/v, dt_bias and A_log on value heads,
   `out_proj` row-parallel; the output norm's weight, shared by all heads, replicated with its
   gradient summed over the ranks.
+- MLA: heads over the ranks (the up-projections column-parallel, `linear_proj` row-parallel);
+  the down-projections and latent norms replicated; the shared rope key's gradient summed over
+  the ranks where it enters the heads.
+- DSA: as MLA, with the lightning indexer replicated; its loss's target, a sum over heads, is
+  summed over the ranks.
 - MoE (`E`): split by megatron_hybrid/parallel/expert_parallel.py, not here.
 
 Per-part splits store the packed weights rank-major (megatron_hybrid/parallel/packed.py); the
@@ -60,11 +65,14 @@ from megatron_hybrid.parallel.packed import PackedRows, mark_packed
 from megatron_hybrid.pattern import SYMBOL_NAMES
 from megatron_hybrid.specs import SPECS, implemented_listing
 from megatron_hybrid.specs.base import (
+    ActivationStyle,
     ColumnParallel,
+    EntersHeads,
     PackedParts,
     ReplicatedSummedGradient,
     RowParallel,
     SplitRows,
+    SumOverHeads,
     TensorParallelPlan,
 )
 
@@ -116,11 +124,16 @@ def shard_mixer(
 ) -> None:
     """Split `mixer`'s parameters over `tp_mesh` in place as `plan` declares; a row-parallel
     output is summed onto `output_layout` (default: replicated). Entries of other styles
-    (replicated, split elsewhere) are left alone."""
+    (replicated, split elsewhere) are left alone, as are entries for parameters this mixer
+    lacks (optional parts). Marked activations get their reductions over the ranks."""
     styles = module_styles(mixer, plan, output_layout)
     if styles:
         parallelize_module(mixer, tp_mesh, styles)
-    rows = [name for name, style in plan.parameters.items() if isinstance(style, SplitRows)]
+    rows = [
+        name
+        for name, style in plan.parameters.items()
+        if isinstance(style, SplitRows) and _has_parameter(mixer, name)
+    ]
     for name in rows:
         _split_rows(mixer, name, plan.parameters[name].parts, tp_mesh)
     if rows:
@@ -134,6 +147,8 @@ def shard_mixer(
         _replicate_summing_gradient(*_owner(mixer, name), tp_mesh)
     if shared:
         _forward_on_local_shards(mixer, tuple(shared), grad_placements=(Partial(),))
+    for name, style in plan.activations.items():
+        _reduce_activation(mixer.get_submodule(name), style, tp_mesh)
 
 
 def module_styles(
@@ -144,6 +159,8 @@ def module_styles(
     to `output_layout`."""
     styles: dict[str, ParallelStyle] = {}
     for name, style in plan.parameters.items():
+        if not _has_parameter(mixer, name):
+            continue
         path = name.rpartition(".")[0]
         if isinstance(style, ColumnParallel):
             parts = _parts(style.parts, mixer)
@@ -160,6 +177,33 @@ def mlp_plan(mlp: nn.Module, output_layout: Placement | None = None) -> dict[str
     """The `parallelize_module` plan of a dense MLP (the `-` spec's), also for a MoE's shared
     expert."""
     return module_styles(mlp, SPECS["-"].tensor_parallel, output_layout)
+
+
+def _has_parameter(mixer: nn.Module, name: str) -> bool:
+    try:
+        mixer.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _reduce_activation(marker: nn.Module, style: ActivationStyle, tp_mesh: DeviceMesh) -> None:
+    """Make the identity `marker`'s output carry `style`'s reduction over the ranks: DTensor
+    redistributions, so the backward is their transpose."""
+
+    def enters_heads(module, inputs, output):
+        # Replicated forward; the gradient that comes back is a per-rank partial sum.
+        whole = DTensor.from_local(output, tp_mesh, [Replicate()], run_check=False)
+        return whole.to_local(grad_placements=[Partial()])
+
+    def sum_over_heads(module, inputs, output):
+        assert not output.requires_grad, "SumOverHeads is for values outside the autograd graph"
+        partial = DTensor.from_local(output, tp_mesh, [Partial()], run_check=False)
+        return partial.redistribute(tp_mesh, [Replicate()]).to_local()
+
+    assert isinstance(marker, nn.Identity), marker
+    hooks = {EntersHeads: enters_heads, SumOverHeads: sum_over_heads}
+    marker.register_forward_hook(hooks[type(style)])
 
 
 def _parts(parts: PackedParts | None, mixer: nn.Module) -> tuple[int, ...] | None:
@@ -278,8 +322,13 @@ def apply_tensor_parallel(
 def _split_block_sequence(block: HybridBlock, tp_mesh: DeviceMesh) -> None:
     """Sequence parallelism in one block whose mixers are already tensor-parallel: norms on the
     local slice, each mixer gathering the sequence at its input (a DTensor, so the backward
-    reduce-scatters); a mixer whose output is not reduced (MoE) splits its output again."""
+    reduce-scatters; a plain tensor for a mixer with replicated parameters, whose input gradient
+    its own reductions have already summed); a mixer whose output is not reduced (MoE) splits its
+    output again."""
     gather = PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())
+    gather_local = PrepareModuleInput(
+        input_layouts=Shard(1), desired_input_layouts=Replicate(), use_local_output=True
+    )
     gather_and_split = PrepareModuleInputOutput(
         input_layouts=Shard(1),
         desired_input_layouts=Replicate(),
@@ -290,8 +339,12 @@ def _split_block_sequence(block: HybridBlock, tp_mesh: DeviceMesh) -> None:
     )
     for side in block.sides():
         parallelize_module(side.norm, tp_mesh, SequenceParallelNorm())
-        reduced = SPECS[side.symbol].tensor_parallel.reduces_output
-        parallelize_module(side.mixer, tp_mesh, gather if reduced else gather_and_split)
+        plan = SPECS[side.symbol].tensor_parallel
+        if not plan.reduces_output:
+            style = gather_and_split
+        else:
+            style = gather_local if plan.takes_local_input else gather
+        parallelize_module(side.mixer, tp_mesh, style)
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -27,12 +27,16 @@ from megatron_hybrid.config_checks import ConfigError, positive
 from megatron_hybrid.layers.gated_delta_net import GatedDeltaNet
 from megatron_hybrid.specs.base import (
     ColumnParallel,
+    ExtraState,
+    MegatronCoreLayout,
     MixerSpec,
     ReplicatedSummedGradient,
     RowParallel,
     Slots,
     SplitRows,
     TensorParallelPlan,
+    rename,
+    split_keys,
 )
 from megatron_hybrid.specs.init_rules import normal, ones, output_projection
 from megatron_hybrid.specs.mamba2 import a_log
@@ -174,6 +178,66 @@ def parameter_count(config: ModelConfig) -> int:
     )
 
 
+# -- Megatron-Core torch_dist: in_proj and conv1d saved per part ------------------------------
+def _in_proj_sizes(config: ModelConfig) -> tuple[int, ...]:
+    """Rows of in_proj's parts query, key, value, z, beta, alpha."""
+    qk, v, _, _ = _dims(config)
+    heads = config.linear_num_value_heads
+    return (qk, qk, v, v, heads, heads)
+
+
+def _conv_sizes(config: ModelConfig) -> tuple[int, ...]:
+    """Channels of conv1d's parts query, key, value."""
+    return _in_proj_sizes(config)[:3]
+
+
+# GatedDeltaNet.sharded_state_dict saves in_proj as `.query .key .value .z .beta .alpha` and the
+# conv's weight as `.query .key .value` (it has no bias here, Megatron's conv_bias=False).
+_MCORE_PARTS = (
+    split_keys(
+        "self_attention.in_proj.weight",
+        ("query", "key", "value", "z", "beta", "alpha"),
+        _in_proj_sizes,
+    ),
+    split_keys("self_attention.conv1d.weight", ("query", "key", "value"), _conv_sizes),
+)
+_MCORE_SAME = tuple(
+    rename(f"self_attention.{name}", f"self_attention.{name}")
+    for name in ("dt_bias", "A_log", "out_norm.weight", "out_proj.weight")
+)
+_MCORE_LINEARS = (
+    ExtraState("self_attention.in_proj", of="self_attention.in_proj.weight"),
+    ExtraState("self_attention.out_proj", of="self_attention.out_proj.weight"),
+)
+MEGATRON_CORE = MegatronCoreLayout(
+    key_maps={
+        "local": (
+            rename("input_layernorm.weight", "input_layernorm.weight"),
+            *_MCORE_PARTS,
+            *_MCORE_SAME,
+        ),
+        # TE's spec fuses the pre-norm into in_proj (TELayerNormColumnParallelLinear).
+        "te": (
+            rename("input_layernorm.weight", "self_attention.in_proj.layer_norm_weight"),
+            *_MCORE_PARTS,
+            *_MCORE_SAME,
+        ),
+    },
+    extra_state={
+        "local": _MCORE_LINEARS,
+        # TE's spec builds out_norm as a TENorm, which saves one too.
+        "te": (
+            *_MCORE_LINEARS,
+            ExtraState("self_attention.out_norm", of="self_attention.out_norm.weight"),
+        ),
+    },
+    # in_proj and conv1d saved whole: one global tensor, the parts in Megatron's order.
+    read_also=tuple(
+        rename(key, key)
+        for key in ("self_attention.in_proj.weight", "self_attention.conv1d.weight")
+    ),
+)
+
 SPEC = MixerSpec(
     symbol="G",
     build=GatedDeltaNet,
@@ -195,4 +259,5 @@ SPEC = MixerSpec(
     forward_flops_per_token=forward_flops_per_token,
     parameter_count=parameter_count,
     hf_nemotron_h=None,  # nemotron_h has no such layer (qwen3_next has; README)
+    megatron_core=MEGATRON_CORE,
 )

@@ -10,14 +10,17 @@ import torch
 from megatron_hybrid.config_checks import ConfigError, divisors, positive
 from megatron_hybrid.layers.moe import MoELayer
 from megatron_hybrid.specs.base import (
+    ExtraState,
     ForeignLayout,
     KeyMap,
     KeyMappingError,
+    MegatronCoreLayout,
     MixerSpec,
     Replicated,
     Slots,
     SplitElsewhere,
     TensorParallelPlan,
+    per_item_keys,
     rename,
 )
 from megatron_hybrid.specs.init_rules import normal, output_projection, zeros
@@ -210,6 +213,52 @@ HF_NEMOTRON_H = ForeignLayout(
     ),
 )
 
+
+# -- Megatron-Core torch_dist ----------------------------------------------------------------------
+def _num_experts(config: ModelConfig) -> int:
+    return config.num_moe_experts
+
+
+_EXPERT_WEIGHTS = ("linear_fc1.weight", "linear_fc2.weight")
+# SequentialMLP and TEGroupedMLP both save each expert weight as one [E, ...] tensor under
+# `experts.experts.` (the expert index a prepended axis); SwiGLU's fc1 per expert [gate; up].
+_LATENT_PROJECTIONS = ("fc1_latent_proj", "fc2_latent_proj")
+_MCORE_SAME = (
+    rename("pre_mlp_layernorm.weight", "pre_mlp_layernorm.weight"),
+    rename("mlp.router.weight", "mlp.router.weight"),
+    rename("mlp.router.expert_bias", "mlp.router.expert_bias"),
+    *(rename(f"mlp.{p}.weight", f"mlp.{p}.weight") for p in _LATENT_PROJECTIONS),
+    *(rename(f"mlp.experts.{w}", f"mlp.experts.experts.{w}") for w in _EXPERT_WEIGHTS),
+    *(rename(f"mlp.shared_experts.{w}", f"mlp.shared_experts.{w}") for w in _EXPERT_WEIGHTS),
+)
+_MCORE_LINEARS = (
+    *(
+        ExtraState(f"mlp.experts.experts.{w[: -len('.weight')]}", f"mlp.experts.{w}", _num_experts)
+        for w in _EXPERT_WEIGHTS
+    ),
+    *(
+        ExtraState(f"mlp.shared_experts.{w[: -len('.weight')]}", f"mlp.shared_experts.{w}")
+        for w in _EXPERT_WEIGHTS
+    ),
+    # The latent projections are TELinear in every layer spec (moe_layer.py).
+    *(ExtraState(f"mlp.{p}", f"mlp.{p}.weight") for p in _LATENT_PROJECTIONS),
+)
+MEGATRON_CORE = MegatronCoreLayout(
+    # The MoE layer keeps its own pre-norm in both specs (TENorm in TE's).
+    key_maps={"local": _MCORE_SAME, "te": _MCORE_SAME},
+    extra_state={
+        "local": _MCORE_LINEARS,
+        "te": (ExtraState("pre_mlp_layernorm", of="pre_mlp_layernorm.weight"), *_MCORE_LINEARS),
+    },
+    # One tensor per expert: `experts.experts.{j}.` is how Megatron-Core saves them with
+    # singleton local shards, `experts.local_experts.{j}.` SequentialMLP's module names.
+    read_also=tuple(
+        per_item_keys(f"mlp.experts.{w}", f"mlp.experts.{where}.{{}}.{w}", _num_experts)
+        for where in ("experts", "local_experts")
+        for w in _EXPERT_WEIGHTS
+    ),
+)
+
 _EXPERT_PARALLEL = SplitElsewhere("megatron_hybrid/parallel/expert_parallel.py")
 
 SPEC = MixerSpec(
@@ -268,4 +317,5 @@ SPEC = MixerSpec(
     forward_flops_per_token=forward_flops_per_token,
     parameter_count=parameter_count,
     hf_nemotron_h=HF_NEMOTRON_H,
+    megatron_core=MEGATRON_CORE,
 )

@@ -35,11 +35,35 @@ from megatron_hybrid.training.signals import EXIT_SIGNALS
 DEFAULT_PATTERN = DEFAULT_MODEL_OVERRIDES["hybrid_layer_pattern"]
 
 # Model flags whose dest is not the ModelConfig field they set. (--swiglu / --squared-relu set
-# `activation`; --group-query-attention is accepted for Megatron compatibility and ignored.)
-MODEL_FLAG_FIELDS = {"num_experts": "num_moe_experts", "norm_epsilon": "layernorm_epsilon"}
+# `activation`; --group-query-attention and --multi-latent-attention are accepted for Megatron
+# compatibility and ignored.)
+MODEL_FLAG_FIELDS = {
+    "num_experts": "num_moe_experts",
+    "norm_epsilon": "layernorm_epsilon",
+    "yarn_original_max_position_embeddings": "original_max_position_embeddings",
+    "yarn_beta_fast": "beta_fast",
+    "yarn_beta_slow": "beta_slow",
+}
 # The ModelConfig fields a model flag may set: all but the vocabulary, which the tokenizer decides
 # (--vocab-size is the NullTokenizer's).
 _MODEL_CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"vocab_size"}
+
+
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, once: not where the text already states it
+    ("default 4 x hidden size"); switches read on/off and unset values none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            shown = "none"
+        elif isinstance(action.default, bool):
+            shown = "on" if action.default else "off"
+        else:
+            shown = "%(default)s"
+        return f"{text} (default: {shown})"
 
 
 def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
@@ -50,33 +74,101 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
         "--hybrid-layer-pattern. With no flags, trains a small default model on text that "
         "ships with Python.",
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     m = parser.add_argument_group("model")
     m.add_argument(
         "--hybrid-layer-pattern",
         "--hybrid-override-pattern",
         dest="hybrid_layer_pattern",
-        help="decoder stack: M Mamba2, G Gated DeltaNet, * attention, - MLP, E MoE, "
-        "[XY] fused block, | pipeline stage, / MTP depth",
+        help="decoder stack: M Mamba2, G Gated DeltaNet, * attention, + MLA, D DeepSeek "
+        "sparse attention, - MLP, E MoE, [XY] fused block, | pipeline stage, / MTP depth",
     )
-    m.add_argument("--hidden-size", type=int)
+    m.add_argument("--hidden-size", type=int, help="width of the residual stream")
     m.add_argument("--ffn-hidden-size", type=int, help="MLP width (default 4 * hidden size)")
-    m.add_argument("--num-attention-heads", type=int)
-    m.add_argument("--num-query-groups", type=int)
+    m.add_argument(
+        "--num-attention-heads",
+        type=int,
+        help="query heads of attention (also sizes Gated DeltaNet's key heads)",
+    )
+    m.add_argument(
+        "--num-query-groups",
+        type=int,
+        help="key/value heads of attention (grouped-query attention); default: one per query head",
+    )
     m.add_argument(
         "--group-query-attention",
         action="store_true",
         help="accepted for Megatron compatibility; --num-query-groups sets the groups",
     )
-    m.add_argument("--kv-channels", type=int)
-    m.add_argument("--position-embedding-type", choices=["rope", "none"])
-    m.add_argument("--rotary-base", type=float)
-    m.add_argument("--mamba-state-dim", type=int)
-    m.add_argument("--mamba-head-dim", type=int)
-    m.add_argument("--mamba-num-groups", type=int)
+    m.add_argument(
+        "--kv-channels", type=int, help="per-head width of attention; default: hidden size / heads"
+    )
+    m.add_argument(
+        "--position-embedding-type",
+        choices=["rope", "none"],
+        help="rope: rotary embeddings in attention; none: no position embedding (Nemotron-H)",
+    )
+    m.add_argument("--rotary-base", type=float, help="rotary embedding base (theta)")
+    m.add_argument("--mamba-state-dim", type=int, help="Mamba2 SSM state size N per group")
+    m.add_argument("--mamba-head-dim", type=int, help="Mamba2 head width P")
+    m.add_argument("--mamba-num-groups", type=int, help="Mamba2 groups of B/C shared by heads")
+    mla = parser.add_argument_group(
+        "multi-latent attention ('+'): sizes left out derive from d = --kv-channels, else "
+        "hidden size / heads"
+    )
+    mla.add_argument(
+        "--multi-latent-attention",
+        action="store_true",
+        help="accepted for Megatron compatibility; '+' in the pattern selects MLA",
+    )
+    mla.add_argument("--q-lora-rank", type=int, help="query latent (default: no query latent)")
+    mla.add_argument("--kv-lora-rank", type=int, help="key/value latent (default 4 d)")
+    mla.add_argument("--qk-head-dim", type=int, help="per-head q/k dims without rope (default d)")
+    mla.add_argument(
+        "--qk-pos-emb-head-dim", type=int, help="per-head rope dims (default d / 2, even)"
+    )
+    mla.add_argument("--v-head-dim", type=int, help="per-head value dims (default d)")
+    mla.add_argument(
+        "--qk-layernorm", action="store_true", help="RMSNorm on the query and key/value latents"
+    )
+    mla.add_argument(
+        "--rope-type",
+        choices=["rope", "yarn"],
+        help="rope of MLA's rope dims (default yarn, which without --rotary-scaling-factor is "
+        "plain rope)",
+    )
+    mla.add_argument("--rotary-scaling-factor", type=float, help="YaRN context extension factor")
+    mla.add_argument("--mscale", type=float, help="YaRN attention-temperature coefficient")
+    mla.add_argument("--mscale-all-dim", type=float, help="YaRN attention-temperature divisor")
+    mla.add_argument(
+        "--yarn-original-max-position-embeddings",
+        type=int,
+        help="YaRN: context length before extension",
+    )
+    mla.add_argument("--yarn-beta-fast", type=float, help="YaRN: rotations where the ramp ends")
+    mla.add_argument("--yarn-beta-slow", type=float, help="YaRN: rotations where the ramp starts")
+    dsa = parser.add_argument_group(
+        "DeepSeek sparse attention ('D'): MLA (the flags above) with a lightning indexer"
+    )
+    dsa.add_argument("--dsa-indexer-n-heads", type=int, help="indexer heads (default heads / 2)")
+    dsa.add_argument(
+        "--dsa-indexer-head-dim", type=int, help="indexer head width (default --qk-head-dim)"
+    )
+    dsa.add_argument("--dsa-indexer-topk", type=int, help="keys each query attends to")
+    dsa.add_argument(
+        "--dsa-indexer-loss-coeff",
+        type=float,
+        help="weight of the KL loss that trains the indexer (0: off, the indexer stays as "
+        "initialized)",
+    )
+    dsa.add_argument(
+        "--dsa-indexer-use-sparse-loss",
+        action="store_true",
+        help="that loss over each query's selected keys only",
+    )
     m.add_argument("--mamba-num-heads", type=int, help="default 2 * hidden size / head dim")
-    m.add_argument("--mamba-chunk-size", type=int)
+    m.add_argument("--mamba-chunk-size", type=int, help="SSD chunk length of the chunked scan")
     m.add_argument(
         "--mamba-dt-floor",
         type=float,
@@ -96,18 +188,43 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
     m.add_argument("--linear-value-head-dim", type=int, help=gdn + "default its key head dim")
     m.add_argument("--linear-num-key-heads", type=int, help=gdn + "default --num-attention-heads")
     m.add_argument("--linear-num-value-heads", type=int, help=gdn + "default 2 x its key heads")
-    m.add_argument("--num-experts", type=int)
-    m.add_argument("--moe-router-topk", type=int)
+    m.add_argument("--num-experts", type=int, help="routed experts per MoE layer (needed by E)")
+    m.add_argument("--moe-router-topk", type=int, help="experts each token is routed to")
     m.add_argument(
         "--moe-ffn-hidden-size", type=int, help="per-expert width (default --ffn-hidden-size)"
     )
-    m.add_argument("--moe-shared-expert-intermediate-size", type=int)
-    m.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"])
-    m.add_argument("--moe-router-pre-softmax", action="store_true")
-    m.add_argument("--moe-router-topk-scaling-factor", type=float)
-    m.add_argument("--moe-router-enable-expert-bias", action="store_true")
-    m.add_argument("--moe-router-bias-update-rate", type=float)
-    m.add_argument("--moe-aux-loss-coeff", type=float)
+    m.add_argument(
+        "--moe-shared-expert-intermediate-size",
+        type=int,
+        help="width of the shared expert every token also passes through; default: none",
+    )
+    m.add_argument(
+        "--moe-router-score-function",
+        choices=["softmax", "sigmoid"],
+        help="router scores: softmax or sigmoid (Nemotron-H, DeepSeek-V3)",
+    )
+    m.add_argument(
+        "--moe-router-pre-softmax",
+        action="store_true",
+        help="softmax over all experts before top-k (no renormalization over the chosen)",
+    )
+    m.add_argument(
+        "--moe-router-topk-scaling-factor",
+        type=float,
+        help="scale the routing weights by this (Nemotron-H); default: no scaling",
+    )
+    m.add_argument(
+        "--moe-router-enable-expert-bias",
+        action="store_true",
+        help="aux-loss-free balancing: a per-expert bias on the choice (not the weights), "
+        "nudged toward even load after each step",
+    )
+    m.add_argument(
+        "--moe-router-bias-update-rate", type=float, help="step of the expert-bias nudge"
+    )
+    m.add_argument(
+        "--moe-aux-loss-coeff", type=float, help="switch load-balancing loss coefficient (0: none)"
+    )
     m.add_argument(
         "--moe-latent-size",
         type=int,
@@ -140,36 +257,60 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
     act = m.add_mutually_exclusive_group()
     act.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (default squared ReLU)")
     act.add_argument("--squared-relu", action="store_true", help="squared-ReLU MLPs (default)")
-    m.add_argument("--norm-epsilon", type=float)
-    m.add_argument("--init-method-std", type=float)
-    m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    m.add_argument("--make-vocab-size-divisible-by", type=int)
+    m.add_argument("--norm-epsilon", type=float, help="RMSNorm epsilon")
+    m.add_argument(
+        "--init-method-std",
+        type=float,
+        help="standard deviation of the normal weight initialization",
+    )
+    m.add_argument(
+        "--untie-embeddings-and-output-weights",
+        action="store_true",
+        help="a separate output layer instead of the input embedding's transpose",
+    )
+    m.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        help="pad the embedding rows to a multiple of this",
+    )
 
     t = parser.add_argument_group("training")
-    t.add_argument("--seq-length", type=int)
-    t.add_argument("--micro-batch-size", type=int)
+    t.add_argument("--seq-length", type=int, help="tokens per sample")
+    t.add_argument(
+        "--micro-batch-size",
+        type=int,
+        help="samples per forward/backward on one data-parallel rank",
+    )
     t.add_argument(
         "--global-batch-size",
         type=int,
         help="samples per optimizer step (default: micro batch size x data-parallel "
         "size); a multiple of it, the rest is gradient accumulation",
     )
-    t.add_argument("--train-iters", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--min-lr", type=float)
-    t.add_argument("--lr-warmup-iters", type=int)
+    t.add_argument(
+        "--train-iters",
+        type=int,
+        help="optimizer steps of the whole run (the learning-rate schedule follows it)",
+    )
+    t.add_argument("--lr", type=float, help="peak learning rate, reached at the end of warmup")
+    t.add_argument("--min-lr", type=float, help="learning rate at the end of the decay")
+    t.add_argument("--lr-warmup-iters", type=int, help="iterations of linear warmup from 0 to --lr")
     t.add_argument(
         "--lr-decay-iters",
         type=int,
         help="iterations of decay after which lr stays at --min-lr (default --train-iters)",
     )
     t.add_argument(
-        "--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"]
+        "--lr-decay-style",
+        choices=["constant", "linear", "cosine", "inverse-square-root"],
+        help="decay from --lr to --min-lr after warmup",
     )
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--adam-beta1", type=float)
-    t.add_argument("--adam-beta2", type=float)
-    t.add_argument("--adam-eps", type=float)
+    t.add_argument(
+        "--weight-decay", type=float, help="AdamW decoupled weight decay (matrices only)"
+    )
+    t.add_argument("--adam-beta1", type=float, help="AdamW first-moment decay")
+    t.add_argument("--adam-beta2", type=float, help="AdamW second-moment decay")
+    t.add_argument("--adam-eps", type=float, help="AdamW denominator epsilon")
     t.add_argument("--clip-grad", type=float, help="0 disables clipping")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     t.add_argument(
@@ -203,13 +344,19 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
         choices=list(EXIT_SIGNALS),
         help="the signal a scheduler sends before it kills the job",
     )
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument(
+        "--seed", type=int, help="seeds the initial weights, the data order and the sample"
+    )
+    t.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available, else the CPU"
+    )
 
     par = parser.add_argument_group(
         "parallelism (launch with torchrun; data parallel over the remaining ranks)"
     )
-    par.add_argument("--tensor-model-parallel-size", type=int)
+    par.add_argument(
+        "--tensor-model-parallel-size", type=int, help="ranks each layer's weights are split over"
+    )
     par.add_argument(
         "--sequence-parallel",
         action="store_true",
@@ -217,8 +364,14 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
         "along the sequence over the tensor-parallel ranks (all-gather into "
         "each mixer, reduce-scatter out of it instead of an all-reduce)",
     )
-    par.add_argument("--pipeline-model-parallel-size", type=int)
-    par.add_argument("--expert-model-parallel-size", type=int)
+    par.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        help="ranks the layers are split over ('|' in the pattern places the cuts)",
+    )
+    par.add_argument(
+        "--expert-model-parallel-size", type=int, help="ranks the experts are split over"
+    )
     par.add_argument(
         "--pipeline-schedule",
         choices=["1f1b", "gpipe", "interleaved-1f1b", "looped-bfs", "interleaved-zero-bubble"],
@@ -287,9 +440,15 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
     add_kernel_args(parser)
 
     lg = parser.add_argument_group("logging and evaluation")
-    lg.add_argument("--log-interval", type=int)
-    lg.add_argument("--eval-interval", type=int)
-    lg.add_argument("--eval-iters", type=int)
+    lg.add_argument("--log-interval", type=int, help="iterations per log line and metrics record")
+    lg.add_argument(
+        "--eval-interval",
+        type=int,
+        help="evaluate on the validation split every this many iterations (and at the end)",
+    )
+    lg.add_argument(
+        "--eval-iters", type=int, help="global batches per evaluation (0: no evaluation)"
+    )
     lg.add_argument("--log-dir", help="directory receiving metrics.jsonl")
     lg.add_argument(
         "--generate-tokens", type=int, help="length of the sample printed after training (0: none)"
@@ -342,6 +501,21 @@ FLAG_RANGES: dict[str, str] = {
     "num_query_groups": "[1, inf)",
     "kv_channels": "[1, inf)",
     "rotary_base": "(0, inf)",
+    "q_lora_rank": "[1, inf)",
+    "kv_lora_rank": "[1, inf)",
+    "qk_head_dim": "[1, inf)",
+    "qk_pos_emb_head_dim": "[1, inf)",
+    "v_head_dim": "[1, inf)",
+    "rotary_scaling_factor": "(0, inf)",
+    "mscale": "[0, inf)",
+    "mscale_all_dim": "[0, inf)",
+    "yarn_original_max_position_embeddings": "[1, inf)",
+    "yarn_beta_fast": "(0, inf)",
+    "yarn_beta_slow": "(0, inf)",
+    "dsa_indexer_n_heads": "[1, inf)",
+    "dsa_indexer_head_dim": "[1, inf)",
+    "dsa_indexer_topk": "[1, inf)",
+    "dsa_indexer_loss_coeff": "[0, inf)",
     "mamba_state_dim": "[1, inf)",
     "mamba_head_dim": "[1, inf)",
     "mamba_num_groups": "[1, inf)",

@@ -4,6 +4,7 @@ a resume or a fine-tune needs no model flags."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from megatron_hybrid.checkpointing import files
 from megatron_hybrid.config import ModelConfig
@@ -21,8 +22,7 @@ def with_checkpoint_model(settings: Settings) -> tuple[Settings, list[str]]:
         return settings, []
     if not checkpoint.load:
         raise ValueError("--use-checkpoint-args needs --load DIR (the checkpoint to read)")
-    directory = files.resolve_checkpoint_dir(checkpoint.load, checkpoint.ckpt_step)
-    saved = files.read_checkpoint_metadata(directory)["model_config"]
+    directory, saved = _saved_model_config(checkpoint.load, checkpoint.ckpt_step)
     fields = dict(settings.model.config_fields)
     notes = []
     for name, value in saved.items():
@@ -40,3 +40,15 @@ def with_checkpoint_model(settings: Settings) -> tuple[Settings, list[str]]:
         fields[name] = value
     model = dataclasses.replace(settings.model, config_fields=fields)
     return dataclasses.replace(settings, model=model), notes
+
+
+def _saved_model_config(load: str, iteration: int | None) -> tuple[Path, dict]:
+    """(checkpoint directory, the model config fields it records): ours records them all, a
+    Megatron-Core checkpoint those its saved args hold."""
+    from megatron_hybrid.checkpointing import megatron_core
+
+    megatron = megatron_core.find_checkpoint(load, iteration)
+    if megatron is not None:  # the fields its args hold; the flags give the rest
+        return megatron, megatron_core.read_megatron_model_fields(megatron)
+    directory = files.resolve_checkpoint_dir(load, iteration)
+    return directory, files.read_checkpoint_metadata(directory)["model_config"]

@@ -32,7 +32,8 @@ def build_optimizer(
     # Fused needs every parameter of one kind; with tensor parallelism (DTensor weights beside
     # plain norms) the caller asks for the per-parameter loop instead.
     if fused is None:
-        fused = next(model.parameters()).is_cuda and foreach is None
+        first = next(model.parameters(), None)  # None: an empty middle pipeline stage
+        fused = first is not None and first.is_cuda and foreach is None
     return torch.optim.AdamW(
         groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=foreach
     )

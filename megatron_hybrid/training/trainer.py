@@ -343,7 +343,7 @@ class Trainer:
         # Per rank, aux-loss gradients average over its micro-batches (the pipeline schedule
         # divides every gradient by the micro-batch count itself); FSDP averages over ranks.
         for part in self.parts:
-            part.set_moe_aux_loss_grad_scale(1.0 if self.pipeline else 1.0 / num_micro_batches)
+            part.set_aux_loss_grad_scale(1.0 if self.pipeline else 1.0 / num_micro_batches)
         self.autocast = _bf16_autocast if training.bf16 else contextlib.nullcontext
         self.max_grad_norm = training.clip_grad if training.clip_grad > 0 else math.inf
         # The last stage's copy of the embedding counts once (on the first stage) in the norm.
