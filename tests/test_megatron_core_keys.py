@@ -31,12 +31,17 @@ from megatron_hybrid.training.optimizer import LRSchedule
 ALL_OPTIONS = dict(
     moe_shared_expert_intermediate_size=16, moe_router_enable_expert_bias=True, moe_latent_size=16
 )
+# For MLA's symbols: the query latent and the latent norms (instead of linear_q_proj, which
+# NO_QUERY_LATENT gives).
+MLA_OPTIONS = dict(q_lora_rank=16, qk_layernorm=True)
+NO_QUERY_LATENT = dict(q_lora_rank=None, qk_layernorm=False)
 SYMBOLS = sorted(s for s in SPECS if SPECS[s].megatron_core is not None)
 
 
 def layer_tensors(symbol: str, **options) -> dict[str, torch.Tensor]:
     """Random values of every tensor of a one-layer model of `symbol`, relative to the layer."""
-    config = small_config(symbol, **{**ALL_OPTIONS, **options})
+    mla = MLA_OPTIONS if symbol in "+D" else {}
+    config = small_config(symbol, **{**ALL_OPTIONS, **mla, **options})
     generator = torch.Generator().manual_seed(0)
     return {
         k.removeprefix("decoder.layers.0."): torch.randn(t.shape, generator=generator)
@@ -56,8 +61,8 @@ def test_every_implemented_symbol_has_a_megatron_core_layout():
 @pytest.mark.parametrize("symbol", SYMBOLS)
 @pytest.mark.parametrize(
     "options",
-    [{}, {"activation": "swiglu"}, {"moe_latent_size": 16}],
-    ids=["relu2", "swiglu", "latent"],
+    [{}, {"activation": "swiglu"}, {"moe_latent_size": 16}, NO_QUERY_LATENT],
+    ids=["relu2", "swiglu", "latent", "no_query_latent"],
 )
 def test_each_layer_spec_maps_every_tensor_once_and_round_trips(symbol, layer_spec, options):
     state, config = layer_tensors(symbol, **options)
@@ -84,7 +89,7 @@ def test_the_other_spellings_round_trip(symbol):
 
 @pytest.mark.parametrize("symbol", SYMBOLS)
 def test_extra_states_belong_to_tensors_of_the_layer(symbol):
-    state, _ = layer_tensors(symbol)
+    state = {**layer_tensors(symbol)[0], **layer_tensors(symbol, **NO_QUERY_LATENT)[0]}
     for layer_spec in MEGATRON_LAYER_SPECS:
         for extra in SPECS[symbol].megatron_core.extra_state[layer_spec]:
             assert extra.of in state, (layer_spec, extra)
