@@ -16,6 +16,8 @@ from megatron_hybrid.canonical import canonical_key
 from megatron_hybrid.checkpointing.key_mapping import PlacedKeyMap, to_ours, to_theirs
 from megatron_hybrid.checkpointing.megatron_core import keys
 from megatron_hybrid.checkpointing.megatron_core.args import (
+    MIXER_ARG_NAMES,
+    OUR_CONFIG_ARG,
     args_from_model_config,
     model_config_from_args,
 )
@@ -125,6 +127,31 @@ def test_args_written_for_a_config_read_back_to_it():
     )
     assert args.hybrid_layer_pattern == "M-|*E"  # Megatron's pattern: no fusion groups
     assert model_config_from_args(args, config.vocab_size, "ckpt") == config
+
+
+def test_mla_and_dsa_args_are_read_only_for_a_pattern_with_their_layers():
+    config = small_config(
+        "[+E]M[D-]", q_lora_rank=16, qk_layernorm=True, rope_type="rope", dsa_indexer_topk=4
+    )
+    args = args_from_model_config(
+        config, iteration=1, consumed_train_samples=0, tensor_parallel=1, pipeline_parallel=1
+    )
+    assert args.multi_latent_attention and args.experimental_attention_variant == "dsa"
+    delattr(args, OUR_CONFIG_ARG)  # Megatron-LM's args alone
+    read = model_config_from_args(args, config.vocab_size, "ckpt")
+    assert {f: getattr(read, f) for f in MIXER_ARG_NAMES} == {
+        f: getattr(config, f) for f in MIXER_ARG_NAMES
+    }
+    # Megatron-LM's args hold its MLA defaults for any model; a model without MLA ignores them.
+    args.hybrid_layer_pattern, args.qk_layernorm = "M-", False
+    assert model_config_from_args(args, config.vocab_size, "ckpt").kv_lora_rank is None
+
+
+def test_qk_layernorm_without_a_query_latent_is_refused_naming_the_flags():
+    with pytest.raises(keys.MegatronLayoutError) as error:
+        keys.write_maps(small_config("+M[D-]", qk_layernorm=True), "te")
+    message = str(error.value)
+    assert "'+':" in message and "'D':" in message and "--q-lora-rank" in message
 
 
 def test_our_recorded_config_is_not_used_for_other_layers():
