@@ -462,7 +462,7 @@ def _args(config, variant: Variant, iteration, consumed, overrides) -> argparse.
         hidden_size=config.hidden_size,
         ffn_hidden_size=config.ffn_hidden_size,
         num_attention_heads=config.num_attention_heads,
-        group_query_attention=True,
+        group_query_attention="+" not in main and "D" not in main,  # MLA refuses it
         num_query_groups=config.num_query_groups,
         kv_channels=config.kv_channels,
         position_embedding_type=config.position_embedding_type,

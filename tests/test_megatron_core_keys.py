@@ -137,6 +137,7 @@ def test_mla_and_dsa_args_are_read_only_for_a_pattern_with_their_layers():
         config, iteration=1, consumed_train_samples=0, tensor_parallel=1, pipeline_parallel=1
     )
     assert args.multi_latent_attention and args.experimental_attention_variant == "dsa"
+    assert not args.group_query_attention  # Megatron-LM refuses it with MLA
     delattr(args, OUR_CONFIG_ARG)  # Megatron-LM's args alone
     read = model_config_from_args(args, config.vocab_size, "ckpt")
     assert {f: getattr(read, f) for f in MIXER_ARG_NAMES} == {

@@ -184,10 +184,12 @@ def model_fields_from_args(args: Any, source: str) -> dict[str, Any]:
         value = arg(args, *names, default=_MISSING)
         if value is not _MISSING and value is not None:
             fields[field] = value
-    if arg(args, "group_query_attention", default=True) is False:
-        fields["num_query_groups"] = None  # one key/value group per head
-    else:
-        fields["num_query_groups"] = arg(args, "num_query_groups")
+    # MLA and DSA layers read no num_query_groups (Megatron-LM refuses --group-query-attention
+    # with MLA): a pattern with them keeps ours.
+    if not set(pattern) & set(LATENT_ATTENTION):
+        grouped = arg(args, "group_query_attention", default=True) is not False
+        # Without grouping: one key/value group per head.
+        fields["num_query_groups"] = arg(args, "num_query_groups") if grouped else None
     fields["activation"] = activation
     fields["moe_aux_loss_coeff"] = _aux_loss_coeff(args)
     if "rotary_base" in fields:
@@ -259,7 +261,9 @@ def args_from_model_config(
         "experimental_attention_variant": "dsa" if "D" in layers else None,
         "swiglu": config.activation == "swiglu",
         "squared_relu": config.activation == "squared_relu",
-        "group_query_attention": config.num_query_groups not in (None, config.num_attention_heads),
+        # Megatron-LM asserts that MLA and grouped-query attention exclude each other.
+        "group_query_attention": not set(layers) & set(LATENT_ATTENTION)
+        and config.num_query_groups not in (None, config.num_attention_heads),
         "num_query_groups": config.num_query_groups,
         "rotary_percent": 1.0,
         "norm_epsilon": config.layernorm_epsilon,
