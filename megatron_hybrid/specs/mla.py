@@ -197,7 +197,9 @@ TENSOR_PARALLEL = TensorParallelPlan(
 # QKNormConfigResolver (mla_qk_norm_config.py) fuses each latent norm into the up-projection
 # after it (TELayerNormColumnParallelLinear: `linear_q_up_proj.layer_norm_weight`). With
 # --mla-down-proj-fusion FusedMLASelfAttention fuses input_layernorm into one down-projection but
-# saves the same keys (its sharded_state_dict and the layer's keys map). "local": Megatron's
+# saves the same keys (its sharded_state_dict and the layer's keys map); it then asks for no
+# input_layernorm._extra_state, which a load passes over (Megatron-LM's default
+# --dist-ckpt-strictness accepts objects no module asks for). "local": Megatron's
 # local modules as its GPT local spec builds MLA (the hybrid specs have no local MLA layer):
 # ColumnParallelLinear / RowParallelLinear linears, the latent norms standalone.
 LINEARS = (
