@@ -21,7 +21,16 @@ code with megatron_hybrid.checkpointing.megatron_core (it imports none of it):
   experts as one [E, ...] tensor under `experts.experts.`, or, with singleton local shards, one
   per expert under `experts.experts.{e}.` (`local_experts.{e}.` is SequentialMLP's module name).
   `_extra_state`: every Megatron linear (None for local modules, TE's FP8 state for TE's), TE's
-  norms; per expert along the expert axis. dist_checkpointing/optimizer.py and
+  norms; per expert along the expert axis.
+- transformer/multi_latent_attention.py, mla_qk_norm_config.py, experimental_attention_variant/
+  dsa.py: MLA ('+') and DSA ('D') layers save input_layernorm apart in every spec; with
+  --qk-layernorm TE's MLA fuses the latent norms into the up-projections
+  (`linear_q_up_proj.layer_norm_weight`, `linear_kv_up_proj.layer_norm_weight`), DSA keeps
+  `q_layernorm`/`kv_layernorm`; the indexer under `self_attention.core_attention.indexer.`. TE's
+  hybrid spec: TELinear down-projections and indexer linears, TENorm input_layernorm, latent norms
+  and k_norm; local: ColumnParallelLinear down-projections for MLA (GPT's local spec), ModelOpt's
+  torch Linear (no _extra_state) for DSA's down-projections and indexer (its hybrid local spec).
+  dist_checkpointing/optimizer.py and
   optimizer/optimizer.py: Adam's moments as `optimizer.state.{exp_avg,exp_avg_sq}.<model key>`,
   the step as `common_step` in the common state.
 
@@ -127,6 +136,8 @@ def megatron_tensors(canonical: dict, config, variant: Variant) -> dict[str, tor
     """Canonical tensors of ours -> the model tensors of a Megatron-Core checkpoint."""
     moe_layers = _layers_with(canonical, "mlp.router.weight")
     gdn_layers = _layers_with(canonical, "self_attention.in_proj.weight")
+    latent_layers = _layers_with(canonical, "self_attention.linear_kv_down_proj.weight")
+    dsa_layers = _layers_with(canonical, _INDEXER + "linear_wk.weight")
     out = {}
     for key, tensor in canonical.items():
         match = _LAYER.match(key)
@@ -140,6 +151,10 @@ def megatron_tensors(canonical: dict, config, variant: Variant) -> dict[str, tor
             out[prefix + "mixer.in_proj.layer_norm_weight"] = tensor
         elif te and name == "input_layernorm.weight" and layer in gdn_layers:
             out[prefix + "self_attention.in_proj.layer_norm_weight"] = tensor
+        elif name == "input_layernorm.weight" and layer in latent_layers:
+            out[prefix + name] = tensor  # a norm of its own in every spec
+        elif te and name in _LATENT_NORMS and layer not in dsa_layers:
+            out[prefix + _LATENT_NORMS[name]] = tensor
         elif te and name == "input_layernorm.weight":
             out[prefix + "self_attention.linear_qkv.layer_norm_weight"] = tensor
         elif te and name == "pre_mlp_layernorm.weight" and layer not in moe_layers:
@@ -165,6 +180,15 @@ def megatron_tensors(canonical: dict, config, variant: Variant) -> dict[str, tor
         else:
             out[prefix + name] = tensor
     return out
+
+
+_INDEXER = "self_attention.core_attention.indexer."
+_INDEXER_LINEARS = ("linear_wq_b", "linear_wk", "linear_weights_proj")
+# TE's MLA: each latent norm fused into the up-projection after it.
+_LATENT_NORMS = {
+    "self_attention.q_layernorm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
+    "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
+}
 
 
 def _layers_with(canonical: dict, name: str) -> set[int]:
@@ -208,14 +232,35 @@ def extra_state_keys(canonical: dict, config, variant: Variant) -> list[str]:
         "self_attention.out_proj.weight": "self_attention.out_proj",
         "mlp.fc1_latent_proj.weight": "mlp.fc1_latent_proj",  # TELinear in every spec
         "mlp.fc2_latent_proj.weight": "mlp.fc2_latent_proj",
+        "self_attention.linear_q_proj.weight": "self_attention.linear_q_proj",  # MLA, DSA
+        "self_attention.linear_q_up_proj.weight": "self_attention.linear_q_up_proj",
+        "self_attention.linear_kv_up_proj.weight": "self_attention.linear_kv_up_proj",
     }
+    # Linears that DSA's local spec builds as ModelOpt's torch Linear, without an _extra_state.
+    torch_linears_in_local_dsa = {
+        "self_attention.linear_q_down_proj.weight": "self_attention.linear_q_down_proj",
+        "self_attention.linear_kv_down_proj.weight": "self_attention.linear_kv_down_proj",
+        **{f"{_INDEXER}{m}.weight": f"{_INDEXER}{m}" for m in _INDEXER_LINEARS},
+    }
+    dsa_layers = _layers_with(canonical, _INDEXER + "linear_wk.weight")
+    latent_layers = _layers_with(canonical, "self_attention.linear_kv_down_proj.weight")
     for key in canonical:
         match = _LAYER.match(key)
         if match is None:
             continue
-        prefix, name = f"decoder.layers.{match.group(1)}.", match.group(2)
+        layer = int(match.group(1))
+        prefix, name = f"decoder.layers.{layer}.", match.group(2)
+        te_norm = te and name.endswith("norm.weight") and layer in latent_layers
         if name in linears:
             keys.append(f"{prefix}{linears[name]}._extra_state/shard_0_1")
+        elif name in torch_linears_in_local_dsa and (te or layer not in dsa_layers):
+            keys.append(f"{prefix}{torch_linears_in_local_dsa[name]}._extra_state/shard_0_1")
+        elif name in _LATENT_NORMS and layer in dsa_layers:
+            # Standalone; the QK-norm resolver picks TENorm under the default --transformer-impl
+            # in either spec.
+            keys.append(f"{prefix}{name.removesuffix('.weight')}._extra_state/shard_0_1")
+        elif te_norm and name not in _LATENT_NORMS:  # input_layernorm, the indexer's k_norm
+            keys.append(f"{prefix}{name.removesuffix('.weight')}._extra_state/shard_0_1")
         elif name.startswith("mlp.experts.linear_fc"):
             module = name[len("mlp.experts.") : -len(".weight")]
             n = config.num_moe_experts
@@ -287,6 +332,7 @@ def _saved(value) -> io.BytesIO:
 _ROW_PARALLEL = ("linear_proj.weight", "out_proj.weight", "linear_fc2.weight")
 _COLUMN_PARALLEL = re.compile(
     r"(word_embeddings\.weight|output_layer\.weight|linear_qkv\.weight|linear_fc1\.weight"
+    r"|linear_q_proj\.weight|linear_q_up_proj\.weight|linear_kv_up_proj\.weight"
     r"|in_proj\.weight(\.\w+)?|conv1d\.(weight|bias)(\.\w+)?|mixer\.(A_log|D|dt_bias|norm\.weight))$"
 )
 
@@ -299,6 +345,20 @@ def _tp_dim(key: str) -> int | None:
     if key.endswith(_ROW_PARALLEL):
         return 1
     return 0 if _COLUMN_PARALLEL.search(key) else None
+
+
+def _local_mla_down_projections(canonical: dict, variant: Variant) -> set[str]:
+    """MLA's down-projections where GPT's local spec builds them column-parallel (TE's spec:
+    replicated TELinear; DSA's local spec: replicated torch Linear)."""
+    if variant.layer_spec != "local":
+        return set()
+    dsa_layers = _layers_with(canonical, _INDEXER + "linear_wk.weight")
+    down = ("self_attention.linear_q_down_proj.weight", "self_attention.linear_kv_down_proj.weight")
+    return {
+        key
+        for key in canonical
+        if (m := _LAYER.match(key)) and m.group(2) in down and int(m.group(1)) not in dsa_layers
+    }
 
 
 def write_megatron_checkpoint(
@@ -319,8 +379,9 @@ def write_megatron_checkpoint(
     save as Megatron's per-parameter optimizer state; `extra_tensors` / `optimizer_objects`:
     more entries (a key this version does not know, a distributed optimizer's buffers)."""
     entries: dict = {}
+    column_parallel_down = _local_mla_down_projections(canonical, variant)
     for key, tensor in megatron_tensors(canonical, config, variant).items():
-        dim = _tp_dim(key)
+        dim = 0 if key in column_parallel_down else _tp_dim(key)
         tensor = tensor.contiguous()
         if variant.tp > 1 and dim is not None and tensor.shape[dim] % variant.tp == 0:
             entries[key] = _TensorParallelChunks(tensor, dim, variant.tp)
@@ -387,6 +448,10 @@ def _extra_state_payload(variant: Variant, key: str):
     return torch.empty(0, dtype=torch.uint8)
 
 
+def _or_default(value, default):
+    return default if value is None else value
+
+
 def _args(config, variant: Variant, iteration, consumed, overrides) -> argparse.Namespace:
     main = "|".join(
         "".join(stage) for stage in config.pattern.stages
@@ -397,7 +462,7 @@ def _args(config, variant: Variant, iteration, consumed, overrides) -> argparse.
         hidden_size=config.hidden_size,
         ffn_hidden_size=config.ffn_hidden_size,
         num_attention_heads=config.num_attention_heads,
-        group_query_attention=True,
+        group_query_attention="+" not in main and "D" not in main,  # MLA refuses it
         num_query_groups=config.num_query_groups,
         kv_channels=config.kv_channels,
         position_embedding_type=config.position_embedding_type,
@@ -425,7 +490,29 @@ def _args(config, variant: Variant, iteration, consumed, overrides) -> argparse.
         linear_value_head_dim=config.linear_value_head_dim,
         linear_num_key_heads=config.linear_num_key_heads,
         linear_num_value_heads=config.linear_num_value_heads,
-        experimental_attention_variant="gdn" if "G" in main else None,
+        experimental_attention_variant="dsa" if "D" in main else ("gdn" if "G" in main else None),
+        # MLA and DSA (Megatron-LM sets multi_latent_attention for a pattern with '+' or 'D';
+        # its MLA flags have defaults, held whatever the model).
+        multi_latent_attention="+" in main or "D" in main,
+        q_lora_rank=config.q_lora_rank,
+        kv_lora_rank=_or_default(config.kv_lora_rank, 32),
+        qk_head_dim=_or_default(config.qk_head_dim, 128),
+        qk_pos_emb_head_dim=_or_default(config.qk_pos_emb_head_dim, 64),
+        v_head_dim=_or_default(config.v_head_dim, 128),
+        rope_type=config.rope_type,
+        rotary_scaling_factor=config.rotary_scaling_factor,
+        mscale=config.mscale,
+        mscale_all_dim=config.mscale_all_dim,
+        mla_down_proj_fusion=False,
+        dsa_indexer_n_heads=config.dsa_indexer_n_heads,
+        dsa_indexer_head_dim=config.dsa_indexer_head_dim,
+        dsa_indexer_topk=config.dsa_indexer_topk,
+        dsa_indexer_loss_coeff=config.dsa_indexer_loss_coeff if "D" in main else None,
+        dsa_indexer_use_sparse_loss=config.dsa_indexer_use_sparse_loss,
+        dsa_indexer_topk_freq=1,
+        dsa_indexer_rope_interleaved=False,
+        dsa_indexer_scoring_relu=True,
+        dsa_indexer_k_norm_epsilon=None,
         moe_aux_loss_coeff=config.moe_aux_loss_coeff,
         moe_grouped_gemm=variant.experts == "grouped",
         layernorm_epsilon=config.layernorm_epsilon,
@@ -436,7 +523,7 @@ def _args(config, variant: Variant, iteration, consumed, overrides) -> argparse.
         squared_relu=config.activation == "squared_relu",
         normalization="RMSNorm",
         add_bias_linear=False,
-        qk_layernorm=False,
+        qk_layernorm=config.qk_layernorm,
         tensor_model_parallel_size=variant.tp,
         pipeline_model_parallel_size=variant.pp,
         consumed_train_samples=consumed,

@@ -33,6 +33,7 @@ from megatron_hybrid.checkpointing.consolidated import read_model_state
 from megatron_hybrid.checkpointing.convert import main as convert
 from megatron_hybrid.checkpointing.errors import CheckpointError
 from megatron_hybrid.checkpointing.manager import CheckpointSaver, load_checkpoint
+from megatron_hybrid.checkpointing.megatron_core.args import MIXER_ARG_NAMES
 from megatron_hybrid.checkpointing.state import ModelState, TrainProgress
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.training.arguments import (
@@ -107,6 +108,27 @@ def test_gated_deltanet_and_a_latent_grouped_moe_load_too(tmp_path, variant):
     write_megatron_checkpoint(tmp_path / "megatron", state, model.config, variant)
     fresh = HybridModel(model.config, seed=99)
     load_checkpoint(tmp_path / "megatron", fresh, None, fresh.config)
+    torch.testing.assert_close(logits(fresh), loaded_our_way(tmp_path, model), atol=1e-6, rtol=0)
+
+
+# MLA and DSA, fused and apart, with the query latent and the latent norms, which TE's MLA fuses
+# into its up-projections and DSA keeps apart; the indexer picks 4 keys of up to 13.
+LATENT_PATTERN = "[+E]M[D-]"
+LATENT_OPTIONS = dict(q_lora_rank=16, qk_layernorm=True, dsa_indexer_topk=4)
+
+
+@pytest.mark.parametrize(
+    "variant", [Variant(spec, tp=tp) for tp in (1, 2) for spec in ("te", "local")], ids=str
+)
+def test_mla_and_dsa_load_with_the_logits_of_our_own_load(tmp_path, variant):
+    model, state = model_and_state(LATENT_PATTERN, **LATENT_OPTIONS)
+    write_megatron_checkpoint(tmp_path / "megatron", state, model.config, variant)
+    fresh = HybridModel(model.config, seed=99)
+    messages = []
+    load_checkpoint(tmp_path / "megatron", fresh, None, fresh.config, log=messages.append)
+    # The args describe the same MLA and DSA layers (other fields Megatron's args lack may warn).
+    differences = "\n".join(m for m in messages if "another model config" in m)
+    assert not any(f"{name}:" in differences for name in MIXER_ARG_NAMES), differences
     torch.testing.assert_close(logits(fresh), loaded_our_way(tmp_path, model), atol=1e-6, rtol=0)
 
 
@@ -355,23 +377,11 @@ def our_checkpoint(tmp_path, pattern=PATTERN, **options):
 @pytest.mark.parametrize("layer_spec", ["te", "local"])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_to_megatron_writes_the_keys_a_megatron_core_model_requests(tmp_path, layer_spec, tp):
-    from megatron_hybrid.checkpointing.megatron_core.directory import open_checkpoint
-
     model = our_checkpoint(tmp_path)
     out = tmp_path / "megatron"
     args = ["to-megatron", str(tmp_path / "ours"), str(out), "--layer-spec", layer_spec]
     assert convert([*args, "--tensor-parallel-size", str(tp)]) == 0
-    # What the writer of the format (the tests' own reading of Megatron-Core) says such a
-    # model holds: every tensor with its global shape, every _extra_state, the common state.
-    canonical = ModelState(model, model.config.pattern).state_dict()
-    variant = Variant(layer_spec=layer_spec, tp=tp)
-    expected = {
-        k: tuple(t.shape) for k, t in megatron_tensors(canonical, model.config, variant).items()
-    }
-    written = open_checkpoint(out)
-    assert {k: tuple(m.size) for k, m in written.tensors.items()} == expected
-    objects = set(extra_state_keys(canonical, model.config, variant)) | {"common_state/shard_0_1"}
-    assert set(written.objects) == objects
+    written = assert_holds_what_the_writer_spells(out, model, Variant(layer_spec=layer_spec, tp=tp))
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
     assert (out / "iter_0000006" / "metadata.json").read_text() == (
         '{"sharded_backend": "torch_dist", "sharded_backend_version": 1}'
@@ -390,6 +400,23 @@ def test_to_megatron_writes_the_keys_a_megatron_core_model_requests(tmp_path, la
         assert [tuple(c.offsets) for c in chunks] == [(0, 0), (32, 0)]
 
 
+def assert_holds_what_the_writer_spells(out: Path, model, variant: Variant):
+    """What the writer of the format (the tests' own reading of Megatron-Core) says a model of
+    `variant`'s spelling holds: every tensor with its global shape, every _extra_state, the
+    common state. Returns the checkpoint `out` as read."""
+    from megatron_hybrid.checkpointing.megatron_core.directory import open_checkpoint
+
+    canonical = ModelState(model, model.config.pattern).state_dict()
+    expected = {
+        k: tuple(t.shape) for k, t in megatron_tensors(canonical, model.config, variant).items()
+    }
+    written = open_checkpoint(out)
+    assert {k: tuple(m.size) for k, m in written.tensors.items()} == expected
+    objects = set(extra_state_keys(canonical, model.config, variant)) | {"common_state/shard_0_1"}
+    assert set(written.objects) == objects
+    return written
+
+
 @pytest.mark.parametrize("layer_spec", ["te", "local"])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_ours_to_megatron_and_back_is_bitwise_the_same_model(tmp_path, layer_spec, tp):
@@ -400,6 +427,13 @@ def test_ours_to_megatron_and_back_is_bitwise_the_same_model(tmp_path, layer_spe
 def test_gated_deltanet_and_latent_moe_round_trip_bitwise(tmp_path):
     our_checkpoint(tmp_path, "[G-]|*[ME]", moe_latent_size=16)
     assert_round_trip_is_bitwise(tmp_path, "te", 2, "[G-]|*[ME]")
+
+
+@pytest.mark.parametrize("layer_spec", ["te", "local"])
+def test_mla_and_dsa_round_trip_bitwise_spelled_as_megatron_core_does(tmp_path, layer_spec):
+    model = our_checkpoint(tmp_path, LATENT_PATTERN, **LATENT_OPTIONS)
+    assert_round_trip_is_bitwise(tmp_path, layer_spec, 2, LATENT_PATTERN)
+    assert_holds_what_the_writer_spells(tmp_path / "megatron", model, Variant(layer_spec, tp=2))
 
 
 def assert_round_trip_is_bitwise(tmp_path, layer_spec, tp, pattern):

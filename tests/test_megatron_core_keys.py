@@ -16,6 +16,8 @@ from megatron_hybrid.canonical import canonical_key
 from megatron_hybrid.checkpointing.key_mapping import PlacedKeyMap, to_ours, to_theirs
 from megatron_hybrid.checkpointing.megatron_core import keys
 from megatron_hybrid.checkpointing.megatron_core.args import (
+    MIXER_ARG_NAMES,
+    OUR_CONFIG_ARG,
     args_from_model_config,
     model_config_from_args,
 )
@@ -31,12 +33,17 @@ from megatron_hybrid.training.optimizer import LRSchedule
 ALL_OPTIONS = dict(
     moe_shared_expert_intermediate_size=16, moe_router_enable_expert_bias=True, moe_latent_size=16
 )
+# For MLA's symbols: the query latent and the latent norms (instead of linear_q_proj, which
+# NO_QUERY_LATENT gives).
+MLA_OPTIONS = dict(q_lora_rank=16, qk_layernorm=True)
+NO_QUERY_LATENT = dict(q_lora_rank=None, qk_layernorm=False)
 SYMBOLS = sorted(s for s in SPECS if SPECS[s].megatron_core is not None)
 
 
 def layer_tensors(symbol: str, **options) -> dict[str, torch.Tensor]:
     """Random values of every tensor of a one-layer model of `symbol`, relative to the layer."""
-    config = small_config(symbol, **{**ALL_OPTIONS, **options})
+    mla = MLA_OPTIONS if symbol in "+D" else {}
+    config = small_config(symbol, **{**ALL_OPTIONS, **mla, **options})
     generator = torch.Generator().manual_seed(0)
     return {
         k.removeprefix("decoder.layers.0."): torch.randn(t.shape, generator=generator)
@@ -56,8 +63,8 @@ def test_every_implemented_symbol_has_a_megatron_core_layout():
 @pytest.mark.parametrize("symbol", SYMBOLS)
 @pytest.mark.parametrize(
     "options",
-    [{}, {"activation": "swiglu"}, {"moe_latent_size": 16}],
-    ids=["relu2", "swiglu", "latent"],
+    [{}, {"activation": "swiglu"}, {"moe_latent_size": 16}, NO_QUERY_LATENT],
+    ids=["relu2", "swiglu", "latent", "no_query_latent"],
 )
 def test_each_layer_spec_maps_every_tensor_once_and_round_trips(symbol, layer_spec, options):
     state, config = layer_tensors(symbol, **options)
@@ -84,7 +91,7 @@ def test_the_other_spellings_round_trip(symbol):
 
 @pytest.mark.parametrize("symbol", SYMBOLS)
 def test_extra_states_belong_to_tensors_of_the_layer(symbol):
-    state, _ = layer_tensors(symbol)
+    state = {**layer_tensors(symbol)[0], **layer_tensors(symbol, **NO_QUERY_LATENT)[0]}
     for layer_spec in MEGATRON_LAYER_SPECS:
         for extra in SPECS[symbol].megatron_core.extra_state[layer_spec]:
             assert extra.of in state, (layer_spec, extra)
@@ -120,6 +127,32 @@ def test_args_written_for_a_config_read_back_to_it():
     )
     assert args.hybrid_layer_pattern == "M-|*E"  # Megatron's pattern: no fusion groups
     assert model_config_from_args(args, config.vocab_size, "ckpt") == config
+
+
+def test_mla_and_dsa_args_are_read_only_for_a_pattern_with_their_layers():
+    config = small_config(
+        "[+E]M[D-]", q_lora_rank=16, qk_layernorm=True, rope_type="rope", dsa_indexer_topk=4
+    )
+    args = args_from_model_config(
+        config, iteration=1, consumed_train_samples=0, tensor_parallel=1, pipeline_parallel=1
+    )
+    assert args.multi_latent_attention and args.experimental_attention_variant == "dsa"
+    assert not args.group_query_attention  # Megatron-LM refuses it with MLA
+    delattr(args, OUR_CONFIG_ARG)  # Megatron-LM's args alone
+    read = model_config_from_args(args, config.vocab_size, "ckpt")
+    assert {f: getattr(read, f) for f in MIXER_ARG_NAMES} == {
+        f: getattr(config, f) for f in MIXER_ARG_NAMES
+    }
+    # Megatron-LM's args hold its MLA defaults for any model; a model without MLA ignores them.
+    args.hybrid_layer_pattern, args.qk_layernorm = "M-", False
+    assert model_config_from_args(args, config.vocab_size, "ckpt").kv_lora_rank is None
+
+
+def test_qk_layernorm_without_a_query_latent_is_refused_naming_the_flags():
+    with pytest.raises(keys.MegatronLayoutError) as error:
+        keys.write_maps(small_config("+M[D-]", qk_layernorm=True), "te")
+    message = str(error.value)
+    assert "'+':" in message and "'D':" in message and "--q-lora-rank" in message
 
 
 def test_our_recorded_config_is_not_used_for_other_layers():

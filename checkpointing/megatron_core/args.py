@@ -3,10 +3,11 @@ ModelConfig.
 
 Reading: ModelConfig fields from the argument of the same name (Megatron's TransformerConfig
 names, which its parser uses as dests), where Megatron has one; settings a model here cannot
-compute (LayerNorm, biases, QK norms, GELU, ...) are refused, each named. Megatron's args do not
-hold what is ours alone (fusion groups, the SSD chunk length, Mamba's dt clamp): a checkpoint
-written by `to-megatron` keeps our config beside them (`args.megatron_hybrid`), and a read takes
-those fields from there. Writing: the args Megatron-LM's loader reads from a checkpoint.
+compute (LayerNorm, biases, QK norms outside MLA/DSA, GELU, ...) are refused, each named.
+Megatron's args do not hold what is ours alone (fusion groups, the SSD chunk length, Mamba's dt
+clamp): a checkpoint written by `to-megatron` keeps our config beside them
+(`args.megatron_hybrid`), and a read takes those fields from there. Writing: the args
+Megatron-LM's loader reads from a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from megatron_hybrid.config import ConfigError, ModelConfig
 from megatron_hybrid.pattern import PatternError, parse_hybrid_pattern
+from megatron_hybrid.specs import SPECS
 
 # ModelConfig field -> Megatron-LM argument (TransformerConfig field or parser dest), in order of
 # preference (older Megatron-LM versions used the later names).
@@ -52,6 +54,35 @@ ARG_NAMES: dict[str, tuple[str, ...]] = {
     "init_method_std": ("init_method_std",),
     "untie_embeddings_and_output_weights": ("untie_embeddings_and_output_weights",),
 }
+# Fields of MLA ('+') and DSA ('D'), whose arguments Megatron-LM's args hold with defaults
+# whatever the model (kv_lora_rank 32, ...): read only when a layer of the pattern reads the
+# field (its spec's config_fields). The YaRN fields are MLATransformerConfig's own, which
+# Megatron-LM's flags do not set (its --yarn-* flags are GPT's YaRN): present only when a run
+# set them otherwise, else Megatron's defaults, ours too.
+MIXER_ARG_NAMES: dict[str, tuple[str, ...]] = {
+    name: (name,)
+    for name in (
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_head_dim",
+        "qk_pos_emb_head_dim",
+        "v_head_dim",
+        "qk_layernorm",
+        "rope_type",
+        "rotary_scaling_factor",
+        "mscale",
+        "mscale_all_dim",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "dsa_indexer_n_heads",
+        "dsa_indexer_head_dim",
+        "dsa_indexer_topk",
+        "dsa_indexer_loss_coeff",
+        "dsa_indexer_use_sparse_loss",
+    )
+}
+LATENT_ATTENTION = "+D"  # the symbols Megatron-LM builds with --multi-latent-attention
 PATTERN_ARGS = ("hybrid_layer_pattern", "hybrid_override_pattern")
 OUR_CONFIG_ARG = "megatron_hybrid"  # our ModelConfig.to_dict(), written by to-megatron
 
@@ -73,7 +104,6 @@ _PLAIN_NORMS = "plain norm weights (no --apply-layernorm-1p)"
 _REQUIRED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("normalization", lambda v: v in (None, "RMSNorm"), "RMSNorm (LayerNorm is not implemented)"),
     ("add_bias_linear", lambda v: not v, "no linear biases (--disable-bias-linear)"),
-    ("qk_layernorm", lambda v: not v, "no QK layernorm"),
     ("layernorm_zero_centered_gamma", lambda v: not v, _PLAIN_NORMS),
     ("apply_layernorm_1p", lambda v: not v, _PLAIN_NORMS),
     ("moe_shared_expert_gate", lambda v: not v, "no shared-expert gate"),
@@ -93,8 +123,16 @@ _REQUIRED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("moe_expert_capacity_factor", lambda v: v is None, "no token dropping"),
     (
         "experimental_attention_variant",
-        lambda v: v in (None, "gdn", "gated_delta_net"),
-        "Gated DeltaNet as `G` (gdn2 and dsa variants are not implemented)",
+        lambda v: v in (None, "gdn", "gated_delta_net", "dsa"),
+        "Gated DeltaNet as `G` or DSA as `D` (the gdn2 variant is not implemented)",
+    ),
+    ("dsa_indexer_topk_freq", lambda v: v in (None, 1), "an indexer in every DSA layer"),
+    ("dsa_indexer_rope_interleaved", lambda v: not v, "the DSA indexer's rope on halves"),
+    ("dsa_indexer_scoring_relu", lambda v: v in (None, True), "relu DSA index scores"),
+    (
+        "dsa_indexer_k_norm_epsilon",
+        lambda v: v is None,
+        "the DSA indexer's k_norm at --norm-epsilon (unset)",
     ),
 )
 
@@ -126,6 +164,12 @@ def model_fields_from_args(args: Any, source: str) -> dict[str, Any]:
             f"no hybrid_layer_pattern (found {pattern!r}): not a hybrid model, or its pattern "
             "came from the deprecated ratio arguments"
         )
+        pattern = ""
+    if arg(args, "qk_layernorm") and not set(pattern) & set(LATENT_ATTENTION):
+        problems.append(
+            f"qk_layernorm={arg(args, 'qk_layernorm')!r} (need no QK layernorm: here it "
+            "normalizes the latents of MLA ('+') and DSA ('D') layers, which the pattern lacks)"
+        )
     activation = _activation(args)
     if activation is None:
         problems.append("neither swiglu nor squared_relu is set (GELU is not implemented)")
@@ -134,14 +178,18 @@ def model_fields_from_args(args: Any, source: str) -> dict[str, Any]:
             f"{source}: the saved Megatron-LM arguments describe a model this version does not "
             "build:\n  " + "\n  ".join(problems)
         )
-    for field, names in ARG_NAMES.items():
+    read_by_layers = {f for s in set(pattern) if s in SPECS for f in SPECS[s].config_fields}
+    mixer_names = {f: n for f, n in MIXER_ARG_NAMES.items() if f in read_by_layers}
+    for field, names in {**ARG_NAMES, **mixer_names}.items():
         value = arg(args, *names, default=_MISSING)
         if value is not _MISSING and value is not None:
             fields[field] = value
-    if arg(args, "group_query_attention", default=True) is False:
-        fields["num_query_groups"] = None  # one key/value group per head
-    else:
-        fields["num_query_groups"] = arg(args, "num_query_groups")
+    # MLA and DSA layers read no num_query_groups (Megatron-LM refuses --group-query-attention
+    # with MLA): a pattern with them keeps ours.
+    if not set(pattern) & set(LATENT_ATTENTION):
+        grouped = arg(args, "group_query_attention", default=True) is not False
+        # Without grouping: one key/value group per head.
+        fields["num_query_groups"] = arg(args, "num_query_groups") if grouped else None
     fields["activation"] = activation
     fields["moe_aux_loss_coeff"] = _aux_loss_coeff(args)
     if "rotary_base" in fields:
@@ -203,15 +251,19 @@ def args_from_model_config(
     it holds neither optimizer nor RNG state (so Megatron-LM neither looks for them nor checks
     the data-parallel layout). Only plain values: Megatron-LM unpickles it with
     `weights_only=True`."""
+    layers = "".join(config.pattern.blocks)
     values = {
         "hybrid_layer_pattern": megatron_pattern(config.hybrid_layer_pattern),
         "num_layers": config.pattern.num_layers,
         "normalization": "RMSNorm",
         "add_bias_linear": False,
-        "qk_layernorm": False,
+        "multi_latent_attention": bool(set(layers) & set(LATENT_ATTENTION)),
+        "experimental_attention_variant": "dsa" if "D" in layers else None,
         "swiglu": config.activation == "swiglu",
         "squared_relu": config.activation == "squared_relu",
-        "group_query_attention": config.num_query_groups not in (None, config.num_attention_heads),
+        # Megatron-LM asserts that MLA and grouped-query attention exclude each other.
+        "group_query_attention": not set(layers) & set(LATENT_ATTENTION)
+        and config.num_query_groups not in (None, config.num_attention_heads),
         "num_query_groups": config.num_query_groups,
         "rotary_percent": 1.0,
         "norm_epsilon": config.layernorm_epsilon,
@@ -233,7 +285,7 @@ def args_from_model_config(
         "no_save_rng": True,
         OUR_CONFIG_ARG: config.to_dict(),
     }
-    for field, names in ARG_NAMES.items():
+    for field, names in {**ARG_NAMES, **MIXER_ARG_NAMES}.items():
         values[names[0]] = getattr(config, field)
     if float(config.rotary_base).is_integer():
         values["rotary_base"] = int(config.rotary_base)  # an int flag in Megatron-LM

@@ -54,7 +54,8 @@ class MegatronLayoutError(CheckpointError):
 
 def layer_layouts(config: ModelConfig) -> list[tuple[str, MegatronCoreLayout]]:
     """(symbol, layout) of every canonical layer of the main decoder. Raises
-    MegatronLayoutError for multi-token prediction and for symbols without a layout."""
+    MegatronLayoutError for multi-token prediction, for symbols without a layout and for
+    sub-layers whose config Megatron-Core builds otherwise (MegatronCoreLayout.unsupported)."""
     if config.pattern.mtp_depths:
         raise MegatronLayoutError(
             f"pattern {config.hybrid_layer_pattern!r} has multi-token-prediction layers, which "
@@ -66,6 +67,16 @@ def layer_layouts(config: ModelConfig) -> list[tuple[str, MegatronCoreLayout]]:
         raise MegatronLayoutError(
             f"pattern {config.hybrid_layer_pattern!r} has {', '.join(map(repr, missing))}, whose "
             "spec gives no Megatron-Core layout (MixerSpec.megatron_core)"
+        )
+    reasons = {
+        s: reason
+        for s in sorted(set(symbols))
+        if (reason := SPECS[s].megatron_core.unsupported(config))
+    }
+    if reasons:
+        raise MegatronLayoutError(
+            f"pattern {config.hybrid_layer_pattern!r} cannot be mapped to Megatron-Core: "
+            + "; ".join(f"{s!r}: {reason}" for s, reason in reasons.items())
         )
     return [(s, SPECS[s].megatron_core) for s in symbols]
 

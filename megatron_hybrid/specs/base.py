@@ -271,11 +271,15 @@ class MegatronCoreLayout:
     per tensor the sub-layer can have: how a Megatron-Core model of that layer spec saves it
     (what `to-megatron` writes; a load takes whichever spelling it finds). `read_also`: other
     spellings a load accepts (a packed tensor saved whole, one tensor per expert).
-    `extra_state[layer_spec]`: the modules that save an `_extra_state` in that layer spec."""
+    `extra_state[layer_spec]`: the modules that save an `_extra_state` in that layer spec.
+    `unsupported(config)`: why Megatron-Core builds this sub-layer of `config` otherwise (other
+    tensors or other math), which the converter says when it refuses the model; None when the
+    layout maps it."""
 
     key_maps: Mapping[str, tuple[KeyMap, ...]]
     extra_state: Mapping[str, tuple[ExtraState, ...]]
     read_also: tuple[KeyMap, ...] = ()
+    unsupported: Callable[[ModelConfig], str | None] = lambda config: None
 
     def __post_init__(self) -> None:
         for field_name in ("key_maps", "extra_state"):

@@ -19,12 +19,15 @@ from megatron_hybrid.config_checks import ConfigError, positive
 from megatron_hybrid.layers.dsa import DeepSeekSparseAttention
 from megatron_hybrid.specs import mla
 from megatron_hybrid.specs.base import (
+    MEGATRON_LAYER_SPECS,
     EntersHeads,
+    MegatronCoreLayout,
     MixerSpec,
     Replicated,
     Slots,
     SumOverHeads,
     TensorParallelPlan,
+    rename,
 )
 from megatron_hybrid.specs.init_rules import normal, ones, zeros
 
@@ -108,6 +111,64 @@ TENSOR_PARALLEL = TensorParallelPlan(
     activations={"rope_key": EntersHeads(), "core_attention.head_sum": SumOverHeads()},
 )
 
+# -- Megatron-Core torch_dist ---------------------------------------------------------------------
+# Megatron-Core builds `D` as a TransformerLayer holding MLA whose core_attention is a DSAttention
+# with its DSAIndexer at `core_attention.indexer`. Its QKNormConfigResolver keeps DSA's latent
+# norms standalone in every layer spec (the indexer reads the normed query latent), so both
+# spell every tensor as ours does. "te": the hybrid layer spec's dsa_layer (AbsorbedMLASelf-
+# Attention, which saves linear_kv_up_proj whole): TE linears, the indexer's TELinear
+# projections, and TENorm for input_layernorm, the latent norms and the indexer's k_norm.
+# "local": the hybrid local spec of Megatron's ModelOpt (post_training/modelopt/hybrid/
+# model_specs.py): ColumnParallelLinear / RowParallelLinear for the query/key-value heads and
+# linear_proj, ModelOpt's `Linear` (a torch.nn.Linear) for the down-projections and the
+# indexer, and its `Norm`, which drops TE's _extra_state, for input_layernorm and k_norm. The
+# latent norms come from the resolver: TENorm (with an _extra_state) under Megatron-LM's default
+# --transformer-impl, so theirs are written (Megatron-LM's default --dist-ckpt-strictness lets
+# a load pass over an object no module asks for, not over a missing one).
+_INDEXER_MAPS = tuple(
+    rename(f"self_attention.{name}", f"self_attention.{name}") for name in INDEXER_INIT_RULES
+)
+_LATENT_NORMS_EXTRA_STATE = mla.extra_states("q_layernorm", "kv_layernorm")
+_HEAD_LINEARS = ("linear_q_proj", "linear_q_up_proj", "linear_kv_up_proj", "linear_proj")
+
+
+def query_norm_without_latent(config: ModelConfig) -> str | None:
+    if config.qk_layernorm and config.q_lora_rank is None:
+        return (
+            "Megatron-Core's DSA refuses qk_layernorm (--qk-layernorm) without q_lora_rank "
+            "(--q-lora-rank), which would need a query norm fused into linear_q_proj; set "
+            "--q-lora-rank, or leave out --qk-layernorm"
+        )
+    return None
+
+
+MEGATRON_CORE = MegatronCoreLayout(
+    key_maps={
+        layer_spec: (
+            mla.INPUT_LAYERNORM,
+            *mla.same_names(*mla.LINEARS),
+            *mla.STANDALONE_NORMS,
+            *_INDEXER_MAPS,
+        )
+        for layer_spec in MEGATRON_LAYER_SPECS
+    },
+    extra_state={
+        "local": (*mla.extra_states(*_HEAD_LINEARS), *_LATENT_NORMS_EXTRA_STATE),
+        "te": (
+            mla.INPUT_LAYERNORM_EXTRA_STATE,
+            *mla.extra_states(*mla.LINEARS),
+            *_LATENT_NORMS_EXTRA_STATE,
+            *mla.extra_states(
+                *(
+                    _INDEXER + module
+                    for module in ("linear_wq_b", "linear_wk", "k_norm", "linear_weights_proj")
+                )
+            ),
+        ),
+    },
+    unsupported=query_norm_without_latent,
+)
+
 SPEC = MixerSpec(
     symbol="D",
     build=DeepSeekSparseAttention,
@@ -127,4 +188,5 @@ SPEC = MixerSpec(
     forward_flops_per_token=forward_flops_per_token,
     parameter_count=parameter_count,
     hf_nemotron_h=None,  # nemotron_h has no DSA layer
+    megatron_core=MEGATRON_CORE,
 )

@@ -22,11 +22,15 @@ from megatron_hybrid.layers.mla import MultiLatentAttention
 from megatron_hybrid.specs.base import (
     ColumnParallel,
     EntersHeads,
+    ExtraState,
+    KeyMap,
+    MegatronCoreLayout,
     MixerSpec,
     Replicated,
     RowParallel,
     Slots,
     TensorParallelPlan,
+    rename,
 )
 from megatron_hybrid.specs.init_rules import normal, ones, output_projection
 
@@ -185,6 +189,84 @@ TENSOR_PARALLEL = TensorParallelPlan(
     activations={"rope_key": EntersHeads()},
 )
 
+# -- Megatron-Core torch_dist ---------------------------------------------------------------------
+# Megatron-Core builds `+` as a TransformerLayer holding an MLASelfAttention (multi_latent_
+# attention.py), saved under the module names ours has. "te": the hybrid layer spec's mla_layer
+# (hybrid_layer_specs.py): input_layernorm a TENorm of its own, TELinear down-projections,
+# TEColumnParallelLinear up-projections, TERowParallelLinear linear_proj; with qk_layernorm its
+# QKNormConfigResolver (mla_qk_norm_config.py) fuses each latent norm into the up-projection
+# after it (TELayerNormColumnParallelLinear: `linear_q_up_proj.layer_norm_weight`). With
+# --mla-down-proj-fusion FusedMLASelfAttention fuses input_layernorm into one down-projection but
+# saves the same keys (its sharded_state_dict and the layer's keys map); it then asks for no
+# input_layernorm._extra_state, which a load passes over (Megatron-LM's default
+# --dist-ckpt-strictness accepts objects no module asks for). "local": Megatron's
+# local modules as its GPT local spec builds MLA (the hybrid specs have no local MLA layer):
+# ColumnParallelLinear / RowParallelLinear linears, the latent norms standalone.
+LINEARS = (
+    "linear_q_proj",
+    "linear_q_down_proj",
+    "linear_q_up_proj",
+    "linear_kv_down_proj",
+    "linear_kv_up_proj",
+    "linear_proj",
+)
+
+
+def same_names(*modules: str) -> tuple[KeyMap, ...]:
+    """The weights of `modules` (in self_attention) under our names."""
+    return tuple(
+        rename(f"self_attention.{m}.weight", f"self_attention.{m}.weight") for m in modules
+    )
+
+
+def extra_states(*modules: str) -> tuple[ExtraState, ...]:
+    """An `_extra_state` for each of `modules` (in self_attention) that the layer has."""
+    return tuple(
+        ExtraState(f"self_attention.{m}", of=f"self_attention.{m}.weight") for m in modules
+    )
+
+
+INPUT_LAYERNORM = rename("input_layernorm.weight", "input_layernorm.weight")
+STANDALONE_NORMS = same_names("q_layernorm", "kv_layernorm")
+INPUT_LAYERNORM_EXTRA_STATE = ExtraState("input_layernorm", of="input_layernorm.weight")
+
+
+def query_norm_without_latent(config: ModelConfig) -> str | None:
+    if config.qk_layernorm and config.q_lora_rank is None:
+        return (
+            "with qk_layernorm (--qk-layernorm) and no q_lora_rank (--q-lora-rank), Megatron-Core "
+            "normalizes MLA's input once more inside linear_q_proj (TE's "
+            "`linear_q_proj.layer_norm_weight`; its local modules cannot build it), which MLA "
+            "here does not; set --q-lora-rank, or leave out --qk-layernorm"
+        )
+    return None
+
+
+MEGATRON_CORE = MegatronCoreLayout(
+    key_maps={
+        "local": (INPUT_LAYERNORM, *same_names(*LINEARS), *STANDALONE_NORMS),
+        "te": (
+            INPUT_LAYERNORM,
+            *same_names(*LINEARS),
+            rename(
+                "self_attention.q_layernorm.weight",
+                "self_attention.linear_q_up_proj.layer_norm_weight",
+            ),
+            rename(
+                "self_attention.kv_layernorm.weight",
+                "self_attention.linear_kv_up_proj.layer_norm_weight",
+            ),
+        ),
+    },
+    # Every Megatron linear saves one (None for local ones); of the norms only TE's TENorm does
+    # (the fused latent norms live in their linear's).
+    extra_state={
+        "local": extra_states(*LINEARS),
+        "te": (INPUT_LAYERNORM_EXTRA_STATE, *extra_states(*LINEARS)),
+    },
+    unsupported=query_norm_without_latent,
+)
+
 SPEC = MixerSpec(
     symbol="+",
     build=MultiLatentAttention,
@@ -197,4 +279,5 @@ SPEC = MixerSpec(
     forward_flops_per_token=forward_flops_per_token,
     parameter_count=parameter_count,
     hf_nemotron_h=None,  # nemotron_h has no MLA layer
+    megatron_core=MEGATRON_CORE,
 )
