@@ -40,6 +40,8 @@ setup(
     install_requires=["torch>=2.6", "numpy", "safetensors", "tokenizers"],
     extras_require={
         "hf": [TRANSFORMERS],
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.17"],
         # setuptools + wheel: tests/test_packaging.py builds a wheel without build isolation.
         "test": [
             "pytest>=8",
@@ -48,6 +50,7 @@ setup(
             "setuptools>=70",
             "wheel",
             RUFF,
+            "tensorboard>=2.14",  # tests read the event files back
             "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
         "dev": ["pytest>=8", "hypothesis>=6", TRANSFORMERS, RUFF],

@@ -209,12 +209,14 @@ def run_config(
     times = [
         ms / 1e3 for ms in call_times_ms(step, warmup=args.warmup, repeat=args.steps, device=device)
     ]
+    trainer.settle()  # a non-finite last step stops here, as it would stop a run
     if args.profile and device.type == "cuda":
         _print_profile(step, device, bench.name)
     median = statistics.median(times)
     tokens_per_s = tokens_per_step / median
     result.update(
         step_times_s=times,
+        update="on the device" if trainer.update_on_device else "host-checked",
         median_step_s=median,
         tokens_per_s=tokens_per_s,
         achieved_tflops=flops_per_token * tokens_per_s / 1e12,

@@ -5,10 +5,15 @@
     megatron-hybrid-convert from-safetensors IN.safetensors SAVE_DIR
     megatron-hybrid-convert to-hf CKPT OUT_DIR [--dtype bf16]
     megatron-hybrid-convert from-hf HF_DIR SAVE_DIR      (keeps HF_DIR's tokenizer.json, if any)
+    megatron-hybrid-convert to-megatron CKPT SAVE_DIR [--layer-spec te|local]
+                                                      [--tensor-parallel-size N] [--dtype bf16]
+    megatron-hybrid-convert from-megatron MEGATRON_DIR SAVE_DIR
 
 CKPT is a save directory (its latest checkpoint; --iteration picks another) or an iter_* dir.
-Checkpoints record their model config, so no model flags are needed. to-safetensors and to-hf
-verify every file's CRC32 first; --no-verify-checksums skips that for the shards.
+Checkpoints record their model config, so no model flags are needed. to-safetensors, to-hf and
+to-megatron verify every file's CRC32 first; --no-verify-checksums skips that for the shards.
+MEGATRON_DIR is a Megatron-LM save directory (or iter_* dir) of a torch_dist checkpoint; its
+saved args give the model config.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from megatron_hybrid.checkpointing import consolidated, files
 from megatron_hybrid.checkpointing.manager import tokenizer_attachment
 from megatron_hybrid.data.tokenizer import TokenizerSettings
+from megatron_hybrid.specs.base import MEGATRON_LAYER_SPECS
 
 
 def inspect_checkpoint(path, iteration=None, out=None) -> None:
@@ -82,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (
         ("to-safetensors", "one consolidated safetensors file"),
         ("to-hf", "a Hugging Face nemotron_h directory"),
+        ("to-megatron", "a Megatron-Core torch_dist checkpoint (Megatron-LM's --load)"),
     ):
         p = sub.add_parser(name, help=f"checkpoint -> {what}")
         p.add_argument("checkpoint")
@@ -98,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
             help="check the files' sizes but not their CRC32s (faster); a damaged "
             "file that stops the read is then checked and named",
         )
+        if name == "to-megatron":
+            p.add_argument(
+                "--layer-spec",
+                choices=MEGATRON_LAYER_SPECS,
+                default="te",
+                help="key names of Megatron-Core's Transformer Engine layer spec (te, the one "
+                "Megatron-LM's hybrid models use) or of its local modules (local)",
+            )
+            p.add_argument(
+                "--tensor-parallel-size",
+                type=int,
+                default=1,
+                help="the tensor-parallel size recorded in the args, and the chunking of the "
+                "tensors (any size loads it: Megatron-Core reshards)",
+            )
     for name, what in (
         ("from-safetensors", "a consolidated safetensors file"),
         ("from-hf", "a Hugging Face nemotron_h directory"),
@@ -108,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--iteration", type=int, default=0, help="iteration number to file it under (default 0)"
         )
+    p = sub.add_parser(
+        "from-megatron",
+        help="a Megatron-Core torch_dist checkpoint -> a checkpoint of ours at its iteration "
+        "(model, optimizer when its layout maps, progress)",
+    )
+    p.add_argument("input")
+    p.add_argument("save_dir")
+    p.add_argument("--iteration", type=int, help="the Megatron iteration to read (default: latest)")
     return parser
 
 
@@ -128,13 +158,43 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "inspect":
         inspect_checkpoint(args.checkpoint, args.iteration)
         return
-    if args.command in ("to-safetensors", "to-hf"):
+    if args.command == "from-megatron":
+        from megatron_hybrid.checkpointing.megatron_core.load import (
+            read_megatron_state,
+            save_as_ours,
+        )
+
+        state = read_megatron_state(args.input, args.iteration)
+        for note in state.notes:
+            print(f"warning: {note}", file=sys.stderr)
+        save_as_ours(state, args.save_dir, log=lambda _: None)
+        print(f"wrote {args.save_dir} from {state.directory} ({len(state.model)} tensors)")
+        return
+    if args.command in ("to-safetensors", "to-hf", "to-megatron"):
         state, config, meta = consolidated.read_model_state(
             args.checkpoint, args.iteration, verify_checksums=not args.no_verify_checksums
         )
         dtype = consolidated.DTYPES.get(args.dtype)
         if args.command == "to-safetensors":
             consolidated.save_safetensors(args.output, state, config, dtype)
+        elif args.command == "to-megatron":
+            from megatron_hybrid.checkpointing.megatron_core import save_megatron_checkpoint
+
+            save_megatron_checkpoint(
+                args.output,
+                state,
+                config,
+                iteration=meta["iteration"],
+                consumed_train_samples=meta.get("consumed_train_samples", 0),
+                layer_spec=args.layer_spec,
+                tensor_parallel=args.tensor_parallel_size,
+                dtype=dtype,
+            )
+            print(
+                "note: optimizer and RNG states are not written; in Megatron-LM load with "
+                "--finetune, or --no-load-optim to continue at this iteration",
+                file=sys.stderr,
+            )
         else:
             from megatron_hybrid.checkpointing.hf_nemotron_h import save_hf_checkpoint
 

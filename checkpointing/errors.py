@@ -22,7 +22,7 @@ class NonFiniteCheckpointError(CheckpointError):
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint's tensors do not fit the model (or optimizer) it is loaded into."""
 
-    def __init__(self, what: str, missing=(), unexpected=(), mismatched=()):
+    def __init__(self, what: str, missing=(), unexpected=(), mismatched=(), config_differences=()):
         self.missing, self.unexpected, self.mismatched = (
             list(missing),
             list(unexpected),
@@ -46,9 +46,15 @@ class CheckpointMismatchError(CheckpointError):
                     for key, saved, wanted in self.mismatched
                 )
             )
+        if config_differences:
+            lines.append(
+                "  the checkpoint was saved with another model config:\n    "
+                + "\n    ".join(config_differences)
+            )
         lines.append(
             "  nothing was loaded. Load into a model built with the checkpoint's "
-            "pattern and sizes (see `megatron-hybrid-convert inspect DIR`)."
+            "pattern and sizes (--use-checkpoint-args takes them from the checkpoint; "
+            "`megatron-hybrid-convert inspect DIR` shows them)."
         )
         super().__init__("\n".join(lines))
 

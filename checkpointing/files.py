@@ -121,6 +121,13 @@ def read_checkpoint_metadata(directory: Path) -> dict:
     type (CheckpointCorruptError naming the file and the field otherwise)."""
     path = directory / METADATA_FILE
     if not path.is_file():
+        from megatron_hybrid.checkpointing.megatron_core.directory import METADATA_FILE as MCORE
+
+        if (directory / MCORE).is_file():
+            raise CheckpointCorruptError(
+                f"{directory} is a Megatron-Core checkpoint ({MCORE}, no {METADATA_FILE}): load "
+                "it with --load, or convert it with `megatron-hybrid-convert from-megatron`"
+            )
         raise CheckpointCorruptError(
             f"{directory} has no {METADATA_FILE}: not a complete megatron-hybrid checkpoint "
             "(a save that did not finish, or another tool's directory)"

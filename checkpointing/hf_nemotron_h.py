@@ -33,15 +33,26 @@ directions by checkpointing/key_mapping.py; the rest is here:
        ...mlp.experts.linear_fc1.weight [E, F, H]  ...mixer.experts.{j}.up_proj.weight [F, H]
        ...mlp.experts.linear_fc2.weight [E, H, F]  ...mixer.experts.{j}.down_proj.weight [H, F]
        ...mlp.shared_experts.linear_fc1/fc2        ...mixer.shared_experts.up_proj/down_proj
+       ...mlp.fc{1,2}_latent_proj.weight (latent)  ...mixer.fc{1,2}_latent_proj.weight
 
 `linear_qkv` holds Megatron's grouped rows (per query group: its q heads, then k, then v); HF
 keeps q, k and v apart, query head h reading key/value head h // (heads / groups), as ours does.
 
 Math that HF's `nemotron_h` (transformers 5.x) cannot express makes `hf_config_from_model_config`
 (and every export) raise `HFExportError` listing each setting and what would be valid: rotary
-embeddings, SwiGLU, softmax routing, MoE without a shared expert or with one expert, MTP, layer
+embeddings, SwiGLU, softmax routing, MoE without a shared expert or with one expert, layer
 symbols other than M * - E. The other way, `HFImportError` lists HF settings our model does not
-implement.
+implement. Multi-token-prediction depths (the pattern's '/' parts) are dropped with a warning:
+nemotron_h's forward runs none, and the export writes no `mtp.*` tensors (imports skip them).
+
+Group-limited routing: HF's `n_group` / `topk_group` are our `moe_router_num_groups` /
+`moe_router_group_topk`, but the groups are ranked differently. Megatron (and so ours) scores a
+group by the sum of its top (topk // group_topk) choice values; transformers' nemotron_h by the
+sum of its top 2 (sigmoid scores plus `e_score_correction_bias`, as ours with sigmoid routing).
+The two choose the same groups exactly when topk // group_topk == 2 (DeepSeek-V3's 8 of 4
+groups), or when every group is kept (`topk_group >= n_group`: no restriction, written as
+n_group = topk_group = 1). For any other setting export and import raise, naming both rules,
+rather than change which experts a token uses (`group_routing_problem`).
 
 Mamba's dt clamp needs care, as transformers versions disagree on which config field sets it:
 5.15 to 5.24 clamp dt = softplus(dt + dt_bias) to (`time_step_min`, inf) and ignore
@@ -76,17 +87,16 @@ from pathlib import Path
 
 import torch
 
-from megatron_hybrid.canonical import canonical_key
 from megatron_hybrid.checkpointing.key_mapping import (
     KeyMappingError,
     PlacedKeyMap,
     layer_key_maps,
+    model_shapes,
     to_ours,
     to_theirs,
 )
 from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.model import HybridModel
-from megatron_hybrid.pattern import SYMBOL_NAMES, parse_hybrid_pattern
+from megatron_hybrid.pattern import SYMBOL_NAMES, HybridPattern, parse_hybrid_pattern
 from megatron_hybrid.specs import SPECS
 from megatron_hybrid.specs.base import unchanged
 
@@ -269,39 +279,61 @@ def export_problems(config: ModelConfig) -> list[str]:
             f"{config.hybrid_layer_pattern!r}: nemotron_h has only "
             f"{', '.join(f'{t} ({SYMBOL_NAMES[t]})' for t in LAYER_TYPES)} layers"
         )
-    if config.pattern.mtp_depths:
-        problems.append(
-            f"hybrid_layer_pattern={config.hybrid_layer_pattern!r} has "
-            f"{config.pattern.mtp_depths} multi-token-prediction depth(s): nemotron_h's "
-            "forward runs no MTP layers; drop the '/...' part"
-        )
     if "*" in symbols and config.position_embedding_type != "none":
         problems.append(
             f"position_embedding_type={config.position_embedding_type!r}: nemotron_h attention "
-            "has no position embedding; valid: 'none'"
+            "has no position embedding; valid: 'none' (flag: --position-embedding-type none)"
         )
     if ("-" in symbols or "E" in symbols) and config.activation != "squared_relu":
         problems.append(
             f"activation={config.activation!r}: nemotron_h MLPs and experts are non-gated "
-            "squared ReLU (mlp_hidden_act 'relu2'); valid: 'squared_relu'"
+            "squared ReLU (mlp_hidden_act 'relu2'); valid: 'squared_relu' (flag: --squared-relu)"
         )
     if "E" in symbols:
         if config.moe_router_score_function != "sigmoid":
             problems.append(
                 f"moe_router_score_function={config.moe_router_score_function!r}: nemotron_h "
-                "routes with sigmoid scores; valid: 'sigmoid'"
+                "routes with sigmoid scores; valid: 'sigmoid' (flag: "
+                "--moe-router-score-function sigmoid)"
             )
         if config.moe_shared_expert_intermediate_size is None:
             problems.append(
                 "moe_shared_expert_intermediate_size=None: every nemotron_h MoE layer has a "
-                "shared expert; set a positive width"
+                "shared expert; set a positive width (flag: "
+                "--moe-shared-expert-intermediate-size N)"
             )
         if config.num_moe_experts < 2:
             problems.append(
                 f"num_moe_experts={config.num_moe_experts}: nemotron_h's router scores expert "
-                "groups by their top-2 experts; valid: 2 or more experts"
+                "groups by their top-2 experts; valid: 2 or more experts (flag: --num-experts)"
+            )
+        groups = config.moe_router_num_groups
+        group_problem = group_routing_problem(
+            config.moe_router_topk, groups or 1, config.moe_router_group_topk or 1
+        )
+        if group_problem:
+            problems.append(
+                f"moe_router_num_groups={groups}, moe_router_group_topk="
+                f"{config.moe_router_group_topk} with moe_router_topk={config.moe_router_topk}: "
+                f"{group_problem}"
             )
     return problems
+
+
+def group_routing_problem(topk: int, num_groups: int, group_topk: int) -> str | None:
+    """Why transformers' nemotron_h would route a group-limited top-`topk` over `num_groups`
+    groups, `group_topk` kept per token, differently from Megatron's rule (module docstring);
+    None where the two agree."""
+    per_group = topk // group_topk
+    if group_topk >= num_groups or per_group == 2:
+        return None
+    return (
+        "transformers' nemotron_h ranks groups by the sum of their top 2 expert scores (with "
+        f"e_score_correction_bias), Megatron's group-limited routing by the sum of their top "
+        f"topk // group_topk = {per_group}, so the two would send tokens to different experts; "
+        f"valid: topk // group_topk = 2 (topk {2 * group_topk} to {3 * group_topk - 1} for "
+        f"{group_topk} group(s) per token), every group kept, or no groups"
+    )
 
 
 def _require_exportable(config: ModelConfig) -> None:
@@ -366,15 +398,42 @@ def hf_config_from_model_config(config: ModelConfig) -> dict:
             num_experts_per_tok=config.moe_router_topk,
             moe_intermediate_size=config.moe_ffn_hidden_size,
             moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
-            moe_latent_size=None,
-            n_group=1,
-            topk_group=1,
+            moe_latent_size=config.moe_latent_size,
+            **_hf_group_fields(config),
             # Ours renormalizes sigmoid top-k weights iff k > 1 (a single weight stays raw).
             norm_topk_prob=config.moe_router_topk > 1,
             routed_scaling_factor=1.0 if scale is None else float(scale),
         )
-    hf[EXTRA_KEY] = config.to_dict()
+    # The record describes the exported model: without the MTP depths it drops.
+    main_pattern = str(HybridPattern(config.pattern.stages))
+    hf[EXTRA_KEY] = {
+        **config.to_dict(),
+        "hybrid_layer_pattern": main_pattern,
+        "mtp_num_layers": None,
+    }
     return hf
+
+
+def _hf_group_fields(config: ModelConfig) -> dict:
+    """n_group and topk_group; routing that keeps every group is HF's no-group 1 and 1 (its
+    group step would need 2 experts per group)."""
+    groups, group_topk = config.moe_router_num_groups, config.moe_router_group_topk
+    if groups is None or group_topk >= groups:
+        return {"n_group": 1, "topk_group": 1}
+    return {"n_group": groups, "topk_group": group_topk}
+
+
+def _imported_groups(hf: Mapping, extra: Mapping) -> tuple[int | None, int | None]:
+    """(moe_router_num_groups, moe_router_group_topk) of an HF config whose group routing
+    `_import_problems` accepted. Where every group is kept (no restriction), no groups, or the
+    recorded groups that keep every group likewise."""
+    n_group, topk_group = hf.get("n_group", 1), hf.get("topk_group", 1)
+    if topk_group < n_group:
+        return n_group, topk_group
+    recorded = (extra.get("moe_router_num_groups"), extra.get("moe_router_group_topk"))
+    if recorded[0] is not None and recorded[1] is not None and recorded[1] >= recorded[0]:
+        return recorded
+    return None, None
 
 
 def _hf_layer_types(hf: Mapping) -> list[str]:
@@ -421,14 +480,14 @@ def _import_problems(hf: Mapping, symbols: str) -> list[str]:
     if "*" in symbols:
         need("sliding_window", None, (None,), "sliding-window attention is not implemented")
     if "E" in symbols:
-        need("moe_latent_size", None, (None,), "MoE latent projections are not implemented")
-        n_group, topk_group = hf.get("n_group", 1), hf.get("topk_group", 1)
-        if n_group != 1 and topk_group < n_group:
-            problems.append(
-                f"n_group={n_group}, topk_group={topk_group}: group-limited expert routing is "
-                "not implemented; supported: n_group=1 (or topk_group >= n_group)"
-            )
         topk = hf.get("num_experts_per_tok", 2)
+        n_group, topk_group = hf.get("n_group", 1), hf.get("topk_group", 1)
+        group_problem = group_routing_problem(topk, n_group, topk_group)
+        if group_problem:
+            problems.append(
+                f"n_group={n_group}, topk_group={topk_group} with num_experts_per_tok={topk}: "
+                f"{group_problem}"
+            )
         norm = hf.get("norm_topk_prob", True)
         if norm != (topk > 1):
             problems.append(
@@ -520,6 +579,10 @@ def model_config_from_hf_config(
             moe_router_topk_scaling_factor=(
                 scale if scale != 1.0 else 1.0 if recorded_scale == 1.0 else None
             ),
+            moe_latent_size=hf.get("moe_latent_size"),
+        )
+        fields["moe_router_num_groups"], fields["moe_router_group_topk"] = _imported_groups(
+            hf, extra
         )
 
     pattern = hybrid_layer_pattern
@@ -590,12 +653,7 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every canonical key of an exportable `config` and its shape (the model is built on the
     meta device: no memory, no initialization)."""
     _require_exportable(config)
-    with torch.device("meta"):
-        model = HybridModel(config)
-    return {
-        canonical_key(name, config.pattern): tuple(t.shape)
-        for name, t in model.state_dict().items()
-    }
+    return model_shapes(config)
 
 
 def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -638,8 +696,15 @@ def canonical_to_hf(
     """Canonical state dict -> HF nemotron_h state dict with on-disk key names (`backbone.*`,
     per-expert tensors, `lm_head.weight` always present). Tensors keep their dtype; most are
     returned as views of the inputs. Raises HFExportError for unsupported configs or a state that
-    does not fit `config` (naming the keys)."""
+    does not fit `config` (naming the keys). MTP depths (`mtp.*`) are dropped with a warning."""
     _check_state(state, canonical_shapes(config), "canonical state", HFExportError)
+    if config.pattern.mtp_depths:
+        warnings.warn(
+            f"hybrid_layer_pattern={config.hybrid_layer_pattern!r} has "
+            f"{config.pattern.mtp_depths} multi-token-prediction depth(s), which Hugging Face "
+            f"{HF_MODEL_TYPE} does not run: its mtp.* tensors are not exported",
+            stacklevel=2,
+        )
     return _to_hf(state, config)
 
 
@@ -794,7 +859,16 @@ def _plan_shards(
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    # safetensors creates its files owner-only (0600): give every file the mode a plain
+    # open() would, so the weights are as readable as config.json beside them.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read_json(path: Path) -> dict:

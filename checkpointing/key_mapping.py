@@ -15,11 +15,40 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_hybrid.canonical import canonical_key
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.specs import SPECS, MixerSpec
 from megatron_hybrid.specs.base import ForeignLayout, KeyMap, KeyMappingError, Transform
 
-__all__ = ["KeyMappingError", "PlacedKeyMap", "layer_key_maps", "to_ours", "to_theirs"]
+__all__ = [
+    "KeyMappingError",
+    "PlacedKeyMap",
+    "model_shapes",
+    "layer_key_maps",
+    "to_ours",
+    "to_theirs",
+]
+
+
+def _meta_model(config: ModelConfig):
+    """A model of `config` on the meta device: its names and shapes, no memory."""
+    from megatron_hybrid.model import HybridModel
+
+    with torch.device("meta"):
+        return HybridModel(config)
+
+
+def model_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical key (parameters and persistent buffers) of a model of `config` and its
+    shape."""
+    state = _meta_model(config).state_dict()
+    return {canonical_key(n, config.pattern): tuple(t.shape) for n, t in state.items()}
+
+
+def parameter_keys(config: ModelConfig) -> set[str]:
+    """The canonical keys of the parameters of a model of `config` (what an optimizer holds
+    state for)."""
+    return {canonical_key(n, config.pattern) for n, _ in _meta_model(config).named_parameters()}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -38,13 +37,6 @@ from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.data.tokenizer import TokenizerSettings, tokenizer_record
 from megatron_hybrid.parallel.distributed import all_ranks_agree
-
-# A single-process run is a supported layout, not something to warn about at every save.
-warnings.filterwarnings(
-    "ignore",
-    message="torch.distributed is disabled, unavailable or "
-    "uninitialized, assuming the intent is to (save|load) in a single process",
-)
 
 
 def checkpoint_state(model, optimizer, progress: TrainProgress | None, config: ModelConfig) -> dict:
@@ -213,16 +205,20 @@ def load_checkpoint(
     tensor index's checksum), the checkpoint's keys and shapes against the model and optimizer
     (CheckpointMismatchError lists missing, unexpected and mis-shaped keys).
     Returns the loaded TrainProgress (its RNG states are restored by `restore_rng()`, at the
-    caller's choice), or None when the checkpoint holds only a model."""
+    caller's choice), or None when the checkpoint holds only a model.
+
+    A Megatron-Core `torch_dist` checkpoint (found by its metadata.json) loads the same way
+    (checkpointing/megatron_core/load.py)."""
+    from megatron_hybrid.checkpointing import megatron_core
+
+    if megatron_core.find_checkpoint(path, iteration) is not None:
+        return megatron_core.load_megatron_checkpoint(
+            path, model, optimizer, config, progress, iteration, log
+        )
     directory = files.resolve_checkpoint_dir(path, iteration)
     meta = files.read_checkpoint_metadata(directory)
     _verify_once(directory, meta, verify_checksums)
     differences = config_differences(meta["model_config"], config)
-    if differences and log is not None:
-        log(
-            f"warning: {directory} was saved with another model config; loading anyway "
-            "(tensor shapes match):\n  " + "\n  ".join(differences)
-        )
     contents = set(meta.get("contents", ()))
     if progress is None:
         contents.discard("progress")
@@ -232,7 +228,12 @@ def load_checkpoint(
         progress if "progress" in contents else None,
         config,
     )
-    check_tensors_fit(files.read_tensor_index(directory), state, directory)
+    check_tensors_fit(files.read_tensor_index(directory), state, directory, differences)
+    if differences and log is not None:  # only now known to be harmless
+        log(
+            f"warning: {directory} was saved with another model config; loading anyway "
+            "(tensor shapes match):\n  " + "\n  ".join(differences)
+        )
     load_dcp_state(state, directory, meta, checksums_verified=verify_checksums)
     return progress if "progress" in contents else None
 
@@ -294,19 +295,29 @@ def _verify_once(directory: Path, meta: dict, checksums: bool) -> None:
         raise CheckpointCorruptError(error)
 
 
-def check_tensors_fit(index: dcp.Metadata, state: dict, directory: Path) -> None:
+def check_tensors_fit(
+    index: dcp.Metadata, state: dict, directory: Path, config_differences=()
+) -> None:
     """Compare every tensor the load would fill with the checkpoint's tensor index: raise
     CheckpointMismatchError listing every difference (for the model first, it is what users
     change), before DCP touches anything. A key is unexpected only if no rank wants it (a
     pipeline rank loads only its stages' keys)."""
-    saved = index.state_dict_metadata
+    shapes = {
+        key: tuple(meta.size)
+        for key, meta in index.state_dict_metadata.items()
+        if hasattr(meta, "size")
+    }
+    check_shapes_fit(shapes, state, directory, config_differences)
+
+
+def check_shapes_fit(
+    shapes: dict[str, tuple[int, ...]], state: dict, where, config_differences=()
+) -> None:
+    """`check_tensors_fit` against `shapes`, the checkpoint's tensors as DCP keys them
+    (`model.decoder...`, `optimizer.state....exp_avg`); `where` names the checkpoint."""
     for part in state:
         wanted = _flat_tensor_shapes(state[part].state_dict(), part)
-        have = {
-            key: tuple(meta.size)
-            for key, meta in saved.items()
-            if key.startswith(part + ".") and hasattr(meta, "size")
-        }
+        have = {key: shape for key, shape in shapes.items() if key.startswith(part + ".")}
         wanted_anywhere = set(wanted)
         if dist.is_initialized() and dist.get_world_size() > 1:
             every_rank: list = [None] * dist.get_world_size()
@@ -320,10 +331,11 @@ def check_tensors_fit(index: dcp.Metadata, state: dict, directory: Path) -> None
         if missing or unexpected or mismatched:
             strip = len(part) + 1
             raise CheckpointMismatchError(
-                f"the {part} ({directory})",
+                f"the {part} ({where})",
                 [k[strip:] for k in missing],
                 [k[strip:] for k in unexpected],
                 [(k[strip:], s, w) for k, s, w in mismatched],
+                config_differences,
             )
 
 

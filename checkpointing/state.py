@@ -41,6 +41,31 @@ from megatron_hybrid.checkpointing.packed_views import (
 from megatron_hybrid.pattern import HybridPattern
 
 
+def as_laid_out_like(value, like):
+    """A whole (global) tensor `value` as the shard `like` (a DTensor) holds, every rank cutting
+    its own piece; anything else as it is (already a shard, or `like` is not sharded)."""
+    if isinstance(like, DTensor) and isinstance(value, torch.Tensor):
+        if not isinstance(value, DTensor):
+            return distribute_tensor(
+                value.to(like.device), like.device_mesh, like.placements, src_data_rank=None
+            )
+    return value
+
+
+def _shaped_like(value, like) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and isinstance(like, torch.Tensor)
+        and tuple(value.shape) == tuple(like.shape)
+    )
+
+
+def holds_nothing(model: torch.nn.Module) -> bool:
+    """An empty middle pipeline stage ("M||M"): no parameter, no buffer, nothing to save (torch's
+    state-dict helpers refuse an empty model)."""
+    return not model.state_dict()
+
+
 class ModelState(Stateful):
     """The model's parameters and persistent buffers as {canonical key: tensor}.
 
@@ -51,6 +76,8 @@ class ModelState(Stateful):
         self.model, self.pattern = model, pattern
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if holds_nothing(self.model):
+            return {}
         state = get_model_state_dict(self.model)
         packed = packed_views(self.model, state, "the model state dict")
         return {
@@ -63,6 +90,8 @@ class ModelState(Stateful):
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load canonical tensors: as DCP fills them (this rank's shards) or whole tensors,
         which a sharded model cuts into its shards."""
+        if holds_nothing(self.model):
+            return
         physical = {physical_name(key, self.pattern): t for key, t in state_dict.items()}
         current = get_model_state_dict(self.model)
         packed = packed_views(self.model, current, "the model state dict")
@@ -70,11 +99,7 @@ class ModelState(Stateful):
             like = current.get(name)
             if name in packed:
                 value = to_rank_major(value, like, packed[name])
-            if isinstance(like, DTensor) and not isinstance(value, DTensor):
-                value = distribute_tensor(
-                    value.to(like.device), like.device_mesh, like.placements, src_data_rank=None
-                )
-            physical[name] = value
+            physical[name] = as_laid_out_like(value, like)
         set_model_state_dict(self.model, physical, options=StateDictOptions(strict=True))
 
 
@@ -90,6 +115,8 @@ class OptimizerState(Stateful):
         self.model, self.optimizer, self.pattern = model, optimizer, pattern
 
     def state_dict(self) -> dict:
+        if holds_nothing(self.model):
+            return {"state": {}, "param_groups": self.optimizer.state_dict()["param_groups"]}
         state = get_optimizer_state_dict(self.model, self.optimizer)
         rename = self._rename(canonical_key)
         packed = self._packed_views(state)
@@ -107,6 +134,8 @@ class OptimizerState(Stateful):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if holds_nothing(self.model):
+            return
         rename = self._rename(physical_name)
         state = {
             "state": {rename(key): value for key, value in state_dict["state"].items()},
@@ -116,15 +145,19 @@ class OptimizerState(Stateful):
             ],
         }
         packed = self._packed_views(state)
-        if packed:
-            params = get_model_state_dict(self.model)
-            for name in packed.keys() & state["state"].keys():
-                state["state"][name] = {
-                    k: to_rank_major(v, params[name], packed[name])
-                    if is_moment(v, packed[name])
-                    else v
-                    for k, v in state["state"][name].items()
+        params = get_model_state_dict(self.model)
+        for name, values in state["state"].items():
+            like = params.get(name)
+            if name in packed:
+                values = {
+                    k: to_rank_major(v, like, packed[name]) if is_moment(v, packed[name]) else v
+                    for k, v in values.items()
                 }
+            # Moments loaded whole (a Megatron-Core checkpoint) take their parameter's layout.
+            state["state"][name] = {
+                k: as_laid_out_like(v, like) if _shaped_like(v, like) else v
+                for k, v in values.items()
+            }
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
     def _rename(self, mapping):

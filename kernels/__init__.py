@@ -1,8 +1,9 @@
-"""Kernels, one sub-package per op (norms/, activations/, conv1d/, ssd/, rotary/, moe_experts/,
-mlp/, linear_cross_entropy/), each holding its eager reference (eager.py) beside its faster
-implementations; the registry (registry.py) binds one implementation per op for each model, and
-cli.py reads the --kernels/--kernel flags. Nothing here imports the model side (layers, blocks,
-model, training): the layers call these through the bound registry."""
+"""Kernels, one sub-package per op (norms/, activations/, conv1d/, ssd/, gated_delta_rule/,
+rotary/, moe_experts/, mlp/, linear_cross_entropy/, sparse_attention/), each holding its eager
+reference (eager.py) beside its faster implementations; the registry (registry.py) binds one
+implementation per op for each model, and cli.py reads the --kernels/--kernel flags. Nothing here
+imports the model side (layers, blocks, model, training): the layers call these through the
+bound registry."""
 
 if __name__ != "megatron_hybrid.kernels":  # the repository root is on sys.path
     from megatron_hybrid.shadowing import step_aside

@@ -54,8 +54,8 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.kernel,
         metavar="OP=IMPL",
         help="use implementation IMPL for op OP, or stop with an error saying why it cannot "
-        f"run; repeatable. Ops: {', '.join(OPS)}; implementations: eager, triton, "
-        "tiled (mlp only)",
+        f"run; repeatable. Ops: {', '.join(OPS)}; implementations: eager, triton, fla "
+        "(gated_delta_rule only), tiled (mlp only)",
     )
     group.add_argument(
         "--tiled-mlp-shards",

@@ -53,10 +53,15 @@ OPS: dict[str, str] = {
     "the window of previous inputs `state` advanced in place (decoding)",
     "ssd_step": "ssd_step(state, x, dt, A, B, C, D=, dt_bias=, dt_softplus=, dt_limit=) -> y; "
     "the SSM state advanced by one token in place (decoding)",
+    "gated_delta_rule": "gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, "
+    "output_final_state=False) -> (o, final_state): S_t = exp(g_t) (I - beta_t k_t k_t^T) "
+    "S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t",
     "moe.experts": "experts(x_sorted_TH, tokens_per_expert_E, fc1_EFH, fc2_EHF, activation) -> "
     "y_sorted_TH: each expert's fc2(act(fc1 x)) on its rows of the expert-sorted tokens",
     "mlp": "mlp(x, linear_fc1, linear_fc2, act) -> linear_fc2(act(linear_fc1(x)))",
     "rotary": "rotary(x, cos, sin) -> x * cos + cat(-x2, x1) * sin (rotate-half RoPE)",
+    "sparse_attention": "sparse_attention(q, k, v, topk_indices, scale) -> softmax attention of "
+    "each query over the keys its top-k list selects (-1: none)",
     "linear_cross_entropy": "linear_cross_entropy(hidden, weight, labels, ignore_index=-100) -> "
     "float32 mean cross-entropy of hidden @ weight^T over tokens not ignored",
 }
@@ -378,9 +383,11 @@ _EAGER = {
     "ssd": "ssd.eager:ssd_chunked_scan",
     "causal_conv1d_step": "conv1d_step.eager:causal_conv1d_step",
     "ssd_step": "ssd_step.eager:ssd_step",
+    "gated_delta_rule": "gated_delta_rule.eager:chunk_gated_delta_rule",
     "moe.experts": "moe_experts.eager:experts",
     "mlp": "mlp.eager:mlp",
     "rotary": "rotary.eager:rotary",
+    "sparse_attention": "sparse_attention.eager:sparse_attention",
     "linear_cross_entropy": "linear_cross_entropy.eager:linear_cross_entropy",
 }
 _TRITON = {
@@ -417,6 +424,18 @@ def _builtin_registry() -> KernelRegistry:
                 priority=10,
             )
         )
+    # flash-linear-attention's Triton kernels (optional; Megatron-Core's GDN runs on them).
+    registry.register(
+        Implementation(
+            "gated_delta_rule",
+            "fla",
+            f"{_PACKAGE}.gated_delta_rule.fla:chunk_gated_delta_rule",
+            device_types=("cuda",),
+            requires=("fla.ops.gated_delta_rule",),
+            install_hint="pip install fla-core",
+            priority=10,
+        )
+    )
     # tiled is opt-in only (a negative priority: auto never prefers it over eager).
     registry.register(
         Implementation("mlp", "tiled", f"{_PACKAGE}.mlp.tiled:tiled_mlp", priority=-10)

@@ -1,6 +1,6 @@
 """One physical block of the decoder: an optional sequence side and an optional channel side.
 
-    x = x + sequence_mixer(sequence_norm(x))     if the block has a sequence mixer (M, *)
+    x = x + sequence_mixer(sequence_norm(x))     if the block has a sequence mixer (M, G, *)
     x = x + channel_mixer(channel_norm(x))       if the block has a channel mixer (-, E)
 
 Each mixer is what its symbol's spec builds (megatron_hybrid/specs/). In a block with both sides
@@ -50,12 +50,6 @@ def check_implemented(config: ModelConfig) -> None:
                 f"pattern {config.hybrid_layer_pattern!r} is part of the pattern language but "
                 f"not implemented yet; implemented symbols: {implemented_listing()}"
             )
-    if pattern.mtp_depths:
-        raise UnsupportedLayerError(
-            f"pattern {config.hybrid_layer_pattern!r} asks for {pattern.mtp_depths} "
-            "multi-token-prediction depth(s) ('/'); MTP parses but is not implemented yet: "
-            "drop the '/...' part"
-        )
 
 
 class Side(NamedTuple):

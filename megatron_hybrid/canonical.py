@@ -14,11 +14,19 @@ names its symbol's spec gives them (`MixerSpec.slots`; the README, section "Chec
     decoder.layers.{p}.channel_mixer.*    -> decoder.layers.{c}.mlp.*                (-, E)
 
 where s is the canonical index of the block's sequence sub-layer and c of its channel sub-layer
-(c = s + 1 in a fused block). Names outside `decoder.layers` are the same in both spaces.
+(c = s + 1 in a fused block). Each multi-token-prediction depth d holds the MTP pattern's blocks
+the same way, numbered from 0 within the depth, under Megatron-Core's prefix:
+
+    mtp.layers.{d}.mtp_model_layer.layers.{p}.sequence_norm.*
+                                        -> mtp.layers.{d}.mtp_model_layer.layers.{s}.norm.*  (M)
+
+Names outside these block stacks (`embedding.*`, `decoder.final_norm.*`, `mtp.layers.{d}.enorm.*`,
+...) are the same in both spaces.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from megatron_hybrid.blocks import PHYSICAL_SLOTS
@@ -27,6 +35,8 @@ from megatron_hybrid.specs import SPECS, MixerSpec
 from megatron_hybrid.specs.base import SEQUENCE
 
 _DECODER = ("decoder", "layers")
+_MTP = ("mtp", "layers")
+_MTP_STACK = ("mtp_model_layer", "layers")
 _PARTS = ("norm", "mixer")
 
 
@@ -41,13 +51,16 @@ class CanonicalKeyError(KeyError):
 class LayerTensor:
     """A tensor of one canonical sub-layer: the sub-layer's index and symbol, the physical
     block holding it, `part` "norm" or "mixer", and `name`, the tensor's name inside that
-    part (`weight`, `in_proj.weight`, ...)."""
+    part (`weight`, `in_proj.weight`, ...). `stack` is the prefix of the block stack holding
+    the sub-layer: "decoder.layers", or "mtp.layers.{d}.mtp_model_layer.layers" in MTP depth
+    d (where `layer` and `block` count from 0 within the depth)."""
 
     layer: int
     symbol: str
     block: int
     part: str
     name: str
+    stack: str = ".".join(_DECODER)
 
     @property
     def spec(self) -> MixerSpec:
@@ -60,7 +73,7 @@ def canonical_key(physical_name: str, pattern: HybridPattern) -> str:
     if tensor is None:
         return physical_name
     slot = getattr(tensor.spec.slots, tensor.part)
-    return ".".join((*_DECODER, str(tensor.layer), slot, tensor.name))
+    return ".".join((tensor.stack, str(tensor.layer), slot, tensor.name))
 
 
 def physical_name(key: str, pattern: HybridPattern) -> str:
@@ -69,28 +82,29 @@ def physical_name(key: str, pattern: HybridPattern) -> str:
     if tensor is None:
         return key
     slot = getattr(PHYSICAL_SLOTS[tensor.spec.kind], tensor.part)
-    return ".".join((*_DECODER, str(tensor.block), slot, tensor.name))
+    return ".".join((tensor.stack, str(tensor.block), slot, tensor.name))
 
 
 def locate(key: str, pattern: HybridPattern) -> LayerTensor | None:
-    """Where the tensor under canonical `key` sits; None for names outside the decoder
-    layers. Raises CanonicalKeyError for a key the pattern's model does not have."""
-    split = _split_layer_name(key)
+    """Where the tensor under canonical `key` sits; None for names outside the block stacks
+    (the decoder layers and each MTP depth's layers). Raises CanonicalKeyError for a key the
+    pattern's model does not have."""
+    split = _split_layer_name(key, pattern)
     if split is None:
         return None
-    layer, slot, name = split
-    if not 0 <= layer < pattern.num_layers:
+    stack, layer, slot, name = split
+    if not 0 <= layer < stack.blocks.num_layers:
         raise CanonicalKeyError(
-            f"{key!r}: canonical layer {layer} does not exist in pattern {str(pattern)!r} "
-            f"({pattern.num_layers} layers)"
+            f"{key!r}: canonical layer {layer} does not exist in {stack.describe(pattern)} "
+            f"({stack.blocks.num_layers} layers)"
         )
-    block_index = pattern.physical_block(layer)
-    block = pattern.blocks[block_index]
-    symbol = block[pattern.canonical_layers(block_index).index(layer)]
+    block_index = stack.blocks.physical_block(layer)
+    block = stack.blocks.blocks[block_index]
+    symbol = block[stack.blocks.canonical_layers(block_index).index(layer)]
     slots = _spec(symbol, key).slots
     for part in _PARTS:
         if slot == getattr(slots, part):
-            return LayerTensor(layer, symbol, block_index, part, name)
+            return LayerTensor(layer, symbol, block_index, part, name, stack.prefix)
     raise CanonicalKeyError(
         f"{key!r}: canonical layer {layer} is {symbol!r} ({SYMBOL_NAMES[symbol]}), whose "
         f"slots are {slots.norm!r} and {slots.mixer!r}, not {slot!r}"
@@ -98,16 +112,16 @@ def locate(key: str, pattern: HybridPattern) -> LayerTensor | None:
 
 
 def _locate_physical(name: str, pattern: HybridPattern) -> LayerTensor | None:
-    split = _split_layer_name(name)
+    split = _split_layer_name(name, pattern)
     if split is None:
         return None
-    block_index, slot, rest = split
-    if not 0 <= block_index < pattern.num_blocks:
+    stack, block_index, slot, rest = split
+    if not 0 <= block_index < stack.blocks.num_blocks:
         raise CanonicalKeyError(
-            f"{name!r}: physical block {block_index} does not exist in pattern "
-            f"{str(pattern)!r} ({pattern.num_blocks} blocks)"
+            f"{name!r}: physical block {block_index} does not exist in "
+            f"{stack.describe(pattern)} ({stack.blocks.num_blocks} blocks)"
         )
-    block = pattern.blocks[block_index]
+    block = stack.blocks.blocks[block_index]
     for kind, slots in PHYSICAL_SLOTS.items():
         for part in _PARTS:
             if slot != getattr(slots, part):
@@ -117,9 +131,14 @@ def _locate_physical(name: str, pattern: HybridPattern) -> LayerTensor | None:
             if symbol is None:
                 raise CanonicalKeyError(f"{name!r}: block {block!r} has no {kind} mixer")
             _spec(symbol, name)
-            layers = pattern.canonical_layers(block_index)
+            layers = stack.blocks.canonical_layers(block_index)
             return LayerTensor(
-                layers[0] if sequence else layers[-1], symbol, block_index, part, rest
+                layers[0] if sequence else layers[-1],
+                symbol,
+                block_index,
+                part,
+                rest,
+                stack.prefix,
             )
     raise CanonicalKeyError(f"{name!r}: unknown block slot {slot!r}")
 
@@ -134,19 +153,60 @@ def _spec(symbol: str, name: str) -> MixerSpec:
     return spec
 
 
-def _split_layer_name(name: str) -> tuple[int, str, str] | None:
-    """(layer or block index, slot, rest) of a `decoder.layers.{i}.{slot}.{rest}` name; None for
-    names outside the decoder layers."""
+@dataclass(frozen=True)
+class _Stack:
+    """A stack of physical blocks: its name prefix, and its blocks as a pattern of their own
+    (whose index maps, `canonical_layers` and `physical_block`, are the stack's)."""
+
+    prefix: str
+    blocks: HybridPattern
+    depth: int | None = None  # the MTP depth (from 0); None for the main decoder
+
+    def describe(self, pattern: HybridPattern) -> str:
+        where = "pattern" if self.depth is None else f"MTP depth {self.depth} of pattern"
+        return f"{where} {str(pattern)!r}"
+
+
+@functools.lru_cache(maxsize=64)
+def _mtp_blocks(blocks: tuple[str, ...]) -> HybridPattern:
+    return HybridPattern((blocks,))
+
+
+def _split_layer_name(name: str, pattern: HybridPattern) -> tuple[_Stack, int, str, str] | None:
+    """(stack, layer or block index, slot, rest) of a `{stack}.{i}.{slot}.{rest}` name, the
+    stack `decoder.layers` or `mtp.layers.{d}.mtp_model_layer.layers`; None for names outside
+    the block stacks."""
     parts = name.split(".")
-    if tuple(parts[:2]) != _DECODER:
+    if tuple(parts[:2]) == _DECODER:
+        stack, start = _Stack(".".join(_DECODER), pattern), 2
+    elif tuple(parts[:2]) == _MTP and tuple(parts[3:5]) == _MTP_STACK:
+        depth = _int(parts[2], name, "an MTP depth")
+        if not 0 <= depth < pattern.mtp_depths:
+            raise CanonicalKeyError(
+                f"{name!r}: MTP depth {depth} does not exist in pattern {str(pattern)!r} "
+                f"({pattern.mtp_depths} MTP depths)"
+            )
+        stack = _Stack(".".join(parts[:5]), _mtp_blocks(pattern.mtp_blocks), depth)
+        start = 5
+    else:
         return None
-    if len(parts) < 5:
-        raise CanonicalKeyError(f"{name!r} is not a tensor of a decoder layer")
-    return _int(parts[2], name), parts[3], ".".join(parts[4:])
+    if len(parts) < start + 3:
+        raise CanonicalKeyError(f"{name!r} is not a tensor of a layer")
+    return stack, _int(parts[start], name), parts[start + 1], ".".join(parts[start + 2 :])
 
 
-def _int(text: str, name: str) -> int:
+def mtp_depth_tensor(name: str) -> tuple[int, str] | None:
+    """(depth, name inside the depth) of a tensor of an MTP depth outside its block stack,
+    e.g. (0, "enorm.weight") for `mtp.layers.0.enorm.weight`; None for other names. (Such
+    names are the same in both spaces.)"""
+    parts = name.split(".")
+    if tuple(parts[:2]) != _MTP or len(parts) < 4 or tuple(parts[3:5]) == _MTP_STACK:
+        return None
+    return _int(parts[2], name, "an MTP depth"), ".".join(parts[3:])
+
+
+def _int(text: str, name: str, what: str = "a layer index") -> int:
     try:
         return int(text)
     except ValueError:
-        raise CanonicalKeyError(f"{name!r}: expected a layer index, found {text!r}") from None
+        raise CanonicalKeyError(f"{name!r}: expected {what}, found {text!r}") from None

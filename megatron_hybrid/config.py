@@ -39,6 +39,31 @@ class ModelConfig:
     position_embedding_type: str = "none"  # "rope" or "none" (Nemotron-H uses none)
     rotary_base: float = 10000.0
 
+    # Multi-latent attention (`+`, and `D`, which is MLA with sparse key selection). Sizes left
+    # None are derived in megatron_hybrid/specs/mla.py from d = kv_channels, else
+    # hidden_size // num_attention_heads.
+    q_lora_rank: int | None = None  # query latent; None: no query compression (linear_q_proj)
+    kv_lora_rank: int | None = None  # key/value latent; default 4 * d
+    qk_head_dim: int | None = None  # per-head q/k dims without rope; default d
+    qk_pos_emb_head_dim: int | None = None  # per-head rope dims; default d / 2, even
+    v_head_dim: int | None = None  # per-head value dims; default d
+    qk_layernorm: bool = False  # RMSNorm on the query and key/value latents (DeepSeek's)
+    rope_type: str | None = None  # "rope" or "yarn" (MLA's default, as Megatron's)
+    rotary_scaling_factor: float = 1.0  # YaRN context extension factor (1: plain rope)
+    mscale: float = 1.0  # YaRN attention-temperature coefficients
+    mscale_all_dim: float = 0.0
+    original_max_position_embeddings: int = 4096  # YaRN: the context before extension
+    beta_fast: float = 32.0  # YaRN: rotations bounding the interpolation ramp
+    beta_slow: float = 1.0
+
+    # DeepSeek sparse attention (`D`): MLA whose queries each attend to the top-k keys of a
+    # lightning indexer. Sizes left None are derived in megatron_hybrid/specs/dsa.py.
+    dsa_indexer_n_heads: int | None = None  # default num_attention_heads // 2 (at least 1)
+    dsa_indexer_head_dim: int | None = None  # default qk_head_dim
+    dsa_indexer_topk: int | None = None  # keys per query; default 2048 (DeepSeek-V3.2's)
+    dsa_indexer_loss_coeff: float = 0.0  # KL loss training the indexer; 0: off (Megatron's)
+    dsa_indexer_use_sparse_loss: bool = False  # that loss over the selected keys only
+
     # Mamba2 (`M`)
     mamba_state_dim: int = 128  # N, SSM state size per group
     mamba_head_dim: int = 64  # P
@@ -54,6 +79,14 @@ class ModelConfig:
     mamba_dt_floor: float = 0.0
     mamba_dt_ceiling: float | None = None
 
+    # Gated DeltaNet (`G`), Megatron-Core's linear_* fields. Unset sizes derive from the
+    # attention sizes (megatron_hybrid/specs/gated_delta_net.py): Qwen3-Next's ratios.
+    linear_conv_kernel_dim: int = 4  # depthwise causal conv width over q, k, v
+    linear_key_head_dim: int | None = None  # default hidden_size // num_attention_heads
+    linear_value_head_dim: int | None = None  # default linear_key_head_dim
+    linear_num_key_heads: int | None = None  # q/k heads; default num_attention_heads
+    linear_num_value_heads: int | None = None  # v/gate heads; default 2 * linear_num_key_heads
+
     # MLP (`-`) and experts
     activation: str = "squared_relu"  # "squared_relu" or "swiglu"
 
@@ -68,6 +101,17 @@ class ModelConfig:
     moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing bias, for choice only
     moe_router_bias_update_rate: float = 1e-3
     moe_aux_loss_coeff: float = 0.0  # switch load-balancing loss coefficient
+    # Latent MoE: routed experts run at this width between fc1_latent_proj (hidden -> latent)
+    # and fc2_latent_proj (latent -> hidden); the router and shared experts stay at hidden_size.
+    moe_latent_size: int | None = None
+    # Group-limited routing: experts split into moe_router_num_groups groups; each token routes
+    # to experts of its moe_router_group_topk best groups only (both None: no groups).
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
+
+    # Multi-token prediction (the pattern's '/' parts; megatron_hybrid/mtp.py)
+    mtp_num_layers: int | None = None  # MTP depths: the pattern's '/' parts (a value must agree)
+    mtp_loss_scaling_factor: float = 0.1  # weight of the MTP loss (mean over depths)
 
     # Shared
     layernorm_epsilon: float = 1e-5
@@ -84,6 +128,7 @@ class ModelConfig:
         choice(self, "position_embedding_type", POSITION_EMBEDDINGS)
         choice(self, "moe_router_score_function", ROUTER_SCORE_FUNCTIONS)
         self._check_dt_clamp()
+        self._check_mtp()
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         positive(self, "ffn_hidden_size")  # MLPs, and the default width of MoE experts
@@ -120,6 +165,12 @@ class ModelConfig:
         return (self.mamba_dt_floor, ceiling)
 
     @property
+    def moe_expert_input_size(self) -> int:
+        """The width routed experts read and write: moe_latent_size (latent MoE), else
+        hidden_size."""
+        return self.hidden_size if self.moe_latent_size is None else self.moe_latent_size
+
+    @property
     def tie_word_embeddings(self) -> bool:
         return not self.untie_embeddings_and_output_weights
 
@@ -143,6 +194,37 @@ class ModelConfig:
                 f"mamba_dt_ceiling (--mamba-dt-ceiling) must be above mamba_dt_floor={floor}, "
                 f"got {ceiling!r}; valid: a larger number, or inf / None for no ceiling"
             )
+
+    def _check_mtp(self) -> None:
+        # Megatron-LM infers --mtp-num-layers from the pattern and, where the two disagree,
+        # warns and uses the pattern; a disagreement is an error here. Recorded as the
+        # pattern's count (None: no MTP), so checkpoints compare equal with or without the flag.
+        depths, given = self.pattern.mtp_depths, self.mtp_num_layers
+        factor = self.mtp_loss_scaling_factor
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 0):
+            raise ConfigError(
+                f"mtp_loss_scaling_factor (--mtp-loss-scaling-factor) must be a finite number "
+                f">= 0, got {factor!r} (Megatron-LM's default: 0.1)"
+            )
+        if given is not None and (type(given) is not int or given < 0):
+            raise ConfigError(
+                f"mtp_num_layers (--mtp-num-layers) must be a whole number >= 0, got {given!r}"
+            )
+        if given is not None and given != depths:
+            if depths:
+                fix = f"give --mtp-num-layers {depths} or leave the flag out"
+            else:
+                example = self.hybrid_layer_pattern + "/M-" * given
+                fix = (
+                    f"append one '/'-part per depth to the pattern, e.g. {example!r}, or leave "
+                    "--mtp-num-layers out"
+                )
+            raise ConfigError(
+                f"mtp_num_layers (--mtp-num-layers) {given} disagrees with the "
+                f"{depths} multi-token-prediction depth(s) ('/' parts) of pattern "
+                f"{self.hybrid_layer_pattern!r}: the pattern sets the depths; {fix}"
+            )
+        self.mtp_num_layers = depths or None
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:

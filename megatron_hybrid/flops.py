@@ -13,11 +13,15 @@ V = vocab_size, T = seq_length:
 
     each sub-layer                 its spec's `forward_flops_per_token`, whose docstring gives
                                    the formula: M megatron_hybrid/specs/mamba2.py, * specs/
-                                   attention.py, - specs/mlp.py, E specs/moe.py
+                                   attention.py, + specs/mla.py, - specs/mlp.py, E specs/
+                                   moe.py
     output layer (logits)          2 * H * V        (tied or not)
     embedding lookup               0
+    each MTP depth ('/' part)      2 * 2H * H (eh_proj) + 2 * H * V (its logits), plus its
+                                   sub-layers, counted with the others (`layer_counts()` counts
+                                   every depth's); as Megatron-LM counts MTP
 
-MTP depths ('/') and the symbols without a spec (G, D, +) raise ValueError.
+The symbols without a spec raise ValueError.
 
 `parameter_count(config)` is the analytic number of trainable parameters, equal to
 `HybridModel(config).num_parameters()` (router expert-bias and token counts are buffers).
@@ -38,13 +42,7 @@ __all__ = [
 
 
 def _check(config: ModelConfig) -> dict[str, int]:
-    pattern = config.pattern
-    if pattern.mtp_depths:
-        raise ValueError(
-            f"pattern {config.hybrid_layer_pattern!r} has MTP depths; FLOPs and parameters of "
-            "multi-token prediction are not defined yet"
-        )
-    counts = pattern.layer_counts()
+    counts = config.pattern.layer_counts()
     unknown = [s for s, n in counts.items() if n and s not in SPECS]
     if unknown:
         raise ValueError(
@@ -62,14 +60,16 @@ def _spec(symbol: str) -> MixerSpec:
 
 
 def layer_forward_flops_per_token(config: ModelConfig, symbol: str, seq_length: int) -> float:
-    """Forward FLOPs per token of one canonical sub-layer `symbol` (M, *, -, E)."""
+    """Forward FLOPs per token of one canonical sub-layer `symbol` (M, *, +, -, E)."""
     return _spec(symbol).forward_flops_per_token(config, seq_length)
 
 
 def forward_flops_per_token(config: ModelConfig, seq_length: int) -> float:
-    """Forward FLOPs per token: every canonical sub-layer plus the logits."""
+    """Forward FLOPs per token: every canonical sub-layer (MTP depths' included), the logits,
+    and each MTP depth's eh_proj and logits."""
     counts = _check(config)
-    total = 2 * config.hidden_size * config.vocab_size
+    H, V = config.hidden_size, config.vocab_size
+    total = 2 * H * V + config.pattern.mtp_depths * (2 * 2 * H * H + 2 * H * V)
     for symbol, n in counts.items():
         if n:
             total += n * layer_forward_flops_per_token(config, symbol, seq_length)
@@ -85,16 +85,52 @@ def parameter_count(config: ModelConfig) -> int:
     """Trainable parameters of `HybridModel(config)`, analytically.
 
     Embedding V*H, output layer V*H when untied, final norm H, and per canonical sub-layer its
-    pre-norm (H) plus its mixer's parameters (its spec's `parameter_count`). Fusion does not
-    change the count: a fused block holds both norms."""
+    pre-norm (H) plus its mixer's parameters (its spec's `parameter_count`); per MTP depth its
+    enorm, hnorm and final_layernorm (3H), eh_proj (2H * H) and its part's sub-layers (the
+    embedding and output layer are shared). Fusion does not change the count: a fused block
+    holds both norms."""
     counts = _check(config)
+    pattern = config.pattern
     H, V = config.hidden_size, config.vocab_size
     total = V * H + H  # embedding, final norm
     if config.untie_embeddings_and_output_weights:
         total += V * H
-    for block in config.pattern.blocks:
+    total += _blocks_parameter_count(config, pattern.blocks)
+    depth = 3 * H + 2 * H * H + _blocks_parameter_count(config, pattern.mtp_blocks)
+    total += pattern.mtp_depths * depth
+    assert sum(counts.values()) == pattern.num_layers + pattern.mtp_depths * pattern.mtp_num_layers
+    return total
+
+
+def _blocks_parameter_count(config: ModelConfig, blocks: tuple[str, ...]) -> int:
+    """Parameters of physical `blocks`: per sub-layer its pre-norm and its mixer."""
+    total = 0
+    for block in blocks:
         for symbol in (sequence_symbol(block), channel_symbol(block)):
             if symbol is not None:
-                total += H + _spec(symbol).parameter_count(config)
-    assert sum(counts.values()) == config.pattern.num_layers
+                total += config.hidden_size + _spec(symbol).parameter_count(config)
     return total
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by CUDA device name, most specific first:
+# the denominator of the MFU in the training log line.
+BF16_DENSE_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The accelerator's dense bf16 peak, or None for a device not in the table."""
+    for key, tflops in BF16_DENSE_PEAK_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None

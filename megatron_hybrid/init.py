@@ -7,7 +7,8 @@ the modules are built in.
 
 Which rule a tensor gets (Megatron-LM / Mamba2 defaults, megatron_hybrid/specs/init_rules.py):
     outside the decoder layers        MODEL_RULES below
-    a sub-layer's pre-norm            ones
+    an MTP depth's own tensors        DEPTH_RULES in megatron_hybrid/mtp.py (enorm, eh_proj, ...)
+    a sub-layer's pre-norm            ones (in the decoder and in every MTP depth)
     a tensor of a mixer               its symbol's spec, by the tensor's name inside the mixer
                                       (`MixerSpec.init_rules`), e.g. Mamba2's A_log, dt_bias
 A mixer tensor without a rule in its own spec is an error: two symbols never share a rule by a
@@ -21,8 +22,9 @@ import hashlib
 import torch
 from torch import nn
 
-from megatron_hybrid.canonical import canonical_key, locate
+from megatron_hybrid.canonical import canonical_key, locate, mtp_depth_tensor
 from megatron_hybrid.config import ModelConfig
+from megatron_hybrid.mtp import DEPTH_RULES
 from megatron_hybrid.specs.base import InitRule
 from megatron_hybrid.specs.init_rules import normal, ones
 
@@ -49,7 +51,10 @@ def tensor_generator(seed: int, key: str) -> torch.Generator:
 def init_rule(key: str, config: ModelConfig) -> InitRule:
     """The rule for the tensor under canonical `key`; MissingInitRuleError if none covers it."""
     tensor = locate(key, config.pattern)
-    if tensor is None:
+    depth_tensor = mtp_depth_tensor(key)
+    if depth_tensor is not None:
+        rules, name, where = DEPTH_RULES, depth_tensor[1], "DEPTH_RULES in megatron_hybrid/mtp.py"
+    elif tensor is None:
         rules, name, where = MODEL_RULES, key, "MODEL_RULES in megatron_hybrid/init.py"
     elif tensor.part == "norm":
         rules, name, where = NORM_RULES, tensor.name, "NORM_RULES in megatron_hybrid/init.py"

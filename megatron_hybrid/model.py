@@ -17,6 +17,11 @@ stage) or hidden states (later stages) to hidden states (inner stages) or logits
 With tied embeddings the last stage holds its own copy of `embedding.word_embeddings` for the
 output projection: same canonical key, same initial value, gradients summed with the first
 stage's copy by the pipeline (megatron_hybrid/parallel/pipeline.py).
+
+Multi-token prediction (the pattern's '/' parts, megatron_hybrid/mtp.py) is `mtp`, on the last
+stage, after the final norm: with labels in training its depths add their loss to the gradient.
+It embeds the shifted tokens with the shared embedding, so a last stage with MTP holds its copy
+of the embedding table whether or not the output layer is tied to it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from megatron_hybrid.init import initialize_parameters
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 from megatron_hybrid.layers.moe import MoELayer, TopKRouter
 from megatron_hybrid.layers.norm import RMSNorm
+from megatron_hybrid.mtp import MultiTokenPrediction
 
 
 class Embedding(nn.Module):
@@ -55,15 +61,20 @@ class StageSpec:
 
 
 class Decoder(nn.Module):
+    """Physical blocks (`blocks`: indices into `all_blocks`, by default every block of the main
+    decoder) and an optional final norm. An MTP depth runs its part's blocks in one
+    (`all_blocks=config.pattern.mtp_blocks`, no final norm)."""
+
     def __init__(
         self,
         config: ModelConfig,
         kernels: BoundKernels | None = None,
         blocks: tuple[int, ...] | None = None,
         final_norm: bool = True,
+        all_blocks: tuple[str, ...] | None = None,
     ):
         super().__init__()
-        all_blocks = config.pattern.blocks
+        all_blocks = config.pattern.blocks if all_blocks is None else all_blocks
         indices = range(len(all_blocks)) if blocks is None else blocks
         self.layers = nn.ModuleDict(
             {str(p): HybridBlock(all_blocks[p], config, kernels) for p in indices}
@@ -101,24 +112,35 @@ class HybridModel(nn.Module):
         self.stage = stage or StageSpec(tuple(range(config.pattern.num_blocks)), True, True)
         first, last = self.stage.first, self.stage.last
         tied = not config.untie_embeddings_and_output_weights
-        # A tied last stage keeps the embedding table for its output projection.
-        self.embedding = Embedding(config) if first or (last and tied) else None
+        with_mtp = last and config.pattern.mtp_depths > 0
+        # A tied last stage keeps the embedding table for its output projection, one with MTP
+        # for the shifted tokens.
+        self.embedding = Embedding(config) if first or (last and (tied or with_mtp)) else None
         self.decoder = Decoder(config, self.kernels, self.stage.blocks, final_norm=last)
         if last and not tied:
             self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         else:
             self.output_layer = None
+        self.mtp = build_mtp(config, self.kernels) if with_mtp else None
         self.init_weights(seed)
 
     @property
-    def holds_tied_output_copy(self) -> bool:
-        """A last stage (not also first) whose output weight is its copy of the embedding."""
-        return self.stage.last and not self.stage.first and self.output_layer is None
+    def holds_embedding_copy(self) -> bool:
+        """A last stage (not also first) holding its copy of the embedding (tied output weight,
+        or MTP)."""
+        return self.stage.last and not self.stage.first and self.embedding is not None
+
+    def block_stacks(self) -> list[Decoder]:
+        """Every module holding physical blocks (in `.layers`): the decoder, then each MTP
+        depth's. The parallel wrappers treat their blocks alike."""
+        depths = [] if self.mtp is None else [depth.mtp_model_layer for depth in self.mtp.layers]
+        return [self.decoder, *depths]
 
     def init_weights(self, seed: int) -> None:
         """(Re)initialize every tensor; a model built on the meta device is left for
         `to_empty` + `init_weights` (or a checkpoint load) to fill."""
-        if next(self.parameters()).is_meta:
+        first = next(self.parameters(), None)  # None: an empty middle pipeline stage
+        if first is None or first.is_meta:
             return
         initialize_parameters(self, self.config, seed)
 
@@ -144,7 +166,11 @@ class HybridModel(nn.Module):
         if not self.stage.last:
             return hidden
         if labels_BT is not None:
-            return self.kernels.linear_cross_entropy(hidden, self.output_weight(), labels_BT)
+            loss = self.kernels.linear_cross_entropy(hidden, self.output_weight(), labels_BT)
+            if self.mtp is not None and self.training:
+                weight = self.output_weight()
+                loss = self.mtp.add_loss(loss, hidden, labels_BT, self.embedding, weight)
+            return loss
         return F.linear(hidden, self.output_weight())
 
     # -- decoding with state (megatron_hybrid/generation.py drives it) ----------------------------
@@ -180,28 +206,33 @@ class HybridModel(nn.Module):
                 "a stage)"
             )
 
-    # -- MoE bookkeeping the training loop drives -----------------------------------------------
+    # -- MoE (and auxiliary-loss) bookkeeping the training loop drives ---------------------------
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def set_moe_aux_loss_grad_scale(self, scale: float) -> None:
-        for layer in self.moe_layers():
-            layer.aux_loss_grad_scale = scale
+    def set_aux_loss_grad_scale(self, scale: float) -> None:
+        """The factor on the gradient of every auxiliary loss (MoE load balancing, the DSA
+        indexer's KL loss): the modules that add one carry `aux_loss_grad_scale`."""
+        for module in self.modules():
+            if hasattr(module, "aux_loss_grad_scale"):
+                module.aux_loss_grad_scale = scale
 
     def moe_aux_loss(self) -> float | None:
         """Sum of the aux losses of the last forward pass (for logging), or None."""
         losses = [m.last_aux_loss for m in self.moe_layers() if m.last_aux_loss is not None]
         return float(sum(losses)) if losses else None
 
-    def update_expert_biases(self, reduce_counts=None) -> None:
+    def update_expert_biases(self, reduce_counts=None, keep: torch.Tensor | None = None) -> None:
         """Call after each optimizer step: aux-loss-free balancing of every router.
         `reduce_counts(tensor)` sums the per-expert token counts over data-parallel ranks in
-        place, so every rank applies the same update."""
+        place, so every rank applies the same update. `keep`, a device scalar 1.0 or 0.0,
+        applies or drops the update without the host reading it (an iteration whose optimizer
+        step was skipped on the device)."""
         for module in self.modules():
             if isinstance(module, TopKRouter):
                 if reduce_counts is not None and module.expert_bias is not None:
                     reduce_counts(module.tokens_per_expert)
-                module.update_expert_bias()
+                module.update_expert_bias(keep)
 
     def discard_routing_counts(self) -> None:
         """Forget the tokens counted since the last update (an iteration whose update is
@@ -212,3 +243,14 @@ class HybridModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def build_mtp(config: ModelConfig, kernels: BoundKernels) -> MultiTokenPrediction:
+    """The MTP depths of `config`'s pattern, each running the MTP part's blocks in a Decoder of
+    its own (no final norm: the depth's final_layernorm follows)."""
+    blocks = config.pattern.mtp_blocks
+    stacks = [
+        Decoder(config, kernels, final_norm=False, all_blocks=blocks)
+        for _ in range(config.pattern.mtp_depths)
+    ]
+    return MultiTokenPrediction(config, kernels, stacks)

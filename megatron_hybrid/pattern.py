@@ -11,9 +11,10 @@ The language is Megatron-LM's ``--hybrid-layer-pattern``, extended with fusion g
     -       MLP                         channel mixer
     E       MoE                         channel mixer
 
-    |       pipeline-stage boundary (main decoder only)
+    |       pipeline-stage boundary (main decoder only); a segment may be empty, as in
+            Megatron-Core ("||M*" is three stages, the first two empty)
     /       multi-token-prediction (MTP) depth: ``main/mtp/mtp/...``, every MTP part identical;
-            a single trailing ``/`` means "no MTP"
+            trailing ``/`` with nothing after them mean "no MTP"
     [XY]    fusion group: one sequence mixer X then one channel mixer Y, built as ONE
             physical block (X its sequence mixer, Y its channel mixer)
 
@@ -88,10 +89,13 @@ _SYMBOL_HINT = (
     + ", ".join(f"{s} ({name})" for s, name in SYMBOL_NAMES.items())
     + "; separators: | (pipeline stage), / (MTP depth), [ ] (fusion group)"
 )
-_STAGE_HINT = "every pipeline stage between '|' separators needs at least one layer, e.g. M*|M-"
+_MAIN_HINT = (
+    "the main decoder needs at least one layer; '|' segments may be empty (e.g. ||M*), but not "
+    "all of them"
+)
 _MTP_HINT = (
     "after the main decoder, each '/' starts one MTP depth and every depth repeats the same "
-    "layers, e.g. M*M-/MM/MM; a single trailing '/' means no MTP"
+    "layers, e.g. M*M-/MM/MM; trailing '/' with nothing after them mean no MTP"
 )
 _INDENT = "  "  # indent of the quoted pattern and of the caret line in error messages
 
@@ -381,6 +385,9 @@ class _Parser:
         self.group: list[tuple[str, int]] = []  # symbols seen since that '['
         self.first_attention: int | None = None  # where '*' first appeared
         self.first_deepseek: int | None = None  # where 'D' or '+' first appeared
+        # Where the first empty MTP part is to blame (see close_stage): an error only once a
+        # non-empty MTP part shows that the '/' were not all trailing.
+        self.empty_mtp_part: int | None = None
 
     def fail(self, reason: str, position: int | None, hint: str | None = None) -> NoReturn:
         raise PatternError(reason, self.text, position, hint)
@@ -417,6 +424,7 @@ class _Parser:
         return self.finish()
 
     def symbol(self, c: str, i: int) -> None:
+        self.check_no_empty_mtp_part_before()
         self.check_attention_flavour(c, i)
         if self.group_start is not None:
             self.group.append((c, i))
@@ -443,6 +451,7 @@ class _Parser:
             )
 
     def open_group(self, i: int) -> None:
+        self.check_no_empty_mtp_part_before()
         if self.group_start is not None:
             self.fail(
                 f"'[' at position {i} opens a fusion group inside the one opened at position "
@@ -512,21 +521,39 @@ class _Parser:
         self.stage_opened_by = i
 
     def close_stage(self, at: int | None) -> None:
-        """Refuse an empty stage; ``at`` is the separator ending it (None at end of text)."""
+        """End the current stage; ``at`` is the separator ending it (None at end of text).
+
+        Empty pipeline segments are legal (Megatron-Core parses "||M" as three stages), as long
+        as the main decoder holds a layer somewhere. An empty MTP part is only noted here: it is
+        an error once another MTP part holds layers (Megatron-Core reads trailing '/' with
+        nothing after them as "no MTP")."""
         if self.stage:
             return
-        assert at is not None or self.stage_opened_by is not None, "empty text is handled early"
-        # Blame the separator that ends the empty stage, else the one that opened it.
-        position = at if at is not None else self.stage_opened_by
         if self.in_mtp:
-            self.fail(f"empty MTP part at position {position}", position, _MTP_HINT)
-        if at is not None and self.text[at] == MTP_SEPARATOR and len(self.parts[0]) == 1:
+            if self.empty_mtp_part is None:
+                # Blame the separator that ends the empty part, else the one that opened it.
+                self.empty_mtp_part = at if at is not None else self.stage_opened_by
+            return
+        if at is None or self.text[at] == MTP_SEPARATOR:
+            self.check_main_decoder_has_a_layer(at)
+
+    def check_main_decoder_has_a_layer(self, at: int | None) -> None:
+        """The main decoder ends (at '/' ``at``, or at the end of the text for None)."""
+        if any(self.parts[0]):
+            return
+        if at is not None:
             self.fail(
                 f"the main decoder is empty: '/' at position {at} comes before any layer",
                 at,
                 "put the main decoder's layers before the first '/', e.g. M*M-/MM",
             )
-        self.fail(f"empty pipeline stage at position {position}", position, _STAGE_HINT)
+        self.fail("the main decoder has no layer: every '|' segment is empty", self.end, _MAIN_HINT)
+
+    def check_no_empty_mtp_part_before(self) -> None:
+        """A layer of an MTP part: an empty MTP part noted earlier is now an error."""
+        if self.in_mtp and self.empty_mtp_part is not None:
+            position = self.empty_mtp_part
+            self.fail(f"empty MTP part at position {position}", position, _MTP_HINT)
 
     def close_part(self, at: int | None) -> None:
         """Refuse an MTP part that differs from the first one; ``at`` as in close_stage."""
@@ -534,6 +561,8 @@ class _Parser:
             return  # the main decoder and the first MTP part set no expectation
         expected = [block for block, _ in self.parts[1][0]]
         found = self.parts[-1][0]
+        if not found or not expected:
+            return  # an empty part: close_stage and finish decide
         depth = len(self.parts) - 1
         reason = (
             f"MTP depth {depth} ({_render(tuple(b for b, _ in found))}) differs from MTP depth 1 "
@@ -553,11 +582,14 @@ class _Parser:
                 self.group_start,
                 _GROUP_HINT,
             )
-        if len(self.parts) == 2 and not self.stage:
-            self.parts.pop()  # "main/" : a single trailing '/' means no MTP
-        else:
-            self.close_stage(None)
-            self.close_part(None)
+        self.close_stage(None)
+        self.close_part(None)
+        mtp_parts = [stages[0] for stages in self.parts[1:]]
+        if not any(mtp_parts):
+            del self.parts[1:]  # "main/" or "main//": trailing '/' mean no MTP
+        elif self.empty_mtp_part is not None:  # the last part is empty, an earlier one is not
+            position = self.empty_mtp_part
+            self.fail(f"empty MTP part at position {position}", position, _MTP_HINT)
         stages = tuple(tuple(block for block, _ in stage) for stage in self.parts[0])
         mtp_blocks = tuple(block for block, _ in self.parts[1][0]) if self.in_mtp else ()
         return stages, mtp_blocks, len(self.parts) - 1

@@ -347,8 +347,8 @@ def gradient_worker(argv: list[str]) -> None:
     num_micro = micro_batches_per_rank * dims.dp
     ids = torch.randint(0, 256, (num_micro * mbs, 25), generator=torch.Generator().manual_seed(7))
     micro = list(ids.split(mbs))
-    reference.set_moe_aux_loss_grad_scale(1.0 / num_micro)
-    model.set_moe_aux_loss_grad_scale(1.0 / micro_batches_per_rank)
+    reference.set_aux_loss_grad_scale(1.0 / num_micro)
+    model.set_aux_loss_grad_scale(1.0 / micro_batches_per_rank)
     for batch in micro:
         language_model_loss(reference(batch[:, :-1]), batch[:, 1:]).div(num_micro).backward()
     dp_rank = mesh["dp_shard"].get_local_rank()

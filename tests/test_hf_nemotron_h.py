@@ -287,7 +287,6 @@ def test_unsupported_export_settings_are_all_named():
     message = str(err.value)
     for expected in (
         "'G' (Gated DeltaNet)",
-        "multi-token-prediction",
         "position_embedding_type",
         "'none'",
         "activation='swiglu'",
@@ -317,9 +316,8 @@ def test_unsupported_hf_settings_on_import_are_all_named():
     hf.update(
         mamba_hidden_act="gelu",
         mlp_hidden_act="silu",
-        moe_latent_size=8,
-        n_group=2,
-        topk_group=1,
+        n_group=4,  # with top-2 of 4 experts: groups ranked by their best, not their top 2
+        topk_group=2,
         sliding_window=16,
         use_bias=True,
         norm_topk_prob=False,
@@ -329,8 +327,7 @@ def test_unsupported_hf_settings_on_import_are_all_named():
     for field in (
         "mamba_hidden_act='gelu'",
         "mlp_hidden_act='silu'",
-        "moe_latent_size=8",
-        "n_group=2",
+        "n_group=4, topk_group=2",
         "sliding_window=16",
         "use_bias=True",
         "norm_topk_prob=False",
@@ -614,3 +611,26 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model_config(config)))
     with pytest.raises(HFImportError, match="no model.safetensors or model.safetensors.index"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_the_default_models_refusal_names_the_flags_that_make_it_exportable():
+    # The embedded default run (no flags) trains a model nemotron_h cannot hold; the refusal
+    # must say which training flags would have made it exportable.
+    config = model_config_from_args(build_parser().parse_args([]), 257)
+    problems = hf_nemotron_h.export_problems(config)
+    assert problems
+    message = "\n".join(problems)
+    for problem in problems:
+        assert "(flag: --" in problem, problem
+    if "E" in config.hybrid_layer_pattern:
+        assert "--moe-router-score-function sigmoid" in message
+        assert "--moe-shared-expert-intermediate-size N" in message
+    if config.position_embedding_type != "none":
+        assert "--position-embedding-type none" in message
+
+
+def test_exported_files_have_the_same_mode_as_config_json(tmp_path):
+    config = hf_config("M*E")
+    save_hf_checkpoint(tmp_path, canonical_state(HybridModel(config)), config)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import perturb_parameters, small_config
 
-from megatron_hybrid.blocks import UnsupportedLayerError
 from megatron_hybrid.canonical import canonical_key
 from megatron_hybrid.model import HybridModel
 
@@ -90,22 +88,6 @@ def test_initial_values_follow_the_documented_rules():
     assert abs(embed.std().item() - 0.02) < 0.003
     fc2 = state["decoder.layers.1.mlp.linear_fc2.weight"]
     assert abs(fc2.std().item() - 0.02 / (2 * 2) ** 0.5) < 0.002  # scaled by 1/sqrt(2 * layers)
-
-
-@pytest.mark.parametrize("symbol", ["G", "D", "+"])
-def test_unimplemented_symbols_fail_at_build_naming_the_symbol(symbol):
-    config = small_config(f"M{symbol}-")
-    with pytest.raises(UnsupportedLayerError) as info:
-        HybridModel(config)
-    assert f"layer symbol '{symbol}'" in str(info.value)
-    assert "not implemented" in str(info.value)
-
-
-def test_mtp_parses_but_fails_at_build_with_a_clear_message():
-    config = small_config("M-/M-")
-    assert config.pattern.mtp_depths == 1
-    with pytest.raises(UnsupportedLayerError, match="multi-token-prediction"):
-        HybridModel(config)
 
 
 def test_every_mixer_runs_forward_and_backward_under_bf16_autocast():

@@ -3,6 +3,7 @@ save (Megatron-LM's --check-for-nan-in-loss-and-grad), or skips the update when 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -14,6 +15,7 @@ from megatron_hybrid.checkpointing.manager import load_checkpoint
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.training.arguments import build_parser, model_config_from_args
 from megatron_hybrid.training.nonfinite import TrainingDivergedError
+from megatron_hybrid.training.optimizer import build_optimizer
 
 PATTERN = ["--hybrid-layer-pattern", "[M-]*E", "--moe-router-enable-expert-bias"]
 
@@ -175,3 +177,87 @@ def test_with_the_check_off_a_nan_state_is_still_never_saved(nan_loss_at, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("latest")) == [
         "iter_0000001"
     ]
+
+
+# With a fused AdamW (every CUDA run without tensor or expert parallelism) the check and the
+# clipping run on the device: the optimizer kernel skips the update itself and the host judges
+# the iteration one step later. Fused AdamW runs on CPU too, which is how these tests reach it.
+
+
+class FusedTrainers:
+    """The trainers built while the fixture is active; `on_device` False makes them take the
+    host path with the same fused optimizer (to compare the two paths alone)."""
+
+    def __init__(self):
+        self.built, self.on_device = [], True
+
+
+@pytest.fixture
+def fused_adamw(monkeypatch):
+    """The trainer builds fused AdamW optimizers (as on CUDA), so it updates on the device."""
+    from megatron_hybrid.training import trainer as trainer_module
+
+    monkeypatch.setattr(
+        trainer_module, "build_optimizer", functools.partial(build_optimizer, fused=True)
+    )
+    trainers = FusedTrainers()
+    original_init = trainer_module.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        assert self.update_on_device  # every optimizer is fused
+        self.update_on_device = trainers.on_device
+        trainers.built.append(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", init)
+    return trainers
+
+
+def test_on_the_device_a_nan_loss_stops_the_run_with_finite_parameters(nan_loss_at, fused_adamw):
+    nan_loss_at(3)
+    with pytest.raises(
+        TrainingDivergedError,
+        match=r"iteration 3: loss nan, gradient norm nan: "
+        r"stopping before the optimizer step; this state was not saved",
+    ):
+        train(*PATTERN, "--train-iters", "5")
+    (trainer,) = fused_adamw.built
+    assert all(torch.isfinite(p).all() for part in trainer.parts for p in part.parameters())
+    # iterations 1 and 2 updated; 3 was skipped by the kernel; 4 stopped before its update
+    steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
+    assert steps == {2.0}
+
+
+def test_on_the_device_skipping_is_logged_as_on_the_host(nan_loss_at, fused_adamw, tmp_path):
+    flags = (*PATTERN, "--train-iters", "4", "--log-interval", "1")
+    nan_loss_at(2)
+    result = train(*flags, "--skip-nonfinite-iterations", "1", "--log-dir", str(tmp_path))
+    (trainer,) = fused_adamw.built
+    assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {3.0}
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped_iterations", 0) for r in records if "loss" in r] == [0, 1, 1, 1]
+    assert math.isnan(result.losses[1])
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_on_the_device_skipping_also_drops_the_expert_bias_update(nan_loss_at, fused_adamw):
+    nan_loss_at(1)  # the first iteration is skipped: the biases must still be all zero after it
+    result = train(*PATTERN, "--train-iters", "1", "--skip-nonfinite-iterations", "1")
+    biases = [b for name, b in result.model.named_buffers() if name.endswith("expert_bias")]
+    assert biases and all(torch.count_nonzero(b) == 0 for b in biases)
+    unskipped = train(*PATTERN, "--train-iters", "2", "--skip-nonfinite-iterations", "1")
+    moved = [b for name, b in unskipped.model.named_buffers() if name.endswith("expert_bias")]
+    assert any(torch.count_nonzero(b) > 0 for b in moved)  # so the check above can fail
+
+
+def test_clipping_on_the_device_matches_clipping_on_the_host(fused_adamw, tmp_path):
+    flags = (*PATTERN, "--train-iters", "6", "--log-interval", "1", "--clip-grad", "0.05")
+    on_device = train(*flags, "--log-dir", str(tmp_path))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0.1 for r in records if "loss" in r)  # every iteration clips
+    fused_adamw.on_device = False
+    on_host = train(*flags)
+    assert [t.update_on_device for t in fused_adamw.built] == [True, False]
+    # The same clipped update, reached by grad / divisor inside the kernel instead of
+    # grad * coefficient before it: rounding apart (a few float32 ulps per step), equal.
+    assert on_device.losses == pytest.approx(on_host.losses, rel=1e-6)

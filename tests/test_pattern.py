@@ -5,7 +5,8 @@ Error positions chosen where the brief left a choice (each has a test below):
 * "[M*-]" -> 3: the first symbol beyond two.
 * differing MTP parts -> the first block of the later part that differs from depth 1, or the
   place where its missing layers should be.
-* empty stage -> the separator that ends it, else the one that opens it ("M|" -> 1).
+* empty MTP part -> the separator that ends it, else the one that opens it ("M-/MM/" -> 5).
+* no layer in the main decoder -> the '/' that ends it, else the end of the text ("|" -> 1).
 * position == len(text) means "something is missing at the very end" (e.g. "" -> 0).
 """
 
@@ -223,16 +224,31 @@ def test_empty_main_decoder_points_at_slash():
     assert position_of_error("/M") == 0
 
 
-def test_empty_stage_points_at_adjacent_pipe():
-    assert position_of_error("M||M") == 2
-    assert position_of_error("|M") == 0
-    assert position_of_error("M|") == 1
-    assert position_of_error("M|/M") == 2
+def test_empty_pipeline_segments_are_stages_as_in_megatron_core():
+    assert parse_hybrid_pattern("||M*").stages == ((), (), ("M", "*"))
+    assert parse_hybrid_pattern("M||[M-]").stages == (("M",), (), ("M-",))
+    assert parse_hybrid_pattern("M|").stages == (("M",), ())
+    assert parse_hybrid_pattern("M|/M").stages == (("M",), ())
+    assert str(parse_hybrid_pattern("|M*|")) == "|M*|"
 
 
-def test_empty_mtp_part_points_at_adjacent_slash():
-    assert position_of_error("M-//") == 3
+def test_main_decoder_without_any_layer_points_at_its_end():
+    assert position_of_error("|") == 1
+    assert position_of_error("||/M") == 2
+    assert "every '|' segment is empty" in str(error_of("||"))
+
+
+def test_trailing_slashes_with_nothing_after_them_mean_no_mtp():
+    for text in ("M-/", "M-//", "M-///"):
+        p = parse_hybrid_pattern(text)
+        assert (p.mtp_blocks, p.mtp_depths, str(p)) == ((), 0, "M-")
+
+
+def test_empty_mtp_part_beside_a_non_empty_one_points_at_adjacent_slash():
+    assert position_of_error("M-//MM") == 3
     assert position_of_error("M-/MM/") == 5
+    assert position_of_error("M-/MM//") == 6
+    assert position_of_error("M-//[M-]") == 3
 
 
 def test_non_string_is_a_pattern_error_without_position():
@@ -246,7 +262,7 @@ def test_pattern_error_is_a_value_error():
     assert isinstance(error_of("M-X"), ValueError)
 
 
-@pytest.mark.parametrize("text", ["M[*-", "M-X", "[[*-]]", "M-/M/MM", "M*/+", "M|"])
+@pytest.mark.parametrize("text", ["M[*-", "M-X", "[[*-]]", "M-/M/MM", "M*/+", "||"])
 def test_message_quotes_pattern_with_caret_under_position(text):
     error = error_of(text)
     lines = str(error).splitlines()
@@ -280,7 +296,7 @@ def test_direct_construction_enforces_the_same_rules():
     with pytest.raises(PatternError):
         HybridPattern((("-*",),))
     with pytest.raises(PatternError):
-        HybridPattern((("M",), ()))
+        HybridPattern(((), ()))  # no layer in the main decoder
     with pytest.raises(PatternError):
         HybridPattern((("M",),), ("M",), 0)
     with pytest.raises(TypeError):
@@ -345,12 +361,14 @@ _BLOCK_RUNS = [
 def valid_patterns(draw):
     """(text, stages, mtp_blocks, mtp_depths) of a random valid pattern."""
     run = _BLOCK_RUNS[draw(st.integers(0, 1))]
-    stages = tuple(draw(st.lists(run, min_size=1, max_size=4)))
+    # '|' segments may be empty, but the main decoder holds a layer somewhere.
+    stages = draw(st.lists(run | st.just(()), min_size=1, max_size=4).filter(any))
+    stages = tuple(stages)
     depths = draw(st.integers(0, 3))
     mtp = draw(run) if depths else ()
     text = "|".join(_render(stage) for stage in stages) + ("/" + _render(mtp)) * depths
-    if not depths and draw(st.booleans()):
-        text += "/"  # a trailing '/' means no MTP
+    if not depths:
+        text += "/" * draw(st.integers(0, 2))  # trailing '/' mean no MTP
     return text, stages, mtp, depths
 
 

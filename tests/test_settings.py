@@ -38,9 +38,9 @@ GROUPS = (
     TokenizerSettings,
     KernelSettings,
 )
-# Flags that set no field of their own: help, a Megatron flag accepted and ignored, and the
+# Flags that set no field of their own: help, Megatron flags accepted and ignored, and the
 # activation switches (they set ModelConfig.activation).
-NOT_FIELDS = {"help", "group_query_attention", "swiglu", "squared_relu"}
+NOT_FIELDS = {"help", "group_query_attention", "multi_latent_attention", "swiglu", "squared_relu"}
 MODEL_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.init}
 
 

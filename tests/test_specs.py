@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -28,12 +29,28 @@ from megatron_hybrid.specs.base import (
 )
 
 # Every optional part switched on, so that every tensor a mixer can have exists.
-ALL_OPTIONS = dict(moe_shared_expert_intermediate_size=16, moe_router_enable_expert_bias=True)
+ALL_OPTIONS = dict(
+    moe_shared_expert_intermediate_size=16, moe_router_enable_expert_bias=True, moe_latent_size=12
+)
+# Optional parts that exclude each other, one config each (MLA's and DSA's query: from a latent,
+# or not).
+MLA_QUERIES = (dict(q_lora_rank=8, qk_layernorm=True), dict())
+EXCLUSIVE_OPTIONS = {"+": MLA_QUERIES, "D": MLA_QUERIES}
 SYMBOLS = sorted(SPECS)
 
 
 def config_of(symbol: str, **overrides) -> ModelConfig:
     return small_config(symbol, **{**ALL_OPTIONS, **overrides})
+
+
+def configs_of(symbol: str) -> list[ModelConfig]:
+    """One config per set of exclusive options (just `config_of(symbol)` for most symbols)."""
+    return [config_of(symbol, **options) for options in EXCLUSIVE_OPTIONS.get(symbol, ({},))]
+
+
+def tensors_over_options(symbol: str) -> set[str]:
+    """Every tensor the mixer has under some config."""
+    return set().union(*(tensor_names(built_mixer(symbol, c)) for c in configs_of(symbol)))
 
 
 def built_mixer(symbol: str, config: ModelConfig | None = None) -> torch.nn.Module:
@@ -46,9 +63,9 @@ def tensor_names(module: torch.nn.Module) -> set[str]:
 
 
 def test_the_registry_is_the_set_of_implemented_symbols():
-    assert IMPLEMENTED_SYMBOLS == set(SPECS) == set("M*-E")
+    assert IMPLEMENTED_SYMBOLS == set(SPECS) == set("M*-EG+D")
     assert all(spec.symbol == symbol for symbol, spec in SPECS.items())
-    assert set(SPECS) < set(SYMBOL_NAMES)  # G, D and + parse but have no spec yet
+    assert set(SPECS) == set(SYMBOL_NAMES)  # every symbol of the pattern language builds
 
 
 @pytest.mark.parametrize("symbol", SYMBOLS)
@@ -76,7 +93,7 @@ def test_config_fields_are_fields_of_the_model_config(symbol):
 @pytest.mark.parametrize("symbol", SYMBOLS)
 def test_every_tensor_of_the_mixer_has_exactly_one_init_rule(symbol):
     rules = set(SPECS[symbol].init_rules)
-    names = tensor_names(built_mixer(symbol))
+    names = tensors_over_options(symbol)
     assert names - rules == set(), f"{symbol!r}: tensors without an init rule"
     assert rules - names == set(), f"{symbol!r}: init rules for tensors the mixer lacks"
 
@@ -90,47 +107,56 @@ def test_a_tensor_named_like_another_mixers_gets_no_rule_from_it(symbol):
     foreign = {name for other in SPECS.values() for name in other.init_rules} - set(spec.init_rules)
     assert foreign
     for name in foreign:
-        with pytest.raises(MissingInitRuleError, match=f"init_rules of the {symbol!r}"):
+        with pytest.raises(MissingInitRuleError, match=re.escape(f"init_rules of the {symbol!r}")):
             init_rule(f"decoder.layers.0.{spec.slots.mixer}.{name}", config)
 
 
 @pytest.mark.parametrize("symbol", SYMBOLS)
 def test_every_parameter_has_a_tensor_parallel_entry(symbol):
     plan = SPECS[symbol].tensor_parallel
-    mixer = built_mixer(symbol)
-    parameters = {name for name, _ in mixer.named_parameters()}
+    mixers = [built_mixer(symbol, config) for config in configs_of(symbol)]
+    parameters = {name for mixer in mixers for name, _ in mixer.named_parameters()}
     assert parameters - set(plan.parameters) == set(), f"{symbol!r}: parameters without a plan"
     assert set(plan.parameters) - parameters == set(), f"{symbol!r}: plan for missing params"
-    for name, style in plan.parameters.items():
-        if isinstance(style, (ColumnParallel, RowParallel)):
-            assert isinstance(mixer.get_submodule(name.rpartition(".")[0]), torch.nn.Linear)
-        if isinstance(style, (ColumnParallel, SplitRows)) and style.parts is not None:
-            parts = style.parts(mixer)
-            assert parts is None or sum(parts) == mixer.get_parameter(name).shape[0], name
-        if isinstance(style, SplitElsewhere):
-            assert style.where
+    for mixer in mixers:
+        present = {name for name, _ in mixer.named_parameters()}
+        for name, style in plan.parameters.items():
+            if name not in present:
+                continue
+            if isinstance(style, (ColumnParallel, RowParallel)):
+                assert isinstance(mixer.get_submodule(name.rpartition(".")[0]), torch.nn.Linear)
+            if isinstance(style, (ColumnParallel, SplitRows)) and style.parts is not None:
+                parts = style.parts(mixer)
+                assert parts is None or sum(parts) == mixer.get_parameter(name).shape[0], name
+            if isinstance(style, SplitElsewhere):
+                assert style.where
+        for name in plan.activations:  # identity markers the plan hooks
+            assert isinstance(mixer.get_submodule(name), torch.nn.Identity), name
     for field, flag in plan.divisible:
         assert isinstance(getattr(config_of(symbol), field), int) and flag.startswith("--")
 
 
 @pytest.mark.parametrize("symbol", SYMBOLS)
 def test_parameter_count_and_flops_formulas_fit_the_built_mixer(symbol):
-    config = config_of(symbol)
     spec = SPECS[symbol]
-    assert spec.parameter_count(config) == sum(p.numel() for p in built_mixer(symbol).parameters())
-    flops = spec.forward_flops_per_token(config, 16)
-    assert math.isfinite(flops) and flops > 0
+    for config in configs_of(symbol):
+        built = sum(p.numel() for p in built_mixer(symbol, config).parameters())
+        assert spec.parameter_count(config) == built
+        flops = spec.forward_flops_per_token(config, 16)
+        assert math.isfinite(flops) and flops > 0
 
 
 @pytest.mark.parametrize("symbol", SYMBOLS)
 def test_canonical_keys_are_the_spec_slots(symbol):
-    config = config_of(symbol)
     slots = SPECS[symbol].slots
-    keys = {canonical_key(name, config.pattern) for name in HybridModel(config).state_dict()}
-    layer = {k.removeprefix("decoder.layers.0.") for k in keys if k.startswith("decoder.layers.")}
-    assert layer == {f"{slots.norm}.weight"} | {
-        f"{slots.mixer}.{name}" for name in tensor_names(built_mixer(symbol))
-    }
+    for config in configs_of(symbol):
+        keys = {canonical_key(name, config.pattern) for name in HybridModel(config).state_dict()}
+        layer = {
+            k.removeprefix("decoder.layers.0.") for k in keys if k.startswith("decoder.layers.")
+        }
+        assert layer == {f"{slots.norm}.weight"} | {
+            f"{slots.mixer}.{name}" for name in tensor_names(built_mixer(symbol, config))
+        }
 
 
 @pytest.mark.parametrize("symbol", [s for s in SYMBOLS if SPECS[s].hf_nemotron_h is not None])

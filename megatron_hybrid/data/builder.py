@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import math
 import os
 import re
@@ -39,8 +38,6 @@ from megatron_hybrid.data.gpt_dataset import GPTDataset, TooFewTokensError
 from megatron_hybrid.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 from megatron_hybrid.data.mock_dataset import MockIndexedDataset
 from megatron_hybrid.data.tokenizer import Tokenizer, add_tokenizer_args
-
-logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")
 DEFAULT_SPLIT = "969,30,1"
@@ -75,6 +72,7 @@ class DataSplits:
     train: DataSplit | None
     valid: DataSplit | None
     test: DataSplit | None
+    notes: tuple[str, ...] = ()  # what was left out and why: one line each for the log
 
     def summary(self) -> str:
         """One line per split, for the training log."""
@@ -293,9 +291,17 @@ def _cache_dir(data: DataSettings, indexed) -> str | None:
 
 
 def _build_split(
-    name: str, parts, data: DataSettings, seq_length: int, seed: int, num_samples: int
+    name: str,
+    parts,
+    data: DataSettings,
+    seq_length: int,
+    seed: int,
+    num_samples: int,
+    notes: list[str],
 ) -> DataSplit | None:
-    """`parts`: (weight or None, dataset, first sequence, end sequence) for one split."""
+    """`parts`: (weight or None, dataset, first sequence, end sequence) for one split. What is
+    left out (a dataset whose share is too small) is added to `notes`, which the training log
+    prints once (a small test share is common and no error)."""
     datasets, weights = [], []
     for weight, indexed, begin, end in parts:
         if weight == 0:
@@ -313,14 +319,14 @@ def _build_split(
         except TooFewTokensError as error:
             if name == "train":
                 raise
-            logger.warning("leaving it out of the %s data: %s", name, error)
+            notes.append(f"{name} data leaves out {indexed.prefix}: {error}")
             continue
         datasets.append(dataset)
         weights.append(dataset.num_tokens if weight is None else weight)
     if not datasets:
         if name == "train":
             raise DataConfigError("no training data: --split gives the train split no share")
-        logger.warning("no %s data: evaluation on this split is skipped", name)
+        notes.append(f"no {name} data: evaluation on the {name} split is skipped")
         return None
     if len(datasets) == 1:
         datasets[0].prepare(num_samples)
@@ -351,6 +357,15 @@ def build_datasets(
     (IndexedDatasetNotFoundError for a missing file) for unreadable data or data that does not
     match the tokenizer.
     """
+    for flag, value in (
+        ("--data-path", data.data_path),
+        *((f"--{name}-data-path", getattr(data, f"{name}_data_path")) for name in SPLIT_NAMES),
+    ):
+        if value is not None and not [v for v in value if v.strip()]:
+            raise DataConfigError(
+                f"{flag} was given no dataset (an empty shell variable?): give "
+                "[WEIGHT] PREFIX ..., or drop the flag to train on the embedded corpus"
+            )
     data_path = data.data_path or []
     per_split = {name: data.blend_of(name) for name in SPLIT_NAMES}
     mock = data.mock_data
@@ -392,7 +407,7 @@ def build_datasets(
                 else [(w, d, *split_ranges(split, len(d))[i]) for w, d in sources]
             )
 
-    splits = {}
+    splits, notes = {}, []
     with _rank_zero_first():
         for name in SPLIT_NAMES:
             num_samples = num_train_samples if name == "train" else num_eval_samples
@@ -403,5 +418,7 @@ def build_datasets(
                     )
                 splits[name] = None
                 continue
-            splits[name] = _build_split(name, parts[name], data, seq_length, seed, num_samples)
-    return DataSplits(**splits)
+            splits[name] = _build_split(
+                name, parts[name], data, seq_length, seed, num_samples, notes
+            )
+    return DataSplits(**splits, notes=tuple(notes))

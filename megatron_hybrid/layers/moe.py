@@ -2,9 +2,14 @@
 
 Routing follows Megatron-LM / Nemotron-H:
 - scores are `softmax(logits)` or `sigmoid(logits)` in float32;
-- with `moe_router_enable_expert_bias`, a per-expert bias is added to the scores *for choosing*
-  experts only (aux-loss-free balancing); the bias is a buffer nudged after every optimizer
-  step towards balanced load (`update_expert_bias`), never trained by gradient;
+- experts are chosen, as in Megatron-Core's `topk_routing_with_score_function`, by the logits
+  (softmax: the probabilities' order) or the probabilities (`moe_router_pre_softmax`) or the
+  sigmoid scores; with `moe_router_enable_expert_bias`, by the scores plus a per-expert bias
+  (aux-loss-free balancing), a buffer nudged after every optimizer step towards balanced load
+  (`update_expert_bias`), never trained by gradient;
+- group-limited routing (`moe_router_num_groups`, `moe_router_group_topk`; DeepSeek-V3's
+  node-limited routing): each token picks its top k experts within its best groups only
+  (`group_limited_topk`);
 - routing weights, as Megatron-Core's `topk_routing_with_score_function`: softmax over the chosen
   experts' logits (so 1.0 at top-1); with `moe_router_pre_softmax`, the chosen entries of the
   softmax over all experts; sigmoid scores renormalized to sum to one when k > 1; then scaled by
@@ -13,6 +18,11 @@ Routing follows Megatron-LM / Nemotron-H:
   *without* the expert bias (Megatron-Core's `compute_routing_scores_for_aux_loss`), and reaches
   the router through `AuxLossInjector`, which keeps `model(input_ids) -> logits` free of side
   outputs.
+
+Latent MoE (`moe_latent_size`, Megatron-Core's; Nemotron 3's): the router reads the token at
+full width, `fc1_latent_proj` (hidden -> latent) feeds the routed experts, which run at the
+latent width (so expert parallelism exchanges latent-width rows), and `fc2_latent_proj` brings
+their weighted sum back to the hidden width; the shared experts stay at full width.
 """
 
 from __future__ import annotations
@@ -59,6 +69,8 @@ class TopKRouter(nn.Module):
         self.scaling_factor = config.moe_router_topk_scaling_factor
         self.aux_loss_coeff = config.moe_aux_loss_coeff
         self.bias_update_rate = config.moe_router_bias_update_rate
+        self.num_groups = config.moe_router_num_groups
+        self.group_topk = config.moe_router_group_topk
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         if config.moe_router_enable_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(self.num_experts))
@@ -74,8 +86,7 @@ class TopKRouter(nn.Module):
             scores = logits.softmax(dim=-1)
         else:
             scores = logits.sigmoid()
-        choice = scores if self.expert_bias is None else scores + self.expert_bias
-        indices = choice.topk(self.topk, dim=-1).indices
+        indices = self.choose_experts(logits, scores)
         weights = scores.gather(-1, indices)
         # softmax(all)[chosen] renormalized == softmax(logits[chosen]), Megatron's non-pre-softmax
         if (self.score_function == "softmax" and not self.pre_softmax) or (
@@ -90,12 +101,28 @@ class TopKRouter(nn.Module):
                 self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         aux_loss = None
         if self.training and self.aux_loss_coeff > 0:
-            if self.expert_bias is not None:  # the loss balances the unbiased choice
+            if self.expert_bias is not None or self.num_groups is not None:
+                # The loss balances the router's own preference: the top k of the unbiased
+                # scores over all experts (Megatron's compute_routing_scores_for_aux_loss).
                 counts = torch.bincount(
                     scores.topk(self.topk, dim=-1).indices.flatten(), minlength=self.num_experts
                 )
             aux_loss = self.switch_load_balancing_loss(scores, counts)
         return weights, indices, aux_loss
+
+    def choose_experts(self, logits_NE: torch.Tensor, scores_NE: torch.Tensor) -> torch.Tensor:
+        """Each token's k experts (N, k), chosen by the values Megatron-Core chooses by (module
+        docstring); the logits rank experts as softmax's probabilities do, but only they score
+        groups as Megatron does."""
+        if self.expert_bias is not None:
+            choice = scores_NE + self.expert_bias
+        elif self.score_function == "softmax" and not self.pre_softmax:
+            choice = logits_NE
+        else:
+            choice = scores_NE
+        if self.num_groups is None:
+            return choice.topk(self.topk, dim=-1).indices
+        return group_limited_topk(choice, self.topk, self.num_groups, self.group_topk)
 
     def switch_load_balancing_loss(self, scores_NE: torch.Tensor, counts_E: torch.Tensor):
         """coeff * E / (k * N^2) * sum_e (tokens routed to e) * (sum of e's scores): 1*coeff when
@@ -108,17 +135,39 @@ class TopKRouter(nn.Module):
         return (aggregated * counts_E.to(aggregated.dtype)).sum() * scale
 
     @torch.no_grad()
-    def update_expert_bias(self) -> None:
+    def update_expert_bias(self, keep: torch.Tensor | None = None) -> None:
         """Nudge the bias of under-loaded experts up and over-loaded ones down by the update rate,
-        using the tokens counted since the last call; then reset the counts."""
+        using the tokens counted since the last call; then reset the counts. `keep` (a device
+        scalar, 1.0 or 0.0) scales the update: 0.0 drops it without a host synchronization."""
         if self.expert_bias is not None:
             load = self.tokens_per_expert
-            self.expert_bias += torch.sign(load.mean() - load) * self.bias_update_rate
+            update = torch.sign(load.mean() - load) * self.bias_update_rate
+            self.expert_bias += update if keep is None else update * keep
         self.tokens_per_expert.zero_()
 
 
+def group_limited_topk(
+    choice_NE: torch.Tensor, topk: int, num_groups: int, group_topk: int
+) -> torch.Tensor:
+    """Megatron-Core's group-limited top-k (`moe_utils.group_limited_topk`): the E experts form
+    `num_groups` consecutive groups of E / num_groups; each token keeps the `group_topk` groups
+    with the largest sums of their top (topk // group_topk) choice values and takes its top
+    `topk` experts from those. Returns expert indices (N, topk).
+
+    (transformers' nemotron_h sums every group's top 2 instead: the same rule exactly when
+    topk // group_topk == 2, as in DeepSeek-V3; checkpointing/hf_nemotron_h.py checks it.)"""
+    num_tokens, num_experts = choice_NE.shape
+    grouped = choice_NE.reshape(num_tokens, num_groups, num_experts // num_groups)
+    group_scores = grouped.topk(topk // group_topk, dim=-1).values.sum(dim=-1)
+    best_groups = group_scores.topk(group_topk, dim=-1).indices
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+    allowed = grouped.masked_fill(~kept.unsqueeze(-1), float("-inf"))
+    return allowed.reshape(num_tokens, num_experts).topk(topk, dim=-1).indices
+
+
 class GroupedExperts(nn.Module):
-    """`num_experts` MLPs stored as stacked weights: linear_fc1 (E, F', H), linear_fc2 (E, H, F).
+    """`num_experts` MLPs stored as stacked weights: linear_fc1 (E, F', H), linear_fc2 (E, H, F),
+    H being the experts' input width (`moe_expert_input_size`: the latent width in a latent MoE).
 
     `forward(x_sorted_TH, tokens_per_expert_E)` takes token rows already grouped by expert
     (`tokens_per_expert_E[e]` consecutive rows for expert e, in expert order) and returns their
@@ -129,7 +178,7 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
         super().__init__()
-        E, H, F = config.num_moe_experts, config.hidden_size, config.moe_ffn_hidden_size
+        E, H, F = config.num_moe_experts, config.moe_expert_input_size, config.moe_ffn_hidden_size
         self.num_experts = E
         self.activation = config.activation
         self.kernels = kernels or eager_kernels()
@@ -176,12 +225,18 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
 
 class MoELayer(nn.Module):
     """Router -> tokens sorted by expert -> experts -> unsorted, weighted and summed per token
-    (+ shared experts)."""
+    (+ shared experts); in a latent MoE the experts' rows pass through `fc1_latent_proj` before
+    and their sums through `fc2_latent_proj` after (module docstring)."""
 
     def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
         super().__init__()
         kernels = kernels or eager_kernels()
         self.router = TopKRouter(config)
+        self.fc1_latent_proj = self.fc2_latent_proj = None
+        if config.moe_latent_size is not None:  # no bias: Megatron's add_bias_linear=False
+            H, L = config.hidden_size, config.moe_latent_size
+            self.fc1_latent_proj = nn.Linear(H, L, bias=False)
+            self.fc2_latent_proj = nn.Linear(L, H, bias=False)
         self.experts = GroupedExperts(config, kernels)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
@@ -200,7 +255,11 @@ class MoELayer(nn.Module):
         shape = x_BTH.shape
         x_NH = x_BTH.reshape(-1, shape[-1])
         weights, indices, aux_loss = self.router(x_NH)
-        out = self.routed_experts(x_NH, weights, indices)
+        if self.fc1_latent_proj is None:
+            out = self.routed_experts(x_NH, weights, indices)
+        else:
+            out = self.routed_experts(self.fc1_latent_proj(x_NH), weights, indices)
+            out = self.fc2_latent_proj(out)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_NH)
         if aux_loss is not None:
@@ -211,7 +270,8 @@ class MoELayer(nn.Module):
     def routed_experts(
         self, x_NH: torch.Tensor, weights_NK: torch.Tensor, indices_NK: torch.Tensor
     ) -> torch.Tensor:
-        """sum_k weights[n, k] * expert_{indices[n, k]}(x[n]) for every token n."""
+        """sum_k weights[n, k] * expert_{indices[n, k]}(x[n]) for every token n, in x's dtype
+        (summed in at least float32)."""
         topk = indices_NK.shape[1]
         flat_expert = indices_NK.flatten()
         order = torch.argsort(flat_expert, stable=True)
@@ -219,8 +279,11 @@ class MoELayer(nn.Module):
         tokens_per_expert = torch.bincount(flat_expert, minlength=self.experts.num_experts)
         out = self.experts(x_NH[token_of], tokens_per_expert)
         routed = out * weights_NK.flatten()[order].unsqueeze(-1).to(out.dtype)
-        # Under autocast the GEMMs return bf16 while x (the residual stream) stays float32.
-        return torch.zeros_like(x_NH).index_add_(0, token_of, routed.to(x_NH.dtype))
+        # Under autocast the GEMMs return bf16, and so does fc1_latent_proj (whose output is x
+        # here in a latent MoE): a token's k outputs are summed in float32, rounded once.
+        sum_dtype = torch.promote_types(x_NH.dtype, torch.float32)
+        total = torch.zeros(x_NH.shape, dtype=sum_dtype, device=x_NH.device)
+        return total.index_add_(0, token_of, routed.to(sum_dtype)).to(x_NH.dtype)
 
 
 class _WeightOnly(nn.Module):

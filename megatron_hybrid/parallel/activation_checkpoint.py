@@ -35,18 +35,20 @@ def _save_expensive_ops(ctx, op, *args, **kwargs):
 
 
 def apply_activation_checkpointing(model: HybridModel, granularity: str, log=print) -> None:
-    """Wrap every physical block of `model.decoder.layers` in place."""
+    """Wrap every physical block of `model` (the decoder's and the MTP depths') in place."""
     if granularity not in ("full", "selective"):
         raise ValueError(f"unknown recompute granularity {granularity!r}; valid: full, selective")
-    layers = model.decoder.layers
-    for name, block in list(layers.items()):
-        if granularity == "full":
-            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
-        else:
-            wrapped = checkpoint_wrapper(
-                block,
-                preserve_rng_state=False,
-                context_fn=partial(create_selective_checkpoint_contexts, _save_expensive_ops),
-            )
-        layers[name] = wrapped
-    log(f"activation checkpointing ({granularity}) on {len(layers)} blocks")
+    count = 0
+    for stack in model.block_stacks():
+        for name, block in list(stack.layers.items()):
+            if granularity == "full":
+                wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+            else:
+                wrapped = checkpoint_wrapper(
+                    block,
+                    preserve_rng_state=False,
+                    context_fn=partial(create_selective_checkpoint_contexts, _save_expensive_ops),
+                )
+            stack.layers[name] = wrapped
+            count += 1
+    log(f"activation checkpointing ({granularity}) on {count} blocks")

@@ -12,10 +12,10 @@ from megatron_hybrid.model import HybridModel
 
 
 def apply_compile(model: HybridModel, mode: str | None = None, log=print) -> None:
-    """Compile every block of `model.decoder.layers` in place (`nn.Module.compile`, so module
-    names, parameters and checkpoint keys do not change). `mode` is torch.compile's
-    ("reduce-overhead" adds CUDA graphs, "max-autotune", ...)."""
-    blocks = list(model.decoder.layers.values())
+    """Compile every block of `model` (the decoder's and the MTP depths') in place
+    (`nn.Module.compile`, so module names, parameters and checkpoint keys do not change). `mode`
+    is torch.compile's ("reduce-overhead" adds CUDA graphs, "max-autotune", ...)."""
+    blocks = [block for stack in model.block_stacks() for block in stack.layers.values()]
     for block in blocks:
         block.compile(mode=mode)
     log(

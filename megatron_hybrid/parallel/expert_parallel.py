@@ -23,6 +23,12 @@ weighted. Parallelism wraps only `GroupedExperts`, with a forward pre-hook and a
   each tp rank's `Shard(1)` holds its gate rows and the matching up rows, and checkpoints keep
   the canonical order.
 - Both: the expert weights live on the 2-D ("ep", "tp") sub-mesh.
+- Latent MoE: `fc1_latent_proj` runs before the sort and `fc2_latent_proj` after the unsort, so
+  the rows above are latent-width (the all-to-all moves L, not H, channels per row) and the
+  experts run at the latent width. Both projections stay whole on every rank (Megatron-Core's
+  "duplicated" linears): their input and output are the layer's replicated ones, and the
+  dispatch hook's summed input gradient gives `fc1_latent_proj` its full gradient on every tp
+  rank. Like the router, FSDP shards them over all data-parallel ranks.
 
 FSDP2 then shards the experts over mesh["edp"] (parallel/fsdp.py). Checkpoints need nothing more:
 DTensor shards save under their canonical keys with global shapes and load into any layout (the

@@ -31,7 +31,7 @@ def apply_fsdp(model: HybridModel, mesh: DeviceMesh, bf16: bool, log=print) -> N
     dp_mesh = mesh["dp_shard"]
     expert_parallel = mesh["ep"].size() > 1
     nccl = dist.get_backend(dp_mesh.get_group()) == "nccl"
-    blocks = list(model.decoder.layers.values())
+    blocks = [block for stack in model.block_stacks() for block in stack.layers.values()]
     if expert_parallel:
         _let_selective_checkpointing_ignore_profiler_ops()
     num_expert_units = 0

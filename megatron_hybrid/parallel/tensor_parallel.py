@@ -12,11 +12,21 @@ attributes. Today:
 - Mamba2: heads and groups over the ranks: `in_proj` per packed part z/x/B/C/dt, the conv1d
   channels per part x/B/C, dt_bias, A_log, D and the gated norm's weight on heads, `out_proj`
   row-parallel.
+- Gated DeltaNet: key and value heads over the ranks: `in_proj` per packed part
+  q/k/v/z/beta/alpha, the conv1d channels per part q/k/v, dt_bias and A_log on value heads,
+  `out_proj` row-parallel; the output norm's weight, shared by all heads, replicated with its
+  gradient summed over the ranks.
+- MLA: heads over the ranks (the up-projections column-parallel, `linear_proj` row-parallel);
+  the down-projections and latent norms replicated; the shared rope key's gradient summed over
+  the ranks where it enters the heads.
+- DSA: as MLA, with the lightning indexer replicated; its loss's target, a sum over heads, is
+  summed over the ranks.
 - MoE (`E`): split by megatron_hybrid/parallel/expert_parallel.py, not here.
 
 Per-part splits store the packed weights rank-major (megatron_hybrid/parallel/packed.py); the
 checkpoint hooks map them back to the canonical layout, so checkpoints do not depend on tp.
-Embedding and output layer stay replicated.
+Embedding and output layer stay replicated, and so do an MTP depth's own norms and eh_proj; its
+blocks are split like the decoder's.
 
 Sequence parallelism (`--sequence-parallel`, Megatron's): the residual stream inside the decoder
 is split along the sequence over the tp ranks, and the norms run on the local slice:
@@ -55,10 +65,14 @@ from megatron_hybrid.parallel.packed import PackedRows, mark_packed
 from megatron_hybrid.pattern import SYMBOL_NAMES
 from megatron_hybrid.specs import SPECS, implemented_listing
 from megatron_hybrid.specs.base import (
+    ActivationStyle,
     ColumnParallel,
+    EntersHeads,
     PackedParts,
+    ReplicatedSummedGradient,
     RowParallel,
     SplitRows,
+    SumOverHeads,
     TensorParallelPlan,
 )
 
@@ -110,15 +124,31 @@ def shard_mixer(
 ) -> None:
     """Split `mixer`'s parameters over `tp_mesh` in place as `plan` declares; a row-parallel
     output is summed onto `output_layout` (default: replicated). Entries of other styles
-    (replicated, split elsewhere) are left alone."""
+    (replicated, split elsewhere) are left alone, as are entries for parameters this mixer
+    lacks (optional parts). Marked activations get their reductions over the ranks."""
     styles = module_styles(mixer, plan, output_layout)
     if styles:
         parallelize_module(mixer, tp_mesh, styles)
-    rows = [name for name, style in plan.parameters.items() if isinstance(style, SplitRows)]
+    rows = [
+        name
+        for name, style in plan.parameters.items()
+        if isinstance(style, SplitRows) and _has_parameter(mixer, name)
+    ]
     for name in rows:
         _split_rows(mixer, name, plan.parameters[name].parts, tp_mesh)
     if rows:
         _forward_on_local_shards(mixer, tuple(rows))
+    shared = [
+        name
+        for name, style in plan.parameters.items()
+        if isinstance(style, ReplicatedSummedGradient)
+    ]
+    for name in shared:
+        _replicate_summing_gradient(*_owner(mixer, name), tp_mesh)
+    if shared:
+        _forward_on_local_shards(mixer, tuple(shared), grad_placements=(Partial(),))
+    for name, style in plan.activations.items():
+        _reduce_activation(mixer.get_submodule(name), style, tp_mesh)
 
 
 def module_styles(
@@ -129,6 +159,8 @@ def module_styles(
     to `output_layout`."""
     styles: dict[str, ParallelStyle] = {}
     for name, style in plan.parameters.items():
+        if not _has_parameter(mixer, name):
+            continue
         path = name.rpartition(".")[0]
         if isinstance(style, ColumnParallel):
             parts = _parts(style.parts, mixer)
@@ -145,6 +177,33 @@ def mlp_plan(mlp: nn.Module, output_layout: Placement | None = None) -> dict[str
     """The `parallelize_module` plan of a dense MLP (the `-` spec's), also for a MoE's shared
     expert."""
     return module_styles(mlp, SPECS["-"].tensor_parallel, output_layout)
+
+
+def _has_parameter(mixer: nn.Module, name: str) -> bool:
+    try:
+        mixer.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _reduce_activation(marker: nn.Module, style: ActivationStyle, tp_mesh: DeviceMesh) -> None:
+    """Make the identity `marker`'s output carry `style`'s reduction over the ranks: DTensor
+    redistributions, so the backward is their transpose."""
+
+    def enters_heads(module, inputs, output):
+        # Replicated forward; the gradient that comes back is a per-rank partial sum.
+        whole = DTensor.from_local(output, tp_mesh, [Replicate()], run_check=False)
+        return whole.to_local(grad_placements=[Partial()])
+
+    def sum_over_heads(module, inputs, output):
+        assert not output.requires_grad, "SumOverHeads is for values outside the autograd graph"
+        partial = DTensor.from_local(output, tp_mesh, [Partial()], run_check=False)
+        return partial.redistribute(tp_mesh, [Replicate()]).to_local()
+
+    assert isinstance(marker, nn.Identity), marker
+    hooks = {EntersHeads: enters_heads, SumOverHeads: sum_over_heads}
+    marker.register_forward_hook(hooks[type(style)])
 
 
 def _parts(parts: PackedParts | None, mixer: nn.Module) -> tuple[int, ...] | None:
@@ -170,6 +229,19 @@ def _split_rows(
     )
 
 
+def _replicate_summing_gradient(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
+    """Parameter `name` of `module` -> a replicated DTensor whose gradient, a partial sum on
+    each rank (`_forward_on_local_shards` with `Partial` gradients), is summed over the ranks
+    once accumulated."""
+    param = getattr(module, name)
+    replicated = nn.Parameter(
+        DTensor.from_local(param.detach(), mesh, [Replicate()], run_check=False),
+        requires_grad=param.requires_grad,
+    )
+    module.register_parameter(name, replicated)
+    replicated.register_post_accumulate_grad_hook(_sum_partial_gradient)
+
+
 class SequenceParallelNorm(ParallelStyle):
     """An RMSNorm on this rank's slice of the sequence. Its weight becomes a replicated DTensor;
     `forward` and `add_and_norm` run the bound kernel on plain local tensors (so fused and
@@ -178,13 +250,7 @@ class SequenceParallelNorm(ParallelStyle):
     right after it is accumulated)."""
 
     def _apply(self, norm: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        weight = norm.weight
-        replicated = nn.Parameter(
-            DTensor.from_local(weight.detach(), device_mesh, [Replicate()], run_check=False),
-            requires_grad=weight.requires_grad,
-        )
-        norm.register_parameter("weight", replicated)
-        replicated.register_post_accumulate_grad_hook(_sum_partial_gradient)
+        _replicate_summing_gradient(norm, "weight", device_mesh)
         _forward_on_local_shards(
             norm, ("weight",), methods=("forward", "add_and_norm"), grad_placements=(Partial(),)
         )
@@ -230,14 +296,16 @@ def apply_tensor_parallel(
     # A mixer's output projection all-reduces, or reduce-scatters onto the sequence slices.
     output_layout = Shard(1) if sequence_parallel else Replicate()
     counts = dict.fromkeys(SPECS, 0)
-    for block in model.decoder.layers.values():
-        for side in block.sides():
-            shard_mixer(side.mixer, SPECS[side.symbol].tensor_parallel, tp_mesh, output_layout)
-            counts[side.symbol] += 1
+    for stack in model.block_stacks():  # the decoder, then each MTP depth's blocks
+        for block in stack.layers.values():
+            for side in block.sides():
+                shard_mixer(side.mixer, SPECS[side.symbol].tensor_parallel, tp_mesh, output_layout)
+                counts[side.symbol] += 1
+            if sequence_parallel:
+                _split_block_sequence(block, tp_mesh)
         if sequence_parallel:
-            _split_block_sequence(block, tp_mesh)
+            parallelize_module(stack, tp_mesh, SequenceParallelDecoder())
     if sequence_parallel:
-        parallelize_module(model.decoder, tp_mesh, SequenceParallelDecoder())
         if model.decoder.final_norm is not None:
             parallelize_module(model.decoder.final_norm, tp_mesh, SequenceParallelNorm())
     sharded = ", ".join(
@@ -254,8 +322,13 @@ def apply_tensor_parallel(
 def _split_block_sequence(block: HybridBlock, tp_mesh: DeviceMesh) -> None:
     """Sequence parallelism in one block whose mixers are already tensor-parallel: norms on the
     local slice, each mixer gathering the sequence at its input (a DTensor, so the backward
-    reduce-scatters); a mixer whose output is not reduced (MoE) splits its output again."""
+    reduce-scatters; a plain tensor for a mixer with replicated parameters, whose input gradient
+    its own reductions have already summed); a mixer whose output is not reduced (MoE) splits its
+    output again."""
     gather = PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())
+    gather_local = PrepareModuleInput(
+        input_layouts=Shard(1), desired_input_layouts=Replicate(), use_local_output=True
+    )
     gather_and_split = PrepareModuleInputOutput(
         input_layouts=Shard(1),
         desired_input_layouts=Replicate(),
@@ -266,8 +339,12 @@ def _split_block_sequence(block: HybridBlock, tp_mesh: DeviceMesh) -> None:
     )
     for side in block.sides():
         parallelize_module(side.norm, tp_mesh, SequenceParallelNorm())
-        reduced = SPECS[side.symbol].tensor_parallel.reduces_output
-        parallelize_module(side.mixer, tp_mesh, gather if reduced else gather_and_split)
+        plan = SPECS[side.symbol].tensor_parallel
+        if not plan.reduces_output:
+            style = gather_and_split
+        else:
+            style = gather_local if plan.takes_local_input else gather
+        parallelize_module(side.mixer, tp_mesh, style)
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:

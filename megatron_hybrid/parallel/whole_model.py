@@ -19,8 +19,13 @@ from megatron_hybrid.parallel.packed import packed_tensors, state_dict_name
 
 
 def is_plain(part: HybridModel) -> bool:
-    """Whether `part` runs in one process as built: no block wrapped, no DTensor tensor."""
-    blocks_plain = all(type(b) is HybridBlock for b in part.decoder.layers.values())
+    """Whether `part` runs in one process as built: no block wrapped (of the decoder or an MTP
+    depth), no DTensor tensor."""
+    blocks_plain = all(
+        type(block) is HybridBlock
+        for stack in part.block_stacks()
+        for block in stack.layers.values()
+    )
     return blocks_plain and not any(isinstance(t, DTensor) for t in part.state_dict().values())
 
 

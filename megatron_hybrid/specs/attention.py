@@ -11,8 +11,10 @@ from megatron_hybrid.config_checks import ConfigError, divisors, positive
 from megatron_hybrid.layers.attention import SelfAttention
 from megatron_hybrid.specs.base import (
     ColumnParallel,
+    ExtraState,
     ForeignLayout,
     KeyMap,
+    MegatronCoreLayout,
     MixerSpec,
     RowParallel,
     Slots,
@@ -53,6 +55,17 @@ def check_config(config: ModelConfig) -> None:
     positive(config, "kv_channels")
     if config.position_embedding_type == "rope" and config.kv_channels % 2:
         raise ConfigError(f"rotary embeddings need an even kv_channels, got {config.kv_channels}")
+    # Settings of MLA's (megatron_hybrid/specs/mla.py) that attention does not read.
+    if config.qk_layernorm:
+        raise ConfigError(
+            "qk_layernorm (--qk-layernorm) normalizes MLA's latents: it applies to MLA ('+') and "
+            "DeepSeek sparse attention ('D'), not to attention ('*')"
+        )
+    if config.rope_type not in (None, "rope"):
+        raise ConfigError(
+            f"rope_type={config.rope_type!r} (--rope-type) applies to MLA ('+') and DeepSeek "
+            "sparse attention ('D'); attention ('*') takes --position-embedding-type rope"
+        )
 
 
 def forward_flops_per_token(config: ModelConfig, seq_length: int) -> float:
@@ -123,6 +136,27 @@ HF_NEMOTRON_H = ForeignLayout(
     ),
 )
 
+_MCORE_SAME = (
+    rename("self_attention.linear_qkv.weight", "self_attention.linear_qkv.weight"),
+    rename("self_attention.linear_proj.weight", "self_attention.linear_proj.weight"),
+)
+_MCORE_LINEARS = (
+    ExtraState("self_attention.linear_qkv", of="self_attention.linear_qkv.weight"),
+    ExtraState("self_attention.linear_proj", of="self_attention.linear_proj.weight"),
+)
+MEGATRON_CORE = MegatronCoreLayout(
+    key_maps={
+        "local": (rename("input_layernorm.weight", "input_layernorm.weight"), *_MCORE_SAME),
+        # TE's spec fuses the pre-norm into linear_qkv (TELayerNormColumnParallelLinear).
+        "te": (
+            rename("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+            *_MCORE_SAME,
+        ),
+    },
+    # TEDotProductAttention saves no _extra_state (only a learnable softmax offset, unused here).
+    extra_state={"local": _MCORE_LINEARS, "te": _MCORE_LINEARS},
+)
+
 SPEC = MixerSpec(
     symbol="*",
     build=SelfAttention,
@@ -149,4 +183,5 @@ SPEC = MixerSpec(
     forward_flops_per_token=forward_flops_per_token,
     parameter_count=parameter_count,
     hf_nemotron_h=HF_NEMOTRON_H,
+    megatron_core=MEGATRON_CORE,
 )

@@ -17,7 +17,7 @@ megatron_hybrid/parallel/tensor_parallel.py turns into DTensor styles.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -81,25 +81,69 @@ class Replicated:
 
 
 @dataclass(frozen=True)
+class ReplicatedSummedGradient:
+    """A parameter every rank holds whole but applies to its own share of the work only (a norm
+    weight that all of a mixer's heads share, the heads split over the ranks): each rank's
+    gradient is a partial sum, summed over the ranks."""
+
+
+@dataclass(frozen=True)
 class SplitElsewhere:
     """A parameter that another parallel step splits (`where` names it)."""
 
     where: str
 
 
-TensorParallelStyle = ColumnParallel | RowParallel | SplitRows | Replicated | SplitElsewhere
+TensorParallelStyle = (
+    ColumnParallel
+    | RowParallel
+    | SplitRows
+    | Replicated
+    | ReplicatedSummedGradient
+    | SplitElsewhere
+)
+
+
+# Activations where a mixer's replicated part meets its split heads, each marked in the mixer by
+# an identity submodule (`nn.Identity`) that tensor parallelism hooks.
+@dataclass(frozen=True)
+class EntersHeads:
+    """A tensor every rank computes whole that this rank's heads then use (MLA's shared rope
+    key): identity forward; in backward each rank's gradient is its heads' part of the sum,
+    and the parts are summed over the ranks (Megatron's copy_to_tensor_model_parallel_region)."""
+
+
+@dataclass(frozen=True)
+class SumOverHeads:
+    """A sum over heads that each rank took over its own heads, needed whole on every rank and
+    outside the autograd graph (DSA's indexer-loss target): summed over the ranks in forward
+    (Megatron's all-reduce of that target)."""
+
+
+ActivationStyle = EntersHeads | SumOverHeads
 
 
 @dataclass(frozen=True)
 class TensorParallelPlan:
-    """How tensor parallelism splits one mixer: a style per parameter (relative name), and the
-    config fields the tensor-parallel size must divide, as (field, command-line flag)."""
+    """How tensor parallelism splits one mixer: a style per parameter (relative name), a style
+    per marked activation (relative name of its identity submodule), and the config fields the
+    tensor-parallel size must divide, as (field, command-line flag). Entries for tensors that
+    a config's mixer lacks (optional parts) are skipped."""
 
     parameters: Mapping[str, TensorParallelStyle]
     divisible: tuple[tuple[str, str], ...] = ()
+    activations: Mapping[str, ActivationStyle] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parameters", MappingProxyType(dict(self.parameters)))
+        object.__setattr__(self, "activations", MappingProxyType(dict(self.activations)))
+
+    @property
+    def takes_local_input(self) -> bool:
+        """Whether the mixer holds replicated parameters, which compute on plain tensors: under
+        sequence parallelism its input is then the gathered sequence as a plain tensor (whose
+        gradient the mixer's own reductions have already summed over the ranks)."""
+        return any(isinstance(s, Replicated) for s in self.parameters.values())
 
     @property
     def reduces_output(self) -> bool:
@@ -146,6 +190,50 @@ def rename(ours: str, theirs: str) -> KeyMap:
     return KeyMap((ours,), (theirs,))
 
 
+def split_keys(
+    ours: str,
+    parts: tuple[str, ...],
+    sizes: Callable[[ModelConfig], tuple[int, ...]],
+    separator: str = ".",
+) -> KeyMap:
+    """One tensor as several along dim 0, the part `p` under `ours + separator + p`, of
+    `sizes(config)` rows in order (Megatron-Core's `in_proj.weight.z`, ...)."""
+
+    def to_theirs(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+        return list(torch.split(tensors[0], list(sizes(config)), dim=0))
+
+    def to_ours(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+        expected = sizes(config)
+        found = tuple(t.shape[0] if t.dim() else 0 for t in tensors)
+        if found != expected:
+            raise KeyMappingError(
+                f"parts {', '.join(parts)} have {found} rows, the config gives {expected}"
+            )
+        return [torch.cat(list(tensors), dim=0)]
+
+    theirs = tuple(f"{ours}{separator}{part}" for part in parts)
+    return KeyMap((ours,), theirs, to_theirs, to_ours)
+
+
+def per_item_keys(ours: str, template: str, count: Callable[[ModelConfig], int]) -> KeyMap:
+    """One tensor stacked along dim 0 as one tensor per item (an expert): item j under
+    `template.format(j)`."""
+
+    def theirs(config: ModelConfig) -> tuple[str, ...]:
+        return tuple(template.format(j) for j in range(count(config)))
+
+    def to_theirs(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+        return list(tensors[0].unbind(0))
+
+    def to_ours(tensors: Sequence[torch.Tensor], config: ModelConfig) -> list[torch.Tensor]:
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise KeyMappingError(f"the {len(tensors)} items differ in shape: {sorted(shapes)}")
+        return [torch.stack(list(tensors))]
+
+    return KeyMap((ours,), theirs, to_theirs, to_ours)
+
+
 @dataclass(frozen=True)
 class ForeignLayout:
     """One sub-layer of ours as one layer of another format: that format's name for the layer
@@ -153,6 +241,55 @@ class ForeignLayout:
 
     layer_type: str
     key_maps: tuple[KeyMap, ...]
+
+
+# -- Megatron-Core's torch_dist checkpoints --------------------------------------------------------
+# Megatron-Core builds its layers from a layer spec of its own ("local") modules or of Transformer
+# Engine's ("te"); the two save some tensors under other names (TE fuses a pre-norm into the
+# linear after it: `mixer.in_proj.layer_norm_weight`).
+MEGATRON_LAYER_SPECS = ("local", "te")
+
+
+@dataclass(frozen=True)
+class ExtraState:
+    """A module for which Megatron-Core saves an `_extra_state` object (TE's FP8 metadata; None
+    for its local linears): `module`, relative to the layer; it exists when the sub-layer has
+    our tensor `of`; `shards(config)`: how many objects along a leading axis (one per expert,
+    `.../_extra_state/shard_{j}_{n}`), or None for one object."""
+
+    module: str
+    of: str
+    shards: Callable[[ModelConfig], int] | None = None
+
+
+@dataclass(frozen=True)
+class MegatronCoreLayout:
+    """One sub-layer in Megatron-Core's `torch_dist` checkpoints (checkpointing/megatron_core/).
+
+    Keys are relative to the layer (`decoder.layers.{i}.`, the same canonical index there),
+    ours canonical; every KeyMap maps one tensor of ours. `key_maps[layer_spec]` holds one map
+    per tensor the sub-layer can have: how a Megatron-Core model of that layer spec saves it
+    (what `to-megatron` writes; a load takes whichever spelling it finds). `read_also`: other
+    spellings a load accepts (a packed tensor saved whole, one tensor per expert).
+    `extra_state[layer_spec]`: the modules that save an `_extra_state` in that layer spec.
+    `unsupported(config)`: why Megatron-Core builds this sub-layer of `config` otherwise (other
+    tensors or other math), which the converter says when it refuses the model; None when the
+    layout maps it."""
+
+    key_maps: Mapping[str, tuple[KeyMap, ...]]
+    extra_state: Mapping[str, tuple[ExtraState, ...]]
+    read_also: tuple[KeyMap, ...] = ()
+    unsupported: Callable[[ModelConfig], str | None] = lambda config: None
+
+    def __post_init__(self) -> None:
+        for field_name in ("key_maps", "extra_state"):
+            value = getattr(self, field_name)
+            if set(value) != set(MEGATRON_LAYER_SPECS):
+                raise ValueError(
+                    f"MegatronCoreLayout.{field_name} needs exactly the layer specs "
+                    f"{MEGATRON_LAYER_SPECS}, got {tuple(value)}"
+                )
+            object.__setattr__(self, field_name, MappingProxyType(dict(value)))
 
 
 # -- the spec -------------------------------------------------------------------------------------
@@ -185,6 +322,9 @@ class MixerSpec:
     # Hugging Face transformers' nemotron_h layer (checkpointing/hf_nemotron_h.py); None: the
     # format has no such layer.
     hf_nemotron_h: ForeignLayout | None = None
+    # Megatron-Core's torch_dist checkpoints (checkpointing/megatron_core/); None: the converter
+    # refuses models with this symbol, naming it.
+    megatron_core: MegatronCoreLayout | None = None
 
     def __post_init__(self) -> None:
         if self.symbol not in SYMBOL_NAMES:

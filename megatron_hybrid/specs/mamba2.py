@@ -11,13 +11,16 @@ from megatron_hybrid.config_checks import ConfigError, divisors, positive
 from megatron_hybrid.layers.mamba2 import Mamba2Mixer
 from megatron_hybrid.specs.base import (
     ColumnParallel,
+    ExtraState,
     ForeignLayout,
+    MegatronCoreLayout,
     MixerSpec,
     RowParallel,
     Slots,
     SplitRows,
     TensorParallelPlan,
     rename,
+    split_keys,
 )
 from megatron_hybrid.specs.init_rules import normal, ones, output_projection
 
@@ -187,6 +190,58 @@ HF_NEMOTRON_H = ForeignLayout(
     key_maps=tuple(rename(key, key) for key in _HF_SAME_NAMES),
 )
 
+
+# -- Megatron-Core torch_dist: in_proj and conv1d saved per part ------------------------------
+def _in_proj_sizes(config: ModelConfig) -> tuple[int, ...]:
+    """Rows of in_proj's parts z, x, B, C, dt."""
+    d_inner, group_state = config.mamba_d_inner, config.mamba_num_groups * config.mamba_state_dim
+    return (d_inner, d_inner, group_state, group_state, config.mamba_num_heads)
+
+
+def _conv_sizes(config: ModelConfig) -> tuple[int, ...]:
+    """Channels of conv1d's parts x, B, C."""
+    return _in_proj_sizes(config)[1:4]
+
+
+# MambaMixer.sharded_state_dict saves in_proj as `.z .x .B .C .dt` and conv1d as `.x .B .C`,
+# each part a global tensor whatever the tensor-parallel size.
+_MCORE_PARTS = (
+    split_keys("mixer.in_proj.weight", ("z", "x", "B", "C", "dt"), _in_proj_sizes),
+    split_keys("mixer.conv1d.weight", ("x", "B", "C"), _conv_sizes),
+    split_keys("mixer.conv1d.bias", ("x", "B", "C"), _conv_sizes),
+)
+_MCORE_SAME = tuple(
+    rename(key, key)
+    for key in (
+        "mixer.A_log",
+        "mixer.D",
+        "mixer.dt_bias",
+        "mixer.norm.weight",
+        "mixer.out_proj.weight",
+    )
+)
+_MCORE_LINEARS = (
+    ExtraState("mixer.in_proj", of="mixer.in_proj.weight"),
+    ExtraState("mixer.out_proj", of="mixer.out_proj.weight"),
+)
+MEGATRON_CORE = MegatronCoreLayout(
+    key_maps={
+        "local": (rename("norm.weight", "norm.weight"), *_MCORE_PARTS, *_MCORE_SAME),
+        # TE's spec fuses the pre-norm into in_proj (TELayerNormColumnParallelLinear).
+        "te": (
+            rename("norm.weight", "mixer.in_proj.layer_norm_weight"),
+            *_MCORE_PARTS,
+            *_MCORE_SAME,
+        ),
+    },
+    extra_state={"local": _MCORE_LINEARS, "te": _MCORE_LINEARS},
+    # in_proj and conv1d saved whole: one global tensor, the parts in the canonical order.
+    read_also=tuple(
+        rename(key, key)
+        for key in ("mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.conv1d.bias")
+    ),
+)
+
 SPEC = MixerSpec(
     symbol="M",
     build=Mamba2Mixer,
@@ -213,4 +268,5 @@ SPEC = MixerSpec(
     forward_flops_per_token=forward_flops_per_token,
     parameter_count=parameter_count,
     hf_nemotron_h=HF_NEMOTRON_H,
+    megatron_core=MEGATRON_CORE,
 )

@@ -11,7 +11,9 @@ from megatron_hybrid.kernels.activations.eager import fc1_width
 from megatron_hybrid.layers.mlp import MLP
 from megatron_hybrid.specs.base import (
     ColumnParallel,
+    ExtraState,
     ForeignLayout,
+    MegatronCoreLayout,
     MixerSpec,
     RowParallel,
     Slots,
@@ -65,6 +67,28 @@ TENSOR_PARALLEL = TensorParallelPlan(
     divisible=(("ffn_hidden_size", "--ffn-hidden-size"),),
 )
 
+# SwiGLU's fc1 is saved as [gate; up] whatever the tensor-parallel size
+# (apply_swiglu_sharded_factory places each rank's two halves at their global offsets).
+_MCORE_SAME = (
+    rename("mlp.linear_fc1.weight", "mlp.linear_fc1.weight"),
+    rename("mlp.linear_fc2.weight", "mlp.linear_fc2.weight"),
+)
+_MCORE_LINEARS = (
+    ExtraState("mlp.linear_fc1", of="mlp.linear_fc1.weight"),
+    ExtraState("mlp.linear_fc2", of="mlp.linear_fc2.weight"),
+)
+MEGATRON_CORE = MegatronCoreLayout(
+    key_maps={
+        "local": (rename("pre_mlp_layernorm.weight", "pre_mlp_layernorm.weight"), *_MCORE_SAME),
+        # TE's spec fuses the pre-norm into linear_fc1 (TELayerNormColumnParallelLinear).
+        "te": (
+            rename("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
+            *_MCORE_SAME,
+        ),
+    },
+    extra_state={"local": _MCORE_LINEARS, "te": _MCORE_LINEARS},
+)
+
 SPEC = MixerSpec(
     symbol="-",
     build=build,
@@ -84,4 +108,5 @@ SPEC = MixerSpec(
             rename("mlp.linear_fc2.weight", "mixer.down_proj.weight"),
         ),
     ),
+    megatron_core=MEGATRON_CORE,
 )

@@ -20,6 +20,7 @@ from megatron_hybrid.data.builder import DataSettings, add_data_args
 from megatron_hybrid.data.tokenizer import TokenizerSettings
 from megatron_hybrid.kernels.cli import KernelSettings, add_kernel_args
 from megatron_hybrid.parallel.parallelize import ParallelSettings
+from megatron_hybrid.training.metric_sinks import check_extras
 from megatron_hybrid.training.settings import (
     DEFAULT_MODEL_OVERRIDES,
     CheckpointSettings,
@@ -29,51 +30,145 @@ from megatron_hybrid.training.settings import (
     TrainingSettings,
     default_model_value,
 )
+from megatron_hybrid.training.signals import EXIT_SIGNALS
 
 DEFAULT_PATTERN = DEFAULT_MODEL_OVERRIDES["hybrid_layer_pattern"]
 
 # Model flags whose dest is not the ModelConfig field they set. (--swiglu / --squared-relu set
-# `activation`; --group-query-attention is accepted for Megatron compatibility and ignored.)
-MODEL_FLAG_FIELDS = {"num_experts": "num_moe_experts", "norm_epsilon": "layernorm_epsilon"}
+# `activation`; --group-query-attention and --multi-latent-attention are accepted for Megatron
+# compatibility and ignored.)
+MODEL_FLAG_FIELDS = {
+    "num_experts": "num_moe_experts",
+    "norm_epsilon": "layernorm_epsilon",
+    "yarn_original_max_position_embeddings": "original_max_position_embeddings",
+    "yarn_beta_fast": "beta_fast",
+    "yarn_beta_slow": "beta_slow",
+}
 # The ModelConfig fields a model flag may set: all but the vocabulary, which the tokenizer decides
 # (--vocab-size is the NullTokenizer's).
 _MODEL_CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig) if f.init} - {"vocab_size"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, once: not where the text already states it
+    ("default 4 x hidden size"); switches read on/off and unset values none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            shown = "none"
+        elif isinstance(action.default, bool):
+            shown = "on" if action.default else "off"
+        else:
+            shown = "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
+    """The training flags; `prog` names the program in help and errors (the command typed)."""
     parser = argparse.ArgumentParser(
-        prog="pretrain_hybrid.py",
+        prog=prog,
         description="Pretrain a hybrid Mamba2/attention/MLP/MoE language model described by "
         "--hybrid-layer-pattern. With no flags, trains a small default model on text that "
         "ships with Python.",
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     m = parser.add_argument_group("model")
     m.add_argument(
         "--hybrid-layer-pattern",
         "--hybrid-override-pattern",
         dest="hybrid_layer_pattern",
-        help="decoder stack: M Mamba2, * attention, - MLP, E MoE, [XY] fused block, "
-        "| pipeline stage, / MTP depth",
+        help="decoder stack: M Mamba2, G Gated DeltaNet, * attention, + MLA, D DeepSeek "
+        "sparse attention, - MLP, E MoE, [XY] fused block, | pipeline stage, / MTP depth",
     )
-    m.add_argument("--hidden-size", type=int)
+    m.add_argument("--hidden-size", type=int, help="width of the residual stream")
     m.add_argument("--ffn-hidden-size", type=int, help="MLP width (default 4 * hidden size)")
-    m.add_argument("--num-attention-heads", type=int)
-    m.add_argument("--num-query-groups", type=int)
+    m.add_argument(
+        "--num-attention-heads",
+        type=int,
+        help="query heads of attention (also sizes Gated DeltaNet's key heads)",
+    )
+    m.add_argument(
+        "--num-query-groups",
+        type=int,
+        help="key/value heads of attention (grouped-query attention); default: one per query head",
+    )
     m.add_argument(
         "--group-query-attention",
         action="store_true",
         help="accepted for Megatron compatibility; --num-query-groups sets the groups",
     )
-    m.add_argument("--kv-channels", type=int)
-    m.add_argument("--position-embedding-type", choices=["rope", "none"])
-    m.add_argument("--rotary-base", type=float)
-    m.add_argument("--mamba-state-dim", type=int)
-    m.add_argument("--mamba-head-dim", type=int)
-    m.add_argument("--mamba-num-groups", type=int)
+    m.add_argument(
+        "--kv-channels", type=int, help="per-head width of attention; default: hidden size / heads"
+    )
+    m.add_argument(
+        "--position-embedding-type",
+        choices=["rope", "none"],
+        help="rope: rotary embeddings in attention; none: no position embedding (Nemotron-H)",
+    )
+    m.add_argument("--rotary-base", type=float, help="rotary embedding base (theta)")
+    m.add_argument("--mamba-state-dim", type=int, help="Mamba2 SSM state size N per group")
+    m.add_argument("--mamba-head-dim", type=int, help="Mamba2 head width P")
+    m.add_argument("--mamba-num-groups", type=int, help="Mamba2 groups of B/C shared by heads")
+    mla = parser.add_argument_group(
+        "multi-latent attention ('+'): sizes left out derive from d = --kv-channels, else "
+        "hidden size / heads"
+    )
+    mla.add_argument(
+        "--multi-latent-attention",
+        action="store_true",
+        help="accepted for Megatron compatibility; '+' in the pattern selects MLA",
+    )
+    mla.add_argument("--q-lora-rank", type=int, help="query latent (default: no query latent)")
+    mla.add_argument("--kv-lora-rank", type=int, help="key/value latent (default 4 d)")
+    mla.add_argument("--qk-head-dim", type=int, help="per-head q/k dims without rope (default d)")
+    mla.add_argument(
+        "--qk-pos-emb-head-dim", type=int, help="per-head rope dims (default d / 2, even)"
+    )
+    mla.add_argument("--v-head-dim", type=int, help="per-head value dims (default d)")
+    mla.add_argument(
+        "--qk-layernorm", action="store_true", help="RMSNorm on the query and key/value latents"
+    )
+    mla.add_argument(
+        "--rope-type",
+        choices=["rope", "yarn"],
+        help="rope of MLA's rope dims (default yarn, which without --rotary-scaling-factor is "
+        "plain rope)",
+    )
+    mla.add_argument("--rotary-scaling-factor", type=float, help="YaRN context extension factor")
+    mla.add_argument("--mscale", type=float, help="YaRN attention-temperature coefficient")
+    mla.add_argument("--mscale-all-dim", type=float, help="YaRN attention-temperature divisor")
+    mla.add_argument(
+        "--yarn-original-max-position-embeddings",
+        type=int,
+        help="YaRN: context length before extension",
+    )
+    mla.add_argument("--yarn-beta-fast", type=float, help="YaRN: rotations where the ramp ends")
+    mla.add_argument("--yarn-beta-slow", type=float, help="YaRN: rotations where the ramp starts")
+    dsa = parser.add_argument_group(
+        "DeepSeek sparse attention ('D'): MLA (the flags above) with a lightning indexer"
+    )
+    dsa.add_argument("--dsa-indexer-n-heads", type=int, help="indexer heads (default heads / 2)")
+    dsa.add_argument(
+        "--dsa-indexer-head-dim", type=int, help="indexer head width (default --qk-head-dim)"
+    )
+    dsa.add_argument("--dsa-indexer-topk", type=int, help="keys each query attends to")
+    dsa.add_argument(
+        "--dsa-indexer-loss-coeff",
+        type=float,
+        help="weight of the KL loss that trains the indexer (0: off, the indexer stays as "
+        "initialized)",
+    )
+    dsa.add_argument(
+        "--dsa-indexer-use-sparse-loss",
+        action="store_true",
+        help="that loss over each query's selected keys only",
+    )
     m.add_argument("--mamba-num-heads", type=int, help="default 2 * hidden size / head dim")
-    m.add_argument("--mamba-chunk-size", type=int)
+    m.add_argument("--mamba-chunk-size", type=int, help="SSD chunk length of the chunked scan")
     m.add_argument(
         "--mamba-dt-floor",
         type=float,
@@ -85,51 +180,137 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="clamp Mamba's dt <= this in forward (default and inf: no ceiling)",
     )
-    m.add_argument("--num-experts", type=int)
-    m.add_argument("--moe-router-topk", type=int)
+    gdn = "Gated DeltaNet (G): "
+    m.add_argument(
+        "--linear-conv-kernel-dim", type=int, help=gdn + "causal conv width over q, k, v"
+    )
+    m.add_argument("--linear-key-head-dim", type=int, help=gdn + "default hidden size / heads")
+    m.add_argument("--linear-value-head-dim", type=int, help=gdn + "default its key head dim")
+    m.add_argument("--linear-num-key-heads", type=int, help=gdn + "default --num-attention-heads")
+    m.add_argument("--linear-num-value-heads", type=int, help=gdn + "default 2 x its key heads")
+    m.add_argument("--num-experts", type=int, help="routed experts per MoE layer (needed by E)")
+    m.add_argument("--moe-router-topk", type=int, help="experts each token is routed to")
     m.add_argument(
         "--moe-ffn-hidden-size", type=int, help="per-expert width (default --ffn-hidden-size)"
     )
-    m.add_argument("--moe-shared-expert-intermediate-size", type=int)
-    m.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"])
-    m.add_argument("--moe-router-pre-softmax", action="store_true")
-    m.add_argument("--moe-router-topk-scaling-factor", type=float)
-    m.add_argument("--moe-router-enable-expert-bias", action="store_true")
-    m.add_argument("--moe-router-bias-update-rate", type=float)
-    m.add_argument("--moe-aux-loss-coeff", type=float)
+    m.add_argument(
+        "--moe-shared-expert-intermediate-size",
+        type=int,
+        help="width of the shared expert every token also passes through; default: none",
+    )
+    m.add_argument(
+        "--moe-router-score-function",
+        choices=["softmax", "sigmoid"],
+        help="router scores: softmax or sigmoid (Nemotron-H, DeepSeek-V3)",
+    )
+    m.add_argument(
+        "--moe-router-pre-softmax",
+        action="store_true",
+        help="softmax over all experts before top-k (no renormalization over the chosen)",
+    )
+    m.add_argument(
+        "--moe-router-topk-scaling-factor",
+        type=float,
+        help="scale the routing weights by this (Nemotron-H); default: no scaling",
+    )
+    m.add_argument(
+        "--moe-router-enable-expert-bias",
+        action="store_true",
+        help="aux-loss-free balancing: a per-expert bias on the choice (not the weights), "
+        "nudged toward even load after each step",
+    )
+    m.add_argument(
+        "--moe-router-bias-update-rate", type=float, help="step of the expert-bias nudge"
+    )
+    m.add_argument(
+        "--moe-aux-loss-coeff", type=float, help="switch load-balancing loss coefficient (0: none)"
+    )
+    m.add_argument(
+        "--moe-latent-size",
+        type=int,
+        help="latent MoE: routed experts run at this width between fc1_latent_proj and "
+        "fc2_latent_proj (default: the hidden size, no projections)",
+    )
+    m.add_argument(
+        "--moe-router-num-groups",
+        type=int,
+        help="group-limited routing: split the experts into this many groups (with "
+        "--moe-router-group-topk)",
+    )
+    m.add_argument(
+        "--moe-router-group-topk",
+        type=int,
+        help="group-limited routing: each token picks its top-k experts within this many "
+        "groups, those with the largest sums of their top (topk / group-topk) scores",
+    )
+    m.add_argument(
+        "--mtp-num-layers",
+        type=int,
+        help="multi-token-prediction depths (Megatron-LM's flag); the pattern's '/' parts set "
+        "them, so a value must agree with the pattern (default: the pattern's count)",
+    )
+    m.add_argument(
+        "--mtp-loss-scaling-factor",
+        type=float,
+        help="weight of the MTP loss (mean over the depths) added to the LM loss",
+    )
     act = m.add_mutually_exclusive_group()
     act.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (default squared ReLU)")
     act.add_argument("--squared-relu", action="store_true", help="squared-ReLU MLPs (default)")
-    m.add_argument("--norm-epsilon", type=float)
-    m.add_argument("--init-method-std", type=float)
-    m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    m.add_argument("--make-vocab-size-divisible-by", type=int)
+    m.add_argument("--norm-epsilon", type=float, help="RMSNorm epsilon")
+    m.add_argument(
+        "--init-method-std",
+        type=float,
+        help="standard deviation of the normal weight initialization",
+    )
+    m.add_argument(
+        "--untie-embeddings-and-output-weights",
+        action="store_true",
+        help="a separate output layer instead of the input embedding's transpose",
+    )
+    m.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        help="pad the embedding rows to a multiple of this",
+    )
 
     t = parser.add_argument_group("training")
-    t.add_argument("--seq-length", type=int)
-    t.add_argument("--micro-batch-size", type=int)
+    t.add_argument("--seq-length", type=int, help="tokens per sample")
+    t.add_argument(
+        "--micro-batch-size",
+        type=int,
+        help="samples per forward/backward on one data-parallel rank",
+    )
     t.add_argument(
         "--global-batch-size",
         type=int,
         help="samples per optimizer step (default: micro batch size x data-parallel "
         "size); a multiple of it, the rest is gradient accumulation",
     )
-    t.add_argument("--train-iters", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--min-lr", type=float)
-    t.add_argument("--lr-warmup-iters", type=int)
+    t.add_argument(
+        "--train-iters",
+        type=int,
+        help="optimizer steps of the whole run (the learning-rate schedule follows it)",
+    )
+    t.add_argument("--lr", type=float, help="peak learning rate, reached at the end of warmup")
+    t.add_argument("--min-lr", type=float, help="learning rate at the end of the decay")
+    t.add_argument("--lr-warmup-iters", type=int, help="iterations of linear warmup from 0 to --lr")
     t.add_argument(
         "--lr-decay-iters",
         type=int,
         help="iterations of decay after which lr stays at --min-lr (default --train-iters)",
     )
     t.add_argument(
-        "--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"]
+        "--lr-decay-style",
+        choices=["constant", "linear", "cosine", "inverse-square-root"],
+        help="decay from --lr to --min-lr after warmup",
     )
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--adam-beta1", type=float)
-    t.add_argument("--adam-beta2", type=float)
-    t.add_argument("--adam-eps", type=float)
+    t.add_argument(
+        "--weight-decay", type=float, help="AdamW decoupled weight decay (matrices only)"
+    )
+    t.add_argument("--adam-beta1", type=float, help="AdamW first-moment decay")
+    t.add_argument("--adam-beta2", type=float, help="AdamW second-moment decay")
+    t.add_argument("--adam-eps", type=float, help="AdamW denominator epsilon")
     t.add_argument("--clip-grad", type=float, help="0 disables clipping")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     t.add_argument(
@@ -152,13 +333,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop (after saving, with --save) at the first iteration divisible by N; "
         "the schedule still follows --train-iters, so a resumed run continues it",
     )
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument(
+        "--exit-signal-handler",
+        action=argparse.BooleanOptionalAction,
+        help="on --exit-signal or Ctrl-C, save (with --save) at the next iteration "
+        "boundary and exit with status 0; a second Ctrl-C stops without saving",
+    )
+    t.add_argument(
+        "--exit-signal",
+        choices=list(EXIT_SIGNALS),
+        help="the signal a scheduler sends before it kills the job",
+    )
+    t.add_argument(
+        "--seed", type=int, help="seeds the initial weights, the data order and the sample"
+    )
+    t.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available, else the CPU"
+    )
 
     par = parser.add_argument_group(
         "parallelism (launch with torchrun; data parallel over the remaining ranks)"
     )
-    par.add_argument("--tensor-model-parallel-size", type=int)
+    par.add_argument(
+        "--tensor-model-parallel-size", type=int, help="ranks each layer's weights are split over"
+    )
     par.add_argument(
         "--sequence-parallel",
         action="store_true",
@@ -166,8 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
         "along the sequence over the tensor-parallel ranks (all-gather into "
         "each mixer, reduce-scatter out of it instead of an all-reduce)",
     )
-    par.add_argument("--pipeline-model-parallel-size", type=int)
-    par.add_argument("--expert-model-parallel-size", type=int)
+    par.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        help="ranks the layers are split over ('|' in the pattern places the cuts)",
+    )
+    par.add_argument(
+        "--expert-model-parallel-size", type=int, help="ranks the experts are split over"
+    )
     par.add_argument(
         "--pipeline-schedule",
         choices=["1f1b", "gpipe", "interleaved-1f1b", "looped-bfs", "interleaved-zero-bubble"],
@@ -221,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer state")
     c.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
     c.add_argument(
+        "--use-checkpoint-args",
+        action="store_true",
+        help="build the model the --load checkpoint records (its pattern and sizes), "
+        "whatever the model flags say",
+    )
+    c.add_argument(
         "--no-verify-checksums",
         action="store_true",
         help="skip the CRC32 check of checkpoint files on load (sizes still checked)",
@@ -230,9 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_kernel_args(parser)
 
     lg = parser.add_argument_group("logging and evaluation")
-    lg.add_argument("--log-interval", type=int)
-    lg.add_argument("--eval-interval", type=int)
-    lg.add_argument("--eval-iters", type=int)
+    lg.add_argument("--log-interval", type=int, help="iterations per log line and metrics record")
+    lg.add_argument(
+        "--eval-interval",
+        type=int,
+        help="evaluate on the validation split every this many iterations (and at the end)",
+    )
+    lg.add_argument(
+        "--eval-iters", type=int, help="global batches per evaluation (0: no evaluation)"
+    )
     lg.add_argument("--log-dir", help="directory receiving metrics.jsonl")
     lg.add_argument(
         "--generate-tokens", type=int, help="length of the sample printed after training (0: none)"
@@ -240,8 +456,20 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument(
         "--no-progress-bar",
         action="store_true",
-        help="print log lines instead of a live progress bar",
+        help="log lines without the progress bar",
     )
+    lg.add_argument(
+        "--tensorboard-dir",
+        help="write TensorBoard scalars here (loss, lr, grad norm, throughput, validation, "
+        "memory; Megatron-LM's names); needs pip install 'megatron-hybrid[tensorboard]'",
+    )
+    lg.add_argument(
+        "--wandb-project",
+        help="log the same scalars to this Weights & Biases project; needs pip install "
+        "'megatron-hybrid[wandb]'",
+    )
+    lg.add_argument("--wandb-exp-name", help="the W&B run's name (default: W&B picks one)")
+    lg.add_argument("--wandb-save-dir", help="where W&B keeps its local files")
     _set_defaults_from_settings(parser)
     return parser
 
@@ -273,6 +501,21 @@ FLAG_RANGES: dict[str, str] = {
     "num_query_groups": "[1, inf)",
     "kv_channels": "[1, inf)",
     "rotary_base": "(0, inf)",
+    "q_lora_rank": "[1, inf)",
+    "kv_lora_rank": "[1, inf)",
+    "qk_head_dim": "[1, inf)",
+    "qk_pos_emb_head_dim": "[1, inf)",
+    "v_head_dim": "[1, inf)",
+    "rotary_scaling_factor": "(0, inf)",
+    "mscale": "[0, inf)",
+    "mscale_all_dim": "[0, inf)",
+    "yarn_original_max_position_embeddings": "[1, inf)",
+    "yarn_beta_fast": "(0, inf)",
+    "yarn_beta_slow": "(0, inf)",
+    "dsa_indexer_n_heads": "[1, inf)",
+    "dsa_indexer_head_dim": "[1, inf)",
+    "dsa_indexer_topk": "[1, inf)",
+    "dsa_indexer_loss_coeff": "[0, inf)",
     "mamba_state_dim": "[1, inf)",
     "mamba_head_dim": "[1, inf)",
     "mamba_num_groups": "[1, inf)",
@@ -280,6 +523,11 @@ FLAG_RANGES: dict[str, str] = {
     "mamba_chunk_size": "[1, inf)",
     "mamba_dt_floor": "[0, inf)",
     "mamba_dt_ceiling": "(0, inf]",
+    "linear_conv_kernel_dim": "[1, inf)",
+    "linear_key_head_dim": "[1, inf)",
+    "linear_value_head_dim": "[1, inf)",
+    "linear_num_key_heads": "[1, inf)",
+    "linear_num_value_heads": "[1, inf)",
     "num_experts": "[0, inf)",
     "moe_router_topk": "[1, inf)",
     "moe_ffn_hidden_size": "[1, inf)",
@@ -287,6 +535,11 @@ FLAG_RANGES: dict[str, str] = {
     "moe_router_topk_scaling_factor": "(0, inf)",
     "moe_router_bias_update_rate": "[0, inf)",
     "moe_aux_loss_coeff": "[0, inf)",
+    "moe_latent_size": "[1, inf)",
+    "moe_router_num_groups": "[1, inf)",
+    "moe_router_group_topk": "[1, inf)",
+    "mtp_num_layers": "[0, inf)",
+    "mtp_loss_scaling_factor": "[0, inf)",
     "norm_epsilon": "(0, inf)",
     "init_method_std": "(0, inf)",
     "make_vocab_size_divisible_by": "[1, inf)",
@@ -375,6 +628,7 @@ def check_training_args(args: argparse.Namespace) -> None:
     """Raise ValueError for a flag outside its range (FLAG_RANGES) or settings that do not fit
     together."""
     check_flag_ranges(args)
+    check_extras(flags_to_settings(LoggingSettings, args))
     if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
         raise ValueError(
             f"--global-batch-size {args.global_batch_size} must be a multiple of "

@@ -16,9 +16,11 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW in which only matrices decay: norms, biases, vectors like A_log/D/dt_bias do not
-    (Megatron's rule: no decay for parameters with fewer than 2 dimensions)."""
+    (Megatron's rule: no decay for parameters with fewer than 2 dimensions). `fused` None: the
+    fused kernel on CUDA unless `foreach` is given."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -29,7 +31,9 @@ def build_optimizer(
     ]
     # Fused needs every parameter of one kind; with tensor parallelism (DTensor weights beside
     # plain norms) the caller asks for the per-parameter loop instead.
-    fused = next(model.parameters()).is_cuda and foreach is None
+    if fused is None:
+        first = next(model.parameters(), None)  # None: an empty middle pipeline stage
+        fused = first is not None and first.is_cuda and foreach is None
     return torch.optim.AdamW(
         groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=foreach
     )

@@ -117,6 +117,12 @@ class TrainingSettings:
     exit_interval: int | None = None
     """Stop (after saving) at the first iteration divisible by this; the schedule still follows
     `train_iters`, so a resumed run continues it."""
+    exit_signal_handler: bool = True
+    """On `exit_signal` or SIGINT (Ctrl-C), save at the next iteration boundary and exit with
+    status 0 (Megatron-LM's flag, on by default here: schedulers send SIGTERM before they
+    kill)."""
+    exit_signal: str = "SIGTERM"
+    """The scheduler's signal that asks the run to stop: SIGTERM, SIGUSR1, SIGUSR2 or SIGHUP."""
     seed: int = 1234
     """Seeds the initial weights, the data order and the sample generation."""
     device: str = "auto"
@@ -156,6 +162,8 @@ class CheckpointSettings:
     """Do not restore the random-number generators' states."""
     no_verify_checksums: bool = False
     """Skip the CRC32 check of checkpoint files on load (sizes are still checked)."""
+    use_checkpoint_args: bool = False
+    """Build the model the `load` checkpoint records, whatever the model flags say."""
 
 
 @dataclass
@@ -174,7 +182,15 @@ class LoggingSettings:
     generate_tokens: int = 200
     """Length of the sample generated after training; 0: none."""
     no_progress_bar: bool = False
-    """Print log lines instead of a live progress bar."""
+    """Log lines without the progress bar."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard scalars (Megatron-LM's names) here; needs the `tensorboard` extra."""
+    wandb_project: str | None = None
+    """Log to this Weights & Biases project; needs the `wandb` extra."""
+    wandb_exp_name: str | None = None
+    """The W&B run's name (default: W&B picks one)."""
+    wandb_save_dir: str | None = None
+    """Where W&B keeps its local files (default: W&B's)."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from megatron_hybrid.checkpointing.errors import CheckpointNotFoundError
@@ -32,15 +34,15 @@ from megatron_hybrid.checkpointing.manager import (
     load_checkpoint,
     tokenizer_attachment,
 )
-from megatron_hybrid.checkpointing.parts import OptimizerParts
+from megatron_hybrid.checkpointing.parts import OptimizerParts, as_optimizers
 from megatron_hybrid.checkpointing.state import TrainProgress
 from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.data.builder import build_datasets
+from megatron_hybrid.data.builder import DataSettings, build_datasets
 from megatron_hybrid.data.embedded import embedded_token_streams
 from megatron_hybrid.data.sampler import StreamSampler
 from megatron_hybrid.data.sharding import DataParallelShare
 from megatron_hybrid.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
-from megatron_hybrid.flops import parameter_count
+from megatron_hybrid.flops import parameter_count, peak_bf16_tflops, training_flops_per_token
 from megatron_hybrid.generation import Sampling, generate
 from megatron_hybrid.kernels.cli import kernels_from_settings
 from megatron_hybrid.kernels.registry import BoundKernels
@@ -51,7 +53,7 @@ from megatron_hybrid.parallel.distributed import (
     all_reduce_sum_,
     init_distributed,
 )
-from megatron_hybrid.parallel.grad_norm import clip_grad_norm
+from megatron_hybrid.parallel.grad_norm import clip_divisor, clip_grad_norm, gradient_norm
 from megatron_hybrid.parallel.parallelize import ParallelSettings, parallelize
 from megatron_hybrid.parallel.pipeline import (
     Pipeline,
@@ -66,6 +68,8 @@ from megatron_hybrid.training.arguments import (
     resolve_global_batch_size,
     settings_from_args,
 )
+from megatron_hybrid.training.checkpoint_args import with_checkpoint_model
+from megatron_hybrid.training.metric_sinks import build_sinks
 from megatron_hybrid.training.nonfinite import NonFiniteCheck, TrainingDivergedError
 from megatron_hybrid.training.optimizer import (
     build_optimizer,
@@ -74,6 +78,7 @@ from megatron_hybrid.training.optimizer import (
 )
 from megatron_hybrid.training.progress import ProgressReporter
 from megatron_hybrid.training.settings import CheckpointSettings, Settings, TrainingSettings
+from megatron_hybrid.training.signals import StopRequests
 
 SAMPLE_PROMPT = "The "
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 40
@@ -88,6 +93,8 @@ class TrainingResult:
     test_loss: float | None = None  # on the test split after training (data flags with one)
     tokens_per_sec: float = 0.0
     sample: str | None = None
+    stopped_by: str | None = None  # the signal the run stopped on (saved, exit status 0)
+    iteration: int = 0  # the last iteration trained
 
 
 class TrainingData(NamedTuple):
@@ -97,6 +104,7 @@ class TrainingData(NamedTuple):
     valid: object | None
     test: object | None
     summary: str  # one line for the log
+    notes: tuple[str, ...] = ()  # what the data flags left out or do not apply to
 
 
 def run_training(
@@ -105,9 +113,11 @@ def run_training(
     """Train as the flags say; raises ValueError (ConfigError, PatternError, ...) for bad input
     before any training step runs."""
     check_training_args(args)
-    settings = settings_from_args(args)
+    settings, model_notes = with_checkpoint_model(settings_from_args(args))
     training = settings.training
     proc = init_distributed(training.device)
+    if not proc.is_main:  # every rank would print the same warnings: rank 0's are enough
+        warnings.simplefilter("ignore")
     dims = settings.parallel.dims(proc.world_size)
     tokenizer = build_tokenizer(settings.tokenizer)
     config = settings.model.config(tokenizer.vocab_size)
@@ -122,10 +132,18 @@ def run_training(
             training.train_iters,
             settings.logging.log_dir,
             enabled=proc.is_main,
-            live=False if settings.logging.no_progress_bar else None,
+            bar=not settings.logging.no_progress_bar,
+            sinks=(
+                build_sinks(settings.logging, lambda: vars(args).copy()) if proc.is_main else []
+            ),
         )
+    for note in model_notes:
+        reporter.message(f"--use-checkpoint-args: {note}")
     kernels = kernels_from_settings(settings.kernels, proc.device)
     reporter.message(kernels.describe())
+    if training.bf16 and proc.device.type != "cuda":
+        reporter.message("--bf16 applies on CUDA only: this run on the CPU trains in float32")
+        training = dataclasses.replace(training, bf16=False)
     trainer = Trainer(
         config,
         training,
@@ -143,10 +161,13 @@ def run_training(
         f"{config.pattern.num_layers} layers, {trainer.num_parameters / 1e6:.2f}M parameters; "
         f"device {proc.device}, {dims.dp} data-parallel x {dims.tp} tensor-parallel x "
         f"{dims.pp} pipeline rank(s); {training.train_iters} iterations of "
-        f"{training.global_batch_size} x {training.seq_length} tokens ({num_micro_batches} "
-        f"micro-batches of {training.micro_batch_size} per rank)"
+        f"{training.global_batch_size} x {training.seq_length} tokens "
+        f"({_count(num_micro_batches, 'micro-batch', 'micro-batches')} of "
+        f"{training.micro_batch_size} per rank)"
     )
     reporter.message(f"data: {data.summary}")
+    for note in data.notes:
+        reporter.message(f"data: {note}")
 
     progress = TrainProgress(lr_schedule=dataclasses.asdict(trainer.lr_schedule))
     if settings.checkpoint.load:
@@ -154,6 +175,11 @@ def run_training(
             settings.checkpoint, trainer.parts, trainer.optimizer, config, progress, reporter
         )
     result = train(trainer, data, progress, settings, reporter)
+    result.iteration = progress.iteration
+    if result.stopped_by is not None:  # the scheduler's grace period is short: only the save
+        if own_reporter:
+            reporter.close()
+        return result
     if data.test is not None and settings.logging.eval_iters:
         result.test_loss = trainer.evaluate(data.test, settings.logging.eval_iters)
         reporter.write_metrics({"iteration": progress.iteration, "test_loss": result.test_loss})
@@ -165,6 +191,10 @@ def run_training(
     if own_reporter:
         reporter.close()
     return result
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def build_training_data(settings: Settings, tokenizer: Tokenizer) -> TrainingData:
@@ -185,7 +215,7 @@ def build_training_data(settings: Settings, tokenizer: Tokenizer) -> TrainingDat
                 "the data flags leave no training data: give the train split a "
                 "share in --split, or --train-data-path"
             )
-        return TrainingData(splits.train, splits.valid, splits.test, splits.summary())
+        return TrainingData(splits.train, splits.valid, splits.test, splits.summary(), splits.notes)
     if not isinstance(tokenizer, ByteTokenizer):
         raise ValueError(
             f"--tokenizer-type {tokenizer.name} without data: the embedded corpus "
@@ -199,7 +229,13 @@ def build_training_data(settings: Settings, tokenizer: Tokenizer) -> TrainingDat
         f"embedded corpus (Python help topics), {len(train_tokens)} train / "
         f"{len(valid_tokens)} validation bytes"
     )
-    return TrainingData(train, valid, None, summary)
+    notes = ()
+    if settings.data.split != DataSettings().split:
+        notes = (
+            f"--split {settings.data.split} applies to --data-path datasets; the embedded "
+            "corpus has its own train and validation texts",
+        )
+    return TrainingData(train, valid, None, summary, notes)
 
 
 def resume(
@@ -303,6 +339,9 @@ class Trainer:
             for part in self.parts
         ]
         self.optimizer = optimizers[0] if len(self.parts) == 1 else OptimizerParts(optimizers)
+        # A fused AdamW clips and skips inside its kernel (its grad_scale and found_inf), so the
+        # step needs no host synchronization: the GPU never idles while the host launches it.
+        self.update_on_device = all(opt.defaults.get("fused") for opt in optimizers)
         self.lr_schedule = training.lr_schedule()
         self.pipeline = self.tied_sync = None
         if dims.pp > 1:
@@ -310,14 +349,14 @@ class Trainer:
         # Per rank, aux-loss gradients average over its micro-batches (the pipeline schedule
         # divides every gradient by the micro-batch count itself); FSDP averages over ranks.
         for part in self.parts:
-            part.set_moe_aux_loss_grad_scale(1.0 if self.pipeline else 1.0 / num_micro_batches)
+            part.set_aux_loss_grad_scale(1.0 if self.pipeline else 1.0 / num_micro_batches)
         self.autocast = _bf16_autocast if training.bf16 else contextlib.nullcontext
         self.max_grad_norm = training.clip_grad if training.clip_grad > 0 else math.inf
-        # The last stage's copy of a tied embedding counts once (on the first stage) in the norm.
+        # The last stage's copy of the embedding counts once (on the first stage) in the norm.
         self.tied_copies = [
             part.embedding.word_embeddings.weight
             for part in self.parts
-            if part.holds_tied_output_copy
+            if part.holds_embedding_copy
         ]
         self.counted = [
             p
@@ -363,7 +402,7 @@ class Trainer:
             self.num_micro_batches,
             self.device,
         )
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings or config.pattern.mtp_depths:  # an embedding copy
             self.tied_sync = TiedEmbeddingSync(mesh, self.parts)
         log(
             f"pipeline: {num_stages} stages over {self.dims.pp} ranks ({schedule_name}); this "
@@ -382,16 +421,32 @@ class Trainer:
     def train_step(self, iteration: int, micro_batches: list[torch.Tensor]) -> StepResult:
         """One optimizer step on this rank's micro-batches (each (micro batch, seq + 1) token
         ids): forward and backward of each, gradients clipped, then the update, unless the
-        non-finite check skips it (or raises TrainingDivergedError to stop)."""
+        non-finite check skips it (or raises TrainingDivergedError to stop: for the previous
+        iteration, when the check runs on the device)."""
         lr = self.lr_schedule(iteration)
         set_learning_rate(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = self.forward_backward(micro_batches)
+        self.nonfinite.settle()  # the previous iteration's, done on the GPU by now
+        pipeline_group = self.pipeline.group if self.pipeline else None
+        if self.update_on_device:
+            grad_norm = gradient_norm(self.counted, pipeline_group)
+            found_inf = self.nonfinite.device_flag(loss_sum, grad_norm)
+            divisor = None
+            if math.isfinite(self.max_grad_norm):
+                divisor = clip_divisor(grad_norm, self.max_grad_norm)
+            for optimizer in as_optimizers(self.optimizer):
+                _fused_step(optimizer, divisor, found_inf)
+            keep = None if found_inf is None else 1.0 - found_inf
+            for part in self.parts:
+                part.update_expert_biases(self.count_reduction, keep)
+            self.nonfinite.defer(iteration, loss_sum, grad_norm, found_inf)
+            return StepResult(loss_sum / self.num_micro_batches, grad_norm, lr)
         grad_norm = clip_grad_norm(
             self.counted,
             self.max_grad_norm,
             copies=self.tied_copies,
-            pipeline_group=self.pipeline.group if self.pipeline else None,
+            pipeline_group=pipeline_group,
         )
         if self.nonfinite.update_allowed(iteration, loss_sum, grad_norm):
             self.optimizer.step()
@@ -401,6 +456,11 @@ class Trainer:
             for part in self.parts:
                 part.discard_routing_counts()
         return StepResult(loss_sum / self.num_micro_batches, grad_norm, lr)
+
+    def settle(self) -> None:
+        """Judge the last iteration's deferred non-finite check (before a save, a log line, an
+        evaluation or the end of the run): raises TrainingDivergedError to stop."""
+        self.nonfinite.settle()
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """Accumulate the gradients of the mean loss over `micro_batches` (each micro-batch's
@@ -463,6 +523,21 @@ class Trainer:
         return float(total[0] / total[1])
 
 
+def _fused_step(
+    optimizer: torch.optim.Optimizer,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """A fused optimizer's step dividing every gradient by `grad_scale` and skipped entirely
+    (parameters, moments and step count) where `found_inf` is 1.0, both read on the device: the
+    hooks torch's fused Adam kernels offer `torch.amp.GradScaler`."""
+    optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
 def _bf16_autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
@@ -476,7 +551,7 @@ def train(
 ) -> TrainingResult:
     """The loop, from the iteration after `progress` to the last (or an --exit-interval): read
     the global batch's share, step, log every log interval, save, evaluate."""
-    training, logging = settings.training, settings.logging
+    training = settings.training
     result = TrainingResult(model=trainer.parts[0], parts=trainer.parts)
     saver = None
     if settings.checkpoint.save:
@@ -487,63 +562,103 @@ def train(
             log=reporter.message,
             attachment=tokenizer_attachment(settings.tokenizer),
         )
-    window = LogWindow(reporter, training.global_batch_size * training.seq_length)
+    window = LogWindow(reporter, trainer, training)
+    reporter.begin(progress.iteration)
     trainer.parts[0].train()
-    for iteration in range(progress.iteration + 1, training.train_iters + 1):
-        micro_batches = [
-            data.train.batch(first, count)
-            for first, count in trainer.share.training_reads(
-                progress.consumed_train_samples,
-                trainer.num_micro_batches,
-                training.micro_batch_size,
-            )
-        ]
-        try:
-            step = trainer.train_step(iteration, micro_batches)
-        except TrainingDivergedError:
-            if saver is not None:
-                saver.finalize()  # earlier saves in flight are of finite states: complete them
-            raise
-        window.add(step.loss)
-        progress.iteration = iteration
-        progress.consumed_train_samples += training.global_batch_size
-        last = iteration == training.train_iters
-        exiting = bool(training.exit_interval) and iteration % training.exit_interval == 0
+    stops = StopRequests(
+        training.exit_signal, training.exit_signal_handler, reporter.message, trainer.device
+    )
+    try:
+        with stops:
+            while progress.iteration < training.train_iters:
+                if not _train_iteration(
+                    trainer, data, progress, settings, saver, window, result, stops
+                ):
+                    break
+            trainer.settle()
+    except TrainingDivergedError:
         if saver is not None:
-            saver.poll()
-            if (
-                (
-                    settings.checkpoint.save_interval
-                    and iteration % settings.checkpoint.save_interval == 0
-                )
-                or exiting
-                or last
-            ):
-                saver.save(iteration, trainer.parts, trainer.optimizer, progress, trainer.config)
-        if iteration % logging.log_interval == 0 or last:
-            window.log(iteration, step, trainer, result)
-        if (
-            data.valid is not None
-            and logging.eval_iters
-            and (iteration % logging.eval_interval == 0 or last)
-        ):
-            result.val_losses[iteration] = trainer.evaluate(data.valid, logging.eval_iters)
-            reporter.log_eval(iteration, result.val_losses[iteration])
-            window.restart_clock()  # evaluation time is not training throughput
-        if exiting:
-            reporter.message(f"exiting at iteration {iteration} (--exit-interval)")
-            break
+            saver.finalize()  # earlier saves in flight are of finite states: complete them
+        raise
     if saver is not None:
         saver.finalize()
     return result
 
 
+def _train_iteration(
+    trainer: Trainer,
+    data: TrainingData,
+    progress: TrainProgress,
+    settings: Settings,
+    saver: CheckpointSaver | None,
+    window: LogWindow,
+    result: TrainingResult,
+    stops: StopRequests,
+) -> bool:
+    """One iteration of the loop, with its logging, saving and evaluation; False to stop here
+    (an --exit-interval, or a stop signal: then saved, not evaluated). Each of those first
+    settles the non-finite check (a host synchronization they make anyway), so none of them
+    sees an iteration the check would stop at."""
+    training, logging, reporter = settings.training, settings.logging, window.reporter
+    iteration = progress.iteration + 1
+    micro_batches = [
+        data.train.batch(first, count)
+        for first, count in trainer.share.training_reads(
+            progress.consumed_train_samples,
+            trainer.num_micro_batches,
+            training.micro_batch_size,
+        )
+    ]
+    step = trainer.train_step(iteration, micro_batches)
+    window.add(step.loss)
+    progress.iteration = iteration
+    progress.consumed_train_samples += training.global_batch_size
+    last = iteration == training.train_iters
+    result.stopped_by = stops.poll()
+    exiting = bool(training.exit_interval) and iteration % training.exit_interval == 0
+    stopping = exiting or result.stopped_by is not None
+    if iteration % logging.log_interval == 0 or last or stopping:
+        trainer.settle()
+        window.log(iteration, step, trainer, result, progress.consumed_train_samples)
+    if saver is not None:
+        saver.poll()
+        interval = settings.checkpoint.save_interval
+        if (interval and iteration % interval == 0) or stopping or last:
+            trainer.settle()
+            saver.save(iteration, trainer.parts, trainer.optimizer, progress, trainer.config)
+    if result.stopped_by is not None:
+        saved = "saved" if saver is not None else "not saved (no --save)"
+        reporter.message(f"stopped by {result.stopped_by} at iteration {iteration}; {saved}")
+        return False
+    if (
+        data.valid is not None
+        and logging.eval_iters
+        and (iteration % logging.eval_interval == 0 or last)
+    ):
+        trainer.settle()
+        result.val_losses[iteration] = trainer.evaluate(data.valid, logging.eval_iters)
+        reporter.log_eval(iteration, result.val_losses[iteration])
+        window.restart_clock()  # evaluation time is not training throughput
+    if exiting:
+        reporter.message(f"exiting at iteration {iteration} (--exit-interval)")
+        return False
+    return True
+
+
 class LogWindow:
     """The iterations since the last log line: their losses stay on the device until the line
-    (one host sync per log interval), and their tokens per second."""
+    (one host sync per log interval), and their throughput: tokens per second, and per GPU
+    model TFLOP/s and MFU (against the GPU's dense bf16 peak, in bf16 runs on a known GPU)."""
 
-    def __init__(self, reporter: ProgressReporter, tokens_per_iter: int):
-        self.reporter, self.tokens_per_iter = reporter, tokens_per_iter
+    def __init__(self, reporter: ProgressReporter, trainer: Trainer, training: TrainingSettings):
+        self.reporter = reporter
+        self.tokens_per_iter = training.global_batch_size * training.seq_length
+        self.flops_per_token = training_flops_per_token(trainer.config, training.seq_length)
+        self.num_ranks = dist.get_world_size() if dist.is_initialized() else 1
+        self.on_gpu = trainer.device.type == "cuda"
+        self.peak_tflops = None
+        if self.on_gpu and training.bf16:
+            self.peak_tflops = peak_bf16_tflops(torch.cuda.get_device_name(trainer.device))
         self.pending: list[torch.Tensor] = []
         self.iters, self.start = 0, reporter.elapsed()
 
@@ -554,8 +669,26 @@ class LogWindow:
     def restart_clock(self) -> None:
         self.start = self.reporter.elapsed()
 
+    def throughput(self, tokens_per_sec: float) -> dict[str, float]:
+        """Per GPU tokens/s, TFLOP/s and MFU (on CPU: the run's TFLOP/s)."""
+        tflops = self.flops_per_token * tokens_per_sec / 1e12
+        if not self.on_gpu:
+            return {"tflops_per_gpu": tflops / self.num_ranks} if self.num_ranks == 1 else {}
+        values = {
+            "tokens_per_sec_per_gpu": tokens_per_sec / self.num_ranks,
+            "tflops_per_gpu": tflops / self.num_ranks,
+        }
+        if self.peak_tflops:
+            values["mfu"] = values["tflops_per_gpu"] / self.peak_tflops
+        return values
+
     def log(
-        self, iteration: int, step: StepResult, trainer: Trainer, result: TrainingResult
+        self,
+        iteration: int,
+        step: StepResult,
+        trainer: Trainer,
+        result: TrainingResult,
+        consumed_samples: int,
     ) -> None:
         """One line and metrics.jsonl record for `iteration`; the window's losses (averaged
         over all ranks, one collective) go to `result.losses`."""
@@ -563,13 +696,16 @@ class LogWindow:
         now = self.reporter.elapsed()
         result.tokens_per_sec = self.iters * self.tokens_per_iter / max(now - self.start, 1e-9)
         self.pending, self.iters, self.start = [], 0, now
-        extra = {}
+        extra = {"consumed_samples": consumed_samples}
+        extra.update(self.throughput(result.tokens_per_sec))
         aux = [a for part in trainer.parts if (a := part.moe_aux_loss()) is not None]
         if aux:  # this rank's MoE layers (with pipelining: its stages')
             extra["moe_aux_loss"] = sum(aux)
+        if trainer.config.pattern.mtp_depths:  # a collective: every rank takes part
+            extra.update(mtp_losses(trainer.parts, trainer.config.pattern.mtp_depths))
         if trainer.nonfinite.skipped:
             extra["skipped_iterations"] = trainer.nonfinite.skipped
-        if trainer.device.type == "cuda":
+        if self.on_gpu:
             extra["peak_memory_gib"] = round(
                 torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2
             )
@@ -581,6 +717,20 @@ class LogWindow:
             result.tokens_per_sec,
             extra,
         )
+
+
+def mtp_losses(parts: list[HybridModel], depths: int) -> dict[str, float]:
+    """The MTP losses of the training forwards since the last call, averaged over them and over
+    all ranks (those holding no MTP contribute nothing): `mtp_loss` (the mean over depths, the
+    term scaled by --mtp-loss-scaling-factor) and `mtp_{k}_loss` per depth k."""
+    taken = torch.zeros(depths + 1, dtype=torch.float64)
+    for part in parts:
+        if part.mtp is not None:
+            taken += part.mtp.take_logged_losses().double().cpu()
+    sums = all_reduce_mean(taken)  # the ratio of means is the ratio of sums
+    per_depth = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+    values = {f"mtp_{k}_loss": loss for k, loss in enumerate(per_depth, start=1)}
+    return {"mtp_loss": sum(per_depth) / depths, **values}
 
 
 def generate_sample(
