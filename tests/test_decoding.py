@@ -24,15 +24,33 @@ F64 = dict(rtol=1e-10, atol=1e-10)
 LENGTHS = [13, 5, 9]  # right-padded to 13: two rows with padding, one spanning two SSD chunks
 NEW = 6  # positions decoded one at a time after each prompt
 SEQUENCE_SYMBOLS = sorted(s for s, spec in SPECS.items() if spec.kind == SEQUENCE)
-# Sequence mixers whose behaviour changes with a config switch get each setting.
-VARIANTS = {"*": [dict(position_embedding_type="rope"), dict(position_embedding_type="none")]}
+# Each sequence mixer in the settings that change its decoding: rope or not, MLA's query latent,
+# latent norms and YaRN, and for D a top-k smaller than the context, so that the indexer chooses.
+_YARN = dict(
+    rope_type="yarn",
+    rotary_scaling_factor=4.0,
+    original_max_position_embeddings=8,
+    beta_fast=4.0,
+    mscale=0.9,
+    mscale_all_dim=0.6,
+)
+VARIANTS = {
+    "*": {"rope": dict(position_embedding_type="rope"), "no-rope": {}},
+    "+": {
+        "rope": dict(rope_type="rope"),
+        "q-latent-yarn": dict(q_lora_rank=12, qk_layernorm=True, **_YARN),
+    },
+    "D": {
+        "top4": dict(dsa_indexer_topk=4, rope_type="rope"),
+        "top4-q-latent-yarn": dict(dsa_indexer_topk=4, q_lora_rank=12, qk_layernorm=True, **_YARN),
+    },
+}
 
 
 def mixer_cases():
     for symbol in SEQUENCE_SYMBOLS:
-        for overrides in VARIANTS.get(symbol, [{}]):
-            label = "-".join(f"{v}" for v in overrides.values())
-            yield pytest.param(symbol, overrides, id=f"{symbol}{'-' + label if label else ''}")
+        for label, overrides in VARIANTS.get(symbol, {"": {}}).items():
+            yield pytest.param(symbol, overrides, id=f"{symbol}-{label}" if label else symbol)
 
 
 def random_mixer(symbol: str, overrides: dict) -> torch.nn.Module:
@@ -80,7 +98,8 @@ def test_sequence_mixer_prefill_and_steps_reproduce_its_forward(symbol, override
         y_B1H = mixer.step(x_B1H, state)
         for b, length in enumerate(LENGTHS):
             torch.testing.assert_close(y_B1H[b, 0], expected[b][length + i], **F64)
-    assert max(e.abs().max() for e in expected) > 0.1  # outputs worth comparing
+    # Outputs worth comparing: orders of magnitude above the 1e-10 tolerance.
+    assert max(e.abs().max() for e in expected) > 1e-2
 
 
 @torch.no_grad()
@@ -93,13 +112,18 @@ def test_a_full_kv_cache_says_how_to_make_room():
         mixer.step(x[:, :1], cache)
 
 
-# Every mixer, fusion groups with both sides, a channel-only block and rope.
-PATTERN = "[M-]M*E[*-]-[ME]"
+# Every mixer (`*` and MLA's `+`/`D` may not share a model), fusion groups with both sides, a
+# channel-only block, rope; D choosing 4 keys of up to 19.
+MODELS = {
+    "M*-E": ("[M-]M*E[*-]-[ME]", dict(position_embedding_type="rope")),
+    "G+D": ("[G-]M+E[DE]-[M-]", dict(rope_type="rope", dsa_indexer_topk=4)),
+}
 
 
+@pytest.mark.parametrize("pattern,overrides", MODELS.values(), ids=MODELS.keys())
 @torch.no_grad()
-def test_model_prefill_and_decode_steps_reproduce_its_logits():
-    config = small_config(PATTERN, position_embedding_type="rope")
+def test_model_prefill_and_decode_steps_reproduce_its_logits(pattern, overrides):
+    config = small_config(pattern, **overrides)
     model = perturb_parameters(HybridModel(config, seed=3)).double().eval()
     generator = torch.Generator().manual_seed(4)
     rows = [torch.randint(0, config.vocab_size, (n + NEW,), generator=generator) for n in LENGTHS]
@@ -111,6 +135,7 @@ def test_model_prefill_and_decode_steps_reproduce_its_logits():
     logits, states = model.prefill(prompt, lengths, capacity=max(LENGTHS) + NEW)
     assert set(states) == set(model.decoder.layers)
     assert states["5"] is None  # the channel-only block "-"
+    assert all(states[p] is not None for p in ("0", "1", "2", "4"))
     for i in range(NEW):
         for b, length in enumerate(LENGTHS):
             torch.testing.assert_close(logits[b], expected[b][length - 1 + i], **F64)

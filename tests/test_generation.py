@@ -20,8 +20,9 @@ PROMPT_LENGTHS = (21, 3, 12)
 NEW_TOKENS = 64
 
 
-def random_model(kernels=None, **overrides) -> HybridModel:
-    config = small_config(PATTERN, position_embedding_type="rope", vocab_size=96, **overrides)
+def random_model(kernels=None, pattern=PATTERN, **overrides) -> HybridModel:
+    overrides = {"position_embedding_type": "rope", **overrides}
+    config = small_config(pattern, vocab_size=96, **overrides)
     return perturb_parameters(HybridModel(config, seed=7, kernels=kernels)).eval()
 
 
@@ -40,10 +41,19 @@ def greedy_by_recomputation(model: HybridModel, prompt: torch.Tensor, new: int) 
     return tokens[prompt.numel() :]
 
 
-def test_greedy_with_the_state_cache_equals_full_recomputation():
+# The mixers `*` cannot share a model with: Gated DeltaNet, MLA and DSA choosing 4 keys.
+OTHER_MIXERS = ("[G-]M+E[DE]-[M-]", dict(rope_type="rope", dsa_indexer_topk=4))
+
+
+@pytest.mark.parametrize(
+    "pattern,overrides",
+    [(PATTERN, dict(position_embedding_type="rope")), OTHER_MIXERS],
+    ids=["M*-E", "G+D"],
+)
+def test_greedy_with_the_state_cache_equals_full_recomputation(pattern, overrides):
     # float32 on CPU: the cache and recomputation round differently (~1e-6 of the logits), which
     # changes an argmax only at a near-tie; these seeds have none within 64 tokens.
-    model = random_model()
+    model = random_model(pattern=pattern, **overrides)
     prompts = random_prompts(model.config.vocab_size)
     cached = generate(model, prompts, NEW_TOKENS, GREEDY)
     assert [len(c) for c in cached] == [NEW_TOKENS] * len(prompts)

@@ -10,7 +10,6 @@ on a tensor-parallel rank's groups; `num_heads` and `num_groups` are the sizes i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,30 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
-from megatron_hybrid.layers.rotary import rotary_cos_sin_at
+from megatron_hybrid.layers.decoding import KVCache
+from megatron_hybrid.layers.rotary import rotary_cos_sin_at, rotary_per_row
 
 if TYPE_CHECKING:
     from megatron_hybrid.config import ModelConfig
-
-
-@dataclass
-class KVCache:
-    """Keys and values of every cached position, per row.
-
-    keys, values: (batch, groups, capacity, head_dim), rotary already applied to the keys;
-    row b's positions 0 .. lengths[b] - 1 are real (a prefill's right padding sits beyond them
-    until decoding overwrites it). `filled` (a host int) is how many positions any row has
-    written, so a step attends over `[:filled]` without reading lengths back from the device.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    lengths: torch.Tensor
-    filled: int
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[2]
 
 
 class SelfAttention(nn.Module):
@@ -81,10 +61,9 @@ class SelfAttention(nn.Module):
                 self.rotary_base,
                 torch.promote_types(q.dtype, torch.float32),
             )
-            if per_row:  # rows as time: row b's position is row b of the tables
-                q, k = q.transpose(0, 2), k.transpose(0, 2)
-                q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
-                q, k = q.transpose(0, 2), k.transpose(0, 2)
+            if per_row:
+                q = rotary_per_row(self.kernels.rotary, q, cos, sin)
+                k = rotary_per_row(self.kernels.rotary, k, cos, sin)
             else:
                 q, k = self.kernels.rotary(q, cos, sin), self.kernels.rotary(k, cos, sin)
         return q, k, v
@@ -107,38 +86,23 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, KVCache]:
         """The forward over right-padded prompts, and their keys and values cached in buffers of
         `capacity` positions. (Causal attention keeps the real positions off the padding.)"""
-        batch, seq, _ = x_BTD.shape
-        if capacity < seq:
-            raise ValueError(f"KV cache capacity {capacity} is below the prompt length {seq}")
-        q, k, v = self.project(x_BTD, torch.arange(seq, device=x_BTD.device))
+        q, k, v = self.project(x_BTD, torch.arange(x_BTD.shape[1], device=x_BTD.device))
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.heads_per_group != 1
         )
-        keys = k.new_zeros(*k.shape[:2], capacity, k.shape[3])
-        values = v.new_zeros(*v.shape[:2], capacity, v.shape[3])
-        keys[:, :, :seq], values[:, :, :seq] = k, v
-        return self.output(out), KVCache(keys, values, lengths_B.clone(), filled=seq)
+        return self.output(out), KVCache.prefilled(k, v, lengths_B, capacity)
 
     def step(self, x_B1D: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Attend from one new position per row (row b's at cache.lengths[b]) over its cached
         positions and itself; its key and value join the cache."""
-        if cache.filled >= cache.capacity:
-            raise ValueError(
-                f"KV cache full: all {cache.capacity} positions are used; prefill with a larger "
-                "capacity (prompt length + new tokens)"
-            )
         q, k, v = self.project(x_B1D, cache.lengths, per_row=True)
-        rows = torch.arange(x_B1D.shape[0], device=x_B1D.device)
-        cache.keys[rows, :, cache.lengths] = k[:, :, 0]
-        cache.values[rows, :, cache.lengths] = v[:, :, 0]
-        cache.lengths += 1
-        cache.filled += 1
-        visible = torch.arange(cache.filled, device=x_B1D.device) < cache.lengths.unsqueeze(1)
+        cache.append(k, v)
+        keys, values = cache.cached()
         out = F.scaled_dot_product_attention(
             q,
-            cache.keys[:, :, : cache.filled],
-            cache.values[:, :, : cache.filled],
-            attn_mask=visible[:, None, None, :],
+            keys,
+            values,
+            attn_mask=cache.visible()[:, None, None, :],
             enable_gqa=self.heads_per_group != 1,
         )
         return self.output(out)

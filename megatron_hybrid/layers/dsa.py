@@ -24,6 +24,10 @@ from its KL loss (`dsa_indexer_loss_coeff` > 0; Megatron's default 0 leaves it u
 (with `dsa_indexer_use_sparse_loss`, both distributions over the selected keys only), computed
 from detached queries and keys and added to the gradients by `AuxLossInjector`.
 
+Decoding (megatron_hybrid/layers/decoding.py): MLA's KV cache plus the indexer's keys
+(`DSACache`); a step scores the new query against every cached indexer key, takes the top-k as
+the forward does (ties to the earlier key) and attends over those keys only.
+
 Tensor parallelism: as MLA, heads split; the indexer stays whole on every rank (it sees the same
 inputs everywhere, so every rank selects the same keys), and the sum over heads of the loss's
 target is summed over the ranks at `core_attention.head_sum` (an identity it marks).
@@ -32,6 +36,7 @@ target is summed over the ranks at `core_attention.head_sum` (an identity it mar
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,8 +45,10 @@ from torch import nn
 from megatron_hybrid.kernels.dtypes import at_least_float32
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 from megatron_hybrid.kernels.sparse_attention.eager import selection_mask
+from megatron_hybrid.layers.decoding import KVCache, cache_buffer
 from megatron_hybrid.layers.mla import MultiLatentAttention, QueryKeyValue
 from megatron_hybrid.layers.moe import AuxLossInjector
+from megatron_hybrid.layers.rotary import rotary_per_row
 
 if TYPE_CHECKING:
     from megatron_hybrid.config import ModelConfig
@@ -64,21 +71,40 @@ class LightningIndexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=config.layernorm_epsilon)
         self.linear_weights_proj = nn.Linear(hidden, self.num_heads, bias=False)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rope on the first dr dims of x (B, heads, T, di), in rotate-half order."""
+    def _rope(self, x: torch.Tensor, cos, sin, per_row: bool = False) -> torch.Tensor:
+        """Rope on the first dr dims of x (B, heads, T, di), in rotate-half order (with
+        `per_row`, T is 1 and row b is at the position of row b of the tables)."""
         pe, rest = x.split([self.pos_dim, self.head_dim - self.pos_dim], dim=-1)
-        return torch.cat([self.kernels.rotary(pe, cos, sin), rest], dim=-1)
+        if per_row:
+            pe = rotary_per_row(self.kernels.rotary, pe, cos, sin)
+        else:
+            pe = self.kernels.rotary(pe, cos, sin)
+        return torch.cat([pe, rest], dim=-1)
+
+    def queries(self, x_BTH, query_latent, cos, sin, per_row: bool = False):
+        """(q^I (B, ni, T, di), w (B, T, ni)), in float32 (at least)."""
+        batch, seq, _ = x_BTH.shape
+        q = self.linear_wq_b(query_latent).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        weights = at_least_float32(self.linear_weights_proj(x_BTH))
+        weights = weights / math.sqrt(self.num_heads) / math.sqrt(self.head_dim)
+        return at_least_float32(self._rope(q, cos, sin, per_row)), weights
+
+    def keys(self, x_BTH, cos, sin, per_row: bool = False) -> torch.Tensor:
+        """k^I (B, 1, T, di), in float32 (at least)."""
+        k = self.k_norm(self.linear_wk(x_BTH)).unsqueeze(1)
+        return at_least_float32(self._rope(k, cos, sin, per_row))
+
+    @staticmethod
+    def scores(q_BJTD, weights_BTJ, k_B1SD) -> torch.Tensor:
+        """I (B, T, S) = sum_j w[t, j] relu(q^I[t, j] . k^I[s])."""
+        per_head = torch.relu(torch.matmul(q_BJTD, k_B1SD.transpose(-1, -2)))  # (B, ni, T, S)
+        return torch.einsum("bjts,btj->bts", per_head, weights_BTJ)
 
     def forward(self, x_BTH, query_latent, cos, sin) -> torch.Tensor:
         """Index scores I (B, T, T) in float32 (at least), -inf where s > t."""
-        batch, seq, _ = x_BTH.shape
-        q = self.linear_wq_b(query_latent).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_norm(self.linear_wk(x_BTH)).unsqueeze(1)
-        q, k = at_least_float32(self._rope(q, cos, sin)), at_least_float32(self._rope(k, cos, sin))
-        weights = at_least_float32(self.linear_weights_proj(x_BTH))
-        weights = weights / math.sqrt(self.num_heads) / math.sqrt(self.head_dim)
-        per_head = torch.relu(torch.matmul(q, k.transpose(-1, -2)))  # (B, ni, T, T)
-        scores = torch.einsum("bjts,btj->bts", per_head, weights)
+        seq = x_BTH.shape[1]
+        q, weights = self.queries(x_BTH, query_latent, cos, sin)
+        scores = self.scores(q, weights, self.keys(x_BTH, cos, sin))
         future = torch.ones(seq, seq, dtype=torch.bool, device=x_BTH.device).triu(1)
         return scores.masked_fill(future, float("-inf"))
 
@@ -139,6 +165,15 @@ class SparseCoreAttention(nn.Module):
         return self.loss_coeff * kl.mean()
 
 
+@dataclass
+class DSACache:
+    """A DSA layer's decoding state: MLA's keys and values, and the indexer's keys (B, 1,
+    capacity, di) at the same positions."""
+
+    kv: KVCache
+    index_keys: torch.Tensor
+
+
 class DeepSeekSparseAttention(MultiLatentAttention):
     def __init__(self, config: ModelConfig, kernels: BoundKernels | None = None):
         kernels = kernels or eager_kernels()
@@ -146,7 +181,36 @@ class DeepSeekSparseAttention(MultiLatentAttention):
         self.core_attention = SparseCoreAttention(config, kernels)
 
     def attend(self, qkv: QueryKeyValue, x_BTH: torch.Tensor) -> torch.Tensor:
-        seq = x_BTH.shape[1]
-        dtype = torch.promote_types(qkv.query.dtype, torch.float32)
-        cos, sin = self.rope_tables(seq, x_BTH.device, dtype)
+        cos, sin = self.rope_tables(x_BTH.shape[1], x_BTH.device, self.rope_dtype(qkv.query))
         return self.core_attention(qkv, x_BTH, cos, sin, self.softmax_scale)
+
+    # -- decoding (megatron_hybrid/layers/decoding.py) ------------------------------------------
+    def prefill(
+        self, x_BTH: torch.Tensor, lengths_B: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, DSACache]:
+        """The forward over right-padded prompts (causal scores keep every real query's keys off
+        the padding), and the keys, values and indexer keys cached."""
+        qkv = self.query_key_value(x_BTH)
+        out = self.attend(qkv, x_BTH)
+        cos, sin = self.rope_tables(x_BTH.shape[1], x_BTH.device, self.rope_dtype(qkv.query))
+        index_keys = self.core_attention.indexer.keys(x_BTH, cos, sin)
+        kv = KVCache.prefilled(qkv.key, qkv.value, lengths_B, capacity)
+        return self.output(out), DSACache(kv, cache_buffer(index_keys, capacity))
+
+    def step(self, x_B1H: torch.Tensor, cache: DSACache) -> torch.Tensor:
+        """One new position per row: its indexer scores over the cached positions and itself,
+        the top-k of them (as the forward chooses), sparse attention over those keys."""
+        positions = cache.kv.lengths
+        qkv = self.query_key_value(x_B1H, positions)
+        cos, sin = self.rope_tables.at(positions, self.rope_dtype(qkv.query))
+        indexer = self.core_attention.indexer
+        cache.kv.write(cache.index_keys, indexer.keys(x_B1H, cos, sin, per_row=True))
+        cache.kv.append(qkv.key, qkv.value)
+        q, weights = indexer.queries(x_B1H, qkv.query_latent, cos, sin, per_row=True)
+        filled = cache.kv.filled
+        scores = indexer.scores(q, weights, cache.index_keys[:, :, :filled])  # (B, 1, filled)
+        scores = scores.masked_fill(~cache.kv.visible().unsqueeze(1), float("-inf"))
+        topk = top_k_keys(scores, self.core_attention.topk)
+        keys, values = cache.kv.cached()
+        out = self.kernels.sparse_attention(qkv.query, keys, values, topk, self.softmax_scale)
+        return self.output(out)

@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_hybrid.kernels.dtypes import at_least_float32
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
 from megatron_hybrid.kernels.ssd.eager import process_dt
-from megatron_hybrid.layers.decoding import real_positions
+from megatron_hybrid.layers.decoding import conv_window, real_positions
 from megatron_hybrid.layers.norm import GatedRMSNorm
 
 if TYPE_CHECKING:
@@ -144,7 +143,7 @@ class Mamba2Mixer(nn.Module):
         not grow with the context.)"""
         batch, seq, _ = u_BTH.shape
         parts, z, xBC, dt = self.project(u_BTH)
-        conv_window = self.conv_window(xBC, lengths_B)
+        window = conv_window(xBC, lengths_B, self.conv1d.weight.shape[-1] - 1)
         x, B, C = self.conv(xBC).split(parts.conv, dim=-1)
         # dt as the scan would process it, then zero on the padding.
         dt = process_dt(dt, self.dt_bias, True, self.dt_limit, at_least_float32(dt).dtype)
@@ -159,16 +158,7 @@ class Mamba2Mixer(nn.Module):
             D=self.D,
             return_final_states=True,
         )
-        return self.output(y, z), Mamba2State(conv_window, ssm)
-
-    def conv_window(self, xBC_BTC: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-        """(B, channels, K-1): each row's last K-1 conv inputs before position lengths_B[b],
-        zeros before the start (the causal conv's own padding)."""
-        width = self.conv1d.weight.shape[-1] - 1
-        padded = F.pad(xBC_BTC, (0, 0, width, 0))  # input position t is padded row t + width
-        rows = torch.arange(xBC_BTC.shape[0], device=xBC_BTC.device).unsqueeze(1)
-        steps = lengths_B.unsqueeze(1) + torch.arange(width, device=xBC_BTC.device)
-        return padded[rows, steps].transpose(1, 2).contiguous()
+        return self.output(y, z), Mamba2State(window, ssm)
 
     def step(self, u_B1H: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """One new token per row; `state` advances in place."""

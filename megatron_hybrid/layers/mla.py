@@ -17,6 +17,9 @@ DeepSeek's and Megatron's checkpoints: pair i is dims (2i, 2i + 1). They are de-
 the rotate-half order of the `rotary` op first; q and k get the same permutation, so every score
 is that of interleaved rope.
 
+Decoding (megatron_hybrid/layers/decoding.py): a KV cache of the heads' keys (rope applied) and
+values; a step computes the new token's query, key and value at its row's position.
+
 Tensor parallelism splits the heads (linear_q_proj / linear_q_up_proj / linear_kv_up_proj rows,
 linear_proj columns; every head's rows are contiguous) and replicates the down-projections and
 latent norms. The layer reads its number of heads off the weights. The shared rope key k_pe
@@ -34,8 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_hybrid.kernels.registry import BoundKernels, eager_kernels
+from megatron_hybrid.layers.decoding import KVCache
 from megatron_hybrid.layers.norm import RMSNorm
-from megatron_hybrid.layers.rotary import Yarn, cos_sin_tables, rotary_cos_sin, yarn_mscale
+from megatron_hybrid.layers.rotary import (
+    Yarn,
+    cos_sin_at,
+    inverse_frequencies,
+    rotary_per_row,
+    yarn_mscale,
+)
 
 if TYPE_CHECKING:
     from megatron_hybrid.config import ModelConfig
@@ -76,10 +86,16 @@ class RopeTables:
             )
 
     def __call__(self, seq_len: int, device: torch.device, dtype: torch.dtype):
+        """Tables of positions 0 .. seq_len - 1."""
+        return self.at(torch.arange(seq_len, device=device), dtype)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype):
+        """Tables with one row per entry of `positions`."""
+        device = positions.device
         if self.yarn is None:
-            return rotary_cos_sin(seq_len, self.dim, self.base, device, dtype)
+            return cos_sin_at(inverse_frequencies(self.dim, self.base, device), positions, dtype)
         inv_freq = self.yarn.inverse_frequencies(self.dim, self.base, device)
-        return cos_sin_tables(inv_freq, seq_len, dtype, self.yarn.concentration)
+        return cos_sin_at(inv_freq, positions, dtype, self.yarn.concentration)
 
 
 def softmax_scale(config: ModelConfig) -> float:
@@ -130,7 +146,14 @@ class MultiLatentAttention(nn.Module):
         latent = self._norm("q_layernorm", self.linear_q_down_proj(x_BTH))
         return latent, self.linear_q_up_proj(latent)
 
-    def query_key_value(self, x_BTH: torch.Tensor) -> QueryKeyValue:
+    def rope_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(x.dtype, torch.float32)
+
+    def query_key_value(
+        self, x_BTH: torch.Tensor, positions_B: torch.Tensor | None = None
+    ) -> QueryKeyValue:
+        """Queries, keys and values of `x_BTH` at positions 0 .. T - 1, or, with `positions_B`,
+        of a decoding step's one position per row."""
         batch, seq, _ = x_BTH.shape
         dn, dr, dv = self.qk_head_dim, self.pos_dim, self.v_head_dim
         query_latent, q = self.query_latent_and_query(x_BTH)
@@ -138,9 +161,14 @@ class MultiLatentAttention(nn.Module):
         kv_latent, k_pe = self.linear_kv_down_proj(x_BTH).split([self.kv_lora_rank, dr], dim=-1)
         kv = self.linear_kv_up_proj(self._norm("kv_layernorm", kv_latent))
         k_nope, value = kv.view(batch, seq, -1, dn + dv).transpose(1, 2).split([dn, dv], dim=-1)
-        cos, sin = self.rope_tables(seq, x_BTH.device, torch.promote_types(q.dtype, torch.float32))
-        q_pe = self.kernels.rotary(deinterleave(q_pe), cos, sin)
-        k_pe = self.kernels.rotary(deinterleave(self.rope_key(k_pe)).unsqueeze(1), cos, sin)
+        q_pe, k_pe = deinterleave(q_pe), deinterleave(self.rope_key(k_pe)).unsqueeze(1)
+        if positions_B is None:
+            cos, sin = self.rope_tables(seq, x_BTH.device, self.rope_dtype(q))
+            q_pe, k_pe = self.kernels.rotary(q_pe, cos, sin), self.kernels.rotary(k_pe, cos, sin)
+        else:
+            cos, sin = self.rope_tables.at(positions_B, self.rope_dtype(q))
+            q_pe = rotary_per_row(self.kernels.rotary, q_pe, cos, sin)
+            k_pe = rotary_per_row(self.kernels.rotary, k_pe, cos, sin)
         heads = q_nope.shape[1]
         query = torch.cat([q_nope, q_pe], dim=-1)
         key = torch.cat([k_nope, k_pe.expand(-1, heads, -1, -1)], dim=-1)
@@ -152,6 +180,34 @@ class MultiLatentAttention(nn.Module):
             qkv.query, qkv.key, qkv.value, is_causal=True, scale=self.softmax_scale
         )
 
-    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
-        out_BNTV = self.attend(self.query_key_value(x_BTH), x_BTH)
+    def output(self, out_BNTV: torch.Tensor) -> torch.Tensor:
         return self.linear_proj(out_BNTV.transpose(1, 2).flatten(2))
+
+    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        return self.output(self.attend(self.query_key_value(x_BTH), x_BTH))
+
+    # -- decoding (megatron_hybrid/layers/decoding.py) ------------------------------------------
+    def prefill(
+        self, x_BTH: torch.Tensor, lengths_B: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, KVCache]:
+        """The forward over right-padded prompts, and their keys and values cached in buffers of
+        `capacity` positions. (Causal attention keeps the real positions off the padding.)"""
+        qkv = self.query_key_value(x_BTH)
+        return self.output(self.attend(qkv, x_BTH)), KVCache.prefilled(
+            qkv.key, qkv.value, lengths_B, capacity
+        )
+
+    def step(self, x_B1H: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Attend from one new position per row (row b's at cache.lengths[b]) over its cached
+        positions and itself; its key and value join the cache."""
+        qkv = self.query_key_value(x_B1H, cache.lengths)
+        cache.append(qkv.key, qkv.value)
+        keys, values = cache.cached()
+        out = F.scaled_dot_product_attention(
+            qkv.query,
+            keys,
+            values,
+            attn_mask=cache.visible()[:, None, None, :],
+            scale=self.softmax_scale,
+        )
+        return self.output(out)

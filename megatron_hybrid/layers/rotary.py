@@ -89,3 +89,9 @@ class Yarn:
     def concentration(self) -> float:
         """The factor cos and sin are multiplied by."""
         return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+
+
+def rotary_per_row(rotary, x_BH1D: torch.Tensor, cos_BD: torch.Tensor, sin_BD: torch.Tensor):
+    """The bound `rotary` op on a decoding step's single position per row, row b at the
+    position of row b of the tables: the rows are passed as the op's time axis."""
+    return rotary(x_BH1D.transpose(0, 2), cos_BD, sin_BD).transpose(0, 2)
