@@ -78,6 +78,14 @@ def test_greedy_on_cuda_with_triton_kernels_equals_eager_on_cpu():
         torch.testing.assert_close(ours, theirs)
 
 
+def test_a_model_with_mtp_depths_generates_from_its_main_head():
+    model = random_model(pattern="M*E/M-")
+    assert model.mtp is not None
+    (prompt,) = random_prompts(model.config.vocab_size, lengths=(9,))
+    (tokens,) = generate(model, [prompt], 16, GREEDY)
+    torch.testing.assert_close(tokens, greedy_by_recomputation(model, prompt, 16))
+
+
 def test_a_prompt_decodes_the_same_alone_and_in_a_batch():
     model = random_model()
     prompts = random_prompts(model.config.vocab_size)
