@@ -134,6 +134,7 @@ class HuggingFaceTokenizer(_TokenizersLibraryTokenizer):
                 f"--tokenizer-model {path}: not a Hugging Face tokenizer.json ({error})"
             ) from error
         super().__init__(backend)
+        self.path = path  # the tokenizer.json
         self.name = f"HuggingFaceTokenizer({path})"
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.eod = self._find_eod(path)
