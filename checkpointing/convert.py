@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> None:
             from megatron_hybrid.checkpointing.hf_nemotron_h import save_hf_checkpoint
 
             save_hf_checkpoint(args.output, state, config, dtype=dtype)
+            print(export_tokenizer(args, meta))
         print(f"wrote {args.output} from iteration {meta['iteration']} ({len(state)} tensors)")
         return
     attachment = None
@@ -229,3 +230,19 @@ def _natural(key: str):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def export_tokenizer(args: argparse.Namespace, meta: dict) -> str:
+    """Write the tokenizer the checkpoint records beside the exported weights (so
+    AutoTokenizer.from_pretrained reads the export); returns a line for the output."""
+    from megatron_hybrid.checkpointing.hf_tokenizer import write_hf_tokenizer
+    from megatron_hybrid.data.tokenizer import build_tokenizer, recorded_tokenizer_settings
+
+    if "tokenizer" not in meta:
+        return (
+            "note: the checkpoint records no tokenizer (saved before checkpoints recorded "
+            "one): no tokenizer.json written"
+        )
+    directory = files.resolve_checkpoint_dir(args.checkpoint, args.iteration)
+    tokenizer = build_tokenizer(recorded_tokenizer_settings(meta["tokenizer"], directory))
+    return write_hf_tokenizer(tokenizer, Path(args.output), max_length=None)

@@ -56,3 +56,23 @@ def test_the_hf_tokenizers_own_config_is_kept(tmp_path, files):
 def test_a_null_tokenizer_writes_nothing(tmp_path):
     line = write_hf_tokenizer(NullTokenizer(100), tmp_path, None)
     assert "no tokenizer written" in line and not any(tmp_path.iterdir())
+
+
+def test_a_trained_runs_export_loads_with_auto_tokenizer(tmp_path, capsys):
+    """The issue as a user met it: train on the embedded data, export, tokenize with HF."""
+    from test_training import TINY
+
+    from megatron_hybrid.checkpointing.convert import main as convert
+    from megatron_hybrid.training.cli import main as train
+
+    exportable = [
+        "--hybrid-layer-pattern", "[M-]*E", "--moe-router-score-function", "sigmoid",
+        "--moe-shared-expert-intermediate-size", "16", "--moe-router-enable-expert-bias",
+    ]  # fmt: skip
+    save = tmp_path / "ckpt"
+    assert train([*TINY, *exportable, "--train-iters", "2", "--save", str(save)]) == 0
+    assert convert(["to-hf", str(save), str(tmp_path / "hf")]) == 0
+    assert "wrote tokenizer.json (ByteTokenizer" in capsys.readouterr().out
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "def main():\n    return 'ok'\n"
+    assert theirs(text)["input_ids"] == ByteTokenizer().encode(text).tolist()
