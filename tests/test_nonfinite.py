@@ -261,3 +261,19 @@ def test_clipping_on_the_device_matches_clipping_on_the_host(fused_adamw, tmp_pa
     # The same clipped update, reached by grad / divisor inside the kernel instead of
     # grad * coefficient before it: rounding apart (a few float32 ulps per step), equal.
     assert on_device.losses == pytest.approx(on_host.losses, rel=1e-6)
+
+
+def test_without_clipping_or_check_the_norm_is_computed_for_the_log_only(fused_adamw, tmp_path):
+    flags = (*PATTERN, "--train-iters", "3", "--log-interval", "1", "--clip-grad", "0")
+    off = ("--no-check-for-nan-in-loss-and-grad",)
+    train(*flags, *off, "--log-dir", str(tmp_path / "device"))
+    fused_adamw.on_device = False
+    train(*flags, *off, "--log-dir", str(tmp_path / "host"))
+
+    def norms(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["grad_norm"] for x in lines if "loss" in json.loads(x)]
+
+    # The same gradients, their norm taken at the log line instead of in the step.
+    assert norms("device") == pytest.approx(norms("host"), rel=1e-6)
+    assert all(n > 0 for n in norms("device"))

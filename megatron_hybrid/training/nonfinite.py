@@ -66,7 +66,9 @@ class NonFiniteCheck:
             return True
         return self._judge(iteration, float(values[0]), float(values[1]))
 
-    def device_flag(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor | None:
+    def device_flag(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """1.0 where any rank's loss or the gradient norm is not finite, else 0.0: a float32
         scalar on the device, reduced over all ranks without waiting for the GPU; None when
         the check is off."""

@@ -284,7 +284,8 @@ def resume(
 @dataclass
 class StepResult:
     loss: torch.Tensor  # mean over this rank's micro-batches, on the device (no host sync)
-    grad_norm: torch.Tensor  # before clipping, the same on every rank
+    grad_norm: torch.Tensor | None  # before clipping, the same on every rank; None: not
+    # computed (no clipping, no check): Trainer.gradient_norm() gives it until the next step
     lr: float
 
 
@@ -430,11 +431,14 @@ class Trainer:
         self.nonfinite.settle()  # the previous iteration's, done on the GPU by now
         pipeline_group = self.pipeline.group if self.pipeline else None
         if self.update_on_device:
-            grad_norm = gradient_norm(self.counted, pipeline_group)
+            clipping = math.isfinite(self.max_grad_norm)
+            # The norm reads every gradient: only clipping and the check need it each step
+            # (a log line computes its own, `gradient_norm()`, from the gradients left).
+            grad_norm = None
+            if clipping or self.nonfinite.enabled:
+                grad_norm = gradient_norm(self.counted, pipeline_group)
             found_inf = self.nonfinite.device_flag(loss_sum, grad_norm)
-            divisor = None
-            if math.isfinite(self.max_grad_norm):
-                divisor = clip_divisor(grad_norm, self.max_grad_norm)
+            divisor = clip_divisor(grad_norm, self.max_grad_norm) if clipping else None
             for optimizer in as_optimizers(self.optimizer):
                 _fused_step(optimizer, divisor, found_inf)
             keep = None if found_inf is None else 1.0 - found_inf
@@ -456,6 +460,10 @@ class Trainer:
             for part in self.parts:
                 part.discard_routing_counts()
         return StepResult(loss_sum / self.num_micro_batches, grad_norm, lr)
+
+    def gradient_norm(self) -> torch.Tensor:
+        """The global norm of the gradients the last step left (unclipped unless it clipped)."""
+        return gradient_norm(self.counted, self.pipeline.group if self.pipeline else None)
 
     def settle(self) -> None:
         """Judge the last iteration's deferred non-finite check (before a save, a log line, an
@@ -713,7 +721,7 @@ class LogWindow:
             iteration,
             result.losses[-1],
             step.lr,
-            float(step.grad_norm),
+            float(step.grad_norm if step.grad_norm is not None else trainer.gradient_norm()),
             result.tokens_per_sec,
             extra,
         )
