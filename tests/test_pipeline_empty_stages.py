@@ -43,7 +43,7 @@ def test_an_empty_last_stage_of_tied_embeddings_keeps_its_copy_for_the_output():
         "decoder.final_norm.weight",
         "embedding.word_embeddings.weight",
     }
-    assert last.holds_tied_output_copy
+    assert last.holds_embedding_copy
 
 
 @pytest.mark.slow
