@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -90,6 +93,9 @@ class Implementation:
     install_hint: str = ""  # how to get `requires`, quoted in errors
     cpu_needs_triton_interpreter: bool = False
     priority: int = 0  # auto prefers the highest available
+    # A known-bad environment (a library version that computes wrong results on some GPU):
+    # returns why, or None.
+    environment_problem: Callable[[torch.device], str | None] | None = None
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """Why this implementation cannot run on `device` (hardware and environment only; the
@@ -105,6 +111,8 @@ class Implementation:
                 return f"needs compute capability >= {need}, device {device} has " + ".".join(
                     map(str, capability)
                 )
+        if self.environment_problem is not None:
+            return self.environment_problem(device)
         return None
 
     def load(self) -> Callable:
@@ -407,6 +415,35 @@ _TRITON = {
 _PACKAGE = "megatron_hybrid.kernels"
 
 
+def _fla_environment_problem(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return fla_hopper_triton_problem(
+        torch.cuda.get_device_capability(device),
+        triton_version,
+        importlib.util.find_spec("tilelang") is not None,
+    )
+
+
+def fla_hopper_triton_problem(
+    capability: tuple[int, int], triton_version: str, has_tilelang: bool
+) -> str | None:
+    """fla refuses its gated delta rule backward on Hopper with Triton 3.4 up to 3.7.0 (wrong
+    results in chunk_bwd_dqkwg, fla issue #640) unless tilelang is installed; auto then keeps
+    the eager op instead of failing at the first backward."""
+    numbers = tuple(int(part) for part in re.findall(r"\d+", triton_version)[:3])
+    if capability[0] == 9 and (3, 4, 0) <= numbers < (3, 7, 1) and not has_tilelang:
+        return (
+            f"fla's gated delta rule computes wrong gradients with Triton {triton_version} on "
+            "Hopper (fla issue #640): needs Triton >= 3.7.1, or tilelang installed"
+        )
+    return None
+
+
 def _builtin_registry() -> KernelRegistry:
     registry = KernelRegistry(OPS)
     for op, target in _EAGER.items():
@@ -434,6 +471,7 @@ def _builtin_registry() -> KernelRegistry:
             requires=("fla.ops.gated_delta_rule",),
             install_hint="pip install fla-core",
             priority=10,
+            environment_problem=_fla_environment_problem,
         )
     )
     # tiled is opt-in only (a negative priority: auto never prefers it over eager).

@@ -311,3 +311,22 @@ def test_kernels_flag_rejects_unknown_modes(capsys):
     with pytest.raises(SystemExit):
         parse(["--kernels", "fastest"])
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "capability, triton, tilelang, refused",
+    [
+        ((9, 0), "3.6.0", False, True),  # what an H100 with torch 2.11's Triton has
+        ((9, 0), "3.7.1", False, False),
+        ((9, 0), "3.6.0", True, False),
+        ((8, 0), "3.6.0", False, False),  # A100: fla's kernels are right there
+        ((9, 0), "3.3.1", False, False),
+    ],
+)
+def test_fla_is_not_bound_where_it_computes_wrong_gradients(capability, triton, tilelang, refused):
+    from megatron_hybrid.kernels.registry import fla_hopper_triton_problem
+
+    problem = fla_hopper_triton_problem(capability, triton, tilelang)
+    assert (problem is not None) == refused
+    if refused:
+        assert "Triton >= 3.7.1" in problem and triton in problem
