@@ -12,7 +12,7 @@ import torch
 from conftest import perturb_parameters, small_config
 from gdn_reference import gated_delta_net_layer
 from test_model import canonical_state
-from test_training import TINY
+from test_training import TINY, short_default_run
 
 from megatron_hybrid.checkpointing.hf_nemotron_h import HFExportError, hf_config_from_model_config
 from megatron_hybrid.config import ConfigError
@@ -307,9 +307,4 @@ def test_hugging_face_export_refuses_gated_deltanet_naming_it():
 # -- the embedded default run -----------------------------------------------------------------
 def test_default_run_with_gated_deltanet_layers_learns():
     # The default model and data with G layers, shortened like the default run's own test.
-    flags = ["--hybrid-layer-pattern", "[G-]M[*-]", "--train-iters", "30"]
-    flags += ["--micro-batch-size", "4", "--seq-length", "128", "--lr-warmup-iters", "5"]
-    flags += ["--eval-iters", "0", "--generate-tokens", "0", "--no-progress-bar"]
-    result = run_training(build_parser().parse_args(flags))
-    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
-    assert last < first - 1.0, (first, last)
+    short_default_run("[G-]M[*-]", seq_length=128)

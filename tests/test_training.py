@@ -58,6 +58,27 @@ def train(*flags: str):
     return run_training(build_parser().parse_args([*TINY, *flags]))
 
 
+def short_default_run(pattern: str, *flags: str, seq_length: int = 64):
+    """The embedded default model and data with `pattern`, shortened to 30 iterations of 4 x
+    `seq_length` tokens: asserts the mean loss of the last five iterations is more than one nat
+    below the first five's (a model that does not learn stays within noise) and returns the
+    result."""
+    result = run_training(
+        build_parser().parse_args(
+            [
+                *("--hybrid-layer-pattern", pattern, "--train-iters", "30"),
+                *("--micro-batch-size", "4", "--seq-length", str(seq_length)),
+                *("--lr-warmup-iters", "5", "--eval-iters", "0", "--generate-tokens", "0"),
+                "--no-progress-bar",
+                *flags,
+            ]
+        )
+    )
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    return result
+
+
 def test_fused_and_unfused_patterns_train_to_identical_losses():
     common = ("--train-iters", "20", "--log-interval", "5", "--moe-router-enable-expert-bias")
     fused = train("--hybrid-layer-pattern", "[M-][*E]M-", *common)
