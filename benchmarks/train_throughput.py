@@ -36,7 +36,7 @@ from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this s
 from timing import Stopwatch, call_times_ms, synchronize  # benchmarks/timing.py, beside this
 
 from megatron_hybrid.config import ModelConfig
-from megatron_hybrid.flops import parameter_count, training_flops_per_token
+from megatron_hybrid.flops import parameter_count, peak_bf16_tflops, training_flops_per_token
 from megatron_hybrid.kernels import resolve_kernels
 from megatron_hybrid.parallel.dims import ParallelDims
 from megatron_hybrid.parallel.parallelize import ParallelSettings
@@ -44,7 +44,9 @@ from megatron_hybrid.pattern import CHANNEL_MIXERS, SEQUENCE_MIXERS
 from megatron_hybrid.training.settings import TrainingSettings
 from megatron_hybrid.training.trainer import Trainer
 
-H100_SXM_BF16_DENSE_TFLOPS = 989.4
+# MFU's default denominator on CUDA: the H100 SXM's, so H100 and H200 numbers compare (the
+# same peak); the one table of peaks is megatron_hybrid/flops.py's.
+H100_SXM_BF16_DENSE_TFLOPS = peak_bf16_tflops("H100")
 
 
 def fuse_pattern(pattern: str) -> str:
