@@ -13,10 +13,13 @@ weights):
                      --rounds interleaved rounds, so a busy stretch of a shared machine falls on
                      every context alike. A Mamba2 layer's step does not depend on n; attention's
                      reads its KV cache, which grows with n;
+- graph_step_ms:     on CUDA, the same step replayed from a CUDA graph (GraphedDecodeStep,
+                     megatron_hybrid/decode_graph.py: one launch instead of one per kernel),
+                     timed after the eager steps on the same states;
 - generate_ms:       with --generate (default on CUDA), (time of generate() for --steps + 1
                      tokens - time for 1 token) / --steps: decoding through
-                     megatron_hybrid.generation.generate, sampling included, measured as the HF
-                     row is;
+                     megatron_hybrid.generation.generate (through a CUDA graph where it can),
+                     sampling included, measured as the HF row is;
 - recompute_ms:      one forward over the n tokens, what generating a token costs without a
                      cache (the old generate()): grows at least linearly with n;
 - hf_generate_ms:    with --hf, HF's generate() (use_cache=True, greedy) timed as generate_ms,
@@ -55,6 +58,7 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _HER
 
 from megatron_hybrid.canonical import canonical_key  # noqa: E402
 from megatron_hybrid.config import ModelConfig  # noqa: E402
+from megatron_hybrid.decode_graph import GraphedDecodeStep, graph_decoding_problem  # noqa: E402
 from megatron_hybrid.flops import parameter_count  # noqa: E402
 from megatron_hybrid.generation import GREEDY, generate  # noqa: E402
 from megatron_hybrid.kernels import resolve_kernels  # noqa: E402
@@ -210,16 +214,22 @@ def run_config(bench: BenchConfig, args, device, dtype) -> dict:
         except Exception as error:  # a config HF cannot express: our rows still run
             hf_error = f"{type(error).__name__}: {error}"
     rows, started = [], []
-    room = args.steps + 4 * args.rounds  # timed steps and warm-ups
+    room = 2 * args.steps + 4 * args.rounds + 8  # eager and graphed steps, their warm-ups
     for context in args.contexts:
         prompts = random_prompts(args.batch, context, config.vocab_size, device)
         prefill_ms, token, states = prefilled(model, prompts, room, device)
         rows.append(dict(context=context, batch=args.batch, prefill_ms=prefill_ms))
         started.append((token, states))
     step_times = interleaved_step_times(model, started, args.steps, args.rounds, device)
-    del started
     for row, times in zip(rows, step_times, strict=True):
         row["step_ms"], row["step_min_ms"] = statistics.median(times), min(times)
+    if graph_decoding_problem(model, device) is None:
+        for row, (token, states) in zip(rows, started, strict=True):
+            graphed = GraphedDecodeStep(model, states, args.batch)
+            times = call_times_ms(lambda t=token, g=graphed: g(t), 3, args.steps, device)
+            row["graph_step_ms"], row["graph_step_min_ms"] = statistics.median(times), min(times)
+            del graphed
+    del started
     for row in rows:
         prompts = random_prompts(args.batch, row["context"], config.vocab_size, device)
         if args.generate:
@@ -241,7 +251,7 @@ def run_config(bench: BenchConfig, args, device, dtype) -> dict:
                 )
             except Exception as error:  # e.g. transformers refusing the layout: say so, go on
                 hf, hf_error = None, f"{type(error).__name__}: {error}"
-        for key in ("step", "generate", "hf_generate"):
+        for key in ("step", "graph_step", "generate", "hf_generate"):
             if f"{key}_ms" in row:
                 row[f"{key}_tokens_per_s"] = args.batch * 1e3 / row[f"{key}_ms"]
         print(_row_line(bench.name, row), flush=True)
@@ -261,7 +271,7 @@ def run_config(bench: BenchConfig, args, device, dtype) -> dict:
 
 def _row_line(name: str, row: dict) -> str:
     parts = [f"{name} ctx {row['context']:>6}", f"prefill {row['prefill_ms']:9.1f} ms"]
-    for key in ("step", "generate", "recompute", "hf_generate"):
+    for key in ("step", "graph_step", "generate", "recompute", "hf_generate"):
         if f"{key}_ms" in row:
             parts.append(f"{key} {row[f'{key}_ms']:8.2f} ms/token")
     return " | ".join(parts)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_hybrid.decode_graph import GraphedDecodeStep, graph_decoding_problem
 from megatron_hybrid.model import HybridModel
 
 
@@ -82,6 +83,7 @@ def generate(
     sampling: Sampling = GREEDY,
     vocab_limit: int | None = None,
     stop_id: int | None = None,
+    cuda_graph: bool | None = None,
 ) -> list[torch.Tensor]:
     """Extend each prompt (token ids; lengths may differ) by up to `max_new_tokens` tokens.
 
@@ -89,6 +91,11 @@ def generate(
     when `stop_id` came up (included). `vocab_limit` keeps the padding rows of the embedding
     (ids >= the tokenizer's size) from being drawn. The model runs in eval mode on its own
     device and is put back in its previous mode.
+
+    `cuda_graph`: replay each decoding step from a CUDA graph (megatron_hybrid/decode_graph.py):
+    the same tokens, without the per-kernel launch cost that dominates a small batch's step.
+    None (default) uses one wherever it can (CUDA, no MoE layers); True insists (ValueError
+    saying why where it cannot); False decodes eagerly.
 
     Raises ValueError for an empty batch or prompt, ids outside the vocabulary, or logits that
     are NaN or infinite (weights no longer finite)."""
@@ -108,6 +115,7 @@ def generate(
     try:
         capacity = tokens_BT.shape[1] + max_new_tokens
         logits_BV, states = model.prefill(tokens_BT, lengths_B, capacity)
+        step = _decoding_step(model, states, len(prompts), max_new_tokens, cuda_graph, device)
         new, finite = [], torch.ones((), dtype=torch.bool, device=device)
         stopped = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for i in range(max_new_tokens):
@@ -120,7 +128,7 @@ def generate(
                 if bool(stopped.all()):
                     break
             if i + 1 < max_new_tokens:
-                logits_BV = model.decode_step(token_B, states)
+                logits_BV = step(token_B)
     finally:
         model.train(was_training)
     if not bool(finite):
@@ -129,6 +137,18 @@ def generate(
             "there is nothing to sample from"
         )
     return [until_stop(row, stop_id) for row in torch.stack(new, dim=1).cpu()]
+
+
+def _decoding_step(model, states, batch: int, max_new_tokens: int, cuda_graph, device):
+    """token_B -> logits_BV, advancing `states`: a graph replay or an eager decode_step."""
+    if cuda_graph is not False:
+        problem = graph_decoding_problem(model, device)
+        if problem is not None and cuda_graph:
+            raise ValueError(f"cuda_graph=True: {problem}")
+        # Capturing costs about two eager steps: not worth it for one or two new tokens.
+        if problem is None and max_new_tokens > 2:
+            return GraphedDecodeStep(model, states, batch)
+    return lambda token_B: model.decode_step(token_B, states)
 
 
 def right_padded(

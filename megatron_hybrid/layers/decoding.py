@@ -73,12 +73,16 @@ class KVCache:
     row b's positions 0 .. lengths[b] - 1 are real (a prefill's right padding sits beyond them
     until decoding overwrites it). `filled` (a host int) is how many positions any row has
     written, so a step attends over `[:filled]` without reading lengths back from the device.
+    With `whole` set, a step reads every position of the buffers instead, the unwritten ones
+    masked: the same result, with shapes that do not change from token to token, which a step
+    captured once as a CUDA graph needs (megatron_hybrid/decode_graph.py).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     lengths: torch.Tensor
     filled: int
+    whole: bool = False
 
     @classmethod
     def prefilled(cls, keys_BGTD, values_BGTD, lengths_B, capacity: int) -> KVCache:
@@ -90,15 +94,24 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys.shape[2]
 
-    def write(self, buffer: torch.Tensor, x_BG1D: torch.Tensor) -> None:
-        """Write one new position per row into `buffer` (B, G, capacity, D), at each row's
-        length: a cache of more per-position tensors than keys and values writes them here,
-        before `append` moves the lengths on."""
+    @property
+    def span(self) -> int:
+        """How many leading positions a step reads: the written ones, or all with `whole`."""
+        return self.capacity if self.whole else self.filled
+
+    def check_room(self) -> None:
+        """Raise ValueError if no position is left for one more token."""
         if self.filled >= self.capacity:
             raise ValueError(
                 f"KV cache full: all {self.capacity} positions are used; prefill with a larger "
                 "capacity (prompt length + new tokens)"
             )
+
+    def write(self, buffer: torch.Tensor, x_BG1D: torch.Tensor) -> None:
+        """Write one new position per row into `buffer` (B, G, capacity, D), at each row's
+        length: a cache of more per-position tensors than keys and values writes them here,
+        before `append` moves the lengths on."""
+        self.check_room()
         rows = torch.arange(buffer.shape[0], device=buffer.device)
         buffer[rows, :, self.lengths] = x_BG1D[:, :, 0]
 
@@ -110,9 +123,9 @@ class KVCache:
         self.filled += 1
 
     def cached(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the written positions, (B, G, filled, D)."""
-        return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
+        """Keys and values of the positions a step reads, (B, G, span, D)."""
+        return self.keys[:, :, : self.span], self.values[:, :, : self.span]
 
     def visible(self) -> torch.Tensor:
-        """(B, filled) bool: the positions each row's newest token may attend to."""
-        return real_positions(self.lengths, self.filled)
+        """(B, span) bool: the positions each row's newest token may attend to."""
+        return real_positions(self.lengths, self.span)

@@ -207,8 +207,8 @@ class DeepSeekSparseAttention(MultiLatentAttention):
         cache.kv.write(cache.index_keys, indexer.keys(x_B1H, cos, sin, per_row=True))
         cache.kv.append(qkv.key, qkv.value)
         q, weights = indexer.queries(x_B1H, qkv.query_latent, cos, sin, per_row=True)
-        filled = cache.kv.filled
-        scores = indexer.scores(q, weights, cache.index_keys[:, :, :filled])  # (B, 1, filled)
+        span = cache.kv.span
+        scores = indexer.scores(q, weights, cache.index_keys[:, :, :span])  # (B, 1, span)
         scores = scores.masked_fill(~cache.kv.visible().unsqueeze(1), float("-inf"))
         topk = top_k_keys(scores, self.core_attention.topk)
         keys, values = cache.kv.cached()
