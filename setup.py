@@ -25,6 +25,12 @@ PACKAGES = [
 # upper bound once a newer release is checked against tests/test_hf_nemotron_h.py.
 TRANSFORMERS = "transformers>=5.15,<5.26"
 
+# FP8 training (--fp8-format) swaps linear layers for torchao's float8 ones
+# (kernels/float8/torchao.py). Verified with torchao 0.18 on torch 2.13; raise the upper bound
+# once a newer release passes tests/test_fp8.py. The module swap and checkpoints are tested on
+# CPU too, so the `test` extra installs it.
+TORCHAO = "torchao>=0.18,<0.19"
+
 # .ci/run lints with the ruff the `test` extra installs (a fresh machine has none). Pinned to one
 # minor release: ruff's rules change between minor releases, and CI must not turn red on its own.
 RUFF = "ruff>=0.17,<0.18"
@@ -42,6 +48,7 @@ setup(
         "hf": [TRANSFORMERS],
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.17"],
+        "fp8": [TORCHAO],
         # setuptools + wheel: tests/test_packaging.py builds a wheel without build isolation.
         "test": [
             "pytest>=8",
@@ -51,6 +58,7 @@ setup(
             "wheel",
             RUFF,
             "tensorboard>=2.14",  # tests read the event files back
+            TORCHAO,
             "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
         "dev": ["pytest>=8", "hypothesis>=6", TRANSFORMERS, RUFF],

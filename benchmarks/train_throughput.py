@@ -19,6 +19,11 @@ in measured time.
 
     python benchmarks/train_throughput.py                       # every GPU config
     python benchmarks/train_throughput.py --config cpu-smoke --steps 2 --warmup 1 --json out.json
+    python benchmarks/train_throughput.py --config hybrid-1b --compile --fp8-format hybrid
+
+`--fp8-format` / `--fp8-recipe` convert the blocks' dense GEMMs to FP8 in the same `parallelize`
+step as the training script (CUDA, compute capability 8.9+, torchao); MFU stays against the bf16
+peak, so bf16 and FP8 runs of a config compare directly.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ from timing import Stopwatch, call_times_ms, synchronize  # benchmarks/timing.py
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.flops import parameter_count, peak_bf16_tflops, training_flops_per_token
 from megatron_hybrid.kernels import resolve_kernels
+from megatron_hybrid.kernels.float8 import (
+    DEFAULT_FP8_RECIPE,
+    FP8_FORMATS,
+    RECIPE_CHOICES,
+    fp8_choice_problem,
+)
 from megatron_hybrid.parallel.dims import ParallelDims
 from megatron_hybrid.parallel.parallelize import ParallelSettings
 from megatron_hybrid.pattern import CHANNEL_MIXERS, SEQUENCE_MIXERS
@@ -171,6 +182,7 @@ def run_config(
         compile=args.compile and (args.compile_mode or "default"),
         recompute=args.recompute_granularity,
         dtype="bf16-autocast" if device.type == "cuda" else "fp32",
+        fp8=args.fp8_format and f"{args.fp8_format}/{args.fp8_recipe}",
         steps=args.steps,
         warmup=args.warmup,
         clip_grad=args.clip_grad,
@@ -187,6 +199,8 @@ def run_config(
             compile=args.compile,
             compile_mode=args.compile_mode,
             recompute_granularity=args.recompute_granularity,
+            fp8_format=args.fp8_format,
+            fp8_recipe=args.fp8_recipe,
         ),
         ParallelDims(world_size=1),
         None,
@@ -372,11 +386,26 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="the training script's per-step non-finite check (a host synchronization)",
     )
+    parser.add_argument(
+        "--fp8-format",
+        choices=FP8_FORMATS,
+        default=None,
+        help="the blocks' dense GEMMs in FP8, as the training script's flag (default: off)",
+    )
+    parser.add_argument(
+        "--fp8-recipe",
+        choices=RECIPE_CHOICES,
+        default=DEFAULT_FP8_RECIPE,
+        help=f"FP8 scaling with --fp8-format, as the training script's (default "
+        f"{DEFAULT_FP8_RECIPE})",
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.fp8_format is not None and fp8_choice_problem(args.fp8_format, args.fp8_recipe):
+        parser.error(fp8_choice_problem(args.fp8_format, args.fp8_recipe))
     names = args.config or [n for n, c in CONFIGS.items() if c.gpu]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.peak_tflops is not None:

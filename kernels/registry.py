@@ -70,6 +70,16 @@ OPS: dict[str, str] = {
 }
 
 
+# Transforms: implementations that rewrite a model's modules once, in the parallelize step
+# (megatron_hybrid/parallel/parallelize.py), instead of being called by the layers. They state
+# their requirements as the ops' implementations do and are bound with `bind_transform`.
+TRANSFORMS: dict[str, str] = {
+    "float8_training": "float8_training(module, fp8_format, fp8_recipe, module_filter) -> "
+    "names of the nn.Linear swapped for ones whose GEMMs run in FP8 (weights stay high "
+    "precision)",
+}
+
+
 class KernelError(ValueError):
     """A kernel request that cannot be honoured: unknown op or implementation, missing hardware,
     or an implementation whose modules do not import."""
@@ -321,6 +331,19 @@ UNREGISTERED_BACKENDS = {
 }
 
 
+def bind_transform(
+    transform: str, name: str, device: torch.device | str, registry: KernelRegistry | None = None
+) -> Callable:
+    """The implementation `name` of `transform` (TRANSFORMS) for a model on `device`.
+
+    Raises:
+        KernelError: unknown transform or implementation, a device it cannot run on, or a
+            package that does not import; the message says why and what is available.
+    """
+    registry = TRANSFORM_REGISTRY if registry is None else registry
+    return _load_requested(registry, transform, name, torch.device(device))
+
+
 def _load_requested(registry: KernelRegistry, op: str, name: str, device: torch.device) -> Callable:
     impls = registry.implementations(op)
     if name not in impls:
@@ -340,13 +363,15 @@ def _load_requested(registry: KernelRegistry, op: str, name: str, device: torch.
     if reason is not None:
         raise KernelError(
             f"{op}={name} cannot run here: {reason}; available for {op} on {device.type}: "
-            f"{', '.join(_available_names(registry, op, device))}"
+            f"{', '.join(_available_names(registry, op, device)) or 'none'}"
         )
     try:
         return impls[name].load()
     except KernelError as error:
         others = [n for n in _available_names(registry, op, device) if n != name]
-        raise KernelError(f"{error}; other implementations of {op}: {', '.join(others)}") from error
+        raise KernelError(
+            f"{error}; other implementations of {op}: {', '.join(others) or 'none'}"
+        ) from error
 
 
 def _auto(
@@ -481,4 +506,22 @@ def _builtin_registry() -> KernelRegistry:
     return registry
 
 
+def _builtin_transforms() -> KernelRegistry:
+    registry = KernelRegistry(TRANSFORMS)
+    # torchao's float8 training: FP8 tensor cores (compute capability 8.9: Ada, Hopper, later).
+    registry.register(
+        Implementation(
+            "float8_training",
+            "torchao",
+            f"{_PACKAGE}.float8.torchao:convert_to_float8_training",
+            device_types=("cuda",),
+            min_compute_capability=(8, 9),
+            requires=("torchao.float8",),
+            install_hint="pip install torchao, or pip install 'megatron-hybrid[fp8]'",
+        )
+    )
+    return registry
+
+
 REGISTRY = _builtin_registry()
+TRANSFORM_REGISTRY = _builtin_transforms()

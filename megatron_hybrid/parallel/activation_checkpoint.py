@@ -1,9 +1,10 @@
 """Activation checkpointing per physical block (`--recompute-granularity full|selective`).
 
 - full: a block keeps only its input; its whole forward is recomputed in backward.
-- selective: a block keeps the outputs of its GEMMs and attention (the expensive ops) and
-  recomputes the cheap, memory-hungry elementwise work (norms, activations, gates, the SSD's
-  decay and segment-sum tensors) in backward (torch's selective activation checkpointing).
+- selective: a block keeps the outputs of its GEMMs (FP8 ones included) and attention (the
+  expensive ops) and recomputes the cheap, memory-hungry elementwise work (norms, activations,
+  gates, the SSD's decay and segment-sum tensors) in backward (torch's selective activation
+  checkpointing).
 
 Wrapping adds `_checkpoint_wrapped_module` to parameter names; checkpoints are unaffected
 because the checkpoint hooks read state through torch's get/set_model_state_dict, which strip it.
@@ -23,6 +24,7 @@ _SAVED_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_mm.default,  # the FP8 GEMMs (--fp8-format)
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,

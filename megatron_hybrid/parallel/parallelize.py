@@ -1,12 +1,14 @@
 """`parallelize`: every parallelism and wrapper a model part gets, in one place and one order.
 
-    tensor parallel -> expert parallel -> activation checkpointing -> compile -> FSDP
+    FP8 -> tensor parallel -> expert parallel -> activation checkpointing -> compile -> FSDP
 
-Each step needs the ones before it: expert parallelism shards the MoE layers that tensor
-parallelism leaves alone (their tp split as well), checkpointing wraps blocks whose layers are
-already sharded, compile traces the wrapped blocks, and FSDP shards whatever parameters (plain or
-DTensor) the model then has, block by block outside the compiled regions. The trainer and
-benchmarks/train_throughput.py call it; each step logs one line when it applies.
+Each step needs the ones before it: FP8 swaps the blocks' linear layers for torchao's float8
+ones before anything wraps them (torchao's order: convert, then compile, then FSDP), expert
+parallelism shards the MoE layers that tensor parallelism leaves alone (their tp split as well),
+checkpointing wraps blocks whose layers are already sharded, compile traces the wrapped blocks,
+and FSDP shards whatever parameters (plain or DTensor) the model then has, block by block outside
+the compiled regions. The trainer and benchmarks/train_throughput.py call it; each step logs one
+line when it applies.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh
 
+from megatron_hybrid.kernels.float8 import DEFAULT_FP8_RECIPE
 from megatron_hybrid.model import HybridModel
 from megatron_hybrid.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron_hybrid.parallel.compile import apply_compile
 from megatron_hybrid.parallel.dims import ParallelDims
 from megatron_hybrid.parallel.expert_parallel import apply_expert_parallel
+from megatron_hybrid.parallel.fp8 import apply_fp8, fp8_tensor_parallel_problem
 from megatron_hybrid.parallel.fsdp import apply_fsdp
 from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -28,7 +32,8 @@ from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
 @dataclass
 class ParallelSettings:
     """How the model is split over the ranks of a torchrun launch (data parallel takes the ranks
-    the other sizes leave) and what wraps its blocks (the "parallelism" flags)."""
+    the other sizes leave) and what wraps or converts its blocks (the "parallelism" and "FP8"
+    flags)."""
 
     tensor_model_parallel_size: int = 1
     """Ranks that split every Mamba2, attention and MLP layer (and, with `expert_model_parallel_
@@ -49,6 +54,11 @@ class ParallelSettings:
     """torch.compile mode with `compile` (e.g. reduce-overhead: CUDA graphs per block)."""
     recompute_granularity: str | None = None
     """Activation checkpointing per block: "full", "selective", or None (off)."""
+    fp8_format: str | None = None
+    """FP8 GEMMs in the blocks (parallel/fp8.py): "e4m3" or "hybrid" (e5m2 gradients); None:
+    off."""
+    fp8_recipe: str = DEFAULT_FP8_RECIPE
+    """How FP8 tensors are scaled with `fp8_format`: "tensorwise" or "rowwise" (torchao's)."""
 
     def dims(self, world_size: int) -> ParallelDims:
         """The layout of these sizes over `world_size` ranks (ParallelConfigError if unfit)."""
@@ -74,6 +84,11 @@ def parallelize(
     for to `part` (a whole model, or one pipeline stage, which is sharded as a whole model
     would be). `mesh` is `dims.build_mesh(...)` (None for one process); `bf16` makes FSDP
     compute on bf16 copies of the parameters and reduce gradients in float32."""
+    if settings.fp8_format is not None:
+        problem = fp8_tensor_parallel_problem(settings.fp8_format, dims.tp)
+        if problem is not None:
+            raise ValueError(problem)
+        apply_fp8(part, settings.fp8_format, settings.fp8_recipe, log=log)
     if dims.tp > 1:
         apply_tensor_parallel(
             part, mesh["tp"], sequence_parallel=settings.sequence_parallel, log=log

@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 from megatron_hybrid.config import ModelConfig
 from megatron_hybrid.data.builder import DataSettings, add_data_args
 from megatron_hybrid.data.tokenizer import TokenizerSettings
-from megatron_hybrid.kernels.cli import KernelSettings, add_kernel_args
+from megatron_hybrid.kernels.cli import KernelSettings, add_kernel_args, parse_kernel_requests
+from megatron_hybrid.kernels.float8 import FP8_FORMATS, RECIPE_CHOICES
+from megatron_hybrid.parallel.fp8 import fp8_flag_problem
 from megatron_hybrid.parallel.parallelize import ParallelSettings
 from megatron_hybrid.training.metric_sinks import check_extras
 from megatron_hybrid.training.settings import (
@@ -400,6 +402,24 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
         "selective keeps GEMM/attention outputs and recomputes the rest",
     )
 
+    fp8 = parser.add_argument_group(
+        "FP8 (torchao float8 training: CUDA with compute capability 8.9+, pip install torchao)"
+    )
+    fp8.add_argument(
+        "--fp8-format",
+        choices=FP8_FORMATS,
+        help="run the blocks' dense GEMMs (linear layers with both dimensions multiples of 16) "
+        "in FP8: e4m3 for every FP8 tensor, or hybrid: e4m3 activations and weights, e5m2 "
+        "gradients; weights and checkpoints stay high precision (default: off)",
+    )
+    fp8.add_argument(
+        "--fp8-recipe",
+        choices=RECIPE_CHOICES,
+        help="FP8 scaling with --fp8-format: tensorwise (one dynamic scale per tensor) or "
+        "rowwise (one per row; e4m3 with --bf16 only); Megatron-LM's delayed, mxfp8, "
+        "blockwise and custom are refused with the reason",
+    )
+
     c = parser.add_argument_group("checkpointing")
     c.add_argument("--save", help="directory to save checkpoints to")
     c.add_argument(
@@ -653,6 +673,16 @@ def check_training_args(args: argparse.Namespace) -> None:
             )
     if args.bf16 and args.device == "cpu":
         raise ValueError("--bf16 needs a CUDA device; drop it for CPU runs")
+    problem = fp8_flag_problem(
+        args.fp8_format,
+        args.fp8_recipe,
+        args.tensor_model_parallel_size,
+        args.micro_batch_size * args.seq_length,
+        parse_kernel_requests(args.kernel),
+        args.bf16,
+    )
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def resolve_global_batch_size(training: TrainingSettings | argparse.Namespace, dp_size: int) -> int:

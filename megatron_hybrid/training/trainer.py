@@ -53,6 +53,7 @@ from megatron_hybrid.parallel.distributed import (
     all_reduce_sum_,
     init_distributed,
 )
+from megatron_hybrid.parallel.fp8 import bind_fp8
 from megatron_hybrid.parallel.grad_norm import clip_divisor, clip_grad_norm, gradient_norm
 from megatron_hybrid.parallel.parallelize import ParallelSettings, parallelize
 from megatron_hybrid.parallel.pipeline import (
@@ -116,6 +117,8 @@ def run_training(
     settings, model_notes = with_checkpoint_model(settings_from_args(args))
     training = settings.training
     proc = init_distributed(training.device)
+    if settings.parallel.fp8_format is not None:  # before any work: a KernelError if FP8 can't run
+        bind_fp8(settings.parallel.fp8_format, proc.device)
     if not proc.is_main:  # every rank would print the same warnings: rank 0's are enough
         warnings.simplefilter("ignore")
     dims = settings.parallel.dims(proc.world_size)
