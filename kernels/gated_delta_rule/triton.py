@@ -24,11 +24,13 @@ of S are independent (every step multiplies S from the left), so a program holds
 BLOCK_V slice of the state in registers, whole along key_dim (padded to a power of two), and
 loops over the chunks.
 
-Precision: the compute dtype of the eager op (float32, or float64 when any input is), the state
-and every product in it; float32 dots are IEEE products unless
-torch.backends.cuda.matmul.allow_tf32 lets the torch matmuls around them use TF32 too. Memory
-beyond the eager op's operands: D and H (as many values as the eager op's saved per-chunk states
-and d's), and in the backward dd and dS of the same sizes.
+Precision: the state, d and every sum are in the eager op's compute dtype (float32, or float64
+when any input is). Matmul operands follow the SSD kernels (kernels/ssd/triton.py): the inputs'
+half dtype when q, k and v share one (bf16 tensor cores; W, Kt, the state and d rounded to it
+for the products, as fla does), else the compute dtype with IEEE products.
+
+Memory beyond the eager op's operands: D and H (as many values as the eager op's saved per-chunk
+states and d's), and in the backward dd and dS of the same sizes.
 
 The forward and the backward are `torch.library` custom ops with fake kernels and a registered
 autograd formula, so torch.compile traces them without graph breaks. On CPU tensors the kernels
@@ -48,6 +50,7 @@ from megatron_hybrid.kernels.gated_delta_rule.eager import (
     check_gated_delta_rule_args,
     prepare_chunks,
 )
+from megatron_hybrid.kernels.ssd.triton_fwd import mm
 from megatron_hybrid.kernels.triton_launch import SUPPORTED_DTYPES, check_inputs
 
 # Launch configuration on CUDA: value columns per program and warps. Qwen3-Next's shape (2 x 32
@@ -56,6 +59,22 @@ GPU_TUNING: dict[str, int] = {"block_v": 32, "warps": 4}
 # Under the CPU interpreter: small tiles, so that the tests' value dims span several.
 _INTERPRETER_BLOCK_V = 16
 _DTYPES = (*SUPPORTED_DTYPES, torch.float64)
+_TL_DTYPES = {
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+@triton.jit
+def _mm(a, b, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b: float64 products for float64, else the SSD kernels' `mm` (operands rounded to
+    DOT_DTYPE, float32 accumulation, IEEE products for float32)."""
+    if DOT_DTYPE == tl.float64:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return mm(a, b, DOT_DTYPE, INTERPRET)
 
 
 @triton.jit
@@ -84,7 +103,8 @@ def _recurrence_fwd_kernel(
     CP: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (value tile, batch * value head): the chunks in order from S0, storing d_n in D,
     S_n in H and S_N in FINAL. U (C, V) and W, K_END (C, K) rows per chunk (K_END holds Kt_n
@@ -117,13 +137,13 @@ def _recurrence_fwd_kernel(
         )
         decay = tl.load(DECAY + chunk)
         tl.store(H + chunk * key_dim * value_dim + state_offsets, state, mask=state_mask)
-        d = u - tl.dot(w, state, input_precision=PRECISION)
+        d = u - _mm(w, state, DOT_DTYPE, INTERPRET)
         tl.store(
             D + chunk * chunk_size * value_dim + i[:, None] * value_dim + cols[None, :],
             d,
             mask=rows_mask,
         )
-        state = decay * state + tl.dot(k_end_t, d, input_precision=PRECISION)
+        state = decay * state + _mm(k_end_t, d, DOT_DTYPE, INTERPRET)
     tl.store(FINAL + bh * key_dim * value_dim + state_offsets, state, mask=state_mask)
 
 
@@ -157,7 +177,8 @@ def _recurrence_bwd_kernel(
     CP: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (value tile, batch * value head): the chunks in reverse from dS_N (DFINAL), given
     dD (DD_IN, rows (C, V)) and dH (DH, rows (K, V)); stores dd_n in DD (C, V), dS_{n+1} in
@@ -200,13 +221,13 @@ def _recurrence_bwd_kernel(
         )
         decay = tl.load(DECAY + chunk)
         tl.store(DS_NEXT + chunk * key_dim * value_dim + state_offsets, grad, mask=state_mask)
-        dd = d_in + tl.dot(k_end, grad, input_precision=PRECISION)
+        dd = d_in + _mm(k_end, grad, DOT_DTYPE, INTERPRET)
         tl.store(
             DD + chunk * chunk_size * value_dim + i[:, None] * value_dim + cols[None, :],
             dd,
             mask=rows_mask,
         )
-        grad = decay * grad + dh - tl.dot(w_t, dd, input_precision=PRECISION)
+        grad = decay * grad + dh - _mm(w_t, dd, DOT_DTYPE, INTERPRET)
     tl.store(DS0 + bh * key_dim * value_dim + state_offsets, grad, mask=state_mask)
 
 
@@ -218,7 +239,7 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(U: Tensor, key_dim: int) -> tuple[tuple[int, int], dict]:
+def _launch(U: Tensor, key_dim: int, dot_dtype: torch.dtype) -> tuple[tuple[int, int], dict]:
     """The grid and the block sizes and launch options shared by both kernels."""
     programs, _, chunk_size, value_dim = U.shape
     cuda = U.device.type == "cuda"
@@ -229,19 +250,26 @@ def _launch(U: Tensor, key_dim: int) -> tuple[tuple[int, int], dict]:
         CP=max(16, triton.next_power_of_2(chunk_size)),
         BK=max(16, triton.next_power_of_2(key_dim)),
         BV=block_v,
-        PRECISION=_precision(U),
+        DOT_DTYPE=_TL_DTYPES[dot_dtype],
+        INTERPRET=not cuda,
         num_warps=GPU_TUNING["warps"] if cuda else 1,
     )
     return (triton.cdiv(value_dim, block_v), programs), options
 
 
-def _precision(t: Tensor) -> str:
-    tf32 = t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if tf32 and t.device.type == "cuda" else "ieee"
+def _dot_dtype(q: Tensor, k: Tensor, v: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the kernels' matmul operands (module docstring)."""
+    half = q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
+    return q.dtype if half else compute_dtype
 
 
 def _forward(
-    U: Tensor, W: Tensor, k_end: Tensor, decay: Tensor, initial_state: Tensor
+    U: Tensor,
+    W: Tensor,
+    k_end: Tensor,
+    decay: Tensor,
+    initial_state: Tensor,
+    dot_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(D, H, final state); shapes as `_recurrence_op`."""
     programs, nchunks, chunk_size, value_dim = U.shape
@@ -250,7 +278,7 @@ def _forward(
     H = U.new_empty((programs, nchunks, key_dim, value_dim))
     final = U.new_empty((programs, key_dim, value_dim))
     U, W, k_end = _rows(U), _rows(W), _rows(k_end)
-    grid, options = _launch(U, key_dim)
+    grid, options = _launch(U, key_dim, dot_dtype)
     if programs:
         _recurrence_fwd_kernel[grid](
             U,
@@ -274,7 +302,13 @@ def _forward(
 
 
 def _backward(
-    dD: Tensor, dH: Tensor, dfinal: Tensor, W: Tensor, k_end: Tensor, decay: Tensor
+    dD: Tensor,
+    dH: Tensor,
+    dfinal: Tensor,
+    W: Tensor,
+    k_end: Tensor,
+    decay: Tensor,
+    dot_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dd, dS_next, dS_0): every dd_n (as D), every dS_{n+1} (as H), and dS_0."""
     programs, nchunks, chunk_size, value_dim = dD.shape
@@ -283,7 +317,7 @@ def _backward(
     ds_next = dD.new_empty((programs, nchunks, key_dim, value_dim))
     ds0 = dD.new_empty((programs, key_dim, value_dim))
     dD, dH, W, k_end = _rows(dD), _rows(dH), _rows(W), _rows(k_end)
-    grid, options = _launch(dD, key_dim)
+    grid, options = _launch(dD, key_dim, dot_dtype)
     if programs:
         _recurrence_bwd_kernel[grid](
             dD,
@@ -313,16 +347,22 @@ def _backward(
 
 @torch.library.custom_op("megatron_hybrid::gated_delta_rule_recurrence", mutates_args=())
 def _recurrence_op(
-    U: Tensor, W: Tensor, k_end: Tensor, decay: Tensor, initial_state: Tensor
+    U: Tensor,
+    W: Tensor,
+    k_end: Tensor,
+    decay: Tensor,
+    initial_state: Tensor,
+    dot_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The state carried over the chunks. Per program p (batch row * value head): U (p, N, C, V),
     W and k_end (p, N, C, K; k_end row s = e^{G_C - G_s} k_s), decay (p, N), initial_state
-    (p, K, V). Returns D (p, N, C, V), H (p, N, K, V) and the final state (p, K, V)."""
-    return _forward(U, W, k_end, decay, initial_state)
+    (p, K, V), all in the compute dtype; dot_dtype: the matmul operands' dtype (module
+    docstring). Returns D (p, N, C, V), H (p, N, K, V) and the final state (p, K, V)."""
+    return _forward(U, W, k_end, decay, initial_state, dot_dtype)
 
 
 @_recurrence_op.register_fake
-def _(U, W, k_end, decay, initial_state):
+def _(U, W, k_end, decay, initial_state, dot_dtype):
     programs, nchunks, _, value_dim = U.shape
     key_dim = W.shape[-1]
     return (
@@ -334,35 +374,42 @@ def _(U, W, k_end, decay, initial_state):
 
 @torch.library.custom_op("megatron_hybrid::gated_delta_rule_recurrence_backward", mutates_args=())
 def _recurrence_backward_op(
-    dD: Tensor, dH: Tensor, dfinal: Tensor, W: Tensor, k_end: Tensor, decay: Tensor
+    dD: Tensor,
+    dH: Tensor,
+    dfinal: Tensor,
+    W: Tensor,
+    k_end: Tensor,
+    decay: Tensor,
+    dot_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(dD, dH, dfinal, W, k_end, decay)
+    return _backward(dD, dH, dfinal, W, k_end, decay, dot_dtype)
 
 
 @_recurrence_backward_op.register_fake
-def _(dD, dH, dfinal, W, k_end, decay):
+def _(dD, dH, dfinal, W, k_end, decay, dot_dtype):
     return dD.new_empty(dD.shape), dD.new_empty(dH.shape), dD.new_empty(dfinal.shape)
 
 
 def _setup(ctx, inputs, output):
-    _, W, k_end, decay, _ = inputs
+    _, W, k_end, decay, _, dot_dtype = inputs
     D, H, _ = output
     ctx.save_for_backward(W, k_end, decay, D, H)
+    ctx.dot_dtype = dot_dtype
 
 
 def _grad(ctx, dD, dH, dfinal):
     W, k_end, decay, D, H = ctx.saved_tensors
-    dd, ds_next, ds0 = _recurrence_backward_op(dD, dH, dfinal, W, k_end, decay)
+    dd, ds_next, ds0 = _recurrence_backward_op(dD, dH, dfinal, W, k_end, decay, ctx.dot_dtype)
     dW = -(dd @ H.transpose(-1, -2))  # -dd_n S_n^T
     dk_end = D @ ds_next.transpose(-1, -2)  # (dS_{n+1} d_n^T)^T
     ddecay = (ds_next * H).sum((-2, -1))  # <dS_{n+1}, S_n>
-    return dd, dW, dk_end, ddecay, ds0
+    return dd, dW, dk_end, ddecay, ds0, None
 
 
 _recurrence_op.register_autograd(_grad, setup_context=_setup)
 
 
-def _carry_state(rule: ChunkedRule) -> tuple[Tensor, Tensor, Tensor]:
+def _carry_state(rule: ChunkedRule, dot_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """D, H (B, H, group, N, ., V) and the final state (B, H, group, K, V) of `rule` through
     the custom op, which sees batch rows and value heads as one dim."""
     batch, key_heads, group, nchunks, chunk_size, value_dim = rule.U.shape
@@ -374,6 +421,7 @@ def _carry_state(rule: ChunkedRule) -> tuple[Tensor, Tensor, Tensor]:
         rule.k_to_end.transpose(-1, -2).reshape(programs, nchunks, chunk_size, key_dim),
         rule.chunk_decay.reshape(programs, nchunks),
         rule.initial_state.reshape(programs, key_dim, value_dim),
+        dot_dtype,
     )
     per_head = (batch, key_heads, group, nchunks)
     return (
@@ -410,6 +458,6 @@ def chunk_gated_delta_rule(
     optional = {} if initial_state is None else {"initial_state": initial_state}
     check_inputs("gated_delta_rule", dtypes=_DTYPES, q=q, k=k, v=v, g=g, beta=beta, **optional)
     rule = prepare_chunks(q, k, v, g, beta, scale, initial_state, chunk_size)
-    D, H, final = _carry_state(rule)
+    D, H, final = _carry_state(rule, _dot_dtype(q, k, v, rule.U.dtype))
     o = rule.sequence_output(rule.q_decayed @ H + rule.scores @ D)
     return o, rule.state_per_value_head(final) if output_final_state else None
