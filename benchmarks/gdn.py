@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Gated DeltaNet's chunked gated delta rule, forward + backward: every implementation of the
-registry's `gated_delta_rule` op (eager, fla, and any other registered later) timed in the same
-run on the same inputs.
+registry's `gated_delta_rule` op (eager, triton, fla, and any other registered later) timed in
+the same run on the same inputs.
 
 The shape is Qwen3-Next's linear-attention layer (Megatron-Core's GDN defaults): 2 x 4096
 tokens, 16 query/key heads of 128, 32 value heads of 128, chunks of 64. Operands are what the
@@ -12,12 +12,12 @@ is the op and torch.autograd.grad of q, k, v, g and beta under a fixed random ou
 
 Also per implementation: the forward alone, the peak memory above the inputs (CUDA), and how far
 its output and gradients are from the eager op's in float32 (max |impl - eager| / max |eager|).
-An implementation that cannot run here (fla without CUDA or not installed) is a row with the
-reason; the rest still run. Results go to a table on stdout and, after every row, to `--out` as
-JSON.
+An implementation that cannot run here (fla without CUDA or not installed; triton on CPU without
+TRITON_INTERPRET=1) is a row with the reason; the rest still run. Results go to a table on
+stdout and, after every row, to `--out` as JSON.
 
     python benchmarks/gdn.py --out gdn.json            # one GPU, the Qwen3-Next shape
-    python benchmarks/gdn.py --small --reps 1 --warmup 0   # CPU smoke run at a tiny shape
+    TRITON_INTERPRET=1 python benchmarks/gdn.py --small --reps 1 --warmup 0   # CPU smoke run
 """
 
 from __future__ import annotations

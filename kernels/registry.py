@@ -434,6 +434,7 @@ _TRITON = {
     "ssd": "ssd.triton:ssd_chunked_scan",
     "causal_conv1d_step": "conv1d_step.triton:causal_conv1d_step",
     "ssd_step": "ssd_step.triton:ssd_step",
+    "gated_delta_rule": "gated_delta_rule.triton:chunk_gated_delta_rule",
     "rotary": "rotary.triton:rotary",
     "linear_cross_entropy": "linear_cross_entropy.triton:linear_cross_entropy",
 }
@@ -458,8 +459,8 @@ def fla_hopper_triton_problem(
     capability: tuple[int, int], triton_version: str, has_tilelang: bool
 ) -> str | None:
     """fla refuses its gated delta rule backward on Hopper with Triton 3.4 up to 3.7.0 (wrong
-    results in chunk_bwd_dqkwg, fla issue #640) unless tilelang is installed; auto then keeps
-    the eager op instead of failing at the first backward."""
+    results in chunk_bwd_dqkwg, fla issue #640) unless tilelang is installed; auto then binds
+    the next implementation (triton) instead of failing at the first backward."""
     numbers = tuple(int(part) for part in re.findall(r"\d+", triton_version)[:3])
     if capability[0] == 9 and (3, 4, 0) <= numbers < (3, 7, 1) and not has_tilelang:
         return (
@@ -486,7 +487,8 @@ def _builtin_registry() -> KernelRegistry:
                 priority=10,
             )
         )
-    # flash-linear-attention's Triton kernels (optional; Megatron-Core's GDN runs on them).
+    # flash-linear-attention's Triton kernels (optional; Megatron-Core's GDN runs on them):
+    # auto prefers them to our triton gated delta rule wherever they import and compute right.
     registry.register(
         Implementation(
             "gated_delta_rule",
@@ -495,7 +497,7 @@ def _builtin_registry() -> KernelRegistry:
             device_types=("cuda",),
             requires=("fla.ops.gated_delta_rule",),
             install_hint="pip install fla-core",
-            priority=10,
+            priority=20,
             environment_problem=_fla_environment_problem,
         )
     )

@@ -17,14 +17,17 @@ def rows_view(t: Tensor) -> Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def check_inputs(name: str, **tensors: Tensor) -> None:
-    """Raise ValueError for a dtype the kernels do not handle, or tensors they cannot reach
-    (CPU tensors outside Triton's interpreter, e.g. a model bound for CUDA run on CPU)."""
+def check_inputs(
+    name: str, *, dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES, **tensors: Tensor
+) -> None:
+    """Raise ValueError for a dtype the kernels do not handle (not in `dtypes`), or tensors they
+    cannot reach (CPU tensors outside Triton's interpreter, e.g. a model bound for CUDA run on
+    CPU)."""
     for tensor_name, tensor in tensors.items():
-        if tensor.dtype not in SUPPORTED_DTYPES:
+        if tensor.dtype not in dtypes:
             raise ValueError(
                 f"{name} (triton): {tensor_name} is {tensor.dtype}; supported: "
-                f"{', '.join(map(str, SUPPORTED_DTYPES))} (use the eager kernel for others)"
+                f"{', '.join(map(str, dtypes))} (use the eager kernel for others)"
             )
         if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(

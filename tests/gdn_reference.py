@@ -1,7 +1,7 @@
 """Gated DeltaNet written out from the paper's equations, in float64, one token at a time: the
 reference the chunked kernel (kernels/gated_delta_rule/) and the layer
 (megatron_hybrid/layers/gated_delta_net.py) are tested against. Nothing here is shared with
-the code under test.
+the code under test; `inputs` draws the operands the kernel tests share.
 
 Yang, Kautz & Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with Delta Rule" (ICLR 2025),
 eq. (10), with the state S_t of value_dim x key_dim:
@@ -49,6 +49,28 @@ def gated_delta_recurrence(q, k, v, g, beta, scale, initial_state=None):
 def l2_normalize(x, eps=1e-6):
     """fla's l2norm, which Megatron-Core applies to q and k: x / sqrt(sum x^2 + eps)."""
     return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def inputs(batch, seqlen, key_heads, value_heads, key_dim, value_dim, seed=0, strong_decay=False):
+    """Random operands as a Gated DeltaNet layer produces them: L2-normalized q and k, b in
+    (0, 1), log decays g < 0 (down to about -4 per step; with `strong_decay` some of -60)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q = l2_normalize(randn(batch, seqlen, key_heads, key_dim))
+    k = l2_normalize(randn(batch, seqlen, key_heads, key_dim))
+    v = randn(batch, seqlen, value_heads, value_dim)
+    g = -torch.exp(randn(batch, seqlen, value_heads) - 1.0).clamp(max=4.0)
+    if strong_decay:
+        g = torch.where(randn(batch, seqlen, value_heads) > 1.0, torch.full_like(g, -60.0), g)
+    beta = torch.sigmoid(randn(batch, seqlen, value_heads))
+    return q, k, v, g, beta
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
 def rms_norm(x, weight, eps):

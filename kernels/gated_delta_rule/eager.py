@@ -20,7 +20,8 @@ e^{G_t - G_s} k_s d_s^T, so the rows d_t form D, the solution of a unit lower-tr
     S_C = e^{G_C} S_0 + (e^{G_C - G} k)^T D
 
 U, W and the masked scores Q K^T * M are computed for every chunk at once (T by a triangular
-solve); a loop over the chunks then carries the state, three small matmuls per chunk.
+solve; `prepare_chunks`, shared with the Triton implementation); a loop over the chunks then
+carries the state, three small matmuls per chunk.
 
 Numerics: the math runs in float32 (float64 for float64 inputs). Every decay is the exp of G_t
 or of a segment sum g_{s+1} + ... + g_t (s <= t), summed directly rather than as the difference
@@ -29,6 +30,8 @@ G_t - G_s, which cancels catastrophically once G is large; never of -G_s alone, 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,39 +86,62 @@ def check_gated_delta_rule_args(
         raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def chunk_gated_delta_rule(
+@dataclass(frozen=True)
+class ChunkedRule:
+    """The chunk-parallel operands of one call (module docstring), per batch row b, key head h,
+    value head r of its group (value head h * group + r), chunk n and position t, s in it:
+
+        U, W            (B, H, group, N, C, V), (B, H, group, N, C, K)
+        scores          (B, H, group, N, C, C)   scale (Q K^T * M)
+        q_decayed       (B, H, group, N, C, K)   scale e^{G_t} q_t
+        k_to_end        (B, H, group, N, K, C)   (e^{G_C - G_s} k_s)^T
+        chunk_decay     (B, H, group, N, 1, 1)   e^{G_C}
+        initial_state   (B, H, group, K, V)      zeros when none was given
+
+    in the compute dtype. Per chunk, from the state S entering it: D = U - W S, the outputs
+    q_decayed S + scores D, and the state leaving it chunk_decay S + k_to_end D."""
+
+    U: torch.Tensor
+    W: torch.Tensor
+    scores: torch.Tensor
+    q_decayed: torch.Tensor
+    k_to_end: torch.Tensor
+    chunk_decay: torch.Tensor
+    initial_state: torch.Tensor
+    seqlen: int
+    output_dtype: torch.dtype  # v's
+
+    @property
+    def nchunks(self) -> int:
+        return self.U.shape[3]
+
+    def sequence_output(self, o: torch.Tensor) -> torch.Tensor:
+        """Per-chunk outputs (B, H, group, N, C, V) -> o (B, seqlen, value_heads, V) in v's
+        dtype, the padding sliced off."""
+        batch, key_heads, group, nchunks, chunk_size, value_dim = o.shape
+        o = o.permute(0, 3, 4, 1, 2, 5)
+        o = o.reshape(batch, nchunks * chunk_size, key_heads * group, value_dim)
+        return o[:, : self.seqlen].to(self.output_dtype)
+
+    @staticmethod
+    def state_per_value_head(state: torch.Tensor) -> torch.Tensor:
+        """A state (B, H, group, K, V) -> (B, value_heads, K, V)."""
+        batch, key_heads, group, key_dim, value_dim = state.shape
+        return state.reshape(batch, key_heads * group, key_dim, value_dim)
+
+
+def prepare_chunks(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     g: torch.Tensor,
     beta: torch.Tensor,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gated delta rule (module docstring), fla's `chunk_gated_delta_rule` convention.
-
-    Args:
-        q, k: (batch, seqlen, key_heads, key_dim); normalize them first (the layer L2-normalizes
-            them, as Gated DeltaNet does: the rule is stable for ||k|| <= 1 and b in [0, 1]).
-        v: (batch, seqlen, value_heads, value_dim), value_heads a multiple of key_heads.
-        g: (batch, seqlen, value_heads), the log of the decay, <= 0 (not checked).
-        beta: (batch, seqlen, value_heads), the write strength.
-        scale: the output scale; default key_dim ** -0.5.
-        initial_state: optional (batch, value_heads, key_dim, value_dim) state before t = 0.
-        output_final_state: also return the state after the last position.
-        chunk_size: positions per chunk; seqlen need not be a multiple of it.
-
-    Returns:
-        (o, final_state): o (batch, seqlen, value_heads, value_dim) in v's dtype; final_state
-        (batch, value_heads, key_dim, value_dim) in the compute dtype (float32, or float64 when
-        any input is), or None without `output_final_state`. Differentiable in every tensor.
-
-    Raises:
-        ValueError: a tensor of the wrong shape (named with its shape), or a bad chunk_size.
-    """
-    check_gated_delta_rule_args(q, k, v, g, beta, initial_state, chunk_size)
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> ChunkedRule:
+    """Everything of the chunked form that is parallel over chunks (`ChunkedRule`), for
+    arguments already checked by `check_gated_delta_rule_args`; differentiable."""
     batch, seqlen, key_heads, key_dim = q.shape
     value_heads, value_dim = v.shape[2:]
     group = value_heads // key_heads
@@ -164,23 +190,62 @@ def chunk_gated_delta_rule(
     U, W = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True).split(
         [value_dim, key_dim], dim=-1
     )
-    scores = (q_c @ k_c.transpose(-1, -2)) * decay_CC  # (B, H, r, N, C, C)
-    q_decayed = q_c * G.exp().unsqueeze(-1)
-    k_to_end = (k_c * decay_CC[..., -1, :].unsqueeze(-1)).transpose(-1, -2)  # e^{G_C - G_s}
-    chunk_decay = G[..., -1].exp()[..., None, None]  # (B, H, r, N, 1, 1)
-
     if initial_state is None:
         state = q.new_zeros((batch, key_heads, group, key_dim, value_dim), dtype=dtype)
     else:
         state = initial_state.to(dtype).reshape(batch, key_heads, group, key_dim, value_dim)
-    outputs = []
-    for n in range(nchunks):
-        d = U[:, :, :, n] - W[:, :, :, n] @ state  # (B, H, r, C, V)
-        outputs.append(q_decayed[:, :, :, n] @ state + scores[:, :, :, n] @ d)
-        state = chunk_decay[:, :, :, n] * state + k_to_end[:, :, :, n] @ d
+    return ChunkedRule(
+        U=U,
+        W=W,
+        scores=(q_c @ k_c.transpose(-1, -2)) * decay_CC,
+        q_decayed=q_c * G.exp().unsqueeze(-1),
+        k_to_end=(k_c * decay_CC[..., -1, :].unsqueeze(-1)).transpose(-1, -2),  # e^{G_C - G_s}
+        chunk_decay=G[..., -1].exp()[..., None, None],
+        initial_state=state,
+        seqlen=seqlen,
+        output_dtype=v.dtype,
+    )
 
-    o = torch.stack(outputs, dim=3)  # (B, H, r, N, C, V)
-    o = o.permute(0, 3, 4, 1, 2, 5).reshape(batch, nchunks * chunk_size, value_heads, value_dim)
-    o = o[:, :seqlen].to(v.dtype)
-    final = state.reshape(batch, value_heads, key_dim, value_dim) if output_final_state else None
-    return o, final
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gated delta rule (module docstring), fla's `chunk_gated_delta_rule` convention.
+
+    Args:
+        q, k: (batch, seqlen, key_heads, key_dim); normalize them first (the layer L2-normalizes
+            them, as Gated DeltaNet does: the rule is stable for ||k|| <= 1 and b in [0, 1]).
+        v: (batch, seqlen, value_heads, value_dim), value_heads a multiple of key_heads.
+        g: (batch, seqlen, value_heads), the log of the decay, <= 0 (not checked).
+        beta: (batch, seqlen, value_heads), the write strength.
+        scale: the output scale; default key_dim ** -0.5.
+        initial_state: optional (batch, value_heads, key_dim, value_dim) state before t = 0.
+        output_final_state: also return the state after the last position.
+        chunk_size: positions per chunk; seqlen need not be a multiple of it.
+
+    Returns:
+        (o, final_state): o (batch, seqlen, value_heads, value_dim) in v's dtype; final_state
+        (batch, value_heads, key_dim, value_dim) in the compute dtype (float32, or float64 when
+        any input is), or None without `output_final_state`. Differentiable in every tensor.
+
+    Raises:
+        ValueError: a tensor of the wrong shape (named with its shape), or a bad chunk_size.
+    """
+    check_gated_delta_rule_args(q, k, v, g, beta, initial_state, chunk_size)
+    rule = prepare_chunks(q, k, v, g, beta, scale, initial_state, chunk_size)
+    state = rule.initial_state
+    outputs = []
+    for n in range(rule.nchunks):
+        d = rule.U[:, :, :, n] - rule.W[:, :, :, n] @ state  # (B, H, r, C, V)
+        outputs.append(rule.q_decayed[:, :, :, n] @ state + rule.scores[:, :, :, n] @ d)
+        state = rule.chunk_decay[:, :, :, n] * state + rule.k_to_end[:, :, :, n] @ d
+    o = rule.sequence_output(torch.stack(outputs, dim=3))
+    return o, rule.state_per_value_head(state) if output_final_state else None
