@@ -247,6 +247,11 @@ def test_auto_binds_fla_on_gpu_when_it_is_installed_and_usable():
 @pytest.mark.gpu
 def test_a_model_on_fla_matches_the_model_on_eager_on_gpu():
     pytest.importorskip("fla.ops.gated_delta_rule")
+    refused = REGISTRY.implementations("gated_delta_rule")["fla"].unavailable_reason(
+        torch.device("cuda")
+    )
+    if refused is not None:  # e.g. Hopper with a Triton that makes fla's gradients wrong
+        pytest.skip(f"fla is refused here: {refused}")
     from conftest import perturb_parameters, small_config
 
     from megatron_hybrid.model import HybridModel
