@@ -226,7 +226,9 @@ def run_config(bench: BenchConfig, args, device, dtype) -> dict:
     if graph_decoding_problem(model, device) is None:
         for row, (token, states) in zip(rows, started, strict=True):
             graphed = GraphedDecodeStep(model, states, args.batch)
-            times = call_times_ms(lambda t=token, g=graphed: g(t), 3, args.steps, device)
+            times = call_times_ms(
+                lambda t=token, g=graphed: g(t), warmup=3, repeat=args.steps, device=device
+            )
             row["graph_step_ms"], row["graph_step_min_ms"] = statistics.median(times), min(times)
             del graphed
     del started
