@@ -94,7 +94,10 @@ SWEEP = [  # GPU_TUNING overrides tried by --sweep
     {"bwd_tile": 64, "bwd_stages": 1},
     {"chunk_dx_warps": 8},  # the chunk backward's kernels (--bwd chunk)
     {"chunk_db_warps": 8},
-    {"bwd_tile": 64, "chunk_dx_warps": 8},
+    {"chunk_dx_tile_m": 128},
+    {"chunk_dx_tile_m": 128, "chunk_dx_warps": 8},
+    {"chunk_dx_tile_k": 64},
+    {"chunk_dx_tile_m": 32},
 ]
 
 

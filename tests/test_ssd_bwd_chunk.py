@@ -108,6 +108,17 @@ def test_chunk_backward_matches_split_backward_in_float32(monkeypatch, case):
     assert_variants_agree(monkeypatch, inputs, chunk_size, TOLERANCE[torch.float32], **options)
 
 
+def test_chunk_backward_with_dx_source_tiles_smaller_than_its_target_tiles(monkeypatch):
+    # The dx kernel's own tiles run 32 source x 16 target positions under the interpreter; a
+    # launch configuration may make them 16 x 32 (a target tile then starts below its source
+    # tile's first row: the causal mask, not the loop bounds, must drop those entries).
+    monkeypatch.setattr(
+        triton_ssd, "_chunk_dx_tile", lambda sh, dim: min(sh.cp, {"m": 16, "k": 32}[dim])
+    )
+    inputs, chunk_size, options = case_inputs("four_tiles")
+    assert_variants_agree(monkeypatch, inputs, chunk_size, TOLERANCE[torch.float32], **options)
+
+
 def test_chunk_backward_matches_eager_and_split_in_bf16(monkeypatch):
     # bf16 x, B, C (bf16 matmul operands), float32 dt; both backward variants round their
     # float32 intermediates to bf16 before the matmuls, in different places for dB, so they

@@ -78,7 +78,9 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # ("<kernel>_stages", else Triton's default). Chosen by that sweep at headdim 64 / dstate 128,
 # chunks of 128 and 256: the backward kernels hold more per position than the forward ones, so
 # they run smaller tiles (32 positions; 64 run out of registers) and 4 warps rather than 8.
-# The chunk backward's kernels are "chunk_dx" and "chunk_db" (not yet swept: the default warps).
+# The chunk backward's kernels, "chunk_dx" (with its own source/target tiles "chunk_dx_tile_m/k")
+# and "chunk_db" (the "bwd_tile" tiles), are not swept yet: the dx kernel holds only dx's
+# accumulator, so it starts at 64 x 32 tiles (mamba_ssm's dx kernel runs 64-128 x 32).
 # The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
     "tile": 64,
@@ -87,6 +89,8 @@ GPU_TUNING: dict[str, int] = {
     "chunk_state_warps": 8,
     "chunk_scan_warps": 4,
     "bwd_warps": 4,
+    "chunk_dx_tile_m": 64,
+    "chunk_dx_tile_k": 32,
 }
 
 
@@ -474,7 +478,14 @@ def _source_side_chunk(sh, dy, x, B, C, D, dstates, r, out: _Gradients) -> None:
         *_strides(out.dx)[:3],
         HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2,
-        **_bwd_tiles(sh, "chunk_dx"),
+        CP=sh.cp,
+        BM=_chunk_dx_tile(sh, "m"),
+        BK=_chunk_dx_tile(sh, "k"),
+        BP=sh.bp,
+        BN=sh.bn,
+        DOT_DTYPE=sh.dot_dtype,
+        INTERPRET=sh.interpret,
+        **sh.launch("chunk_dx"),
     )
     bwd_chunk.chunk_scan_bwd_db_kernel[(sh.ntiles_bwd * sh.batch * sh.nchunks * sh.ngroups,)](
         x,
@@ -494,6 +505,13 @@ def _source_side_chunk(sh, dy, x, B, C, D, dstates, r, out: _Gradients) -> None:
         HPG=triton.next_power_of_2(sh.heads_per_group),
         **_bwd_tiles(sh, "chunk_db"),
     )
+
+
+def _chunk_dx_tile(sh: _Shape, dim: str) -> int:
+    """Chunk positions per tile of the chunk backward's dx kernel: source ("m") or target ("k").
+    Under the interpreter 32 and 16, so that the tests' chunks run unequal tiles."""
+    tile = GPU_TUNING[f"chunk_dx_tile_{dim}"] if sh.cuda else {"m": 32, "k": 16}[dim]
+    return min(sh.cp, tile)
 
 
 def _target_side(sh, dy, x, B, C, r, out: _Gradients) -> None:

@@ -59,14 +59,16 @@ def chunk_scan_bwd_dx_kernel(
     HAS_D: tl.constexpr,
     D_PER_CHANNEL: tl.constexpr,
     CP: tl.constexpr,
-    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
     BP: tl.constexpr,
     BN: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """Program (batch*chunk*head), the whole chunk: source tiles s in turn, and per source tile
-    the target tiles l >= s.
+    """Program (batch*chunk*head), the whole chunk: source tiles s of BM positions in turn,
+    and per source tile the target tiles l >= s of BK positions (tiles of their own, so the
+    dots can be larger than the dB kernel's).
 
         dxdt_s  = exp(a_last - a_s) dT B_s + sum_{l >= s} CB[l, s] decay[l, s] dy_l
         dx_s    = dt_s dxdt_s + D dy_s                    -> DX
@@ -79,7 +81,8 @@ def chunk_scan_bwd_dx_kernel(
     c = (pid // nheads) % nchunks
     b = (pid // (nheads * nchunks)).to(tl.int64)
     g = h // heads_per_group
-    NT: tl.constexpr = CP // BT
+    NM: tl.constexpr = CP // BM
+    NK: tl.constexpr = CP // BK
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
     p_ok = p < headdim
@@ -96,8 +99,8 @@ def chunk_scan_bwd_dx_kernel(
         else:
             d = tl.load(D + h).to(tl.float32)
     dd = tl.zeros((BP,), dtype=tl.float32)
-    for st in range(0, NT):
-        i_s, t_s, in_s, valid_s = chunk_positions(c, st * BT, chunk_size, seqlen, BT)
+    for st in range(0, NM):
+        i_s, t_s, in_s, valid_s = chunk_positions(c, st * BM, chunk_size, seqlen, BM)
         t_s64 = t_s.to(tl.int64)
         mask_sp = valid_s[:, None] & p_ok[None, :]
         da_s = tl.load(DA_CS + row + i_s, mask=in_s, other=0.0)
@@ -126,8 +129,8 @@ def chunk_scan_bwd_dx_kernel(
         dxdt = mm(b_s, tl.trans(d_state), DOT_DTYPE, INTERPRET) * to_end[:, None]
         tl.store(DDA_TO_END + row + i_s, dt_s * tl.sum(x_s32 * dxdt, axis=1), mask=in_s)
 
-        for lt in range(st, NT):
-            i_l, t_l, in_l, valid_l = chunk_positions(c, lt * BT, chunk_size, seqlen, BT)
+        for lt in range(st * BM // BK, NK):
+            i_l, t_l, in_l, valid_l = chunk_positions(c, lt * BK, chunk_size, seqlen, BK)
             da_l = tl.load(DA_CS + row + i_l, mask=in_l, other=0.0)
             dy_l = tl.load(
                 DY
