@@ -92,12 +92,11 @@ SWEEP = [  # GPU_TUNING overrides tried by --sweep
     {"chunk_scan_stages": 2},
     {"chunk_state_stages": 2},
     {"bwd_tile": 64, "bwd_stages": 1},
-    {"chunk_dx_warps": 8},  # the chunk backward's kernels (--bwd chunk)
+    {"chunk_dx_warps": 4},  # the chunk backward's kernels (--bwd chunk)
     {"chunk_db_warps": 8},
+    {"chunk_dx_tile_k": 32},
     {"chunk_dx_tile_m": 128},
-    {"chunk_dx_tile_m": 128, "chunk_dx_warps": 8},
-    {"chunk_dx_tile_k": 64},
-    {"chunk_dx_tile_m": 32},
+    {"chunk_dx_tile_m": 32, "chunk_dx_tile_k": 32, "chunk_dx_warps": 4},
 ]
 
 

@@ -79,8 +79,10 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # chunks of 128 and 256: the backward kernels hold more per position than the forward ones, so
 # they run smaller tiles (32 positions; 64 run out of registers) and 4 warps rather than 8.
 # The chunk backward's kernels, "chunk_dx" (with its own source/target tiles "chunk_dx_tile_m/k")
-# and "chunk_db" (the "bwd_tile" tiles), are not swept yet: the dx kernel holds only dx's
-# accumulator, so it starts at 64 x 32 tiles (mamba_ssm's dx kernel runs 64-128 x 32).
+# and "chunk_db" (the "bwd_tile" tiles), are not timed yet: the dx kernel holds only dx's
+# accumulator, so it starts at 64 x 64 tiles and 8 warps (mamba_ssm's dx kernel runs 64-128 x
+# 32-64), which ptxas (sm_90, dstate 128) compiles to 241 registers and no stack; 4 warps or
+# 128-position source tiles spill (512 / 232 bytes of stack).
 # The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
     "tile": 64,
@@ -90,7 +92,8 @@ GPU_TUNING: dict[str, int] = {
     "chunk_scan_warps": 4,
     "bwd_warps": 4,
     "chunk_dx_tile_m": 64,
-    "chunk_dx_tile_k": 32,
+    "chunk_dx_tile_k": 64,
+    "chunk_dx_warps": 8,
 }
 
 
@@ -483,6 +486,7 @@ def _source_side_chunk(sh, dy, x, B, C, D, dstates, r, out: _Gradients) -> None:
         BK=_chunk_dx_tile(sh, "k"),
         BP=sh.bp,
         BN=sh.bn,
+        BNS=min(sh.bn, _CHUNK_DX_STATE_SLICE if sh.cuda else 16),  # 16: tests run 2 slices
         DOT_DTYPE=sh.dot_dtype,
         INTERPRET=sh.interpret,
         **sh.launch("chunk_dx"),
@@ -505,6 +509,12 @@ def _source_side_chunk(sh, dy, x, B, C, D, dstates, r, out: _Gradients) -> None:
         HPG=triton.next_power_of_2(sh.heads_per_group),
         **_bwd_tiles(sh, "chunk_db"),
     )
+
+
+# dstate per slice of the chunk dx kernel's state term (tl.dot needs >= 16): with the whole
+# dstate of 128 in one dot ptxas (sm_90) spills 152 bytes at 64 x 32 tiles and 8 warps, with
+# slices of 32 it spills none at the default 64 x 64 tiles.
+_CHUNK_DX_STATE_SLICE = 32
 
 
 def _chunk_dx_tile(sh: _Shape, dim: str) -> int:

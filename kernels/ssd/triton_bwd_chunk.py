@@ -63,12 +63,13 @@ def chunk_scan_bwd_dx_kernel(
     BK: tl.constexpr,
     BP: tl.constexpr,
     BN: tl.constexpr,
+    BNS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """Program (batch*chunk*head), the whole chunk: source tiles s of BM positions in turn,
     and per source tile the target tiles l >= s of BK positions (tiles of their own, so the
-    dots can be larger than the dB kernel's).
+    dots can be larger than the dB kernel's); the state term over slices of BNS of dstate.
 
         dxdt_s  = exp(a_last - a_s) dT B_s + sum_{l >= s} CB[l, s] decay[l, s] dy_l
         dx_s    = dt_s dxdt_s + D dy_s                    -> DX
@@ -84,15 +85,11 @@ def chunk_scan_bwd_dx_kernel(
     NM: tl.constexpr = CP // BM
     NK: tl.constexpr = CP // BK
     p = tl.arange(0, BP)
-    n = tl.arange(0, BN)
     p_ok = p < headdim
-    n_ok = n < dstate
     row = (b * nheads + h) * padded_len + c * chunk_size
     a_last = tl.load(DA_CS + row + chunk_size - 1)
     cb_chunk = CB + ((b * nchunks + c) * ngroups + g) * CP * CP
-    d_state_ptrs = (
-        DSTATES + (((b * nchunks + c) * nheads + h) * headdim + p[:, None]) * dstate + n[None, :]
-    )
+    d_state_t_ptrs = DSTATES + (((b * nchunks + c) * nheads + h) * headdim + p[None, :]) * dstate
     if HAS_D:
         if D_PER_CHANNEL:
             d = tl.load(D + h * headdim + p, mask=p_ok, other=0.0).to(tl.float32)[None, :]
@@ -106,27 +103,34 @@ def chunk_scan_bwd_dx_kernel(
         da_s = tl.load(DA_CS + row + i_s, mask=in_s, other=0.0)
         dt_s = tl.load(DT + row + i_s, mask=in_s, other=0.0)
         to_end = tl.where(valid_s, tl.exp(a_last - da_s), 0.0)
-        x_s = tl.load(
+        x_s_ptrs = (
             X
             + b * stride_x_b
             + t_s64[:, None] * stride_x_l
             + h * stride_x_h
-            + p[None, :] * stride_x_p,
-            mask=mask_sp,
-            other=0.0,
+            + p[None, :] * stride_x_p
         )
-        b_s = tl.load(
-            B
-            + b * stride_b_b
-            + t_s64[:, None] * stride_b_l
-            + g * stride_b_g
-            + n[None, :] * stride_b_n,
-            mask=valid_s[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        d_state = tl.load(d_state_ptrs, mask=p_ok[:, None] & n_ok[None, :], other=0.0)
-        x_s32 = x_s.to(tl.float32)
-        dxdt = mm(b_s, tl.trans(d_state), DOT_DTYPE, INTERPRET) * to_end[:, None]
+        # The state term B_s dT^T over slices of dstate: a whole (headdim, dstate) float32 dT
+        # beside the accumulator spills registers (kernels/ssd/triton.py, _CHUNK_DX_STATE_SLICE).
+        dxdt = tl.zeros((BM, BP), dtype=tl.float32)
+        for n0 in range(0, BN, BNS):
+            ns = n0 + tl.arange(0, BNS)
+            ns_ok = ns < dstate
+            b_s = tl.load(
+                B
+                + b * stride_b_b
+                + t_s64[:, None] * stride_b_l
+                + g * stride_b_g
+                + ns[None, :] * stride_b_n,
+                mask=valid_s[:, None] & ns_ok[None, :],
+                other=0.0,
+            )
+            d_state_t = tl.load(
+                d_state_t_ptrs + ns[:, None], mask=ns_ok[:, None] & p_ok[None, :], other=0.0
+            )
+            dxdt += mm(b_s, d_state_t, DOT_DTYPE, INTERPRET)
+        dxdt *= to_end[:, None]
+        x_s32 = tl.load(x_s_ptrs, mask=mask_sp, other=0.0).to(tl.float32)
         tl.store(DDA_TO_END + row + i_s, dt_s * tl.sum(x_s32 * dxdt, axis=1), mask=in_s)
 
         for lt in range(st * BM // BK, NK):
@@ -145,6 +149,7 @@ def chunk_scan_bwd_dx_kernel(
             cb = tl.where(causal, tl.load(cb_chunk + i_l[:, None] * CP + i_s[None, :]), 0.0)
             dxdt += mm(tl.trans(cb * causal_decay(da_l, da_s, causal)), dy_l, DOT_DTYPE, INTERPRET)
 
+        x_s32 = tl.load(x_s_ptrs, mask=mask_sp, other=0.0).to(tl.float32)
         dx = dt_s[:, None] * dxdt
         if HAS_D:
             dy_s32 = tl.load(
