@@ -149,6 +149,7 @@ def chunk_scan_bwd_dx_kernel(
             cb = tl.where(causal, tl.load(cb_chunk + i_l[:, None] * CP + i_s[None, :]), 0.0)
             dxdt += mm(tl.trans(cb * causal_decay(da_l, da_s, causal)), dy_l, DOT_DTYPE, INTERPRET)
 
+        # x_s again (from L1) rather than live in registers across the target loop.
         x_s32 = tl.load(x_s_ptrs, mask=mask_sp, other=0.0).to(tl.float32)
         dx = dt_s[:, None] * dxdt
         if HAS_D:
