@@ -14,13 +14,15 @@ is the median of `--reps` CUDA-event-timed passes after `--warmup` untimed ones.
 
 Also per shape: the forward alone (ours and the peer's), and how far the Triton results are from
 the eager op's in float32 (max |triton - eager| / max |eager| over y and each gradient). The
-summary table at the end gives ours / mamba_ssm per shape. `--sweep` times other
+summary table at the end gives ours / mamba_ssm per shape. `--bwd split chunk` times each
+Triton backward variant (kernels/ssd/triton.py BWD_VARIANT) as its own rows, in the same run
+(default: the variant MEGATRON_HYBRID_SSD_BWD selects, else split). `--sweep` times other
 launch configurations (kernels/ssd/triton.py GPU_TUNING) at the three large shapes, `--profile`
 lists the Triton kernels' times at the two 16384-token shapes (chunks of 128 and 256).
 torch.compile runs last (its compile time dominates), and results go to `--out` as JSON after
 every measurement, so a run cut short keeps what it measured.
 
-    python benchmarks/ssd.py --out ssd.json [--sweep] [--profile]
+    python benchmarks/ssd.py --out ssd.json [--bwd split chunk] [--sweep] [--profile]
     TRITON_INTERPRET=1 python benchmarks/ssd.py --small --reps 1 --warmup 0   # CPU smoke run
 
 benchmarks/kernels.py includes these rows through `results(device, args)`.
@@ -29,10 +31,11 @@ benchmarks/kernels.py includes these rows through `results(device, args)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -89,6 +92,11 @@ SWEEP = [  # GPU_TUNING overrides tried by --sweep
     {"chunk_scan_stages": 2},
     {"chunk_state_stages": 2},
     {"bwd_tile": 64, "bwd_stages": 1},
+    {"chunk_dx_warps": 4},  # the chunk backward's kernels (--bwd chunk)
+    {"chunk_db_warps": 8},
+    {"chunk_dx_tile_k": 32},
+    {"chunk_dx_tile_m": 128},
+    {"chunk_dx_tile_m": 32, "chunk_dx_tile_k": 32, "chunk_dx_warps": 4},
 ]
 
 
@@ -165,6 +173,22 @@ def kernel_profile(
     return list(kernel_breakdown(step, steps, torch.device("cuda")).items())
 
 
+def backward_variants(args: argparse.Namespace) -> list[str]:
+    """The Triton backward variants to time (`--bwd`), else the one selected at import."""
+    return list(getattr(args, "bwd", None) or [triton_ssd.BWD_VARIANT])
+
+
+@contextlib.contextmanager
+def triton_backward(variant: str) -> Iterator[None]:
+    """Run the Triton SSD with backward `variant` inside the block."""
+    selected = triton_ssd.BWD_VARIANT
+    triton_ssd.BWD_VARIANT = variant
+    try:
+        yield
+    finally:
+        triton_ssd.BWD_VARIANT = selected
+
+
 def _error(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
@@ -176,9 +200,9 @@ def results(
     report: dict | None = None,
     save: Callable[[], None] = lambda: None,
 ) -> list[dict]:
-    """One row per (shape, implementation): fwd+bwd median ms (and the Triton forward alone and
-    deviation from eager), or the error that stopped it. `args` needs warmup and reps; small,
-    sweep, profile and impls are optional."""
+    """One row per (shape, implementation, and for triton backward variant): fwd+bwd median ms
+    (and the Triton forward alone and deviation from eager), or the error that stopped it. `args`
+    needs warmup and reps; small, bwd, sweep, profile and impls are optional."""
     small = getattr(args, "small", False) or device.type != "cuda"
     shapes = SMALL_SHAPES if small else SHAPES
     impls = [i for i in getattr(args, "impls", None) or IMPLS if i in IMPLS]
@@ -190,47 +214,47 @@ def results(
         impls.remove("mamba_ssm")  # its kernels are CUDA-only
     rows: list[dict] = [] if report is None else report.setdefault("rows", [])
     warmup, reps = args.warmup, args.reps
+    variants = backward_variants(args)
 
     def add(row: dict) -> None:
         rows.append(row)
         print(format_row(row), flush=True)
         save()
 
+    def time_impl(row, impl, inputs, dy, chunk_size, compiled) -> None:
+        fn = {
+            "triton": triton_ssd.ssd_chunked_scan,
+            "mamba_ssm": peer,
+            "eager": eager_ssd,
+            "compile": compiled,
+        }[impl]
+        try:
+            row["median_ms"] = median_ms(
+                fwd_bwd_step(fn, inputs, dy, chunk_size), warmup=warmup, repeat=reps, device=device
+            )
+            if impl in ("triton", "mamba_ssm"):
+                row["fwd_median_ms"] = median_ms(
+                    fwd_step(fn, inputs, chunk_size), warmup=warmup, repeat=reps, device=device
+                )
+            if impl == "triton":
+                row["max_rel_deviation_from_eager"] = deviation(inputs, dy, chunk_size)
+        except Exception as error:  # out of memory, compile failure
+            row["error"] = _error(error)
+
     def time_shapes(phase: list[str]) -> None:
         compiled = torch.compile(eager_ssd, dynamic=False) if "compile" in phase else None
         for shape in shapes:
             inputs, dy = make_inputs(shape, device)
             for impl in phase:
-                row = dict(op="ssd", shape=shape.name, impl=impl)
-                fn = {
-                    "triton": triton_ssd.ssd_chunked_scan,
-                    "mamba_ssm": peer,
-                    "eager": eager_ssd,
-                    "compile": compiled,
-                }[impl]
-                try:
-                    row["median_ms"] = median_ms(
-                        fwd_bwd_step(fn, inputs, dy, shape.chunk_size),
-                        warmup=warmup,
-                        repeat=reps,
-                        device=device,
-                    )
-                    if impl in ("triton", "mamba_ssm"):
-                        row["fwd_median_ms"] = median_ms(
-                            fwd_step(fn, inputs, shape.chunk_size),
-                            warmup=warmup,
-                            repeat=reps,
-                            device=device,
-                        )
-                    if impl == "triton":
-                        row["max_rel_deviation_from_eager"] = deviation(
-                            inputs, dy, shape.chunk_size
-                        )
-                except Exception as error:  # out of memory, compile failure
-                    row["error"] = _error(error)
-                add(row)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                for variant in variants if impl == "triton" else [None]:
+                    row = dict(op="ssd", shape=shape.name, impl=impl)
+                    if variant is not None:
+                        row["bwd"] = variant
+                    with triton_backward(variant or triton_ssd.BWD_VARIANT):
+                        time_impl(row, impl, inputs, dy, shape.chunk_size, compiled)
+                    add(row)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
             del inputs, dy
 
     time_shapes([i for i in impls if i != "compile"])
@@ -239,15 +263,17 @@ def results(
         profiles = {}
         for shape in (SHAPES[1], SHAPES[2]):  # chunks of 128 and of 256
             inputs, dy = make_inputs(shape, device)
-            try:
-                profile = kernel_profile(inputs, dy, shape.chunk_size)
-            except Exception as error:
-                print(f"profile failed: {_error(error)}")
-                profile = []
-            print(f"\nTriton kernels at {shape.name}, us per fwd+bwd:")
-            for name, us in profile[:20]:
-                print(f"  {us:9.1f}  {name[:90]}")
-            profiles[shape.name] = dict(profile)
+            for variant in variants:
+                try:
+                    with triton_backward(variant):
+                        profile = kernel_profile(inputs, dy, shape.chunk_size)
+                except Exception as error:
+                    print(f"profile failed: {_error(error)}")
+                    profile = []
+                print(f"\nTriton kernels at {shape.name}, bwd {variant}, us per fwd+bwd:")
+                for name, us in profile[:20]:
+                    print(f"  {us:9.1f}  {name[:90]}")
+                profiles[f"{shape.name} bwd={variant}"] = dict(profile)
             del inputs, dy
         if report is not None:
             report["profile"] = profiles
@@ -258,28 +284,18 @@ def results(
         for shape in SHAPES[1:]:
             inputs, dy = make_inputs(shape, device)
             for override in SWEEP:
-                triton_ssd.GPU_TUNING.update(override)
-                row = dict(op="ssd", shape=shape.name, impl="triton", tuning=override)
-                try:
-                    row["median_ms"] = median_ms(
-                        fwd_bwd_step(triton_ssd.ssd_chunked_scan, inputs, dy, shape.chunk_size),
-                        warmup=warmup,
-                        repeat=reps,
-                        device=device,
+                for variant in variants:
+                    row = dict(
+                        op="ssd", shape=shape.name, impl="triton", bwd=variant, tuning=override
                     )
-                    row["fwd_median_ms"] = median_ms(
-                        fwd_step(triton_ssd.ssd_chunked_scan, inputs, shape.chunk_size),
-                        warmup=warmup,
-                        repeat=reps,
-                        device=device,
-                    )
-                    row["max_rel_deviation_from_eager"] = deviation(inputs, dy, shape.chunk_size)
-                except Exception as error:
-                    row["error"] = _error(error)
-                finally:
-                    triton_ssd.GPU_TUNING.clear()
-                    triton_ssd.GPU_TUNING.update(default)
-                add(row)
+                    triton_ssd.GPU_TUNING.update(override)
+                    try:
+                        with triton_backward(variant):
+                            time_impl(row, "triton", inputs, dy, shape.chunk_size, None)
+                    finally:
+                        triton_ssd.GPU_TUNING.clear()
+                        triton_ssd.GPU_TUNING.update(default)
+                    add(row)
             del inputs, dy
 
     # torch.compile last: its compile time dominates, so a run cut short has everything else.
@@ -288,7 +304,8 @@ def results(
 
 
 def format_row(row: dict) -> str:
-    impl = row["impl"] + (f" {row['tuning']}" if "tuning" in row else "")
+    impl = row["impl"] + (f" bwd={row['bwd']}" if "bwd" in row else "")
+    impl += f" {row['tuning']}" if "tuning" in row else ""
     lead = f"{row['shape']:<34} {impl:<28}"
     if "error" in row:
         return f"{lead} {row['error']}"
@@ -304,39 +321,35 @@ HEADER = f"{'shape':<34} {'impl':<28} {'fwd+bwd':>9} {'fwd':>8}   (median ms)"
 
 
 def peer_ratios(rows: list[dict]) -> list[dict]:
-    """Per shape timed by both in this run: ours / mamba_ssm, fwd+bwd and forward alone."""
-
-    def timed(impl: str) -> dict[str, dict]:
-        return {
-            r["shape"]: r
-            for r in rows
-            if r["impl"] == impl and "tuning" not in r and "median_ms" in r
-        }
-
-    ours, peer = timed("triton"), timed("mamba_ssm")
+    """Per shape (and Triton backward variant) timed by both in this run: ours / mamba_ssm,
+    fwd+bwd and forward alone."""
+    timed = [r for r in rows if "tuning" not in r and "median_ms" in r]
+    peer = {r["shape"]: r for r in timed if r["impl"] == "mamba_ssm"}
     return [
         dict(
-            shape=shape,
-            ours_ms=ours[shape]["median_ms"],
-            mamba_ssm_ms=peer[shape]["median_ms"],
-            ratio=ours[shape]["median_ms"] / peer[shape]["median_ms"],
-            ours_fwd_ms=ours[shape]["fwd_median_ms"],
-            mamba_ssm_fwd_ms=peer[shape]["fwd_median_ms"],
-            fwd_ratio=ours[shape]["fwd_median_ms"] / peer[shape]["fwd_median_ms"],
+            shape=ours["shape"],
+            bwd=ours.get("bwd"),
+            ours_ms=ours["median_ms"],
+            mamba_ssm_ms=peer[ours["shape"]]["median_ms"],
+            ratio=ours["median_ms"] / peer[ours["shape"]]["median_ms"],
+            ours_fwd_ms=ours["fwd_median_ms"],
+            mamba_ssm_fwd_ms=peer[ours["shape"]]["fwd_median_ms"],
+            fwd_ratio=ours["fwd_median_ms"] / peer[ours["shape"]]["fwd_median_ms"],
         )
-        for shape in ours
-        if shape in peer
+        for ours in timed
+        if ours["impl"] == "triton" and ours["shape"] in peer
     ]
 
 
 def format_ratios(ratios: list[dict]) -> str:
     lines = [
-        f"{'shape':<34} {'ours':>8} {'mamba_ssm':>9} {'ratio':>6}   {'fwd ours':>8} "
+        f"{'shape':<34} {'bwd':<6} {'ours':>8} {'mamba_ssm':>9} {'ratio':>6}   {'fwd ours':>8} "
         f"{'mamba_ssm':>9} {'ratio':>6}   (ms; ratio = ours / mamba_ssm, same run)"
     ]
     lines += [
-        f"{r['shape']:<34} {r['ours_ms']:8.3f} {r['mamba_ssm_ms']:9.3f} {r['ratio']:6.2f}"
-        f"   {r['ours_fwd_ms']:8.3f} {r['mamba_ssm_fwd_ms']:9.3f} {r['fwd_ratio']:6.2f}"
+        f"{r['shape']:<34} {r['bwd'] or '-':<6} {r['ours_ms']:8.3f} {r['mamba_ssm_ms']:9.3f} "
+        f"{r['ratio']:6.2f}   {r['ours_fwd_ms']:8.3f} {r['mamba_ssm_fwd_ms']:9.3f} "
+        f"{r['fwd_ratio']:6.2f}"
         for r in ratios
     ]
     return "\n".join(lines)
@@ -349,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--small", action="store_true", help="a tiny shape (CPU smoke run)")
+    parser.add_argument(
+        "--bwd",
+        nargs="+",
+        choices=sorted(triton_ssd._BWD_VARIANTS),
+        help="Triton backward variants to time as separate rows (default: the selected one)",
+    )
     parser.add_argument(
         "--sweep", action="store_true", help="also time other launch configurations (GPU)"
     )

@@ -18,8 +18,14 @@ then, with dy and d final_states, computes:
     1. dS_c from the chunk's outputs: sum_l exp(a_l) outer(dy_l, C_l)   (chunk-state kernel)
     2. state passing backwards: dT_c = dS_{c+1}, dS_c += exp(a_last) dS_{c+1}, d initial = dS_0,
        and d a_last = exp(a_last) <S_c, dS_{c+1}>
-    3. per source tile (heads of a group looped inside): dx, the dt-as-factor part of ddt, dB,
-       dD, and the gradient of a (see below)
+    3. dx, the dt-as-factor part of ddt, dB, dD, and the gradient of a (see below), by one of
+       two variants (BWD_VARIANT, from MEGATRON_HYBRID_SSD_BWD at import; default split):
+       split (triton_bwd.py): per (batch, chunk, group, source tile), the group's heads looped
+         inside, dB's CB part multiplied by C per head;
+       chunk (triton_bwd_chunk.py): dx, ddt and dD per (batch, chunk, head) over the whole
+         chunk, then dB per (batch, chunk, group, source tile) with dCB summed over the
+         group's heads on each chunk-position tile before one matmul with C (and the
+         gradient of a's intra-chunk part from the same tiles)
     4. per target tile: dC and the state readout's part of the gradient of a
     5. chunk cumsum backwards: d(dt A) -> ddt, dA; then clamp, softplus and dt_bias.
 
@@ -58,6 +64,7 @@ import triton.language as tl
 from torch import Tensor
 
 from megatron_hybrid.kernels.ssd import triton_bwd as bwd
+from megatron_hybrid.kernels.ssd import triton_bwd_chunk as bwd_chunk
 from megatron_hybrid.kernels.ssd import triton_fwd as fwd
 from megatron_hybrid.kernels.ssd.eager import _check_args
 from megatron_hybrid.kernels.triton_launch import check_inputs
@@ -71,6 +78,11 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # ("<kernel>_stages", else Triton's default). Chosen by that sweep at headdim 64 / dstate 128,
 # chunks of 128 and 256: the backward kernels hold more per position than the forward ones, so
 # they run smaller tiles (32 positions; 64 run out of registers) and 4 warps rather than 8.
+# The chunk backward's kernels, "chunk_dx" (with its own source/target tiles "chunk_dx_tile_m/k")
+# and "chunk_db" (the "bwd_tile" tiles), are not timed yet: the dx kernel holds only dx's
+# accumulator, so it starts at 64 x 64 tiles and 8 warps (mamba_ssm's dx kernel runs 64-128 x
+# 32-64), which ptxas (sm_90, dstate 128) compiles to 241 registers and no stack; 4 warps or
+# 128-position source tiles spill (512 / 232 bytes of stack).
 # The measurements are in benchmarks/NOTES.md ("Launch configurations").
 GPU_TUNING: dict[str, int] = {
     "tile": 64,
@@ -79,6 +91,9 @@ GPU_TUNING: dict[str, int] = {
     "chunk_state_warps": 8,
     "chunk_scan_warps": 4,
     "bwd_warps": 4,
+    "chunk_dx_tile_m": 64,
+    "chunk_dx_tile_k": 64,
+    "chunk_dx_warps": 8,
 }
 
 
@@ -361,6 +376,201 @@ def _forward(
     return y, final, r.dt, r.da_cs, r.cb, r.states
 
 
+@dataclass
+class _Gradients:
+    """The backward's outputs and per-step pieces that its source/target steps write."""
+
+    dx: Tensor
+    dB: Tensor
+    dC: Tensor
+    ddt_direct: Tensor  # (b, h, padded_len) the dt-as-factor part of ddt
+    dda_to_end: Tensor  # (b, h, padded_len) V_s
+    dda_readout: Tensor  # (b, h, padded_len) R_l
+    dda_intra: Tensor  # (b, h, nchunks, ntiles_bwd, cp) per source tile
+    dd_partial: Tensor  # dD per program, summed over dims (0, 1, 2); empty without D
+
+
+def _bwd_sizes(sh: _Shape) -> tuple[int, ...]:
+    """The size arguments that the source and target kernels share."""
+    return (
+        sh.seqlen,
+        sh.chunk_size,
+        sh.nchunks,
+        sh.nheads,
+        sh.heads_per_group,
+        sh.ngroups,
+        sh.headdim,
+        sh.dstate,
+        sh.padded_len,
+    )
+
+
+def _bwd_tiles(sh: _Shape, kernel: str) -> dict:
+    return dict(
+        CP=sh.cp,
+        BT=sh.bt_bwd,
+        BP=sh.bp,
+        BN=sh.bn,
+        DOT_DTYPE=sh.dot_dtype,
+        INTERPRET=sh.interpret,
+        **sh.launch(kernel),
+    )
+
+
+def _source_side_split(sh, dy, x, B, C, D, dstates, r, out: _Gradients) -> None:
+    """Step 3, split variant: one program per (batch, chunk, group, source tile), the group's
+    heads looped inside: dx, dB, dD, ddt_direct and the dda pieces V and intra."""
+    if D is not None:
+        out.dd_partial = torch.empty(
+            sh.batch, sh.nchunks, sh.ntiles_bwd, sh.nheads, sh.headdim, **_f32(x)
+        )
+    bwd.chunk_scan_bwd_source_kernel[(sh.batch * sh.nchunks * sh.ngroups, sh.ntiles_bwd)](
+        x,
+        B,
+        C,
+        r.cb,
+        r.dt,
+        r.da_cs,
+        dstates,
+        D if D is not None else x,
+        dy,
+        out.dx,
+        out.dB,
+        out.ddt_direct,
+        out.dda_to_end,
+        out.dda_intra,
+        out.dd_partial,
+        *_bwd_sizes(sh),
+        *_strides(x),
+        *_strides(B),
+        *_strides(C),
+        *_strides(dy),
+        *_strides(out.dx)[:3],
+        *_strides(out.dB)[:3],
+        HAS_D=D is not None,
+        D_PER_CHANNEL=D is not None and D.dim() == 2,
+        **_bwd_tiles(sh, "bwd"),
+    )
+
+
+def _source_side_chunk(sh, dy, x, B, C, D, dstates, r, out: _Gradients) -> None:
+    """Step 3, chunk variant (kernels/ssd/triton_bwd_chunk.py): one program per (batch, chunk,
+    head) for the whole chunk's dx, dD, ddt_direct and dda piece V; then per (batch, chunk,
+    group, source tile) dB, with dCB summed over the group's heads before its matmul, and the
+    dda piece intra from the same per-head tiles."""
+    if D is not None:
+        # One dD per (batch, chunk, head); the middle 1 keeps the split variant's sum.
+        out.dd_partial = torch.empty(sh.batch, sh.nchunks, 1, sh.nheads, sh.headdim, **_f32(x))
+    bwd_chunk.chunk_scan_bwd_dx_kernel[(sh.batch * sh.nchunks * sh.nheads,)](
+        x,
+        B,
+        r.cb,
+        r.dt,
+        r.da_cs,
+        dstates,
+        D if D is not None else x,
+        dy,
+        out.dx,
+        out.ddt_direct,
+        out.dda_to_end,
+        out.dd_partial,
+        *_bwd_sizes(sh),
+        *_strides(x),
+        *_strides(B),
+        *_strides(dy),
+        *_strides(out.dx)[:3],
+        HAS_D=D is not None,
+        D_PER_CHANNEL=D is not None and D.dim() == 2,
+        CP=sh.cp,
+        BM=_chunk_dx_tile(sh, "m"),
+        BK=_chunk_dx_tile(sh, "k"),
+        BP=sh.bp,
+        BN=sh.bn,
+        BNS=min(sh.bn, _CHUNK_DX_STATE_SLICE if sh.cuda else 16),  # 16: tests run 2 slices
+        DOT_DTYPE=sh.dot_dtype,
+        INTERPRET=sh.interpret,
+        **sh.launch("chunk_dx"),
+    )
+    bwd_chunk.chunk_scan_bwd_db_kernel[(sh.ntiles_bwd * sh.batch * sh.nchunks * sh.ngroups,)](
+        x,
+        C,
+        r.cb,
+        r.dt,
+        r.da_cs,
+        dstates,
+        dy,
+        out.dB,
+        out.dda_intra,
+        *_bwd_sizes(sh),
+        *_strides(x),
+        *_strides(C),
+        *_strides(dy),
+        *_strides(out.dB)[:3],
+        HPG=triton.next_power_of_2(sh.heads_per_group),
+        **_bwd_tiles(sh, "chunk_db"),
+    )
+
+
+# dstate per slice of the chunk dx kernel's state term (tl.dot needs >= 16): with the whole
+# dstate of 128 in one dot ptxas (sm_90) spills 152 bytes at 64 x 32 tiles and 8 warps, with
+# slices of 32 it spills none at the default 64 x 64 tiles.
+_CHUNK_DX_STATE_SLICE = 32
+
+
+def _chunk_dx_tile(sh: _Shape, dim: str) -> int:
+    """Chunk positions per tile of the chunk backward's dx kernel: source ("m") or target ("k").
+    Under the interpreter 32 and 16, so that the tests' chunks run unequal tiles."""
+    tile = GPU_TUNING[f"chunk_dx_tile_{dim}"] if sh.cuda else {"m": 32, "k": 16}[dim]
+    return min(sh.cp, tile)
+
+
+def _target_side(sh, dy, x, B, C, r, out: _Gradients) -> None:
+    """Step 4 (both variants): dC and the state readout's part R of the gradient of a."""
+    bwd.chunk_scan_bwd_target_kernel[(sh.batch * sh.nchunks * sh.ngroups, sh.ntiles_bwd)](
+        x,
+        B,
+        C,
+        r.states,
+        r.dt,
+        r.da_cs,
+        dy,
+        out.dC,
+        out.dda_readout,
+        *_bwd_sizes(sh),
+        *_strides(x),
+        *_strides(B),
+        *_strides(C),
+        *_strides(dy),
+        *_strides(out.dC)[:3],
+        **_bwd_tiles(sh, "bwd"),
+    )
+
+
+def _f32(t: Tensor) -> dict:
+    return dict(dtype=torch.float32, device=t.device)
+
+
+_BWD_VARIANTS = {"split": _source_side_split, "chunk": _source_side_chunk}
+
+
+def _bwd_variant_from_env() -> str:
+    value = os.environ.get(BWD_ENV, "split")
+    if value not in _BWD_VARIANTS:
+        raise ValueError(
+            f"{BWD_ENV}={value!r} (environment variable read by kernels/ssd/triton.py): "
+            f"expected one of {sorted(_BWD_VARIANTS)}"
+        )
+    return value
+
+
+# Which backward runs: "split" (kernels/ssd/triton_bwd.py: per group and source tile, heads looped
+# inside, dB's CB part multiplied per head) or "chunk" (kernels/ssd/triton_bwd_chunk.py: dx per
+# whole chunk and head, dB with dCB summed over a group's heads first). Read once at import from
+# MEGATRON_HYBRID_SSD_BWD; benchmarks/ssd.py --bwd sets it per timed row.
+BWD_ENV = "MEGATRON_HYBRID_SSD_BWD"
+BWD_VARIANT = _bwd_variant_from_env()
+
+
 def _backward(
     dy: Tensor,
     dfinal: Tensor,
@@ -424,84 +634,20 @@ def _backward(
     )
     dda_last = dda_last.sum(-1).contiguous()
 
-    # 3: source side.
+    # 3-4: dx, dB, dC, dD and the pieces of the gradient of dt * A.
     per_step = dict(size=(sh.batch, sh.nheads, sh.padded_len), **f32)
-    ddt_direct = torch.empty(**per_step)
-    dda_to_end = torch.empty(**per_step)
-    dda_readout = torch.empty(**per_step)
-    dda_intra = torch.zeros(sh.batch, sh.nheads, sh.nchunks, sh.ntiles_bwd, sh.cp, **f32)
-    dd_partial = (
-        torch.empty(sh.batch, sh.nchunks, sh.ntiles_bwd, sh.nheads, sh.headdim, **f32)
-        if D is not None
-        else absent()
+    out = _Gradients(
+        dx=dx,
+        dB=dB,
+        dC=dC,
+        ddt_direct=torch.empty(**per_step),
+        dda_to_end=torch.empty(**per_step),
+        dda_readout=torch.empty(**per_step),
+        dda_intra=torch.zeros(sh.batch, sh.nheads, sh.nchunks, sh.ntiles_bwd, sh.cp, **f32),
+        dd_partial=absent(),
     )
-    grid = (sh.batch * sh.nchunks * sh.ngroups, sh.ntiles_bwd)
-    common = (
-        sh.seqlen,
-        sh.chunk_size,
-        sh.nchunks,
-        sh.nheads,
-        sh.heads_per_group,
-        sh.ngroups,
-        sh.headdim,
-        sh.dstate,
-        sh.padded_len,
-    )
-    tiles = dict(
-        CP=sh.cp,
-        BT=sh.bt_bwd,
-        BP=sh.bp,
-        BN=sh.bn,
-        DOT_DTYPE=sh.dot_dtype,
-        INTERPRET=sh.interpret,
-        **sh.launch("bwd"),
-    )
-    bwd.chunk_scan_bwd_source_kernel[grid](
-        x,
-        B,
-        C,
-        r.cb,
-        r.dt,
-        r.da_cs,
-        dstates,
-        D if D is not None else A,
-        dy,
-        dx,
-        dB,
-        ddt_direct,
-        dda_to_end,
-        dda_intra,
-        dd_partial,
-        *common,
-        *_strides(x),
-        *_strides(B),
-        *_strides(C),
-        *_strides(dy),
-        *_strides(dx)[:3],
-        *_strides(dB)[:3],
-        HAS_D=D is not None,
-        D_PER_CHANNEL=D is not None and D.dim() == 2,
-        **tiles,
-    )
-    # 4: target side.
-    bwd.chunk_scan_bwd_target_kernel[grid](
-        x,
-        B,
-        C,
-        r.states,
-        r.dt,
-        r.da_cs,
-        dy,
-        dC,
-        dda_readout,
-        *common,
-        *_strides(x),
-        *_strides(B),
-        *_strides(C),
-        *_strides(dy),
-        *_strides(dC)[:3],
-        **tiles,
-    )
+    _BWD_VARIANTS[BWD_VARIANT](sh, dy, x, B, C, D, dstates, r, out)
+    _target_side(sh, dy, x, B, C, r, out)
     # 5: dt, A, dt_bias.
     da_partial = torch.empty(sh.batch, sh.nchunks, sh.nheads, **f32)
     dbias_partial = torch.empty_like(da_partial) if dt_bias is not None else absent()
@@ -510,10 +656,10 @@ def _backward(
         A,
         dt_bias if dt_bias is not None else A,
         r.dt,
-        ddt_direct,
-        dda_to_end,
-        dda_intra,
-        dda_readout,
+        out.ddt_direct,
+        out.dda_to_end,
+        out.dda_intra,
+        out.dda_readout,
         dda_last,
         ddt,
         da_partial,
@@ -538,7 +684,7 @@ def _backward(
     dA = da_partial.sum((0, 1)).to(A.dtype)
     dbias = dbias_partial.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else absent()
     if D is not None:
-        dD = dd_partial.sum((0, 1, 2))
+        dD = out.dd_partial.sum((0, 1, 2))
         dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
     else:
         dD = absent()
