@@ -72,18 +72,43 @@ def test_flag_defaults_are_the_settings_defaults(group):
     assert parsed == group()
 
 
+def model_config_default(field: str):
+    default = MODEL_CONFIG_DEFAULTS[field]
+    return None if default is dataclasses.MISSING else default
+
+
 def test_model_flag_defaults_are_model_config_defaults_except_the_stated_overrides():
-    args = vars(build_parser().parse_args([]))
-    for dest, value in args.items():
+    args = build_parser().parse_args([])
+    fields = settings_from_args(args).model.config_fields
+    for dest in vars(args):
         field = model_flag_field(dest)
-        if field is None:
+        if field is None or field == "activation":
             continue
-        default = MODEL_CONFIG_DEFAULTS[field]
-        expected = DEFAULT_MODEL_OVERRIDES.get(
-            field, None if default is dataclasses.MISSING else default
-        )
-        assert value == expected, dest
-    assert args["make_vocab_size_divisible_by"] == ModelSettings().make_vocab_size_divisible_by
+        expected = DEFAULT_MODEL_OVERRIDES.get(field, model_config_default(field))
+        assert fields[field] == expected, dest
+    assert args.make_vocab_size_divisible_by == ModelSettings().make_vocab_size_divisible_by
+
+
+def test_a_command_line_that_sizes_its_model_gets_megatron_defaults_for_the_rest():
+    # A Megatron-LM command line: the small model's values (state 32, chunks of 64, 4 experts,
+    # an aux loss) must not leak into it; every flag it leaves out means Megatron's default.
+    megatron = ["--hidden-size", "1024", "--num-attention-heads", "16", "--mamba-num-heads", "32"]
+    fields = settings_from_args(build_parser().parse_args(megatron)).model.config_fields
+    for field in DEFAULT_MODEL_OVERRIDES:
+        if field in ("hidden_size", "num_attention_heads", "hybrid_layer_pattern"):
+            continue
+        assert fields[field] == model_config_default(field), field
+    assert (fields["mamba_state_dim"], fields["mamba_chunk_size"]) == (128, 128)
+    assert fields["hybrid_layer_pattern"] == DEFAULT_MODEL_OVERRIDES["hybrid_layer_pattern"]
+    # Only a pattern (the embedded run with another stack) keeps the small model.
+    pattern = ["--hybrid-layer-pattern", "M*-"]
+    fields = settings_from_args(build_parser().parse_args(pattern)).model.config_fields
+    assert fields["mamba_state_dim"] == DEFAULT_MODEL_OVERRIDES["mamba_state_dim"]
+    assert fields["hidden_size"] == DEFAULT_MODEL_OVERRIDES["hidden_size"]
+    # A flag given explicitly wins either way.
+    given = [*megatron, "--mamba-chunk-size", "64"]
+    fields = settings_from_args(build_parser().parse_args(given)).model.config_fields
+    assert fields["mamba_chunk_size"] == 64
 
 
 def test_every_override_differs_from_model_config():

@@ -25,12 +25,14 @@ from megatron_hybrid.parallel.parallelize import ParallelSettings
 from megatron_hybrid.training.metric_sinks import check_extras
 from megatron_hybrid.training.settings import (
     DEFAULT_MODEL_OVERRIDES,
+    EMBEDDED_ONLY,
     CheckpointSettings,
     LoggingSettings,
     ModelSettings,
     Settings,
     TrainingSettings,
     default_model_value,
+    resolve_model_fields,
 )
 from megatron_hybrid.training.signals import EXIT_SIGNALS
 
@@ -504,10 +506,28 @@ def _set_defaults_from_settings(parser: argparse.ArgumentParser) -> None:
         defaults.update(dataclasses.asdict(group))
     defaults["make_vocab_size_divisible_by"] = ModelSettings().make_vocab_size_divisible_by
     for dest in dests:
-        if MODEL_FLAG_FIELDS.get(dest, dest) in _MODEL_CONFIG_FIELDS:
-            defaults[dest] = default_model_value(MODEL_FLAG_FIELDS.get(dest, dest))
+        field = MODEL_FLAG_FIELDS.get(dest, dest)
+        if field in EMBEDDED_ONLY:  # resolved after parsing (resolve_model_fields)
+            defaults[dest] = None
+        elif field in _MODEL_CONFIG_FIELDS:
+            defaults[dest] = default_model_value(field)
     assert defaults.keys() <= dests, f"settings without a flag: {defaults.keys() - dests}"
     parser.set_defaults(**defaults)
+    for action in parser._actions:
+        field = MODEL_FLAG_FIELDS.get(action.dest, action.dest)
+        if field == "hidden_size":
+            action.help = (
+                f"{action.help} (default {default_model_value(field)}: the small default model; "
+                "given, every model flag left out takes Megatron-LM's default)"
+            )
+        elif field in EMBEDDED_ONLY:
+            embedded = default_model_value(field, embedded=True)
+            megatron = default_model_value(field, embedded=False)
+            action.help = (
+                f"{action.help} (default {embedded} for the small default model, i.e. without "
+                f"--hidden-size; with it {'unset' if megatron is None else megatron}, as in "
+                "Megatron-LM)"
+            )
 
 
 # The valid values of every numeric flag, in interval notation: "[" and "]" include a bound,
@@ -722,7 +742,7 @@ def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
         if MODEL_FLAG_FIELDS.get(dest, dest) in _MODEL_CONFIG_FIELDS
     }
     fields["activation"] = "swiglu" if args.swiglu else "squared_relu"
-    return ModelSettings(fields, args.make_vocab_size_divisible_by)
+    return ModelSettings(resolve_model_fields(fields), args.make_vocab_size_divisible_by)
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:

@@ -47,13 +47,39 @@ DEFAULT_MODEL_OVERRIDES: dict[str, Any] = {
 }
 
 
-def default_model_value(name: str) -> Any:
-    """The model flags' default for ModelConfig field `name`: DEFAULT_MODEL_OVERRIDES, else
-    ModelConfig's own default (None where it has none)."""
-    if name in DEFAULT_MODEL_OVERRIDES:
-        return DEFAULT_MODEL_OVERRIDES[name]
+# The small model's values apply as a whole, and only while --hidden-size is not given: a
+# command line that sizes its own model (as every Megatron-LM one does) gets ModelConfig's
+# defaults, which are Megatron-Core's, for every flag it leaves out. A Megatron user's
+# `--hidden-size 1024 --mamba-num-heads 32 ...` then builds Megatron's model (state 128, chunks
+# of 128), not the small model's. The pattern has no Megatron default: its default applies to
+# both.
+EMBEDDED_ONLY = frozenset(DEFAULT_MODEL_OVERRIDES) - {"hybrid_layer_pattern"}
+
+
+def model_config_default(name: str) -> Any:
+    """ModelConfig's default for field `name` (Megatron-Core's), None where it has none."""
     default = {f.name: f.default for f in dataclasses.fields(ModelConfig)}[name]
     return None if default is dataclasses.MISSING else default
+
+
+def default_model_value(name: str, embedded: bool = True) -> Any:
+    """The model flags' default for ModelConfig field `name`: the embedded model's
+    (DEFAULT_MODEL_OVERRIDES) while `embedded` (no --hidden-size given), else ModelConfig's."""
+    if name in DEFAULT_MODEL_OVERRIDES and (embedded or name not in EMBEDDED_ONLY):
+        return DEFAULT_MODEL_OVERRIDES[name]
+    return model_config_default(name)
+
+
+def resolve_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` (the model flags by ModelConfig field, None where a flag was left out) with the
+    embedded-only fields left out filled in: the embedded model's values when no hidden size was
+    given, else ModelConfig's (module comment above EMBEDDED_ONLY)."""
+    embedded = fields.get("hidden_size") is None
+    resolved = dict(fields)
+    for name in EMBEDDED_ONLY:
+        if resolved.get(name) is None:
+            resolved[name] = default_model_value(name, embedded)
+    return resolved
 
 
 @dataclass
