@@ -478,7 +478,7 @@ class Trainer:
         loss is its own token mean); returns the sum of their losses (device, detached)."""
         loss_sum = torch.zeros((), device=self.device)
         if self.pipeline:
-            batch = torch.cat(micro_batches).to(self.device)
+            batch = to_device(torch.cat(micro_batches), self.device)
             with self.autocast():
                 loss = self.pipeline.train_step(batch[:, :-1], batch[:, 1:])
             if loss is not None:  # the last stage; x pp, so the mean over all ranks is right
@@ -488,7 +488,7 @@ class Trainer:
             return loss_sum
         model = self.parts[0]
         for micro, batch in enumerate(micro_batches):
-            batch = batch.to(self.device)
+            batch = to_device(batch, self.device)
             if self.dims.dp > 1:  # FSDP2: reduce-scatter gradients once, after the last one
                 model.set_requires_gradient_sync(micro == self.num_micro_batches - 1)
             with self.autocast():
@@ -519,7 +519,7 @@ class Trainer:
             part.eval()
         total = torch.zeros(2, dtype=torch.float64)
         for first, count in reads:
-            batch = source.batch(first, count).to(self.device)
+            batch = to_device(source.batch(first, count), self.device)
             with self.autocast():
                 loss = (
                     pipeline.eval_step(batch[:, :-1], batch[:, 1:])
@@ -532,6 +532,15 @@ class Trainer:
             part.train()
         total = all_reduce_mean(total)  # the ratio of means is the ratio of sums
         return float(total[0] / total[1])
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of token ids on `device`. A CPU batch goes to a GPU through pinned memory without
+    blocking: a plain copy from pageable memory waits for the whole queue, so the GPU would idle
+    while the host reads the next batch and launches the next step."""
+    if device.type == "cuda" and batch.device.type == "cpu":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def _fused_step(
