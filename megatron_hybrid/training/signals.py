@@ -46,6 +46,7 @@ class StopRequests:
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._posted: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self._mine: torch.Tensor | None = None  # this rank's signal number, on the device
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # handlers live there only
@@ -81,11 +82,11 @@ class StopRequests:
                 ready.synchronize()
             number = int(values.item())
             agreed = signal.Signals(number).name if number else None
-        mine = torch.tensor(
-            [int(self.received) if self.received is not None else 0],
-            dtype=torch.int64,
-            device=self.device,
-        )
+        if self._mine is None:
+            self._mine = torch.zeros(1, dtype=torch.int64, device=self.device)
+        # Filled on the device (a kernel): a tensor built from a host value would be a copy
+        # from pageable memory, which waits for the whole queue every iteration.
+        mine = self._mine.fill_(int(self.received) if self.received is not None else 0)
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)
         if mine.is_cuda:
             host = torch.empty(1, dtype=torch.int64, pin_memory=True)
