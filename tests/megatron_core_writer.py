@@ -30,6 +30,11 @@ code with megatron_hybrid.checkpointing.megatron_core (it imports none of it):
   hybrid spec: TELinear down-projections and indexer linears, TENorm input_layernorm, latent norms
   and k_norm; local: ColumnParallelLinear down-projections for MLA (GPT's local spec), ModelOpt's
   torch Linear (no _extra_state) for DSA's down-projections and indexer (its hybrid local spec).
+- transformer/multi_token_prediction.py, models/hybrid/hybrid_model.py: each MTP depth d
+  (the pattern's '/' parts) under `mtp.layers.{d}.`: `enorm`, `hnorm`, `final_layernorm` (TENorm
+  in TE's spec, ModelOpt's Norm, without _extra_state, in the local one) and the column-parallel
+  `eh_proj`; its layers, numbered from 0, under `mtp.layers.{d}.mtp_model_layer.layers.{j}.`,
+  spelled as the decoder's (the same hybrid layer spec builds them).
   dist_checkpointing/optimizer.py and
   optimizer/optimizer.py: Adam's moments as `optimizer.state.{exp_avg,exp_avg_sq}.<model key>`,
   the step as `common_step` in the common state.
@@ -129,7 +134,8 @@ def megatron_classes_importable():
 
 
 # -- key spelling ----------------------------------------------------------------------------------
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# A layer's prefix (the decoder's, or an MTP depth's `mtp_model_layer`'s) and its tensor's name.
+_LAYER = re.compile(r"^((?:decoder|mtp\.layers\.\d+\.mtp_model_layer)\.layers\.\d+\.)(.+)$")
 
 
 def megatron_tensors(canonical: dict, config, variant: Variant) -> dict[str, torch.Tensor]:
@@ -144,8 +150,8 @@ def megatron_tensors(canonical: dict, config, variant: Variant) -> dict[str, tor
         if match is None:
             out[key] = tensor
             continue
-        layer, name = int(match.group(1)), match.group(2)
-        prefix = f"decoder.layers.{layer}."
+        layer = prefix = match.group(1)
+        name = match.group(2)
         te = variant.layer_spec == "te"
         if te and name == "norm.weight":
             out[prefix + "mixer.in_proj.layer_norm_weight"] = tensor
@@ -191,9 +197,9 @@ _LATENT_NORMS = {
 }
 
 
-def _layers_with(canonical: dict, name: str) -> set[int]:
-    """The layers that hold tensor `name` (which kind of layer a layer is)."""
-    return {int(m.group(1)) for k in canonical if (m := _LAYER.match(k)) and m.group(2) == name}
+def _layers_with(canonical: dict, name: str) -> set[str]:
+    """The layers (by prefix) that hold tensor `name` (which kind of layer a layer is)."""
+    return {m.group(1) for k in canonical if (m := _LAYER.match(k)) and m.group(2) == name}
 
 
 def _gdn_in_proj_rows(config) -> list[int]:
@@ -245,11 +251,12 @@ def extra_state_keys(canonical: dict, config, variant: Variant) -> list[str]:
     dsa_layers = _layers_with(canonical, _INDEXER + "linear_wk.weight")
     latent_layers = _layers_with(canonical, "self_attention.linear_kv_down_proj.weight")
     for key in canonical:
+        keys += _mtp_depth_extra_state(key, te)
         match = _LAYER.match(key)
         if match is None:
             continue
-        layer = int(match.group(1))
-        prefix, name = f"decoder.layers.{layer}.", match.group(2)
+        layer = prefix = match.group(1)
+        name = match.group(2)
         te_norm = te and name.endswith("norm.weight") and layer in latent_layers
         if name in linears:
             keys.append(f"{prefix}{linears[name]}._extra_state/shard_0_1")
@@ -274,6 +281,20 @@ def extra_state_keys(canonical: dict, config, variant: Variant) -> list[str]:
         elif te and name == "self_attention.out_norm.weight":  # Gated DeltaNet's TENorm
             keys.append(f"{prefix}self_attention.out_norm._extra_state/shard_0_1")
     return keys
+
+
+_MTP_DEPTH_MODULE = re.compile(
+    r"^(mtp\.layers\.\d+\.)(enorm|hnorm|eh_proj|final_layernorm)\.weight$"
+)
+
+
+def _mtp_depth_extra_state(key: str, te: bool) -> list[str]:
+    """An MTP depth's own modules: eh_proj is a Megatron linear in both specs, the norms are
+    TENorms in TE's spec only."""
+    match = _MTP_DEPTH_MODULE.match(key)
+    if match is None or (match.group(2) != "eh_proj" and not te):
+        return []
+    return [f"{match.group(1)}{match.group(2)}._extra_state/shard_0_1"]
 
 
 # -- DCP writing ---------------------------------------------------------------------------------
@@ -332,7 +353,7 @@ def _saved(value) -> io.BytesIO:
 _ROW_PARALLEL = ("linear_proj.weight", "out_proj.weight", "linear_fc2.weight")
 _COLUMN_PARALLEL = re.compile(
     r"(word_embeddings\.weight|output_layer\.weight|linear_qkv\.weight|linear_fc1\.weight"
-    r"|linear_q_proj\.weight|linear_q_up_proj\.weight|linear_kv_up_proj\.weight"
+    r"|linear_q_proj\.weight|eh_proj\.weight|linear_q_up_proj\.weight|linear_kv_up_proj\.weight"
     r"|in_proj\.weight(\.\w+)?|conv1d\.(weight|bias)(\.\w+)?|mixer\.(A_log|D|dt_bias|norm\.weight))$"
 )
 
@@ -357,7 +378,7 @@ def _local_mla_down_projections(canonical: dict, variant: Variant) -> set[str]:
     return {
         key
         for key in canonical
-        if (m := _LAYER.match(key)) and m.group(2) in down and int(m.group(1)) not in dsa_layers
+        if (m := _LAYER.match(key)) and m.group(2) in down and m.group(1) not in dsa_layers
     }
 
 
@@ -456,9 +477,13 @@ def _args(config, variant: Variant, iteration, consumed, overrides) -> argparse.
     main = "|".join(
         "".join(stage) for stage in config.pattern.stages
     )  # Megatron's pattern: no fusion groups
+    depths = config.pattern.mtp_depths  # each MTP depth a '/' part, as Megatron-LM saves it
     args = argparse.Namespace(
-        hybrid_layer_pattern=main,
+        hybrid_layer_pattern=main + ("/" + "".join(config.pattern.mtp_blocks)) * depths,
         num_layers=len(main.replace("|", "")),
+        mtp_num_layers=depths or None,
+        mtp_loss_scaling_factor=config.mtp_loss_scaling_factor,
+        mtp_use_repeated_layer=False,
         hidden_size=config.hidden_size,
         ffn_hidden_size=config.ffn_hidden_size,
         num_attention_heads=config.num_attention_heads,

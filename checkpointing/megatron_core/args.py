@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from megatron_hybrid.config import ConfigError, ModelConfig
-from megatron_hybrid.pattern import PatternError, parse_hybrid_pattern
+from megatron_hybrid.pattern import MTP_SEPARATOR, PatternError, parse_hybrid_pattern
 from megatron_hybrid.specs import SPECS
 
 # ModelConfig field -> Megatron-LM argument (TransformerConfig field or parser dest), in order of
@@ -82,8 +82,15 @@ MIXER_ARG_NAMES: dict[str, tuple[str, ...]] = {
         "dsa_indexer_use_sparse_loss",
     )
 }
+# Read only for a pattern with MTP depths: Megatron-LM's args hold it (0.1) whatever the model.
+MTP_ARG_NAMES: dict[str, tuple[str, ...]] = {
+    "mtp_loss_scaling_factor": ("mtp_loss_scaling_factor",),
+}
 LATENT_ATTENTION = "+D"  # the symbols Megatron-LM builds with --multi-latent-attention
 PATTERN_ARGS = ("hybrid_layer_pattern", "hybrid_override_pattern")
+# Before the pattern's '/' parts, Megatron-LM kept one MTP depth's pattern apart; its
+# arguments.py joins it to the main pattern once per --mtp-num-layers (the depths).
+LEGACY_MTP_PATTERN_ARG = "mtp_hybrid_override_pattern"
 OUR_CONFIG_ARG = "megatron_hybrid"  # our ModelConfig.to_dict(), written by to-megatron
 
 _MISSING = object()
@@ -134,6 +141,9 @@ _REQUIRED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         lambda v: v is None,
         "the DSA indexer's k_norm at --norm-epsilon (unset)",
     ),
+    ("mtp_use_repeated_layer", lambda v: not v, "MTP depths with layers of their own"),
+    ("mtp_hsm", lambda v: not v, "no hidden-state mixing between MTP depths"),
+    ("mtp_detach_heads", lambda v: not v, "MTP losses that train the main model too"),
 )
 
 
@@ -158,7 +168,7 @@ def model_fields_from_args(args: Any, source: str) -> dict[str, Any]:
         if not ok(arg(args, name))
     ]
     fields: dict[str, Any] = {}
-    pattern = arg(args, *PATTERN_ARGS)
+    pattern = _with_legacy_mtp_pattern(args, arg(args, *PATTERN_ARGS))
     if not isinstance(pattern, str):
         problems.append(
             f"no hybrid_layer_pattern (found {pattern!r}): not a hybrid model, or its pattern "
@@ -180,7 +190,8 @@ def model_fields_from_args(args: Any, source: str) -> dict[str, Any]:
         )
     read_by_layers = {f for s in set(pattern) if s in SPECS for f in SPECS[s].config_fields}
     mixer_names = {f: n for f, n in MIXER_ARG_NAMES.items() if f in read_by_layers}
-    for field, names in {**ARG_NAMES, **mixer_names}.items():
+    mtp_names = MTP_ARG_NAMES if MTP_SEPARATOR in pattern else {}
+    for field, names in {**ARG_NAMES, **mixer_names, **mtp_names}.items():
         value = arg(args, *names, default=_MISSING)
         if value is not _MISSING and value is not None:
             fields[field] = value
@@ -197,6 +208,17 @@ def model_fields_from_args(args: Any, source: str) -> dict[str, Any]:
     ours = _our_recorded_config(args, pattern)
     ours.pop("vocab_size", None)  # the checkpoint's embedding says it
     return {**ours, **fields, "hybrid_layer_pattern": ours.get("hybrid_layer_pattern", pattern)}
+
+
+def _with_legacy_mtp_pattern(args: Any, pattern: Any) -> Any:
+    """`pattern` with the MTP depths that older Megatron-LM runs kept apart
+    (LEGACY_MTP_PATTERN_ARG), as Megatron-LM's arguments.py joins them."""
+    legacy, depths = arg(args, LEGACY_MTP_PATTERN_ARG), arg(args, "mtp_num_layers")
+    if not (isinstance(pattern, str) and isinstance(legacy, str) and depths):
+        return pattern
+    if MTP_SEPARATOR in pattern:  # Megatron-LM ignores the legacy pattern then
+        return pattern
+    return pattern + (MTP_SEPARATOR + legacy) * depths
 
 
 def _activation(args: Any) -> str | None:
@@ -235,7 +257,7 @@ def megatron_pattern(pattern: str) -> str:
     """`pattern` as Megatron-Core writes it: the same layers and stages, no fusion groups."""
     parsed = parse_hybrid_pattern(pattern)
     main = "|".join("".join(stage) for stage in parsed.stages)
-    return main + ("/" + "".join(parsed.mtp_blocks)) * parsed.mtp_depths
+    return main + (MTP_SEPARATOR + "".join(parsed.mtp_blocks)) * parsed.mtp_depths
 
 
 def args_from_model_config(
@@ -254,7 +276,10 @@ def args_from_model_config(
     layers = "".join(config.pattern.blocks)
     values = {
         "hybrid_layer_pattern": megatron_pattern(config.hybrid_layer_pattern),
-        "num_layers": config.pattern.num_layers,
+        "num_layers": config.pattern.num_layers,  # the main decoder's, as Megatron-LM counts
+        # Megatron-LM infers it from the pattern's '/' parts, its checkpoint loader sets it.
+        "mtp_num_layers": config.mtp_num_layers,
+        "mtp_use_repeated_layer": False,
         "normalization": "RMSNorm",
         "add_bias_linear": False,
         "multi_latent_attention": bool(set(layers) & set(LATENT_ATTENTION)),
@@ -285,7 +310,7 @@ def args_from_model_config(
         "no_save_rng": True,
         OUR_CONFIG_ARG: config.to_dict(),
     }
-    for field, names in {**ARG_NAMES, **MIXER_ARG_NAMES}.items():
+    for field, names in {**ARG_NAMES, **MIXER_ARG_NAMES, **MTP_ARG_NAMES}.items():
         values[names[0]] = getattr(config, field)
     if float(config.rotary_base).is_integer():
         values["rotary_base"] = int(config.rotary_base)  # an int flag in Megatron-LM

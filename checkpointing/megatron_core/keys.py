@@ -4,8 +4,10 @@ Each symbol's spec holds its sub-layer's Megatron-Core layout (`MixerSpec.megatr
 megatron_hybrid/specs/base.py): per layer spec ("local" or "te") a KeyMap per tensor, other
 spellings a load accepts, and the modules that save an `_extra_state`. Megatron-Core numbers
 the layers of a hybrid model as we number canonical sub-layers (the pattern's symbols in order,
-'|' ignored), so canonical layer i is its `decoder.layers.{i}`. The tensors outside the layers
-have the same names in both.
+'|' ignored), so canonical layer i is its `decoder.layers.{i}`. Each multi-token-prediction
+depth d (a '/' part; Megatron-Core's MultiTokenPredictionLayer) builds its layers from the same
+layer spec, numbered from 0 under `mtp.layers.{d}.mtp_model_layer.layers.`, as ours are. The
+tensors outside the layers have the same names in both.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from megatron_hybrid.specs.base import (
 )
 
 _LAYERS = "decoder.layers."
+_MTP_DEPTHS = "mtp.layers."
+_MTP_LAYERS = "mtp_model_layer.layers."
 # Outside the layers: the same names in both.
 _MODEL_TENSORS = (
     "embedding.word_embeddings.weight",
@@ -46,22 +50,51 @@ _MODEL_EXTRA_STATE = dict.fromkeys(
         ExtraState("decoder.final_norm", of="decoder.final_norm.weight"),
     ),
 )
+_MODEL_LAYOUT = MegatronCoreLayout(
+    key_maps=dict.fromkeys(MEGATRON_LAYER_SPECS, _MODEL_MAPS), extra_state=_MODEL_EXTRA_STATE
+)
+# An MTP depth's own modules (multi_token_prediction.py), relative to `mtp.layers.{d}.`: the same
+# names in both. eh_proj is a column-parallel Megatron linear in both layer specs; the norms are
+# TENorms in TE's spec, and in the local one ModelOpt's Norm, which drops TE's `_extra_state`
+# (post_training/modelopt/layers.py).
+_DEPTH_NORMS = ("enorm", "hnorm", "final_layernorm")
+_DEPTH_LAYOUT = MegatronCoreLayout(
+    key_maps=dict.fromkeys(
+        MEGATRON_LAYER_SPECS,
+        tuple(rename(f"{m}.weight", f"{m}.weight") for m in (*_DEPTH_NORMS, "eh_proj")),
+    ),
+    extra_state={
+        "local": (ExtraState("eh_proj", of="eh_proj.weight"),),
+        "te": tuple(ExtraState(m, of=f"{m}.weight") for m in (*_DEPTH_NORMS, "eh_proj")),
+    },
+)
 
 
 class MegatronLayoutError(CheckpointError):
     """A model, or a checkpoint, that the Megatron-Core key tables cannot map."""
 
 
-def layer_layouts(config: ModelConfig) -> list[tuple[str, MegatronCoreLayout]]:
-    """(symbol, layout) of every canonical layer of the main decoder. Raises
-    MegatronLayoutError for multi-token prediction, for symbols without a layout and for
-    sub-layers whose config Megatron-Core builds otherwise (MegatronCoreLayout.unsupported)."""
-    if config.pattern.mtp_depths:
-        raise MegatronLayoutError(
-            f"pattern {config.hybrid_layer_pattern!r} has multi-token-prediction layers, which "
-            "the Megatron-Core converter does not map yet"
-        )
-    symbols = "".join(config.pattern.blocks)
+def part_layouts(config: ModelConfig) -> list[tuple[str, MegatronCoreLayout]]:
+    """(prefix, layout) of every part of a model of `config`, keys relative to the prefix the
+    same in both: the tensors outside the layers (""), every canonical layer of the main
+    decoder (`decoder.layers.{i}.`), then per MTP depth d its own modules (`mtp.layers.{d}.`)
+    and its layers (`mtp.layers.{d}.mtp_model_layer.layers.{j}.`). Raises MegatronLayoutError
+    for symbols without a layout and for sub-layers whose config Megatron-Core builds otherwise
+    (MegatronCoreLayout.unsupported)."""
+    main, mtp = "".join(config.pattern.blocks), "".join(config.pattern.mtp_blocks)
+    _check_symbols(config, main + mtp)
+    layouts = [("", _MODEL_LAYOUT)]
+    layouts += [(f"{_LAYERS}{i}.", SPECS[s].megatron_core) for i, s in enumerate(main)]
+    for d in range(config.pattern.mtp_depths):
+        depth = f"{_MTP_DEPTHS}{d}."
+        layouts.append((depth, _DEPTH_LAYOUT))
+        layouts += [
+            (f"{depth}{_MTP_LAYERS}{j}.", SPECS[s].megatron_core) for j, s in enumerate(mtp)
+        ]
+    return layouts
+
+
+def _check_symbols(config: ModelConfig, symbols: str) -> None:
     missing = sorted({s for s in symbols if SPECS[s].megatron_core is None})
     if missing:
         raise MegatronLayoutError(
@@ -78,7 +111,6 @@ def layer_layouts(config: ModelConfig) -> list[tuple[str, MegatronCoreLayout]]:
             f"pattern {config.hybrid_layer_pattern!r} cannot be mapped to Megatron-Core: "
             + "; ".join(f"{s!r}: {reason}" for s, reason in reasons.items())
         )
-    return [(s, SPECS[s].megatron_core) for s in symbols]
 
 
 @dataclass(frozen=True)
@@ -108,11 +140,10 @@ def _candidates(config: ModelConfig) -> list[_Candidates]:
             if placed.ours[0] in shapes and all(p.theirs != placed.theirs for p in spellings):
                 spellings.append(placed)
 
-    add(_MODEL_MAPS, "")
-    for i, (_, layout) in enumerate(layer_layouts(config)):
+    for prefix, layout in part_layouts(config):
         for layer_spec in MEGATRON_LAYER_SPECS:
-            add(layout.key_maps[layer_spec], f"{_LAYERS}{i}.")
-        add(layout.read_also, f"{_LAYERS}{i}.")
+            add(layout.key_maps[layer_spec], prefix)
+        add(layout.read_also, prefix)
     uncovered = sorted(k for k in shapes if not found.get(k))
     assert not uncovered, f"no Megatron-Core name for {uncovered}: check the specs' key maps"
     return [_Candidates(key, tuple(found[key])) for key in shapes]
@@ -125,9 +156,11 @@ def write_maps(config: ModelConfig, layer_spec: str) -> list[PlacedKeyMap]:
             f"unknown Megatron-Core layer spec {layer_spec!r}; valid: {MEGATRON_LAYER_SPECS}"
         )
     shapes = model_shapes(config)
-    maps = [_place(m, config, "") for m in _MODEL_MAPS]
-    for i, (_, layout) in enumerate(layer_layouts(config)):
-        maps += [_place(m, config, f"{_LAYERS}{i}.") for m in layout.key_maps[layer_spec]]
+    maps = [
+        _place(m, config, prefix)
+        for prefix, layout in part_layouts(config)
+        for m in layout.key_maps[layer_spec]
+    ]
     maps = [m for m in maps if m.ours[0] in shapes]
     assert sorted(m.ours[0] for m in maps) == sorted(shapes), "a spec's key maps miss a tensor"
     return maps
@@ -182,7 +215,8 @@ def extra_state_keys(config: ModelConfig, layer_spec: str) -> list[tuple[str, in
             if f"{prefix}{s.of}" in shapes
         ]
 
-    keys = placed(_MODEL_EXTRA_STATE[layer_spec], "")
-    for i, (_, layout) in enumerate(layer_layouts(config)):
-        keys += placed(layout.extra_state[layer_spec], f"{_LAYERS}{i}.")
-    return keys
+    return [
+        key
+        for prefix, layout in part_layouts(config)
+        for key in placed(layout.extra_state[layer_spec], prefix)
+    ]

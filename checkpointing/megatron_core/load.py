@@ -3,8 +3,8 @@ Megatron-LM run, and `megatron-hybrid-convert from-megatron`.
 
 What is carried:
 - the model: every tensor found under one of its Megatron-Core spellings (keys.read_maps; split
-  or packed Mamba in_proj/conv1d, TE-fused or separate norms, stacked or per-expert experts),
-  whole tensors whatever tensor/pipeline layout wrote them;
+  or packed Mamba in_proj/conv1d, TE-fused or separate norms, stacked or per-expert experts;
+  multi-token-prediction depths too), whole tensors whatever tensor/pipeline layout wrote them;
 - the optimizer, when its state is per parameter under the model's keys
   (`optimizer.state.exp_avg.<key>`, `...exp_avg_sq.<key>`: Megatron's non-distributed optimizer
   and the distributed optimizer's fully reshardable formats); otherwise (the distributed

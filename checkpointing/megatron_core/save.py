@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from megatron_hybrid.canonical import locate
+from megatron_hybrid.canonical import locate, mtp_depth_tensor
 from megatron_hybrid.checkpointing.errors import CheckpointError
 from megatron_hybrid.checkpointing.key_mapping import to_theirs
 from megatron_hybrid.checkpointing.megatron_core import keys
@@ -47,6 +47,9 @@ CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix
 _EMPTY_EXTRA_STATE = {"local": lambda: None, "te": lambda: torch.empty(0, dtype=torch.uint8)}
 _TP_DIM = {ColumnParallel: 0, SplitRows: 0, RowParallel: 1}
 _VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
+# An MTP depth's eh_proj: a ColumnParallelLinear in Megatron-Core (multi_token_prediction.py),
+# replicated here; only its saved chunks depend on that.
+_COLUMN_PARALLEL_IN_DEPTH = "eh_proj.weight"
 
 
 class ChunkedTensor(torch.Tensor):
@@ -93,6 +96,9 @@ def tensor_parallel_dim(key: str, config: ModelConfig) -> int | None:
     (its spec's tensor-parallel plan); None: every rank holds it whole."""
     if key in _VOCAB_PARALLEL:
         return 0
+    depth_tensor = mtp_depth_tensor(key)
+    if depth_tensor is not None:
+        return 0 if depth_tensor[1] == _COLUMN_PARALLEL_IN_DEPTH else None
     tensor = locate(key, config.pattern)
     if tensor is None or tensor.part == "norm":
         return None
@@ -181,7 +187,9 @@ def _tensor_parallel_problems(config: ModelConfig, tensor_parallel: int) -> list
     if tensor_parallel < 1:
         return [f"it must be at least 1, got {tensor_parallel}"]
     sizes = {"vocab_size (embedding rows)": config.vocab_size}
-    for symbol in set("".join(config.pattern.blocks)):
+    if config.pattern.mtp_depths:
+        sizes["hidden_size (rows of MTP's column-parallel eh_proj)"] = config.hidden_size
+    for symbol in set("".join(config.pattern.blocks + config.pattern.mtp_blocks)):
         for field, flag in SPECS[symbol].tensor_parallel.divisible:
             sizes[f"{field} ({flag})"] = getattr(config, field)
     return [
