@@ -79,7 +79,7 @@ def model_config_default(field: str):
 
 def test_model_flag_defaults_are_model_config_defaults_except_the_stated_overrides():
     args = build_parser().parse_args([])
-    fields = settings_from_args(args).model.config_fields
+    fields = settings_from_args(args).model.resolved_fields()
     for dest in vars(args):
         field = model_flag_field(dest)
         if field is None or field == "activation":
@@ -93,7 +93,7 @@ def test_a_command_line_that_sizes_its_model_gets_megatron_defaults_for_the_rest
     # A Megatron-LM command line: the small model's values (state 32, chunks of 64, 4 experts,
     # an aux loss) must not leak into it; every flag it leaves out means Megatron's default.
     megatron = ["--hidden-size", "1024", "--num-attention-heads", "16", "--mamba-num-heads", "32"]
-    fields = settings_from_args(build_parser().parse_args(megatron)).model.config_fields
+    fields = settings_from_args(build_parser().parse_args(megatron)).model.resolved_fields()
     for field in DEFAULT_MODEL_OVERRIDES:
         if field in ("hidden_size", "num_attention_heads", "hybrid_layer_pattern"):
             continue
@@ -102,12 +102,19 @@ def test_a_command_line_that_sizes_its_model_gets_megatron_defaults_for_the_rest
     assert fields["hybrid_layer_pattern"] == DEFAULT_MODEL_OVERRIDES["hybrid_layer_pattern"]
     # Only a pattern (the embedded run with another stack) keeps the small model.
     pattern = ["--hybrid-layer-pattern", "M*-"]
-    fields = settings_from_args(build_parser().parse_args(pattern)).model.config_fields
+    fields = settings_from_args(build_parser().parse_args(pattern)).model.resolved_fields()
     assert fields["mamba_state_dim"] == DEFAULT_MODEL_OVERRIDES["mamba_state_dim"]
     assert fields["hidden_size"] == DEFAULT_MODEL_OVERRIDES["hidden_size"]
+    # A hidden size that arrives later (a Megatron checkpoint's args under
+    # --use-checkpoint-args, which lack the chunk length) decides the same way.
+    unset = settings_from_args(build_parser().parse_args([])).model
+    from_checkpoint = dataclasses.replace(
+        unset, config_fields={**unset.config_fields, "hidden_size": 1024}
+    )
+    assert from_checkpoint.resolved_fields()["mamba_chunk_size"] == 128
     # A flag given explicitly wins either way.
     given = [*megatron, "--mamba-chunk-size", "64"]
-    fields = settings_from_args(build_parser().parse_args(given)).model.config_fields
+    fields = settings_from_args(build_parser().parse_args(given)).model.resolved_fields()
     assert fields["mamba_chunk_size"] == 64
 
 

@@ -32,7 +32,6 @@ from megatron_hybrid.training.settings import (
     Settings,
     TrainingSettings,
     default_model_value,
-    resolve_model_fields,
 )
 from megatron_hybrid.training.signals import EXIT_SIGNALS
 
@@ -742,7 +741,7 @@ def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
         if MODEL_FLAG_FIELDS.get(dest, dest) in _MODEL_CONFIG_FIELDS
     }
     fields["activation"] = "swiglu" if args.swiglu else "squared_relu"
-    return ModelSettings(resolve_model_fields(fields), args.make_vocab_size_divisible_by)
+    return ModelSettings(fields, args.make_vocab_size_divisible_by)
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:

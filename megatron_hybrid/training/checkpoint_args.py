@@ -24,6 +24,7 @@ def with_checkpoint_model(settings: Settings) -> tuple[Settings, list[str]]:
         raise ValueError("--use-checkpoint-args needs --load DIR (the checkpoint to read)")
     directory, saved = _saved_model_config(checkpoint.load, checkpoint.ckpt_step)
     fields = dict(settings.model.config_fields)
+    from_flags = settings.model.resolved_fields()  # what the flags alone would build
     notes = []
     for name, value in saved.items():
         if name == "vocab_size":  # the tokenizer's, padded: checked when the weights load
@@ -34,7 +35,7 @@ def with_checkpoint_model(settings: Settings) -> tuple[Settings, list[str]]:
                 "load it with the version that saved it, or give the model flags instead of "
                 "--use-checkpoint-args"
             )
-        current = fields.get(name, default_model_value(name))
+        current = from_flags.get(name, default_model_value(name))
         if current != value:
             notes.append(f"{name}: {current!r} -> {value!r} (from {directory.name})")
         fields[name] = value

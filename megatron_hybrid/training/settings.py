@@ -87,14 +87,20 @@ class ModelSettings:
     """The model flags: the ModelConfig they describe, all but the vocabulary (the tokenizer's)."""
 
     config_fields: dict[str, Any] = field(default_factory=dict)
-    """ModelConfig keyword arguments, every field except `vocab_size`."""
+    """ModelConfig keyword arguments, every field except `vocab_size`; None for an
+    EMBEDDED_ONLY field no flag set, which `resolved_fields` fills in once the hidden size is
+    known (a checkpoint's, with --use-checkpoint-args)."""
     make_vocab_size_divisible_by: int = 128
     """The embedding's rows: the tokenizer's vocabulary padded up to a multiple of this."""
+
+    def resolved_fields(self) -> dict[str, Any]:
+        """`config_fields` with the unset EMBEDDED_ONLY fields filled in (resolve_model_fields)."""
+        return resolve_model_fields(self.config_fields)
 
     def config(self, vocab_size: int) -> ModelConfig:
         """The ModelConfig for a tokenizer of `vocab_size` ids (ConfigError if unfit)."""
         return ModelConfig(
-            **self.config_fields,
+            **self.resolved_fields(),
             vocab_size=pad_vocab_size(vocab_size, self.make_vocab_size_divisible_by),
         )
 
