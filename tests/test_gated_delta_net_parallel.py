@@ -78,6 +78,7 @@ def gradient_worker(argv: list[str]) -> None:
     from torch.distributed.tensor import DTensor
 
     from megatron_hybrid.parallel.dims import ParallelDims
+    from megatron_hybrid.parallel.distributed import end_successful_run
     from megatron_hybrid.parallel.packed import packed_tensors
     from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -96,7 +97,9 @@ def gradient_worker(argv: list[str]) -> None:
         grads[name] = packed[name].to_canonical_layout(grad) if name in packed else grad
     if dist.get_rank() == 0:
         torch.save(grads, out)
-    dist.destroy_process_group()
+    # Not a bare destroy_process_group: gloo threads outliving it can abort the exit
+    # (parallel/distributed.py exit_without_finalization says why).
+    end_successful_run()
 
 
 def test_tp2_matches_one_process(single, tp2):

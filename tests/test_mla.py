@@ -467,6 +467,7 @@ def check_tp2_gradients() -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from megatron_hybrid.parallel.distributed import end_successful_run
     from megatron_hybrid.parallel.tensor_parallel import apply_tensor_parallel
 
     dist.init_process_group("gloo")
@@ -492,7 +493,9 @@ def check_tp2_gradients() -> None:
             # unsummed over the ranks is off by 1e-3 or more.
             error = relative_error(grad, expected.grad)
             assert error <= 1e-9, (sequence_parallel, name, error)
-    dist.destroy_process_group()
+    # Not a bare destroy_process_group: gloo threads outliving it can abort the exit
+    # (parallel/distributed.py exit_without_finalization says why).
+    end_successful_run()
 
 
 if __name__ == "__main__":
