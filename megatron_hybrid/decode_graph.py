@@ -90,24 +90,22 @@ class GraphedDecodeStep:
         return self.logits
 
 
-def _kv_caches(state: object) -> Iterator[KVCache]:
-    if isinstance(state, KVCache):
-        yield state
-    elif isinstance(state, dict):
-        for value in state.values():
-            yield from _kv_caches(value)
-    elif dataclasses.is_dataclass(state):
-        for field in dataclasses.fields(state):
-            yield from _kv_caches(getattr(state, field.name))
+def _kv_caches(states: object) -> Iterator[KVCache]:
+    return _found(states, KVCache)
 
 
-def _tensors(state: object) -> Iterator[torch.Tensor]:
+def _tensors(states: object) -> Iterator[torch.Tensor]:
     """Every tensor in the decoding states (dicts of the mixers' state dataclasses)."""
-    if isinstance(state, torch.Tensor):
+    return _found(states, torch.Tensor)
+
+
+def _found(state: object, kind: type) -> Iterator:
+    """Every instance of `kind` in `state`, through dicts and dataclass fields."""
+    if isinstance(state, kind):
         yield state
     elif isinstance(state, dict):
         for value in state.values():
-            yield from _tensors(value)
+            yield from _found(value, kind)
     elif dataclasses.is_dataclass(state):
         for field in dataclasses.fields(state):
-            yield from _tensors(getattr(state, field.name))
+            yield from _found(getattr(state, field.name), kind)
