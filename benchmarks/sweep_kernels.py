@@ -45,6 +45,12 @@ SWEEP: dict[str, list[dict[str, int]]] = {
         {"bwd_programs_per_sm": 16},
         {"bwd_tile": 2048},
         {"bwd_per_warp": 512},
+        # Fewer backward programs (fewer float32 weight-gradient partials to sum afterwards)
+        # with as many warps per multiprocessor: two rows per tile.
+        {"bwd_tile": 4096, "bwd_per_warp": 1024, "bwd_programs_per_sm": 4},
+        {"bwd_tile": 4096, "bwd_per_warp": 512, "bwd_programs_per_sm": 2},
+        {"bwd_tile": 2048, "bwd_per_warp": 512, "bwd_programs_per_sm": 4},
+        {"bwd_programs_per_sm": 4, "bwd_per_warp": 512},
     ],
 }
 _MODULES = {
