@@ -224,9 +224,10 @@ def check_collective_counts(counts: dict[str, list[dict[str, int]]]) -> None:
 
 @pytest.mark.slow
 def test_strategies_compose_with_tensor_pipeline_and_expert_parallelism(tmp_path):
-    # Four ranks: tp2 x dp2, pp2 x dp2 (interleaved, two micro-batches per rank) and ep2 x edp2.
+    # Four ranks: tp2 x dp2, pp2 x dp2 (interleaved, two micro-batches per rank) and ep2 x edp2,
+    # the latter with selective recomputation, which replays the nested expert units' hooks.
     reference = one_process(*FOUR_SEGMENTS, "--micro-batch-size", "2", "--train-iters", "3")
-    layouts = {"tp2": TP2, "pp2": PP2, "ep2": EP2}
+    layouts = {"tp2": TP2, "pp2": PP2, "ep2": [*EP2, "--recompute-granularity", "selective"]}
     cases = {
         f"{name} {strategy}": [
             *FOUR_SEGMENTS,

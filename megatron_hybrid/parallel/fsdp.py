@@ -37,7 +37,7 @@ def apply_fsdp(
     nccl = dist.get_backend(dp_mesh.get_group()) == "nccl"
     blocks = physical_blocks(model)
     if expert_parallel:
-        _let_selective_checkpointing_ignore_profiler_ops()
+        let_selective_checkpointing_ignore_profiler_ops()
     num_expert_units = 0
     for index, block in enumerate(blocks):
         # The last block's parameters are needed again right away by the root's backward.
@@ -120,7 +120,7 @@ def expert_modules(block: torch.nn.Module) -> list[GroupedExperts]:
     return [m for m in block.modules() if isinstance(m, GroupedExperts)]
 
 
-def _let_selective_checkpointing_ignore_profiler_ops() -> None:
+def let_selective_checkpointing_ignore_profiler_ops() -> None:
     """FSDP2 runs its pre/post-forward hooks under `record_function`, whose profiler ops are
     dispatched. An expert unit nested in a block under selective activation checkpointing fires
     those hooks a different number of times when the block is recomputed than in its forward, and

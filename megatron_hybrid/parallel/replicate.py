@@ -13,7 +13,12 @@ from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 
 from megatron_hybrid.model import HybridModel
-from megatron_hybrid.parallel.fsdp import expert_modules, mixed_precision_policy, physical_blocks
+from megatron_hybrid.parallel.fsdp import (
+    expert_modules,
+    let_selective_checkpointing_ignore_profiler_ops,
+    mixed_precision_policy,
+    physical_blocks,
+)
 
 
 def apply_replicate(model: HybridModel, mesh: DeviceMesh, bf16: bool, log=print) -> None:
@@ -24,6 +29,8 @@ def apply_replicate(model: HybridModel, mesh: DeviceMesh, bf16: bool, log=print)
     dp_mesh = mesh["dp_shard"]
     expert_parallel = mesh["ep"].size() > 1
     blocks = physical_blocks(model)
+    if expert_parallel:  # nested expert units fire FSDP2's hooks as under fully_shard
+        let_selective_checkpointing_ignore_profiler_ops()
     num_expert_units = 0
     for block in blocks:
         if expert_parallel:
