@@ -16,6 +16,7 @@ normalized updates keep that below ~1e-6 over these few steps. The gradient norm
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -138,6 +139,39 @@ def test_blocks_prefetch_the_next_two_in_forward_and_the_previous_two_in_backwar
     set_block_prefetch(units)
     assert [u.forward for u in units] == [[1, 2], [2, 3], [3], None]
     assert [u.backward for u in units] == [None, [0], [1, 0], [2, 1]]
+
+
+def test_the_throughput_benchmark_runs_each_data_parallel_layout_per_strategy(monkeypatch):
+    """benchmarks/parallel_throughput.py --sharding-strategy: the GPU run measures dp2 under
+    each strategy in one call, and hands each its flag (no GPU here: the launch is recorded,
+    not run)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import parallel_throughput
+
+    commands = []
+
+    def launch(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "not run")
+
+    monkeypatch.setattr(parallel_throughput.subprocess, "run", launch)
+    strategies = ["--sharding-strategy", "no_shard", "--sharding-strategy", "optim_grads"]
+    layouts = ["--layout", "1gpu", "--layout", "dp2", "--layout", "tp2", "--layout", "tp2-dp2"]
+    parallel_throughput.main([*layouts, *strategies])
+    sys.modules.pop("parallel_throughput", None)
+
+    def strategy(command):
+        return command[command.index(STRATEGY) + 1] if STRATEGY in command else None
+
+    # 1gpu and tp2 have one data-parallel rank: one run each, under the default.
+    assert [strategy(c) for c in commands] == [
+        None,
+        "no_shard",
+        "optim_grads",
+        None,
+        "no_shard",
+        "optim_grads",
+    ]
 
 
 # -- training and checkpoints over two ranks ------------------------------------------------------
