@@ -29,6 +29,7 @@ from test_tensor_parallel import torchrun as torchrun_script
 
 from megatron_hybrid.parallel.data_parallel import (
     SHARDING_STRATEGIES,
+    apply_data_parallel,
     resolve_sharding_strategy,
     sharding_strategy_problem,
 )
@@ -91,6 +92,8 @@ def test_an_unknown_strategy_from_python_is_named_with_the_valid_ones():
     assert "'zero2'" in problem and "no_shard, optim, optim_grads, optim_grads_params" in problem
     assert sharding_strategy_problem(None, True) is None
     assert resolve_sharding_strategy(None, False) == "optim_grads_params"
+    with pytest.raises(ValueError, match="'zero2' is not one of no_shard, optim"):
+        apply_data_parallel(None, None, "zero2", bf16=False)  # before it touches anything
 
 
 def test_an_unknown_strategy_flag_is_refused_by_the_parser(capsys):
@@ -324,7 +327,7 @@ def count_collectives() -> dict[str, list[dict[str, int]]]:
     import torch.distributed as dist
     from test_tensor_parallel import build_model, fixed_batch
 
-    from megatron_hybrid.parallel.data_parallel import apply_data_parallel, prepare_micro_batch
+    from megatron_hybrid.parallel.data_parallel import prepare_micro_batch
     from megatron_hybrid.parallel.dims import ParallelDims
 
     counts: dict[str, list[dict[str, int]]] = {}

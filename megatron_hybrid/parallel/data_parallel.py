@@ -71,7 +71,9 @@ def apply_data_parallel(
     log: Callable[[str], None] = print,
 ) -> None:
     """Spread `model` over the data-parallel ranks of `mesh` as `strategy` says (one of
-    SHARDING_STRATEGIES)."""
+    SHARDING_STRATEGIES; ValueError otherwise)."""
+    if strategy not in SHARDING_STRATEGIES:
+        raise ValueError(sharding_strategy_problem(strategy, False))
     if strategy == "no_shard":
         apply_replicate(model, mesh, bf16=bf16, log=log)
     else:
