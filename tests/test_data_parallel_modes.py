@@ -234,8 +234,8 @@ def test_every_strategy_trains_and_checkpoints_like_one_process(tmp_path):
 
     # Each step logs the mode it runs.
     assert "DDP (replicate, ZeRO-0): 5 blocks + root replicated over 2" in stdout
-    assert "FSDP2 (ZeRO-2: gradients and optimizer state;" in stdout
-    assert "FSDP2 (ZeRO-3: parameters, gradients and optimizer state)" in stdout
+    assert "FSDP2: 5 blocks + root over 2 data-parallel ranks (ZeRO-2: gradients" in stdout
+    assert "FSDP2: 5 blocks + root over 2 data-parallel ranks (ZeRO-3: parameters" in stdout
     check_collective_counts(collectives)
 
 

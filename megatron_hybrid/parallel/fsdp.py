@@ -67,13 +67,13 @@ def apply_fsdp(
         else ""
     )
     zero = (
-        "ZeRO-3: parameters, gradients and optimizer state"
+        "ZeRO-3: parameters, gradients and optimizer state sharded"
         if reshard_after_forward
-        else "ZeRO-2: gradients and optimizer state; parameters gathered once per step"
+        else "ZeRO-2: gradients and optimizer state sharded, parameters gathered once per step"
     )
     log(
-        f"FSDP2 ({zero}): {len(blocks)} blocks + root sharded over {dp_mesh.size()} "
-        f"data-parallel ranks{experts_note}, next {PREFETCH_BLOCKS} blocks prefetched"
+        f"FSDP2: {len(blocks)} blocks + root over {dp_mesh.size()} data-parallel ranks "
+        f"({zero}){experts_note}, next {PREFETCH_BLOCKS} blocks prefetched"
         f"{' (bf16 params, fp32 reduce)' if bf16 else ''}"
     )
 
