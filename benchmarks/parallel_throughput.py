@@ -7,6 +7,13 @@ against the one-GPU run. Writes JSON with --out.
 
     python benchmarks/parallel_throughput.py --gpus 2 --out parallel.json
     python benchmarks/parallel_throughput.py --layout dp2 --layout tp2 --iters 40
+    python benchmarks/parallel_throughput.py --layout 1gpu --layout dp2 \
+        --sharding-strategy no_shard --sharding-strategy optim_grads \
+        --sharding-strategy optim_grads_params
+
+With --sharding-strategy, every layout with more than one data-parallel rank runs once per
+strategy given (--data-parallel-sharding-strategy), named like "dp2/no_shard"; without, once
+under the trainer's default.
 
 The model is the Nemotron-H-style 208M of examples/nemotron_h_style_gpu.sh (byte vocabulary,
 embedded data), bf16, --kernels auto.
@@ -22,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from megatron_hybrid.parallel.data_parallel import SHARDING_STRATEGIES
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = [
@@ -73,9 +82,32 @@ LAYOUTS = {
 }
 
 
-def run_layout(name: str, args: argparse.Namespace) -> dict:
-    nproc, flags = LAYOUTS[name]
-    log_dir = Path(tempfile.mkdtemp(prefix=f"throughput-{name}-"))
+def data_parallel_size(nproc: int, flags: list[str]) -> int:
+    """The data-parallel ranks of a layout: what tensor and pipeline parallelism leave."""
+    sizes = dict(zip(flags[::2], flags[1::2], strict=False))
+    tp = int(sizes.get("--tensor-model-parallel-size", 1))
+    pp = int(sizes.get("--pipeline-model-parallel-size", 1))
+    return nproc // (tp * pp)
+
+
+def runs(layouts: list[str], strategies: list[str] | None) -> list[tuple[str, str, str | None]]:
+    """(run name, layout, sharding strategy or None for the default) of every run: one per
+    strategy for each layout with data parallelism, one for the others."""
+    plan = []
+    for layout in layouts:
+        nproc, flags = LAYOUTS[layout]
+        if strategies and data_parallel_size(nproc, flags) > 1:
+            plan.extend((f"{layout}/{s}", layout, s) for s in strategies)
+        else:
+            plan.append((layout, layout, None))
+    return plan
+
+
+def run_layout(name: str, layout: str, strategy: str | None, args: argparse.Namespace) -> dict:
+    nproc, flags = LAYOUTS[layout]
+    if strategy is not None:
+        flags = [*flags, "--data-parallel-sharding-strategy", strategy]
+    log_dir = Path(tempfile.mkdtemp(prefix=f"throughput-{name.replace('/', '-')}-"))
     command = [
         sys.executable,
         "-m",
@@ -102,13 +134,16 @@ def run_layout(name: str, args: argparse.Namespace) -> dict:
         env={**os.environ, "OMP_NUM_THREADS": "4"},
     )
     if proc.returncode != 0:
-        return dict(layout=name, gpus=nproc, error=(proc.stdout + proc.stderr)[-2000:])
+        return dict(
+            layout=name, strategy=strategy, gpus=nproc, error=(proc.stdout + proc.stderr)[-2000:]
+        )
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in records if "tokens_per_sec" in r and r["iteration"] > args.warmup]
     tokens_per_s = statistics.median(r["tokens_per_sec"] for r in steady)
     peak = max((r.get("peak_memory_gib", 0.0) for r in steady), default=None)
     return dict(
         layout=name,
+        strategy=strategy,  # None: the trainer's default
         gpus=nproc,
         tokens_per_s=tokens_per_s,
         tokens_per_s_per_gpu=tokens_per_s / nproc,
@@ -127,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="layout to run, repeatable (default: 1gpu and every layout that fits --gpus)",
     )
+    parser.add_argument(
+        "--sharding-strategy",
+        action="append",
+        choices=SHARDING_STRATEGIES,
+        default=None,
+        help="data-parallel sharding strategy, repeatable: layouts with data parallelism run "
+        "once per strategy (default: once, under the trainer's default)",
+    )
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument(
@@ -141,23 +184,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layouts = args.layout or [n for n, (p, _) in LAYOUTS.items() if p <= args.gpus]
     results = []
-    for name in layouts:
-        results.append(run_layout(name, args))
+    for name, layout, strategy in runs(layouts, args.sharding_strategy):
+        results.append(run_layout(name, layout, strategy, args))
         print(json.dumps(results[-1]), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     base = next((r for r in results if r["layout"] == "1gpu" and "error" not in r), None)
     print(
-        f"\n{'layout':<10} {'GPUs':>4} {'tokens/s':>10} {'per GPU':>10} {'vs 1 GPU':>9} "
+        f"\n{'layout':<24} {'GPUs':>4} {'tokens/s':>10} {'per GPU':>10} {'vs 1 GPU':>9} "
         f"{'peak GiB':>9}"
     )
     for r in results:
         if "error" in r:
-            print(f"{r['layout']:<10} {r['gpus']:>4} failed: {r['error'][-300:]}")
+            print(f"{r['layout']:<24} {r['gpus']:>4} failed: {r['error'][-300:]}")
             continue
         ratio = f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s']:.2f}x" if base else "n/a"
         print(
-            f"{r['layout']:<10} {r['gpus']:>4} {r['tokens_per_s']:>10.0f} "
+            f"{r['layout']:<24} {r['gpus']:>4} {r['tokens_per_s']:>10.0f} "
             f"{r['tokens_per_s_per_gpu']:>10.0f} {ratio:>9} {r['peak_memory_gib'] or 0:>9.2f}"
         )
     return 0 if all("error" not in r for r in results) else 1

@@ -127,7 +127,7 @@ def test_parallelize_converts_to_fp8_first_and_refuses_tensor_parallelism(monkey
     calls = []
     for step in ("apply_fp8", "apply_expert_parallel", "apply_activation_checkpointing"):
         monkeypatch.setattr(parallelize_module, step, lambda *a, step=step, **k: calls.append(step))
-    for step in ("apply_compile", "apply_fsdp"):
+    for step in ("apply_compile", "apply_data_parallel"):
         monkeypatch.setattr(parallelize_module, step, lambda *a, step=step, **k: calls.append(step))
     settings = ParallelSettings(fp8_format="e4m3", recompute_granularity="full", compile=True)
     model = HybridModel(small_config("M-"))
@@ -137,7 +137,7 @@ def test_parallelize_converts_to_fp8_first_and_refuses_tensor_parallelism(monkey
         "apply_expert_parallel",
         "apply_activation_checkpointing",
         "apply_compile",
-        "apply_fsdp",
+        "apply_data_parallel",
     ]
     with pytest.raises(ValueError, match="--tensor-model-parallel-size 2 is not supported"):
         parallelize(model, ParallelDims(2, tp=2), object(), settings, bf16=True)

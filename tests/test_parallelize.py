@@ -20,7 +20,7 @@ STEPS = (
     "apply_expert_parallel",
     "apply_activation_checkpointing",
     "apply_compile",
-    "apply_fsdp",
+    "apply_data_parallel",
 )
 
 
@@ -40,7 +40,7 @@ class FakeMesh:
         return name
 
 
-def test_tensor_expert_checkpointing_compile_then_fsdp(applied):
+def test_tensor_expert_checkpointing_compile_then_data_parallel(applied):
     settings = ParallelSettings(
         tensor_model_parallel_size=2, recompute_granularity="full", compile=True
     )

@@ -20,6 +20,11 @@ from megatron_hybrid.data.builder import DataSettings, add_data_args
 from megatron_hybrid.data.tokenizer import TokenizerSettings
 from megatron_hybrid.kernels.cli import KernelSettings, add_kernel_args, parse_kernel_requests
 from megatron_hybrid.kernels.float8 import FP8_FORMATS, RECIPE_CHOICES
+from megatron_hybrid.parallel.data_parallel import (
+    DEFAULT_SHARDING_STRATEGY,
+    SHARDING_STRATEGIES,
+    sharding_strategy_problem,
+)
 from megatron_hybrid.parallel.fp8 import fp8_flag_problem
 from megatron_hybrid.parallel.parallelize import ParallelSettings
 from megatron_hybrid.training.metric_sinks import check_extras
@@ -383,6 +388,28 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
         "several virtual stages)",
     )
     par.add_argument(
+        "--data-parallel-sharding-strategy",
+        choices=list(SHARDING_STRATEGIES),
+        help="what the data-parallel ranks shard (Megatron-LM's flag): no_shard replicates "
+        "everything and all-reduces gradients, overlapped with backward (DDP, ZeRO-0: the "
+        "fewest collectives, for models whose weights, gradients and Adam state fit on each "
+        "GPU); optim and optim_grads "
+        "shard gradients and optimizer state, gathering parameters once per step (FSDP2 "
+        "without resharding after forward, ZeRO-2: the communication of one all-reduce, less "
+        "memory; optim runs as optim_grads); optim_grads_params also shards the parameters, "
+        "gathering each block's for its forward and again for its backward (FSDP2, ZeRO-3: "
+        f"the least memory); default {DEFAULT_SHARDING_STRATEGY} (Megatron-LM's), or optim "
+        "with --use-distributed-optimizer",
+    )
+    par.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        help="shard the optimizer state over the data-parallel ranks (Megatron-LM's ZeRO-1 "
+        "flag): without --data-parallel-sharding-strategy it selects optim, which runs as "
+        "ZeRO-2 (same communication, less memory); every strategy but no_shard shards the "
+        "optimizer state already",
+    )
+    par.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile every block (after tensor parallelism and activation "
@@ -690,6 +717,11 @@ def check_training_args(args: argparse.Namespace) -> None:
                 f"--sequence-parallel: --seq-length {args.seq_length} must be "
                 f"divisible by --tensor-model-parallel-size {tp}"
             )
+    problem = sharding_strategy_problem(
+        args.data_parallel_sharding_strategy, args.use_distributed_optimizer
+    )
+    if problem is not None:
+        raise ValueError(problem)
     if args.bf16 and args.device == "cpu":
         raise ValueError("--bf16 needs a CUDA device; drop it for CPU runs")
     problem = fp8_flag_problem(

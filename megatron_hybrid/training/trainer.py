@@ -1,5 +1,6 @@
-"""Training on one process or every rank of a torchrun launch (data parallel with FSDP2, tensor
-parallel with DTensor, pipeline parallel with torch.distributed.pipelining). Read top to bottom:
+"""Training on one process or every rank of a torchrun launch (data parallel with FSDP2 or DDP,
+tensor parallel with DTensor, pipeline parallel with torch.distributed.pipelining). Read top to
+bottom:
 
     run_training     flags -> settings -> build -> resume -> train -> test split, sample
     Trainer          a rank's model parts, parallelized, their optimizer and pipeline:
@@ -47,6 +48,7 @@ from megatron_hybrid.generation import Sampling, generate
 from megatron_hybrid.kernels.cli import kernels_from_settings
 from megatron_hybrid.kernels.registry import BoundKernels
 from megatron_hybrid.model import HybridModel
+from megatron_hybrid.parallel.data_parallel import prepare_micro_batch
 from megatron_hybrid.parallel.dims import ParallelDims
 from megatron_hybrid.parallel.distributed import (
     all_reduce_mean,
@@ -313,6 +315,7 @@ class Trainer:
         self.config, self.dims, self.device = config, dims, device
         self.num_micro_batches = num_micro_batches
         self.micro_batch_size = training.micro_batch_size
+        self.sharding_strategy = parallel.sharding_strategy()
         self.share = DataParallelShare(
             mesh["dp_shard"].get_local_rank() if mesh is not None else 0, dims.dp
         )
@@ -351,7 +354,8 @@ class Trainer:
         if dims.pp > 1:
             self._build_pipeline(config, mesh, parallel, stage_indices, specs, log)
         # Per rank, aux-loss gradients average over its micro-batches (the pipeline schedule
-        # divides every gradient by the micro-batch count itself); FSDP averages over ranks.
+        # divides every gradient by the micro-batch count itself); data parallelism averages
+        # over ranks.
         for part in self.parts:
             part.set_aux_loss_grad_scale(1.0 if self.pipeline else 1.0 / num_micro_batches)
         self.autocast = _bf16_autocast if training.bf16 else contextlib.nullcontext
@@ -489,8 +493,10 @@ class Trainer:
         model = self.parts[0]
         for micro, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
-            if self.dims.dp > 1:  # FSDP2: reduce-scatter gradients once, after the last one
-                model.set_requires_gradient_sync(micro == self.num_micro_batches - 1)
+            if self.dims.dp > 1:  # reduce gradients once, after the last micro-batch
+                prepare_micro_batch(
+                    model, self.sharding_strategy, last=micro == self.num_micro_batches - 1
+                )
             with self.autocast():
                 loss = model(batch[:, :-1], batch[:, 1:])
             (loss / self.num_micro_batches).backward()
