@@ -36,24 +36,6 @@ from train_throughput import CONFIGS  # benchmarks/train_throughput.py, beside t
 _ROOT = Path(__file__).resolve().parent.parent
 _SCRIPT = _ROOT / "scripts" / "pretrain_hybrid.py"
 
-# ModelConfig fields that are not a flag of the same name. The vocabulary is the byte
-# tokenizer's (the embedded corpus): FP8 leaves the output layer in high precision anyway.
-_NOT_FLAGS = {"vocab_size", "activation", "hybrid_layer_pattern"}
-
-
-def model_flags(config_name: str) -> list[str]:
-    """The training script's flags for a train_throughput.py config's model."""
-    model = CONFIGS[config_name].model
-    flags = ["--hybrid-layer-pattern", model["hybrid_layer_pattern"]]
-    if model.get("activation") == "squared_relu":
-        flags.append("--squared-relu")
-    elif model.get("activation") == "swiglu":
-        flags.append("--swiglu")
-    for field, value in model.items():
-        if field not in _NOT_FLAGS:
-            flags += [f"--{field.replace('_', '-')}", str(value)]
-    return flags
-
 
 def run_training(flags: list[str], log_dir: Path, label: str) -> dict:
     """One training run; its metrics.jsonl records and wall time."""
@@ -117,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     common = [
-        *model_flags(args.config),
+        *CONFIGS[args.config].model_flags(),
         "--seq-length", str(args.seq_length),
         "--micro-batch-size", str(args.micro_batch_size),
         "--global-batch-size", str(args.micro_batch_size),

@@ -16,7 +16,12 @@ strategy given (--data-parallel-sharding-strategy), named like "dp2/no_shard"; w
 under the trainer's default.
 
 The model is the Nemotron-H-style 208M of examples/nemotron_h_style_gpu.sh (byte vocabulary,
-embedded data), bf16, --kernels auto.
+embedded data), bf16, --kernels auto; or, with --config, one of benchmarks/train_throughput.py's
+models (megatron-ci-hybrid, hybrid-1b, ...) at its sequence length and micro-batch, on the same
+data. Flags after `--` reach every run, e.g. the compile settings the one-GPU figures used:
+
+    python benchmarks/parallel_throughput.py --config megatron-ci-hybrid --layout 1gpu \
+        --layout dp2 -- --compile --compile-mode reduce-overhead --recompute-granularity selective
 """
 
 from __future__ import annotations
@@ -30,9 +35,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from train_throughput import CONFIGS  # benchmarks/train_throughput.py, beside this script
+
 from megatron_hybrid.parallel.data_parallel import SHARDING_STRATEGIES
 
 REPO = Path(__file__).resolve().parents[1]
+# The default model's flags; its shape flags (pattern to chunk size) are replaced by a
+# --config's, the rest (schedule, precision, data) kept.
 MODEL = [
     "--hybrid-layer-pattern",
     "M-M-M-M*-M-M-M-M*-M-M-M-M-",
@@ -56,6 +65,8 @@ MODEL = [
     "1024",
     "--micro-batch-size",
     "4",
+]
+TRAINING = [
     "--lr",
     "6e-4",
     "--min-lr",
@@ -103,6 +114,21 @@ def runs(layouts: list[str], strategies: list[str] | None) -> list[tuple[str, st
     return plan
 
 
+def model_flags(config: str | None) -> list[str]:
+    """The model's shape flags: the default 208M, or a train_throughput.py config at its
+    sequence length and micro-batch."""
+    if config is None:
+        return MODEL
+    bench = CONFIGS[config]
+    return [
+        *bench.model_flags(),
+        "--seq-length",
+        str(bench.seq_length),
+        "--micro-batch-size",
+        str(bench.micro_batch),
+    ]
+
+
 def run_layout(name: str, layout: str, strategy: str | None, args: argparse.Namespace) -> dict:
     nproc, flags = LAYOUTS[layout]
     if strategy is not None:
@@ -115,8 +141,10 @@ def run_layout(name: str, layout: str, strategy: str | None, args: argparse.Name
         "--standalone",
         f"--nproc-per-node={nproc}",
         str(REPO / "scripts" / "pretrain_hybrid.py"),
-        *MODEL,
+        *model_flags(args.config),
+        *TRAINING,
         *flags,
+        *args.extra,
         "--global-batch-size",
         str(args.global_batch_size),
         "--train-iters",
@@ -135,7 +163,12 @@ def run_layout(name: str, layout: str, strategy: str | None, args: argparse.Name
     )
     if proc.returncode != 0:
         return dict(
-            layout=name, strategy=strategy, gpus=nproc, error=(proc.stdout + proc.stderr)[-2000:]
+            layout=name,
+            strategy=strategy,
+            gpus=nproc,
+            config=args.config,
+            extra=args.extra,
+            error=(proc.stdout + proc.stderr)[-2000:],
         )
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in records if "tokens_per_sec" in r and r["iteration"] > args.warmup]
@@ -145,6 +178,8 @@ def run_layout(name: str, layout: str, strategy: str | None, args: argparse.Name
         layout=name,
         strategy=strategy,  # None: the trainer's default
         gpus=nproc,
+        config=args.config,  # None: the default 208M model
+        extra=args.extra,
         tokens_per_s=tokens_per_s,
         tokens_per_s_per_gpu=tokens_per_s / nproc,
         peak_memory_gib=peak,
@@ -154,7 +189,18 @@ def run_layout(name: str, layout: str, strategy: str | None, args: argparse.Name
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config",
+        choices=sorted(c for c, bench in CONFIGS.items() if bench.gpu),
+        default=None,
+        help="a train_throughput.py model (default: the Nemotron-H-style 208M)",
+    )
     parser.add_argument(
         "--layout",
         action="append",
@@ -182,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    args.extra = extra
     layouts = args.layout or [n for n, (p, _) in LAYOUTS.items() if p <= args.gpus]
     results = []
     for name, layout, strategy in runs(layouts, args.sharding_strategy):

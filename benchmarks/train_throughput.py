@@ -89,6 +89,17 @@ class BenchConfig:
     def model_config(self) -> ModelConfig:
         return ModelConfig(**self.model)
 
+    def model_flags(self) -> list[str]:
+        """scripts/pretrain_hybrid.py's flags for this model (other benchmarks launch the
+        training script on these configs). The vocabulary is left to the tokenizer."""
+        flags = ["--hybrid-layer-pattern", self.model["hybrid_layer_pattern"]]
+        if self.model.get("activation") in ("squared_relu", "swiglu"):
+            flags.append(f"--{self.model['activation'].replace('_', '-')}")
+        for field, value in self.model.items():
+            if field not in ("vocab_size", "activation", "hybrid_layer_pattern"):
+                flags += [f"--{field.replace('_', '-')}", str(value)]
+        return flags
+
 
 _CI_PATTERN = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
 _CI = dict(
