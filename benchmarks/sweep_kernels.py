@@ -51,6 +51,10 @@ SWEEP: dict[str, list[dict[str, int]]] = {
         {"bwd_tile": 4096, "bwd_per_warp": 512, "bwd_programs_per_sm": 2},
         {"bwd_tile": 2048, "bwd_per_warp": 512, "bwd_programs_per_sm": 4},
         {"bwd_programs_per_sm": 4, "bwd_per_warp": 512},
+        # Around the best of those on an H100 (2 programs of 8 warps per multiprocessor).
+        {"bwd_tile": 4096, "bwd_per_warp": 512, "bwd_programs_per_sm": 1},
+        {"bwd_tile": 8192, "bwd_per_warp": 512, "bwd_programs_per_sm": 1},
+        {"bwd_tile": 4096, "bwd_per_warp": 256, "bwd_programs_per_sm": 2},
     ],
 }
 _MODULES = {

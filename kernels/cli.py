@@ -27,8 +27,9 @@ from megatron_hybrid.kernels.registry import (
 class KernelSettings:
     """Which implementation runs each op of a model (the "kernels" flags)."""
 
-    kernels: str = "eager"
-    """Mode, one of MODES: eager everywhere, or auto (per op the fastest the device supports)."""
+    kernels: str = "auto"
+    """Mode, one of MODES: auto (per op the fastest the device supports: Triton on CUDA, the
+    eager reference on CPU), or eager everywhere."""
     kernel: list[str] = field(default_factory=list)
     """Requests "OP=IMPL" that override the mode for one op each (an impossible one is an
     error, never a silent fallback)."""
@@ -45,8 +46,9 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> None:
         "--kernels",
         choices=MODES,
         default=defaults.kernels,
-        help="eager: plain PyTorch for every op; auto: per op the fastest implementation the "
-        "device supports (Triton on CUDA), logged at start-up (default: eager)",
+        help="auto: per op the fastest implementation the device supports (Triton on CUDA; on "
+        "CPU plain PyTorch), logged at start-up; eager: plain PyTorch for every op "
+        "(default: auto)",
     )
     group.add_argument(
         "--kernel",
