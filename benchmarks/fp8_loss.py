@@ -28,9 +28,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from timing import Stopwatch  # benchmarks/timing.py, beside this script
 from train_throughput import CONFIGS  # benchmarks/train_throughput.py, beside this script
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +41,9 @@ def run_training(flags: list[str], log_dir: Path, label: str) -> dict:
     """One training run; its metrics.jsonl records and wall time."""
     command = [sys.executable, str(_SCRIPT), *flags, "--log-dir", str(log_dir)]
     print(f"[{label}] {' '.join(command)}", flush=True)
-    start = time.perf_counter()
+    stopwatch = Stopwatch()
     done = subprocess.run(command, cwd=_ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall = stopwatch.elapsed_s()
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise SystemExit(f"[{label}] the training run failed (exit {done.returncode}):\n{tail}")
