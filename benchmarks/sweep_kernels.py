@@ -56,6 +56,14 @@ SWEEP: dict[str, list[dict[str, int]]] = {
         {"bwd_tile": 8192, "bwd_per_warp": 512, "bwd_programs_per_sm": 1},
         {"bwd_tile": 4096, "bwd_per_warp": 256, "bwd_programs_per_sm": 2},
     ],
+    # The gated norm's backward has launch settings of its own (short groups).
+    "gated_rms_norm": [
+        {},
+        {"gated_bwd_programs_per_sm": 16},
+        {"gated_bwd_per_warp": 512},
+        {"gated_bwd_per_warp": 512, "gated_bwd_programs_per_sm": 4},
+        {"gated_bwd_tile": 4096, "gated_bwd_per_warp": 512, "gated_bwd_programs_per_sm": 2},
+    ],
 }
 _MODULES = {
     "causal_conv1d": triton_conv1d,
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         rows=[],
     )
     for op in args.ops:
-        overrides = SWEEP["causal_conv1d" if op == "causal_conv1d" else "norms"]
+        overrides = SWEEP[op if op in ("causal_conv1d", "gated_rms_norm") else "norms"]
         report["rows"] += sweep_case(bench, cases[op], overrides, args, device, peak)
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))

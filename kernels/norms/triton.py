@@ -209,31 +209,38 @@ def _norm_bwd_kernel(
 
 # Launch configuration on CUDA (benchmarks/sweep_kernels.py tries others): elements of a
 # (rows, group) tile, elements per warp, and backward programs per multiprocessor (each walks
-# a stretch of rows and writes one float32 weight-gradient partial). Forward and backward each.
-# Chosen by that sweep at hybrid-1b's shapes: the backward's loop waits on each tile's loads, so
-# it runs as many small programs (1024-element tiles, 8 per multiprocessor) that prefetch their
-# next tile; the forward, one tile per program, is near the copy bandwidth with large tiles.
-# The measurements are in benchmarks/NOTES.md ("Launch configurations").
+# a stretch of rows and writes one float32 weight-gradient partial). The forward; the backward
+# of the plain and residual-add norms ("bwd_"), whose groups are whole rows of the hidden size;
+# and the gated norm's backward ("gated_bwd_"), whose groups are a fraction of a row.
+# Chosen by that sweep at hybrid-1b's shapes: the forward, one tile per program, is near the
+# copy bandwidth with large tiles. The backward loop waits on each tile's loads, and every
+# program's partial must be summed afterwards: whole rows run best as two-row tiles of 8 warps,
+# 2 programs per multiprocessor (a quarter of the partials of 8 small programs, as many warps);
+# the gated norm's short groups as small 1024-element programs, 8 per multiprocessor (two-row
+# tiles are 1.6x slower there). The measurements are in benchmarks/NOTES.md.
 GPU_TUNING: dict[str, int] = {
     "tile": 4096,
     "per_warp": 512,
-    "bwd_tile": 1024,
-    "bwd_per_warp": 1024,
-    "bwd_programs_per_sm": 8,
+    "bwd_tile": 4096,
+    "bwd_per_warp": 512,
+    "bwd_programs_per_sm": 2,
+    "gated_bwd_tile": 1024,
+    "gated_bwd_per_warp": 1024,
+    "gated_bwd_programs_per_sm": 8,
 }
 
 
 def _blocks(
     group_size: int, pass_: str = "", cuda: bool = True, itemsize: int = 2
 ) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the forward (`pass_` "") or backward ("bwd_")
-    kernel: a whole group in BLOCK_N, as many rows as fit the tile. The backward holds the
-    next tile's inputs in registers too, so its elements per warp are for 2-byte inputs and
-    halve for 4-byte ones (float32 residual streams under autocast)."""
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward (`pass_` "") or a backward ("bwd_",
+    "gated_bwd_") kernel: a whole group in BLOCK_N, as many rows as fit the tile. The backward
+    holds the next tile's inputs in registers too, so its elements per warp are for 2-byte
+    inputs and halve for 4-byte ones (float32 residual streams under autocast)."""
     tile, per_warp = (
         (GPU_TUNING[f"{pass_}tile"], GPU_TUNING[f"{pass_}per_warp"]) if cuda else (4096, 512)
     )
-    if pass_ == "bwd_":
+    if pass_.endswith("bwd_"):
         per_warp = max(32, per_warp * 2 // itemsize)
     block_n = triton.next_power_of_2(group_size)
     block_m = max(1, min(64, tile // block_n))
@@ -241,12 +248,12 @@ def _blocks(
     return block_m, block_n, num_warps
 
 
-def _num_programs(device: torch.device, row_blocks: int, ngroups: int) -> int:
+def _num_programs(device: torch.device, row_blocks: int, ngroups: int, pass_: str) -> int:
     """Backward programs per group: enough to fill the GPU, few enough that the float32 weight
     partials stay small. Under the CPU interpreter each program is a Python loop iteration."""
     if device.type == "cuda":
         target = (
-            GPU_TUNING["bwd_programs_per_sm"]
+            GPU_TUNING[f"{pass_}programs_per_sm"]
             * torch.cuda.get_device_properties(device).multi_processor_count
         )
         return max(1, min(row_blocks, triton.cdiv(target, ngroups)))
@@ -299,6 +306,17 @@ def _forward(
     return y, total
 
 
+def _backward_launch(
+    device: torch.device, n_rows: int, group_size: int, ngroups: int, itemsize: int, gated: bool
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, programs per group, rows per program) of the backward."""
+    pass_ = "gated_bwd_" if gated else "bwd_"
+    block_m, block_n, num_warps = _blocks(group_size, pass_, device.type == "cuda", itemsize)
+    programs = _num_programs(device, triton.cdiv(max(n_rows, 1), block_m), ngroups, pass_)
+    rows_per_program = triton.cdiv(triton.cdiv(max(n_rows, 1), programs), block_m) * block_m
+    return block_m, block_n, num_warps, programs, rows_per_program
+
+
 def _backward(
     dy: Tensor,
     x: Tensor,
@@ -321,9 +339,9 @@ def _backward(
     itemsize = max(
         x.element_size(), dy.element_size(), gate.element_size() if gate is not None else 0
     )
-    block_m, block_n, num_warps = _blocks(group_size, "bwd_", x.device.type == "cuda", itemsize)
-    programs = _num_programs(x.device, triton.cdiv(max(n_rows, 1), block_m), ngroups)
-    rows_per_program = triton.cdiv(triton.cdiv(max(n_rows, 1), programs), block_m) * block_m
+    block_m, block_n, num_warps, programs, rows_per_program = _backward_launch(
+        x.device, n_rows, group_size, ngroups, itemsize, gated=gate is not None
+    )
     # Every program writes its row of partials (zeros when it has no rows): no fill needed.
     partial = torch.empty(programs, channels, dtype=torch.float32, device=x.device)
     if n_rows:
