@@ -1,11 +1,38 @@
 """Per-kernel GPU time from a torch.profiler trace: the one profiler sum of the benchmarks
-(kernels.py, sweep_kernels.py, ssd.py, train_throughput.py)."""
+(kernels.py, sweep_kernels.py, ssd.py, train_throughput.py), and the kernel categories their
+summaries (train_throughput.py --profile, trace_summary.py) group kernels into."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+
+# Kernel-name patterns of each category, first match wins (case-insensitive substrings). NCCL's
+# kernels come first so that no compute pattern can claim a collective.
+KERNEL_CATEGORIES = (
+    ("communication", ("nccl",)),
+    ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+    ("cross-entropy", ("_cross_entropy",)),
+    ("ssd", ("chunk_", "state_passing", "bmm_cb")),
+    ("conv1d", ("_conv_",)),
+    ("norms", ("_norm_",)),
+    ("attention", ("flash", "fmha", "attention")),
+    ("activations", ("_squared_relu", "_swiglu")),
+    ("rotary", ("_rotary",)),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("inductor (fused elementwise)", ("triton_",)),
+)
+COMMUNICATION = KERNEL_CATEGORIES[0][0]
+
+
+def kernel_category(kernel: str) -> str:
+    """The first category of KERNEL_CATEGORIES whose pattern occurs in `kernel`, else "other"."""
+    lower = kernel.lower()
+    for category, patterns in KERNEL_CATEGORIES:
+        if any(p.lower() in lower for p in patterns):
+            return category
+    return "other"
 
 
 def kernel_breakdown(step: Callable[[], None], reps: int, device: torch.device) -> dict[str, float]:

@@ -37,7 +37,7 @@ import statistics
 import sys
 
 import torch
-from profiling import kernel_breakdown  # benchmarks/profiling.py, beside this script
+from profiling import kernel_breakdown, kernel_category  # benchmarks/profiling.py, beside this
 from timing import Stopwatch, call_times_ms, synchronize  # benchmarks/timing.py, beside this
 
 from megatron_hybrid.config import ModelConfig
@@ -276,29 +276,6 @@ def _training_settings(
     )
 
 
-# Kernel-name patterns of each category in the --profile summary, first match wins.
-_KERNEL_CATEGORIES = (
-    ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
-    ("cross-entropy", ("_cross_entropy",)),
-    ("ssd", ("chunk_", "state_passing", "bmm_cb")),
-    ("conv1d", ("_conv_",)),
-    ("norms", ("_norm_",)),
-    ("attention", ("flash", "fmha", "attention")),
-    ("activations", ("_squared_relu", "_swiglu")),
-    ("rotary", ("_rotary",)),
-    ("optimizer", ("multi_tensor_apply", "adam")),
-    ("inductor (fused elementwise)", ("triton_",)),
-)
-
-
-def _category(kernel: str) -> str:
-    lower = kernel.lower()
-    for category, patterns in _KERNEL_CATEGORIES:
-        if any(p.lower() in lower for p in patterns):
-            return category
-    return "other"
-
-
 def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> None:
     """Where the time of `steps` steps goes: every GPU kernel's duration from a torch.profiler
     trace, summed per category and per kernel (kernels inside CUDA graphs may not be traced:
@@ -309,7 +286,8 @@ def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> Non
     wall_ms = 1e3 * stopwatch.elapsed_s() / steps
     per_category: dict[str, float] = {}
     for kernel, ms in per_kernel.items():
-        per_category[_category(kernel)] = per_category.get(_category(kernel), 0.0) + ms
+        category = kernel_category(kernel)
+        per_category[category] = per_category.get(category, 0.0) + ms
     busy = sum(per_kernel.values())
     print(
         f"\nprofile {name}: {wall_ms:.1f} ms per step wall (profiled), GPU kernels "
@@ -319,7 +297,7 @@ def _print_profile(step, device: torch.device, name: str, steps: int = 3) -> Non
         print(f"  {ms:8.2f} ms  {100 * ms / busy:5.1f}%  {category}")
     print("  top kernels (ms per step):")
     for kernel, ms in list(per_kernel.items())[:25]:  # largest first
-        print(f"  {ms:8.2f}  {_category(kernel):<14} {kernel[:90]}")
+        print(f"  {ms:8.2f}  {kernel_category(kernel):<14} {kernel[:90]}")
 
 
 def _table(results: list[dict]) -> str:
