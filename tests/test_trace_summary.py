@@ -8,6 +8,7 @@ import gzip
 import json
 import re
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,10 @@ try:
 finally:
     sys.path.pop(0)
 
-# A realistic 16-digit timestamp (microseconds, 3 decimals, as Kineto writes them): float
-# differences of such values are not exact, so the exact figures below also check that times are
-# taken as whole nanoseconds.
-BASE_US = 5686575017708.812
+# Timestamps are microseconds with 3 decimals, as Kineto writes them. This base (a Unix-epoch
+# time, as some Kineto releases write) has 19 digits: float64 would miss it by up to 0.125 us, so
+# the exact figures below also check that timestamps are read as exact nanoseconds.
+BASE_US = Decimal("1733472000123456.789")
 
 
 def _event(name, cat, start_us, dur_us, stream):
@@ -33,7 +34,7 @@ def _event(name, cat, start_us, dur_us, stream):
         "name": name,
         "pid": 0,
         "tid": stream,
-        "ts": float(f"{BASE_US + start_us:.3f}"),
+        "ts": BASE_US + Decimal(str(start_us)),
         "dur": dur_us,
         "args": {"device": 0, "stream": stream},
     }
@@ -67,7 +68,9 @@ def _synthetic_trace() -> dict:
 
 
 def _write(path: Path, trace: dict) -> Path:
-    data = json.dumps(trace).encode()
+    # json writes no Decimal: write it as a string, then unquote it into a JSON number.
+    text = json.dumps(trace, default=str)
+    data = re.sub(r'"ts": "(-?[0-9.]+)"', r'"ts": \1', text).encode()
     path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
     return path
 
@@ -112,11 +115,14 @@ def test_communication_overlapping_itself_is_exposed_once(tmp_path):
             _event("ncclDevKernel_AllGather", "kernel", 0, 100, 20),
             _event("ncclDevKernel_ReduceScatter", "kernel", 40, 100, 21),
             _event("chunk_scan_fwd_kernel", "kernel", 120, 10, 7),
+            # A memset is not compute: it hides no communication.
+            _event("Memset (Device)", "gpu_memset", 10, 10, 7),
         ]
     }
     summary = ts.summarize_file(_write(tmp_path / "t.json", trace), "t")
     assert summary.comm_ms == 0.200  # summed durations
-    assert summary.exposed_comm_ms == 0.130  # [0, 140) minus the compute kernel's [120, 130)
+    # [0, 140) minus the compute kernel's [120, 130)
+    assert summary.exposed_comm_ms == 0.130
     assert summary.busy_ms == summary.window_ms == 0.140 and summary.idle_ms == 0.0
 
 
