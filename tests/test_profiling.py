@@ -120,3 +120,21 @@ def test_profile_ranks_selects_the_ranks_that_write_a_trace(tmp_path):
     assert written == ["rank-1.json.gz"]
     assert step_markers(trace_events(tmp_path / "torch_profile" / written[0])) == ["ProfilerStep#2"]
     assert "trace of rank 1, iterations 2-2" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_cuda_runs_trace_the_gpu_kernels_too(tmp_path):
+    flags = [*PROFILE_2_TO_4, "--device", "cuda", "--log-dir", str(tmp_path)]
+    train(*flags)
+    events = trace_events(tmp_path / "torch_profile" / "rank-0.json.gz")
+    assert step_markers(events) == ["ProfilerStep#2", "ProfilerStep#3"]
+    assert any(e.get("cat") == "kernel" for e in events)
+
+
+@pytest.mark.gpu
+def test_nsys_range_opens_and_closes_around_the_window(tmp_path, capsys):
+    # Without an nsys launch cudaProfilerStart/Stop do nothing: the run and its log line remain.
+    flags = ["--profile", *PROFILE_2_TO_4[2:], "--device", "cuda", "--log-dir", str(tmp_path)]
+    train(*flags)
+    assert "nsys capture range closed after iterations 2-3" in capsys.readouterr().out
+    assert not (tmp_path / "torch_profile").exists()
