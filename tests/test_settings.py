@@ -20,6 +20,7 @@ from megatron_hybrid.training.arguments import (
     flags_to_settings,
     settings_from_args,
 )
+from megatron_hybrid.training.profiling import ProfilingSettings
 from megatron_hybrid.training.settings import (
     DEFAULT_MODEL_OVERRIDES,
     CheckpointSettings,
@@ -37,6 +38,7 @@ GROUPS = (
     DataSettings,
     TokenizerSettings,
     KernelSettings,
+    ProfilingSettings,
 )
 # Flags that set no field of their own: help, Megatron flags accepted and ignored, and the
 # activation switches (they set ModelConfig.activation).

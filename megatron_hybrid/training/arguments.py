@@ -28,6 +28,11 @@ from megatron_hybrid.parallel.data_parallel import (
 from megatron_hybrid.parallel.fp8 import fp8_flag_problem
 from megatron_hybrid.parallel.parallelize import ParallelSettings
 from megatron_hybrid.training.metric_sinks import check_extras
+from megatron_hybrid.training.profiling import (
+    ProfilingSettings,
+    add_profiling_args,
+    profiling_flag_problem,
+)
 from megatron_hybrid.training.settings import (
     DEFAULT_MODEL_OVERRIDES,
     EMBEDDED_ONLY,
@@ -518,6 +523,7 @@ def build_parser(prog: str = "pretrain_hybrid.py") -> argparse.ArgumentParser:
     )
     lg.add_argument("--wandb-exp-name", help="the W&B run's name (default: W&B picks one)")
     lg.add_argument("--wandb-save-dir", help="where W&B keeps its local files")
+    add_profiling_args(parser)
     _set_defaults_from_settings(parser)
     return parser
 
@@ -642,6 +648,10 @@ FLAG_RANGES: dict[str, str] = {
     "eval_interval": "[1, inf)",
     "eval_iters": "[0, inf)",
     "generate_tokens": "[0, inf)",
+    # profiling (--profile-ranks: each rank; the launch's size is checked once it is known)
+    "profile_step_start": "[1, inf)",
+    "profile_step_end": "[1, inf)",
+    "profile_ranks": "[0, inf)",
 }
 
 
@@ -678,16 +688,18 @@ class Interval:
 
 
 def check_flag_ranges(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the first flag (in FLAG_RANGES order) outside its range."""
+    """Raise ValueError naming the first flag (in FLAG_RANGES order) outside its range (a flag
+    taking several values: each of them)."""
     for dest, text in FLAG_RANGES.items():
         value = getattr(args, dest, None)
         if value is None:
             continue
         interval = Interval.parse(text)
-        if value not in interval:
-            raise ValueError(
-                f"--{dest.replace('_', '-')} must be {interval.describe()}, got {value}"
-            )
+        for item in value if isinstance(value, list) else [value]:
+            if item not in interval:
+                raise ValueError(
+                    f"--{dest.replace('_', '-')} must be {interval.describe()}, got {item}"
+                )
 
 
 def check_training_args(args: argparse.Namespace) -> None:
@@ -719,6 +731,14 @@ def check_training_args(args: argparse.Namespace) -> None:
             )
     problem = sharding_strategy_problem(
         args.data_parallel_sharding_strategy, args.use_distributed_optimizer
+    )
+    if problem is not None:
+        raise ValueError(problem)
+    problem = profiling_flag_problem(
+        flags_to_settings(ProfilingSettings, args),
+        args.train_iters,
+        args.tensorboard_dir,
+        args.log_dir,
     )
     if problem is not None:
         raise ValueError(problem)
@@ -793,4 +813,5 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         data=flags_to_settings(DataSettings, args),
         tokenizer=flags_to_settings(TokenizerSettings, args),
         kernels=flags_to_settings(KernelSettings, args),
+        profiling=flags_to_settings(ProfilingSettings, args),
     )

@@ -4,7 +4,7 @@ Each field's default is the default of its flag (training/arguments.py builds th
 these dataclasses and maps parsed flags back onto them, in `settings_from_args`). Groups that a
 lower package reads live beside it: DataSettings (data/builder.py), TokenizerSettings
 (data/tokenizer.py), KernelSettings (kernels/cli.py), ParallelSettings
-(parallel/parallelize.py).
+(parallel/parallelize.py), ProfilingSettings (training/profiling.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from megatron_hybrid.data.tokenizer import TokenizerSettings
 from megatron_hybrid.kernels.cli import KernelSettings
 from megatron_hybrid.parallel.parallelize import ParallelSettings
 from megatron_hybrid.training.optimizer import LRSchedule
+from megatron_hybrid.training.profiling import ProfilingSettings
 
 # The model a run with no flags trains: the embedded default run (the default pattern on the
 # embedded corpus, a few minutes on 2 CPU cores). ModelConfig's defaults follow Megatron-LM and
@@ -245,3 +246,5 @@ class Settings:
     """The tokenizer of the data and of the sample."""
     kernels: KernelSettings = field(default_factory=KernelSettings)
     """The implementation of each op."""
+    profiling: ProfilingSettings = field(default_factory=ProfilingSettings)
+    """Which iterations to profile, on which ranks, and how."""

@@ -79,6 +79,11 @@ from megatron_hybrid.training.optimizer import (
     lr_schedule_warning,
     set_learning_rate,
 )
+from megatron_hybrid.training.profiling import (
+    IterationProfiler,
+    profiling_placement_problem,
+    trace_directory,
+)
 from megatron_hybrid.training.progress import ProgressReporter
 from megatron_hybrid.training.settings import CheckpointSettings, Settings, TrainingSettings
 from megatron_hybrid.training.signals import StopRequests
@@ -124,6 +129,8 @@ def run_training(
     if not proc.is_main:  # every rank would print the same warnings: rank 0's are enough
         warnings.simplefilter("ignore")
     dims = settings.parallel.dims(proc.world_size)
+    if problem := profiling_placement_problem(settings.profiling, proc.world_size, proc.device):
+        raise ValueError(problem)
     tokenizer = build_tokenizer(settings.tokenizer)
     config = settings.model.config(tokenizer.vocab_size)
     dims.check_fits(config)
@@ -594,9 +601,11 @@ def train(
     stops = StopRequests(
         training.exit_signal, training.exit_signal_handler, reporter.message, trainer.device
     )
+    profiler = build_profiler(settings, progress.iteration, trainer.device, reporter)
     try:
-        with stops:
+        with stops, profiler:
             while progress.iteration < training.train_iters:
+                profiler.before_iteration(progress.iteration + 1)
                 if not _train_iteration(
                     trainer, data, progress, settings, saver, window, result, stops
                 ):
@@ -609,6 +618,30 @@ def train(
     if saver is not None:
         saver.finalize()
     return result
+
+
+def build_profiler(
+    settings: Settings,
+    resumed_iteration: int,
+    device: torch.device,
+    reporter: ProgressReporter,
+) -> IterationProfiler:
+    """The profiler of this rank's loop (the profiling flags; a no-op without --profile). The
+    rank that wrote a trace says where: rank 0 through the reporter, others (whose reporter is
+    silent) on their own output."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    logging = settings.logging
+    trace_dir = None
+    if settings.profiling.profile and settings.profiling.use_pytorch_profiler:
+        trace_dir = trace_directory(logging.tensorboard_dir, logging.log_dir)
+    return IterationProfiler(
+        settings.profiling,
+        trace_dir,
+        rank,
+        resumed_iteration,
+        device,
+        log=reporter.message if rank == 0 else (lambda text: print(text, flush=True)),
+    )
 
 
 def _train_iteration(
