@@ -15,6 +15,12 @@ With --sharding-strategy, every layout with more than one data-parallel rank run
 strategy given (--data-parallel-sharding-strategy), named like "dp2/no_shard"; without, once
 under the trainer's default.
 
+With --profile, every run also records a torch.profiler trace of `--profile-iters` iterations
+right after the warm-up on every rank (the training script's --profile --use-pytorch-profiler),
+and benchmarks/trace_summary.py's figures per rank (GPU busy and idle time, communication
+and how much of it no compute hides, per step) go beside its tokens/s; the profiled
+iterations are left out of the median.
+
 The model is the Nemotron-H-style 208M of examples/nemotron_h_style_gpu.sh (byte vocabulary,
 embedded data), bf16, --kernels auto; or, with --config, one of benchmarks/train_throughput.py's
 models (megatron-ci-hybrid, hybrid-1b, ...) at its sequence length and micro-batch, on the same
@@ -35,6 +41,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trace_summary import as_json, labels, summarize_file, trace_files  # beside this script
 from train_throughput import CONFIGS  # benchmarks/train_throughput.py, beside this script
 
 from megatron_hybrid.parallel.data_parallel import SHARDING_STRATEGIES
@@ -129,10 +136,39 @@ def model_flags(config: str | None) -> list[str]:
     ]
 
 
+def profiled_iterations(args: argparse.Namespace) -> range:
+    """The iterations --profile traces: the first ones after the warm-up."""
+    first = args.warmup + 1
+    return range(first, min(first + args.profile_iters, args.iters + 1))
+
+
+def profile_flags(args: argparse.Namespace) -> list[str]:
+    if not args.profile:
+        return []
+    iterations = profiled_iterations(args)
+    return [
+        "--profile",
+        "--use-pytorch-profiler",
+        "--profile-step-start",
+        str(iterations.start),
+        "--profile-step-end",
+        str(iterations.stop),
+    ]
+
+
+def trace_summaries(log_dir: Path) -> list[dict]:
+    """trace_summary.py's figures for each rank's trace the run wrote."""
+    files = trace_files([str(log_dir / "torch_profile")])
+    return [
+        as_json(summarize_file(f, label)) for f, label in zip(files, labels(files), strict=True)
+    ]
+
+
 def run_layout(name: str, layout: str, strategy: str | None, args: argparse.Namespace) -> dict:
     nproc, flags = LAYOUTS[layout]
     if strategy is not None:
         flags = [*flags, "--data-parallel-sharding-strategy", strategy]
+    flags = [*flags, *profile_flags(args)]
     log_dir = Path(tempfile.mkdtemp(prefix=f"throughput-{name.replace('/', '-')}-"))
     command = [
         sys.executable,
@@ -171,9 +207,15 @@ def run_layout(name: str, layout: str, strategy: str | None, args: argparse.Name
             error=(proc.stdout + proc.stderr)[-2000:],
         )
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in records if "tokens_per_sec" in r and r["iteration"] > args.warmup]
+    profiled = profiled_iterations(args) if args.profile else range(0)
+    steady = [
+        r
+        for r in records
+        if "tokens_per_sec" in r and r["iteration"] > args.warmup and r["iteration"] not in profiled
+    ]
     tokens_per_s = statistics.median(r["tokens_per_sec"] for r in steady)
     peak = max((r.get("peak_memory_gib", 0.0) for r in steady), default=None)
+    traces = {"trace": trace_summaries(log_dir)} if args.profile else {}
     return dict(
         layout=name,
         strategy=strategy,  # None: the trainer's default
@@ -185,6 +227,7 @@ def run_layout(name: str, layout: str, strategy: str | None, args: argparse.Name
         peak_memory_gib=peak,
         final_loss=steady[-1]["loss"],
         iterations=len(steady),
+        **traces,
     )
 
 
@@ -224,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         default=10,
         help="iterations left out of the median (compilation, autotuning)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also trace iterations after the warm-up on every rank and summarize them",
+    )
+    parser.add_argument(
+        "--profile-iters", type=int, default=2, help="iterations traced with --profile (2)"
+    )
     parser.add_argument("--global-batch-size", type=int, default=32)
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -250,6 +301,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['layout']:<24} {r['gpus']:>4} {r['tokens_per_s']:>10.0f} "
             f"{r['tokens_per_s_per_gpu']:>10.0f} {ratio:>9} {r['peak_memory_gib'] or 0:>9.2f}"
         )
+    traced = [r for r in results if r.get("trace")]
+    if traced:
+        print(
+            f"\n{'layout / trace':<36} {'step ms':>8} {'busy':>8} {'idle':>8} {'comm':>8} "
+            f"{'exposed':>8}   (GPU ms per profiled step)"
+        )
+    for r in traced:
+        for t in r["trace"]:
+            name = f"{r['layout']} {t['label']}"
+            if not t["gpu_events"]:
+                print(f"{name:<36} no GPU kernel events")
+                continue
+            steps = max(len(t["step_ms"]), 1)
+            host = sum(t["step_ms"].values()) / steps if t["step_ms"] else float("nan")
+            cells = [t[k] / steps for k in ("busy_ms", "idle_ms", "comm_ms", "exposed_comm_ms")]
+            print(f"{name:<36} {host:8.2f} " + " ".join(f"{c:8.2f}" for c in cells))
     return 0 if all("error" not in r for r in results) else 1
 
 

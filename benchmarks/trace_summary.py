@@ -314,7 +314,7 @@ def format_comparison(summaries: Sequence[TraceSummary]) -> str:
     return "\n".join(lines)
 
 
-def _as_json(summary: TraceSummary) -> dict:
+def as_json(summary: TraceSummary) -> dict:
     fields = dataclasses.asdict(summary)
     return fields if summary.gpu_events else {**fields, "note": NO_KERNELS}
 
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sum(1 for s in summaries if s.gpu_events) > 1:
         print("\n" + format_comparison(summaries))
     if args.out:
-        args.out.write_text(json.dumps([_as_json(s) for s in summaries], indent=2))
+        args.out.write_text(json.dumps([as_json(s) for s in summaries], indent=2))
     return 0
 
 

@@ -5,6 +5,7 @@ the launches are recorded, not run."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,56 @@ def test_every_config_flag_is_a_training_script_flag():
     for bench in CONFIGS.values():
         flags = [f for f in bench.model_flags() if f.startswith("--")]
         assert set(flags) <= known, (bench.name, set(flags) - known)
+
+
+def test_profile_traces_iterations_after_the_warmup_and_summarizes_them(
+    recorded_launches, tmp_path
+):
+    """--profile: each run traces the iterations right after the warm-up (the training
+    script's own profiling flags), leaves them out of the median, and carries
+    trace_summary.py's figures of every rank's trace."""
+    benchmark, commands = recorded_launches
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.randn(8, 8) @ torch.randn(8, 8)
+    trace = tmp_path / "cpu-trace.json"
+    prof.export_chrome_trace(str(trace))
+
+    def launch(command, **kwargs):
+        commands.append(command)
+        log_dir = Path(_value(command, "--log-dir"))
+        # Iterations 3 and 4 (the profiled ones) are slow: they must not move the median.
+        rates = {1: 1.0, 2: 100.0, 3: 5.0, 4: 5.0, 5: 100.0, 6: 100.0}
+        lines = [
+            f'{{"iteration": {i}, "loss": 1.0, "tokens_per_sec": {rate}}}'
+            for i, rate in rates.items()
+        ]
+        (log_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        (log_dir / "torch_profile").mkdir()
+        (log_dir / "torch_profile" / "rank-0.json").write_text(trace.read_text())
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    benchmark.subprocess.run = launch
+    out = tmp_path / "out.json"
+    code = benchmark.main(
+        ["--layout", "1gpu", "--iters", "6", "--warmup", "2", "--profile", "--out", str(out)]
+    )
+    assert code == 0
+    (command,) = commands
+    assert "--profile" in command and "--use-pytorch-profiler" in command
+    assert (_value(command, "--profile-step-start"), _value(command, "--profile-step-end")) == (
+        "3",
+        "5",
+    )
+    (result,) = json.loads(out.read_text())
+    assert result["tokens_per_s"] == 100.0 and result["iterations"] == 2
+    (summary,) = result["trace"]
+    assert summary["label"] == "rank-0" and summary["gpu_events"] == 0  # a CPU trace
+
+
+def test_without_profile_no_profiling_flag_is_passed(recorded_launches):
+    benchmark, commands = recorded_launches
+    benchmark.main(["--layout", "1gpu"])
+    (command,) = commands
+    assert not {"--profile", "--use-pytorch-profiler", "--profile-step-start"} & set(command)
