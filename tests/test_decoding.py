@@ -47,10 +47,13 @@ VARIANTS = {
 }
 
 
-def mixer_cases():
-    for symbol in SEQUENCE_SYMBOLS:
-        for label, overrides in VARIANTS.get(symbol, {"": {}}).items():
-            yield pytest.param(symbol, overrides, id=f"{symbol}-{label}" if label else symbol)
+def mixer_cases() -> list:
+    # A list, not a generator: pytest 10 takes only collections in parametrize.
+    return [
+        pytest.param(symbol, overrides, id=f"{symbol}-{label}" if label else symbol)
+        for symbol in SEQUENCE_SYMBOLS
+        for label, overrides in VARIANTS.get(symbol, {"": {}}).items()
+    ]
 
 
 def random_mixer(symbol: str, overrides: dict) -> torch.nn.Module:
