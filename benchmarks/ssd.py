@@ -19,10 +19,13 @@ Triton backward variant (kernels/ssd/triton.py BWD_VARIANT) as its own rows, in 
 (default: the variant MEGATRON_HYBRID_SSD_BWD selects, else split). `--sweep` times other
 launch configurations (kernels/ssd/triton.py GPU_TUNING) at the three large shapes, `--profile`
 lists the Triton kernels' times at the two 16384-token shapes (chunks of 128 and 256).
+`--shape L16384` (repeatable: each a part of a shape's name) keeps the shapes whose name holds
+it, for timing, sweep and profile alike, so one device call can spend its minutes on one shape.
 torch.compile runs last (its compile time dominates), and results go to `--out` as JSON after
 every measurement, so a run cut short keeps what it measured.
 
     python benchmarks/ssd.py --out ssd.json [--bwd split chunk] [--sweep] [--profile]
+    python benchmarks/ssd.py --shape L16384 --profile --impls triton mamba_ssm
     TRITON_INTERPRET=1 python benchmarks/ssd.py --small --reps 1 --warmup 0   # CPU smoke run
 
 benchmarks/kernels.py includes these rows through `results(device, args)`.
@@ -71,6 +74,20 @@ SHAPES = [
     Shape(1, 16384, 128, 256),
 ]
 SMALL_SHAPES = [Shape(1, 40, 4, 16, headdim=8, ngroups=2, dstate=8)]
+
+
+def selected(shapes: list[Shape], parts: list[str] | None) -> list[Shape]:
+    """The shapes whose name holds one of `parts` (all of them without any); ValueError naming
+    the shapes there are when none matches."""
+    if not parts:
+        return shapes
+    kept = [shape for shape in shapes if any(part in shape.name for part in parts)]
+    if not kept:
+        names = "; ".join(shape.name for shape in shapes)
+        raise ValueError(f"--shape {' '.join(parts)} matches none of the shapes: {names}")
+    return kept
+
+
 IMPLS = ("triton", "mamba_ssm", "eager", "compile")
 
 
@@ -204,7 +221,7 @@ def results(
     (and the Triton forward alone and deviation from eager), or the error that stopped it. `args`
     needs warmup and reps; small, bwd, sweep, profile and impls are optional."""
     small = getattr(args, "small", False) or device.type != "cuda"
-    shapes = SMALL_SHAPES if small else SHAPES
+    shapes = SMALL_SHAPES if small else selected(SHAPES, getattr(args, "shape", None))
     impls = [i for i in getattr(args, "impls", None) or IMPLS if i in IMPLS]
     peer = mamba_ssm_scan() if "mamba_ssm" in impls else None
     if isinstance(peer, str):
@@ -261,7 +278,9 @@ def results(
 
     if getattr(args, "profile", False) and device.type == "cuda":
         profiles = {}
-        for shape in (SHAPES[1], SHAPES[2]):  # chunks of 128 and of 256
+        # By default the two 16384-token shapes (chunks of 128 and of 256).
+        profiled = shapes if getattr(args, "shape", None) else [SHAPES[1], SHAPES[2]]
+        for shape in profiled:
             inputs, dy = make_inputs(shape, device)
             for variant in variants:
                 try:
@@ -281,7 +300,7 @@ def results(
 
     if getattr(args, "sweep", False) and device.type == "cuda":
         default = dict(triton_ssd.GPU_TUNING)
-        for shape in SHAPES[1:]:
+        for shape in shapes if getattr(args, "shape", None) else SHAPES[1:]:
             inputs, dy = make_inputs(shape, device)
             for override in SWEEP:
                 for variant in variants:
@@ -372,7 +391,17 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep", action="store_true", help="also time other launch configurations (GPU)"
     )
     parser.add_argument("--profile", action="store_true", help="per-kernel times (GPU)")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        metavar="PART",
+        help="keep the shapes whose name holds PART, e.g. L16384 (repeatable; default: all)",
+    )
     args = parser.parse_args(argv)
+    try:
+        selected(SHAPES, args.shape)
+    except ValueError as error:
+        parser.error(str(error))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report: dict = dict(
         benchmark="ssd",
