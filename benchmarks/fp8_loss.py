@@ -31,7 +31,10 @@ import tempfile
 from pathlib import Path
 
 from timing import Stopwatch  # benchmarks/timing.py, beside this script
-from train_throughput import CONFIGS  # benchmarks/train_throughput.py, beside this script
+from train_throughput import (
+    CONFIGS,
+    split_training_flags,
+)  # benchmarks/train_throughput.py, beside this script
 
 _ROOT = Path(__file__).resolve().parent.parent
 _SCRIPT = _ROOT / "scripts" / "pretrain_hybrid.py"
@@ -69,11 +72,7 @@ def relative(fp8: float | None, bf16: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
+    argv, extra = split_training_flags(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="hybrid-1b", choices=sorted(CONFIGS))
     parser.add_argument("--iters", type=int, default=300)

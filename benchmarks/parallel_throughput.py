@@ -42,7 +42,10 @@ import tempfile
 from pathlib import Path
 
 from trace_summary import as_json, labels, summarize_file, trace_files  # beside this script
-from train_throughput import CONFIGS  # benchmarks/train_throughput.py, beside this script
+from train_throughput import (
+    CONFIGS,
+    split_training_flags,
+)  # benchmarks/train_throughput.py, beside this script
 
 from megatron_hybrid.parallel.data_parallel import SHARDING_STRATEGIES
 
@@ -232,11 +235,7 @@ def run_layout(name: str, layout: str, strategy: str | None, args: argparse.Name
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
+    argv, extra = split_training_flags(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--config",

@@ -221,7 +221,8 @@ def results(
     (and the Triton forward alone and deviation from eager), or the error that stopped it. `args`
     needs warmup and reps; small, bwd, sweep, profile and impls are optional."""
     small = getattr(args, "small", False) or device.type != "cuda"
-    shapes = SMALL_SHAPES if small else selected(SHAPES, getattr(args, "shape", None))
+    chosen = getattr(args, "shape", None)  # --shape parts: None times (and profiles) the defaults
+    shapes = SMALL_SHAPES if small else selected(SHAPES, chosen)
     impls = [i for i in getattr(args, "impls", None) or IMPLS if i in IMPLS]
     peer = mamba_ssm_scan() if "mamba_ssm" in impls else None
     if isinstance(peer, str):
@@ -279,7 +280,7 @@ def results(
     if getattr(args, "profile", False) and device.type == "cuda":
         profiles = {}
         # By default the two 16384-token shapes (chunks of 128 and of 256).
-        profiled = shapes if getattr(args, "shape", None) else [SHAPES[1], SHAPES[2]]
+        profiled = shapes if chosen else [SHAPES[1], SHAPES[2]]
         for shape in profiled:
             inputs, dy = make_inputs(shape, device)
             for variant in variants:
@@ -300,7 +301,7 @@ def results(
 
     if getattr(args, "sweep", False) and device.type == "cuda":
         default = dict(triton_ssd.GPU_TUNING)
-        for shape in shapes if getattr(args, "shape", None) else SHAPES[1:]:
+        for shape in shapes if chosen else SHAPES[1:]:
             inputs, dy = make_inputs(shape, device)
             for override in SWEEP:
                 for variant in variants:

@@ -60,6 +60,15 @@ from megatron_hybrid.training.trainer import Trainer
 H100_SXM_BF16_DENSE_TFLOPS = peak_bf16_tflops("H100")
 
 
+def split_training_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(a launching benchmark's own arguments, the training-script flags after `--`) of a
+    command line: benchmarks that launch scripts/pretrain_hybrid.py hand those to every run."""
+    if "--" not in argv:
+        return list(argv), []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
 def fuse_pattern(pattern: str) -> str:
     """Group every sequence mixer directly followed by a channel mixer: "M-M*-M" ->
     "[M-][M-]M[*-]M" (same canonical sub-layers, fewer physical blocks). Plain patterns only."""
